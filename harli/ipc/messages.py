@@ -1,0 +1,222 @@
+"""Every wire type of Harli, as msgspec structs (MessagePack on the wire, never pickle).
+
+Two families:
+
+* **Public API** (client DEALER <-> daemon ROUTER): map-encoded structs tagged by a ``type``
+  field, so that a client in another language can build them from ``docs/protocol.md`` and so that
+  validation errors name the offending field (``$.max_tokens``).
+* **Internal** (daemon <-> children, telemetry): ``array_like`` structs tagged by their class
+  name; compact and fast, and only ever produced by our own code of the same version.
+
+Bump ``PROTOCOL_VERSION`` on any incompatible change to the public family.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+PROTOCOL_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------
+# Public API: client -> daemon
+# ---------------------------------------------------------------------------------------------
+
+RequestId = Annotated[str, Meta(min_length=1, max_length=256)]
+TokenId = Annotated[int, Meta(ge=0)]
+
+
+class _Public(msgspec.Struct, tag_field="type", kw_only=True, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class Hello(_Public, tag="hello"):
+    """Optional first message: checks the protocol version and returns server facts."""
+
+    protocol_version: int
+    client: str = ""
+
+
+class Generate(_Public, tag="generate"):
+    """Start one streaming generation. Exactly one of ``prompt`` / ``prompt_token_ids``."""
+
+    request_id: RequestId
+    prompt: str | None = None
+    prompt_token_ids: list[TokenId] | None = None
+    max_tokens: Annotated[int, Meta(ge=1)] = 16
+    temperature: Annotated[float, Meta(ge=0.0)] = 1.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=-1)] = -1
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[TokenId] = []
+    ignore_eos: bool = False
+    detokenize: bool = True
+
+
+class Abort(_Public, tag="abort"):
+    """Stop a request of this client; it ends with ``finish_reason == "abort"``."""
+
+    request_id: RequestId
+
+
+ClientMessage = Hello | Generate | Abort
+
+# ---------------------------------------------------------------------------------------------
+# Public API: daemon -> client
+# ---------------------------------------------------------------------------------------------
+
+
+class Welcome(_Public, tag="welcome"):
+    protocol_version: int
+    server_version: str
+    model: str
+    max_model_len: int
+    max_message_bytes: int
+
+
+class Chunk(_Public, tag="chunk"):
+    """New tokens of one request from one decode iteration (or the final, empty one)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str = ""
+    # Wall-clock (Unix) time at which each token in ``token_ids`` was produced.
+    token_times_s: list[float] = []
+    # None while streaming; "length", "stop", "abort", "error" or "shutdown" on the last chunk.
+    finish_reason: str | None = None
+    # The stop string or token id that ended the request, when finish_reason == "stop".
+    stop_reason: str | int | None = None
+    num_prompt_tokens: int | None = None
+
+
+class Error(_Public, tag="error"):
+    """A request (or a message) that could not be served. ``request_id`` is None when the
+    message could not be attributed to a request (e.g. undecodable bytes)."""
+
+    request_id: str | None
+    code: str
+    message: str
+
+
+ServerMessage = Welcome | Chunk | Error
+
+
+class ErrorCode:
+    """Stable ``Error.code`` values (see docs/protocol.md)."""
+
+    MALFORMED = "malformed"  # not MessagePack, or not a map with a known ``type``
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID = "invalid"  # a field is missing, of the wrong type or out of range
+    TOO_LARGE = "too_large"
+    PROTOCOL_VERSION = "protocol_version"
+    DUPLICATE_REQUEST = "duplicate_request"
+    UNKNOWN_REQUEST = "unknown_request"
+    REJECTED = "rejected"  # the engine refused the request (e.g. prompt longer than the model)
+    DECODE_DIED = "decode_died"
+    SHUTTING_DOWN = "shutting_down"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+# ---------------------------------------------------------------------------------------------
+# Internal: daemon <-> decode_proc
+# ---------------------------------------------------------------------------------------------
+
+
+class _Internal(msgspec.Struct, tag=True, kw_only=True, array_like=True, frozen=True):
+    pass
+
+
+class AddRequest(_Internal):
+    """Daemon -> decode_proc: admit ``request`` under the engine-wide id ``rid``."""
+
+    rid: str
+    request: Generate
+    arrival_s: float
+
+
+class AbortRequests(_Internal):
+    rids: list[str]
+
+
+class Shutdown(_Internal):
+    """Ask a child to stop at its next loop turn (first rung of the stop ladder)."""
+
+    reason: str
+
+
+DaemonToDecode = AddRequest | AbortRequests | Shutdown
+
+
+class RuntimeInfo(_Internal):
+    """Facts a child discovers at start (never written back into config)."""
+
+    model: str
+    max_model_len: int
+    kv_blocks_total: int
+    block_size: int
+    vllm_version: str
+    device: str
+
+
+class Ready(_Internal):
+    incarnation: int
+    pid: int
+    info: RuntimeInfo
+
+
+class RequestOutput(_Internal):
+    rid: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    stop_reason: str | int | None
+    num_prompt_tokens: int
+
+
+class RequestRejected(_Internal):
+    rid: str
+    message: str
+
+
+class StepOutputs(_Internal):
+    """Everything one decode iteration produced, plus requests the engine refused."""
+
+    incarnation: int
+    iteration: int
+    end_wall_s: float
+    outputs: list[RequestOutput]
+    rejected: list[RequestRejected] = []
+
+
+class Fatal(_Internal):
+    """Last words of a child that is about to exit on an unrecoverable error."""
+
+    incarnation: int
+    error: str
+    traceback: str
+
+
+DecodeToDaemon = Ready | StepOutputs | Fatal
+
+
+class IterationTelemetry(_Internal):
+    """One record per decode iteration, published on the telemetry socket.
+
+    Times are ``time.monotonic()`` (CLOCK_MONOTONIC, comparable across processes on one host).
+    """
+
+    incarnation: int
+    iteration: int
+    start_s: float
+    end_s: float
+    num_running: int
+    num_waiting: int
+    decode_tokens: int
+    prefill_tokens: int
+    context_tokens: int
+    kv_blocks_total: int
+    kv_blocks_free: int

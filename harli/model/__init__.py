@@ -1,0 +1,1 @@
+"""Model helpers: the generated tiny Llama model and its bundled tokenizer corpus."""

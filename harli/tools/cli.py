@@ -1,0 +1,41 @@
+"""The ``harli`` console script: one sub-command per module under ``harli.tools``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from harli.tools.command import Command, CommandError
+from harli.tools.daemon_cmd import DaemonCommand
+from harli.tools.generate_cmd import GenerateCommand
+from harli.tools.model_cmd import ModelCommand
+
+COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harli", description="Harli: decode serving + LoRA "
+                                "finetuning on one accelerator, inside a TPOT SLO.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for cmd in COMMANDS:
+        sp = sub.add_parser(cmd.name, help=cmd.help)
+        cmd.add_arguments(sp)
+        sp.set_defaults(_cmd=cmd)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cmd: Command = args._cmd
+    try:
+        cmd.validate(args)
+        return cmd.run(args)
+    except CommandError as e:
+        print(f"harli {cmd.name}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

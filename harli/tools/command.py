@@ -1,0 +1,38 @@
+"""The shape of a ``harli`` sub-command: arguments, validation, run (circus ``commands/``)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class CommandError(Exception):
+    """A user error in a command's arguments; printed without a traceback, exit code 2."""
+
+
+class Command:
+    name: str = ""
+    help: str = ""
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        pass
+
+    def validate(self, args: argparse.Namespace) -> None:
+        pass
+
+    def run(self, args: argparse.Namespace) -> int:
+        raise NotImplementedError
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="TOML", help="harli.toml (default: built-in)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+
+
+def load_config(args: argparse.Namespace, extra: list[str] | None = None):  # type: ignore[no-untyped-def]
+    from harli.config import ConfigError, load
+
+    try:
+        return load(args.config, [*args.overrides, *(extra or [])])
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
