@@ -296,6 +296,7 @@ class Daemon:
         info = self.runtime
         self._reply(client, Welcome(
             protocol_version=PROTOCOL_VERSION, server_version=harli.__version__,
+            ready=self.decode.state is ChildState.RUNNING,
             model=info.model if info else str(self.cfg.model_path),
             max_model_len=info.max_model_len if info else self.cfg.model.max_model_len,
             max_message_bytes=self.cfg.endpoints.max_message_bytes))

@@ -101,8 +101,10 @@ class DecodeEngine:
 
     def _init_engine(self) -> None:
         import vllm
+        from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        self._validation_error = VLLMValidationError
         model_path = str(self.cfg.model_path)
         t0 = time.monotonic()
         self.llm = LLMEngine.from_engine_args(engine_args(self.cfg, model_path))
@@ -166,8 +168,11 @@ class DecodeEngine:
             prompt = {"prompt": req.prompt or ""}
         try:
             self.llm.add_request(rid, prompt, sampling_params(req), arrival_time=arrival_s)
-        except (ValueError, TypeError, KeyError) as e:
-            # VLLMValidationError is a ValueError; it names the problem (e.g. the prompt length).
+        except Exception as e:
+            # vLLM validates the request here (VLLMValidationError names the problem, e.g. the
+            # prompt length); whatever it raises concerns this request only, never the loop.
+            if not isinstance(e, ValueError | self._validation_error):
+                logger.exception("[decode] unexpected error admitting request %s", rid)
             return RequestRejected(rid=rid, message=str(e))
         self._live.add(rid)
         return None

@@ -71,6 +71,8 @@ ClientMessage = Hello | Generate | Abort
 
 class Welcome(_Public, tag="welcome"):
     protocol_version: int
+    # True once the decode engine is serving; requests sent before are queued, not refused.
+    ready: bool
     server_version: str
     model: str
     max_model_len: int

@@ -1,0 +1,35 @@
+"""Fixtures that start the real daemon (which starts the real vLLM) on the tiny model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harli.tools.local_daemon import LocalDaemon
+
+# float32 keeps greedy argmax stable across batch shapes, so the daemon and vLLM's offline
+# path can be compared token for token.
+BASE_OVERRIDES = ['model.dtype="float32"', "decode.max_num_seqs=32",
+                  "supervisor.backoff_initial_s=0.2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from harli.model.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("model") / "tiny", seed=0)
+
+
+def make_daemon(base: Path, tiny_model: Path, *extra: str) -> LocalDaemon:
+    return LocalDaemon(base, [f'model.path="{tiny_model}"', *BASE_OVERRIDES, *extra])
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[LocalDaemon]:
+    """One daemon shared by a module's tests (tests that kill it make their own)."""
+    d = make_daemon(tmp_path_factory.mktemp("daemon"), tiny_model,
+                    "endpoints.max_message_bytes=65536")
+    with d:
+        yield d

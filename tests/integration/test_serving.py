@@ -1,0 +1,129 @@
+"""The daemon serving real vLLM on the tiny model: streaming, equality with vLLM, telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import msgspec
+import pytest
+import zmq
+
+from harli.ipc.codec import Decoder
+from harli.ipc.messages import IterationTelemetry
+from harli.tools.client import AsyncInferenceClient, Completion
+from harli.tools.local_daemon import LocalDaemon
+from harli.tools.offline import run_offline_subprocess
+
+pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
+
+
+def _prompts(n: int, seed: int = 7) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, 500) for _ in range(rng.randrange(4, 40))] for _ in range(n)]
+
+
+async def _run_concurrent(endpoint: str, prompts: list[list[int]],
+                          max_tokens: list[int]) -> list[Completion]:
+    async with AsyncInferenceClient(endpoint, timeout_s=120) as client:
+        return await asyncio.gather(*(
+            client.complete(p, max_tokens=m, temperature=0.0, ignore_eos=True)
+            for p, m in zip(prompts, max_tokens, strict=True)))
+
+
+def test_sixteen_concurrent_streams_get_exactly_the_tokens_asked_for(
+        daemon: LocalDaemon) -> None:
+    prompts = _prompts(16)
+    max_tokens = [8 + 5 * i for i in range(16)]
+    outs = asyncio.run(_run_concurrent(daemon.endpoint, prompts, max_tokens))
+    for out, p, m in zip(outs, prompts, max_tokens, strict=True):
+        assert len(out.token_ids) == m
+        assert out.finish_reason == "length"
+        assert out.num_prompt_tokens == len(p)
+        assert len(out.token_times_s) == m
+        assert out.token_times_s == sorted(out.token_times_s)
+    # They really ran concurrently: the streams overlap in time.
+    starts = [o.token_times_s[0] for o in outs]
+    ends = [o.token_times_s[-1] for o in outs]
+    assert max(starts) < min(ends)
+
+
+def test_greedy_output_equals_vllm_offline_generate(daemon: LocalDaemon) -> None:
+    prompts = _prompts(8, seed=11)
+    ours = asyncio.run(_run_concurrent(daemon.endpoint, prompts, [24] * 8))
+    ref = run_offline_subprocess(daemon.cfg, prompts, max_tokens=24)
+    assert [o.token_ids for o in ours] == ref["token_ids"]
+
+
+def test_text_prompt_streams_text_and_stops_on_stop_string(daemon: LocalDaemon) -> None:
+    with daemon.client() as c:
+        full = c.complete("The river ran past the old mill", max_tokens=12, temperature=0.0,
+                          ignore_eos=True)
+        assert full.text and len(full.token_ids) == 12
+        # A stop string taken from the greedy output ends the same request early.
+        stop = full.text[len(full.text) // 2:][:3]
+        if stop.strip():
+            short = c.complete("The river ran past the old mill", max_tokens=12,
+                               temperature=0.0, ignore_eos=True, stop=[stop])
+            assert short.finish_reason == "stop"
+            assert short.stop_reason == stop
+            assert stop not in short.text
+
+
+def test_seeded_sampling_is_reproducible(daemon: LocalDaemon) -> None:
+    with daemon.client() as c:
+        a = c.complete([5, 6, 7, 8], max_tokens=16, temperature=1.0, top_p=0.9, seed=3,
+                       ignore_eos=True)
+        b = c.complete([5, 6, 7, 8], max_tokens=16, temperature=1.0, top_p=0.9, seed=3,
+                       ignore_eos=True)
+        assert a.token_ids == b.token_ids
+
+
+def test_abort_ends_the_stream_with_finish_reason_abort(daemon: LocalDaemon) -> None:
+    with daemon.client() as c:
+        stream = c.generate([1, 2, 3], max_tokens=1500, temperature=0.0, ignore_eos=True,
+                            request_id="to-abort")
+        first = next(stream)
+        assert first.finish_reason is None
+        c.abort("to-abort")
+        rest = list(stream)
+        assert rest[-1].finish_reason == "abort"
+        assert sum(len(ch.token_ids) for ch in [first, *rest]) < 1500
+
+
+def test_one_telemetry_record_per_iteration(daemon: LocalDaemon) -> None:
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(daemon.cfg.internal_endpoint("telemetry"))
+    try:
+        import time
+
+        time.sleep(0.5)  # let the subscription reach the publisher
+        with daemon.client() as c:
+            out = c.complete(list(range(10, 40)), max_tokens=20, temperature=0.0,
+                             ignore_eos=True)
+        assert len(out.token_ids) == 20
+        dec: Decoder[IterationTelemetry] = Decoder(IterationTelemetry)
+        records = []
+        while sub.poll(1000):
+            records.append(dec.decode(sub.recv()))
+    finally:
+        sub.close(linger=0)
+    # One prefill iteration (30 prompt tokens + first sample) and 19 decode iterations.
+    assert len(records) == 20
+    its = [r.iteration for r in records]
+    assert its == list(range(its[0], its[0] + 20))
+    assert records[0].prefill_tokens == 30 and records[0].decode_tokens == 0
+    for r in records[1:]:
+        assert (r.decode_tokens, r.prefill_tokens, r.num_running) == (1, 0, 1)
+        assert r.end_s > r.start_s
+    assert records[-1].context_tokens == 30 + 19
+    assert all(0 < r.kv_blocks_free < r.kv_blocks_total for r in records)
+
+
+def test_hello_reports_the_model_and_limits(daemon: LocalDaemon) -> None:
+    with daemon.client() as c:
+        w = c.hello()
+    assert w.ready and w.max_model_len == 2048 and w.max_message_bytes == 65536
+    assert msgspec.json.encode(w)
