@@ -157,7 +157,7 @@ class Daemon:
             ensure_tiny(self.cfg.model_path, self.cfg.model.tiny_seed)
 
     def _poll_once(self) -> None:
-        events = dict(self.poller.poll(timeout=self.cfg.daemon.tick_s * 1000))
+        events = dict(self.poller.poll(timeout=max(1, int(self.cfg.daemon.tick_s * 1000))))
         if self.decode_out in events:
             self._drain(self.decode_out, self._on_decode_message)
         if self.telemetry in events:
@@ -199,8 +199,11 @@ class Daemon:
             self._send_decode(AbortRequests(rids=[r.rid for r in leftover if r.incarnation]))
             for req in leftover:
                 self._finish(req, "shutdown")
-        self.decode.stop(lambda: self._send_decode(Shutdown(reason="daemon stopping")))
+        self.decode.stop(self._send_decode_shutdown)
         self.state = DaemonState.STOPPED
+
+    def _send_decode_shutdown(self) -> None:
+        self._send_decode(Shutdown(reason="daemon stopping"))
 
     def _close(self) -> None:
         if self.decode.proc is not None:  # an exception got us here: never leave a child

@@ -8,6 +8,7 @@ tick at a time against fakes.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -55,10 +56,8 @@ class PopenOps:
         return subprocess.Popen(list(argv), env=env, start_new_session=True)
 
     def kill(self, proc: ProcHandle, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 @dataclass(frozen=True)

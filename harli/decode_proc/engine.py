@@ -159,7 +159,8 @@ class DecodeEngine:
 
     # -- verbs ------------------------------------------------------------------------------
 
-    def add(self, rid: str, req: Generate, arrival_s: float | None = None) -> RequestRejected | None:
+    def add(self, rid: str, req: Generate,
+            arrival_s: float | None = None) -> RequestRejected | None:
         """Admit a request; vLLM's own validation (prompt length, params) may refuse it."""
         prompt: dict[str, Any]
         if req.prompt_token_ids is not None:
@@ -167,7 +168,8 @@ class DecodeEngine:
         else:
             prompt = {"prompt": req.prompt or ""}
         try:
-            self.llm.add_request(rid, prompt, sampling_params(req), arrival_time=arrival_s)
+            self.llm.add_request(rid, prompt,  # type: ignore[arg-type]  # a TokensPrompt dict
+                                 sampling_params(req), arrival_time=arrival_s)
         except Exception as e:
             # vLLM validates the request here (VLLMValidationError names the problem, e.g. the
             # prompt length); whatever it raises concerns this request only, never the loop.
@@ -215,7 +217,8 @@ class DecodeEngine:
         end_s = time.monotonic()
         end_wall_s = time.time()
         for res in results:
-            comp = res.outputs[0]
+            # A generation model: always a RequestOutput, never a pooling output.
+            comp = res.outputs[0]  # type: ignore[index]
             finish = comp.finish_reason if res.finished else None
             if res.finished:
                 self._live.discard(res.request_id)

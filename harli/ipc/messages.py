@@ -28,18 +28,19 @@ RequestId = Annotated[str, Meta(min_length=1, max_length=256)]
 TokenId = Annotated[int, Meta(ge=0)]
 
 
-class _Public(msgspec.Struct, tag_field="type", kw_only=True, frozen=True, forbid_unknown_fields=True):
+class _Public(msgspec.Struct, tag_field="type", kw_only=True, frozen=True,
+              forbid_unknown_fields=True):
     pass
 
 
-class Hello(_Public, tag="hello"):
+class Hello(_Public, tag="hello", frozen=True):
     """Optional first message: checks the protocol version and returns server facts."""
 
     protocol_version: int
     client: str = ""
 
 
-class Generate(_Public, tag="generate"):
+class Generate(_Public, tag="generate", frozen=True):
     """Start one streaming generation. Exactly one of ``prompt`` / ``prompt_token_ids``."""
 
     request_id: RequestId
@@ -56,7 +57,7 @@ class Generate(_Public, tag="generate"):
     detokenize: bool = True
 
 
-class Abort(_Public, tag="abort"):
+class Abort(_Public, tag="abort", frozen=True):
     """Stop a request of this client; it ends with ``finish_reason == "abort"``."""
 
     request_id: RequestId
@@ -69,7 +70,7 @@ ClientMessage = Hello | Generate | Abort
 # ---------------------------------------------------------------------------------------------
 
 
-class Welcome(_Public, tag="welcome"):
+class Welcome(_Public, tag="welcome", frozen=True):
     protocol_version: int
     # True once the decode engine is serving; requests sent before are queued, not refused.
     ready: bool
@@ -79,7 +80,7 @@ class Welcome(_Public, tag="welcome"):
     max_message_bytes: int
 
 
-class Chunk(_Public, tag="chunk"):
+class Chunk(_Public, tag="chunk", frozen=True):
     """New tokens of one request from one decode iteration (or the final, empty one)."""
 
     request_id: str
@@ -94,7 +95,7 @@ class Chunk(_Public, tag="chunk"):
     num_prompt_tokens: int | None = None
 
 
-class Error(_Public, tag="error"):
+class Error(_Public, tag="error", frozen=True):
     """A request (or a message) that could not be served. ``request_id`` is None when the
     message could not be attributed to a request (e.g. undecodable bytes)."""
 
@@ -132,7 +133,7 @@ class _Internal(msgspec.Struct, tag=True, kw_only=True, array_like=True, frozen=
     pass
 
 
-class AddRequest(_Internal):
+class AddRequest(_Internal, frozen=True):
     """Daemon -> decode_proc: admit ``request`` under the engine-wide id ``rid``."""
 
     rid: str
@@ -140,11 +141,11 @@ class AddRequest(_Internal):
     arrival_s: float
 
 
-class AbortRequests(_Internal):
+class AbortRequests(_Internal, frozen=True):
     rids: list[str]
 
 
-class Shutdown(_Internal):
+class Shutdown(_Internal, frozen=True):
     """Ask a child to stop at its next loop turn (first rung of the stop ladder)."""
 
     reason: str
@@ -153,7 +154,7 @@ class Shutdown(_Internal):
 DaemonToDecode = AddRequest | AbortRequests | Shutdown
 
 
-class RuntimeInfo(_Internal):
+class RuntimeInfo(_Internal, frozen=True):
     """Facts a child discovers at start (never written back into config)."""
 
     model: str
@@ -164,13 +165,13 @@ class RuntimeInfo(_Internal):
     device: str
 
 
-class Ready(_Internal):
+class Ready(_Internal, frozen=True):
     incarnation: int
     pid: int
     info: RuntimeInfo
 
 
-class RequestOutput(_Internal):
+class RequestOutput(_Internal, frozen=True):
     rid: str
     token_ids: list[int]
     text: str
@@ -179,12 +180,12 @@ class RequestOutput(_Internal):
     num_prompt_tokens: int
 
 
-class RequestRejected(_Internal):
+class RequestRejected(_Internal, frozen=True):
     rid: str
     message: str
 
 
-class StepOutputs(_Internal):
+class StepOutputs(_Internal, frozen=True):
     """Everything one decode iteration produced, plus requests the engine refused."""
 
     incarnation: int
@@ -194,7 +195,7 @@ class StepOutputs(_Internal):
     rejected: list[RequestRejected] = []
 
 
-class Fatal(_Internal):
+class Fatal(_Internal, frozen=True):
     """Last words of a child that is about to exit on an unrecoverable error."""
 
     incarnation: int
@@ -205,7 +206,7 @@ class Fatal(_Internal):
 DecodeToDaemon = Ready | StepOutputs | Fatal
 
 
-class IterationTelemetry(_Internal):
+class IterationTelemetry(_Internal, frozen=True):
     """One record per decode iteration, published on the telemetry socket.
 
     Times are ``time.monotonic()`` (CLOCK_MONOTONIC, comparable across processes on one host).

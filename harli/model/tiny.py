@@ -84,6 +84,7 @@ def init_tiny(out_dir: str | os.PathLike[str], seed: int = 0,
         raise FileExistsError(f"{out} exists and is not empty; choose an empty or new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the model is readable like any other
     try:
         tok = train_tokenizer(spec.vocab_size)
         fast = PreTrainedTokenizerFast(

@@ -1,0 +1,87 @@
+"""Config: TOML and overrides into frozen dataclasses; every bad key or value is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harli.config import ConfigError, Env, HarliConfig, from_json, load, parse_override
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_and_derived_endpoints(tmp_path: Path) -> None:
+    cfg = load(None, [f'daemon.runtime_dir="{tmp_path}"'])
+    assert cfg.inference_endpoint == f"ipc://{tmp_path}/inference.sock"
+    assert cfg.internal_endpoint("decode-in") == f"ipc://{tmp_path}/decode-in.sock"
+    assert cfg.model_path == cfg.state_dir / "models" / "tiny-0"
+
+
+def test_documented_example_config_loads() -> None:
+    cfg = load(REPO / "deploy" / "harli.toml")
+    assert isinstance(cfg, HarliConfig)
+
+
+def test_overrides_parse_toml_values() -> None:
+    assert parse_override("decode.max_num_seqs=8") == ("decode", "max_num_seqs", 8)
+    assert parse_override("model.path=/a/b") == ("model", "path", "/a/b")
+    assert parse_override('model.dtype="bfloat16"') == ("model", "dtype", "bfloat16")
+    assert parse_override("decode.enforce_eager=false") == ("decode", "enforce_eager", False)
+
+
+def test_json_round_trip_for_children() -> None:
+    cfg = load(None, ["decode.max_num_seqs=3", "model.path=/m"])
+    assert from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ("decode.max_num_seqs=0", "decode.max_num_seqs"),
+    ('decode.max_num_seqs="8"', "decode.max_num_seqs"),
+    ("decode.kv_cache_gib=0", "decode.kv_cache_gib"),
+    ("decode.bogus=1", "decode.bogus"),
+    ("bogus.key=1", "[bogus]"),
+    ('model.dtype="int3"', "model.dtype"),
+    ('daemon.log_level="LOUD"', "daemon.log_level"),
+    ('endpoints.inference="http://x"', "endpoints.inference"),
+    ("endpoints.max_message_bytes=10", "endpoints.max_message_bytes"),
+    ("supervisor.start_retries=-1", "supervisor.start_retries"),
+    ("supervisor.backoff_initial_s=0", "supervisor.backoff_initial_s"),
+    ("decode.enforce_eager=1", "decode.enforce_eager"),
+    ("nodot=1", "section.key=value"),
+])
+def test_bad_values_name_the_key(override: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        load(None, [override])
+
+
+def test_bad_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[decode\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(bad)
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[decode]\nmax_num_seq = 4\n")
+    with pytest.raises(ConfigError, match=r"typo.toml: unknown key decode.max_num_seq"):
+        load(typo)
+
+
+def test_config_is_frozen() -> None:
+    cfg = load(None)
+    with pytest.raises(AttributeError):
+        cfg.decode.max_num_seqs = 2  # type: ignore[misc]
+
+
+def test_runtime_dir_defaults_follow_systemd_then_xdg() -> None:
+    e = Env(runtime_directory="/run/harli", state_directory="/var/lib/harli",
+            xdg_runtime_dir="/run/user/1", notify_socket=None, uid=1)
+    assert e.default_runtime_dir() == "/run/harli"
+    assert e.default_state_dir() == "/var/lib/harli"
+    e = Env(runtime_directory=None, state_directory=None, xdg_runtime_dir="/run/user/1",
+            notify_socket=None, uid=1)
+    assert e.default_runtime_dir() == "/run/user/1/harli"
+    e = Env(runtime_directory=None, state_directory=None, xdg_runtime_dir=None,
+            notify_socket=None, uid=7)
+    assert e.default_runtime_dir() == "/tmp/harli-7"

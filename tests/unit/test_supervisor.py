@@ -1,0 +1,188 @@
+"""The child state machine on a fake clock and fake OS, and the stop ladder on real processes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from harli.config import SupervisorConfig
+from harli.daemon.supervisor import (
+    Child,
+    ChildExited,
+    ChildFatal,
+    ChildState,
+    PopenOps,
+    describe_returncode,
+    stop_ladder,
+)
+
+
+class FakeProc:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.on_signal: dict[int, int | None] = {signal.SIGTERM: -15, signal.SIGKILL: -9}
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired("fake", timeout or 0)
+        return self.returncode
+
+
+class FakeOps:
+    def __init__(self) -> None:
+        self.procs: list[FakeProc] = []
+        self.signals: list[tuple[int, int]] = []
+
+    def spawn(self, argv: Sequence[str], env: dict[str, str]) -> FakeProc:
+        p = FakeProc(100 + len(self.procs))
+        self.procs.append(p)
+        return p
+
+    def kill(self, proc: FakeProc, sig: int) -> None:  # type: ignore[override]
+        self.signals.append((proc.pid, sig))
+        if proc.on_signal.get(sig) is not None and proc.returncode is None:
+            proc.returncode = proc.on_signal[sig]
+
+
+CFG = SupervisorConfig(start_timeout_s=10, stop_grace_s=0.01, term_timeout_s=0.01,
+                       backoff_initial_s=1, backoff_max_s=4, start_retries=3,
+                       stable_after_s=30)
+
+
+def make(cfg: SupervisorConfig = CFG) -> tuple[Child, FakeOps]:
+    ops = FakeOps()
+    return Child("decode", lambda inc: ["x", str(inc)], {}, cfg, ops), ops
+
+
+def test_ready_handshake_moves_starting_to_running() -> None:
+    c, _ = make()
+    c.start(0.0)
+    assert c.state is ChildState.STARTING
+    assert not c.on_ready(incarnation=99, now=1.0)  # a stale incarnation is ignored
+    assert c.on_ready(incarnation=1, now=1.0)
+    assert c.state is ChildState.RUNNING
+    assert c.transition(2.0) == []
+
+
+def test_crash_backs_off_exponentially_then_restarts() -> None:
+    c, ops = make()
+    c.start(0.0)
+    c.on_ready(1, 1.0)
+    ops.procs[-1].returncode = -9
+    ev = c.transition(5.0)
+    assert ev == [ChildExited("decode", 1, -9, True)]
+    assert c.state is ChildState.BACKOFF
+    assert c.transition(5.5) == [] and c.state is ChildState.BACKOFF  # 1 s backoff
+    c.transition(6.0)
+    assert c.state is ChildState.STARTING and c.incarnation == 2 and c.restarts == 1
+    ops.procs[-1].returncode = 1  # dies while starting: 2 s backoff now
+    c.transition(7.0)
+    c.transition(8.9)
+    assert c.state is ChildState.BACKOFF
+    c.transition(9.0)
+    assert c.state is ChildState.STARTING and c.incarnation == 3
+
+
+def test_too_many_crashes_is_fatal() -> None:
+    c, ops = make()
+    c.start(0.0)
+    now = 0.0
+    events = []
+    for _ in range(10):
+        ops.procs[-1].returncode = 1
+        now += 100
+        events += c.transition(now)
+        if c.state is ChildState.FATAL:
+            break
+        now += 100
+        c.transition(now)
+    assert c.state is ChildState.FATAL
+    assert isinstance(events[-1], ChildFatal) and c.crashes == CFG.start_retries + 1
+    assert c.transition(now + 1000) == []  # FATAL stays FATAL
+
+
+def test_backoff_is_capped() -> None:
+    c, ops = make(SupervisorConfig(backoff_initial_s=1, backoff_max_s=2, start_retries=10))
+    c.start(0.0)
+    for i in range(5):
+        ops.procs[-1].returncode = 1
+        c.transition(i * 10.0)
+        assert c._backoff_until - i * 10.0 <= 2.0
+        c.transition(i * 10.0 + 2.0)
+
+
+def test_stable_run_resets_the_crash_count() -> None:
+    c, ops = make()
+    c.start(0.0)
+    ops.procs[-1].returncode = 1
+    c.transition(1.0)
+    c.transition(3.0)
+    c.on_ready(2, 4.0)
+    assert c.crashes == 1
+    c.transition(4.0 + CFG.stable_after_s)
+    assert c.crashes == 0
+
+
+def test_start_timeout_kills_and_backs_off() -> None:
+    c, ops = make()
+    c.start(0.0)
+    assert c.transition(9.0) == []
+    ev = c.transition(10.5)
+    assert ops.signals == [(100, signal.SIGKILL)]
+    assert ev == [ChildExited("decode", 1, -9, False)]
+    assert c.state is ChildState.BACKOFF
+
+
+def test_stop_ladder_stops_at_the_message_when_obeyed() -> None:
+    ops = FakeOps()
+    p = ops.spawn([], {})
+    stop_ladder(p, ops, lambda: setattr(p, "returncode", 0), 0.01, 0.01)
+    assert ops.signals == []
+
+
+def test_stop_ladder_escalates_to_sigterm_then_sigkill() -> None:
+    ops = FakeOps()
+    p = ops.spawn([], {})
+    p.on_signal[signal.SIGTERM] = None  # ignores SIGTERM
+    rc = stop_ladder(p, ops, lambda: None, 0.01, 0.01)
+    assert ops.signals == [(p.pid, signal.SIGTERM), (p.pid, signal.SIGKILL)]
+    assert rc == -9
+
+
+def test_child_stop_uses_the_ladder_and_ends_stopped() -> None:
+    c, ops = make()
+    c.start(0.0)
+    c.on_ready(1, 0.5)
+    asked = []
+    c.stop(lambda: asked.append(1))
+    assert asked == [1]
+    assert ops.signals == [(100, signal.SIGTERM)]
+    assert c.state is ChildState.STOPPED and c.proc is None
+
+
+@pytest.mark.multiproc
+def test_stop_ladder_on_real_processes() -> None:
+    ops = PopenOps()
+    obeys = ops.spawn([sys.executable, "-c", "import time; time.sleep(60)"], {})
+    t0 = time.monotonic()
+    assert stop_ladder(obeys, ops, None, 0.0, 5.0) == -signal.SIGTERM
+    stubborn = ops.spawn([sys.executable, "-c",
+                          "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+                          "print('armed', flush=True); time.sleep(60)"], {})
+    time.sleep(0.5)  # let it install the handler
+    assert stop_ladder(stubborn, ops, None, 0.0, 0.5) == -signal.SIGKILL
+    assert time.monotonic() - t0 < 30
+
+
+def test_describe_returncode() -> None:
+    assert describe_returncode(-9) == "killed by SIGKILL"
+    assert describe_returncode(3) == "exit code 3"
