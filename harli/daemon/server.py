@@ -54,6 +54,7 @@ from harli.ipc.messages import (
     StepOutputs,
     Welcome,
 )
+from harli.ipc.process import decode_cores, format_cpu_list, pin_to
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +91,25 @@ class Daemon:
         self.iterations_seen = 0
         self._init_dirs()
         self._init_sockets()
+        self._init_cpu_affinity()
         self.decode = Child(
             "decode",
             lambda inc: [sys.executable, "-m", "harli.decode_proc", "--incarnation", str(inc),
-                         "--config-json", cfg.to_json().decode()],
+                         "--config-json", cfg.to_json().decode(),
+                         "--cpu-cores", format_cpu_list(self.decode_cores)],
             child_environ(cfg), cfg.supervisor, ops or PopenOps())
 
     # -- setup -------------------------------------------------------------------------------
+
+    def _init_cpu_affinity(self) -> None:
+        # The decode engine gets its cores to itself; the daemon's per-token routing runs on
+        # the others, so that it never preempts an engine step (measured on 2 cores: unpinned,
+        # an iteration took 10-20 % longer while the daemon and clients streamed its tokens).
+        allowed = os.sched_getaffinity(0)
+        self.decode_cores = decode_cores(self.cfg.decode.cpu_cores, self.cfg.decode.cpu_threads,
+                                         allowed)
+        if self.decode_cores:
+            pin_to(allowed - self.decode_cores or None, "daemon")
 
     def _init_dirs(self) -> None:
         # File permissions on the runtime dir are the access control of the ipc:// sockets.
@@ -244,8 +257,11 @@ class Daemon:
                                           message="internal error; see the daemon log"))
 
     def _reply(self, client: bytes, msg: Chunk | Error | Welcome) -> bool:
+        return self._send_frames(client, [encode(msg)])
+
+    def _send_frames(self, client: bytes, frames: list[bytes]) -> bool:
         try:
-            self.frontend.send_multipart([client, encode(msg)], zmq.NOBLOCK)
+            self.frontend.send_multipart([client, *frames], zmq.NOBLOCK)
             return True
         except zmq.ZMQError as e:
             if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
@@ -396,6 +412,9 @@ class Daemon:
             req = self.requests.get(rej.rid)
             if req is not None and req.incarnation == msg.incarnation:
                 self._fail(req, ErrorCode.REJECTED, rej.message)
+        # One ZMQ message per client per iteration, one frame per chunk: a client streaming
+        # 32 requests wakes once per iteration, not 32 times.
+        frames: dict[bytes, list[bytes]] = {}
         for out in msg.outputs:
             req = self.requests.get(out.rid)
             if req is None or req.incarnation != msg.incarnation:
@@ -403,11 +422,13 @@ class Daemon:
             req.num_tokens += len(out.token_ids)
             if out.finish_reason is not None:
                 self.requests.remove(req.rid)
-            self._reply(req.client, Chunk(
+            frames.setdefault(req.client, []).append(encode(Chunk(
                 request_id=req.request_id, token_ids=out.token_ids, text=out.text,
                 token_times_s=[msg.end_wall_s] * len(out.token_ids),
                 finish_reason=out.finish_reason, stop_reason=out.stop_reason,
-                num_prompt_tokens=out.num_prompt_tokens))
+                num_prompt_tokens=out.num_prompt_tokens)))
+        for client, parts in frames.items():
+            self._send_frames(client, parts)
 
     def _on_decode_exit(self, ev: ChildExited) -> None:
         lost = self.requests.of_incarnation(ev.incarnation)

@@ -13,8 +13,9 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="harli.decode_proc")
     p.add_argument("--incarnation", type=int, required=True)
     p.add_argument("--config-json", required=True)
+    p.add_argument("--cpu-cores", default="none", help="pin to these cores ('none': don't)")
     args = p.parse_args()
-    return run_decode_proc(from_json(args.config_json), args.incarnation)
+    return run_decode_proc(from_json(args.config_json), args.incarnation, args.cpu_cores)
 
 
 if __name__ == "__main__":

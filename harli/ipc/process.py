@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import sys
 
@@ -20,6 +21,36 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+
+
+def decode_cores(cpu_cores: str, cpu_threads: int,
+                 allowed: set[int] | None = None) -> set[int] | None:
+    """The cores decode_proc is pinned to, or None for no pinning (see decode.cpu_cores)."""
+    from harli.config import parse_cpu_list
+
+    allowed = allowed if allowed is not None else os.sched_getaffinity(0)
+    if cpu_cores == "none":
+        return None
+    if cpu_cores == "auto":
+        if cpu_threads < 1 or len(allowed) <= cpu_threads:
+            return None
+        return set(sorted(allowed)[:cpu_threads])
+    return parse_cpu_list(cpu_cores) & allowed or None
+
+
+def format_cpu_list(cores: set[int] | None) -> str:
+    return ",".join(str(c) for c in sorted(cores)) if cores else "none"
+
+
+def pin_to(cores: set[int] | None, role: str) -> None:
+    """Pin this process (and the threads it starts later) to ``cores``; None: leave as is.
+
+    A process may widen its mask again within its cgroup's cpuset, so a child of a pinned
+    daemon can still be pinned to the decode cores.
+    """
+    if cores:
+        os.sched_setaffinity(0, cores)
+        logger.info("[%s] pinned to cores %s", role, format_cpu_list(cores))
 
 
 def set_title(title: str) -> None:

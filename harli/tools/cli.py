@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from harli.tools.bench_overhead import BenchOverheadCommand
 from harli.tools.command import Command, CommandError
 from harli.tools.daemon_cmd import DaemonCommand
 from harli.tools.generate_cmd import GenerateCommand
 from harli.tools.model_cmd import ModelCommand
 
-COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand()]
+COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
+                           BenchOverheadCommand()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -108,18 +108,25 @@ class _Router:
         self.inboxes: dict[str | None, collections.deque[tuple[ServerMessage, float]]] = {}
         self.decoder: Decoder[ServerMessage] = Decoder(ServerMessage)
 
-    def route(self, data: bytes) -> None:
+    def route(self, frames: list[bytes]) -> set[str | None]:
+        """File each frame of one reply (one server message per frame) into its stream's
+        inbox; return the inboxes that got something."""
         recv_s = time.time()
-        try:
-            msg = self.decoder.decode(data)
-        except DecodeFailure as e:
-            raise RequestError(e.code, f"undecodable reply from the daemon: {e.message}") from None
-        key = None if isinstance(msg, Welcome) else msg.request_id
-        if key not in self.inboxes:
-            if isinstance(msg, Chunk):
-                return  # the tail of a stream its reader has closed
-            key = None  # a reply for no open stream (e.g. an error about a bad message)
-        self.inboxes.setdefault(key, collections.deque()).append((msg, recv_s))
+        touched: set[str | None] = set()
+        for data in frames:
+            try:
+                msg = self.decoder.decode(data)
+            except DecodeFailure as e:
+                raise RequestError(e.code,
+                                   f"undecodable reply from the daemon: {e.message}") from None
+            key = None if isinstance(msg, Welcome) else msg.request_id
+            if key not in self.inboxes:
+                if isinstance(msg, Chunk):
+                    continue  # the tail of a stream its reader has closed
+                key = None  # a reply for no open stream (e.g. an error about a bad message)
+            self.inboxes.setdefault(key, collections.deque()).append((msg, recv_s))
+            touched.add(key)
+        return touched
 
 
 class InferenceClient:
@@ -160,7 +167,7 @@ class InferenceClient:
                                    f"{self.timeout_s:.0f} s", key)
             while True:
                 try:
-                    self._router.route(self._sock.recv(zmq.NOBLOCK))
+                    self._router.route(self._sock.recv_multipart(zmq.NOBLOCK))
                 except zmq.Again:
                     break
         return box.popleft()
@@ -271,10 +278,11 @@ class AsyncInferenceClient:
     async def _read_loop(self) -> None:
         try:
             while True:
-                data = await self._sock.recv()
-                self._router.route(data)
-                for ev in self._waiters.values():
-                    ev.set()
+                frames = await self._sock.recv_multipart()
+                for key in self._router.route(frames):
+                    ev = self._waiters.get(key)
+                    if ev is not None:
+                        ev.set()
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # surface to every waiting stream

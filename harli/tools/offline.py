@@ -1,25 +1,72 @@
 """vLLM's own offline path (``LLM.generate``) on the daemon's engine settings: the baseline that
 the overhead benchmark and the greedy-equality test compare the daemon against.
 
-Runs in its own process (``python -m harli.tools.offline``) with vLLM in-process, exactly as
-decode_proc runs it, so that the only difference measured is our serving path. Reads a JSON job
-on stdin and prints a JSON result on stdout.
+``OfflineRunner`` keeps one ``LLM`` loaded in a child process (``python -m
+harli.tools.offline``), with vLLM in-process and the same environment as decode_proc, so that
+the only difference measured is our serving path, and so that benchmark rounds of the two can
+be interleaved. Protocol: one JSON line per job on stdin, one JSON line per result on stdout.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from typing import Any
 
-from harli.config import HarliConfig, child_environ, from_json
+from harli.config import HarliConfig, child_environ, from_json, parse_cpu_list
+from harli.ipc.process import decode_cores, format_cpu_list, pin_to
 
 
-def run_offline(cfg: HarliConfig, prompts: list[list[int]], max_tokens: int,
-                repeats: int = 1) -> dict[str, Any]:
-    """Greedy, ``ignore_eos`` generation of ``prompts``; returns outputs and timings."""
+class OfflineRunner:
+    def __init__(self, cfg: HarliConfig) -> None:
+        self.cfg = cfg
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> OfflineRunner:
+        cores = decode_cores(self.cfg.decode.cpu_cores, self.cfg.decode.cpu_threads)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "harli.tools.offline", self.cfg.to_json().decode(),
+             format_cpu_list(cores)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=child_environ(self.cfg))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+        """Greedy, ``ignore_eos`` generation of all ``prompts`` in one ``LLM.generate`` call;
+        returns ``token_ids`` and ``elapsed_s``."""
+        assert self.proc is not None and self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"offline vLLM process died (exit {self.proc.wait()})")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+
+def run_offline(cfg: HarliConfig, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """One-shot convenience: load, generate once, unload."""
+    with OfflineRunner(cfg) as r:
+        return r.generate(prompts, max_tokens)
+
+
+def _serve(cfg: HarliConfig) -> None:
+    # Results go to the original stdout; everything else (vLLM logs to stdout) to stderr.
+    results = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     from vllm import LLM, SamplingParams
 
     from harli.decode_proc.engine import engine_args
@@ -28,37 +75,19 @@ def run_offline(cfg: HarliConfig, prompts: list[list[int]], max_tokens: int,
     llm = LLM(**{k: getattr(args, k) for k in (
         "model", "dtype", "max_num_seqs", "enforce_eager", "gpu_memory_utilization",
         "max_model_len")}, disable_log_stats=True)
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    inputs: Any = [{"prompt_token_ids": p} for p in prompts]
-    elapsed = []
-    outs: Any = None
-    for _ in range(repeats):
+    for line in sys.stdin:
+        job = json.loads(line)
+        sp = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True)
+        inputs: Any = [{"prompt_token_ids": p} for p in job["prompts"]]
         t0 = time.perf_counter()
         outs = llm.generate(inputs, sp, use_tqdm=False)
-        elapsed.append(time.perf_counter() - t0)
-    return {"token_ids": [list(o.outputs[0].token_ids) for o in outs], "elapsed_s": elapsed}
-
-
-def run_offline_subprocess(cfg: HarliConfig, prompts: list[list[int]], max_tokens: int,
-                           repeats: int = 1, timeout_s: float = 600) -> dict[str, Any]:
-    job = {"config": cfg.to_json().decode(), "prompts": prompts, "max_tokens": max_tokens,
-           "repeats": repeats}
-    res = subprocess.run([sys.executable, "-m", "harli.tools.offline"], input=json.dumps(job),
-                         capture_output=True, text=True, env=child_environ(cfg),
-                         timeout=timeout_s, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"offline vLLM run failed ({res.returncode}):\n{res.stderr[-4000:]}")
-    result: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
-    return result
-
-
-def main() -> int:
-    job = json.load(sys.stdin)
-    result = run_offline(from_json(job["config"]), job["prompts"], job["max_tokens"],
-                         job.get("repeats", 1))
-    sys.stdout.write(json.dumps(result) + "\n")
-    return 0
+        elapsed = time.perf_counter() - t0
+        results.write(json.dumps({"token_ids": [list(o.outputs[0].token_ids) for o in outs],
+                                  "elapsed_s": elapsed}) + "\n")
+        results.flush()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Pinned exactly as decode_proc is, so the comparison is like for like.
+    pin_to(None if sys.argv[2] == "none" else parse_cpu_list(sys.argv[2]), "offline")
+    _serve(from_json(sys.argv[1]))

@@ -13,7 +13,7 @@ from harli.ipc.codec import Decoder
 from harli.ipc.messages import IterationTelemetry
 from harli.tools.client import AsyncInferenceClient, Completion
 from harli.tools.local_daemon import LocalDaemon
-from harli.tools.offline import run_offline_subprocess
+from harli.tools.offline import run_offline
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
@@ -51,7 +51,7 @@ def test_sixteen_concurrent_streams_get_exactly_the_tokens_asked_for(
 def test_greedy_output_equals_vllm_offline_generate(daemon: LocalDaemon) -> None:
     prompts = _prompts(8, seed=11)
     ours = asyncio.run(_run_concurrent(daemon.endpoint, prompts, [24] * 8))
-    ref = run_offline_subprocess(daemon.cfg, prompts, max_tokens=24)
+    ref = run_offline(daemon.cfg, prompts, max_tokens=24)
     assert [o.token_ids for o in ours] == ref["token_ids"]
 
 
