@@ -8,11 +8,12 @@ import sys
 from harli.tools.bench_overhead import BenchOverheadCommand
 from harli.tools.command import Command, CommandError
 from harli.tools.daemon_cmd import DaemonCommand
+from harli.tools.demo import DemoCommand
 from harli.tools.generate_cmd import GenerateCommand
 from harli.tools.model_cmd import ModelCommand
 
 COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
-                           BenchOverheadCommand()]
+                           BenchOverheadCommand(), DemoCommand()]
 
 
 def build_parser() -> argparse.ArgumentParser:

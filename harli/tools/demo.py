@@ -1,0 +1,114 @@
+"""``harli demo`` (``make run``): the real daemon on the tiny model, a few streaming requests
+served side by side, and what came back with its timings.
+
+Later issues grow this into the full co-location demo (finetune job, scheduler, bench table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from harli.tools.command import Command
+
+PROMPTS = [
+    "The river ran past the old mill",
+    "A decode instance of a large language model",
+    "Martha kept the bakery on the corner",
+    "def fibonacci(n: int) -> int:",
+    "In winter the river froze at its edges",
+    "The scheduler reads telemetry after every iteration",
+]
+
+
+async def _stream_all(endpoint: str, max_tokens: int, view: dict[str, Any],
+                      refresh: Any) -> list[Any]:
+    from harli.tools.client import AsyncInferenceClient, Completion
+
+    async with AsyncInferenceClient(endpoint, timeout_s=120) as client:
+        async def one(i: int, prompt: str) -> Completion:
+            out = Completion(request_id=f"demo-{i}", sent_s=time.time())
+            view[prompt] = out
+            async for chunk in client.generate(prompt, request_id=out.request_id,
+                                               max_tokens=max_tokens, temperature=0.8,
+                                               seed=i, ignore_eos=True):
+                out.add(chunk, time.time())
+                refresh()
+            return out
+
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS)))
+
+
+def _live_table(view: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    t = Table(title="streaming through the daemon", expand=True)
+    t.add_column("prompt", ratio=2)
+    t.add_column("tokens", justify="right")
+    t.add_column("generated text (tiny random model: noise is expected)", ratio=3)
+    for prompt, c in view.items():
+        t.add_row(prompt, str(len(c.token_ids)), repr(c.text[-60:]))
+    return t
+
+
+def _summary(outs: list[Any]) -> Any:
+    from rich.table import Table
+
+    t = Table(title="what came back")
+    for col in ("request", "prompt tok", "output tok", "TTFT ms", "TPOT ms", "tok/s",
+                "finish"):
+        t.add_column(col, justify="right")
+    for c in outs:
+        span = c.recv_times_s[-1] - c.sent_s
+        t.add_row(c.request_id, str(c.num_prompt_tokens), str(len(c.token_ids)),
+                  f"{1e3 * c.ttft_s:.1f}", f"{1e3 * (c.tpot_s or 0):.2f}",
+                  f"{len(c.token_ids) / span:.0f}", str(c.finish_reason))
+    return t
+
+
+class DemoCommand(Command):
+    name = "demo"
+    help = "start the daemon on the tiny model and stream a few requests through it"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dir", type=Path, default=Path(".harli/demo"),
+                       help="runtime and state dirs of the demo daemon (model kept here)")
+        p.add_argument("--max-tokens", type=int, default=48)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from rich.console import Console
+        from rich.live import Live
+
+        from harli.tools.local_daemon import LocalDaemon, pid_alive
+
+        console = Console()
+        daemon = LocalDaemon(args.dir.resolve())
+        console.rule("[bold]harli demo")
+        console.print(f"starting [bold]harli daemon[/] (log: {daemon.log_path}) ...")
+        t0 = time.monotonic()
+        with daemon:
+            kids = daemon.children()
+            with daemon.client() as c:
+                w = c.hello()
+            console.print(f"ready in {time.monotonic() - t0:.1f} s: model {w.model} "
+                          f"(max_model_len {w.max_model_len}), endpoint {daemon.endpoint}, "
+                          f"decode_proc pid {kids}")
+            view: dict[str, Any] = {}
+            with Live(_live_table(view), console=console, refresh_per_second=10) as live:
+                outs = asyncio.run(_stream_all(daemon.endpoint, args.max_tokens, view,
+                                               lambda: live.update(_live_table(view))))
+            console.print(_summary(outs))
+            tpots = [c.tpot_s for c in outs if c.tpot_s]
+            console.print(f"{len(outs)} concurrent streams, {sum(len(c.token_ids) for c in outs)}"
+                          f" tokens; median TPOT {1e3 * statistics.median(tpots):.2f} ms")
+            console.print("stopping the daemon with SIGTERM ...")
+        clean = not any(pid_alive(p) for p in kids)
+        socks = list(daemon.cfg.runtime_dir.glob("*.sock"))
+        assert daemon.proc is not None
+        console.print(f"daemon exit code {daemon.proc.returncode}; children left: "
+                      f"{'none' if clean else kids}; sockets left: {socks or 'none'}")
+        return 0 if daemon.proc.returncode == 0 and clean and not socks else 1
