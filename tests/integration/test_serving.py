@@ -127,3 +127,26 @@ def test_hello_reports_the_model_and_limits(daemon: LocalDaemon) -> None:
         w = c.hello()
     assert w.ready and w.max_model_len == 2048 and w.max_message_bytes == 65536
     assert msgspec.json.encode(w)
+
+
+def test_a_client_written_from_the_protocol_doc_alone(daemon: LocalDaemon) -> None:
+    """docs/protocol.md's example, with plain MessagePack maps and no harli types."""
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(daemon.endpoint)
+    try:
+        s.send(msgspec.msgpack.encode({"type": "generate", "request_id": "1",
+                                       "prompt": "Hello", "max_tokens": 8,
+                                       "temperature": 0.0, "ignore_eos": True}))
+        tokens: list[int] = []
+        finish = None
+        while finish is None:
+            assert s.poll(60_000)
+            for frame in s.recv_multipart():
+                m = msgspec.msgpack.decode(frame)
+                assert m["type"] == "chunk", m
+                tokens += m["token_ids"]
+                finish = m["finish_reason"]
+        assert finish == "length" and len(tokens) == 8
+    finally:
+        s.close()
