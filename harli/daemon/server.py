@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import zmq
 
 import harli
 from harli.config import ENV, HarliConfig, child_environ
+from harli.daemon.job_manager import JobManager
 from harli.daemon.requests import DuplicateRequest, Inflight, RequestTable
 from harli.daemon.sdnotify import Notifier
 from harli.daemon.supervisor import (
@@ -34,6 +36,13 @@ from harli.daemon.supervisor import (
     describe_returncode,
 )
 from harli.ipc.codec import ClientDecoder, DecodeFailure, Decoder, encode, request_id_of
+from harli.ipc.control import (
+    ControlRequest,
+    DaemonToFinetune,
+    FinetuneReady,
+    FinetuneShutdown,
+    FinetuneToDaemon,
+)
 from harli.ipc.messages import (
     PROTOCOL_VERSION,
     Abort,
@@ -92,6 +101,17 @@ class Daemon:
         self._init_dirs()
         self._init_sockets()
         self._init_cpu_affinity()
+        self._control_decoder: Decoder[ControlRequest] = Decoder(ControlRequest)
+        self._finetune_decoder: Decoder[FinetuneToDaemon] = Decoder(FinetuneToDaemon)
+        self._pending_control: list[tuple[bytes, Future[Any]]] = []
+        self.jobs = JobManager(cfg, self._send_finetune)
+        self.finetune: Child | None = None
+        if cfg.finetune.enabled:
+            self.finetune = Child(
+                "finetune",
+                lambda inc: [sys.executable, "-m", "harli.finetune_proc", "--incarnation",
+                             str(inc), "--config-json", cfg.to_json().decode()],
+                child_environ(cfg, "finetune"), cfg.supervisor, ops or PopenOps())
         self.decode = Child(
             "decode",
             lambda inc: [sys.executable, "-m", "harli.decode_proc", "--incarnation", str(inc),
@@ -132,17 +152,27 @@ class Daemon:
         self.decode_out = self.ctx.socket(zmq.PULL)
         self.telemetry = self.ctx.socket(zmq.SUB)
         self.telemetry.setsockopt(zmq.SUBSCRIBE, b"")
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.MAXMSGSIZE, HARD_LIMIT_FACTOR * limit)
+        self.control.setsockopt(zmq.LINGER, 500)
+        self.finetune_in = self.ctx.socket(zmq.PUSH)
+        self.finetune_in.setsockopt(zmq.LINGER, 0)
+        self.finetune_out = self.ctx.socket(zmq.PULL)
         self._bound: list[str] = []
         for sock, ep in ((self.frontend, self.cfg.inference_endpoint),
+                         (self.control, self.cfg.control_endpoint),
                          (self.decode_in, self.cfg.internal_endpoint("decode-in")),
-                         (self.decode_out, self.cfg.internal_endpoint("decode-out"))):
+                         (self.decode_out, self.cfg.internal_endpoint("decode-out")),
+                         (self.finetune_in, self.cfg.internal_endpoint("finetune-in")),
+                         (self.finetune_out, self.cfg.internal_endpoint("finetune-out"))):
             sock.bind(ep)
             self._bound.append(ep)
         # decode_proc binds the telemetry PUB (so any local observer can subscribe); ZMQ
         # reconnects to the same path across decode restarts.
         self.telemetry.connect(self.cfg.internal_endpoint("telemetry"))
         self.poller = zmq.Poller()
-        for s in (self.frontend, self.decode_out, self.telemetry):
+        for s in (self.frontend, self.decode_out, self.telemetry, self.control,
+                  self.finetune_out):
             self.poller.register(s, zmq.POLLIN)
         logger.info("[daemon] serving inference on %s", self.cfg.inference_endpoint)
 
@@ -156,6 +186,8 @@ class Daemon:
         try:
             self._prepare_model()
             self.decode.start(self.clock())
+            if self.finetune is not None:
+                self.finetune.start(self.clock())
             while self.state is not DaemonState.STOPPED:
                 self._poll_once()
                 self._tick(self.clock())
@@ -177,8 +209,21 @@ class Daemon:
             self._drain(self.telemetry, self._on_telemetry)
         if self.frontend in events:
             self._drain_frontend()
+        if self.finetune_out in events:
+            self._drain(self.finetune_out, self._on_finetune_message)
+        if self.control in events:
+            self._drain_control()
 
     def _tick(self, now: float) -> None:
+        if self.finetune is not None:
+            for fev in self.finetune.transition(now):
+                if isinstance(fev, ChildExited):
+                    self.jobs.on_exit(fev)
+                elif isinstance(fev, ChildFatal):
+                    logger.error("[daemon] finetune process is FATAL; jobs stay queued")
+        if self.state is DaemonState.SERVING:
+            self.jobs.tick()
+        self._reply_control_done()
         for ev in self.decode.transition(now):
             if isinstance(ev, ChildExited):
                 self._on_decode_exit(ev)
@@ -212,18 +257,26 @@ class Daemon:
             self._send_decode(AbortRequests(rids=[r.rid for r in leftover if r.incarnation]))
             for req in leftover:
                 self._finish(req, "shutdown")
+        if self.finetune is not None:  # reverse dependency order: finetune before decode
+            self.finetune.stop(self._send_finetune_shutdown)
         self.decode.stop(self._send_decode_shutdown)
         self.state = DaemonState.STOPPED
+
+    def _send_finetune_shutdown(self) -> None:
+        self._send_finetune(FinetuneShutdown(reason="daemon stopping"))
 
     def _send_decode_shutdown(self) -> None:
         self._send_decode(Shutdown(reason="daemon stopping"))
 
     def _close(self) -> None:
-        if self.decode.proc is not None:  # an exception got us here: never leave a child
-            self.decode.stop(None)
+        for child in (self.finetune, self.decode):  # after an exception: never leave a child
+            if child is not None and child.proc is not None:
+                child.stop(None)
+        self.jobs.close()
         self.poller = zmq.Poller()
-        for s in (self.frontend, self.decode_in, self.decode_out, self.telemetry):
-            s.close(linger=0 if s is not self.frontend else 500)
+        for s in (self.frontend, self.control, self.decode_in, self.decode_out, self.telemetry,
+                  self.finetune_in, self.finetune_out):
+            s.close(linger=0 if s not in (self.frontend, self.control) else 500)
         self.ctx.term()
         for ep in [*self._bound, self.cfg.internal_endpoint("telemetry")]:
             if ep.startswith("ipc://"):
@@ -268,6 +321,75 @@ class Daemon:
                 self._on_client_gone(client)
                 return False
             raise
+
+    def _send_finetune(self, msg: DaemonToFinetune) -> bool:
+        try:
+            self.finetune_in.send(encode(msg), zmq.NOBLOCK)
+            return True
+        except zmq.Again:  # finetune_proc not connected (yet)
+            return False
+
+    # -- control API -------------------------------------------------------------------------
+
+    def _drain_control(self) -> None:
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            client, payload = frames[0], frames[-1]
+            reply: Any
+            try:
+                if len(payload) > self.cfg.endpoints.max_message_bytes:
+                    raise DecodeFailure(ErrorCode.TOO_LARGE,
+                                        f"message of {len(payload)} bytes exceeds the limit of "
+                                        f"{self.cfg.endpoints.max_message_bytes} bytes")
+                reply = self.jobs.handle(self._control_decoder.decode(payload))
+            except DecodeFailure as e:
+                reply = Error(request_id=None, code=e.code, message=e.message)
+            except Exception:
+                logger.exception("[control] internal error")
+                reply = Error(request_id=None, code=ErrorCode.INTERNAL,
+                              message="internal error; see the daemon log")
+            if isinstance(reply, Future):
+                self._pending_control.append((client, reply))
+            else:
+                self._control_reply(client, reply)
+
+    def _control_reply(self, client: bytes, reply: Any) -> None:
+        try:
+            self.control.send_multipart([client, encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            logger.warning("[control] could not reply: %s", e)
+
+    def _reply_control_done(self) -> None:
+        if not self._pending_control:
+            return
+        still = []
+        for client, fut in self._pending_control:
+            if not fut.done():
+                still.append((client, fut))
+                continue
+            try:
+                reply = fut.result()
+            except Exception as e:
+                logger.exception("[control] attach failed")
+                reply = Error(request_id=None, code=ErrorCode.INTERNAL, message=repr(e))
+            self._control_reply(client, reply)
+        self._pending_control = still
+
+    def _on_finetune_message(self, data: bytes) -> None:
+        try:
+            msg = self._finetune_decoder.decode(data)
+        except DecodeFailure as e:
+            logger.error("[daemon] undecodable message from finetune_proc: %s", e)
+            return
+        if isinstance(msg, FinetuneReady):
+            assert self.finetune is not None
+            if self.finetune.on_ready(msg.incarnation, self.clock()):
+                self.jobs.on_ready()
+            return
+        self.jobs.on_message(msg)
 
     def _send_decode(self, msg: AddRequest | AbortRequests | Shutdown) -> bool:
         try:

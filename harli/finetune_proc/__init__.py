@@ -1,3 +1,6 @@
-"""Finetune process (not built yet): PEFT LoRA trainer with gated micro-steps, datasets,
-quota appliers (CPU threads/duty cycle, GPU green contexts), activation placement in the leased
-arena pages, and atomic checkpoints. Spawned and supervised by the daemon like decode_proc."""
+"""Finetune process: PEFT LoRA jobs run as gated micro-steps.
+
+``recipe.LoRARecipe`` trains one job (datasets, PEFT model, optimizer, checkpoints);
+``quota`` maps the daemon's quota level to this process's share of compute; ``proc.FinetuneProc``
+is the loop and sockets; ``python -m harli.finetune_proc`` is the entry the daemon spawns.
+"""

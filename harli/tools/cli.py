@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from harli.tools.attach_cmd import AttachCommand
 from harli.tools.bench_overhead import BenchOverheadCommand
 from harli.tools.command import Command, CommandError
 from harli.tools.daemon_cmd import DaemonCommand
 from harli.tools.demo import DemoCommand
 from harli.tools.generate_cmd import GenerateCommand
+from harli.tools.jobs_cmd import JobCommand, JobsCommand
 from harli.tools.model_cmd import ModelCommand
 
 COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
+                           AttachCommand(), JobsCommand(), JobCommand(),
                            BenchOverheadCommand(), DemoCommand()]
 
 

@@ -1,0 +1,96 @@
+"""Checks a job must pass before it is stored: everything that can be refused at attach time
+is refused here, with a message that says what to change, so nothing is half-stored."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from harli.ipc.jobs import JobSpec
+
+logger = logging.getLogger(__name__)
+
+
+class AttachRefused(Exception):
+    pass
+
+
+def module_names(model_dir: Path) -> set[str]:
+    """Names of the model's weight-bearing modules, from its safetensors headers."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            names.update(k.rsplit(".", 1)[0] for k in st.keys())  # noqa: SIM118 - not a dict
+    return names
+
+
+def check_target_modules(targets: list[str], modules: set[str]) -> None:
+    # PEFT's rule: a target matches a module whose name equals it or ends with "." + target.
+    unknown = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    if unknown:
+        leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        raise AttachRefused(f"unknown target module(s) {unknown} for this model; its modules "
+                            f"are named {leaves}")
+
+
+def check_output_dir(path: Path, taken: dict[str, str]) -> None:
+    if not path.is_absolute():
+        raise AttachRefused(f"output_dir {path} must be an absolute path")
+    if str(path) in taken:
+        raise AttachRefused(f"output_dir {path} is already used by job {taken[str(path)]!r}")
+    probe = path
+    while not probe.exists():  # the nearest existing ancestor must let us create it
+        probe = probe.parent
+    if not probe.is_dir():
+        raise AttachRefused(f"output_dir {path}: {probe} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise AttachRefused(f"output_dir {path} is not writable ({probe}: {e.strerror})") from None
+
+
+class AttachValidator:
+    """Validates jobs against the served model; holds its tokenizer and module names."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self._tokenizer: Any = None
+        self._modules: set[str] | None = None
+
+    def _load(self) -> None:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+            self._modules = module_names(self.model_dir)
+
+    def validate(self, spec: JobSpec, taken_output_dirs: dict[str, str]) -> dict[str, Any]:
+        """Raise ``AttachRefused`` naming the problem, or return the dataset report."""
+        from harli.finetune_proc.datasets import DatasetError, load_dataset
+
+        if spec.base_model and os.path.realpath(spec.base_model) != os.path.realpath(
+                self.model_dir):
+            raise AttachRefused(f"the job is for base model {spec.base_model}, but this daemon "
+                                f"serves {self.model_dir}; a job trains on the served model")
+        check_output_dir(Path(spec.output_dir), taken_output_dirs)
+        if not Path(spec.dataset).is_absolute():
+            raise AttachRefused(f"dataset {spec.dataset} must be an absolute path")
+        self._load()
+        assert self._modules is not None
+        check_target_modules(list(spec.lora.target_modules), self._modules)
+        try:
+            _, report = load_dataset(spec.dataset, self._tokenizer, spec.max_seq_len)
+        except DatasetError as e:
+            raise AttachRefused(str(e)) from None
+        if report.loss_tokens == 0:
+            raise AttachRefused(f"dataset {spec.dataset}: no response tokens left to learn from "
+                                f"at max_seq_len {spec.max_seq_len}")
+        return {"path": report.path, "format": report.format, "records": report.records,
+                "truncated": report.truncated, "tokens": report.tokens,
+                "loss_tokens": report.loss_tokens}

@@ -1,0 +1,208 @@
+"""The job store: finetune jobs, their progress and an event log, in SQLite (WAL mode) in the
+state dir, so that jobs survive daemon restarts.
+
+Progress is stored as absolute values reported by the trainer (step, micro-steps, tokens), never
+as increments: a report replayed after a restart cannot count a step twice, and a resume sets
+the step back to the checkpoint's, never further.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from harli.ipc.control import JobEvent, JobInfo, MicroStepReport
+from harli.ipc.jobs import JobSpec
+
+QUEUED, RUNNING, PAUSED = "queued", "running", "paused"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+ACTIVE = (RUNNING, PAUSED)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    spec TEXT NOT NULL,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    created_s REAL NOT NULL,
+    started_s REAL,
+    finished_s REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    micro_steps INTEGER NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    loss REAL,
+    first_loss REAL,
+    level INTEGER,
+    paused_s REAL NOT NULL DEFAULT 0,
+    tokens_per_s REAL,
+    checkpoint_step INTEGER,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    adapter_path TEXT,
+    dataset_report TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    event_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(job_id),
+    time_s REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, event_id);
+"""
+
+_COLUMNS = ("job_id", "name", "status", "priority", "created_s", "started_s", "finished_s",
+            "step", "total_steps", "epoch", "micro_steps", "tokens", "loss", "first_loss",
+            "level", "paused_s", "tokens_per_s", "checkpoint_step", "restarts", "error",
+            "adapter_path", "dataset_report", "spec")
+
+
+class DuplicateJobName(Exception):
+    pass
+
+
+class JobStore:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we open transactions explicitly, so a multi-row change is
+        # all-or-nothing.
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def _row(self, row: tuple[Any, ...]) -> JobInfo:
+        d = dict(zip(_COLUMNS, row, strict=True))
+        d["spec"] = msgspec.json.decode(d["spec"], type=JobSpec)
+        d["dataset_report"] = json.loads(d["dataset_report"]) if d["dataset_report"] else None
+        return JobInfo(**d)
+
+    def _select(self, where: str = "", args: tuple[Any, ...] = ()) -> list[JobInfo]:
+        rows = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs {where}", args)
+        return [self._row(r) for r in rows]
+
+    def get(self, job_id: int) -> JobInfo | None:
+        jobs = self._select("WHERE job_id = ?", (job_id,))
+        return jobs[0] if jobs else None
+
+    def all_jobs(self) -> list[JobInfo]:
+        return self._select("ORDER BY job_id")
+
+    def next_queued(self) -> JobInfo | None:
+        jobs = self._select("WHERE status = ? ORDER BY priority DESC, job_id ASC LIMIT 1",
+                            (QUEUED,))
+        return jobs[0] if jobs else None
+
+    def active(self) -> list[JobInfo]:
+        return self._select("WHERE status IN (?, ?) ORDER BY job_id", ACTIVE)
+
+    def events(self, job_id: int, after: int = 0) -> list[JobEvent]:
+        rows = self.db.execute(
+            "SELECT event_id, job_id, time_s, kind, message FROM events "
+            "WHERE job_id = ? AND event_id > ? ORDER BY event_id", (job_id, after))
+        return [JobEvent(event_id=r[0], job_id=r[1], time_s=r[2], kind=r[3], message=r[4])
+                for r in rows]
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def _event(self, job_id: int, kind: str, message: str) -> None:
+        self.db.execute("INSERT INTO events (job_id, time_s, kind, message) VALUES (?, ?, ?, ?)",
+                        (job_id, self.clock(), kind, message))
+
+    def add_event(self, job_id: int, kind: str, message: str) -> None:
+        self._event(job_id, kind, message)
+
+    def add(self, spec: JobSpec, dataset_report: dict[str, Any]) -> JobInfo:
+        """Store a validated job as queued, with its first event, in one transaction."""
+        try:
+            with self.db:
+                self.db.execute("BEGIN")
+                cur = self.db.execute(
+                    "INSERT INTO jobs (name, spec, status, priority, created_s, dataset_report) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (spec.name, msgspec.json.encode(spec).decode(), QUEUED, spec.priority,
+                     self.clock(), json.dumps(dataset_report)))
+                job_id = int(cur.lastrowid or 0)
+                self._event(job_id, "attached",
+                            f"queued with priority {spec.priority}; dataset "
+                            f"{dataset_report.get('path')}: {dataset_report.get('records')} "
+                            f"records ({dataset_report.get('format')}), "
+                            f"{dataset_report.get('truncated')} truncated to "
+                            f"{spec.max_seq_len} tokens")
+        except sqlite3.IntegrityError:
+            raise DuplicateJobName(spec.name) from None
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    def set_status(self, job_id: int, status: str, kind: str, message: str,
+                   error: str | None = None, adapter_path: str | None = None) -> None:
+        now = self.clock()
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(
+                "UPDATE jobs SET status = ?, error = COALESCE(?, error), "
+                "adapter_path = COALESCE(?, adapter_path), "
+                "started_s = CASE WHEN ? IN ('running', 'paused') THEN COALESCE(started_s, ?) "
+                "ELSE started_s END, "
+                "finished_s = CASE WHEN ? IN ('succeeded', 'failed', 'cancelled') THEN ? "
+                "ELSE finished_s END WHERE job_id = ?",
+                (status, error, adapter_path, status, now, status, now, job_id))
+            self._event(job_id, kind, message)
+
+    def record_start(self, job_id: int, total_steps: int, resumed_from_step: int | None,
+                     dataset_report: dict[str, Any]) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            step = resumed_from_step or 0
+            self.db.execute(
+                "UPDATE jobs SET total_steps = ?, step = ?, dataset_report = ? WHERE job_id = ?",
+                (total_steps, step, json.dumps(dataset_report), job_id))
+            self._event(job_id, "started",
+                        f"resumed from checkpoint-{step}" if resumed_from_step
+                        else f"started from scratch: {total_steps} steps")
+
+    def record_progress(self, r: MicroStepReport, tokens_per_s: float | None) -> None:
+        self.db.execute(
+            "UPDATE jobs SET step = ?, total_steps = ?, epoch = ?, micro_steps = ?, tokens = ?, "
+            "loss = ?, first_loss = COALESCE(first_loss, ?), level = ?, "
+            "paused_s = paused_s + ?, tokens_per_s = ? WHERE job_id = ?",
+            (r.step, r.total_steps, r.epoch, r.micro_step, r.tokens, r.loss, r.loss, r.level,
+             r.paused_s, tokens_per_s, r.job_id))
+
+    def record_checkpoint(self, job_id: int, step: int, path: str) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("UPDATE jobs SET checkpoint_step = ? WHERE job_id = ?",
+                            (step, job_id))
+            self._event(job_id, "checkpoint", f"saved {path}")
+
+    def requeue_active(self, why: str) -> list[int]:
+        """Put running/paused jobs back in the queue (their process died); they resume from
+        their last checkpoint when started again."""
+        ids = [j.job_id for j in self.active()]
+        with self.db:
+            self.db.execute("BEGIN")
+            for job_id in ids:
+                self.db.execute("UPDATE jobs SET status = ?, restarts = restarts + 1 "
+                                "WHERE job_id = ?", (QUEUED, job_id))
+                self._event(job_id, "requeued", why)
+        return ids

@@ -1,0 +1,228 @@
+"""``FinetuneProc``: the finetune process's loop around ``LoRARecipe``.
+
+Sockets (ipc:// in the runtime dir, bound by the daemon): ``finetune-in`` PULL <- daemon
+(``StartJob``, ``StopJob``, ``Decision``, ``FinetuneShutdown``) and ``finetune-out`` PUSH -> daemon
+(``FinetuneReady``, one ``MicroStepReport`` per micro-step, ``JobStarted``, ``CheckpointSaved``,
+``JobEnded``, ``FinetuneFatal``).
+
+Loop: ``drain inputs -> (if a job is admitted) one micro-step -> emit``. Before each micro-step
+it obeys the daemon's latest ``Decision``; when paused or idle it blocks on its socket (bounded),
+so a new decision or a stop is seen at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import traceback
+
+import msgspec
+import zmq
+
+from harli.config import HarliConfig
+from harli.finetune_proc.quota import CpuQuota, QuotaApplier
+from harli.finetune_proc.recipe import LoRARecipe
+from harli.ipc.codec import DecodeFailure, Decoder, encode
+from harli.ipc.control import (
+    CheckpointSaved,
+    DaemonToFinetune,
+    Decision,
+    FinetuneFatal,
+    FinetuneReady,
+    FinetuneShutdown,
+    JobEnded,
+    JobStarted,
+    MicroStepReport,
+    StartJob,
+    StopJob,
+)
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_MS = 100
+
+
+class FinetuneProc:
+    def __init__(self, cfg: HarliConfig, incarnation: int, quota: QuotaApplier) -> None:
+        self.cfg = cfg
+        self.incarnation = incarnation
+        self.quota = quota
+        self.decision = Decision(level=0, admitted=False, seq=0)
+        self.job: StartJob | None = None
+        self.recipe: LoRARecipe | None = None
+        self._stop_job: str | None = None
+        self._stop_reason: str | None = None
+        self._paused_since: float | None = None
+        self._paused_s = 0.0
+        self._idle_until = 0.0
+        self._decoder: Decoder[DaemonToFinetune] = Decoder(DaemonToFinetune)
+        self._ctx = zmq.Context()
+        self._in = self._ctx.socket(zmq.PULL)
+        self._in.connect(cfg.internal_endpoint("finetune-in"))
+        self._out = self._ctx.socket(zmq.PUSH)
+        self._out.setsockopt(zmq.LINGER, 2000)
+        self._out.connect(cfg.internal_endpoint("finetune-out"))
+
+    def request_stop(self, reason: str) -> None:
+        """Safe from a signal handler: only records the request."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+
+    def _send(self, msg: msgspec.Struct) -> None:
+        self._out.send(encode(msg))
+
+    # -- loop ----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._send(FinetuneReady(incarnation=self.incarnation, pid=os.getpid(),
+                                 levels=self.quota.levels))
+        while self._stop_reason is None:
+            self._drain_inputs()
+            self._step()
+
+    def _can_train(self) -> bool:
+        return (self.recipe is not None and self.decision.admitted and self.decision.level > 0
+                and time.monotonic() >= self._idle_until)
+
+    def _drain_inputs(self) -> None:
+        if self._can_train():
+            timeout_ms = 0
+        elif self.recipe is not None and self.decision.admitted:  # duty-cycle idle
+            timeout_ms = max(0, int(1000 * (self._idle_until - time.monotonic())))
+        else:
+            timeout_ms = _IDLE_WAIT_MS
+        if not self._in.poll(timeout_ms):
+            return
+        while True:
+            try:
+                data = self._in.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = self._decoder.decode(data)
+            except DecodeFailure as e:
+                logger.error("[finetune] dropped undecodable message from daemon: %s", e)
+                continue
+            self._handle(msg)
+
+    def _handle(self, msg: DaemonToFinetune) -> None:
+        if isinstance(msg, Decision):
+            if msg.seq >= self.decision.seq:
+                self.decision = msg
+        elif isinstance(msg, StartJob):
+            self._start(msg)
+        elif isinstance(msg, StopJob):
+            if self.job is not None and msg.job_id == self.job.job_id:
+                self._stop_job = msg.reason
+        elif isinstance(msg, FinetuneShutdown):
+            self.request_stop(msg.reason)
+
+    def _start(self, msg: StartJob) -> None:
+        if self.job is not None:
+            logger.error("[finetune] StartJob %d while job %d runs; ignored", msg.job_id,
+                         self.job.job_id)
+            return
+        self.job = msg
+        self._stop_job = None
+        self._paused_s = 0.0
+        self._paused_since = None
+        recipe = LoRARecipe(msg.spec, msg.model_path)
+        try:
+            recipe.setup()
+        except Exception as e:
+            logger.exception("[finetune] job %d failed to set up", msg.job_id)
+            self._end("failed", f"setup failed: {e}")
+            return
+        self.recipe = recipe
+        self._send(JobStarted(job_id=msg.job_id, resumed_from_step=recipe.resumed_from,
+                              total_steps=recipe.total_steps,
+                              dataset_report=recipe.dataset_report()))
+        if recipe.done:  # resumed after its last step: only the adapter is left to write
+            self._finish()
+
+    def _end(self, status: str, error: str | None, adapter: str | None = None) -> None:
+        assert self.job is not None
+        self._send(JobEnded(job_id=self.job.job_id, status=status, error=error,
+                            adapter_path=adapter))
+        if self.recipe is not None:
+            self.recipe.cleanup()
+        self.job = None
+        self.recipe = None
+
+    def _finish(self) -> None:
+        assert self.recipe is not None
+        path = self.recipe.finish()
+        logger.info("[finetune] job %d done; adapter in %s", self.job.job_id if self.job else -1,
+                    path)
+        self._end("succeeded", None, str(path))
+
+    def _step(self) -> None:
+        if self.recipe is None or self.job is None:
+            return
+        if self._stop_job is not None:
+            self.recipe.discard_partial_accumulation()
+            self._end("cancelled", None)
+            return
+        now = time.monotonic()
+        if not (self.decision.admitted and self.decision.level > 0):
+            if self._paused_since is None:
+                self._paused_since = now
+            return
+        if self._paused_since is not None:
+            self._paused_s += now - self._paused_since
+            self._paused_since = None
+        if now < self._idle_until:
+            return
+        level = self.decision.level
+        self.quota.apply(level)
+        try:
+            r = self.recipe.train_micro_step()
+        except Exception as e:
+            logger.exception("[finetune] job %d failed in a micro-step", self.job.job_id)
+            self._end("failed", f"micro-step {self.recipe.state.micro_step + 1}: {e!r}")
+            return
+        self._idle_until = time.monotonic() + self.quota.idle_after(level, r.duration_s)
+        self._send(MicroStepReport(
+            job_id=self.job.job_id, micro_step=r.micro_step, step=r.step, epoch=r.epoch,
+            tokens=r.tokens, step_tokens=r.step_tokens, duration_s=r.duration_s, level=level,
+            loss=r.loss, paused_s=self._paused_s, total_steps=self.recipe.total_steps))
+        self._paused_s = 0.0
+        if self.recipe.checkpoint_due(r):
+            path = self.recipe.save_checkpoint()
+            self._send(CheckpointSaved(job_id=self.job.job_id, step=r.step, path=str(path)))
+        if self.recipe.done:
+            self._finish()
+
+    def report_fatal(self, exc: BaseException) -> None:
+        self._send(FinetuneFatal(incarnation=self.incarnation, error=repr(exc),
+                                 traceback=traceback.format_exc()))
+
+    def close(self) -> None:
+        self._out.close(linger=None)
+        self._in.close(linger=0)
+        self._ctx.term()
+
+
+def run_finetune_proc(cfg: HarliConfig, incarnation: int) -> int:
+    """Entry of the finetune process; returns its exit code."""
+    from harli.ipc.process import configure_logging, die_with_parent, set_title
+
+    die_with_parent()
+    set_title(f"harli::finetune[{incarnation}]")
+    configure_logging("finetune", cfg.daemon.log_level)
+    quota = CpuQuota(cfg.finetune.levels, cfg.finetune.max_threads or os.cpu_count() or 1)
+    proc = FinetuneProc(cfg, incarnation, quota)
+    signal.signal(signal.SIGTERM, lambda *_: proc.request_stop("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: proc.request_stop("SIGINT"))
+    code = 0
+    try:
+        proc.run()
+    except Exception as e:
+        logger.exception("[finetune] fatal error")
+        proc.report_fatal(e)
+        code = 1
+    finally:
+        proc.close()
+    return code

@@ -1,0 +1,167 @@
+"""``LoRARecipe``: one LoRA finetune job, cut into micro-steps (torchtune's recipe shape:
+``setup / train_micro_step / save_checkpoint / finish / cleanup``).
+
+A micro-step is one micro-batch forward and backward; every ``grad_accum`` micro-steps the
+optimizer steps. The data order of an epoch is a permutation seeded by ``(seed, epoch)``, so the
+whole position in training follows from the micro-step count alone: a checkpoint (taken only at
+optimizer-step boundaries) plus that count resumes exactly where training was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harli.finetune_proc.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_final_adapter,
+)
+from harli.finetune_proc.datasets import IGNORE_INDEX, Example, load_dataset
+from harli.ipc.jobs import JobSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MicroStepResult:
+    micro_step: int
+    step: int
+    epoch: int
+    tokens: int
+    step_tokens: int
+    loss: float
+    duration_s: float
+    stepped: bool  # an optimizer step happened
+
+
+class LoRARecipe:
+    def __init__(self, spec: JobSpec, model_path: str) -> None:
+        self.spec = spec
+        self.model_path = model_path
+        self.output_dir = Path(spec.output_dir)
+        self.state = TrainerState(step=0, micro_step=0, epoch=0, cursor=0, tokens=0, loss=None)
+        self.resumed_from: int | None = None
+        self._order: list[int] = []
+        self._order_epoch = -1
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+        spec = self.spec
+        torch.manual_seed(spec.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.examples, self.report = load_dataset(spec.dataset, self.tokenizer, spec.max_seq_len)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha,
+                          lora_dropout=spec.lora.dropout,
+                          target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM")
+        self.model = get_peft_model(base, lora)
+        self.model.train()
+        self.micro_batches_per_epoch = math.ceil(len(self.examples) / spec.micro_batch_size)
+        self.total_steps = spec.max_steps or math.ceil(
+            spec.epochs * self.micro_batches_per_epoch / spec.grad_accum)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=spec.learning_rate)
+        self.scheduler = get_scheduler(spec.lr_schedule, self.optimizer,
+                                       num_warmup_steps=spec.warmup_steps,
+                                       num_training_steps=self.total_steps)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = latest_checkpoint(self.output_dir)
+        if ckpt is not None:
+            self.state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+            self.resumed_from = self.state.step
+            logger.info("[finetune] %s resumed from %s (step %d of %d)", spec.name, ckpt,
+                        self.state.step, self.total_steps)
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.total_steps
+
+    # -- training --------------------------------------------------------------------------------
+
+    def _batch_indices(self, micro_step: int) -> list[int]:
+        epoch, cursor = divmod(micro_step, self.micro_batches_per_epoch)
+        if epoch != self._order_epoch:
+            g = torch.Generator().manual_seed(self.spec.seed * 100_003 + epoch)
+            self._order = torch.randperm(len(self.examples), generator=g).tolist()
+            self._order_epoch = epoch
+        mbs = self.spec.micro_batch_size
+        return self._order[cursor * mbs:(cursor + 1) * mbs]
+
+    def _collate(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        width = max(len(e.input_ids) for e in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, e in enumerate(batch):
+            n = len(e.input_ids)
+            ids[i, :n] = torch.tensor(e.input_ids)
+            labels[i, :n] = torch.tensor(e.labels)
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    def train_micro_step(self) -> MicroStepResult:
+        spec = self.spec
+        t0 = time.perf_counter()
+        s = self.state
+        batch = [self.examples[i] for i in self._batch_indices(s.micro_step)]
+        inputs = self._collate(batch)
+        out = self.model(**inputs)
+        # A micro-batch whose response tokens were all truncated away has no loss (NaN): it
+        # still counts as a micro-step, but contributes no gradient.
+        has_loss = bool((inputs["labels"] != IGNORE_INDEX).any())
+        if has_loss:
+            (out.loss / spec.grad_accum).backward()
+        s.micro_step += 1
+        s.epoch, s.cursor = divmod(s.micro_step, self.micro_batches_per_epoch)
+        step_tokens = int(inputs["attention_mask"].sum())
+        s.tokens += step_tokens
+        if has_loss:
+            s.loss = float(out.loss.detach())
+        stepped = s.micro_step % spec.grad_accum == 0
+        if stepped:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            s.step += 1
+        return MicroStepResult(micro_step=s.micro_step, step=s.step, epoch=s.epoch,
+                               tokens=s.tokens, step_tokens=step_tokens,
+                               loss=s.loss if s.loss is not None else float("nan"),
+                               duration_s=time.perf_counter() - t0, stepped=stepped)
+
+    def checkpoint_due(self, result: MicroStepResult) -> bool:
+        return result.stepped and (result.step % self.spec.checkpoint_every == 0 or self.done)
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.output_dir, self.model, self.optimizer, self.scheduler,
+                               self.state, keep=self.spec.keep_checkpoints)
+
+    def discard_partial_accumulation(self) -> None:
+        """Drop gradients of an unfinished accumulation (on cancel): the next start resumes
+        from the last checkpoint, which was taken at a step boundary."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def finish(self) -> Path:
+        return save_final_adapter(self.model, self.output_dir)
+
+    def dataset_report(self) -> dict[str, Any]:
+        r = self.report
+        return {"path": r.path, "format": r.format, "records": r.records,
+                "truncated": r.truncated, "tokens": r.tokens, "loss_tokens": r.loss_tokens}
+
+    def cleanup(self) -> None:
+        for name in ("model", "optimizer", "scheduler"):
+            self.__dict__.pop(name, None)

@@ -1,0 +1,183 @@
+"""Control-plane wire types: ``harli attach`` / ``jobs`` / ``job ...`` <-> daemon, and the
+daemon <-> finetune_proc messages.
+
+Client-facing messages are map-encoded and tagged by ``type`` like the inference API (errors use
+``harli.ipc.messages.Error``); daemon <-> finetune_proc messages are ``array_like``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from harli.ipc.jobs import JobSpec
+
+
+class _Ctl(msgspec.Struct, tag_field="type", kw_only=True, frozen=True,
+           forbid_unknown_fields=True):
+    pass
+
+
+JobId = Annotated[int, Meta(ge=1)]
+
+# -- tools -> daemon ------------------------------------------------------------------------
+
+
+class AttachJob(_Ctl, tag="attach", frozen=True):
+    spec: JobSpec
+
+
+class ListJobs(_Ctl, tag="list_jobs", frozen=True):
+    pass
+
+
+class ShowJob(_Ctl, tag="show_job", frozen=True):
+    job_id: JobId
+
+
+class CancelJob(_Ctl, tag="cancel_job", frozen=True):
+    job_id: JobId
+
+
+class JobLogs(_Ctl, tag="job_logs", frozen=True):
+    job_id: JobId
+    after_event: Annotated[int, Meta(ge=0)] = 0  # only events with a larger id
+
+
+ControlRequest = AttachJob | ListJobs | ShowJob | CancelJob | JobLogs
+
+# -- daemon -> tools ------------------------------------------------------------------------
+
+
+class JobInfo(_Ctl, tag="job", frozen=True):
+    """A job's spec, status and progress, as the job store holds them."""
+
+    job_id: int
+    name: str
+    status: str  # queued, running, paused, succeeded, failed, cancelled
+    priority: int
+    created_s: float
+    started_s: float | None
+    finished_s: float | None
+    step: int  # optimizer steps done (as of the last report)
+    total_steps: int | None
+    epoch: int
+    micro_steps: int
+    tokens: int
+    loss: float | None
+    first_loss: float | None
+    level: int | None  # current compute quota level
+    paused_s: float
+    tokens_per_s: float | None
+    checkpoint_step: int | None
+    restarts: int
+    error: str | None
+    adapter_path: str | None
+    dataset_report: dict[str, int | str] | None
+    spec: JobSpec
+
+
+class JobEvent(_Ctl, tag="event", frozen=True):
+    event_id: int
+    job_id: int
+    time_s: float
+    kind: str
+    message: str
+
+
+class JobList(_Ctl, tag="job_list", frozen=True):
+    jobs: list[JobInfo]
+
+
+class JobDetail(_Ctl, tag="job_detail", frozen=True):
+    job: JobInfo
+    events: list[JobEvent]
+
+
+ControlReply = JobInfo | JobList | JobDetail
+
+# -- daemon <-> finetune_proc -----------------------------------------------------------------
+
+
+class _Internal(msgspec.Struct, tag=True, kw_only=True, array_like=True, frozen=True):
+    pass
+
+
+class StartJob(_Internal, frozen=True):
+    job_id: int
+    spec: JobSpec
+    model_path: str
+
+
+class StopJob(_Internal, frozen=True):
+    """Stop the running job at its next micro-step boundary (cancel), keeping checkpoints."""
+
+    job_id: int
+    reason: str
+
+
+class Decision(_Internal, frozen=True):
+    """The daemon's latest word on the finetune: quota level (0 = nothing admitted)."""
+
+    level: int
+    admitted: bool
+    seq: int
+
+
+class FinetuneShutdown(_Internal, frozen=True):
+    reason: str
+
+
+DaemonToFinetune = StartJob | StopJob | Decision | FinetuneShutdown
+
+
+class FinetuneReady(_Internal, frozen=True):
+    incarnation: int
+    pid: int
+    levels: int
+
+
+class MicroStepReport(_Internal, frozen=True):
+    job_id: int
+    micro_step: int
+    step: int
+    epoch: int
+    tokens: int  # trained so far in this job (restored from the checkpoint on resume)
+    step_tokens: int  # in this micro-step
+    duration_s: float
+    level: int
+    loss: float
+    paused_s: float  # spent paused since the previous report
+    total_steps: int
+
+
+class JobStarted(_Internal, frozen=True):
+    job_id: int
+    resumed_from_step: int | None
+    total_steps: int
+    dataset_report: dict[str, int | str]
+
+
+class CheckpointSaved(_Internal, frozen=True):
+    job_id: int
+    step: int
+    path: str
+
+
+class JobEnded(_Internal, frozen=True):
+    job_id: int
+    status: str  # succeeded, failed, cancelled
+    error: str | None
+    adapter_path: str | None
+
+
+class FinetuneFatal(_Internal, frozen=True):
+    incarnation: int
+    error: str
+    traceback: str
+
+
+FinetuneToDaemon = (FinetuneReady | MicroStepReport | JobStarted | CheckpointSaved | JobEnded
+                    | FinetuneFatal)

@@ -1,0 +1,53 @@
+"""The finetune job spec: what ``harli attach`` sends and the job store keeps.
+
+A msgspec struct (map-encoded, unknown keys refused) so it is the same object on the wire, in
+SQLite (as JSON) and in a user's TOML/JSON job file. Range checks live in the type annotations,
+so a bad value is refused with the field's name (``Expected int >= 1 - at $.lora.r``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+JobName = Annotated[str, Meta(min_length=1, max_length=128,
+                              pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj"]
+
+
+class LoraSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """PEFT ``LoraConfig`` fields a job may set."""
+
+    r: Annotated[int, Meta(ge=1, le=1024)] = 8
+    alpha: Annotated[int, Meta(ge=1)] = 16
+    dropout: Annotated[float, Meta(ge=0, lt=1)] = 0.0
+    target_modules: Annotated[list[str], Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+
+
+class JobSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """One LoRA finetune job. Steps are optimizer steps (``grad_accum`` micro-steps each)."""
+
+    name: JobName
+    dataset: Annotated[str, Meta(min_length=1)]
+    output_dir: Annotated[str, Meta(min_length=1)]
+    # The model the job trains on; empty = the one being served. Any other model is refused:
+    # the finetune shares the served model's weights.
+    base_model: str = ""
+    lora: LoraSettings = msgspec.field(default_factory=LoraSettings)
+    learning_rate: Annotated[float, Meta(gt=0, le=1)] = 3e-3
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: Annotated[int, Meta(ge=0)] = 0
+    epochs: Annotated[int, Meta(ge=1)] = 1
+    max_steps: Annotated[int, Meta(ge=1)] | None = None  # overrides epochs when set
+    micro_batch_size: Annotated[int, Meta(ge=1, le=4096)] = 8
+    grad_accum: Annotated[int, Meta(ge=1, le=4096)] = 1
+    max_seq_len: Annotated[int, Meta(ge=8)] = 256
+    seed: int = 0
+    checkpoint_every: Annotated[int, Meta(ge=1)] = 50
+    keep_checkpoints: Annotated[int, Meta(ge=1)] = 2
+    priority: int = 0  # higher runs first; ties by arrival
