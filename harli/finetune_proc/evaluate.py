@@ -1,0 +1,69 @@
+"""Held-in evaluation of an adapter against its base model: mean response loss and
+next-token accuracy on response tokens (teacher forcing), both on the same examples.
+
+Used by the demo and the tests to show that a job learned its task; not a benchmark suite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harli.finetune_proc.datasets import IGNORE_INDEX, load_dataset
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    examples: int
+    base_loss: float
+    adapter_loss: float
+    base_accuracy: float
+    adapter_accuracy: float
+
+
+def _score(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    total_loss = 0.0
+    correct = total = 0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            pred = logits[:, :-1].argmax(-1)
+            labels = b["labels"][:, 1:]
+            mask = labels != IGNORE_INDEX
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1][mask], labels[mask], reduction="sum")
+            total_loss += float(loss)
+            correct += int((pred[mask] == labels[mask]).sum())
+            total += int(mask.sum())
+    return total_loss / max(total, 1), correct / max(total, 1)
+
+
+def evaluate_adapter(model_dir: str | Path, adapter_dir: str | Path, dataset: str | Path,
+                     max_seq_len: int = 256, limit: int = 64) -> EvalResult:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    examples, _ = load_dataset(dataset, tok, max_seq_len)
+    examples = examples[:limit]
+    pad = tok.pad_token_id or 0
+    batches = []
+    for i in range(0, len(examples), 16):
+        chunk = examples[i:i + 16]
+        width = max(len(e.input_ids) for e in chunk)
+        ids = torch.full((len(chunk), width), pad)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, e in enumerate(chunk):
+            ids[j, :len(e.input_ids)] = torch.tensor(e.input_ids)
+            labels[j, :len(e.labels)] = torch.tensor(e.labels)
+            mask[j, :len(e.input_ids)] = 1
+        batches.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    base_loss, base_acc = _score(base, batches)
+    tuned = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    loss, acc = _score(tuned, batches)
+    return EvalResult(examples=len(examples), base_loss=base_loss, adapter_loss=loss,
+                      base_accuracy=base_acc, adapter_accuracy=acc)
