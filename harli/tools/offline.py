@@ -21,15 +21,17 @@ from harli.ipc.process import decode_cores, format_cpu_list, pin_to
 
 
 class OfflineRunner:
-    def __init__(self, cfg: HarliConfig) -> None:
+    def __init__(self, cfg: HarliConfig, max_lora_rank: int = 0) -> None:
+        """``max_lora_rank`` > 0 enables vLLM's LoRA support (``generate(lora_path=...)``)."""
         self.cfg = cfg
+        self.max_lora_rank = max_lora_rank
         self.proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> OfflineRunner:
         cores = decode_cores(self.cfg.decode.cpu_cores, self.cfg.decode.cpu_threads)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "harli.tools.offline", self.cfg.to_json().decode(),
-             format_cpu_list(cores)],
+             format_cpu_list(cores), str(self.max_lora_rank)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             env=child_environ(self.cfg))
         return self
@@ -44,11 +46,14 @@ class OfflineRunner:
                 self.proc.kill()
                 self.proc.wait()
 
-    def generate(self, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-        """Greedy, ``ignore_eos`` generation of all ``prompts`` in one ``LLM.generate`` call;
-        returns ``token_ids`` and ``elapsed_s``."""
+    def generate(self, prompts: list[list[int]] | list[str], max_tokens: int,
+                 lora_path: str | None = None) -> dict[str, Any]:
+        """Greedy, ``ignore_eos`` generation of all ``prompts`` (token ids or text) in one
+        ``LLM.generate`` call, optionally through a LoRA adapter; returns ``token_ids``,
+        ``text`` and ``elapsed_s``."""
         assert self.proc is not None and self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens,
+                                          "lora_path": lora_path}) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
@@ -63,7 +68,7 @@ def run_offline(cfg: HarliConfig, prompts: list[list[int]], max_tokens: int) -> 
         return r.generate(prompts, max_tokens)
 
 
-def _serve(cfg: HarliConfig) -> None:
+def _serve(cfg: HarliConfig, max_lora_rank: int) -> None:
     # Results go to the original stdout; everything else (vLLM logs to stdout) to stderr.
     results = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
@@ -72,17 +77,29 @@ def _serve(cfg: HarliConfig) -> None:
     from harli.decode_proc.engine import engine_args
 
     args = engine_args(cfg, str(cfg.model_path))
+    from vllm.lora.request import LoRARequest
+
+    lora: dict[str, Any] = {"enable_lora": True, "max_lora_rank": max_lora_rank} \
+        if max_lora_rank else {}
     llm = LLM(**{k: getattr(args, k) for k in (
         "model", "dtype", "max_num_seqs", "enforce_eager", "gpu_memory_utilization",
-        "max_model_len")}, disable_log_stats=True)
+        "max_model_len")}, disable_log_stats=True, **lora)
+    adapters: dict[str, int] = {}
     for line in sys.stdin:
         job = json.loads(line)
         sp = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True)
-        inputs: Any = [{"prompt_token_ids": p} for p in job["prompts"]]
+        inputs: Any = [p if isinstance(p, str) else {"prompt_token_ids": p}
+                       for p in job["prompts"]]
+        request = None
+        if job.get("lora_path"):
+            path = job["lora_path"]
+            request = LoRARequest(f"adapter-{len(adapters) + 1}",
+                                  adapters.setdefault(path, len(adapters) + 1), path)
         t0 = time.perf_counter()
-        outs = llm.generate(inputs, sp, use_tqdm=False)
+        outs = llm.generate(inputs, sp, use_tqdm=False, lora_request=request)
         elapsed = time.perf_counter() - t0
         results.write(json.dumps({"token_ids": [list(o.outputs[0].token_ids) for o in outs],
+                                  "text": [o.outputs[0].text for o in outs],
                                   "elapsed_s": elapsed}) + "\n")
         results.flush()
 
@@ -90,4 +107,4 @@ def _serve(cfg: HarliConfig) -> None:
 if __name__ == "__main__":
     # Pinned exactly as decode_proc is, so the comparison is like for like.
     pin_to(None if sys.argv[2] == "none" else parse_cpu_list(sys.argv[2]), "offline")
-    _serve(from_json(sys.argv[1]))
+    _serve(from_json(sys.argv[1]), int(sys.argv[3]))

@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
 def _decode_pid(d: LocalDaemon) -> int:
     assert d.proc is not None
-    kids = psutil.Process(d.proc.pid).children()
+    kids = [p for p in psutil.Process(d.proc.pid).children()
+            if "harli::decode" in " ".join(p.cmdline())]
     assert len(kids) == 1, kids
     return kids[0].pid
 

@@ -1,0 +1,219 @@
+"""The finetune half on the real daemon: LoRA jobs attached while decode serves, the adapter
+learns and loads in PEFT and vLLM, cancel in every state, priorities."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from harli.ipc.control import JobInfo
+from harli.ipc.jobs import JobSpec
+from harli.tools.client import RequestError
+from harli.tools.control_client import ControlClient
+from harli.tools.local_daemon import LocalDaemon
+
+from .conftest import make_daemon
+
+pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
+
+DIGITS = Path(__file__).resolve().parents[2] / "harli" / "finetune_proc" / "data" / "digits.jsonl"
+TASK_PROMPT = ("### Instruction:\nWrite these numbers as digits.\n\n### Input:\n{}\n\n"
+               "### Response:\n")
+
+
+def spec(tmp: Path, name: str, **kw: object) -> JobSpec:
+    fields: dict[str, object] = {"name": name, "dataset": str(DIGITS),
+                                 "output_dir": str(tmp / name), "max_seq_len": 128,
+                                 "micro_batch_size": 8, "learning_rate": 5e-3,
+                                 "lr_schedule": "constant", "max_steps": 40,
+                                 "checkpoint_every": 10}
+    fields.update(kw)
+    return JobSpec(**fields)  # type: ignore[arg-type]
+
+
+def wait_job(c: ControlClient, job_id: int, pred: Callable[[JobInfo], bool],
+             timeout_s: float = 300) -> JobInfo:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = c.show(job_id).job
+        if pred(job):
+            return job
+        assert job.status != "failed", job.error
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} never reached the state; last: {job}")
+
+
+@pytest.fixture(scope="module")
+def ft(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[LocalDaemon]:
+    with make_daemon(tmp_path_factory.mktemp("ft"), tiny_model) as d:
+        yield d
+
+
+@pytest.fixture
+def ctl(ft: LocalDaemon) -> Iterator[ControlClient]:
+    with ControlClient(ft.cfg.control_endpoint) as c:
+        yield c
+
+
+def test_sample_job_learns_while_decode_serves(ft: LocalDaemon, ctl: ControlClient,
+                                               tmp_path: Path) -> None:
+    from harli.finetune_proc.evaluate import evaluate_adapter
+    from harli.tools.offline import OfflineRunner
+
+    job = ctl.attach(spec(tmp_path, "learn", max_steps=150, checkpoint_every=50))
+    assert job.status in ("queued", "running") and job.dataset_report is not None
+    assert job.dataset_report["records"] == 400 and job.dataset_report["truncated"] == 0
+
+    served: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:  # decode traffic all along; every request gets all its tokens
+        with ft.client(timeout_s=60) as c:
+            while not stop.is_set():
+                out = c.complete([11, 12, 13], max_tokens=32, ignore_eos=True)
+                assert len(out.token_ids) == 32
+                served.append(len(out.token_ids))
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        done = wait_job(ctl, job.job_id, lambda j: j.status == "succeeded", 600)
+    finally:
+        stop.set()
+        t.join(60)
+    assert len(served) >= 5
+    assert done.step == 150 and done.micro_steps == 150 and done.checkpoint_step == 150
+    assert done.first_loss is not None and done.loss is not None
+    assert done.loss <= done.first_loss / 2, (done.first_loss, done.loss)
+    assert done.tokens > 0 and done.level == ft.cfg.finetune.level
+    assert done.adapter_path == str(tmp_path / "learn" / "adapter")
+
+    # The adapter, loaded with PEFT, halves the response loss and predicts the task's tokens.
+    ev = evaluate_adapter(ft.cfg.model_path, done.adapter_path, DIGITS, 128)
+    assert ev.adapter_loss <= ev.base_loss / 2, ev
+    assert ev.adapter_accuracy >= ev.base_accuracy + 0.3, ev
+
+    # The same adapter loads in vLLM (LoRARequest) and moves greedy output towards digits.
+    prompts = [TASK_PROMPT.format(w) for w in ("three one four", "two seven", "nine nine one")]
+    with OfflineRunner(ft.cfg, max_lora_rank=8) as llm:
+        base = llm.generate(prompts, 8)["text"]
+        tuned = llm.generate(prompts, 8, lora_path=done.adapter_path)["text"]
+
+    def digit_share(texts: list[str]) -> float:
+        chars = [ch for t in texts for ch in t if not ch.isspace()]
+        return sum(ch.isdigit() for ch in chars) / max(len(chars), 1)
+
+    assert digit_share(tuned) >= 0.8 > digit_share(base) + 0.5, (base, tuned)
+
+
+def test_cancel_in_every_state_and_priority_order(ft: LocalDaemon, ctl: ControlClient,
+                                                  tmp_path: Path) -> None:
+    running = ctl.attach(spec(tmp_path, "long", max_steps=10_000, checkpoint_every=5))
+    wait_job(ctl, running.job_id, lambda j: j.step >= 6)
+    low = ctl.attach(spec(tmp_path, "low", priority=0))
+    high = ctl.attach(spec(tmp_path, "high", priority=5))
+    assert ctl.cancel(low.job_id).status == "cancelled"  # queued -> cancelled at once
+    assert ctl.cancel(low.job_id).status == "cancelled"  # cancelling again changes nothing
+    ctl.cancel(running.job_id)  # running -> stops at its next micro-step boundary
+    stopped = wait_job(ctl, running.job_id, lambda j: j.status == "cancelled")
+    assert stopped.checkpoint_step is not None and stopped.checkpoint_step >= 5
+    assert (tmp_path / "long" / f"checkpoint-{stopped.checkpoint_step}").is_dir()
+    # The higher-priority job runs next and finishes; cancel after success changes nothing.
+    finished = wait_job(ctl, high.job_id, lambda j: j.status == "succeeded")
+    assert ctl.cancel(high.job_id).status == "succeeded"
+    assert finished.started_s is not None
+    kinds = [e.kind for e in ctl.logs(running.job_id).events]
+    assert kinds[0] == "attached" and "cancel" in kinds and kinds[-1] == "cancelled"
+
+
+def test_cancel_a_paused_job(tmp_path: Path, tiny_model: Path) -> None:
+    with make_daemon(tmp_path / "d", tiny_model, "finetune.level=0") as d, \
+            ControlClient(d.cfg.control_endpoint) as c:
+        job = c.attach(spec(tmp_path, "paused"))
+        paused = wait_job(c, job.job_id, lambda j: j.status == "paused")
+        assert paused.micro_steps == 0
+        c.cancel(job.job_id)
+        wait_job(c, job.job_id, lambda j: j.status == "cancelled")
+
+
+# -- bad input: refused at attach time, nothing stored ------------------------------------------
+
+
+def _refused(ctl: ControlClient, s: JobSpec) -> str:
+    before = len(ctl.jobs())
+    with pytest.raises(RequestError) as ei:
+        ctl.attach(s)
+    assert len(ctl.jobs()) == before, "a refused job was stored"
+    assert ei.value.code == "invalid"
+    return ei.value.message
+
+
+def test_missing_dataset(ctl: ControlClient, tmp_path: Path) -> None:
+    msg = _refused(ctl, spec(tmp_path, "b1", dataset=str(tmp_path / "nope.jsonl")))
+    assert "nope.jsonl" in msg and "does not exist" in msg
+
+
+def test_dataset_that_is_a_directory(ctl: ControlClient, tmp_path: Path) -> None:
+    assert str(tmp_path) in _refused(ctl, spec(tmp_path, "b2", dataset=str(tmp_path)))
+
+
+def test_empty_dataset(ctl: ControlClient, tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    msg = _refused(ctl, spec(tmp_path, "b3", dataset=str(tmp_path / "empty.jsonl")))
+    assert "no records" in msg
+
+
+def test_malformed_line_names_file_and_line(ctl: ControlClient, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n')
+    assert f"{bad}:3" in _refused(ctl, spec(tmp_path, "b4", dataset=str(bad)))
+
+
+def test_unknown_target_module(ctl: ControlClient, tmp_path: Path) -> None:
+    s = spec(tmp_path, "b5")
+    s = JobSpec(**{**{f: getattr(s, f) for f in s.__struct_fields__},
+                   "lora": type(s.lora)(target_modules=["q_proj", "qkv_fused"])})
+    msg = _refused(ctl, s)
+    assert "qkv_fused" in msg and "q_proj" in msg
+
+
+def test_job_for_another_base_model(ctl: ControlClient, tmp_path: Path) -> None:
+    msg = _refused(ctl, spec(tmp_path, "b6", base_model="/models/Llama-3-8B"))
+    assert "/models/Llama-3-8B" in msg and "serves" in msg
+
+
+def test_output_dir_not_writable(ctl: ControlClient, tmp_path: Path) -> None:
+    msg = _refused(ctl, spec(tmp_path, "b7", output_dir="/proc/harli-out"))
+    assert "/proc/harli-out" in msg and "not writable" in msg
+
+
+def test_duplicate_job_name(ctl: ControlClient, tmp_path: Path) -> None:
+    ctl.attach(spec(tmp_path, "dup", max_steps=1))
+    msg = _refused(ctl, spec(tmp_path, "dup", output_dir=str(tmp_path / "other")))
+    assert "'dup'" in msg
+
+
+def test_records_longer_than_max_len_are_truncated_and_reported(
+        ctl: ControlClient, tmp_path: Path) -> None:
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(f'{{"prompt": "{"one two " * 40}", "completion": "3"}}\n'
+                            for _ in range(5)) + '{"prompt": "a", "completion": "b"}\n')
+    job = ctl.attach(spec(tmp_path, "trunc", dataset=str(long), max_seq_len=32, max_steps=1))
+    assert job.dataset_report is not None and job.dataset_report["truncated"] == 5
+    assert "5 truncated to 32 tokens" in ctl.logs(job.job_id).events[0].message
+
+
+def test_cli_job_file_with_a_bad_key(ft: LocalDaemon, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    f = tmp_path / "job.toml"
+    f.write_text(f'dataset = "{DIGITS}"\nname = "cli"\nlearning_rat = 0.1\n')
+    res = subprocess.run([sys.executable, "-m", "harli.tools.cli", "attach", "--spec", str(f),
+                          "--endpoint", ft.cfg.control_endpoint], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert res.returncode == 2 and "learning_rat" in res.stderr
