@@ -77,7 +77,8 @@ class EndpointsConfig:
 class ModelConfig:
     path: str = _help(
         "A Hugging Face model directory served by vLLM. Empty: the generated tiny model "
-        "under <state_dir>/models/tiny-<seed>, created on first use.", default="")
+        "under <state_dir>/models/tiny-<seed>-<spec digest>, created on first use.",
+        default="")
     tiny_seed: int = _help("Seed of the generated tiny model when path is empty.", default=0)
     dtype: str = _help("auto, float32, bfloat16 or float16.", default="auto")
     max_model_len: int = _help("Longest prompt + output, in tokens; 0 = the model's own.",
@@ -213,7 +214,9 @@ class HarliConfig:
     def model_path(self) -> Path:
         if self.model.path:
             return Path(self.model.path)
-        return self.state_dir / "models" / f"tiny-{self.model.tiny_seed}"
+        from harli.model.tiny import spec_tag
+
+        return self.state_dir / "models" / f"tiny-{self.model.tiny_seed}-{spec_tag()}"
 
     def to_json(self) -> bytes:
         return msgspec.json.encode(dataclasses.asdict(self))

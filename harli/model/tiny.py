@@ -49,6 +49,13 @@ class TinyModelSpec:
     initializer_range: float = 0.1
 
 
+def spec_tag(spec: TinyModelSpec | None = None) -> str:
+    """A short digest of the model's shape and init, part of its directory name, so that a
+    changed spec generates a new model instead of silently reusing an old one."""
+    blob = json.dumps((spec or TinyModelSpec()).__dict__, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:8]
+
+
 def corpus_text() -> str:
     """The text the tokenizer is trained on, shipped inside the package."""
     files = sorted(

@@ -1,7 +1,8 @@
-"""``harli demo`` (``make run``): the real daemon on the tiny model, a few streaming requests
-served side by side, and what came back with its timings.
+"""``harli demo`` (``make run``): the real daemon on the tiny model. First a few streaming
+requests served side by side, with their timings; then the sample LoRA job attached while the
+same requests keep streaming, its progress beside them, and what the adapter learned.
 
-Later issues grow this into the full co-location demo (finetune job, scheduler, bench table).
+Later issues grow this into the full co-location demo (scheduler, bench table).
 """
 
 from __future__ import annotations
@@ -70,6 +71,66 @@ def _summary(outs: list[Any]) -> Any:
     return t
 
 
+def _finetune_phase(console: Any, daemon: Any, args: argparse.Namespace) -> None:
+    from rich.live import Live
+    from rich.table import Table
+
+    from harli.finetune_proc.evaluate import evaluate_adapter
+    from harli.ipc.jobs import JobSpec
+    from harli.tools.control_client import ControlClient
+
+    dataset = Path(__file__).resolve().parents[1] / "finetune_proc" / "data" / "digits.jsonl"
+    name = f"demo-digits-{time.strftime('%Y%m%d-%H%M%S')}"
+    spec = JobSpec(name=name, dataset=str(dataset),
+                   output_dir=str(daemon.cfg.state_dir / "jobs" / name), max_seq_len=128,
+                   micro_batch_size=8, learning_rate=5e-3, lr_schedule="constant",
+                   max_steps=args.steps, checkpoint_every=50)
+    console.rule("[bold]a LoRA job beside the decode traffic")
+    with ControlClient(daemon.cfg.control_endpoint) as ctl:
+        job = ctl.attach(spec)
+        report = job.dataset_report or {}
+        console.print(f"harli attach {dataset.name}: job {job.job_id} ({report.get('records')} "
+                      f"{report.get('format')} records: number words -> digits), "
+                      f"{args.steps} steps at quota level "
+                      f"{daemon.cfg.finetune.level}/{daemon.cfg.finetune.levels}")
+        rounds: list[float] = []
+
+        def view() -> Table:
+            j = ctl.show(job.job_id).job
+            t = Table(expand=True)
+            for col in ("job", "status", "step", "loss (first -> now)", "train tok/s",
+                        "decode rounds", "decode TPOT ms (last round)"):
+                t.add_column(col)
+            t.add_row(str(j.job_id), j.status, f"{j.step}/{j.total_steps or '?'}",
+                      f"{j.first_loss or 0:.2f} -> {j.loss or 0:.2f}",
+                      f"{j.tokens_per_s or 0:.0f}", str(len(rounds)),
+                      f"{1e3 * rounds[-1]:.2f}" if rounds else "-")
+            return t
+
+        with Live(view(), console=console, refresh_per_second=4) as live:
+            while True:
+                outs = asyncio.run(_stream_all(daemon.endpoint, args.max_tokens, {},
+                                               lambda: None))
+                rounds.append(statistics.median(c.tpot_s for c in outs if c.tpot_s))
+                live.update(view())
+                j = ctl.show(job.job_id).job
+                if j.status in ("succeeded", "failed", "cancelled"):
+                    break
+        console.print(f"decode kept serving: {len(rounds)} rounds of {len(PROMPTS)} streams "
+                      f"during training, median TPOT {1e3 * statistics.median(rounds):.2f} ms "
+                      f"(quota level {daemon.cfg.finetune.level} is fixed until the SLO "
+                      f"scheduler lands)")
+        if j.status != "succeeded" or not j.adapter_path:
+            console.print(f"[red]job {j.status}: {j.error}")
+            return
+        ev = evaluate_adapter(daemon.cfg.model_path, j.adapter_path, dataset, 128)
+        console.print(f"job {j.job_id} {j.status} in {j.step} steps, {j.tokens} tokens; "
+                      f"adapter: {j.adapter_path}")
+        console.print(f"on {ev.examples} task examples: response loss {ev.base_loss:.2f} (base)"
+                      f" -> {ev.adapter_loss:.2f} (adapter), next-token accuracy "
+                      f"{100 * ev.base_accuracy:.0f}% -> {100 * ev.adapter_accuracy:.0f}%")
+
+
 class DemoCommand(Command):
     name = "demo"
     help = "start the daemon on the tiny model and stream a few requests through it"
@@ -78,6 +139,8 @@ class DemoCommand(Command):
         p.add_argument("--dir", type=Path, default=Path(".harli/demo"),
                        help="runtime and state dirs of the demo daemon (model kept here)")
         p.add_argument("--max-tokens", type=int, default=48)
+        p.add_argument("--steps", type=int, default=150, help="optimizer steps of the job")
+        p.add_argument("--no-finetune", action="store_true", help="decode requests only")
 
     def run(self, args: argparse.Namespace) -> int:
         from rich.console import Console
@@ -105,6 +168,8 @@ class DemoCommand(Command):
             tpots = [c.tpot_s for c in outs if c.tpot_s]
             console.print(f"{len(outs)} concurrent streams, {sum(len(c.token_ids) for c in outs)}"
                           f" tokens; median TPOT {1e3 * statistics.median(tpots):.2f} ms")
+            if not args.no_finetune:
+                _finetune_phase(console, daemon, args)
             console.print("stopping the daemon with SIGTERM ...")
         clean = not any(pid_alive(p) for p in kids)
         socks = list(daemon.cfg.runtime_dir.glob("*.sock"))
