@@ -180,12 +180,24 @@ class SupervisorConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    port: int = _help("Prometheus endpoint port; 0 turns it off.", default=9464)
+    addr: str = _help("Address it listens on (loopback: only this host scrapes).",
+                      default="127.0.0.1")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"metrics.port: expected 0..65535, got {self.port}")
+
+
+@dataclass(frozen=True)
 class HarliConfig:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     # -- derived paths (defaults resolved from the environment read in Env) --------------------

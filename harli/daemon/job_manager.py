@@ -17,6 +17,7 @@ from harli.config import HarliConfig
 from harli.daemon import jobstore as js
 from harli.daemon.attach import AttachRefused, AttachValidator
 from harli.daemon.jobstore import JobStore
+from harli.daemon.metrics import Metrics
 from harli.daemon.supervisor import ChildExited, describe_returncode
 from harli.ipc.control import (
     AttachJob,
@@ -48,8 +49,10 @@ _TPS_ALPHA = 0.2  # EWMA weight of the newest micro-step in tokens/s
 
 
 class JobManager:
-    def __init__(self, cfg: HarliConfig, send: Callable[[DaemonToFinetune], bool]) -> None:
+    def __init__(self, cfg: HarliConfig, send: Callable[[DaemonToFinetune], bool],
+                 metrics: Metrics) -> None:
         self.cfg = cfg
+        self.metrics = metrics
         self.send = send
         self.store = JobStore(cfg.state_dir / "jobs.sqlite")
         self.validator = AttachValidator(cfg.model_path)
@@ -145,6 +148,7 @@ class JobManager:
             self._tps[msg.job_id] = tps if prev is None else (
                 _TPS_ALPHA * tps + (1 - _TPS_ALPHA) * prev)
             self.store.record_progress(msg, self._tps[msg.job_id])
+            self.metrics.on_micro_step(msg)
         elif isinstance(msg, JobStarted):
             self.store.record_start(msg.job_id, msg.total_steps, msg.resumed_from_step,
                                     dict(msg.dataset_report))

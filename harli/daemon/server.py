@@ -24,6 +24,7 @@ import zmq
 import harli
 from harli.config import ENV, HarliConfig, child_environ
 from harli.daemon.job_manager import JobManager
+from harli.daemon.metrics import Metrics
 from harli.daemon.requests import DuplicateRequest, Inflight, RequestTable
 from harli.daemon.sdnotify import Notifier
 from harli.daemon.supervisor import (
@@ -104,7 +105,8 @@ class Daemon:
         self._control_decoder: Decoder[ControlRequest] = Decoder(ControlRequest)
         self._finetune_decoder: Decoder[FinetuneToDaemon] = Decoder(FinetuneToDaemon)
         self._pending_control: list[tuple[bytes, Future[Any]]] = []
-        self.jobs = JobManager(cfg, self._send_finetune)
+        self.metrics = Metrics()
+        self.jobs = JobManager(cfg, self._send_finetune, self.metrics)
         self.finetune: Child | None = None
         if cfg.finetune.enabled:
             self.finetune = Child(
@@ -118,6 +120,10 @@ class Daemon:
                          "--config-json", cfg.to_json().decode(),
                          "--cpu-cores", format_cpu_list(self.decode_cores)],
             child_environ(cfg), cfg.supervisor, ops or PopenOps())
+        for child in (self.decode, self.finetune):  # read at scrape time, not in the loop
+            if child is not None:
+                self.metrics.child_restarts.labels(child.name).set_function(
+                    _restarts_of(child))
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -185,6 +191,8 @@ class Daemon:
     def run(self) -> int:
         try:
             self._prepare_model()
+            if self.cfg.metrics.port:
+                self.metrics.serve(self.cfg.metrics.addr, self.cfg.metrics.port)
             self.decode.start(self.clock())
             if self.finetune is not None:
                 self.finetune.start(self.clock())
@@ -497,6 +505,7 @@ class Daemon:
 
     def _fail(self, req: Inflight, code: str, message: str) -> None:
         self.requests.remove(req.rid)
+        self.metrics.requests.labels(code).inc()
         self._reply(req.client, Error(request_id=req.request_id, code=code, message=message))
 
     def _fail_pending(self, code: str, message: str) -> None:
@@ -544,6 +553,7 @@ class Daemon:
             req.num_tokens += len(out.token_ids)
             if out.finish_reason is not None:
                 self.requests.remove(req.rid)
+                self.metrics.requests.labels(out.finish_reason).inc()
             frames.setdefault(req.client, []).append(encode(Chunk(
                 request_id=req.request_id, token_ids=out.token_ids, text=out.text,
                 token_times_s=[msg.end_wall_s] * len(out.token_ids),
@@ -566,8 +576,13 @@ class Daemon:
         try:
             self.last_telemetry = self._telemetry_decoder.decode(data)
             self.iterations_seen += 1
+            self.metrics.on_iteration(self.last_telemetry)
         except DecodeFailure as e:
             logger.error("[daemon] undecodable telemetry: %s", e)
+
+
+def _restarts_of(child: Child) -> Callable[[], float]:
+    return lambda: float(child.restarts)
 
 
 def run_daemon(cfg: HarliConfig) -> int:

@@ -47,9 +47,18 @@ def wait_job(c: ControlClient, job_id: int, pred: Callable[[JobInfo], bool],
     raise AssertionError(f"job {job_id} never reached the state; last: {job}")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture(scope="module")
 def ft(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[LocalDaemon]:
-    with make_daemon(tmp_path_factory.mktemp("ft"), tiny_model) as d:
+    with make_daemon(tmp_path_factory.mktemp("ft"), tiny_model,
+                     f"metrics.port={free_port()}") as d:
         yield d
 
 
@@ -108,6 +117,29 @@ def test_sample_job_learns_while_decode_serves(ft: LocalDaemon, ctl: ControlClie
         return sum(ch.isdigit() for ch in chars) / max(len(chars), 1)
 
     assert digit_share(tuned) >= 0.8 > digit_share(base) + 0.5, (base, tuned)
+
+
+def test_prometheus_metrics_for_decode_and_jobs(ft: LocalDaemon, ctl: ControlClient,
+                                                tmp_path: Path) -> None:
+    import urllib.request
+
+    job = ctl.attach(spec(tmp_path, "metrics", max_steps=5))
+    wait_job(ctl, job.job_id, lambda j: j.status == "succeeded")
+    with ft.client() as c:
+        c.complete([1, 2, 3], max_tokens=4, ignore_eos=True)
+    url = f"http://127.0.0.1:{ft.cfg.metrics.port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    j = str(job.job_id)
+    assert values[f'harli_job_steps{{job="{j}"}}'] == 5
+    assert values[f'harli_job_micro_steps{{job="{j}"}}'] == 5
+    assert values[f'harli_job_tokens_trained{{job="{j}"}}'] > 0
+    assert f'harli_job_loss{{job="{j}"}}' in values
+    assert values["harli_finetune_level"] == ft.cfg.finetune.level
+    assert values["harli_decode_iterations_total"] >= 4
+    assert values['harli_requests_total{outcome="length"}'] >= 1
+    assert values['harli_child_restarts{child="decode"}'] == 0
 
 
 def test_cancel_in_every_state_and_priority_order(ft: LocalDaemon, ctl: ControlClient,

@@ -1,0 +1,75 @@
+"""Prometheus metrics of the daemon (decode iterations, requests, children, finetune jobs),
+served on a loopback HTTP port when ``metrics.port`` is set."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from harli.ipc.control import MicroStepReport
+from harli.ipc.messages import IterationTelemetry
+
+logger = logging.getLogger(__name__)
+
+_ITERATION_BUCKETS_S = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05,
+                        0.075, 0.1, 0.2, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.decode_iterations = Counter("harli_decode_iterations_total",
+                                         "Decode engine iterations.", registry=r)
+        self.decode_iteration_s = Histogram("harli_decode_iteration_seconds",
+                                            "Wall time of one decode iteration.",
+                                            buckets=_ITERATION_BUCKETS_S, registry=r)
+        self.decode_batch = Gauge("harli_decode_running_requests",
+                                  "Requests in the last decode iteration.", registry=r)
+        self.kv_blocks_free = Gauge("harli_decode_kv_blocks_free",
+                                    "Free KV cache blocks after the last iteration.", registry=r)
+        self.requests = Counter("harli_requests_total", "Finished inference requests.",
+                                ["outcome"], registry=r)
+        self.child_restarts = Gauge("harli_child_restarts", "Restarts of a child process.",
+                                    ["child"], registry=r)
+        self.finetune_level = Gauge("harli_finetune_level",
+                                    "Quota level of the last finetune micro-step.", registry=r)
+        self.finetune_tokens = Counter("harli_finetune_tokens_total",
+                                       "Tokens trained (all jobs, redone steps included).",
+                                       registry=r)
+        self.job_tokens = Gauge("harli_job_tokens_trained", "Tokens trained by a job.",
+                                ["job"], registry=r)
+        self.job_micro_steps = Gauge("harli_job_micro_steps", "Micro-steps done by a job.",
+                                     ["job"], registry=r)
+        self.job_steps = Gauge("harli_job_steps", "Optimizer steps done by a job.", ["job"],
+                               registry=r)
+        self.job_loss = Gauge("harli_job_loss", "Last training loss of a job.", ["job"],
+                              registry=r)
+        self.job_paused_s = Counter("harli_job_paused_seconds_total",
+                                    "Time a job spent paused by the quota decision.", ["job"],
+                                    registry=r)
+
+    def serve(self, addr: str, port: int) -> None:
+        try:
+            start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:
+            raise RuntimeError(f"metrics.port: cannot listen on {addr}:{port} ({e.strerror}); "
+                               f"choose another port or set metrics.port = 0") from None
+        logger.info("[metrics] Prometheus endpoint on http://%s:%d/metrics", addr, port)
+
+    def on_iteration(self, t: IterationTelemetry) -> None:
+        self.decode_iterations.inc()
+        self.decode_iteration_s.observe(t.end_s - t.start_s)
+        self.decode_batch.set(t.num_running)
+        self.kv_blocks_free.set(t.kv_blocks_free)
+
+    def on_micro_step(self, r: MicroStepReport) -> None:
+        job = str(r.job_id)
+        self.finetune_level.set(r.level)
+        self.finetune_tokens.inc(r.step_tokens)
+        self.job_tokens.labels(job).set(r.tokens)
+        self.job_micro_steps.labels(job).set(r.micro_step)
+        self.job_steps.labels(job).set(r.step)
+        self.job_loss.labels(job).set(r.loss)
+        if r.paused_s > 0:
+            self.job_paused_s.labels(job).inc(r.paused_s)
