@@ -1,0 +1,39 @@
+"""CPU quota levels: a level's share of cores as threads x duty cycle."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from harli.finetune_proc.quota import CpuQuota, cpu_plan
+
+
+@given(st.integers(1, 16), st.integers(1, 64), st.data())
+def test_plan_gives_exactly_the_levels_share(levels: int, max_threads: int,
+                                             data: st.DataObject) -> None:
+    level = data.draw(st.integers(1, levels))
+    plan = cpu_plan(level, levels, max_threads)
+    assert 1 <= plan.threads <= max_threads
+    assert 0 < plan.duty <= 1
+    assert plan.threads * plan.duty == pytest.approx(max_threads * level / levels)
+    # As few threads as carry the share: one thread fewer could not.
+    assert (plan.threads - 1) < max_threads * level / levels + 1e-9
+
+
+def test_two_cores_four_levels() -> None:
+    plans = [cpu_plan(level, 4, 2) for level in range(1, 5)]
+    assert [(p.threads, p.duty) for p in plans] == [(1, 0.5), (1, 1.0), (2, 0.75), (2, 1.0)]
+
+
+def test_top_level_never_idles_and_lower_levels_idle_in_proportion() -> None:
+    q = CpuQuota(levels=4, max_threads=2)
+    assert q.idle_after(4, 0.2) == 0
+    assert q.idle_after(1, 0.2) == pytest.approx(0.2)  # duty 0.5: as long idle as busy
+    assert q.idle_after(3, 0.3) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("level", [0, 5, -1])
+def test_levels_outside_the_range_are_refused(level: int) -> None:
+    with pytest.raises(ValueError, match="outside"):
+        cpu_plan(level, 4, 2)
