@@ -57,6 +57,12 @@ class EndpointsConfig:
     control: str = _help(
         "Where harli attach/jobs connect. Default ipc://<runtime_dir>/control.sock.",
         default="")
+    curve_server_key: str = _help(
+        "The daemon's secret CURVE certificate (harli keys DIR writes one); required when an "
+        "endpoint is tcp://, which is then encrypted.", default="")
+    curve_authorized_keys: str = _help(
+        "Directory of client public certificates allowed on tcp:// endpoints; empty: any "
+        "client that has the daemon's public certificate.", default="")
     max_message_bytes: int = _help(
         "Largest client message served; a larger one (up to 4x this) gets a 'too_large' "
         "error reply, and beyond that ZMQ_MAXMSGSIZE drops the connection.",
@@ -68,6 +74,10 @@ class EndpointsConfig:
             if value and not value.startswith(("ipc://", "tcp://")):
                 raise ConfigError(f"endpoints.{key}: expected an ipc:// or tcp:// address, "
                                   f"got {value!r}")
+        if any(v.startswith("tcp://") for v in (self.inference, self.control)) \
+                and not self.curve_server_key:
+            raise ConfigError("endpoints.curve_server_key: required when an endpoint is "
+                              "tcp:// (make a key pair with `harli keys DIR`)")
         if self.max_message_bytes < 1024:
             raise ConfigError(f"endpoints.max_message_bytes: expected >= 1024, "
                               f"got {self.max_message_bytes}")

@@ -36,6 +36,7 @@ from harli.daemon.supervisor import (
     ProcessOps,
     describe_returncode,
 )
+from harli.ipc import curve
 from harli.ipc.codec import ClientDecoder, DecodeFailure, Decoder, encode, request_id_of
 from harli.ipc.control import (
     ControlRequest,
@@ -164,6 +165,15 @@ class Daemon:
         self.finetune_in = self.ctx.socket(zmq.PUSH)
         self.finetune_in.setsockopt(zmq.LINGER, 0)
         self.finetune_out = self.ctx.socket(zmq.PULL)
+        self._auth: Any = None
+        ep_cfg = self.cfg.endpoints
+        for sock, ep in ((self.frontend, self.cfg.inference_endpoint),
+                         (self.control, self.cfg.control_endpoint)):
+            if ep.startswith("tcp://"):
+                curve.apply_server(sock, ep_cfg.curve_server_key)
+                if ep_cfg.curve_authorized_keys and self._auth is None:
+                    self._auth = curve.start_authenticator(self.ctx,
+                                                           ep_cfg.curve_authorized_keys)
         self._bound: list[str] = []
         for sock, ep in ((self.frontend, self.cfg.inference_endpoint),
                          (self.control, self.cfg.control_endpoint),
@@ -285,6 +295,8 @@ class Daemon:
         for s in (self.frontend, self.control, self.decode_in, self.decode_out, self.telemetry,
                   self.finetune_in, self.finetune_out):
             s.close(linger=0 if s not in (self.frontend, self.control) else 500)
+        if self._auth is not None:
+            self._auth.stop()
         self.ctx.term()
         for ep in [*self._bound, self.cfg.internal_endpoint("telemetry")]:
             if ep.startswith("ipc://"):

@@ -12,7 +12,13 @@ from typing import Any
 import msgspec
 
 from harli.ipc.jobs import JobSpec
-from harli.tools.command import Command, CommandError, add_config_arguments, load_config
+from harli.tools.command import (
+    Command,
+    CommandError,
+    add_endpoint_arguments,
+    curve_kwargs,
+    load_config,
+)
 
 # CLI option -> JobSpec field (dotted for LoRA settings).
 _OPTIONS: dict[str, tuple[str, type]] = {
@@ -112,8 +118,7 @@ class AttachCommand(Command):
         p.add_argument("--target-modules", help="comma-separated LoRA target modules")
         p.add_argument("--follow", action="store_true", help="show progress until it ends")
         p.add_argument("--json", action="store_true", help="print the stored job as JSON")
-        add_config_arguments(p)
-        p.add_argument("--endpoint", help="daemon control endpoint (default: from the config)")
+        add_endpoint_arguments(p)
 
     def run(self, args: argparse.Namespace) -> int:
         from harli.tools.client import RequestError
@@ -121,7 +126,7 @@ class AttachCommand(Command):
 
         cfg = load_config(args)
         spec = build_spec(args, cfg.state_dir)
-        with ControlClient(args.endpoint or cfg.control_endpoint) as client:
+        with ControlClient(args.endpoint or cfg.control_endpoint, **curve_kwargs(args)) as client:
             try:
                 job = client.attach(spec)
             except RequestError as e:

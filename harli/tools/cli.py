@@ -12,11 +12,11 @@ from harli.tools.daemon_cmd import DaemonCommand
 from harli.tools.demo import DemoCommand
 from harli.tools.generate_cmd import GenerateCommand
 from harli.tools.jobs_cmd import JobCommand, JobsCommand
-from harli.tools.model_cmd import ModelCommand
+from harli.tools.model_cmd import KeysCommand, ModelCommand
 
 COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
                            AttachCommand(), JobsCommand(), JobCommand(),
-                           BenchOverheadCommand(), DemoCommand()]
+                           BenchOverheadCommand(), DemoCommand(), KeysCommand()]
 
 
 def build_parser() -> argparse.ArgumentParser:

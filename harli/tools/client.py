@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from harli.ipc import curve
 from harli.ipc.codec import DecodeFailure, Decoder, encode
 from harli.ipc.messages import (
     PROTOCOL_VERSION,
@@ -133,12 +134,17 @@ class InferenceClient:
     """Blocking client. ``generate`` returns an iterator of ``Chunk``; ``complete`` gathers it."""
 
     def __init__(self, endpoint: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 ctx: zmq.Context[Any] | None = None) -> None:
+                 ctx: zmq.Context[Any] | None = None, server_key: str | None = None,
+                 client_key: str | None = None) -> None:
+        """``server_key``: the daemon's public CURVE certificate (tcp:// endpoints);
+        ``client_key``: this client's secret certificate when the daemon authorizes keys."""
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._ctx = ctx or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if server_key:
+            curve.apply_client(self._sock, server_key, client_key)
         self._sock.connect(endpoint)
         self._router = _Router()
         self.welcome: Welcome | None = None
@@ -248,12 +254,15 @@ class InferenceClient:
 class AsyncInferenceClient:
     """asyncio client: ``async for chunk in client.generate(...)``; many requests at once."""
 
-    def __init__(self, endpoint: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, endpoint: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 server_key: str | None = None, client_key: str | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if server_key:
+            curve.apply_client(self._sock, server_key, client_key)
         self._sock.connect(endpoint)
         self._router = _Router()
         self._waiters: dict[str | None, asyncio.Event] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import TypedDict
 
 
 class CommandError(Exception):
@@ -27,6 +28,25 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="TOML", help="harli.toml (default: built-in)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+
+
+def add_endpoint_arguments(p: argparse.ArgumentParser) -> None:
+    """--config/--set, and how to reach the daemon: --endpoint and CURVE keys for tcp://."""
+    add_config_arguments(p)
+    p.add_argument("--endpoint", help="daemon endpoint (default: from the config)")
+    p.add_argument("--server-key", metavar="FILE",
+                   help="tcp:// only: the daemon's public CURVE certificate")
+    p.add_argument("--client-key", metavar="FILE",
+                   help="tcp:// only: this client's secret CURVE certificate")
+
+
+class CurveKeys(TypedDict):
+    server_key: str | None
+    client_key: str | None
+
+
+def curve_kwargs(args: argparse.Namespace) -> CurveKeys:
+    return {"server_key": args.server_key, "client_key": args.client_key}
 
 
 def load_config(args: argparse.Namespace, extra: list[str] | None = None):  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from harli.ipc import curve
 from harli.ipc.codec import DecodeFailure, Decoder, encode
 from harli.ipc.control import (
     AttachJob,
@@ -26,11 +27,14 @@ from harli.tools.client import RequestError
 
 
 class ControlClient:
-    def __init__(self, endpoint: str, timeout_s: float = 120.0) -> None:
+    def __init__(self, endpoint: str, *, timeout_s: float = 120.0, server_key: str | None = None,
+                 client_key: str | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if server_key:
+            curve.apply_client(self._sock, server_key, client_key)
         self._sock.connect(endpoint)
         self._decoder: Decoder[ControlReply | Error] = Decoder(ControlReply | Error)
 

@@ -6,12 +6,13 @@ import argparse
 import json
 import sys
 
-from harli.tools.command import Command, CommandError, add_config_arguments, load_config
-
-
-def add_endpoint_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p)
-    p.add_argument("--endpoint", help="daemon inference endpoint (default: from the config)")
+from harli.tools.command import (
+    Command,
+    CommandError,
+    add_endpoint_arguments,
+    curve_kwargs,
+    load_config,
+)
 
 
 def endpoint_of(args: argparse.Namespace) -> str:
@@ -44,7 +45,7 @@ class GenerateCommand(Command):
         from harli.tools.client import Completion, InferenceClient, RequestError
 
         endpoint = endpoint_of(args)
-        with InferenceClient(endpoint, timeout_s=args.timeout) as client:
+        with InferenceClient(endpoint, timeout_s=args.timeout, **curve_kwargs(args)) as client:
             kw = dict(max_tokens=args.max_tokens, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, stop=args.stop,
                       ignore_eos=args.ignore_eos)

@@ -6,18 +6,23 @@ import argparse
 import json
 import time
 
-from harli.tools.command import Command, CommandError, add_config_arguments, load_config
+from harli.tools.command import (
+    Command,
+    CommandError,
+    add_endpoint_arguments,
+    curve_kwargs,
+    load_config,
+)
 
 
 def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from harli.tools.control_client import ControlClient
 
-    return ControlClient(args.endpoint or load_config(args).control_endpoint)
+    return ControlClient(args.endpoint or load_config(args).control_endpoint,
+                         **curve_kwargs(args))
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p)
-    p.add_argument("--endpoint", help="daemon control endpoint (default: from the config)")
+_common = add_endpoint_arguments
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:

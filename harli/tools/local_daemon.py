@@ -17,13 +17,17 @@ from typing import IO, Any
 
 from harli.config import HarliConfig, load
 from harli.tools.client import InferenceClient, RequestError
+from harli.tools.command import CurveKeys
 
 logger = logging.getLogger(__name__)
 
 
 class LocalDaemon:
     def __init__(self, base_dir: Path, overrides: list[str] | None = None,
-                 log_file: Path | None = None, config_file: Path | None = None) -> None:
+                 log_file: Path | None = None, config_file: Path | None = None,
+                 client_key: str | None = None) -> None:
+        """``client_key``: the secret CURVE certificate our clients present on a tcp://
+        endpoint whose daemon authorizes client keys."""
         self.base_dir = Path(base_dir)
         self.overrides = [
             f'daemon.runtime_dir="{self.base_dir / "run"}"',
@@ -36,6 +40,12 @@ class LocalDaemon:
         self.log_path = log_file or self.base_dir / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[Any] | None = None
+        # A secret certificate holds the public key too, so the daemon's own file serves as
+        # the server key of local clients.
+        tcp = self.endpoint.startswith("tcp://")
+        self.curve: CurveKeys = {
+            "server_key": self.cfg.endpoints.curve_server_key if tcp else None,
+            "client_key": client_key if tcp else None}
 
     @property
     def endpoint(self) -> str:
@@ -61,7 +71,7 @@ class LocalDaemon:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}; log: "
                                    f"{self.log_path}\n{self.log_tail()}")
             try:
-                with InferenceClient(self.endpoint, timeout_s=2.0) as c:
+                with InferenceClient(self.endpoint, timeout_s=2.0, **self.curve) as c:
                     if c.hello().ready:
                         return
             except RequestError:
@@ -71,7 +81,7 @@ class LocalDaemon:
                            f"{self.log_tail()}")
 
     def client(self, **kw: Any) -> InferenceClient:
-        return InferenceClient(self.endpoint, **kw)
+        return InferenceClient(self.endpoint, **{**self.curve, **kw})
 
     def children(self) -> list[int]:
         import psutil

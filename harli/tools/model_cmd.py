@@ -7,6 +7,22 @@ import argparse
 from harli.tools.command import Command, CommandError
 
 
+class KeysCommand(Command):
+    name = "keys"
+    help = "write a CURVE key pair (for tcp:// endpoints)"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("dir")
+        p.add_argument("--name", default="server", help="file stem (default: server)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from harli.ipc.curve import create_keys
+
+        public, secret = create_keys(args.dir, args.name)
+        print(f"public: {public}\nsecret: {secret} (keep it private)")
+        return 0
+
+
 class ModelCommand(Command):
     name = "model"
     help = "model utilities (init-tiny)"

@@ -22,8 +22,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return init_tiny(tmp_path_factory.mktemp("model") / "tiny", seed=0)
 
 
-def make_daemon(base: Path, tiny_model: Path, *extra: str) -> LocalDaemon:
-    return LocalDaemon(base, [f'model.path="{tiny_model}"', *BASE_OVERRIDES, *extra])
+def make_daemon(base: Path, tiny_model: Path, *extra: str,
+                client_key: str | None = None) -> LocalDaemon:
+    return LocalDaemon(base, [f'model.path="{tiny_model}"', *BASE_OVERRIDES, *extra],
+                       client_key=client_key)
 
 
 @pytest.fixture(scope="module")

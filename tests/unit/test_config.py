@@ -86,3 +86,11 @@ def test_runtime_dir_defaults_follow_systemd_then_xdg() -> None:
     e = Env(runtime_directory=None, state_directory=None, xdg_runtime_dir=None,
             notify_socket=None, uid=7)
     assert e.default_runtime_dir() == "/tmp/harli-7"
+
+
+def test_tcp_endpoint_requires_a_curve_key() -> None:
+    with pytest.raises(ConfigError, match=r"endpoints\.curve_server_key"):
+        load(None, ['endpoints.inference="tcp://127.0.0.1:5555"'])
+    cfg = load(None, ['endpoints.inference="tcp://127.0.0.1:5555"',
+                      'endpoints.curve_server_key="/etc/harli/server.key_secret"'])
+    assert cfg.inference_endpoint == "tcp://127.0.0.1:5555"
