@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import traceback
 
 import msgspec
@@ -151,25 +150,19 @@ class DecodeProc:
 def run_decode_proc(cfg: HarliConfig, incarnation: int, cpu_cores: str = "none") -> int:
     """Entry of the decode process; returns its exit code."""
     from harli.config import parse_cpu_list
-    from harli.ipc.process import configure_logging, die_with_parent, pin_to, set_title
+    from harli.ipc.process import (
+        configure_logging,
+        die_with_parent,
+        pin_to,
+        run_child,
+        set_title,
+    )
 
     die_with_parent()
     set_title(f"harli::decode[{incarnation}]")
     configure_logging("decode", cfg.daemon.log_level)
     # Before vLLM starts its OpenMP threads, so that they inherit the mask.
     pin_to(None if cpu_cores == "none" else parse_cpu_list(cpu_cores), "decode")
-    proc = DecodeProc(cfg, incarnation)
-    signal.signal(signal.SIGTERM, lambda *_: proc.request_stop("SIGTERM"))
-    signal.signal(signal.SIGINT, lambda *_: proc.request_stop("SIGINT"))
-    code = 0
-    try:
-        proc.run()
-    except Exception as e:
-        logger.exception("[decode] fatal error")
-        proc.report_fatal(e)
-        code = 1
-    finally:
-        proc.close()
-    return code
+    return run_child("decode", DecodeProc(cfg, incarnation))
 
 

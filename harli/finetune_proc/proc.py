@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 import traceback
 
@@ -207,22 +206,10 @@ class FinetuneProc:
 
 def run_finetune_proc(cfg: HarliConfig, incarnation: int) -> int:
     """Entry of the finetune process; returns its exit code."""
-    from harli.ipc.process import configure_logging, die_with_parent, set_title
+    from harli.ipc.process import configure_logging, die_with_parent, run_child, set_title
 
     die_with_parent()
     set_title(f"harli::finetune[{incarnation}]")
     configure_logging("finetune", cfg.daemon.log_level)
     quota = CpuQuota(cfg.finetune.levels, cfg.finetune.max_threads or os.cpu_count() or 1)
-    proc = FinetuneProc(cfg, incarnation, quota)
-    signal.signal(signal.SIGTERM, lambda *_: proc.request_stop("SIGTERM"))
-    signal.signal(signal.SIGINT, lambda *_: proc.request_stop("SIGINT"))
-    code = 0
-    try:
-        proc.run()
-    except Exception as e:
-        logger.exception("[finetune] fatal error")
-        proc.report_fatal(e)
-        code = 1
-    finally:
-        proc.close()
-    return code
+    return run_child("finetune", FinetuneProc(cfg, incarnation, quota))

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,35 @@ def pin_to(cores: set[int] | None, role: str) -> None:
     if cores:
         os.sched_setaffinity(0, cores)
         logger.info("[%s] pinned to cores %s", role, format_cpu_list(cores))
+
+
+class ChildLoop(Protocol):
+    """What ``run_child`` needs of a child process's main object."""
+
+    def request_stop(self, reason: str) -> None: ...
+
+    def run(self) -> None: ...
+
+    def report_fatal(self, exc: BaseException) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def run_child(role: str, proc: ChildLoop) -> int:
+    """Run a child's loop: signals become stop requests (handlers do no work), an unexpected
+    error is reported upstream as the child's last words, resources are released; returns the
+    exit code."""
+    signal.signal(signal.SIGTERM, lambda *_: proc.request_stop("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: proc.request_stop("SIGINT"))
+    try:
+        proc.run()
+    except Exception as e:
+        logger.exception("[%s] fatal error", role)
+        proc.report_fatal(e)
+        return 1
+    finally:
+        proc.close()
+    return 0
 
 
 def set_title(title: str) -> None:
