@@ -51,7 +51,10 @@ def run_bench(base_dir: Path, requests: int, max_tokens: int, rounds: int,
     from harli.tools.local_daemon import LocalDaemon
     from harli.tools.offline import OfflineRunner
 
-    daemon = LocalDaemon(base_dir, ['model.dtype="float32"', f"decode.max_num_seqs={requests}"])
+    # The finetune process is not on the serving path; it stays off so that only the path is
+    # measured (issue 6's bench measures the two together).
+    daemon = LocalDaemon(base_dir, ['model.dtype="float32"', f"decode.max_num_seqs={requests}",
+                                    "finetune.enabled=false"])
     # "batch": all requests at once; "single": one request at a time (one prompt per
     # LLM.generate call on the offline side, as the daemon gets them).
     cases = {"batch": make_prompts(requests, seed), "single": make_prompts(4, seed + 1)}
