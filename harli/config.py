@@ -190,6 +190,24 @@ class SupervisorConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    arena: bool = _help(
+        "Put vLLM's KV cache in the shared arena (CPU hosts: a /dev/shm file the daemon "
+        "creates); false keeps vLLM's private allocation.", default=True)
+    arena_gib: float = _help("Arena size in GiB; 0 = exactly the KV cache "
+                             "(decode.kv_cache_gib).", default=0.0)
+    page_bytes: int = _help("Arena page size, the unit lent to the finetune.",
+                            default=2 << 20)
+
+    def __post_init__(self) -> None:
+        if self.arena_gib < 0:
+            raise ConfigError(f"memory.arena_gib: expected >= 0, got {self.arena_gib}")
+        if self.page_bytes < 4096 or self.page_bytes % 4096:
+            raise ConfigError(f"memory.page_bytes: expected a multiple of 4096, "
+                              f"got {self.page_bytes}")
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     port: int = _help("Prometheus endpoint port; 0 turns it off.", default=9464)
     addr: str = _help("Address it listens on (loopback: only this host scrapes).",
@@ -208,6 +226,19 @@ class HarliConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def __post_init__(self) -> None:
+        if self.memory.arena_gib and self.memory.arena_gib < self.decode.kv_cache_gib:
+            raise ConfigError(f"memory.arena_gib: {self.memory.arena_gib} GiB is smaller than "
+                              f"the KV cache vLLM needs (decode.kv_cache_gib = "
+                              f"{self.decode.kv_cache_gib})")
+
+    @property
+    def arena_bytes(self) -> int:
+        gib = self.memory.arena_gib or self.decode.kv_cache_gib
+        page = self.memory.page_bytes
+        return -(-int(gib * 2**30) // page) * page
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     # -- derived paths (defaults resolved from the environment read in Env) --------------------

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 
 import harli
@@ -37,6 +38,7 @@ from harli.daemon.supervisor import (
     describe_returncode,
 )
 from harli.ipc import curve
+from harli.ipc.arena import ArenaError, ShmArena, remove_stale_arenas
 from harli.ipc.codec import ClientDecoder, DecodeFailure, Decoder, encode, request_id_of
 from harli.ipc.control import (
     ControlRequest,
@@ -101,7 +103,13 @@ class Daemon:
         self.last_telemetry: IterationTelemetry | None = None
         self.iterations_seen = 0
         self._init_dirs()
-        self._init_sockets()
+        self._init_arena()
+        try:
+            self._init_sockets()
+        except BaseException:
+            if self.arena is not None:
+                self.arena.close()
+            raise
         self._init_cpu_affinity()
         self._control_decoder: Decoder[ControlRequest] = Decoder(ControlRequest)
         self._finetune_decoder: Decoder[FinetuneToDaemon] = Decoder(FinetuneToDaemon)
@@ -115,11 +123,13 @@ class Daemon:
                 lambda inc: [sys.executable, "-m", "harli.finetune_proc", "--incarnation",
                              str(inc), "--config-json", cfg.to_json().decode()],
                 child_environ(cfg, "finetune"), cfg.supervisor, ops or PopenOps())
+        arena_arg = msgspec.json.encode(self.arena.handle).decode() if self.arena else ""
         self.decode = Child(
             "decode",
             lambda inc: [sys.executable, "-m", "harli.decode_proc", "--incarnation", str(inc),
                          "--config-json", cfg.to_json().decode(),
-                         "--cpu-cores", format_cpu_list(self.decode_cores)],
+                         "--cpu-cores", format_cpu_list(self.decode_cores),
+                         "--arena", arena_arg],
             child_environ(cfg), cfg.supervisor, ops or PopenOps())
         for child in (self.decode, self.finetune):  # read at scrape time, not in the loop
             if child is not None:
@@ -127,6 +137,18 @@ class Daemon:
                     _restarts_of(child))
 
     # -- setup -------------------------------------------------------------------------------
+
+    def _init_arena(self) -> None:
+        self.arena: ShmArena | None = None
+        if not self.cfg.memory.arena:
+            return
+        removed = remove_stale_arenas()
+        if removed:
+            logger.info("[daemon] removed arenas of dead daemons: %s", removed)
+        self.arena = ShmArena.create(f"harli-{os.getpid()}-arena", self.cfg.arena_bytes,
+                                     self.cfg.memory.page_bytes)
+        logger.info("[daemon] arena %s: %.2f GiB in %d pages", self.arena.handle.name,
+                    self.cfg.arena_bytes / 2**30, self.arena.handle.num_pages)
 
     def _init_cpu_affinity(self) -> None:
         # The decode engine gets its cores to itself; the daemon's per-token routing runs on
@@ -291,6 +313,8 @@ class Daemon:
             if child is not None and child.proc is not None:
                 child.stop(None)
         self.jobs.close()
+        if self.arena is not None:
+            self.arena.close()  # the creator unlinks it
         self.poller = zmq.Poller()
         for s in (self.frontend, self.control, self.decode_in, self.decode_out, self.telemetry,
                   self.finetune_in, self.finetune_out):
@@ -603,7 +627,11 @@ def run_daemon(cfg: HarliConfig) -> int:
 
     configure_logging("daemon", cfg.daemon.log_level)
     set_title("harli::daemon")
-    daemon = Daemon(cfg)
+    try:
+        daemon = Daemon(cfg)
+    except ArenaError as e:
+        logger.error("[daemon] cannot start: %s", e)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop("SIGINT"))
     logger.info("[daemon] harli %s pid %d, state dir %s", harli.__version__, os.getpid(),

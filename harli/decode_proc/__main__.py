@@ -14,8 +14,10 @@ def main() -> int:
     p.add_argument("--incarnation", type=int, required=True)
     p.add_argument("--config-json", required=True)
     p.add_argument("--cpu-cores", default="none", help="pin to these cores ('none': don't)")
+    p.add_argument("--arena", default="", help="ArenaHandle as JSON: KV cache goes there")
     args = p.parse_args()
-    return run_decode_proc(from_json(args.config_json), args.incarnation, args.cpu_cores)
+    return run_decode_proc(from_json(args.config_json), args.incarnation, args.cpu_cores,
+                           args.arena)
 
 
 if __name__ == "__main__":

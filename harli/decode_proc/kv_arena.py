@@ -36,8 +36,9 @@ class ArenaKVAllocation(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        device = torch.device(kwargs.get("device") or "cpu")
         if (func is torch.zeros and self.nbytes is None and kwargs.get("dtype") is torch.int8
-                and len(args) == 1 and isinstance(args[0], int)):
+                and len(args) == 1 and isinstance(args[0], int) and device.type == "cpu"):
             n = int(args[0])
             if self.offset + n > self.arena.handle.size_bytes:
                 raise ArenaError(

@@ -147,7 +147,8 @@ class DecodeProc:
         self._ctx.term()
 
 
-def run_decode_proc(cfg: HarliConfig, incarnation: int, cpu_cores: str = "none") -> int:
+def run_decode_proc(cfg: HarliConfig, incarnation: int, cpu_cores: str = "none",
+                    arena_json: str = "") -> int:
     """Entry of the decode process; returns its exit code."""
     from harli.config import parse_cpu_list
     from harli.ipc.process import (
@@ -163,6 +164,12 @@ def run_decode_proc(cfg: HarliConfig, incarnation: int, cpu_cores: str = "none")
     configure_logging("decode", cfg.daemon.log_level)
     # Before vLLM starts its OpenMP threads, so that they inherit the mask.
     pin_to(None if cpu_cores == "none" else parse_cpu_list(cpu_cores), "decode")
+    if arena_json:
+        from harli.decode_proc import kv_arena
+        from harli.ipc.arena import ArenaHandle, ShmArena
+
+        arena = ShmArena.attach(msgspec.json.decode(arena_json, type=ArenaHandle))
+        kv_arena.install(arena)
     return run_child("decode", DecodeProc(cfg, incarnation))
 
 

@@ -54,6 +54,24 @@ def page_range(handle: ArenaHandle, page: int) -> tuple[int, int]:
     return page * handle.page_bytes, handle.page_bytes
 
 
+def remove_stale_arenas(shm_dir: Path = SHM_DIR) -> list[str]:
+    """Unlink ``harli-<pid>-arena`` files whose daemon is gone (it was SIGKILLed)."""
+    removed = []
+    for f in shm_dir.glob("harli-*-arena"):
+        try:
+            pid = int(f.name.split("-")[1])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+            removed.append(f.name)
+        except PermissionError:  # alive, someone else's
+            pass
+    return removed
+
+
 class ShmArena:
     """CPU arena: a /dev/shm file, mmapped in every process that uses it."""
 

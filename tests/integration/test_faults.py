@@ -76,10 +76,14 @@ def test_sigterm_idle_daemon_exits_clean(tmp_path: Path, tiny_model: Path) -> No
     with d:
         kids = d.children()
         assert kids
+        assert d.proc is not None
+        arena = Path(f"/dev/shm/harli-{d.proc.pid}-arena")
+        assert arena.exists()  # vLLM's KV cache lives there
     assert d.proc is not None and d.proc.returncode == 0
     assert not any(pid_alive(p) for p in kids)
     run_dir = d.cfg.runtime_dir
     assert not list(run_dir.glob("*.sock")), list(run_dir.iterdir())
+    assert not arena.exists()
 
 
 def test_sigterm_drains_then_aborts_inflight_with_shutdown(

@@ -76,3 +76,16 @@ def test_out_of_range_views_and_pages_are_refused(arena: ShmArena) -> None:
         page_range(arena.handle, 8)
     with pytest.raises(ArenaError, match="aligned"):
         arena.tensor(2, 8, torch.float32)
+
+
+def test_stale_arenas_of_dead_daemons_are_removed(tmp_path: Path) -> None:
+    import os
+
+    from harli.ipc.arena import remove_stale_arenas
+
+    dead = tmp_path / "harli-999999999-arena"
+    alive = tmp_path / f"harli-{os.getpid()}-arena"
+    dead.write_bytes(b"x")
+    alive.write_bytes(b"x")
+    assert remove_stale_arenas(tmp_path) == [dead.name]
+    assert alive.exists() and not dead.exists()

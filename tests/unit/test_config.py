@@ -94,3 +94,10 @@ def test_tcp_endpoint_requires_a_curve_key() -> None:
     cfg = load(None, ['endpoints.inference="tcp://127.0.0.1:5555"',
                       'endpoints.curve_server_key="/etc/harli/server.key_secret"'])
     assert cfg.inference_endpoint == "tcp://127.0.0.1:5555"
+
+
+def test_arena_smaller_than_the_kv_cache_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"memory\.arena_gib"):
+        load(None, ["memory.arena_gib=0.5", "decode.kv_cache_gib=1"])
+    cfg = load(None, ["decode.kv_cache_gib=2"])
+    assert cfg.arena_bytes == 2 << 30
