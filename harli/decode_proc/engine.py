@@ -94,6 +94,7 @@ class DecodeEngine:
         self.incarnation = incarnation
         self.iteration = 0
         self._live: set[str] = set()
+        self._lent: dict[int, Any] = {}  # block id -> vLLM KVCacheBlock withdrawn from the pool
         self._aborted: list[str] = []
         self._batch: BatchStats | None = None
         self._init_engine()
@@ -199,6 +200,31 @@ class DecodeEngine:
 
     def kv_blocks_free(self) -> int:
         return int(self._block_pool.get_num_free_blocks())
+
+    # -- lending (issue 4): only between iterations, only blocks the free queue holds -----------
+
+    def lend_blocks(self, n: int) -> list[int]:
+        """Withdraw ``n`` free KV blocks from vLLM's free queue (never a block in use; vLLM
+        hands out the lowest free ids first) and return their ids. vLLM then never schedules
+        into them until ``reclaim_blocks`` gives them back."""
+        if n < 0 or n > self.kv_blocks_free():
+            raise ValueError(f"cannot lend {n} KV blocks: {self.kv_blocks_free()} are free")
+        blocks = self._block_pool.get_new_blocks(n)
+        for b in blocks:
+            self._lent[int(b.block_id)] = b
+        return [int(b.block_id) for b in blocks]
+
+    def reclaim_blocks(self, block_ids: list[int]) -> None:
+        """Give lent blocks back to vLLM's free queue; ids not lent are refused, nothing
+        changes."""
+        unknown = [i for i in block_ids if i not in self._lent]
+        if unknown:
+            raise ValueError(f"KV blocks {unknown[:8]} are not lent")
+        self._block_pool.free_blocks([self._lent.pop(i) for i in block_ids])
+
+    @property
+    def lent_blocks(self) -> list[int]:
+        return sorted(self._lent)
 
     def step(self) -> StepResult:
         """Run one engine iteration and return its outputs and telemetry."""
