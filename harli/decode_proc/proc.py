@@ -24,7 +24,7 @@ import zmq
 
 from harli.config import HarliConfig
 from harli.decode_proc.engine import DecodeEngine
-from harli.ipc.codec import DecodeFailure, Decoder, encode
+from harli.ipc.codec import Decoder, drain, encode
 from harli.ipc.messages import (
     AbortRequests,
     AddRequest,
@@ -86,18 +86,7 @@ class DecodeProc:
         assert self.engine is not None
         # Block (bounded, so a stop request is seen) only when there is nothing to step.
         timeout_ms = 0 if self.engine.has_work() else _IDLE_WAIT_MS
-        if not self._in.poll(timeout_ms):
-            return
-        while True:
-            try:
-                data = self._in.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = self._decoder.decode(data)
-            except DecodeFailure as e:  # only our daemon talks here; log, never die of it
-                logger.error("[decode] dropped undecodable message from daemon: %s", e)
-                continue
+        for msg in drain(self._in, self._decoder, timeout_ms, "decode"):
             self._handle(msg)
 
     def _handle(self, msg: DaemonToDecode) -> None:

@@ -23,7 +23,7 @@ import zmq
 from harli.config import HarliConfig
 from harli.finetune_proc.quota import CpuQuota, QuotaApplier
 from harli.finetune_proc.recipe import LoRARecipe
-from harli.ipc.codec import DecodeFailure, Decoder, encode
+from harli.ipc.codec import Decoder, drain, encode
 from harli.ipc.control import (
     CheckpointSaved,
     DaemonToFinetune,
@@ -92,18 +92,7 @@ class FinetuneProc:
             timeout_ms = max(0, int(1000 * (self._idle_until - time.monotonic())))
         else:
             timeout_ms = _IDLE_WAIT_MS
-        if not self._in.poll(timeout_ms):
-            return
-        while True:
-            try:
-                data = self._in.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = self._decoder.decode(data)
-            except DecodeFailure as e:
-                logger.error("[finetune] dropped undecodable message from daemon: %s", e)
-                continue
+        for msg in drain(self._in, self._decoder, timeout_ms, "finetune"):
             self._handle(msg)
 
     def _handle(self, msg: DaemonToFinetune) -> None:

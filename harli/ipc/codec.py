@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
 import msgspec
+import zmq
 
 from harli.ipc.messages import ClientMessage, ErrorCode
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class DecodeFailure(Exception):
@@ -64,6 +68,25 @@ class ClientDecoder(Decoder[ClientMessage]):
                     f"unknown message type {tag!r}; expected one of {sorted(_CLIENT_TAGS)}",
                 ) from None
             raise
+
+
+def drain(sock: Any, decoder: Decoder[T], timeout_ms: int, role: str) -> Iterator[T]:
+    """Wait up to ``timeout_ms`` for input on ``sock``, then yield every queued message,
+    decoded. An undecodable one is logged and dropped: only our own daemon writes to a child's
+    input socket, so it is a bug to report, never a reason to stop the loop."""
+    if not sock.poll(timeout_ms):
+        return
+    while True:
+        try:
+            data = sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            msg = decoder.decode(data)
+        except DecodeFailure as e:
+            logger.error("[%s] dropped an undecodable message from the daemon: %s", role, e)
+            continue
+        yield msg
 
 
 def request_id_of(data: bytes | memoryview) -> str | None:

@@ -22,6 +22,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return init_tiny(tmp_path_factory.mktemp("model") / "tiny", seed=0)
 
 
+def run_engine_script(script: str, *args: str) -> dict[str, object]:
+    """Run ``script`` in a child with decode_proc's environment; it prints ``RESULT <json>``."""
+    import json
+    import subprocess
+    import sys
+
+    from harli.config import child_environ, load
+
+    res = subprocess.run([sys.executable, "-c", script, *args], env=child_environ(load(None)),
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))
+    out: dict[str, object] = json.loads(line[len("RESULT "):])
+    return out
+
+
 def make_daemon(base: Path, tiny_model: Path, *extra: str,
                 client_key: str | None = None) -> LocalDaemon:
     return LocalDaemon(base, [f'model.path="{tiny_model}"', *BASE_OVERRIDES, *extra],

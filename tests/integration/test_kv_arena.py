@@ -3,14 +3,11 @@ the arena, and greedy outputs equal those of vLLM's own private allocation."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from harli.config import child_environ, load
+from .conftest import run_engine_script
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
@@ -47,19 +44,9 @@ sys.stdout.write("RESULT " + json.dumps(res) + "\n")
 """
 
 
-def _run(mode: str, model: Path) -> dict[str, object]:
-    env = child_environ(load(None))
-    res = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(model)], env=env,
-                         capture_output=True, text=True, timeout=300, check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
-    line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))
-    out: dict[str, object] = json.loads(line[len("RESULT "):])
-    return out
-
-
 def test_kv_cache_in_the_arena_gives_identical_greedy_outputs(tiny_model: Path) -> None:
-    private = _run("private", tiny_model)
-    shared = _run("arena", tiny_model)
+    private = run_engine_script(SCRIPT, "private", str(tiny_model))
+    shared = run_engine_script(SCRIPT, "arena", str(tiny_model))
     assert shared["in_arena"] and all(shared["in_arena"])  # type: ignore[arg-type]
     assert shared["nbytes"] == 1 << 30  # VLLM_CPU_KVCACHE_SPACE=1
     assert shared["out"] == private["out"]

@@ -3,14 +3,11 @@ them back restores the pool, and greedy outputs are the same with lending on and
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from harli.config import child_environ, load
+from .conftest import run_engine_script
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
@@ -56,19 +53,9 @@ sys.stdout.write("RESULT " + json.dumps(res) + "\n")
 """
 
 
-def _run(mode: str, model: Path) -> dict[str, object]:
-    res = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(model)],
-                         env=child_environ(load(None)), capture_output=True, text=True,
-                         timeout=300, check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
-    line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))
-    out: dict[str, object] = json.loads(line[len("RESULT "):])
-    return out
-
-
 def test_lent_blocks_are_never_used_and_outputs_do_not_change(tiny_model: Path) -> None:
-    plain = _run("plain", tiny_model)
-    lent = _run("lend", tiny_model)
+    plain = run_engine_script(SCRIPT, "plain", str(tiny_model))
+    lent = run_engine_script(SCRIPT, "lend", str(tiny_model))
     free0 = int(lent["free0"])  # type: ignore[call-overload]
     assert lent["lent"] == free0 // 2
     assert lent["free_after_lend"] == free0 - free0 // 2
