@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import zmq
 
 import harli
 from harli.config import ENV, HarliConfig, child_environ
+from harli.daemon.control_endpoint import ControlEndpoint
 from harli.daemon.job_manager import JobManager
 from harli.daemon.metrics import Metrics
 from harli.daemon.requests import DuplicateRequest, Inflight, RequestTable
@@ -41,7 +41,6 @@ from harli.ipc import curve
 from harli.ipc.arena import ArenaError, ShmArena, remove_stale_arenas
 from harli.ipc.codec import ClientDecoder, DecodeFailure, Decoder, encode, request_id_of
 from harli.ipc.control import (
-    ControlRequest,
     DaemonToFinetune,
     FinetuneReady,
     FinetuneShutdown,
@@ -111,11 +110,11 @@ class Daemon:
                 self.arena.close()
             raise
         self._init_cpu_affinity()
-        self._control_decoder: Decoder[ControlRequest] = Decoder(ControlRequest)
         self._finetune_decoder: Decoder[FinetuneToDaemon] = Decoder(FinetuneToDaemon)
-        self._pending_control: list[tuple[bytes, Future[Any]]] = []
         self.metrics = Metrics()
         self.jobs = JobManager(cfg, self._send_finetune, self.metrics)
+        self.control_endpoint = ControlEndpoint(self.control, self.jobs,
+                                                cfg.endpoints.max_message_bytes)
         self.finetune: Child | None = None
         if cfg.finetune.enabled:
             self.finetune = Child(
@@ -252,7 +251,7 @@ class Daemon:
         if self.finetune_out in events:
             self._drain(self.finetune_out, self._on_finetune_message)
         if self.control in events:
-            self._drain_control()
+            self.control_endpoint.drain()
 
     def _tick(self, now: float) -> None:
         if self.finetune is not None:
@@ -263,7 +262,7 @@ class Daemon:
                     logger.error("[daemon] finetune process is FATAL; jobs stay queued")
         if self.state is DaemonState.SERVING:
             self.jobs.tick()
-        self._reply_control_done()
+        self.control_endpoint.reply_done()
         for ev in self.decode.transition(now):
             if isinstance(ev, ChildExited):
                 self._on_decode_exit(ev)
@@ -373,54 +372,7 @@ class Daemon:
         except zmq.Again:  # finetune_proc not connected (yet)
             return False
 
-    # -- control API -------------------------------------------------------------------------
-
-    def _drain_control(self) -> None:
-        for _ in range(_DRAIN_BATCH):
-            try:
-                frames = self.control.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            client, payload = frames[0], frames[-1]
-            reply: Any
-            try:
-                if len(payload) > self.cfg.endpoints.max_message_bytes:
-                    raise DecodeFailure(ErrorCode.TOO_LARGE,
-                                        f"message of {len(payload)} bytes exceeds the limit of "
-                                        f"{self.cfg.endpoints.max_message_bytes} bytes")
-                reply = self.jobs.handle(self._control_decoder.decode(payload))
-            except DecodeFailure as e:
-                reply = Error(request_id=None, code=e.code, message=e.message)
-            except Exception:
-                logger.exception("[control] internal error")
-                reply = Error(request_id=None, code=ErrorCode.INTERNAL,
-                              message="internal error; see the daemon log")
-            if isinstance(reply, Future):
-                self._pending_control.append((client, reply))
-            else:
-                self._control_reply(client, reply)
-
-    def _control_reply(self, client: bytes, reply: Any) -> None:
-        try:
-            self.control.send_multipart([client, encode(reply)], zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            logger.warning("[control] could not reply: %s", e)
-
-    def _reply_control_done(self) -> None:
-        if not self._pending_control:
-            return
-        still = []
-        for client, fut in self._pending_control:
-            if not fut.done():
-                still.append((client, fut))
-                continue
-            try:
-                reply = fut.result()
-            except Exception as e:
-                logger.exception("[control] attach failed")
-                reply = Error(request_id=None, code=ErrorCode.INTERNAL, message=repr(e))
-            self._control_reply(client, reply)
-        self._pending_control = still
+    # -- finetune_proc -----------------------------------------------------------------------
 
     def _on_finetune_message(self, data: bytes) -> None:
         try:
