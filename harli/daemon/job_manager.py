@@ -62,6 +62,9 @@ class JobManager:
         self.decision = Decision(level=cfg.finetune.level, admitted=cfg.finetune.level > 0,
                                  seq=1)
         self._tps: dict[int, float] = {}
+        # Set when the queue or the finetune's readiness may have changed, so the daemon loop
+        # looks at SQLite only then, not on every turn.
+        self._queue_changed = True
         for job_id in self.store.requeue_active("daemon restarted; resumes from its last "
                                                 "checkpoint"):
             logger.info("[jobs] job %d was running when the daemon stopped; requeued", job_id)
@@ -105,6 +108,7 @@ class JobManager:
             return Error(request_id=None, code=ErrorCode.INVALID,
                          message=f"a job named {spec.name!r} exists already")
         logger.info("[jobs] attached job %d %r", job.job_id, spec.name)
+        self._queue_changed = True
         return job
 
     def _cancel(self, job_id: int) -> Reply:
@@ -127,10 +131,12 @@ class JobManager:
 
     def on_ready(self) -> None:
         self.finetune_ready = True
+        self._queue_changed = True
         self.send(self.decision)
 
     def on_exit(self, ev: ChildExited) -> None:
         self.finetune_ready = False
+        self._queue_changed = True
         if self.running is not None:
             job = self.store.get(self.running)
             ckpt = job.checkpoint_step if job else None
@@ -157,6 +163,7 @@ class JobManager:
         elif isinstance(msg, JobEnded):
             if msg.job_id == self.running:
                 self.running = None
+            self._queue_changed = True
             text = {"succeeded": f"finished; adapter in {msg.adapter_path}",
                     "cancelled": "cancelled; checkpoints kept",
                     "failed": f"failed: {msg.error}"}.get(msg.status, msg.status)
@@ -168,14 +175,17 @@ class JobManager:
 
     def tick(self) -> None:
         """Start the next queued job when the finetune process is idle."""
-        if not self.finetune_ready or self.running is not None:
+        if not self._queue_changed or not self.finetune_ready or self.running is not None:
             return
+        self._queue_changed = False
         job = self.store.next_queued()
         if job is None:
             return
         status = js.RUNNING if self.decision.admitted else js.PAUSED
-        if self.send(StartJob(job_id=job.job_id, spec=job.spec,
-                              model_path=str(self.cfg.model_path))):
+        if not self.send(StartJob(job_id=job.job_id, spec=job.spec,
+                                  model_path=str(self.cfg.model_path))):
+            self._queue_changed = True  # finetune_proc not connected yet: try next turn
+        else:
             self.running = job.job_id
             self.store.set_status(job.job_id, status, "scheduled",
                                   f"handed to the finetune process at level "
