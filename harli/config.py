@@ -198,8 +198,32 @@ class MemoryConfig:
                              "(decode.kv_cache_gib).", default=0.0)
     page_bytes: int = _help("Arena page size, the unit lent to the finetune.",
                             default=2 << 20)
+    lend: bool = _help("Lend free KV pages to the finetune for its activations (needs the "
+                       "arena and a finetune process).", default=True)
+    floor_blocks: int = _help(
+        "KV blocks always kept free for decode, whatever the predicted demand.", default=64)
+    horizon_iters: int = _help(
+        "Decode iterations ahead the KV demand is predicted over when deciding what to lend "
+        "(each running request may need a new block within it).", default=256)
+    reclaim_deadline_factor: float = _help(
+        "Deadline for the finetune to give pages back, as a multiple of its recent micro-step "
+        "time; missing it gets the finetune stopped and restarted from its checkpoint.",
+        default=2.0)
+    reclaim_deadline_min_s: float = _help(
+        "Lower bound of the reclaim deadline (before a micro-step time is known, and for "
+        "very short micro-steps).", default=1.0)
 
     def __post_init__(self) -> None:
+        if self.floor_blocks < 0:
+            raise ConfigError(f"memory.floor_blocks: expected >= 0, got {self.floor_blocks}")
+        if self.horizon_iters < 0:
+            raise ConfigError(f"memory.horizon_iters: expected >= 0, got {self.horizon_iters}")
+        if self.reclaim_deadline_factor < 1.0:
+            raise ConfigError(f"memory.reclaim_deadline_factor: expected >= 1, got "
+                              f"{self.reclaim_deadline_factor}")
+        if self.reclaim_deadline_min_s <= 0:
+            raise ConfigError(f"memory.reclaim_deadline_min_s: expected > 0, got "
+                              f"{self.reclaim_deadline_min_s}")
         if self.arena_gib < 0:
             raise ConfigError(f"memory.arena_gib: expected >= 0, got {self.arena_gib}")
         if self.page_bytes < 4096 or self.page_bytes % 4096:

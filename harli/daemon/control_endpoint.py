@@ -1,4 +1,5 @@
-"""``ControlEndpoint``: the transport of the control API (``harli attach`` / ``jobs`` / ``job``).
+"""``ControlEndpoint``: the transport of the control API (``harli attach`` / ``jobs`` / ``job`` /
+``status``).
 
 It reads requests from the daemon's control ROUTER, hands them to the ``JobManager`` and
 replies; a request answered later (attach validation runs on a worker thread) is kept as a
@@ -9,6 +10,7 @@ messages get a typed ``Error``; nothing a client sends stops the loop.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -16,7 +18,7 @@ import zmq
 
 from harli.daemon.job_manager import JobManager
 from harli.ipc.codec import DecodeFailure, Decoder, encode
-from harli.ipc.control import ControlRequest
+from harli.ipc.control import ControlRequest, DaemonStatus, GetStatus
 from harli.ipc.messages import Error, ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -25,9 +27,11 @@ _DRAIN_BATCH = 256
 
 
 class ControlEndpoint:
-    def __init__(self, sock: zmq.Socket[Any], jobs: JobManager, max_message_bytes: int) -> None:
+    def __init__(self, sock: zmq.Socket[Any], jobs: JobManager, max_message_bytes: int,
+                 status: Callable[[], DaemonStatus]) -> None:
         self.sock = sock
         self.jobs = jobs
+        self.status = status
         self.max_message_bytes = max_message_bytes
         self._decoder: Decoder[ControlRequest] = Decoder(ControlRequest)
         self._pending: list[tuple[bytes, Future[Any]]] = []
@@ -45,7 +49,8 @@ class ControlEndpoint:
                     raise DecodeFailure(ErrorCode.TOO_LARGE,
                                         f"message of {len(payload)} bytes exceeds the limit of "
                                         f"{self.max_message_bytes} bytes")
-                reply = self.jobs.handle(self._decoder.decode(payload))
+                msg = self._decoder.decode(payload)
+                reply = self.status() if isinstance(msg, GetStatus) else self.jobs.handle(msg)
             except DecodeFailure as e:
                 reply = Error(request_id=None, code=e.code, message=e.message)
             except Exception:

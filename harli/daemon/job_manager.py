@@ -24,7 +24,6 @@ from harli.ipc.control import (
     CancelJob,
     CheckpointSaved,
     ControlReply,
-    ControlRequest,
     DaemonToFinetune,
     Decision,
     FinetuneFatal,
@@ -45,6 +44,7 @@ from harli.ipc.messages import Error, ErrorCode
 logger = logging.getLogger(__name__)
 
 Reply = ControlReply | Error
+JobRequest = AttachJob | ListJobs | ShowJob | CancelJob | JobLogs
 _TPS_ALPHA = 0.2  # EWMA weight of the newest micro-step in tokens/s
 
 
@@ -75,7 +75,7 @@ class JobManager:
 
     # -- control API -------------------------------------------------------------------------
 
-    def handle(self, msg: ControlRequest) -> Reply | Future[Reply]:
+    def handle(self, msg: JobRequest) -> Reply | Future[Reply]:
         if isinstance(msg, AttachJob):
             return self._executor.submit(self._attach, msg)
         if isinstance(msg, ListJobs):

@@ -117,21 +117,3 @@ class PageLedger:
             recount[o] += 1
         if recount != self._counts or sum(recount.values()) != len(self._owner):
             raise AssertionError(f"ledger counts {self._counts} != pages {recount}")
-
-
-@dataclass(frozen=True)
-class LendPlan:
-    lend: int  # free pages to lend now
-    reclaim: int  # leased pages to ask back now
-    mark: int  # free pages decode must keep
-
-
-def plan_lending(free: int, leased: int, floor: int, predicted_demand: int) -> LendPlan:
-    """Keep at least ``max(floor, predicted_demand)`` pages free for decode; lend the rest;
-    reclaim what is missing when free pages fall under that mark."""
-    if min(free, leased, floor, predicted_demand) < 0:
-        raise ValueError("page counts must be >= 0")
-    mark = max(floor, predicted_demand)
-    if free > mark:
-        return LendPlan(lend=free - mark, reclaim=0, mark=mark)
-    return LendPlan(lend=0, reclaim=min(leased, mark - free), mark=mark)

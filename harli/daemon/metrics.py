@@ -45,6 +45,36 @@ class Metrics:
                                registry=r)
         self.job_loss = Gauge("harli_job_loss", "Last training loss of a job.", ["job"],
                               registry=r)
+        self.preemptions = Counter("harli_decode_preemptions_total",
+                                   "Requests vLLM's scheduler preempted (out of KV blocks).",
+                                   registry=r)
+        self.kv_blocks_lent = Gauge("harli_decode_kv_blocks_lent",
+                                    "KV blocks withdrawn from vLLM's free queue and lent.",
+                                    registry=r)
+        self.arena_pages = Gauge("harli_arena_pages", "Arena pages by owner (ledger).",
+                                 ["owner"], registry=r)
+        self.lease_saved_bytes = Counter(
+            "harli_lease_saved_bytes_total",
+            "Bytes autograd saved for backward in the finetune, by where they were placed.",
+            ["placement"], registry=r)
+        self.lease_fallbacks = Counter(
+            "harli_lease_fallback_tensors_total",
+            "Saved tensors that did not fit in the lease and stayed in private memory.",
+            registry=r)
+        self.lease_in_share = Gauge(
+            "harli_lease_saved_share",
+            "Share of the saved-tensor bytes of the last micro-step placed in the lease.",
+            registry=r)
+        self.reclaims = Counter("harli_lease_reclaims_total",
+                                "Reclaims of leased pages, by outcome.", ["outcome"],
+                                registry=r)
+        self.reclaim_s = Histogram("harli_lease_reclaim_seconds",
+                                   "From a reclaim request to the pages being back.",
+                                   buckets=(0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+                                   registry=r)
+        self.lease_errors = Counter("harli_lease_errors_total",
+                                    "Lease messages refused by the ledger.", ["child"],
+                                    registry=r)
         self.job_paused_s = Counter("harli_job_paused_seconds_total",
                                     "Time a job spent paused by the quota decision.", ["job"],
                                     registry=r)
@@ -62,6 +92,9 @@ class Metrics:
         self.decode_iteration_s.observe(t.end_s - t.start_s)
         self.decode_batch.set(t.num_running)
         self.kv_blocks_free.set(t.kv_blocks_free)
+        self.kv_blocks_lent.set(t.kv_blocks_lent)
+        if t.preempted:
+            self.preemptions.inc(t.preempted)
 
     def on_micro_step(self, r: MicroStepReport) -> None:
         job = str(r.job_id)
@@ -73,3 +106,9 @@ class Metrics:
         self.job_loss.labels(job).set(r.loss)
         if r.paused_s > 0:
             self.job_paused_s.labels(job).inc(r.paused_s)
+        self.lease_saved_bytes.labels("lease").inc(r.lease_saved_bytes)
+        self.lease_saved_bytes.labels("private").inc(r.private_saved_bytes)
+        self.lease_fallbacks.inc(r.fallback_tensors)
+        saved = r.lease_saved_bytes + r.private_saved_bytes
+        if saved:
+            self.lease_in_share.set(r.lease_saved_bytes / saved)

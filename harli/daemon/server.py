@@ -25,6 +25,7 @@ import harli
 from harli.config import ENV, HarliConfig, child_environ
 from harli.daemon.control_endpoint import ControlEndpoint
 from harli.daemon.job_manager import JobManager
+from harli.daemon.memory import MemoryManager
 from harli.daemon.metrics import Metrics
 from harli.daemon.requests import DuplicateRequest, Inflight, RequestTable
 from harli.daemon.sdnotify import Notifier
@@ -41,18 +42,27 @@ from harli.ipc import curve
 from harli.ipc.arena import ArenaError, ShmArena, remove_stale_arenas
 from harli.ipc.codec import ClientDecoder, DecodeFailure, Decoder, encode, request_id_of
 from harli.ipc.control import (
+    ChildStatus,
+    DaemonStatus,
     DaemonToFinetune,
     FinetuneReady,
     FinetuneShutdown,
     FinetuneToDaemon,
+    JobEnded,
+    JobStarted,
+    LeaseReturned,
+    MicroStepReport,
 )
 from harli.ipc.messages import (
     PROTOCOL_VERSION,
     Abort,
     AbortRequests,
     AddRequest,
+    BlocksLent,
+    BlocksReturned,
     Chunk,
     ClientMessage,
+    DaemonToDecode,
     DecodeToDaemon,
     Error,
     ErrorCode,
@@ -114,15 +124,16 @@ class Daemon:
         self.metrics = Metrics()
         self.jobs = JobManager(cfg, self._send_finetune, self.metrics)
         self.control_endpoint = ControlEndpoint(self.control, self.jobs,
-                                                cfg.endpoints.max_message_bytes)
+                                                cfg.endpoints.max_message_bytes, self.status)
+        arena_arg = msgspec.json.encode(self.arena.handle).decode() if self.arena else ""
         self.finetune: Child | None = None
         if cfg.finetune.enabled:
             self.finetune = Child(
                 "finetune",
                 lambda inc: [sys.executable, "-m", "harli.finetune_proc", "--incarnation",
-                             str(inc), "--config-json", cfg.to_json().decode()],
+                             str(inc), "--config-json", cfg.to_json().decode(),
+                             "--arena", arena_arg],
                 child_environ(cfg, "finetune"), cfg.supervisor, ops or PopenOps())
-        arena_arg = msgspec.json.encode(self.arena.handle).decode() if self.arena else ""
         self.decode = Child(
             "decode",
             lambda inc: [sys.executable, "-m", "harli.decode_proc", "--incarnation", str(inc),
@@ -130,6 +141,12 @@ class Daemon:
                          "--cpu-cores", format_cpu_list(self.decode_cores),
                          "--arena", arena_arg],
             child_environ(cfg), cfg.supervisor, ops or PopenOps())
+        self.memory: MemoryManager | None = None
+        if self.arena is not None:
+            self.memory = MemoryManager(cfg.memory, self.arena.handle.num_pages,
+                                        self.arena.handle.page_bytes, self._send_decode,
+                                        self._send_finetune, self._kill_finetune, self.metrics)
+            self.decode.may_start = self.memory.may_start_decode
         for child in (self.decode, self.finetune):  # read at scrape time, not in the loop
             if child is not None:
                 self.metrics.child_restarts.labels(child.name).set_function(
@@ -258,10 +275,14 @@ class Daemon:
             for fev in self.finetune.transition(now):
                 if isinstance(fev, ChildExited):
                     self.jobs.on_exit(fev)
+                    if self.memory is not None:
+                        self.memory.on_finetune_exit(now)
                 elif isinstance(fev, ChildFatal):
                     logger.error("[daemon] finetune process is FATAL; jobs stay queued")
         if self.state is DaemonState.SERVING:
             self.jobs.tick()
+        if self.memory is not None:
+            self.memory.tick(now)
         self.control_endpoint.reply_done()
         for ev in self.decode.transition(now):
             if isinstance(ev, ChildExited):
@@ -385,9 +406,34 @@ class Daemon:
             if self.finetune.on_ready(msg.incarnation, self.clock()):
                 self.jobs.on_ready()
             return
+        if isinstance(msg, LeaseReturned):
+            if self.memory is not None:
+                self.memory.on_lease_returned(msg, self.clock())
+            return
         self.jobs.on_message(msg)
+        if self.memory is not None:
+            if isinstance(msg, MicroStepReport):
+                self.memory.on_micro_step(msg)
+            elif isinstance(msg, JobStarted | JobEnded):
+                self.memory.set_finetune_training(isinstance(msg, JobStarted), self.clock())
 
-    def _send_decode(self, msg: AddRequest | AbortRequests | Shutdown) -> bool:
+    def status(self) -> DaemonStatus:
+        """What ``harli status`` shows (the control API's ``GetStatus``)."""
+        children = [ChildStatus(name=c.name, state=c.state.value, incarnation=c.incarnation,
+                                restarts=c.restarts, pid=c.proc.pid if c.proc else None)
+                    for c in (self.decode, self.finetune) if c is not None]
+        info = self.jobs.info()
+        return DaemonStatus(state=self.state.value, pid=os.getpid(), children=children,
+                            model=self.runtime.model if self.runtime else None,
+                            decode_iterations=self.iterations_seen,
+                            memory=self.memory.status() if self.memory else None,
+                            job_running=info["running"], jobs_queued=info["queued"])
+
+    def _kill_finetune(self, reason: str) -> None:
+        if self.finetune is not None:
+            self.finetune.kill(reason)
+
+    def _send_decode(self, msg: DaemonToDecode) -> bool:
         try:
             self.decode_in.send(encode(msg), zmq.NOBLOCK)
             return True
@@ -512,6 +558,12 @@ class Daemon:
             self._on_step_outputs(msg)
         elif isinstance(msg, Ready):
             self._on_ready(msg)
+        elif isinstance(msg, BlocksLent):
+            if self.memory is not None:
+                self.memory.on_blocks_lent(msg, self.clock())
+        elif isinstance(msg, BlocksReturned):
+            if self.memory is not None:
+                self.memory.on_blocks_returned(msg)
         elif isinstance(msg, Fatal):
             logger.error("[daemon] decode[%d] reported a fatal error: %s\n%s", msg.incarnation,
                          msg.error, msg.traceback)
@@ -520,6 +572,8 @@ class Daemon:
         if not self.decode.on_ready(msg.incarnation, self.clock()):
             return
         self.runtime = msg.info
+        if self.memory is not None:
+            self.memory.on_decode_ready(msg.incarnation, msg.info, self.clock())
         if self.state is DaemonState.STARTING:
             self.state = DaemonState.SERVING
             self.notifier.ready(f"serving {msg.info.model}")
@@ -551,6 +605,8 @@ class Daemon:
             self._send_frames(client, parts)
 
     def _on_decode_exit(self, ev: ChildExited) -> None:
+        if self.memory is not None:
+            self.memory.on_decode_exit(self.clock())
         lost = self.requests.of_incarnation(ev.incarnation)
         if lost:
             logger.error("[daemon] failing %d in-flight requests of decode[%d]", len(lost),
@@ -565,6 +621,8 @@ class Daemon:
             self.last_telemetry = self._telemetry_decoder.decode(data)
             self.iterations_seen += 1
             self.metrics.on_iteration(self.last_telemetry)
+            if self.memory is not None:
+                self.memory.on_telemetry(self.last_telemetry)
         except DecodeFailure as e:
             logger.error("[daemon] undecodable telemetry: %s", e)
 

@@ -140,6 +140,9 @@ class Child:
         self._started_at = 0.0
         self._ready_at: float | None = None
         self._backoff_until = 0.0
+        # A restart waits while this says no (decode: until no finetune lease lies in the KV
+        # cache a new engine would zero).
+        self.may_start: Callable[[], bool] = lambda: True
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -175,6 +178,13 @@ class Child:
         self.state = ChildState.STOPPED
         return rc
 
+    def kill(self, reason: str) -> None:
+        """SIGKILL now, without waiting: ``transition`` reaps it and reports ``ChildExited``
+        (used when a child can no longer be trusted to stop on a message in time)."""
+        if self.proc is not None and self.state in (ChildState.STARTING, ChildState.RUNNING):
+            logger.error("[supervisor] killing %s[%d]: %s", self.name, self.incarnation, reason)
+            self.ops.kill(self.proc, signal.SIGKILL)
+
     # -- time --------------------------------------------------------------------------------
 
     def transition(self, now: float) -> list[ChildEvent]:
@@ -200,7 +210,7 @@ class Child:
             elif (self.state is ChildState.RUNNING and self.crashes and self._ready_at is not None
                   and now - self._ready_at >= self.cfg.stable_after_s):
                 self.crashes = 0
-        elif self.state is ChildState.BACKOFF and now >= self._backoff_until:
+        elif self.state is ChildState.BACKOFF and now >= self._backoff_until and self.may_start():
             self.restarts += 1
             self.start(now)
         return events

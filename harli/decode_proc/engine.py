@@ -20,6 +20,7 @@ from harli.config import HarliConfig
 from harli.ipc.messages import (
     Generate,
     IterationTelemetry,
+    KVLayout,
     RequestOutput,
     RequestRejected,
     RuntimeInfo,
@@ -40,6 +41,8 @@ class BatchStats:
     decode_tokens: int = 0
     prefill_tokens: int = 0
     context_tokens: int = 0
+    waiting_tokens: int = 0
+    preempted: int = 0
 
 
 @dataclass
@@ -89,12 +92,17 @@ def sampling_params(req: Generate) -> SamplingParams:
 class DecodeEngine:
     """Owns one vLLM ``LLMEngine``; ``add`` / ``abort`` / ``step`` are its verbs."""
 
-    def __init__(self, cfg: HarliConfig, incarnation: int = 0) -> None:
+    def __init__(self, cfg: HarliConfig, incarnation: int = 0,
+                 arena_base: int | None = None) -> None:
         self.cfg = cfg
         self.incarnation = incarnation
         self.iteration = 0
+        self.preemptions = 0  # vLLM's scheduler preemptions, all iterations
+        self.lend_seq = 0  # the last lend / return applied (echoed in telemetry)
+        self._arena_base = arena_base
         self._live: set[str] = set()
-        self._lent: dict[int, Any] = {}  # block id -> vLLM KVCacheBlock withdrawn from the pool
+        # group id -> the vLLM KVCacheBlocks withdrawn from the free queue for it
+        self._lent: dict[int, list[Any]] = {}
         self._aborted: list[str] = []
         self._batch: BatchStats | None = None
         self._init_engine()
@@ -124,10 +132,36 @@ class DecodeEngine:
             block_size=int(self._scheduler.block_size),
             vllm_version=str(vllm.__version__),
             device=str(self.llm.vllm_config.device_config.device_type),
+            kv_layout=self._kv_layout(),
         )
         logger.info("[decode] vLLM %s engine on %s ready in %.1f s: %d KV blocks of %d tokens",
                     self.info.vllm_version, self.info.device, time.monotonic() - t0,
                     self.info.kv_blocks_total, self.info.block_size)
+
+    def _kv_layout(self) -> KVLayout | None:
+        """Byte ranges of the KV blocks in the arena, read from the tensors vLLM built (so
+        that lending never guesses vLLM's layout): per layer, block ``b`` must be one
+        contiguous slice of the outermost dimension."""
+        if self._arena_base is None:
+            return None
+        worker = self.llm.engine_core.engine_core.model_executor.driver_worker  # type: ignore[attr-defined]
+        kv = worker.worker.model_runner.kv_caches
+        tensors = list(kv if isinstance(kv, list) else kv.values())
+        num_blocks = int(self._block_pool.num_gpu_blocks)
+        offsets, block_bytes = [], set()
+        for t in tensors:
+            if not t.is_contiguous() or t.shape[0] != num_blocks:
+                logger.warning("[decode] KV tensor of shape %s is not block-major; KV lending "
+                               "is off", tuple(t.shape))
+                return None
+            offsets.append(int(t.data_ptr()) - self._arena_base)
+            block_bytes.add(int(t.stride(0)) * t.element_size())
+        if len(block_bytes) != 1 or any(o < 0 for o in offsets):
+            logger.warning("[decode] KV layers differ in block size or lie outside the arena; "
+                           "KV lending is off")
+            return None
+        return KVLayout(layer_offsets_bytes=offsets, block_bytes=block_bytes.pop(),
+                        num_blocks=num_blocks)
 
     def _init_batch_capture(self) -> None:
         # The SchedulerOutput is the one place that says which tokens of which request run in
@@ -145,7 +179,9 @@ class DecodeEngine:
 
     def _batch_stats(self, out: Any) -> BatchStats:
         sched = self._scheduler
-        stats = BatchStats(num_running=len(sched.running), num_waiting=len(sched.waiting))
+        stats = BatchStats(num_running=len(sched.running), num_waiting=len(sched.waiting),
+                           waiting_tokens=sum(r.num_prompt_tokens for r in sched.waiting),
+                           preempted=len(out.preempted_req_ids or ()))
         for req_id, n in out.num_scheduled_tokens.items():
             req = sched.requests.get(req_id)
             if req is None:
@@ -203,28 +239,51 @@ class DecodeEngine:
 
     # -- lending (issue 4): only between iterations, only blocks the free queue holds -----------
 
-    def lend_blocks(self, n: int) -> list[int]:
-        """Withdraw ``n`` free KV blocks from vLLM's free queue (never a block in use; vLLM
-        hands out the lowest free ids first) and return their ids. vLLM then never schedules
-        into them until ``reclaim_blocks`` gives them back."""
-        if n < 0 or n > self.kv_blocks_free():
-            raise ValueError(f"cannot lend {n} KV blocks: {self.kv_blocks_free()} are free")
-        blocks = self._block_pool.get_new_blocks(n)
-        for b in blocks:
-            self._lent[int(b.block_id)] = b
-        return [int(b.block_id) for b in blocks]
+    def lend_groups(self, max_groups: int, blocks_per_group: int) -> list[int]:
+        """Withdraw up to ``max_groups`` aligned groups of ``blocks_per_group`` KV blocks
+        (group ``g`` = blocks ``[g*n, (g+1)*n)``) whose every block is free, highest ids
+        first (vLLM hands out the front of its free queue, so the high ids are the ones idle
+        longest). vLLM never schedules into them until ``return_groups``; a block in use is
+        never taken. Returns the group ids."""
+        if max_groups < 0 or blocks_per_group < 1:
+            raise ValueError(f"bad lend request: {max_groups} groups of {blocks_per_group}")
+        pool = self._block_pool
+        out: list[int] = []
+        for g in reversed(range(int(pool.num_gpu_blocks) // blocks_per_group)):
+            if len(out) >= max_groups:
+                break
+            if g in self._lent:
+                continue
+            blocks = pool.blocks[g * blocks_per_group:(g + 1) * blocks_per_group]
+            if any(b.ref_cnt != 0 or b.is_null for b in blocks):
+                continue
+            # What BlockPool.get_new_blocks does, for chosen blocks: out of the free queue
+            # (O(1) unlink), drop any prefix-cache hash, and hold a reference.
+            for b in blocks:
+                pool.free_block_queue.remove(b)
+                if pool.enable_caching:
+                    pool._maybe_evict_cached_block(b)
+                b.ref_cnt += 1
+            self._lent[g] = list(blocks)
+            out.append(g)
+        return out
 
-    def reclaim_blocks(self, block_ids: list[int]) -> None:
-        """Give lent blocks back to vLLM's free queue; ids not lent are refused, nothing
+    def return_groups(self, groups: list[int]) -> None:
+        """Give lent groups back to vLLM's free queue; an id not lent is refused and nothing
         changes."""
-        unknown = [i for i in block_ids if i not in self._lent]
-        if unknown:
-            raise ValueError(f"KV blocks {unknown[:8]} are not lent")
-        self._block_pool.free_blocks([self._lent.pop(i) for i in block_ids])
+        unknown = [g for g in groups if g not in self._lent]
+        if unknown or len(set(groups)) != len(groups):
+            raise ValueError(f"KV block groups {sorted(set(unknown or groups))[:8]} are not lent "
+                             f"(or repeated)")
+        self._block_pool.free_blocks([b for g in groups for b in self._lent.pop(g)])
 
     @property
-    def lent_blocks(self) -> list[int]:
+    def lent_groups(self) -> list[int]:
         return sorted(self._lent)
+
+    @property
+    def kv_blocks_lent(self) -> int:
+        return sum(len(b) for b in self._lent.values())
 
     def step(self) -> StepResult:
         """Run one engine iteration and return its outputs and telemetry."""
@@ -272,5 +331,10 @@ class DecodeEngine:
                 context_tokens=batch.context_tokens,
                 kv_blocks_total=self.info.kv_blocks_total,
                 kv_blocks_free=self.kv_blocks_free(),
+                kv_blocks_lent=self.kv_blocks_lent,
+                waiting_tokens=batch.waiting_tokens,
+                preempted=batch.preempted,
+                lend_seq=self.lend_seq,
             )
+            self.preemptions += batch.preempted
         return StepResult(outputs, telemetry, end_wall_s)

@@ -2,8 +2,10 @@
 
 Sockets (all ipc:// in the runtime dir, bound by the daemon except telemetry):
 
-* ``decode-in``  PULL  <- daemon PUSH: ``AddRequest`` / ``AbortRequests`` / ``Shutdown``
-* ``decode-out`` PUSH  -> daemon PULL: ``Ready``, one ``StepOutputs`` per iteration, ``Fatal``
+* ``decode-in``  PULL  <- daemon PUSH: ``AddRequest`` / ``AbortRequests`` / ``Shutdown`` /
+  ``LendBlocks`` / ``ReturnBlocks``
+* ``decode-out`` PUSH  -> daemon PULL: ``Ready``, one ``StepOutputs`` per iteration, ``Fatal``,
+  ``BlocksLent`` / ``BlocksReturned``
 * ``telemetry``  PUB (bound here): one ``IterationTelemetry`` per iteration, for the daemon and
   any local observer (bench, profiler)
 
@@ -28,11 +30,15 @@ from harli.ipc.codec import Decoder, drain, encode
 from harli.ipc.messages import (
     AbortRequests,
     AddRequest,
+    BlocksLent,
+    BlocksReturned,
     DaemonToDecode,
     Fatal,
+    LendBlocks,
     Ready,
     RequestOutput,
     RequestRejected,
+    ReturnBlocks,
     Shutdown,
     StepOutputs,
 )
@@ -43,9 +49,11 @@ _IDLE_WAIT_MS = 100
 
 
 class DecodeProc:
-    def __init__(self, cfg: HarliConfig, incarnation: int) -> None:
+    def __init__(self, cfg: HarliConfig, incarnation: int,
+                 arena_base: int | None = None) -> None:
         self.cfg = cfg
         self.incarnation = incarnation
+        self.arena_base = arena_base
         self._stop_reason: str | None = None
         self._decoder: Decoder[DaemonToDecode] = Decoder(DaemonToDecode)
         self._ctx = zmq.Context()
@@ -71,7 +79,7 @@ class DecodeProc:
     # -- loop --------------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.engine = DecodeEngine(self.cfg, self.incarnation)
+        self.engine = DecodeEngine(self.cfg, self.incarnation, self.arena_base)
         self._send(self._out, Ready(incarnation=self.incarnation, pid=os.getpid(),
                                     info=self.engine.info))
         while self._stop_reason is None:
@@ -99,6 +107,24 @@ class DecodeProc:
             self.engine.abort(msg.rids)
         elif isinstance(msg, Shutdown):
             self.request_stop(msg.reason)
+        elif isinstance(msg, LendBlocks):
+            # Between iterations, so no block can change hands under a running step.
+            groups = self.engine.lend_groups(msg.max_groups, msg.blocks_per_group)
+            self.engine.lend_seq = msg.seq
+            self._send(self._out, BlocksLent(incarnation=self.incarnation, seq=msg.seq,
+                                             groups=groups,
+                                             kv_blocks_free=self.engine.kv_blocks_free()))
+        elif isinstance(msg, ReturnBlocks):
+            error = None
+            try:
+                self.engine.return_groups(msg.groups)
+            except ValueError as e:
+                error = str(e)
+                logger.error("[decode] ReturnBlocks %d refused: %s", msg.seq, e)
+            self.engine.lend_seq = msg.seq
+            self._send(self._out, BlocksReturned(
+                incarnation=self.incarnation, seq=msg.seq, groups=msg.groups,
+                kv_blocks_free=self.engine.kv_blocks_free(), error=error))
 
     def _step(self) -> None:
         assert self.engine is not None
@@ -153,12 +179,14 @@ def run_decode_proc(cfg: HarliConfig, incarnation: int, cpu_cores: str = "none",
     configure_logging("decode", cfg.daemon.log_level)
     # Before vLLM starts its OpenMP threads, so that they inherit the mask.
     pin_to(None if cpu_cores == "none" else parse_cpu_list(cpu_cores), "decode")
+    arena_base = None
     if arena_json:
         from harli.decode_proc import kv_arena
         from harli.ipc.arena import ArenaHandle, ShmArena
 
         arena = ShmArena.attach(msgspec.json.decode(arena_json, type=ArenaHandle))
         kv_arena.install(arena)
-    return run_child("decode", DecodeProc(cfg, incarnation))
+        arena_base = arena.base_address
+    return run_child("decode", DecodeProc(cfg, incarnation, arena_base))
 
 

@@ -13,8 +13,9 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="harli.finetune_proc")
     p.add_argument("--incarnation", type=int, required=True)
     p.add_argument("--config-json", required=True)
+    p.add_argument("--arena", default="", help="ArenaHandle as JSON: leased pages live there")
     args = p.parse_args()
-    return run_finetune_proc(from_json(args.config_json), args.incarnation)
+    return run_finetune_proc(from_json(args.config_json), args.incarnation, args.arena)
 
 
 if __name__ == "__main__":

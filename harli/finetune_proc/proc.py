@@ -1,9 +1,14 @@
 """``FinetuneProc``: the finetune process's loop around ``LoRARecipe``.
 
 Sockets (ipc:// in the runtime dir, bound by the daemon): ``finetune-in`` PULL <- daemon
-(``StartJob``, ``StopJob``, ``Decision``, ``FinetuneShutdown``) and ``finetune-out`` PUSH -> daemon
-(``FinetuneReady``, one ``MicroStepReport`` per micro-step, ``JobStarted``, ``CheckpointSaved``,
-``JobEnded``, ``FinetuneFatal``).
+(``StartJob``, ``StopJob``, ``Decision``, ``FinetuneShutdown``, ``GrantLease``, ``ReclaimLease``,
+``LeaseRefused``) and ``finetune-out`` PUSH -> daemon (``FinetuneReady``, one
+``MicroStepReport`` per micro-step, ``JobStarted``, ``CheckpointSaved``, ``JobEnded``,
+``FinetuneFatal``, ``LeaseReturned``).
+
+Leased arena pages (``ActivationLease``) hold the tensors autograd saves during a micro-step.
+Grants and reclaims are applied while draining inputs, i.e. only at micro-step boundaries, when
+the lease is empty: a reclaim is answered at the first boundary after it arrives.
 
 Loop: ``drain inputs -> (if a job is admitted) one micro-step -> emit``. Before each micro-step
 it obeys the daemon's latest ``Decision``; when paused or idle it blocks on its socket (bounded),
@@ -21,6 +26,7 @@ import msgspec
 import zmq
 
 from harli.config import HarliConfig
+from harli.finetune_proc.activations import ActivationLease
 from harli.finetune_proc.quota import CpuQuota, QuotaApplier
 from harli.finetune_proc.recipe import LoRARecipe
 from harli.ipc.codec import Decoder, drain, encode
@@ -31,9 +37,13 @@ from harli.ipc.control import (
     FinetuneFatal,
     FinetuneReady,
     FinetuneShutdown,
+    GrantLease,
     JobEnded,
     JobStarted,
+    LeaseRefused,
+    LeaseReturned,
     MicroStepReport,
+    ReclaimLease,
     StartJob,
     StopJob,
 )
@@ -44,10 +54,12 @@ _IDLE_WAIT_MS = 100
 
 
 class FinetuneProc:
-    def __init__(self, cfg: HarliConfig, incarnation: int, quota: QuotaApplier) -> None:
+    def __init__(self, cfg: HarliConfig, incarnation: int, quota: QuotaApplier,
+                 lease: ActivationLease | None = None) -> None:
         self.cfg = cfg
         self.incarnation = incarnation
         self.quota = quota
+        self.lease = lease
         self.decision = Decision(level=0, admitted=False, seq=0)
         self.job: StartJob | None = None
         self.recipe: LoRARecipe | None = None
@@ -106,6 +118,29 @@ class FinetuneProc:
                 self._stop_job = msg.reason
         elif isinstance(msg, FinetuneShutdown):
             self.request_stop(msg.reason)
+        elif isinstance(msg, GrantLease | ReclaimLease):
+            self._on_lease(msg)
+        elif isinstance(msg, LeaseRefused):
+            logger.error("[finetune] the daemon refused lease message %d: %s", msg.seq,
+                         msg.message)
+
+    def _on_lease(self, msg: GrantLease | ReclaimLease) -> None:
+        if self.lease is None:
+            logger.error("[finetune] lease message without an arena; returning the pages")
+            self._send(LeaseReturned(seq=msg.seq, pages=msg.pages, reason="no arena"))
+            return
+        if isinstance(msg, GrantLease):
+            self.lease.grant(msg.pages)
+            return
+        held = set(self.lease.pages)
+        mine = [p for p in msg.pages if p in held]
+        if mine:
+            self.lease.take_back(mine)
+        late = time.monotonic() - msg.deadline_s
+        if late > 0:
+            logger.warning("[finetune] reclaim %d answered %.3f s after its deadline", msg.seq,
+                           late)
+        self._send(LeaseReturned(seq=msg.seq, pages=mine, reason="reclaimed"))
 
     def _start(self, msg: StartJob) -> None:
         if self.job is not None:
@@ -166,7 +201,7 @@ class FinetuneProc:
         level = self.decision.level
         self.quota.apply(level)
         try:
-            r = self.recipe.train_micro_step()
+            r = self.recipe.train_micro_step(self.lease)
         except Exception as e:
             logger.exception("[finetune] job %d failed in a micro-step", self.job.job_id)
             self._end("failed", f"micro-step {self.recipe.state.micro_step + 1}: {e!r}")
@@ -175,7 +210,11 @@ class FinetuneProc:
         self._send(MicroStepReport(
             job_id=self.job.job_id, micro_step=r.micro_step, step=r.step, epoch=r.epoch,
             tokens=r.tokens, step_tokens=r.step_tokens, duration_s=r.duration_s, level=level,
-            loss=r.loss, paused_s=self._paused_s, total_steps=self.recipe.total_steps))
+            loss=r.loss, paused_s=self._paused_s, total_steps=self.recipe.total_steps,
+            lease_bytes=r.lease.lease_bytes if r.lease else 0,
+            lease_saved_bytes=r.lease.lease_saved_bytes if r.lease else 0,
+            private_saved_bytes=r.lease.private_saved_bytes if r.lease else 0,
+            fallback_tensors=r.lease.fallback_tensors if r.lease else 0, chunks=r.chunks))
         self._paused_s = 0.0
         if self.recipe.checkpoint_due(r):
             path = self.recipe.save_checkpoint()
@@ -193,7 +232,7 @@ class FinetuneProc:
         self._ctx.term()
 
 
-def run_finetune_proc(cfg: HarliConfig, incarnation: int) -> int:
+def run_finetune_proc(cfg: HarliConfig, incarnation: int, arena_json: str = "") -> int:
     """Entry of the finetune process; returns its exit code."""
     from harli.ipc.process import configure_logging, die_with_parent, run_child, set_title
 
@@ -201,4 +240,11 @@ def run_finetune_proc(cfg: HarliConfig, incarnation: int) -> int:
     set_title(f"harli::finetune[{incarnation}]")
     configure_logging("finetune", cfg.daemon.log_level)
     quota = CpuQuota(cfg.finetune.levels, cfg.finetune.max_threads or os.cpu_count() or 1)
-    return run_child("finetune", FinetuneProc(cfg, incarnation, quota))
+    lease = None
+    if arena_json:
+        from harli.ipc.arena import ArenaHandle, ShmArena
+
+        handle = msgspec.json.decode(arena_json, type=ArenaHandle)
+        # No prefault: the pages are decode's, resident already; only leased ones are touched.
+        lease = ActivationLease(ShmArena.attach(handle, prefault=False), handle.page_bytes)
+    return run_child("finetune", FinetuneProc(cfg, incarnation, quota, lease))

@@ -5,6 +5,11 @@ A micro-step is one micro-batch forward and backward; every ``grad_accum`` micro
 optimizer steps. The data order of an epoch is a permutation seeded by ``(seed, epoch)``, so the
 whole position in training follows from the micro-step count alone: a checkpoint (taken only at
 optimizer-step boundaries) plus that count resumes exactly where training was.
+
+Given an ``ActivationLease``, a micro-step keeps its saved activations in the arena pages the
+daemon lent: the micro-batch is cut into chunks whose activations fit the lease, each chunk runs
+forward and backward on its own, and the chunk losses are weighted so that the gradient is the
+one of the whole micro-batch.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 import torch
 
+from harli.finetune_proc.activations import ActivationLease, LeaseStats, combine_stats
 from harli.finetune_proc.checkpoint import (
     TrainerState,
     latest_checkpoint,
@@ -30,6 +36,8 @@ from harli.ipc.jobs import JobSpec
 
 logger = logging.getLogger(__name__)
 
+LEASE_FILL = 0.9  # plan chunks to 90 % of the lease: alignment and estimate error take the rest
+
 
 @dataclass(frozen=True)
 class MicroStepResult:
@@ -41,6 +49,38 @@ class MicroStepResult:
     loss: float
     duration_s: float
     stepped: bool  # an optimizer step happened
+    chunks: int = 1  # forward/backward passes the micro-batch was cut into to fit the lease
+    lease: LeaseStats | None = None  # saved activations over all chunks; None without a lease
+
+
+def chunk_plan(n_examples: int, padded_len: int, lease_bytes: int,
+               bytes_per_token: float | None) -> int:
+    """Examples per chunk so that a chunk's saved activations fit the lease.
+
+    No lease means no limit (one chunk); no estimate yet means one example per chunk, which
+    then measures the estimate for the next ones.
+    """
+    if lease_bytes <= 0:
+        return n_examples
+    if not bytes_per_token or bytes_per_token <= 0:
+        return 1
+    fit = math.floor(lease_bytes * LEASE_FILL / (bytes_per_token * padded_len))
+    return max(1, min(n_examples, fit))
+
+
+def chunk_weights(label_counts: list[int]) -> list[float]:
+    """Weight of each chunk's mean loss so the weighted sum is the micro-batch's mean loss.
+
+    HF's causal-LM loss is a mean over the label tokens left after shifting by one, so a chunk
+    weighs its share of those tokens; a micro-batch without any gets all-zero weights.
+    """
+    total = sum(label_counts)
+    return [c / total if total else 0.0 for c in label_counts]
+
+
+def shifted_label_counts(labels: torch.Tensor) -> list[int]:
+    """Per example, the label tokens the causal-LM loss averages over (shifted, not ignored)."""
+    return [int(c) for c in (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)]
 
 
 class LoRARecipe:
@@ -52,6 +92,9 @@ class LoRARecipe:
         self.resumed_from: int | None = None
         self._order: list[int] = []
         self._order_epoch = -1
+        # Saved activation bytes per padded token, measured on the last chunk run in a lease;
+        # it sizes the next chunks (None until a first pass has measured it).
+        self.saved_bytes_per_token: float | None = None
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -113,24 +156,29 @@ class LoRARecipe:
             mask[i, :n] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
-    def train_micro_step(self) -> MicroStepResult:
+    def train_micro_step(self, lease: ActivationLease | None = None) -> MicroStepResult:
         spec = self.spec
         t0 = time.perf_counter()
         s = self.state
         batch = [self.examples[i] for i in self._batch_indices(s.micro_step)]
         inputs = self._collate(batch)
-        out = self.model(**inputs)
-        # A micro-batch whose response tokens were all truncated away has no loss (NaN): it
-        # still counts as a micro-step, but contributes no gradient.
-        has_loss = bool((inputs["labels"] != IGNORE_INDEX).any())
-        if has_loss:
-            (out.loss / spec.grad_accum).backward()
+        chunks, lease_stats = 1, None
+        if lease is None:
+            out = self.model(**inputs)
+            # A micro-batch whose response tokens were all truncated away has no loss (NaN): it
+            # still counts as a micro-step, but contributes no gradient.
+            has_loss = bool((inputs["labels"] != IGNORE_INDEX).any())
+            if has_loss:
+                (out.loss / spec.grad_accum).backward()
+            loss = float(out.loss.detach()) if has_loss else None
+        else:
+            loss, chunks, lease_stats = self._forward_backward_in_lease(inputs, lease)
         s.micro_step += 1
         s.epoch, s.cursor = divmod(s.micro_step, self.micro_batches_per_epoch)
         step_tokens = int(inputs["attention_mask"].sum())
         s.tokens += step_tokens
-        if has_loss:
-            s.loss = float(out.loss.detach())
+        if loss is not None:
+            s.loss = loss
         stepped = s.micro_step % spec.grad_accum == 0
         if stepped:
             self.optimizer.step()
@@ -140,7 +188,43 @@ class LoRARecipe:
         return MicroStepResult(micro_step=s.micro_step, step=s.step, epoch=s.epoch,
                                tokens=s.tokens, step_tokens=step_tokens,
                                loss=s.loss if s.loss is not None else float("nan"),
-                               duration_s=time.perf_counter() - t0, stepped=stepped)
+                               duration_s=time.perf_counter() - t0, stepped=stepped,
+                               chunks=chunks, lease=lease_stats)
+
+    def _forward_backward_in_lease(self, inputs: dict[str, torch.Tensor], lease: ActivationLease
+                                   ) -> tuple[float | None, int, LeaseStats]:
+        """Forward and backward of the micro-batch in chunks that fit the lease.
+
+        Returns the micro-batch's mean loss (None when it has no label tokens), the number of
+        chunks run and their combined lease stats.
+        """
+        n, width = inputs["input_ids"].shape
+        counts = shifted_label_counts(inputs["labels"])
+        weights = chunk_weights(counts)
+        skip = [*self.model.parameters(), *self.model.buffers()]
+        loss: float | None = None
+        stats: list[LeaseStats] = []
+        start = 0
+        while start < n:
+            # Re-planned after every chunk: the first pass of a job measures the estimate.
+            size = chunk_plan(n - start, width, lease.lease_bytes, self.saved_bytes_per_token)
+            end = start + size
+            w = sum(weights[start:end])
+            if sum(counts[start:end]):  # no label tokens: no loss and no gradient to compute
+                part = {k: v[start:end] for k, v in inputs.items()}
+                # The lease is reset when the block ends: backward has consumed the chunk's
+                # saved tensors by then, so the next chunk starts from an empty lease.
+                with lease.micro_step(skip):
+                    out = self.model(**part)
+                    (out.loss * w / self.spec.grad_accum).backward()
+                loss = (loss or 0.0) + float(out.loss.detach()) * w
+                del out
+                stats.append(lease.last_stats)
+                if lease.last_stats.saved_bytes:
+                    self.saved_bytes_per_token = lease.last_stats.saved_bytes / (size * width)
+            start = end
+        combined = combine_stats(stats) if stats else LeaseStats(lease.lease_bytes, 0, 0, 0, 0, 0)
+        return loss, len(stats), combined
 
     def checkpoint_due(self, result: MicroStepResult) -> bool:
         return result.stepped and (result.step % self.spec.checkpoint_every == 0 or self.done)

@@ -131,6 +131,13 @@ class ShmArena:
             view[off] = view[off]
         view.release()
 
+    @property
+    def base_address(self) -> int:
+        """Virtual address of byte 0 in this process (to find where a tensor lies in it)."""
+        import torch
+
+        return int(torch.frombuffer(self._mm, dtype=torch.uint8, count=1).data_ptr())
+
     def tensor(self, offset: int, nbytes: int, dtype: Any = None) -> torch.Tensor:
         import torch
 

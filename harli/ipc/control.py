@@ -46,7 +46,11 @@ class JobLogs(_Ctl, tag="job_logs", frozen=True):
     after_event: Annotated[int, Meta(ge=0)] = 0  # only events with a larger id
 
 
-ControlRequest = AttachJob | ListJobs | ShowJob | CancelJob | JobLogs
+class GetStatus(_Ctl, tag="status", frozen=True):
+    """What ``harli status`` shows: children, decode, the arena ledger, jobs."""
+
+
+ControlRequest = AttachJob | ListJobs | ShowJob | CancelJob | JobLogs | GetStatus
 
 # -- daemon -> tools ------------------------------------------------------------------------
 
@@ -96,7 +100,47 @@ class JobDetail(_Ctl, tag="job_detail", frozen=True):
     events: list[JobEvent]
 
 
-ControlReply = JobInfo | JobList | JobDetail
+class ChildStatus(_Ctl, tag="child", frozen=True):
+    name: str
+    state: str
+    incarnation: int
+    restarts: int
+    pid: int | None
+
+
+class MemoryStatus(_Ctl, tag="memory", frozen=True):
+    """The arena ledger and the lending between decode and the finetune."""
+
+    page_bytes: int
+    pages: dict[str, int]  # by owner: free / decode / finetune
+    lending: bool
+    blocks_per_group: int
+    kv_groups: int
+    groups_lent: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    reclaim_pending: bool
+    reclaims: dict[str, int]  # by outcome: returned / finetune_died / killed
+    reclaim_p50_s: float | None
+    reclaim_max_s: float | None
+    saved_lease_bytes: int  # what autograd saved, placed in the lease (all micro-steps)
+    saved_private_bytes: int  # ... and in private memory (the fallback)
+    fallback_tensors: int
+    preemptions: int  # vLLM's scheduler, this daemon's lifetime
+
+
+class DaemonStatus(_Ctl, tag="daemon_status", frozen=True):
+    state: str
+    pid: int
+    children: list[ChildStatus]
+    model: str | None
+    decode_iterations: int
+    memory: MemoryStatus | None
+    job_running: int | None
+    jobs_queued: int
+
+
+ControlReply = JobInfo | JobList | JobDetail | DaemonStatus
 
 # -- daemon <-> finetune_proc -----------------------------------------------------------------
 
@@ -130,7 +174,32 @@ class FinetuneShutdown(_Internal, frozen=True):
     reason: str
 
 
-DaemonToFinetune = StartJob | StopJob | Decision | FinetuneShutdown
+class GrantLease(_Internal, frozen=True):
+    """Arena pages lent to the finetune for the tensors autograd saves; they are its own until
+    a ``ReclaimLease`` asks for them back."""
+
+    seq: int
+    pages: list[int]
+
+
+class ReclaimLease(_Internal, frozen=True):
+    """Give ``pages`` back at the next micro-step boundary, before ``deadline_s`` (monotonic
+    clock); a finetune that misses the deadline is stopped and restarted from its checkpoint."""
+
+    seq: int
+    pages: list[int]
+    deadline_s: float
+
+
+class LeaseRefused(_Internal, frozen=True):
+    """The daemon's typed error for a lease message it could not apply (ledger unchanged)."""
+
+    seq: int
+    message: str
+
+
+DaemonToFinetune = (StartJob | StopJob | Decision | FinetuneShutdown | GrantLease
+                    | ReclaimLease | LeaseRefused)
 
 
 class FinetuneReady(_Internal, frozen=True):
@@ -151,6 +220,12 @@ class MicroStepReport(_Internal, frozen=True):
     loss: float
     paused_s: float  # spent paused since the previous report
     total_steps: int
+    # Where the tensors autograd saved in this micro-step went (``ActivationLease``).
+    lease_bytes: int = 0
+    lease_saved_bytes: int = 0
+    private_saved_bytes: int = 0
+    fallback_tensors: int = 0
+    chunks: int = 1
 
 
 class JobStarted(_Internal, frozen=True):
@@ -179,5 +254,14 @@ class FinetuneFatal(_Internal, frozen=True):
     traceback: str
 
 
+class LeaseReturned(_Internal, frozen=True):
+    """Pages given back: the answer to ``ReclaimLease`` (same ``seq``), or ``seq`` 0 when the
+    finetune gives them up on its own (job ended)."""
+
+    seq: int
+    pages: list[int]
+    reason: str
+
+
 FinetuneToDaemon = (FinetuneReady | MicroStepReport | JobStarted | CheckpointSaved | JobEnded
-                    | FinetuneFatal)
+                    | FinetuneFatal | LeaseReturned)

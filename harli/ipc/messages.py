@@ -151,7 +151,34 @@ class Shutdown(_Internal, frozen=True):
     reason: str
 
 
-DaemonToDecode = AddRequest | AbortRequests | Shutdown
+class LendBlocks(_Internal, frozen=True):
+    """Daemon -> decode_proc: withdraw up to ``max_groups`` groups of ``blocks_per_group``
+    aligned KV blocks from vLLM's free queue, between iterations, and answer ``BlocksLent``.
+    Only groups whose every block is free are taken; a block in use is never lent."""
+
+    seq: int
+    max_groups: int
+    blocks_per_group: int
+
+
+class ReturnBlocks(_Internal, frozen=True):
+    """Daemon -> decode_proc: give lent groups back to vLLM's free queue (the finetune has
+    released their pages, or is dead); answered by ``BlocksReturned``."""
+
+    seq: int
+    groups: list[int]
+
+
+DaemonToDecode = AddRequest | AbortRequests | Shutdown | LendBlocks | ReturnBlocks
+
+
+class KVLayout(_Internal, frozen=True):
+    """Where vLLM's KV blocks lie in the arena: block ``b`` of layer ``l`` is the byte range
+    ``[layer_offsets_bytes[l] + b * block_bytes, ... + block_bytes)``."""
+
+    layer_offsets_bytes: list[int]
+    block_bytes: int
+    num_blocks: int
 
 
 class RuntimeInfo(_Internal, frozen=True):
@@ -163,6 +190,7 @@ class RuntimeInfo(_Internal, frozen=True):
     block_size: int
     vllm_version: str
     device: str
+    kv_layout: KVLayout | None = None  # None: KV cache not in the arena, nothing to lend
 
 
 class Ready(_Internal, frozen=True):
@@ -203,7 +231,27 @@ class Fatal(_Internal, frozen=True):
     traceback: str
 
 
-DecodeToDaemon = Ready | StepOutputs | Fatal
+class BlocksLent(_Internal, frozen=True):
+    """Decode_proc's answer to ``LendBlocks``: the groups withdrawn (maybe fewer than asked,
+    maybe none) and the free blocks left in vLLM's queue."""
+
+    incarnation: int
+    seq: int
+    groups: list[int]
+    kv_blocks_free: int
+
+
+class BlocksReturned(_Internal, frozen=True):
+    """Decode_proc's answer to ``ReturnBlocks``; ``error`` names groups it did not lend."""
+
+    incarnation: int
+    seq: int
+    groups: list[int]
+    kv_blocks_free: int
+    error: str | None = None
+
+
+DecodeToDaemon = Ready | StepOutputs | Fatal | BlocksLent | BlocksReturned
 
 
 class IterationTelemetry(_Internal, frozen=True):
@@ -223,3 +271,7 @@ class IterationTelemetry(_Internal, frozen=True):
     context_tokens: int
     kv_blocks_total: int
     kv_blocks_free: int
+    kv_blocks_lent: int = 0
+    waiting_tokens: int = 0  # prompt tokens of the requests still waiting
+    preempted: int = 0  # requests vLLM's scheduler preempted in this iteration
+    lend_seq: int = 0  # the last LendBlocks / ReturnBlocks applied before this iteration

@@ -13,10 +13,12 @@ from harli.tools.demo import DemoCommand
 from harli.tools.generate_cmd import GenerateCommand
 from harli.tools.jobs_cmd import JobCommand, JobsCommand
 from harli.tools.model_cmd import KeysCommand, ModelCommand
+from harli.tools.status_cmd import StatusCommand
 
 COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
                            AttachCommand(), JobsCommand(), JobCommand(),
-                           BenchOverheadCommand(), DemoCommand(), KeysCommand()]
+                           StatusCommand(), BenchOverheadCommand(), DemoCommand(),
+                           KeysCommand()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,8 @@ from harli.ipc.control import (
     CancelJob,
     ControlReply,
     ControlRequest,
+    DaemonStatus,
+    GetStatus,
     JobDetail,
     JobInfo,
     JobList,
@@ -83,6 +85,12 @@ class ControlClient:
     def cancel(self, job_id: int) -> JobInfo:
         reply = self.request(CancelJob(job_id=job_id))
         assert isinstance(reply, JobInfo)
+        return reply
+
+
+    def status(self) -> DaemonStatus:
+        reply = self.request(GetStatus())
+        assert isinstance(reply, DaemonStatus)
         return reply
 
 

@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from harli.daemon.ledger import LedgerError, Owner, PageLedger, plan_lending
+from harli.daemon.ledger import LedgerError, Owner, PageLedger
+from harli.scheduler.lending import plan_lending
 
 N = 24
 pages = st.lists(st.integers(-2, N + 2), min_size=0, max_size=6)

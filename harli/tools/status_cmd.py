@@ -1,0 +1,70 @@
+"""``harli status [--json]``: the daemon's children, decode, the arena ledger and jobs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from harli.tools.command import Command, add_endpoint_arguments, curve_kwargs, load_config
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+class StatusCommand(Command):
+    name = "status"
+    help = "show the daemon's state, the memory ledger and jobs"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true")
+        add_endpoint_arguments(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from rich.console import Console
+        from rich.table import Table
+
+        from harli.tools.control_client import ControlClient, to_jsonable
+
+        with ControlClient(args.endpoint or load_config(args).control_endpoint,
+                           timeout_s=10.0, **curve_kwargs(args)) as c:
+            st = c.status()
+        if args.json:
+            print(json.dumps(to_jsonable(st)))
+            return 0
+        con = Console()
+        con.print(f"daemon pid {st.pid}: [bold]{st.state}[/bold], model {st.model or '-'}, "
+                  f"{st.decode_iterations} decode iterations; job running: "
+                  f"{st.job_running or '-'}, queued: {st.jobs_queued}")
+        t = Table(title="children")
+        for col in ("child", "state", "incarnation", "restarts", "pid"):
+            t.add_column(col)
+        for ch in st.children:
+            t.add_row(ch.name, ch.state, str(ch.incarnation), str(ch.restarts),
+                      str(ch.pid or "-"))
+        con.print(t)
+        m = st.memory
+        if m is None:
+            con.print("arena: off (memory.arena = false)")
+            return 0
+        total = sum(m.pages.values())
+        t = Table(title=f"arena: {total} pages of {_mib(m.page_bytes)}")
+        for col in ("owner", "pages", "bytes", "share"):
+            t.add_column(col, justify="right")
+        for owner in ("decode", "finetune", "free"):
+            n = m.pages.get(owner, 0)
+            t.add_row(owner, str(n), _mib(n * m.page_bytes), f"{n / total:.0%}" if total else "-")
+        con.print(t)
+        saved = m.saved_lease_bytes + m.saved_private_bytes
+        reclaims = ", ".join(f"{k} {v}" for k, v in sorted(m.reclaims.items())) or "none"
+        p50 = "-" if m.reclaim_p50_s is None else f"{m.reclaim_p50_s * 1000:.0f} ms"
+        mx = "-" if m.reclaim_max_s is None else f"{m.reclaim_max_s * 1000:.0f} ms"
+        con.print(
+            f"KV: {m.kv_blocks_free} of {m.kv_blocks_total} blocks free; lending "
+            f"{'on' if m.lending else 'off'}: {m.groups_lent} of {m.kv_groups} groups of "
+            f"{m.blocks_per_group} blocks lent{'; reclaim pending' if m.reclaim_pending else ''}"
+            f"\nreclaims: {reclaims} (p50 {p50}, max {mx}); vLLM preemptions: {m.preemptions}"
+            f"\nsaved for backward: {_mib(saved)}, "
+            f"{(m.saved_lease_bytes / saved if saved else 0):.1%} in the lease, "
+            f"{m.fallback_tensors} tensors fell back to private memory")
+        return 0
