@@ -201,7 +201,9 @@ class MemoryConfig:
     lend: bool = _help("Lend free KV pages to the finetune for its activations (needs the "
                        "arena and a finetune process).", default=True)
     floor_blocks: int = _help(
-        "KV blocks always kept free for decode, whatever the predicted demand.", default=64)
+        "KV blocks always kept free for decode, whatever the predicted demand; also vLLM's "
+        "admission watermark while lending, so that new requests cannot take it from running "
+        "ones while a reclaim is in flight.", default=64)
     horizon_iters: int = _help(
         "Decode iterations ahead the KV demand is predicted over when deciding what to lend "
         "(each running request may need a new block within it).", default=256)

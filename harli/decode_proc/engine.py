@@ -134,6 +134,12 @@ class DecodeEngine:
             device=str(self.llm.vllm_config.device_config.device_type),
             kv_layout=self._kv_layout(),
         )
+        if self.info.kv_layout is not None and self.cfg.memory.lend:
+            # vLLM's own admission watermark (SchedulerConfig.watermark, set here in blocks
+            # because the block count is known only now): a waiting request is admitted only
+            # if the floor stays free, so while a reclaim is in flight the running requests
+            # grow into the floor and are never preempted for blocks the finetune holds.
+            self._scheduler.kv_cache_manager.watermark_blocks = self.cfg.memory.floor_blocks
         logger.info("[decode] vLLM %s engine on %s ready in %.1f s: %d KV blocks of %d tokens",
                     self.info.vllm_version, self.info.device, time.monotonic() - t0,
                     self.info.kv_blocks_total, self.info.block_size)

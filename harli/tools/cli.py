@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from harli.tools.attach_cmd import AttachCommand
+from harli.tools.bench_memory import BenchMemoryCommand
 from harli.tools.bench_overhead import BenchOverheadCommand
 from harli.tools.command import Command, CommandError
 from harli.tools.daemon_cmd import DaemonCommand
@@ -17,7 +18,8 @@ from harli.tools.status_cmd import StatusCommand
 
 COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
                            AttachCommand(), JobsCommand(), JobCommand(),
-                           StatusCommand(), BenchOverheadCommand(), DemoCommand(),
+                           StatusCommand(), BenchOverheadCommand(), BenchMemoryCommand(),
+                           DemoCommand(),
                            KeysCommand()]
 
 
