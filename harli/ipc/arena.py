@@ -40,7 +40,13 @@ class ArenaHandle(msgspec.Struct, tag=True, kw_only=True, array_like=True, froze
 
 
 class Arena(Protocol):
+    """What the daemon and the children need of an arena; the GPU backend adds a CUDA IPC
+    implementation (device memory, ``cudaIpcGetMemHandle`` in the handle)."""
+
     handle: ArenaHandle
+
+    @property
+    def base_address(self) -> int: ...
 
     def tensor(self, offset: int, nbytes: int, dtype: Any = None) -> torch.Tensor: ...
 

@@ -249,3 +249,26 @@ def test_any_event_sequence_keeps_the_books(events: list[tuple[str, int]]) -> No
         # decode's lent groups are exactly the ones whose pages the finetune holds.
         assert {p for g in h.lent for p in h.mm.map.pages_of(g)} == h.leased()  # type: ignore[union-attr]
         assert h.free >= 0
+
+
+def test_ledger_and_lease_figures_are_in_the_metrics() -> None:
+    from prometheus_client import generate_latest
+
+    h = Harness()
+    lend_all(h)
+    h.mm.on_micro_step(MicroStepReport(job_id=1, micro_step=1, step=0, epoch=0, tokens=1,
+                                       step_tokens=1, duration_s=0.1, level=2, loss=1.0,
+                                       paused_s=0, total_steps=9, lease_saved_bytes=900,
+                                       private_saved_bytes=100, fallback_tensors=2))
+    h.mm.metrics.on_micro_step(MicroStepReport(
+        job_id=1, micro_step=1, step=0, epoch=0, tokens=1, step_tokens=1, duration_s=0.1,
+        level=2, loss=1.0, paused_s=0, total_steps=9, lease_saved_bytes=900,
+        private_saved_bytes=100, fallback_tensors=2))
+    text = generate_latest(h.mm.metrics.registry).decode()
+    leased = len(h.leased())
+    assert f'harli_arena_pages{{owner="finetune"}} {float(leased)}' in text
+    assert f'harli_arena_pages{{owner="decode"}} {float(32 - leased)}' in text
+    assert 'harli_lease_saved_bytes_total{placement="lease"} 900.0' in text
+    assert "harli_lease_saved_share 0.9" in text
+    st = h.mm.status()
+    assert (st.saved_lease_bytes, st.saved_private_bytes, st.fallback_tensors) == (900, 100, 2)
