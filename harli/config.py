@@ -234,6 +234,22 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class PredictorConfig:
+    profile: str = _help(
+        "Latency profile from `harli profile --out FILE`; one measured on another model, "
+        "backend, dtype, host or harli version is refused at start. Empty: start from "
+        "prior_iteration_ms and learn online from telemetry.", default="")
+    prior_iteration_ms: float = _help(
+        "Conservative decode iteration time assumed until the online fit has data (no "
+        "profile).", default=50.0)
+
+    def __post_init__(self) -> None:
+        if self.prior_iteration_ms <= 0:
+            raise ConfigError(f"predictor.prior_iteration_ms: expected > 0, got "
+                              f"{self.prior_iteration_ms}")
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     port: int = _help("Prometheus endpoint port; 0 turns it off.", default=9464)
     addr: str = _help("Address it listens on (loopback: only this host scrapes).",
@@ -253,6 +269,8 @@ class HarliConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     def __post_init__(self) -> None:
         if self.memory.arena_gib and self.memory.arena_gib < self.decode.kv_cache_gib:
@@ -265,7 +283,6 @@ class HarliConfig:
         gib = self.memory.arena_gib or self.decode.kv_cache_gib
         page = self.memory.page_bytes
         return -(-int(gib * 2**30) // page) * page
-    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     # -- derived paths (defaults resolved from the environment read in Env) --------------------
 

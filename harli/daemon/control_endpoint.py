@@ -18,7 +18,7 @@ import zmq
 
 from harli.daemon.job_manager import JobManager
 from harli.ipc.codec import DecodeFailure, Decoder, encode
-from harli.ipc.control import ControlRequest, DaemonStatus, GetStatus
+from harli.ipc.control import ControlRequest, DaemonStatus, GetStatus, SetLevel
 from harli.ipc.messages import Error, ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -50,9 +50,17 @@ class ControlEndpoint:
                                         f"message of {len(payload)} bytes exceeds the limit of "
                                         f"{self.max_message_bytes} bytes")
                 msg = self._decoder.decode(payload)
-                reply = self.status() if isinstance(msg, GetStatus) else self.jobs.handle(msg)
+                if isinstance(msg, SetLevel):
+                    self.jobs.set_level(msg.level)
+                    reply = self.status()
+                elif isinstance(msg, GetStatus):
+                    reply = self.status()
+                else:
+                    reply = self.jobs.handle(msg)
             except DecodeFailure as e:
                 reply = Error(request_id=None, code=e.code, message=e.message)
+            except ValueError as e:  # a well-formed request with a value out of range
+                reply = Error(request_id=None, code=ErrorCode.INVALID, message=str(e))
             except Exception:
                 logger.exception("[control] internal error")
                 reply = Error(request_id=None, code=ErrorCode.INTERNAL,

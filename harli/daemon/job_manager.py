@@ -129,6 +129,17 @@ class JobManager:
 
     # -- the finetune process ------------------------------------------------------------------
 
+    def set_level(self, level: int) -> None:
+        """A new quota level for the finetune (0 pauses it); sent at once."""
+        if not 0 <= level <= self.cfg.finetune.levels:
+            raise ValueError(f"level must be 0..{self.cfg.finetune.levels}, got {level}")
+        if level == self.decision.level:
+            return
+        self.decision = Decision(level=level, admitted=level > 0, seq=self.decision.seq + 1)
+        logger.info("[jobs] finetune quota level -> %d", level)
+        if self.finetune_ready:
+            self.send(self.decision)
+
     def on_ready(self) -> None:
         self.finetune_ready = True
         self._queue_changed = True

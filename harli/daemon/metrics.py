@@ -75,6 +75,13 @@ class Metrics:
         self.lease_errors = Counter("harli_lease_errors_total",
                                     "Lease messages refused by the ledger.", ["child"],
                                     registry=r)
+        self.predictor_error = Gauge(
+            "harli_predictor_abs_pct_error",
+            "Recent mean absolute percentage error of the iteration latency prediction.",
+            registry=r)
+        self.predictor_drift = Gauge("harli_predictor_drift_events",
+                                     "Times the online correction drifted past its threshold.",
+                                     registry=r)
         self.job_paused_s = Counter("harli_job_paused_seconds_total",
                                     "Time a job spent paused by the quota decision.", ["job"],
                                     registry=r)

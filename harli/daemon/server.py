@@ -25,6 +25,7 @@ import harli
 from harli.config import ENV, HarliConfig, child_environ
 from harli.daemon.control_endpoint import ControlEndpoint
 from harli.daemon.job_manager import JobManager
+from harli.daemon.latency import LatencyTracker
 from harli.daemon.memory import MemoryManager
 from harli.daemon.metrics import Metrics
 from harli.daemon.requests import DuplicateRequest, Inflight, RequestTable
@@ -77,6 +78,7 @@ from harli.ipc.messages import (
     Welcome,
 )
 from harli.ipc.process import decode_cores, format_cpu_list, pin_to
+from harli.predictor import ProfileError
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +143,7 @@ class Daemon:
                          "--cpu-cores", format_cpu_list(self.decode_cores),
                          "--arena", arena_arg],
             child_environ(cfg), cfg.supervisor, ops or PopenOps())
+        self.latency: LatencyTracker | None = None  # loaded in run(), once the model exists
         self.memory: MemoryManager | None = None
         if self.arena is not None:
             self.memory = MemoryManager(cfg.memory, self.arena.handle.num_pages,
@@ -256,6 +259,8 @@ class Daemon:
             from harli.model.tiny import ensure_tiny
 
             ensure_tiny(self.cfg.model_path, self.cfg.model.tiny_seed)
+        # After the model exists: the profile's key names the model's config digest.
+        self.latency = LatencyTracker.load(self.cfg, self.metrics)
 
     def _poll_once(self) -> None:
         events = dict(self.poller.poll(timeout=max(1, int(self.cfg.daemon.tick_s * 1000))))
@@ -417,6 +422,11 @@ class Daemon:
             elif isinstance(msg, JobStarted | JobEnded):
                 self.memory.set_finetune_training(isinstance(msg, JobStarted), self.clock())
 
+    def finetune_level(self) -> int:
+        """The quota level the finetune runs at now (0 when no job is training)."""
+        d = self.jobs.decision
+        return d.level if d.admitted and self.jobs.running is not None else 0
+
     def status(self) -> DaemonStatus:
         """What ``harli status`` shows (the control API's ``GetStatus``)."""
         children = [ChildStatus(name=c.name, state=c.state.value, incarnation=c.incarnation,
@@ -427,7 +437,9 @@ class Daemon:
                             model=self.runtime.model if self.runtime else None,
                             decode_iterations=self.iterations_seen,
                             memory=self.memory.status() if self.memory else None,
-                            job_running=info["running"], jobs_queued=info["queued"])
+                            job_running=info["running"], jobs_queued=info["queued"],
+                            level=self.jobs.decision.level,
+                            predictor=self.latency.status() if self.latency else None)
 
     def _kill_finetune(self, reason: str) -> None:
         if self.finetune is not None:
@@ -623,6 +635,9 @@ class Daemon:
             self.metrics.on_iteration(self.last_telemetry)
             if self.memory is not None:
                 self.memory.on_telemetry(self.last_telemetry)
+            if self.latency is not None:
+                self.latency.on_telemetry(self.last_telemetry, self.finetune_level(),
+                                          self.clock())
         except DecodeFailure as e:
             logger.error("[daemon] undecodable telemetry: %s", e)
 
@@ -646,4 +661,8 @@ def run_daemon(cfg: HarliConfig) -> int:
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop("SIGINT"))
     logger.info("[daemon] harli %s pid %d, state dir %s", harli.__version__, os.getpid(),
                 cfg.state_dir)
-    return daemon.run()
+    try:
+        return daemon.run()
+    except ProfileError as e:
+        logger.error("[daemon] cannot start: %s", e)
+        return 2

@@ -43,6 +43,7 @@ class BatchStats:
     context_tokens: int = 0
     waiting_tokens: int = 0
     preempted: int = 0
+    prefill_attn_tokens: int = 0
 
 
 @dataclass
@@ -196,6 +197,7 @@ class DecodeEngine:
             computed_before = req.num_computed_tokens - n
             prefill = max(0, min(n, req.num_prompt_tokens - computed_before))
             stats.prefill_tokens += prefill
+            stats.prefill_attn_tokens += prefill * (computed_before + prefill)
             stats.decode_tokens += n - prefill
             stats.context_tokens += req.num_computed_tokens
         return stats
@@ -341,6 +343,7 @@ class DecodeEngine:
                 waiting_tokens=batch.waiting_tokens,
                 preempted=batch.preempted,
                 lend_seq=self.lend_seq,
+                prefill_attn_tokens=batch.prefill_attn_tokens,
             )
             self.preemptions += batch.preempted
         return StepResult(outputs, telemetry, end_wall_s)

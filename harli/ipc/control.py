@@ -46,11 +46,17 @@ class JobLogs(_Ctl, tag="job_logs", frozen=True):
     after_event: Annotated[int, Meta(ge=0)] = 0  # only events with a larger id
 
 
+class SetLevel(_Ctl, tag="set_level", frozen=True):
+    """Fix the finetune's quota level (0 pauses it); answered with the ``DaemonStatus``."""
+
+    level: int
+
+
 class GetStatus(_Ctl, tag="status", frozen=True):
     """What ``harli status`` shows: children, decode, the arena ledger, jobs."""
 
 
-ControlRequest = AttachJob | ListJobs | ShowJob | CancelJob | JobLogs | GetStatus
+ControlRequest = AttachJob | ListJobs | ShowJob | CancelJob | JobLogs | GetStatus | SetLevel
 
 # -- daemon -> tools ------------------------------------------------------------------------
 
@@ -129,6 +135,18 @@ class MemoryStatus(_Ctl, tag="memory", frozen=True):
     preemptions: int  # vLLM's scheduler, this daemon's lifetime
 
 
+class PredictorStatus(_Ctl, tag="predictor", frozen=True):
+    """The latency predictor: from a profile or learning online, and how well it tracks."""
+
+    mode: str  # "profile" or "online"
+    profile: str | None
+    samples_seen: dict[int, int]  # iterations observed, by quota level
+    bias: dict[int, float]  # online correction (relative), by level
+    drift_events: int
+    fallback_predictions: int  # predictions at a level the profile has no fit for
+    recent_mean_abs_pct_error: float | None
+
+
 class DaemonStatus(_Ctl, tag="daemon_status", frozen=True):
     state: str
     pid: int
@@ -138,6 +156,8 @@ class DaemonStatus(_Ctl, tag="daemon_status", frozen=True):
     memory: MemoryStatus | None
     job_running: int | None
     jobs_queued: int
+    level: int  # the finetune's quota level now
+    predictor: PredictorStatus | None = None
 
 
 ControlReply = JobInfo | JobList | JobDetail | DaemonStatus

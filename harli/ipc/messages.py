@@ -275,3 +275,6 @@ class IterationTelemetry(_Internal, frozen=True):
     waiting_tokens: int = 0  # prompt tokens of the requests still waiting
     preempted: int = 0  # requests vLLM's scheduler preempted in this iteration
     lend_seq: int = 0  # the last LendBlocks / ReturnBlocks applied before this iteration
+    # sum over prefill requests of n * (c + n): n prompt tokens run now after c cached ones,
+    # the quadratic attention work of prefill (a predictor feature)
+    prefill_attn_tokens: int = 0

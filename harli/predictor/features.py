@@ -1,0 +1,68 @@
+"""What the predictor sees of a decode iteration: its batch shape and the feature vector.
+
+The feature set lives only here (``FEATURE_NAMES`` and ``vector``), so it can change in one
+place; fitted profiles record the names they were fit on and refuse to load when they differ.
+Pure Python: ``vector`` runs on the daemon's hot path before every decode iteration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Scales put the coefficients in comparable ranges (seconds per seq, per 1k context tokens,
+# per 1M prefill attention token-pairs), which keeps the least-squares problem well conditioned.
+_CONTEXT_SCALE = 1e-3
+_PREFILL_ATTN_SCALE = 1e-6
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "intercept",
+    "num_seqs",
+    "decode_tokens",
+    "prefill_tokens",
+    "context_ktokens",
+    "prefill_attn_mtokens",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    """One decode iteration's batch, as scheduled before it runs."""
+
+    num_seqs: int
+    decode_tokens: int
+    prefill_tokens: int
+    context_tokens: int  # sum over scheduled requests of tokens already in their KV cache
+    # Sum over prefill requests of n_i * (c_i + n_i), with n_i this iteration's prefill tokens
+    # and c_i the context before them: the quadratic attention work of prefill.
+    prefill_attn_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.num_seqs, self.decode_tokens, self.prefill_tokens, self.context_tokens,
+               self.prefill_attn_tokens) < 0:
+            raise ValueError(f"batch shape counts must be >= 0, got {self}")
+
+    @classmethod
+    def from_telemetry(cls, t: Any) -> BatchShape:
+        """Read a shape from any object with the telemetry attribute names (duck typing:
+        ``IterationTelemetry``, a test fake, a row of a profiling log). ``num_running`` is the
+        batch size; records older than ``prefill_attn_tokens`` count it as 0."""
+        return cls(
+            num_seqs=int(t.num_running),
+            decode_tokens=int(t.decode_tokens),
+            prefill_tokens=int(t.prefill_tokens),
+            context_tokens=int(t.context_tokens),
+            prefill_attn_tokens=int(getattr(t, "prefill_attn_tokens", 0)),
+        )
+
+
+def vector(shape: BatchShape) -> tuple[float, ...]:
+    """The feature vector of ``shape``, in the order of ``FEATURE_NAMES``."""
+    return (
+        1.0,
+        float(shape.num_seqs),
+        float(shape.decode_tokens),
+        float(shape.prefill_tokens),
+        shape.context_tokens * _CONTEXT_SCALE,
+        shape.prefill_attn_tokens * _PREFILL_ATTN_SCALE,
+    )

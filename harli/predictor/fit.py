@@ -1,0 +1,180 @@
+"""Offline fits of the two-stage latency model from profiled iterations.
+
+Stage 1 (``fit_solo``) regresses a solo decode iteration's latency on the batch features;
+stage 2 (``fit_levels``) maps the solo estimate to the latency beside the finetune at each
+quota level, ``measured ~= scale_L * solo + offset_L``. Both weight each sample by
+1/latency^2, i.e. they minimize relative error: a 2 ms error matters at 10 ms, not at 200 ms.
+
+Fitting uses numpy; the fitted objects' ``estimate`` methods are pure Python because they run
+before every decode iteration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from harli.predictor.features import FEATURE_NAMES, BatchShape, vector
+
+DEFAULT_QUANTILE = 0.99
+# A prediction never goes below this share of the fastest iteration seen in the fit: a linear
+# fit may extrapolate to <= 0 for shapes smaller than any profiled one.
+FLOOR_FRACTION = 0.5
+# Below this relative spread of solo estimates a level's scale and offset cannot be told
+# apart, so the level is fit as a pure scale.
+_MIN_SOLO_SPREAD = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One measured decode iteration; ``config`` names the measured configuration
+    (e.g. "b8-c512-decode") so evaluation can take per-configuration medians."""
+
+    shape: BatchShape
+    level: int  # finetune quota level beside it; 0 = decode alone
+    latency_s: float
+    config: str
+
+    def __post_init__(self) -> None:
+        if self.level < 0:
+            raise ValueError(f"sample level must be >= 0, got {self.level}")
+        if not self.latency_s > 0:
+            raise ValueError(f"sample latency_s must be > 0, got {self.latency_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class SoloFit:
+    """Stage 1: solo latency = coefficients . vector(shape), floored at ``floor_s``."""
+
+    coefficients: tuple[float, ...]  # one per FEATURE_NAMES; 0 for features absent from the fit
+    feature_names: tuple[str, ...]
+    n: int
+    quantile: float
+    ratio_q: float  # q-quantile of measured/estimate over the fit samples, >= 1
+    spread_log: float  # mean |log(measured/estimate)| over the fit samples
+    floor_s: float
+
+    def estimate(self, shape: BatchShape) -> float:
+        est = sum(c * x for c, x in zip(self.coefficients, vector(shape), strict=True))
+        return est if est > self.floor_s else self.floor_s
+
+
+@dataclass(frozen=True, slots=True)
+class LevelFit:
+    """Stage 2 at one quota level: latency = scale * solo_estimate + offset_s."""
+
+    level: int
+    scale: float
+    offset_s: float
+    n: int
+    quantile: float
+    ratio_q: float
+    spread_log: float
+    floor_s: float
+
+    def estimate(self, solo_s: float) -> float:
+        est = self.scale * solo_s + self.offset_s
+        return est if est > self.floor_s else self.floor_s
+
+
+def fit_solo(samples: Iterable[Sample], *, quantile: float = DEFAULT_QUANTILE) -> SoloFit:
+    """Weighted least squares of level-0 latency on the feature vector. Features whose column
+    is all zero in the data are left out (coefficient 0)."""
+    _check_quantile(quantile)
+    solo = [s for s in samples if s.level == 0]
+    x = np.array([vector(s.shape) for s in solo], dtype=np.float64).reshape(-1, len(FEATURE_NAMES))
+    y = np.array([s.latency_s for s in solo], dtype=np.float64)
+    active = np.any(x != 0.0, axis=0)
+    n_active = int(active.sum())
+    if len(solo) < max(n_active, 1):
+        names = ", ".join(n for n, a in zip(FEATURE_NAMES, active, strict=True) if a)
+        raise ValueError(f"fit_solo: {len(solo)} level-0 samples for {n_active} features "
+                         f"({names}); profile more configurations")
+    coefficients = np.zeros(len(FEATURE_NAMES))
+    # Dividing rows by y turns ordinary least squares into weights 1/y^2.
+    coefficients[active] = _robust_lstsq(x[:, active] / y[:, None])
+    return solo_fit_from(tuple(float(c) for c in coefficients), [s.shape for s in solo],
+                         [s.latency_s for s in solo], quantile=quantile)
+
+
+def _robust_lstsq(design: Any, passes: int = 2, cut_mads: float = 3.0) -> Any:
+    """Least squares of ``design @ c ~= 1`` (rows already divided by the measured latency, so
+    residuals are relative), refit without the rows whose residual is an outlier (beyond
+    ``cut_mads`` robust deviations). Iteration times on a shared host have rare long spikes
+    (preempted vCPU, page faults); left in, they pull the fit above the typical iteration,
+    which is what the estimate stands for (the bound covers the spikes)."""
+    keep = np.ones(design.shape[0], dtype=bool)
+    sol = np.linalg.lstsq(design, np.ones(design.shape[0]), rcond=None)[0]
+    for _ in range(passes):
+        resid = design @ sol - 1.0
+        med = float(np.median(resid[keep]))
+        mad = 1.4826 * float(np.median(np.abs(resid[keep] - med)))
+        if mad <= 0:
+            break
+        new_keep = np.abs(resid - med) <= cut_mads * mad
+        if new_keep.sum() < design.shape[1] or (new_keep == keep).all():
+            break
+        keep = new_keep
+        sol = np.linalg.lstsq(design[keep], np.ones(int(keep.sum())), rcond=None)[0]
+    return sol
+
+
+def solo_fit_from(coefficients: tuple[float, ...], shapes: Sequence[BatchShape],
+                  latencies_s: Sequence[float], *, quantile: float) -> SoloFit:
+    """A ``SoloFit`` with these coefficients, its bound and floor taken from these samples
+    (shared by the offline fit and the online refit)."""
+    floor_s = FLOOR_FRACTION * min(latencies_s)
+    bare = SoloFit(coefficients, FEATURE_NAMES, len(shapes), quantile, 1.0, 0.0, floor_s)
+    predicted = [bare.estimate(shape) for shape in shapes]
+    ratio_q, spread_log = _bound(latencies_s, predicted, quantile)
+    return SoloFit(coefficients, FEATURE_NAMES, len(shapes), quantile, ratio_q, spread_log,
+                   floor_s)
+
+
+def fit_levels(samples: Iterable[Sample], solo: SoloFit, *, quantile: float = DEFAULT_QUANTILE,
+               min_samples: int = 3) -> dict[int, LevelFit]:
+    """Per quota level L > 0: ``measured ~= scale_L * solo.estimate + offset_L``, fit with
+    relative weighting. A level with fewer than ``min_samples`` samples is an error."""
+    _check_quantile(quantile)
+    by_level: dict[int, list[Sample]] = {}
+    for s in samples:
+        if s.level > 0:
+            by_level.setdefault(s.level, []).append(s)
+    fits: dict[int, LevelFit] = {}
+    for level in sorted(by_level):
+        group = by_level[level]
+        if len(group) < max(min_samples, 2):
+            raise ValueError(f"fit_levels: level {level} has {len(group)} samples, needs at "
+                             f"least {max(min_samples, 2)}; profile it longer or drop it")
+        solo_s = np.array([solo.estimate(s.shape) for s in group])
+        y = np.array([s.latency_s for s in group])
+        if solo_s.max() / solo_s.min() - 1.0 < _MIN_SOLO_SPREAD:
+            scale, offset_s = float(np.mean(y / solo_s)), 0.0  # one operating point: scale only
+        else:
+            design = np.column_stack([solo_s, np.ones_like(solo_s)]) / y[:, None]
+            sol = _robust_lstsq(design)
+            scale, offset_s = float(sol[0]), float(sol[1])
+        floor_s = FLOOR_FRACTION * float(y.min())
+        predicted = [max(scale * s + offset_s, floor_s) for s in solo_s.tolist()]
+        ratio_q, spread_log = _bound(y.tolist(), predicted, quantile)
+        fits[level] = LevelFit(level, scale, offset_s, len(group), quantile, ratio_q, spread_log,
+                               floor_s)
+    return fits
+
+
+def _bound(measured_s: Sequence[float], predicted_s: Sequence[float],
+           quantile: float) -> tuple[float, float]:
+    """(q-quantile of measured/predicted floored at 1, mean |log(measured/predicted)|)."""
+    ratios = np.asarray(measured_s, dtype=np.float64) / np.asarray(predicted_s, dtype=np.float64)
+    ratio_q = max(1.0, float(np.quantile(ratios, quantile)))
+    spread_log = float(np.mean(np.abs(np.log(ratios))))
+    return ratio_q, spread_log
+
+
+def _check_quantile(quantile: float) -> None:
+    if not 0.0 < quantile <= 1.0 or math.isnan(quantile):
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")

@@ -1,0 +1,272 @@
+"""The latency predictor the daemon asks before each decode iteration.
+
+``LatencyModel.predict(shape, level)`` chains stage 1 (solo latency from the batch shape),
+stage 2 (the correction for finetune quota level ``level``; level 0 skips it) and the online
+bias learnt by ``observe``. The upper bound is the estimate times the fitted
+measured/estimate quantile of the stage used, widened when the live spread exceeds the fitted
+one. Levels without their own stage fall back to the nearest lower one times a conservative
+factor. ``LatencyModel.online(prior_latency_s)`` starts without a profile and learns stage 1
+(and stage 2 as a per-level ratio) from live iterations.
+
+``predict`` is pure Python and costs a few microseconds; nothing here does IO or reads a clock
+(``observe`` takes ``now``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from harli.predictor.correction import LevelCorrection, RatioEwma
+from harli.predictor.features import BatchShape
+from harli.predictor.fit import LevelFit, Sample, SoloFit, fit_levels, fit_solo
+from harli.predictor.online import SoloAccumulator
+
+__all__ = ["LatencyModel", "LevelFit", "ModelConfig", "Prediction", "Sample", "SoloFit",
+           "fit_levels", "fit_solo"]
+
+logger = logging.getLogger(__name__)
+
+# |log(measured/estimate)| beyond this (a factor ~22000) is a broken measurement, not signal;
+# clamping keeps the EWMAs, and the exp() of them, finite.
+_MAX_LOG_RATIO = 10.0
+
+
+class Prediction(NamedTuple):
+    """A NamedTuple (immutable) rather than a frozen dataclass: it is built on every predict
+    and a tuple is the cheapest immutable record in CPython."""
+
+    estimate_s: float
+    upper_s: float
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    ewma_alpha: float = field(default=0.05, metadata=_help(
+        "weight of each new iteration in the per-level bias and spread EWMAs"))
+    drift_threshold_log: float = field(default=0.25, metadata=_help(
+        "|bias| in log space (0.15 ~ 16%) at which a drift event is logged and counted"))
+    drift_rearm_fraction: float = field(default=0.5, metadata=_help(
+        "a drift re-arms once |bias| falls below this share of the threshold"))
+    spread_gain: float = field(default=3.0, metadata=_help(
+        "upper bound widens by exp(gain * (live - fitted mean |log residual|))"))
+    fallback_factor: float = field(default=1.5, metadata=_help(
+        "a level without its own fit uses the nearest lower fitted level times this"))
+    prior_upper_factor: float = field(default=2.0, metadata=_help(
+        "online mode before the first fit: upper = prior_latency_s times this"))
+    quantile: float = field(default=0.99, metadata=_help(
+        "quantile of measured/estimate used for the upper bound of online fits"))
+    online_min_samples: int = field(default=50, metadata=_help(
+        "online mode: level-0 iterations before the first stage-1 fit"))
+    refit_every: int = field(default=200, metadata=_help(
+        "online mode: refit stage 1 after this many new level-0 iterations"))
+    online_window: int = field(default=1000, metadata=_help(
+        "online mode: recent level-0 iterations kept for the upper-bound quantile"))
+    ratio_alpha: float = field(default=0.01, metadata=_help(
+        "EWMA weight of online stage 2 (measured/solo per level); slower than the bias"))
+    level_min_samples: int = field(default=20, metadata=_help(
+        "iterations at a level before its online ratio replaces the fallback"))
+    error_window: int = field(default=500, metadata=_help(
+        "recent iterations over which stats() reports the mean absolute percent error"))
+
+    def __post_init__(self) -> None:
+        for name in ("ewma_alpha", "ratio_alpha", "drift_rearm_fraction", "quantile"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if self.drift_threshold_log <= 0.0 or self.spread_gain < 0.0:
+            raise ValueError("drift_threshold_log must be > 0 and spread_gain >= 0")
+        if self.fallback_factor < 1.0 or self.prior_upper_factor < 1.0:
+            raise ValueError("fallback_factor and prior_upper_factor must be >= 1 (conservative)")
+        for name in ("online_min_samples", "refit_every", "online_window", "level_min_samples",
+                     "error_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class LatencyModel:
+    def __init__(self, solo: SoloFit | None, levels: dict[int, LevelFit], *,
+                 config: ModelConfig | None = None,
+                 prior_latency_s: float | None = None) -> None:
+        self._cfg = config if config is not None else ModelConfig()
+        if solo is None and levels:
+            raise ValueError("stage-2 level fits need the stage-1 fit they correct")
+        if solo is None and (prior_latency_s is None or not prior_latency_s > 0):
+            raise ValueError("without a profile the model needs prior_latency_s > 0 "
+                             "(use LatencyModel.online(prior_latency_s=...))")
+        if any(level < 1 for level in levels):
+            raise ValueError(f"stage-2 levels must be >= 1, got {sorted(levels)}")
+        self._solo = solo
+        self._levels = dict(levels)
+        self._profile_loaded = solo is not None
+        self._accumulator = None if solo is not None else SoloAccumulator(self._cfg.online_window)
+        prior = prior_latency_s if prior_latency_s is not None else 0.0
+        self._prior = Prediction(prior, prior * self._cfg.prior_upper_factor)
+        self._since_fit = 0
+        self._refits = 0
+        self._ratios: dict[int, RatioEwma] = {}
+        # One online correction per (level, iteration has prefill): a slowdown of this host
+        # hits overhead-bound decode iterations and compute-bound prefill iterations
+        # differently (measured in one run: +57 % and +39 %), so one bias for both overcorrects
+        # the rarer prefill iterations.
+        self._corrections: dict[tuple[int, bool], LevelCorrection] = {}
+        self._seen: dict[int, int] = {}
+        self._fallbacks: dict[int, int] = {}
+        self._last_drift_s: dict[int, float] = {}
+        self._errors: deque[float] = deque(maxlen=self._cfg.error_window)
+
+    @classmethod
+    def online(cls, prior_latency_s: float, *, config: ModelConfig | None = None) -> LatencyModel:
+        """A model with no profile: predicts the conservative prior until it has fit stage 1
+        from live level-0 iterations."""
+        return cls(None, {}, config=config, prior_latency_s=prior_latency_s)
+
+    @classmethod
+    def from_samples(cls, samples: list[Sample], *, config: ModelConfig | None = None,
+                     quantile: float = 0.99) -> LatencyModel:
+        solo = fit_solo(samples, quantile=quantile)
+        return cls(solo, fit_levels(samples, solo, quantile=quantile), config=config)
+
+    # -- hot path ---------------------------------------------------------------------------
+
+    def predict(self, shape: BatchShape, level: int) -> Prediction:
+        """Latency of the next iteration with batch ``shape`` beside the finetune at quota
+        ``level`` (0 = alone): (estimate_s, upper_s) with upper_s >= estimate_s > 0."""
+        solo = self._solo
+        if solo is None:
+            return self._prior
+        estimate_s, ratio_q, _, fallback = self._stage(level, solo.estimate(shape))
+        if fallback:
+            self._fallbacks[level] = self._fallbacks.get(level, 0) + 1
+        corr = self._corrections.get((level, shape.prefill_tokens > 0))
+        if corr is None:
+            return Prediction(estimate_s, estimate_s * ratio_q)
+        estimate_s *= corr.bias_factor
+        return Prediction(estimate_s, estimate_s * ratio_q * corr.spread_factor)
+
+    def _stage(self, level: int, solo_s: float) -> tuple[float, float, float, bool]:
+        """(estimate before online bias, ratio_q, fitted spread, is fallback) at ``level``."""
+        solo = self._solo
+        assert solo is not None  # callers check; kept out of the public hot path
+        if level == 0:
+            return solo_s, solo.ratio_q, solo.spread_log, False
+        lf = self._levels.get(level)
+        if lf is not None:
+            return lf.estimate(solo_s), lf.ratio_q, lf.spread_log, False
+        ratio = self._ratios.get(level)
+        if ratio is not None and ratio.n >= self._cfg.level_min_samples:
+            return solo_s * ratio.ratio, solo.ratio_q, solo.spread_log, False
+        if level < 0:
+            raise ValueError(f"quota level must be >= 0, got {level}")
+        lower = self._stage(self._nearest_lower(level), solo_s)
+        return lower[0] * self._cfg.fallback_factor, lower[1], lower[2], True
+
+    def _nearest_lower(self, level: int) -> int:
+        for lower in range(level - 1, 0, -1):
+            ratio = self._ratios.get(lower)
+            if lower in self._levels or (ratio is not None
+                                         and ratio.n >= self._cfg.level_min_samples):
+                return lower
+        return 0
+
+    # -- online correction ------------------------------------------------------------------
+
+    def observe(self, shape: BatchShape, level: int, measured_s: float, now: float) -> None:
+        """Fold in a measured iteration: per-level bias and spread, drift detection, online
+        stage 2 for levels without a fit, and (online mode) stage-1 refits."""
+        if level < 0:
+            raise ValueError(f"quota level must be >= 0, got {level}")
+        if not (measured_s > 0.0 and math.isfinite(measured_s)):
+            raise ValueError(f"measured_s must be finite and > 0, got {measured_s}")
+        self._seen[level] = self._seen.get(level, 0) + 1
+        if self._solo is None:
+            self._errors.append(abs(measured_s / self._prior.estimate_s - 1.0))
+        else:
+            self._correct(shape, level, measured_s, now)
+        if self._accumulator is not None and level == 0:
+            self._learn_solo(shape, measured_s)
+
+    def _correct(self, shape: BatchShape, level: int, measured_s: float, now: float) -> None:
+        solo = self._solo
+        assert solo is not None
+        solo_s = solo.estimate(shape)
+        base_s, _, fitted_spread_log, fallback = self._stage(level, solo_s)
+        key = (level, shape.prefill_tokens > 0)
+        corr = self._corrections.get(key)
+        if corr is None:
+            cfg = self._cfg
+            corr = LevelCorrection(cfg.ewma_alpha, cfg.drift_threshold_log,
+                                   cfg.drift_threshold_log * cfg.drift_rearm_fraction,
+                                   cfg.spread_gain, fitted_spread_log)
+            self._corrections[key] = corr
+        self._errors.append(abs(measured_s / (base_s * corr.bias_factor) - 1.0))
+        log_ratio = min(_MAX_LOG_RATIO, max(-_MAX_LOG_RATIO, math.log(measured_s / base_s)))
+        if corr.update(log_ratio, fitted_spread_log, detect_drift=not fallback):
+            self._last_drift_s[level] = now
+            logger.warning("[predictor] drift at level %d: measured/predicted %+.1f%% "
+                           "(threshold %.1f%%) at t=%.3f s, event %d", level,
+                           100.0 * math.expm1(corr.bias_log),
+                           100.0 * math.expm1(self._cfg.drift_threshold_log), now,
+                           corr.drift_events)
+        if level > 0 and level not in self._levels:
+            ratio = self._ratios.setdefault(level, RatioEwma(self._cfg.ratio_alpha))
+            ratio.update(measured_s / solo_s)
+            if ratio.n == self._cfg.level_min_samples:
+                corr.reset_bias()  # its base moves from the fallback to its own ratio
+
+    def _learn_solo(self, shape: BatchShape, measured_s: float) -> None:
+        acc = self._accumulator
+        assert acc is not None
+        acc.add(shape, measured_s)
+        self._since_fit += 1
+        cfg = self._cfg
+        first = self._solo is None and acc.n >= max(cfg.online_min_samples, acc.n_features())
+        if first or (self._solo is not None and self._since_fit >= cfg.refit_every):
+            self._solo = acc.fit(cfg.quantile)
+            self._since_fit = 0
+            self._refits += 1
+            logger.info("[predictor] online stage-1 refit %d on %d level-0 iterations",
+                        self._refits, acc.n)
+
+    # -- introspection ----------------------------------------------------------------------
+
+    @property
+    def solo(self) -> SoloFit | None:
+        return self._solo
+
+    @property
+    def levels(self) -> dict[int, LevelFit]:
+        return dict(self._levels)
+
+    def stats(self) -> dict[str, object]:
+        errors = self._errors
+        drift: dict[int, int] = {}
+        for (lv, _), c in self._corrections.items():
+            drift[lv] = drift.get(lv, 0) + c.drift_events
+        return {
+            "mode": "online" if self._accumulator is not None else "profile",
+            "profile_loaded": self._profile_loaded,
+            "fitted": self._solo is not None,
+            "online_refits": self._refits,
+            "samples_seen": dict(self._seen),
+            # Per level, of the decode-only iterations (the common kind) ...
+            "bias": {lv: math.expm1(c.bias_log) for (lv, pf), c in self._corrections.items()
+                     if not pf},
+            "spread_factor": {lv: c.spread_factor for (lv, pf), c in self._corrections.items()
+                              if not pf},
+            # ... and of both kinds.
+            "drift_events": drift,
+            "in_drift": sorted({lv for (lv, _), c in self._corrections.items() if c.in_drift}),
+            "last_drift_s": dict(self._last_drift_s),
+            "fallback_predictions": dict(self._fallbacks),
+            "online_levels": sorted(lv for lv, r in self._ratios.items()
+                                    if r.n >= self._cfg.level_min_samples),
+            "recent_mean_abs_pct_error": (100.0 * sum(errors) / len(errors)) if errors else None,
+        }

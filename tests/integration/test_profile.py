@@ -1,0 +1,80 @@
+"""``harli profile`` end to end on the real daemon, vLLM and trainer: a small grid measured
+through the serving path at level 0 and beside the training finetune, fitted, written,
+evaluated with a PNG; a daemon loads the profile, refuses one from another setup (exit 2,
+naming the field) and without one learns online, as ``harli status`` shows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from harli.daemon.latency import profile_key
+from harli.predictor import PROFILE_VERSION, Profile, evaluate, fit_levels, fit_solo
+from harli.tools.client import RequestError
+from harli.tools.control_client import ControlClient
+from harli.tools.profile_cmd import Config, plot, profiling_daemon, run_configs
+
+from .conftest import BASE_OVERRIDES, make_daemon
+
+pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
+
+
+def test_profile_fit_evaluate_load_and_refuse(tmp_path: Path, tiny_model: Path) -> None:
+    overrides = [f'model.path="{tiny_model}"', *BASE_OVERRIDES]
+    fit_grid = [Config(b, c, 0) for b, c in ((1, 16), (2, 600), (8, 64), (8, 400))] + \
+        [Config(b, c, lv) for lv in (1, 2) for b, c in ((1, 64), (8, 256))]
+    with profiling_daemon(tmp_path / "p", overrides, None) as (daemon, ctl, job_id):
+        assert job_id is not None
+        st = ctl.status()
+        assert st.predictor is not None and st.predictor.mode == "online"
+        with pytest.raises(RequestError, match="level must be 0..4"):
+            ctl.set_level(9)
+        samples = run_configs(daemon, ctl, job_id, fit_grid, repeats=1, seed=0)
+        held_out = run_configs(daemon, ctl, job_id, [Config(4, 200, 0), Config(4, 200, 2)],
+                               repeats=1, seed=1)
+        key = profile_key(daemon.cfg)
+        # The live predictor learned from every iteration, at the level each ran at.
+        seen = ctl.status().predictor.samples_seen  # type: ignore[union-attr]
+        assert seen.get(0, 0) > 0 and seen.get(1, 0) > 0 and seen.get(2, 0) > 0
+    # Every measured iteration carries the batch vLLM really ran, at the configured level.
+    assert {s.level for s in samples} == {0, 1, 2}
+    decode = [s for s in samples if s.config == "b8-c64-l0-decode"]
+    assert decode and all(s.shape.num_seqs == 8 and s.shape.prefill_tokens == 0
+                          for s in decode)
+    assert any(s.shape.prefill_attn_tokens > 0 for s in samples)
+    solo = fit_solo(samples)
+    profile = Profile(version=PROFILE_VERSION, key=key, created_s=0.0, solo=solo,
+                      levels=fit_levels(samples, solo), samples=samples, meta={})
+    path = tmp_path / "profile.json"
+    path.write_bytes(profile.to_json())
+    report = evaluate(Profile.from_json(path.read_bytes()).model(), held_out)
+    assert set(report.stages) == {"stage1", "stage2"}
+    assert all(0 <= r.within_upper_share <= 1 for r in report.stages.values())
+    png = tmp_path / "profile.png"
+    plot(report, png, "test")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+    # A daemon started with the profile uses it ...
+    with make_daemon(tmp_path / "d1", tiny_model, f'predictor.profile="{path}"') as d, \
+            ControlClient(d.cfg.control_endpoint) as c:
+        with d.client() as cl:
+            cl.complete([1, 2, 3], max_tokens=8)
+        p = c.status().predictor
+        assert p is not None and p.mode == "profile" and p.profile == str(path)
+        assert p.samples_seen.get(0, 0) >= 8
+
+    # ... and refuses one measured on another setup, naming what differs.
+    other = msgspec.structs.replace(profile, key=msgspec.structs.replace(key, dtype="bfloat16"))
+    bad = tmp_path / "other.json"
+    bad.write_bytes(other.to_json())
+    argv = [sys.executable, "-m", "harli.tools.cli", "daemon",
+            "--set", f'daemon.runtime_dir="{tmp_path / "r3"}"',
+            "--set", f'daemon.state_dir="{tmp_path / "s3"}"', "--set", "metrics.port=0",
+            "--set", f'predictor.profile="{bad}"', *[a for o in overrides for a in ("--set", o)]]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "dtype: profile bfloat16, daemon float32" in res.stderr, res.stderr[-2000:]

@@ -1,0 +1,401 @@
+"""Latency predictor: fits recover known synthetic models, online correction and drift
+detection, the prediction invariant, profile files, and evaluation."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harli.predictor import (
+    FEATURE_NAMES,
+    PROFILE_VERSION,
+    BatchShape,
+    LatencyModel,
+    LevelFit,
+    ModelConfig,
+    Profile,
+    ProfileError,
+    ProfileKey,
+    Sample,
+    SoloFit,
+    evaluate,
+    fit_levels,
+    fit_solo,
+    hardware_fingerprint,
+    vector,
+)
+
+TRUE_COEFS = (8e-3, 2e-4, 5e-5, 3e-5, 4e-4, 2e-3)  # in FEATURE_NAMES order
+TRUE_LEVELS = {1: (1.10, 1e-3), 2: (1.25, 2e-3), 3: (1.60, 3e-3)}  # level: (scale, offset_s)
+KEY = ProfileKey(model="qwen-0.5b", backend="vllm-0.9", dtype="bfloat16", hardware="h100 x16",
+                 harli_version="0.1.0")
+
+
+def true_solo_s(shape: BatchShape) -> float:
+    return sum(c * x for c, x in zip(TRUE_COEFS, vector(shape), strict=True))
+
+
+def true_latency_s(shape: BatchShape, level: int) -> float:
+    solo_s = true_solo_s(shape)
+    if level == 0:
+        return solo_s
+    scale, offset_s = TRUE_LEVELS[level]
+    return scale * solo_s + offset_s
+
+
+def random_shape(rng: random.Random, *, prefill: bool = True) -> BatchShape:
+    num_seqs = rng.randint(1, 64)
+    n = rng.randint(0, 2048) if prefill and rng.random() < 0.7 else 0
+    c = rng.randint(0, 4096)
+    return BatchShape(num_seqs=num_seqs, decode_tokens=rng.randint(0, num_seqs),
+                      prefill_tokens=n, context_tokens=rng.randint(0, 65536),
+                      prefill_attn_tokens=n * (c + n))
+
+
+def make_samples(rng: random.Random, n: int, levels: tuple[int, ...] = (0,),
+                 noise: float = 0.02, prefill: bool = True) -> list[Sample]:
+    configs = [random_shape(rng, prefill=prefill) for _ in range(25)]
+    out = []
+    for i in range(n):
+        # Half repeat a named configuration (for medians), half are one-off shapes.
+        idx = i % len(configs)
+        shape, config = ((configs[idx], f"cfg{idx}") if i % 2 else
+                         (random_shape(rng, prefill=prefill), f"rand{i % 7}"))
+        for level in levels:
+            latency_s = true_latency_s(shape, level) * math.exp(rng.gauss(0.0, noise))
+            out.append(Sample(shape, level, latency_s, config))
+    return out
+
+
+def fitted_model(seed: int = 0, **cfg: float) -> LatencyModel:
+    samples = make_samples(random.Random(seed), 800, levels=(0, 1, 2, 3))
+    return LatencyModel.from_samples(samples, config=ModelConfig(**cfg))  # type: ignore[arg-type]
+
+
+SHAPE = BatchShape(num_seqs=16, decode_tokens=16, prefill_tokens=0, context_tokens=8000)
+
+
+# -- features ---------------------------------------------------------------------------------
+
+
+def test_feature_vector_matches_names_and_scales() -> None:
+    shape = BatchShape(num_seqs=4, decode_tokens=3, prefill_tokens=100, context_tokens=2500,
+                       prefill_attn_tokens=2_000_000)
+    assert len(vector(shape)) == len(FEATURE_NAMES)
+    assert vector(shape) == (1.0, 4.0, 3.0, 100.0, 2.5, 2.0)
+
+
+def test_shape_from_telemetry_duck_typed_and_old_records() -> None:
+    old = SimpleNamespace(num_running=5, decode_tokens=4, prefill_tokens=7, context_tokens=90)
+    assert BatchShape.from_telemetry(old) == BatchShape(5, 4, 7, 90, 0)
+    new = SimpleNamespace(**vars(old), prefill_attn_tokens=11)
+    assert BatchShape.from_telemetry(new).prefill_attn_tokens == 11
+    with pytest.raises(ValueError, match=">= 0"):
+        BatchShape(num_seqs=-1, decode_tokens=0, prefill_tokens=0, context_tokens=0)
+
+
+# -- offline fits -----------------------------------------------------------------------------
+
+
+def test_fit_solo_recovers_known_coefficients() -> None:
+    fit = fit_solo(make_samples(random.Random(1), 2000))
+    assert fit.coefficients == pytest.approx(TRUE_COEFS, rel=0.05)
+    assert fit.n == 2000
+    assert fit.feature_names == FEATURE_NAMES
+    # 2% lognormal noise: the 99th percentile ratio is about exp(2.33 * 0.02).
+    assert 1.0 < fit.ratio_q < 1.08
+
+
+def test_fit_solo_drops_all_zero_features() -> None:
+    fit = fit_solo(make_samples(random.Random(2), 2000, prefill=False))
+    prefill = FEATURE_NAMES.index("prefill_tokens")
+    attn = FEATURE_NAMES.index("prefill_attn_mtokens")
+    assert fit.coefficients[prefill] == 0.0
+    assert fit.coefficients[attn] == 0.0
+    kept = [i for i in range(len(FEATURE_NAMES)) if i not in (prefill, attn)]
+    assert [fit.coefficients[i] for i in kept] == pytest.approx([TRUE_COEFS[i] for i in kept],
+                                                                rel=0.05)
+
+
+def test_fit_solo_refuses_too_few_samples() -> None:
+    samples = make_samples(random.Random(3), 4)
+    with pytest.raises(ValueError, match="4 level-0 samples for 6 features"):
+        fit_solo(samples)
+    with pytest.raises(ValueError, match="quantile"):
+        fit_solo(make_samples(random.Random(3), 100), quantile=1.5)
+
+
+def test_fit_levels_recovers_scale_and_offset_per_level() -> None:
+    samples = make_samples(random.Random(4), 1000, levels=(0, 1, 2, 3))
+    solo = fit_solo(samples)
+    levels = fit_levels(samples, solo)
+    assert sorted(levels) == [1, 2, 3]
+    for level, (scale, offset_s) in TRUE_LEVELS.items():
+        assert levels[level].scale == pytest.approx(scale, rel=0.05)
+        assert levels[level].offset_s == pytest.approx(offset_s, rel=0.25, abs=5e-4)
+        assert levels[level].ratio_q >= 1.0
+
+
+def test_fit_levels_names_a_level_with_too_few_samples() -> None:
+    samples = make_samples(random.Random(5), 300)
+    samples.append(Sample(SHAPE, 4, 0.05, "one"))
+    with pytest.raises(ValueError, match="level 4 has 1 samples"):
+        fit_levels(samples, fit_solo(samples))
+
+
+# -- prediction -------------------------------------------------------------------------------
+
+
+def test_predict_level0_is_stage1_and_levels_apply_stage2() -> None:
+    model = fitted_model()
+    p0 = model.predict(SHAPE, 0)
+    assert p0.estimate_s == pytest.approx(true_solo_s(SHAPE), rel=0.03)
+    assert p0.upper_s >= p0.estimate_s
+    for level in TRUE_LEVELS:
+        p = model.predict(SHAPE, level)
+        assert p.estimate_s == pytest.approx(true_latency_s(SHAPE, level), rel=0.03)
+    assert model.stats()["fallback_predictions"] == {}
+
+
+def test_unprofiled_level_falls_back_to_nearest_lower_times_factor() -> None:
+    model = fitted_model(fallback_factor=1.5)
+    p3 = model.predict(SHAPE, 3)
+    p5 = model.predict(SHAPE, 5)
+    assert p5.estimate_s == pytest.approx(1.5 * p3.estimate_s)
+    assert p5.upper_s >= p5.estimate_s
+    assert model.stats()["fallback_predictions"] == {5: 1}
+    with pytest.raises(ValueError, match="level"):
+        model.predict(SHAPE, -1)
+
+
+def test_predict_cost_is_microseconds() -> None:
+    model = fitted_model()
+    rng = random.Random(6)
+    for i in range(300):  # give the levels online corrections, as in a running daemon
+        model.observe(SHAPE, i % 4, true_latency_s(SHAPE, i % 4) * (1 + rng.gauss(0, 0.02)),
+                      now=float(i))
+    shapes = [random_shape(rng) for _ in range(100)]
+    n = 20_000
+    t0 = time.perf_counter()
+    for i in range(n):
+        model.predict(shapes[i % 100], i % 4)
+    mean_us = (time.perf_counter() - t0) / n * 1e6
+    print(f"predict() mean cost: {mean_us:.2f} us")  # reported, not asserted: machines vary
+
+
+# -- online correction ------------------------------------------------------------------------
+
+
+def test_drift_fires_after_step_change_once(caplog: pytest.LogCaptureFixture) -> None:
+    model = fitted_model()
+    rng = random.Random(7)
+    caplog.set_level(logging.WARNING, logger="harli.predictor.model")
+    for i in range(400):
+        shape = random_shape(rng)
+        step = 1.0 if i < 200 else 1.4  # the finetune changed: 40% slower from i = 200
+        model.observe(shape, 2, true_latency_s(shape, 2) * step * math.exp(rng.gauss(0, 0.05)),
+                      now=float(i))
+        if i == 199:
+            assert model.stats()["drift_events"] == {2: 0}
+    stats = model.stats()
+    # Once per kind of iteration (decode-only, with prefill): each has its own correction.
+    assert stats["drift_events"] == {2: 2}
+    assert stats["in_drift"] == [2]
+    assert 200 < stats["last_drift_s"][2] < 400  # type: ignore[index]
+    assert [r for r in caplog.records if "drift at level 2" in r.getMessage()]
+    # The bias now corrects the prediction toward the new latency.
+    assert model.predict(SHAPE, 2).estimate_s == pytest.approx(
+        1.4 * true_latency_s(SHAPE, 2), rel=0.05)
+
+
+def test_no_drift_on_stationary_noise() -> None:
+    model = fitted_model()
+    rng = random.Random(8)
+    for i in range(3000):
+        shape = random_shape(rng)
+        level = i % 4
+        model.observe(shape, level, true_latency_s(shape, level) * math.exp(rng.gauss(0, 0.05)),
+                      now=float(i))
+    stats = model.stats()
+    assert stats["drift_events"] == {0: 0, 1: 0, 2: 0, 3: 0}
+    assert stats["samples_seen"] == {0: 750, 1: 750, 2: 750, 3: 750}
+    assert stats["recent_mean_abs_pct_error"] < 6.0  # type: ignore[operator]
+
+
+def test_live_spread_widens_the_bound() -> None:
+    model = fitted_model()
+    before = model.predict(SHAPE, 1)
+    rng = random.Random(9)
+    for i in range(500):  # ten times the fitted noise, no bias
+        model.observe(SHAPE, 1, true_latency_s(SHAPE, 1) * math.exp(rng.gauss(0, 0.2)), now=i)
+    after = model.predict(SHAPE, 1)
+    assert after.upper_s / after.estimate_s > 1.3 * before.upper_s / before.estimate_s
+
+
+def test_online_mode_prior_then_converges() -> None:
+    model = LatencyModel.online(prior_latency_s=0.2)
+    assert model.predict(SHAPE, 0) == (0.2, 0.4)
+    assert model.predict(SHAPE, 2) == (0.2, 0.4)
+    assert model.stats()["mode"] == "online"
+    assert model.stats()["profile_loaded"] is False
+    rng = random.Random(10)
+    for i in range(2000):
+        shape = random_shape(rng)
+        level = (0, 0, 1, 2)[i % 4]
+        model.observe(shape, level, true_latency_s(shape, level) * math.exp(rng.gauss(0, 0.02)),
+                      now=float(i))
+    stats = model.stats()
+    assert stats["fitted"] is True
+    assert stats["online_refits"] == 1 + (1000 - 50) // 200
+    assert stats["online_levels"] == [1, 2]
+    assert model.solo is not None
+    assert model.solo.coefficients == pytest.approx(TRUE_COEFS, rel=0.1)
+    for level in (0, 1, 2):
+        p = model.predict(SHAPE, level)
+        # Online stage 2 is a pure ratio, which cannot express the levels' offsets: it is
+        # right on average over the shapes seen, a few percent off for a small batch.
+        assert p.estimate_s == pytest.approx(true_latency_s(SHAPE, level),
+                                             rel=0.05 if level == 0 else 0.1)
+        assert p.upper_s >= p.estimate_s
+    assert stats["drift_events"] == {0: 0, 1: 0, 2: 0}  # not while levels ran on fallback
+    assert stats["recent_mean_abs_pct_error"] < 5.0  # type: ignore[operator]
+
+
+def test_model_config_and_constructor_validate() -> None:
+    with pytest.raises(ValueError, match="ewma_alpha"):
+        ModelConfig(ewma_alpha=0.0)
+    with pytest.raises(ValueError, match="conservative"):
+        ModelConfig(fallback_factor=0.9)
+    with pytest.raises(ValueError, match="prior_latency_s"):
+        LatencyModel(None, {})
+    model = LatencyModel.online(prior_latency_s=0.1)
+    with pytest.raises(ValueError, match="measured_s"):
+        model.observe(SHAPE, 0, 0.0, now=0.0)
+
+
+shapes_st = st.builds(BatchShape, num_seqs=st.integers(0, 512), decode_tokens=st.integers(0, 512),
+                      prefill_tokens=st.integers(0, 8192), context_tokens=st.integers(0, 10**6),
+                      prefill_attn_tokens=st.integers(0, 10**8))
+observations_st = st.lists(st.tuples(shapes_st, st.integers(0, 6),
+                                     st.floats(1e-6, 1e3, allow_nan=False)), max_size=60)
+_FITTED = fitted_model()
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes_st, level=st.integers(0, 8), observations=observations_st,
+       online=st.booleans())
+def test_upper_at_least_estimate_above_zero(shape: BatchShape, level: int,
+                                            observations: list[tuple[BatchShape, int, float]],
+                                            online: bool) -> None:
+    cfg = ModelConfig(online_min_samples=5, refit_every=10, level_min_samples=3)
+    model = (LatencyModel.online(prior_latency_s=0.05, config=cfg) if online else
+             LatencyModel(_FITTED.solo, _FITTED.levels, config=cfg))
+    for i, (obs_shape, obs_level, measured_s) in enumerate(observations):
+        model.observe(obs_shape, obs_level, measured_s, now=float(i))
+        p = model.predict(shape, level)
+        assert p.upper_s >= p.estimate_s > 0
+    p = model.predict(shape, level)
+    assert p.upper_s >= p.estimate_s > 0
+    assert math.isfinite(p.upper_s)
+
+
+# -- profile ----------------------------------------------------------------------------------
+
+
+def make_profile() -> Profile:
+    model = fitted_model()
+    samples = make_samples(random.Random(11), 20, levels=(0, 1))
+    return Profile(version=PROFILE_VERSION, key=KEY, created_s=1.7e9, solo=model.solo,
+                   levels=model.levels, samples=samples, meta={"gpu": "H100", "iters": 20})
+
+
+def test_profile_json_round_trip_and_model() -> None:
+    profile = make_profile()
+    back = Profile.from_json(profile.to_json())
+    assert back == profile
+    assert back.samples[0].shape == profile.samples[0].shape
+    assert back.model().predict(SHAPE, 2) == profile.model().predict(SHAPE, 2)
+    assert back.model().stats()["profile_loaded"] is True
+
+
+def test_profile_key_mismatches_name_each_field() -> None:
+    profile = make_profile()
+    assert profile.mismatches(KEY) == []
+    daemon = ProfileKey(model="qwen-0.5b", backend="vllm-0.9", dtype="float32",
+                        hardware="a100 x8", harli_version="0.1.0")
+    assert profile.mismatches(daemon) == ["dtype: profile bfloat16, daemon float32",
+                                          "hardware: profile h100 x16, daemon a100 x8"]
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"not json", "p.json: not a harli latency profile"),
+        (b"{}", "p.json: not a harli latency profile"),
+        (b'{"version": 99, "anything": 1}', "p.json: profile version 99 is not supported"),
+        (b'{"version": 1, "key": {"model": "m"}}', "p.json: malformed profile"),
+        (b'{"version": 1, "key": {"model": "m", "backend": "b", "dtype": "d", "hardware": "h",'
+         b' "harli_version": "v"}, "created_s": 0, "solo": null, "samples": [{"shape": {'
+         b'"num_seqs": 1, "decode_tokens": 1, "prefill_tokens": 0, "context_tokens": 0},'
+         b' "level": 0, "latency_s": -1.0, "config": "c"}]}', "latency_s must be > 0"),
+    ],
+)
+def test_bad_profiles_raise_profile_error(data: bytes, match: str) -> None:
+    with pytest.raises(ProfileError, match=match):
+        Profile.from_json(data, source="p.json")
+
+
+def test_profile_with_other_feature_set_is_refused() -> None:
+    data = make_profile().to_json().replace(b'"intercept"', b'"bias"')
+    with pytest.raises(ProfileError, match="re-run profiling"):
+        Profile.from_json(data)
+
+
+def test_hardware_fingerprint_names_cpu_and_cores() -> None:
+    fp = hardware_fingerprint()
+    assert fp and fp.rsplit(" x", 1)[1].isdigit()
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+
+def perfect_model() -> LatencyModel:
+    solo = SoloFit(TRUE_COEFS, FEATURE_NAMES, n=1, quantile=0.99, ratio_q=1.0, spread_log=0.0,
+                   floor_s=1e-4)
+    levels = {lv: LevelFit(lv, scale, offset_s, n=1, quantile=0.99, ratio_q=1.0, spread_log=0.0,
+                           floor_s=1e-4) for lv, (scale, offset_s) in TRUE_LEVELS.items()}
+    return LatencyModel(solo, levels)
+
+
+def test_evaluate_perfect_model_has_zero_error_and_full_bound_share() -> None:
+    samples = make_samples(random.Random(12), 400, levels=(0, 1, 2, 3), noise=0.0)
+    report = evaluate(perfect_model(), samples)
+    assert sorted(report.stages) == ["stage1", "stage2"]
+    stage1, stage2 = report.stages["stage1"], report.stages["stage2"]
+    assert stage1.n_samples == 400
+    assert stage2.n_samples == 1200
+    assert stage1.n_configs == len({s.config for s in samples})
+    assert stage2.n_configs == 3 * stage1.n_configs
+    for stage in (stage1, stage2):
+        assert stage.mean_ape_pct == 0.0
+        assert stage.p95_ape_pct == 0.0
+        assert stage.within_upper_share == 1.0
+        assert all(row.ape_pct == 0.0 for row in stage.rows)
+    # Fit on the same noiseless data: the error is rounding only.
+    fitted = evaluate(LatencyModel.from_samples(samples), samples)
+    assert fitted.stages["stage1"].mean_ape_pct == pytest.approx(0.0, abs=1e-6)
+    assert fitted.stages["stage2"].p95_ape_pct == pytest.approx(0.0, abs=1e-6)
+
+
+def test_evaluate_noisy_model_reports_error() -> None:
+    samples = make_samples(random.Random(13), 400, levels=(0, 1))
+    report = evaluate(LatencyModel.from_samples(samples, quantile=0.9), samples)
+    assert 0.0 < report.stages["stage1"].mean_ape_pct < 5.0
+    assert 0.85 < report.stages["stage1"].within_upper_share < 0.95
