@@ -26,7 +26,7 @@ from typing import Any
 from harli.tools.command import Command, CommandError, add_config_arguments
 
 _DIGITS = Path(__file__).resolve().parents[1] / "finetune_proc" / "data" / "digits.jsonl"
-_MAX_TOKENS = 48  # decode iterations per configuration and repeat
+_MAX_TOKENS = 32  # decode iterations per configuration and repeat
 # A configuration's median is compared only over at least this many iterations (a prefill of
 # one request is one iteration per run); the rest still count in the share under the bound.
 MIN_CONFIG_ITERATIONS = 5
@@ -255,7 +255,9 @@ class ProfileCommand(Command):
                        help="measure held-out configurations against this profile")
         p.add_argument("--png", type=Path, help="plot of predicted vs measured (--evaluate; "
                        "default: next to the profile)")
-        p.add_argument("--repeats", type=int, default=2)
+        p.add_argument("--repeats", type=int, default=4,
+                       help="runs of each configuration, spread over the measurement in a "
+                       "shuffled order (this host drifts +-30 %% from run to run)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--dir", type=Path, help="working dir (default: a temporary one)")
         add_config_arguments(p)
