@@ -254,10 +254,11 @@ class ProfileCommand(Command):
         p.add_argument("--evaluate", type=Path, metavar="PROFILE",
                        help="measure held-out configurations against this profile")
         p.add_argument("--png", type=Path, help="plot of predicted vs measured (--evaluate; "
-                       "default: next to the profile)")
-        p.add_argument("--repeats", type=int, default=4,
+                       "default: PROFILE.eval.png, with PROFILE.eval.json beside it)")
+        p.add_argument("--repeats", type=int,
                        help="runs of each configuration, spread over the measurement in a "
-                       "shuffled order (this host drifts +-30 %% from run to run)")
+                       "shuffled order, as this host drifts +-30 %% from run to run "
+                       "(default 4; 3 with --quick)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--dir", type=Path, help="working dir (default: a temporary one)")
         add_config_arguments(p)
@@ -265,6 +266,8 @@ class ProfileCommand(Command):
     def validate(self, args: argparse.Namespace) -> None:
         if (args.out is None) == (args.evaluate is None):
             raise CommandError("give --out PROFILE to profile, or --evaluate PROFILE")
+        if args.repeats is None:
+            args.repeats = 3 if args.quick else 4
         if args.repeats < 1:
             raise CommandError("--repeats must be >= 1")
 
@@ -323,11 +326,11 @@ class ProfileCommand(Command):
                    "profile + online": evaluate(profile.model(), samples,
                                                 MIN_CONFIG_ITERATIONS, online=True)}
         print_report(reports, console)
-        png = args.png or args.evaluate.with_suffix(".png")
+        png = args.png or args.evaluate.with_name(args.evaluate.stem + ".eval.png")
         plot(reports["profile + online"], png,
              f"{expected.model}, {expected.dtype}, {expected.backend}: held-out configurations, "
              f"online correction on ({elapsed:.0f} s)")
-        out = png.with_suffix(".json")
+        out = png.with_name(png.stem + ".eval.json")  # never the profile itself
         out.write_bytes(report_json(reports, samples, elapsed))
         console.print(f"plot: {png}; report and samples: {out}")
         return 0
