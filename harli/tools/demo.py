@@ -94,17 +94,22 @@ def _finetune_phase(console: Any, daemon: Any, args: argparse.Namespace) -> None
                       f"{args.steps} steps at quota level "
                       f"{daemon.cfg.finetune.level}/{daemon.cfg.finetune.levels}")
         rounds: list[float] = []
+        peak_lent = [0]
 
         def view() -> Table:
             j = ctl.show(job.job_id).job
+            m = ctl.status().memory
+            lent = m.pages.get("finetune", 0) if m else 0
+            peak_lent[0] = max(peak_lent[0], lent)
             t = Table(expand=True)
             for col in ("job", "status", "step", "loss (first -> now)", "train tok/s",
-                        "decode rounds", "decode TPOT ms (last round)"):
+                        "decode rounds", "decode TPOT ms (last round)", "KV pages lent"):
                 t.add_column(col)
             t.add_row(str(j.job_id), j.status, f"{j.step}/{j.total_steps or '?'}",
                       f"{j.first_loss or 0:.2f} -> {j.loss or 0:.2f}",
                       f"{j.tokens_per_s or 0:.0f}", str(len(rounds)),
-                      f"{1e3 * rounds[-1]:.2f}" if rounds else "-")
+                      f"{1e3 * rounds[-1]:.2f}" if rounds else "-",
+                      f"{lent}/{sum(m.pages.values())}" if m else "arena off")
             return t
 
         with Live(view(), console=console, refresh_per_second=4) as live:
@@ -120,6 +125,15 @@ def _finetune_phase(console: Any, daemon: Any, args: argparse.Namespace) -> None
                       f"during training, median TPOT {1e3 * statistics.median(rounds):.2f} ms "
                       f"(quota level {daemon.cfg.finetune.level} is fixed until the SLO "
                       f"scheduler lands)")
+        m = ctl.status().memory
+        if m is not None:
+            saved = m.saved_lease_bytes + m.saved_private_bytes
+            console.print(
+                f"memory pool: up to {peak_lent[0]} of {sum(m.pages.values())} arena pages "
+                f"({peak_lent[0] * m.page_bytes / 2**20:.0f} MiB of idle KV cache) lent to the "
+                f"finetune; {m.saved_lease_bytes / saved if saved else 0:.1%} of the "
+                f"{saved / 2**30:.1f} GiB autograd saved went there; reclaims "
+                f"{sum(m.reclaims.values())}, vLLM preemptions {m.preemptions}")
         if j.status != "succeeded" or not j.adapter_path:
             console.print(f"[red]job {j.status}: {j.error}")
             return

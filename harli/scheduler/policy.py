@@ -1,0 +1,248 @@
+"""Quota policies: before each decode iteration, pick the finetune's quota level 0..K.
+
+``HarliPolicy`` asks the latency predictor for each level's upper bound on the next
+iteration's latency, highest level first, and takes the first one inside the TPOT SLO. It goes
+down at once (never a level whose predicted bound is over the SLO) and up only after the higher
+level has been feasible for ``hysteresis_iters`` decisions in a row, so a load that oscillates
+around a level boundary does not make the finetune flap. ``StaticPolicy``, ``NaivePolicy``
+(always K) and ``DecodeOnlyPolicy`` (always 0) are baselines; ``parse_policy`` reads the config
+and CLI spelling of each.
+
+Pure logic: no torch, no ZMQ, no clock (``now`` is passed in). ``HarliPolicy.decide`` runs
+before every decode iteration and costs a few predictions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+from harli.predictor import BatchShape, Prediction
+from harli.scheduler.slo import SloTarget
+
+__all__ = [
+    "POLICY_FORMS",
+    "BatchView",
+    "DecodeOnlyPolicy",
+    "HarliPolicy",
+    "LatencyPredictor",
+    "NaivePolicy",
+    "Policy",
+    "PolicyDecision",
+    "StaticPolicy",
+    "parse_policy",
+]
+
+POLICY_FORMS = "'harli', 'static:L' (L in 0..levels), 'naive' or 'decode-only'"
+
+# Reasons HarliPolicy gives; the ones with numbers start with these words.
+REASON_IDLE = "idle: nothing running or waiting"
+REASON_STEADY = "steady"  # the current level is the highest feasible one
+REASON_DOWN = "down"  # the current level's bound is over the SLO: dropped at once
+REASON_UP = "up"  # a higher level has been feasible for hysteresis_iters decisions
+REASON_HOLD = "hold"  # a higher level is feasible, not yet for long enough
+REASON_HOLD_UNSAFE = "hold-unsafe"  # the held level's bound is over the SLO: lowest safe level
+REASON_INFEASIBLE = "infeasible"  # even level 0's bound is over the SLO: decode only
+
+
+class LatencyPredictor(Protocol):
+    """What the policy needs of ``harli.predictor.LatencyModel``."""
+
+    def predict(self, shape: BatchShape, level: int) -> Prediction: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BatchView:
+    """What the daemon knows before the next decode iteration: the batch it will run
+    (mapped onto ``BatchShape`` by ``shape()``) and how many requests wait behind it."""
+
+    num_running: int  # requests in the next iteration's batch
+    num_waiting: int  # requests queued, not yet scheduled
+    decode_tokens: int
+    prefill_tokens: int
+    context_tokens: int  # tokens already in the KV cache of the scheduled requests
+    prefill_attn_tokens: int = 0  # see BatchShape.prefill_attn_tokens
+
+    def __post_init__(self) -> None:
+        if min(self.num_running, self.num_waiting, self.decode_tokens, self.prefill_tokens,
+               self.context_tokens, self.prefill_attn_tokens) < 0:
+            raise ValueError(f"batch view counts must be >= 0, got {self}")
+
+    @property
+    def idle(self) -> bool:
+        return self.num_running == 0 and self.num_waiting == 0
+
+    def shape(self) -> BatchShape:
+        return BatchShape(self.num_running, self.decode_tokens, self.prefill_tokens,
+                          self.context_tokens, self.prefill_attn_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDecision:
+    level: int  # finetune quota level for the next iteration, 0 = finetune paused
+    reason: str  # why; starts with one of the REASON_* words
+    predicted_upper_s: float | None  # predictor's upper bound at ``level`` (before margin)
+
+
+class Policy(Protocol):
+    def decide(self, view: BatchView, now: float) -> PolicyDecision: ...
+
+
+def _check_levels(levels: int) -> None:
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}")
+
+
+class HarliPolicy:
+    """SLO-aware quota: the highest level whose predicted upper bound, times ``margin``,
+    is within the TPOT SLO, with hysteresis on the way up.
+
+    Hysteresis: the policy keeps the highest feasible level ("target") of each of the last
+    ``hysteresis_iters`` decisions. It moves up only to the lowest of those targets, i.e. to a
+    level that has been feasible in every one of them; it moves down to the target at once.
+    An idle engine (nothing running, nothing waiting) gets level K at once. The policy starts
+    as if the engine had been idle (at K), so the first busy decision takes the target.
+    """
+
+    def __init__(self, model: LatencyPredictor, levels: int, slo: SloTarget,
+                 hysteresis_iters: int = 8, margin: float = 1.0) -> None:
+        _check_levels(levels)
+        if hysteresis_iters < 1:
+            raise ValueError(f"hysteresis_iters must be >= 1 (1 = none), got {hysteresis_iters}")
+        if not (margin > 0.0 and math.isfinite(margin)):
+            raise ValueError(f"margin must be finite and > 0, got {margin}")
+        self._model = model
+        self._levels = levels
+        self._slo = slo
+        self._tpot_s = slo.tpot_s
+        self._margin = margin
+        self._hysteresis_iters = hysteresis_iters
+        self._targets: deque[int] = deque(maxlen=hysteresis_iters)
+        self._level = levels
+
+    @property
+    def level(self) -> int:
+        """The level of the last decision (K before the first)."""
+        return self._level
+
+    @property
+    def levels(self) -> int:
+        return self._levels
+
+    @property
+    def slo(self) -> SloTarget:
+        return self._slo
+
+    def decide(self, view: BatchView, now: float) -> PolicyDecision:
+        del now  # the policy counts decisions, not seconds
+        targets = self._targets
+        if view.num_running == 0 and view.num_waiting == 0:
+            targets.append(self._levels)
+            self._level = self._levels
+            return PolicyDecision(self._levels, REASON_IDLE, None)
+
+        shape = view.shape()
+        predict = self._model.predict
+        limit_s = self._tpot_s
+        margin = self._margin
+        target = -1
+        upper_s = math.inf
+        for level in range(self._levels, -1, -1):
+            upper_s = predict(shape, level).upper_s
+            if upper_s * margin <= limit_s:
+                target = level
+                break
+        if target < 0:  # upper_s is level 0's bound
+            targets.append(0)
+            self._level = 0
+            return PolicyDecision(0, _infeasible_reason(upper_s, margin, self._slo), upper_s)
+
+        targets.append(target)
+        current = self._level
+        if target <= current:
+            self._level = target
+            return PolicyDecision(target, REASON_STEADY if target == current else REASON_DOWN,
+                                  upper_s)
+        # target > current: go up only as far as every one of the last N targets allows.
+        settled = min(targets) if len(targets) == self._hysteresis_iters else current
+        chosen = max(current, settled)
+        if chosen == target:
+            self._level = target
+            return PolicyDecision(target, REASON_UP, upper_s)
+        # Holding below the target: the held level must itself be within the SLO (it is,
+        # whenever the bound grows with the level; a model need not guarantee that).
+        for level in range(chosen, -1, -1):
+            held_s = predict(shape, level).upper_s
+            if held_s * margin <= limit_s:
+                self._level = level
+                if level == chosen:
+                    return PolicyDecision(level, REASON_UP if level > current else REASON_HOLD,
+                                          held_s)
+                return PolicyDecision(level, REASON_HOLD_UNSAFE, held_s)
+        # Nothing at or below the held level is safe, but the target is: safety over hysteresis.
+        self._level = target
+        return PolicyDecision(target, REASON_HOLD_UNSAFE, upper_s)
+
+
+def _infeasible_reason(upper_s: float, margin: float, slo: SloTarget) -> str:
+    return (f"{REASON_INFEASIBLE}: level 0 bound {1000.0 * upper_s * margin:.2f} ms "
+            f"(margin {margin:g}) > SLO {slo.tpot_ms:g} ms; decode only")
+
+
+class StaticPolicy:
+    """Always the same level (a baseline, or the pre-scheduler behaviour)."""
+
+    def __init__(self, level: int) -> None:
+        if level < 0:
+            raise ValueError(f"static level must be >= 0, got {level}")
+        self._decision = PolicyDecision(level, f"static: level {level}", None)
+
+    def decide(self, view: BatchView, now: float) -> PolicyDecision:
+        return self._decision
+
+
+class NaivePolicy:
+    """Always level K: the finetune runs flat out beside decode, SLO or not."""
+
+    def __init__(self, levels: int) -> None:
+        _check_levels(levels)
+        self._decision = PolicyDecision(levels, f"naive: always level {levels}", None)
+
+    def decide(self, view: BatchView, now: float) -> PolicyDecision:
+        return self._decision
+
+
+class DecodeOnlyPolicy:
+    """Always level 0: the finetune never runs beside decode."""
+
+    _DECISION = PolicyDecision(0, "decode-only: always level 0", None)
+
+    def decide(self, view: BatchView, now: float) -> PolicyDecision:
+        return self._DECISION
+
+
+def parse_policy(spec: str, model: LatencyPredictor, levels: int, slo: SloTarget) -> Policy:
+    """The policy named by a config or CLI string: 'harli', 'static:L', 'naive' or
+    'decode-only' (case and surrounding spaces ignored)."""
+    _check_levels(levels)
+    text = spec.strip().lower()
+    if text == "harli":
+        return HarliPolicy(model, levels, slo)
+    if text == "naive":
+        return NaivePolicy(levels)
+    if text == "decode-only":
+        return DecodeOnlyPolicy()
+    kind, sep, arg = text.partition(":")
+    if kind == "static" and sep:
+        try:
+            level = int(arg)
+        except ValueError:
+            raise ValueError(f"policy {spec!r}: the level in 'static:L' must be an integer in "
+                             f"0..{levels}; accepted forms: {POLICY_FORMS}") from None
+        if not 0 <= level <= levels:
+            raise ValueError(f"policy {spec!r}: static level must be in 0..{levels} "
+                             f"(finetune.levels), got {level}")
+        return StaticPolicy(level)
+    raise ValueError(f"unknown policy {spec!r}; accepted forms: {POLICY_FORMS}")

@@ -1,0 +1,444 @@
+"""Quota policies and SLO counting: HarliPolicy never picks a level predicted over the SLO,
+goes down at once and up with hysteresis, never gives a bigger batch a higher level; the
+baselines, ``parse_policy``, ``SloCounter``; and the cost of one decision."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import statistics
+import time
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harli.predictor import FEATURE_NAMES, BatchShape, LatencyModel, LevelFit, Prediction, SoloFit
+from harli.scheduler.policy import (
+    REASON_DOWN,
+    REASON_HOLD,
+    REASON_HOLD_UNSAFE,
+    REASON_IDLE,
+    REASON_INFEASIBLE,
+    REASON_STEADY,
+    REASON_UP,
+    BatchView,
+    DecodeOnlyPolicy,
+    HarliPolicy,
+    NaivePolicy,
+    PolicyDecision,
+    StaticPolicy,
+    parse_policy,
+)
+from harli.scheduler.slo import SloCounter, SloTarget
+
+K = 4
+# Seconds: intercept, per seq, per decode token, per prefill token, per 1k context tokens,
+# per 1M prefill attention token-pairs (the order of FEATURE_NAMES).
+SOLO_COEFS = (5e-3, 1e-4, 5e-5, 2e-5, 3e-4, 1e-3)
+
+
+def make_model(coefs: Sequence[float] = SOLO_COEFS,
+               scales: Sequence[float] = (1.15, 1.3, 1.45, 1.6),
+               offsets_s: Sequence[float] = (5e-4, 1e-3, 1.5e-3, 2e-3),
+               solo_ratio_q: float = 1.05, level_ratio_q: float = 1.1) -> LatencyModel:
+    """A LatencyModel with known stage-1 and stage-2 fits for levels 1..len(scales)."""
+    solo = SoloFit(tuple(coefs), FEATURE_NAMES, n=1, quantile=0.99, ratio_q=solo_ratio_q,
+                   spread_log=0.0, floor_s=1e-4)
+    levels = {lv: LevelFit(lv, scale, off, n=1, quantile=0.99, ratio_q=level_ratio_q,
+                           spread_log=0.0, floor_s=1e-4)
+              for lv, (scale, off) in enumerate(zip(scales, offsets_s, strict=True), start=1)}
+    return LatencyModel(solo, levels)
+
+
+def view(running: int, waiting: int = 0, ctx_per_seq: int = 512, prefill: int = 0) -> BatchView:
+    return BatchView(num_running=running, num_waiting=waiting, decode_tokens=running,
+                     prefill_tokens=prefill, context_tokens=running * ctx_per_seq,
+                     prefill_attn_tokens=prefill * (prefill + 512))
+
+
+def highest_feasible(model: LatencyModel, v: BatchView, slo: SloTarget, margin: float = 1.0,
+                     levels: int = K) -> int | None:
+    for level in range(levels, -1, -1):
+        if model.predict(v.shape(), level).upper_s * margin <= slo.tpot_s:
+            return level
+    return None
+
+
+SLO = SloTarget(tpot_ms=25.0)
+MODEL = make_model()
+LIGHT = view(8)  # every level feasible
+MEDIUM = view(32)  # level 2 the highest feasible
+HEAVY = view(64)  # not even level 0
+
+
+def test_fixture_shapes_have_the_intended_targets() -> None:
+    assert highest_feasible(MODEL, LIGHT, SLO) == K
+    assert highest_feasible(MODEL, MEDIUM, SLO) == 2
+    assert highest_feasible(MODEL, HEAVY, SLO) is None
+
+
+# -- strategies -------------------------------------------------------------------------------
+
+views = st.builds(
+    BatchView,
+    num_running=st.integers(0, 96),
+    num_waiting=st.integers(0, 3),
+    decode_tokens=st.integers(0, 96),
+    prefill_tokens=st.integers(0, 2048),
+    context_tokens=st.integers(0, 96 * 2048),
+    prefill_attn_tokens=st.integers(0, 2048 * 4096),
+)
+slos = st.floats(4.0, 80.0).map(lambda ms: SloTarget(tpot_ms=ms))
+
+
+@st.composite
+def models(draw: st.DrawFn) -> LatencyModel:
+    """Random fits whose bound grows with the batch (non-negative coefficients) and with the
+    level (increasing scales and offsets)."""
+    coefs = [draw(st.floats(1e-3, 1e-2))] + [draw(st.floats(0.0, 1e-3)) for _ in range(5)]
+    steps = [draw(st.floats(0.0, 0.5)) for _ in range(K)]
+    scales = [1.0 + sum(steps[: i + 1]) for i in range(K)]
+    offsets = [sum(draw(st.floats(0.0, 2e-3)) for _ in range(i + 1)) for i in range(K)]
+    return make_model(coefs, scales, offsets, solo_ratio_q=draw(st.floats(1.0, 1.2)),
+                      level_ratio_q=draw(st.floats(1.2, 1.5)))
+
+
+class TablePredictor:
+    """A fake predictor: upper bound per level from a table, shape ignored (any order of
+    levels, including bounds that fall as the level rises)."""
+
+    def __init__(self, uppers_s: Sequence[float]) -> None:
+        self.uppers_s = list(uppers_s)
+
+    def predict(self, shape: BatchShape, level: int) -> Prediction:
+        return Prediction(self.uppers_s[level] / 2, self.uppers_s[level])
+
+
+def check_safe(d: PolicyDecision, upper_at: list[float], margin: float, slo: SloTarget) -> None:
+    """The decision's level is within the SLO, or 0 with nothing feasible."""
+    if d.reason == REASON_IDLE:
+        assert d.level == K
+        return
+    assert d.predicted_upper_s == upper_at[d.level]
+    if d.reason.startswith(REASON_INFEASIBLE):
+        assert d.level == 0
+        assert all(u * margin > slo.tpot_s for u in upper_at)
+    else:
+        assert upper_at[d.level] * margin <= slo.tpot_s
+
+
+# -- HarliPolicy: safety ----------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(model=models(), slo=slos, margin=st.floats(1.0, 1.5), hysteresis=st.integers(1, 10),
+       history=st.lists(views, min_size=1, max_size=40))
+def test_harli_never_picks_a_level_predicted_over_the_slo(
+        model: LatencyModel, slo: SloTarget, margin: float, hysteresis: int,
+        history: list[BatchView]) -> None:
+    policy = HarliPolicy(model, K, slo, hysteresis_iters=hysteresis, margin=margin)
+    for t, v in enumerate(history):
+        d = policy.decide(v, now=float(t))
+        if v.idle:
+            assert (d.level, d.reason) == (K, REASON_IDLE)
+            continue
+        upper_at = [model.predict(v.shape(), lv).upper_s for lv in range(K + 1)]
+        check_safe(d, upper_at, margin, slo)
+        # Never above the highest feasible level.
+        top = highest_feasible(model, v, slo, margin)
+        assert d.level <= (top if top is not None else 0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tables=st.lists(st.lists(st.floats(1e-3, 0.1), min_size=K + 1, max_size=K + 1),
+                       min_size=1, max_size=40),
+       hysteresis=st.integers(1, 10))
+def test_harli_is_safe_even_when_the_bound_is_not_monotonic_in_level(
+        tables: list[list[float]], hysteresis: int) -> None:
+    slo = SloTarget(tpot_ms=50.0)
+    fake = TablePredictor(tables[0])
+    policy = HarliPolicy(fake, K, slo, hysteresis_iters=hysteresis)
+    for t, uppers in enumerate(tables):
+        fake.uppers_s = uppers
+        check_safe(policy.decide(view(4), float(t)), uppers, 1.0, slo)
+
+
+@settings(max_examples=100, deadline=None)
+@given(model=models(), slo=slos, history=st.lists(views, max_size=30))
+def test_without_hysteresis_harli_takes_the_highest_feasible_level(
+        model: LatencyModel, slo: SloTarget, history: list[BatchView]) -> None:
+    policy = HarliPolicy(model, K, slo, hysteresis_iters=1)
+    for t, v in enumerate(history):
+        top = highest_feasible(model, v, slo)
+        expected = K if v.idle else (top if top is not None else 0)
+        assert policy.decide(v, float(t)).level == expected
+
+
+def test_infeasible_load_runs_decode_only_and_says_so() -> None:
+    d = HarliPolicy(MODEL, K, SLO).decide(HEAVY, 0.0)
+    assert d.level == 0
+    assert d.reason.startswith(REASON_INFEASIBLE)
+    assert "decode only" in d.reason
+    assert "25 ms" in d.reason
+    assert d.predicted_upper_s == MODEL.predict(HEAVY.shape(), 0).upper_s
+
+
+def test_margin_scales_the_bound() -> None:
+    upper4 = MODEL.predict(LIGHT.shape(), K).upper_s
+    tight = SloTarget(tpot_ms=1000.0 * upper4 * 1.01)
+    assert HarliPolicy(MODEL, K, tight).decide(LIGHT, 0.0).level == K
+    assert HarliPolicy(MODEL, K, tight, margin=1.1).decide(LIGHT, 0.0).level < K
+
+
+# -- HarliPolicy: idle and hysteresis ---------------------------------------------------------
+
+
+def test_idle_engine_gets_level_k_at_once() -> None:
+    policy = HarliPolicy(MODEL, K, SLO, hysteresis_iters=8)
+    assert policy.decide(HEAVY, 0.0).level == 0
+    idle = policy.decide(view(0), 1.0)
+    assert (idle.level, idle.reason, idle.predicted_upper_s) == (K, REASON_IDLE, None)
+    assert policy.level == K
+
+
+def test_waiting_requests_are_not_idle() -> None:
+    # Nothing running but a long prompt waits: the next iteration prefills it.
+    d = HarliPolicy(MODEL, K, SLO).decide(view(0, waiting=2, prefill=4096), 0.0)
+    assert d.reason != REASON_IDLE
+    assert d.predicted_upper_s is not None
+
+
+def test_a_held_level_over_the_slo_is_left_for_a_safe_one() -> None:
+    slo = SloTarget(tpot_ms=50.0)
+    ok, bad = 0.01, 0.1
+    fake = TablePredictor([ok, ok, ok, bad, bad])
+    policy = HarliPolicy(fake, K, slo, hysteresis_iters=8)
+    assert policy.decide(LIGHT, 0.0).level == 2
+    fake.uppers_s = [ok, ok, bad, bad, ok]  # the held level 2 turned unsafe, K is safe
+    d = policy.decide(LIGHT, 1.0)
+    assert (d.level, d.reason) == (1, REASON_HOLD_UNSAFE)  # down, not up past hysteresis
+    fake.uppers_s = [bad, bad, bad, bad, ok]  # only K is safe: safety over hysteresis
+    d = policy.decide(LIGHT, 2.0)
+    assert (d.level, d.reason) == (K, REASON_HOLD_UNSAFE)
+
+
+def test_drop_is_immediate_and_rise_waits_hysteresis_iters() -> None:
+    n = 8
+    policy = HarliPolicy(MODEL, K, SLO, hysteresis_iters=n)
+    assert policy.decide(LIGHT, 0.0).level == K  # starts as if idle: no wait to hold K
+    d = policy.decide(MEDIUM, 1.0)
+    assert (d.level, d.reason) == (2, REASON_DOWN)  # immediate
+    levels = [policy.decide(LIGHT, 2.0 + i) for i in range(n)]
+    # The level-2 target stays in the window for n - 1 more decisions.
+    assert [d.level for d in levels[: n - 1]] == [2] * (n - 1)
+    assert all(d.reason == REASON_HOLD for d in levels[: n - 1])
+    assert (levels[-1].level, levels[-1].reason) == (K, REASON_UP)
+    assert policy.decide(LIGHT, 20.0).reason == REASON_STEADY
+    assert policy.decide(HEAVY, 21.0).level == 0  # immediate, all the way down
+
+
+def test_oscillating_load_does_not_flap() -> None:
+    policy = HarliPolicy(MODEL, K, SLO, hysteresis_iters=8)
+    decisions = [policy.decide(MEDIUM if t % 2 else LIGHT, float(t)) for t in range(200)]
+    levels = [d.level for d in decisions]
+    assert levels[0] == K
+    assert set(levels[1:]) == {2}  # held at the level feasible under both loads
+    changes = sum(a != b for a, b in itertools.pairwise(levels))
+    assert changes == 1
+
+
+def test_rise_goes_only_as_high_as_the_whole_window_allows() -> None:
+    policy = HarliPolicy(MODEL, K, SLO, hysteresis_iters=4)
+    three = next(v for v in (view(n) for n in range(8, 64)) if highest_feasible(MODEL, v, SLO) == 3)
+    policy.decide(MEDIUM, 0.0)
+    got = [policy.decide(v, 1.0 + i).level for i, v in enumerate([three, LIGHT, three, LIGHT])]
+    assert got == [2, 2, 2, 3]  # 3 feasible in all four, K only in two of them
+
+
+@settings(max_examples=150, deadline=None)
+@given(model=models(), slo=slos, hysteresis=st.integers(1, 10),
+       history=st.lists(views, max_size=30), small=views,
+       deltas=st.tuples(*[st.integers(0, 64) for _ in range(6)]))
+def test_a_larger_batch_never_gets_a_higher_level(
+        model: LatencyModel, slo: SloTarget, hysteresis: int, history: list[BatchView],
+        small: BatchView, deltas: tuple[int, ...]) -> None:
+    big = BatchView(*(a + b for a, b in zip(
+        (small.num_running, small.num_waiting, small.decode_tokens, small.prefill_tokens,
+         small.context_tokens, small.prefill_attn_tokens), deltas, strict=True)))
+    a = HarliPolicy(model, K, slo, hysteresis_iters=hysteresis)
+    b = HarliPolicy(model, K, slo, hysteresis_iters=hysteresis)
+    for t, v in enumerate(history):
+        assert a.decide(v, float(t)) == b.decide(v, float(t))
+    assert b.decide(big, 99.0).level <= a.decide(small, 99.0).level
+
+
+def test_harli_rejects_bad_parameters() -> None:
+    with pytest.raises(ValueError, match="levels"):
+        HarliPolicy(MODEL, 0, SLO)
+    with pytest.raises(ValueError, match="hysteresis_iters"):
+        HarliPolicy(MODEL, K, SLO, hysteresis_iters=0)
+    with pytest.raises(ValueError, match="margin"):
+        HarliPolicy(MODEL, K, SLO, margin=0.0)
+
+
+def test_batch_view_maps_onto_batch_shape_and_rejects_negatives() -> None:
+    v = BatchView(3, 1, 2, 10, 300, 7)
+    assert v.shape() == BatchShape(num_seqs=3, decode_tokens=2, prefill_tokens=10,
+                                   context_tokens=300, prefill_attn_tokens=7)
+    assert not v.idle
+    assert BatchView(0, 0, 0, 0, 0).idle
+    with pytest.raises(ValueError, match=">= 0"):
+        BatchView(1, -1, 0, 0, 0)
+
+
+# -- baselines and parse_policy ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("policy", "level"), [
+    (StaticPolicy(2), 2), (NaivePolicy(K), K), (DecodeOnlyPolicy(), 0)])
+def test_baselines_ignore_the_load(policy: StaticPolicy | NaivePolicy | DecodeOnlyPolicy,
+                                   level: int) -> None:
+    for v in (view(0), LIGHT, HEAVY):
+        d = policy.decide(v, 0.0)
+        assert d.level == level
+        assert d.predicted_upper_s is None
+
+
+@pytest.mark.parametrize(("spec", "kind", "level"), [
+    ("harli", HarliPolicy, None),
+    (" Harli ", HarliPolicy, None),
+    ("static:0", StaticPolicy, 0),
+    ("static:2", StaticPolicy, 2),
+    (f"static:{K}", StaticPolicy, K),
+    ("naive", NaivePolicy, K),
+    ("decode-only", DecodeOnlyPolicy, 0),
+])
+def test_parse_policy_accepts_each_form(spec: str, kind: type, level: int | None) -> None:
+    policy = parse_policy(spec, MODEL, K, SLO)
+    assert isinstance(policy, kind)
+    if level is not None:
+        assert policy.decide(LIGHT, 0.0).level == level
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("", "accepted forms"),
+    ("harly", "accepted forms"),
+    ("static", "accepted forms"),
+    ("static:", "must be an integer"),
+    ("static:x", "must be an integer"),
+    ("static:1.5", "must be an integer"),
+    ("static:-1", r"0\.\.4"),
+    (f"static:{K + 1}", r"0\.\.4"),
+    ("naive:2", "accepted forms"),
+    ("decode_only", "accepted forms"),
+])
+def test_parse_policy_rejects_bad_strings(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        parse_policy(spec, MODEL, K, SLO)
+    if message == "accepted forms":
+        assert all(form in str(info.value) for form in ("harli", "static:L", "naive",
+                                                         "decode-only"))
+
+
+# -- SLO --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("tpot_ms", "attainment"), [(0.0, 0.9), (-1.0, 0.9), (float("inf"), 0.9),
+                                                     (50.0, 0.0), (50.0, 1.01)])
+def test_slo_target_validates(tpot_ms: float, attainment: float) -> None:
+    with pytest.raises(ValueError, match="SloTarget"):
+        SloTarget(tpot_ms, attainment)
+
+
+def test_slo_target_defaults_and_frozen() -> None:
+    slo = SloTarget(50.0)
+    assert (slo.attainment, slo.tpot_s) == (0.99, 0.05)
+    assert SloTarget(50.0, 1.0).attainment == 1.0
+    with pytest.raises(AttributeError):
+        slo.tpot_ms = 10.0  # type: ignore[misc]  # checking that it is frozen
+
+
+def test_slo_counter_per_token_by_hand() -> None:
+    c = SloCounter(SloTarget(50.0, attainment=0.75))
+    assert c.per_token() is None
+    assert c.meets_target() is None
+    c.on_token_gaps([])
+    assert c.per_token() is None
+    c.on_token_gaps([0.010, 0.050, 0.051, 0.200])  # 0.050 is on the bound: meets it
+    assert (c.tokens, c.tokens_ok, c.per_token()) == (4, 2, 0.5)
+    assert c.meets_target() is False
+    c.on_token_gaps([0.0, 0.02, 0.03, 0.04])
+    assert (c.tokens, c.tokens_ok, c.per_token()) == (8, 6, 0.75)
+    assert c.meets_target() is True
+    with pytest.raises(ValueError, match="gaps"):
+        c.on_token_gaps([0.01, -0.001])
+    with pytest.raises(ValueError, match="gaps"):
+        c.on_token_gaps([float("nan")])
+
+
+def test_slo_counter_per_request_by_hand() -> None:
+    c = SloCounter(SloTarget(50.0))
+    assert c.per_request() is None
+    c.on_request(0.0, 0.0, 1)  # one token: no TPOT
+    c.on_request(3.0, 3.0, 0)
+    assert c.per_request() is None
+    assert c.requests_skipped == 2
+    c.on_request(0.0, 0.5, 11)  # mean TPOT 50 ms: on the bound
+    c.on_request(1.0, 2.0, 11)  # 100 ms
+    c.on_request(10.0, 10.03, 2)  # 30 ms
+    c.on_request(5.0, 5.0, 3)  # all at once: 0 ms
+    assert (c.requests, c.requests_ok, c.requests_skipped) == (4, 3, 2)
+    assert c.per_request() == 0.75
+    assert c.per_token() is None  # the two counts are independent
+    with pytest.raises(ValueError, match="first_s <= last_s"):
+        c.on_request(2.0, 1.0, 5)
+    with pytest.raises(ValueError, match="n_tokens"):
+        c.on_request(0.0, 1.0, -1)
+
+
+def test_slo_counter_one_slow_gap_fails_the_token_not_the_request() -> None:
+    c = SloCounter(SloTarget(50.0))
+    times = [0.0, 0.01, 0.02, 0.12, 0.13, 0.14]  # one 100 ms stall in 5 gaps
+    c.on_token_gaps([b - a for a, b in itertools.pairwise(times)])
+    c.on_request(times[0], times[-1], len(times))  # mean 28 ms
+    assert c.per_token() == pytest.approx(0.8)
+    assert c.per_request() == 1.0
+
+
+# -- cost -------------------------------------------------------------------------------------
+
+
+def _time_decisions(policy: HarliPolicy, stream: list[BatchView]) -> tuple[float, float]:
+    ns: list[int] = []
+    clock = time.perf_counter_ns
+    for t, v in enumerate(stream):
+        start = clock()
+        policy.decide(v, float(t))
+        ns.append(clock() - start)
+    ns.sort()
+    return statistics.fmean(ns) / 1000.0, ns[int(0.99 * len(ns))] / 1000.0
+
+
+def test_decision_time_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    """Measures, does not assert: timings on a shared CI host are noise."""
+    model = make_model()
+    rng = random.Random(3)
+    # Online corrections for every level, so predict takes its full path.
+    for _ in range(200):
+        for lv in range(K + 1):
+            v = view(rng.randint(1, 48), prefill=rng.choice([0, 0, 0, 256]))
+            model.observe(v.shape(), lv, model.predict(v.shape(), lv).estimate_s
+                          * rng.uniform(0.9, 1.2), now=0.0)
+    mixed = [view(rng.randint(0, 64), prefill=rng.choice([0, 0, 0, 0, 512])) for _ in range(10_000)]
+    worst = [HEAVY] * 10_000  # every level predicted: K + 1 predictions each
+    results = {}
+    for name, stream in (("mixed", mixed), ("worst (K+1 predictions)", worst)):
+        policy = HarliPolicy(model, K, SLO)
+        _time_decisions(policy, stream[:1000])  # warm up
+        results[name] = _time_decisions(policy, stream)
+    with capsys.disabled():
+        for name, (mean_us, p99_us) in results.items():
+            print(f"\n[scheduler] HarliPolicy.decide over 10,000 {name} decisions: "
+                  f"mean {mean_us:.2f} us, p99 {p99_us:.2f} us")
