@@ -151,8 +151,8 @@ class FinetuneConfig:
                           default=True)
     levels: int = _help("Compute quota levels 1..levels (0 = paused).", default=4)
     level: int = _help(
-        "The fixed quota level the daemon grants the finetune (until the SLO scheduler "
-        "decides it per iteration); 0 = paused.", default=2)
+        "The quota level the finetune starts at, until the scheduler policy's first decision "
+        "(for a fixed level use scheduler.policy = \"static:L\"); 0 = paused.", default=2)
     max_threads: int = _help("CPU hosts: threads at the top level; 0 = all cores.", default=0)
 
     def __post_init__(self) -> None:
@@ -234,6 +234,32 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class SchedulerConfig:
+    policy: str = _help(
+        "Who sets the finetune's quota level: harli (before every decode iteration, the "
+        "largest level whose predicted latency bound stays under the TPOT SLO), static:L, "
+        "naive (always the highest), decode-only (finetune paused). Switchable at run time: "
+        "`harli policy SPEC`.", default="harli")
+    tpot_slo_ms: float = _help("Decode TPOT SLO: the time between two tokens of a request.",
+                               default=50.0)
+    attainment: float = _help("Share of tokens (and of requests) that must meet the SLO.",
+                              default=0.99)
+
+    def __post_init__(self) -> None:
+        if not self.tpot_slo_ms > 0:
+            raise ConfigError(f"scheduler.tpot_slo_ms: expected > 0, got {self.tpot_slo_ms}")
+        if not 0 < self.attainment <= 1:
+            raise ConfigError(f"scheduler.attainment: expected in (0, 1], got "
+                              f"{self.attainment}")
+        from harli.scheduler.policy import POLICY_FORMS
+
+        kind = self.policy.strip().lower().partition(":")[0]
+        if kind not in ("harli", "static", "naive", "decode-only"):
+            raise ConfigError(f"scheduler.policy: {self.policy!r} is not one of "
+                              f"{POLICY_FORMS}")
+
+
+@dataclass(frozen=True)
 class PredictorConfig:
     profile: str = _help(
         "Latency profile from `harli profile --out FILE`; one measured on another model, "
@@ -270,6 +296,7 @@ class HarliConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ import zmq
 
 from harli.daemon.job_manager import JobManager
 from harli.ipc.codec import DecodeFailure, Decoder, encode
-from harli.ipc.control import ControlRequest, DaemonStatus, GetStatus, SetLevel
+from harli.ipc.control import ControlRequest, DaemonStatus, GetStatus, SetLevel, SetPolicy
 from harli.ipc.messages import Error, ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -28,10 +28,12 @@ _DRAIN_BATCH = 256
 
 class ControlEndpoint:
     def __init__(self, sock: zmq.Socket[Any], jobs: JobManager, max_message_bytes: int,
-                 status: Callable[[], DaemonStatus]) -> None:
+                 status: Callable[[], DaemonStatus],
+                 set_policy: Callable[[str], None]) -> None:
         self.sock = sock
         self.jobs = jobs
         self.status = status
+        self.set_policy = set_policy
         self.max_message_bytes = max_message_bytes
         self._decoder: Decoder[ControlRequest] = Decoder(ControlRequest)
         self._pending: list[tuple[bytes, Future[Any]]] = []
@@ -50,8 +52,10 @@ class ControlEndpoint:
                                         f"message of {len(payload)} bytes exceeds the limit of "
                                         f"{self.max_message_bytes} bytes")
                 msg = self._decoder.decode(payload)
-                if isinstance(msg, SetLevel):
-                    self.jobs.set_level(msg.level)
+                if isinstance(msg, SetLevel | SetPolicy):
+                    # A fixed level is the static policy, so no other policy overrides it.
+                    self.set_policy(msg.policy if isinstance(msg, SetPolicy)
+                                    else f"static:{msg.level}")
                     reply = self.status()
                 elif isinstance(msg, GetStatus):
                     reply = self.status()

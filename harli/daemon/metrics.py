@@ -82,6 +82,16 @@ class Metrics:
         self.predictor_drift = Gauge("harli_predictor_drift_events",
                                      "Times the online correction drifted past its threshold.",
                                      registry=r)
+        self.tpot_s = Histogram("harli_decode_tpot_seconds",
+                                "Time between two tokens of a request (engine clock).",
+                                buckets=_ITERATION_BUCKETS_S, registry=r)
+        self.slo_attainment = Gauge("harli_slo_attainment",
+                                    "Share meeting the TPOT SLO since start, per token or "
+                                    "per request.", ["by"], registry=r)
+        self.decision_s = Histogram("harli_scheduler_decision_seconds",
+                                    "Time the quota policy takes for one decision.",
+                                    buckets=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3),
+                                    registry=r)
         self.job_paused_s = Counter("harli_job_paused_seconds_total",
                                     "Time a job spent paused by the quota decision.", ["job"],
                                     registry=r)

@@ -26,6 +26,8 @@ class Inflight:
     arrival_s: float
     incarnation: int | None = None  # the decode incarnation serving it; None while pending
     num_tokens: int = 0
+    first_token_s: float | None = None  # engine wall time of the first / latest token
+    last_token_s: float | None = None
 
     @property
     def request_id(self) -> str:

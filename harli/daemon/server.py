@@ -28,6 +28,7 @@ from harli.daemon.job_manager import JobManager
 from harli.daemon.latency import LatencyTracker
 from harli.daemon.memory import MemoryManager
 from harli.daemon.metrics import Metrics
+from harli.daemon.quota_scheduler import QuotaScheduler
 from harli.daemon.requests import DuplicateRequest, Inflight, RequestTable
 from harli.daemon.sdnotify import Notifier
 from harli.daemon.supervisor import (
@@ -126,7 +127,8 @@ class Daemon:
         self.metrics = Metrics()
         self.jobs = JobManager(cfg, self._send_finetune, self.metrics)
         self.control_endpoint = ControlEndpoint(self.control, self.jobs,
-                                                cfg.endpoints.max_message_bytes, self.status)
+                                                cfg.endpoints.max_message_bytes, self.status,
+                                                self._set_policy)
         arena_arg = msgspec.json.encode(self.arena.handle).decode() if self.arena else ""
         self.finetune: Child | None = None
         if cfg.finetune.enabled:
@@ -144,6 +146,7 @@ class Daemon:
                          "--arena", arena_arg],
             child_environ(cfg), cfg.supervisor, ops or PopenOps())
         self.latency: LatencyTracker | None = None  # loaded in run(), once the model exists
+        self.scheduler: QuotaScheduler | None = None  # with the predictor it decides from
         self.memory: MemoryManager | None = None
         if self.arena is not None:
             self.memory = MemoryManager(cfg.memory, self.arena.handle.num_pages,
@@ -261,6 +264,14 @@ class Daemon:
             ensure_tiny(self.cfg.model_path, self.cfg.model.tiny_seed)
         # After the model exists: the profile's key names the model's config digest.
         self.latency = LatencyTracker.load(self.cfg, self.metrics)
+        if self.finetune is not None:
+            self.scheduler = QuotaScheduler(
+                self.cfg.scheduler, self.cfg.finetune.levels, self.latency.model,
+                self.jobs.set_level, lambda: self.jobs.decision.level, self.metrics,
+                self.cfg.decode.max_num_batched_tokens or 2048)
+            logger.info("[scheduler] policy %s, TPOT SLO %.1f ms at %.1f%%",
+                        self.cfg.scheduler.policy, self.cfg.scheduler.tpot_slo_ms,
+                        100 * self.cfg.scheduler.attainment)
 
     def _poll_once(self) -> None:
         events = dict(self.poller.poll(timeout=max(1, int(self.cfg.daemon.tick_s * 1000))))
@@ -288,6 +299,8 @@ class Daemon:
             self.jobs.tick()
         if self.memory is not None:
             self.memory.tick(now)
+        if self.scheduler is not None and not self.requests:
+            self.scheduler.on_idle(now)
         self.control_endpoint.reply_done()
         for ev in self.decode.transition(now):
             if isinstance(ev, ChildExited):
@@ -439,7 +452,13 @@ class Daemon:
                             memory=self.memory.status() if self.memory else None,
                             job_running=info["running"], jobs_queued=info["queued"],
                             level=self.jobs.decision.level,
-                            predictor=self.latency.status() if self.latency else None)
+                            predictor=self.latency.status() if self.latency else None,
+                            scheduler=self.scheduler.status() if self.scheduler else None)
+
+    def _set_policy(self, spec: str) -> None:
+        if self.scheduler is None:
+            raise ValueError("no finetune process (finetune.enabled = false): no quota to set")
+        self.scheduler.set_policy(spec, self.clock())
 
     def _kill_finetune(self, reason: str) -> None:
         if self.finetune is not None:
@@ -604,10 +623,16 @@ class Daemon:
             req = self.requests.get(out.rid)
             if req is None or req.incarnation != msg.incarnation:
                 continue  # finished, aborted or failed already; or from a dead incarnation
+            if out.token_ids:
+                self._on_tokens(req, len(out.token_ids), msg.end_wall_s)
             req.num_tokens += len(out.token_ids)
             if out.finish_reason is not None:
                 self.requests.remove(req.rid)
                 self.metrics.requests.labels(out.finish_reason).inc()
+                if self.scheduler is not None and req.first_token_s is not None \
+                        and req.last_token_s is not None:
+                    self.scheduler.on_request_done(req.first_token_s, req.last_token_s,
+                                                   req.num_tokens)
             frames.setdefault(req.client, []).append(encode(Chunk(
                 request_id=req.request_id, token_ids=out.token_ids, text=out.text,
                 token_times_s=[msg.end_wall_s] * len(out.token_ids),
@@ -615,6 +640,14 @@ class Daemon:
                 num_prompt_tokens=out.num_prompt_tokens)))
         for client, parts in frames.items():
             self._send_frames(client, parts)
+
+    def _on_tokens(self, req: Inflight, n: int, end_wall_s: float) -> None:
+        """Token times for the SLO: the engine's iteration end, one gap per new token."""
+        if req.first_token_s is None:
+            req.first_token_s = end_wall_s
+        elif self.scheduler is not None and req.last_token_s is not None:
+            self.scheduler.on_tokens([end_wall_s - req.last_token_s] + [0.0] * (n - 1))
+        req.last_token_s = end_wall_s
 
     def _on_decode_exit(self, ev: ChildExited) -> None:
         if self.memory is not None:
@@ -638,6 +671,8 @@ class Daemon:
             if self.latency is not None:
                 self.latency.on_telemetry(self.last_telemetry, self.finetune_level(),
                                           self.clock())
+            if self.scheduler is not None:
+                self.scheduler.on_telemetry(self.last_telemetry, self.clock())
         except DecodeFailure as e:
             logger.error("[daemon] undecodable telemetry: %s", e)
 

@@ -52,11 +52,19 @@ class SetLevel(_Ctl, tag="set_level", frozen=True):
     level: int
 
 
+class SetPolicy(_Ctl, tag="set_policy", frozen=True):
+    """Switch the quota policy ("harli", "static:L", "naive", "decode-only"); answered with
+    the ``DaemonStatus``."""
+
+    policy: str
+
+
 class GetStatus(_Ctl, tag="status", frozen=True):
     """What ``harli status`` shows: children, decode, the arena ledger, jobs."""
 
 
-ControlRequest = AttachJob | ListJobs | ShowJob | CancelJob | JobLogs | GetStatus | SetLevel
+ControlRequest = (AttachJob | ListJobs | ShowJob | CancelJob | JobLogs | GetStatus | SetLevel
+                  | SetPolicy)
 
 # -- daemon -> tools ------------------------------------------------------------------------
 
@@ -147,6 +155,23 @@ class PredictorStatus(_Ctl, tag="predictor", frozen=True):
     recent_mean_abs_pct_error: float | None
 
 
+class SchedulerStatus(_Ctl, tag="scheduler", frozen=True):
+    """The quota policy and the decode SLO as measured (engine token times)."""
+
+    policy: str
+    tpot_slo_ms: float
+    attainment_target: float
+    per_token: float | None  # share of inter-token gaps under the SLO
+    per_request: float | None  # share of finished requests whose mean TPOT is under it
+    tokens: int
+    requests: int
+    decisions: int
+    level_changes: int
+    decision_p50_us: float | None
+    decision_p99_us: float | None
+    last_reason: str | None
+
+
 class DaemonStatus(_Ctl, tag="daemon_status", frozen=True):
     state: str
     pid: int
@@ -158,6 +183,7 @@ class DaemonStatus(_Ctl, tag="daemon_status", frozen=True):
     jobs_queued: int
     level: int  # the finetune's quota level now
     predictor: PredictorStatus | None = None
+    scheduler: SchedulerStatus | None = None
 
 
 ControlReply = JobInfo | JobList | JobDetail | DaemonStatus

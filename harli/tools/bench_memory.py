@@ -97,6 +97,7 @@ def run_bench(base_dir: Path, quiet_s: float, burst_s: float, burst_workers: int
 
     daemon = LocalDaemon(base_dir / "daemon", ['model.dtype="float32"',
                                                f"decode.max_num_seqs={max(32, burst_workers)}",
+                                               'scheduler.policy="static:2"',
                                                *(extra or [])])
     rng = random.Random(seed)
     check_prompts = _prompts(rng, 8, 16, 300)

@@ -15,12 +15,13 @@ from harli.tools.generate_cmd import GenerateCommand
 from harli.tools.jobs_cmd import JobCommand, JobsCommand
 from harli.tools.model_cmd import KeysCommand, ModelCommand
 from harli.tools.profile_cmd import ProfileCommand
-from harli.tools.status_cmd import LevelCommand, StatusCommand
+from harli.tools.status_cmd import LevelCommand, PolicyCommand, StatusCommand
 
 COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
                            AttachCommand(), JobsCommand(), JobCommand(), StatusCommand(),
-                           LevelCommand(), ProfileCommand(), BenchOverheadCommand(),
-                           BenchMemoryCommand(), DemoCommand(), KeysCommand()]
+                           LevelCommand(), PolicyCommand(), ProfileCommand(),
+                           BenchOverheadCommand(), BenchMemoryCommand(), DemoCommand(),
+                           KeysCommand()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ from harli.ipc.control import (
     JobLogs,
     ListJobs,
     SetLevel,
+    SetPolicy,
     ShowJob,
 )
 from harli.ipc.jobs import JobSpec
@@ -91,6 +92,11 @@ class ControlClient:
 
     def set_level(self, level: int) -> DaemonStatus:
         reply = self.request(SetLevel(level=level))
+        assert isinstance(reply, DaemonStatus)
+        return reply
+
+    def set_policy(self, policy: str) -> DaemonStatus:
+        reply = self.request(SetPolicy(policy=policy))
         assert isinstance(reply, DaemonStatus)
         return reply
 

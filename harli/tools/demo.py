@@ -91,8 +91,8 @@ def _finetune_phase(console: Any, daemon: Any, args: argparse.Namespace) -> None
         report = job.dataset_report or {}
         console.print(f"harli attach {dataset.name}: job {job.job_id} ({report.get('records')} "
                       f"{report.get('format')} records: number words -> digits), "
-                      f"{args.steps} steps at quota level "
-                      f"{daemon.cfg.finetune.level}/{daemon.cfg.finetune.levels}")
+                      f"{args.steps} steps; quota policy {daemon.cfg.scheduler.policy}, "
+                      f"TPOT SLO {daemon.cfg.scheduler.tpot_slo_ms:.0f} ms")
         rounds: list[float] = []
         peak_lent = [0]
 
@@ -122,9 +122,7 @@ def _finetune_phase(console: Any, daemon: Any, args: argparse.Namespace) -> None
                 if j.status in ("succeeded", "failed", "cancelled"):
                     break
         console.print(f"decode kept serving: {len(rounds)} rounds of {len(PROMPTS)} streams "
-                      f"during training, median TPOT {1e3 * statistics.median(rounds):.2f} ms "
-                      f"(quota level {daemon.cfg.finetune.level} is fixed until the SLO "
-                      f"scheduler lands)")
+                      f"during training, median TPOT {1e3 * statistics.median(rounds):.2f} ms")
         m = ctl.status().memory
         if m is not None:
             saved = m.saved_lease_bytes + m.saved_private_bytes

@@ -145,7 +145,8 @@ def profiling_daemon(base_dir: Path, overrides: list[str],
     from harli.tools.local_daemon import LocalDaemon
 
     # Level 0 until we say: the job is attached but paused while stage 1 runs.
-    daemon = LocalDaemon(base_dir / "daemon", ["finetune.level=0", *overrides],
+    daemon = LocalDaemon(base_dir / "daemon", ["finetune.level=0",
+                                               'scheduler.policy="static:0"', *overrides],
                          config_file=config_file)
     with daemon, ControlClient(daemon.cfg.control_endpoint) as ctl:
         job_id = None
@@ -330,7 +331,7 @@ class ProfileCommand(Command):
         plot(reports["profile + online"], png,
              f"{expected.model}, {expected.dtype}, {expected.backend}: held-out configurations, "
              f"online correction on ({elapsed:.0f} s)")
-        out = png.with_name(png.stem + ".eval.json")  # never the profile itself
+        out = args.evaluate.with_name(args.evaluate.stem + ".eval.json")  # never the profile
         out.write_bytes(report_json(reports, samples, elapsed))
         console.print(f"plot: {png}; report and samples: {out}")
         return 0

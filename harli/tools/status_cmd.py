@@ -52,6 +52,17 @@ class StatusCommand(Command):
                       f"{'profile ' + p.profile if p.profile else 'no profile, learning online'}"
                       f"; iterations seen {seen}; recent error {err}; drift events "
                       f"{p.drift_events}")
+        sc = st.scheduler
+        if sc is not None:
+            def pct(x: float | None) -> str:
+                return "-" if x is None else f"{x:.2%}"
+
+            p99 = "-" if sc.decision_p99_us is None else f"{sc.decision_p99_us:.0f} us"
+            con.print(f"policy {sc.policy}, TPOT SLO {sc.tpot_slo_ms:.1f} ms "
+                      f"(target {sc.attainment_target:.0%}): attainment per token "
+                      f"{pct(sc.per_token)} of {sc.tokens}, per request {pct(sc.per_request)} "
+                      f"of {sc.requests}; {sc.decisions} decisions (p99 {p99}), "
+                      f"{sc.level_changes} level changes; last: {sc.last_reason or '-'}")
         m = st.memory
         if m is None:
             con.print("arena: off (memory.arena = false)")
@@ -94,4 +105,22 @@ class LevelCommand(Command):
                            timeout_s=10.0, **curve_kwargs(args)) as c:
             st = c.set_level(args.level)
         print(f"finetune quota level {st.level}")
+        return 0
+
+
+class PolicyCommand(Command):
+    name = "policy"
+    help = "switch the quota policy: harli, static:L, naive or decode-only"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("policy")
+        add_endpoint_arguments(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from harli.tools.control_client import ControlClient
+
+        with ControlClient(args.endpoint or load_config(args).control_endpoint,
+                           timeout_s=10.0, **curve_kwargs(args)) as c:
+            st = c.set_policy(args.policy)
+        print(f"policy {st.scheduler.policy if st.scheduler else '-'}; level {st.level}")
         return 0

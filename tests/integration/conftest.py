@@ -11,7 +11,9 @@ from harli.tools.local_daemon import LocalDaemon
 
 # float32 keeps greedy argmax stable across batch shapes, so the daemon and vLLM's offline
 # path can be compared token for token.
-BASE_OVERRIDES = ['model.dtype="float32"', "decode.max_num_seqs=32",
+# A fixed quota level (static:2): these tests are about serving and jobs, not the policy
+# (test_scheduler_live.py runs the harli policy).
+BASE_OVERRIDES = ['model.dtype="float32"', "decode.max_num_seqs=32", 'scheduler.policy="static:2"',
                   "supervisor.backoff_initial_s=0.2"]
 
 

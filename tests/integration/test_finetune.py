@@ -163,7 +163,8 @@ def test_cancel_in_every_state_and_priority_order(ft: LocalDaemon, ctl: ControlC
 
 
 def test_cancel_a_paused_job(tmp_path: Path, tiny_model: Path) -> None:
-    with make_daemon(tmp_path / "d", tiny_model, "finetune.level=0") as d, \
+    with make_daemon(tmp_path / "d", tiny_model, "finetune.level=0",
+                     'scheduler.policy="static:0"') as d, \
             ControlClient(d.cfg.control_endpoint) as c:
         job = c.attach(spec(tmp_path, "paused"))
         paused = wait_job(c, job.job_id, lambda j: j.status == "paused")

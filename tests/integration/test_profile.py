@@ -31,7 +31,7 @@ def test_profile_fit_evaluate_load_and_refuse(tmp_path: Path, tiny_model: Path) 
         assert job_id is not None
         st = ctl.status()
         assert st.predictor is not None and st.predictor.mode == "online"
-        with pytest.raises(RequestError, match=r"level must be 0\.\.4"):
+        with pytest.raises(RequestError, match=r"static level must be in 0\.\.4"):
             ctl.set_level(9)
         samples = run_configs(daemon, ctl, job_id, fit_grid, repeats=1, seed=0)
         held_out = run_configs(daemon, ctl, job_id, [Config(4, 200, 0), Config(4, 200, 2)],

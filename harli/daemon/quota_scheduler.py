@@ -1,0 +1,120 @@
+"""``QuotaScheduler``: the daemon's side of the SLO scheduler (issue 6).
+
+After every decode iteration's telemetry it builds the view of the next iteration (the same
+running requests, each one token longer, plus the prompts waiting), asks the configured policy
+for the finetune's quota level and, when the level changes, has the ``JobManager`` send the new
+``Decision``. It also counts SLO attainment from the engine's token times, per token and per
+request. The policy is switchable at run time (``harli policy SPEC``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+from harli.config import SchedulerConfig
+from harli.daemon.metrics import Metrics
+from harli.ipc.control import SchedulerStatus
+from harli.ipc.messages import IterationTelemetry
+from harli.scheduler.policy import (
+    BatchView,
+    LatencyPredictor,
+    Policy,
+    PolicyDecision,
+    parse_policy,
+)
+from harli.scheduler.slo import SloCounter, SloTarget
+
+logger = logging.getLogger(__name__)
+
+_IDLE = BatchView(num_running=0, num_waiting=0, decode_tokens=0, prefill_tokens=0,
+                  context_tokens=0)
+
+
+def next_view(t: IterationTelemetry, max_batched_tokens: int) -> BatchView:
+    """The next iteration as far as the daemon can tell from this one's telemetry: the running
+    requests decode one more token each, and waiting prompts start prefilling (vLLM admits at
+    most ``max_batched_tokens`` per iteration)."""
+    prefill = min(t.waiting_tokens, max(0, max_batched_tokens - t.num_running))
+    return BatchView(num_running=t.num_running + (1 if prefill else 0),
+                     num_waiting=t.num_waiting, decode_tokens=t.num_running,
+                     prefill_tokens=prefill,
+                     context_tokens=t.context_tokens + t.decode_tokens + t.prefill_tokens,
+                     prefill_attn_tokens=prefill * prefill)
+
+
+class QuotaScheduler:
+    def __init__(self, cfg: SchedulerConfig, levels: int, model: LatencyPredictor,
+                 set_level: Callable[[int], None], current_level: Callable[[], int],
+                 metrics: Metrics, max_batched_tokens: int) -> None:
+        self.cfg = cfg
+        self.levels = levels
+        self.model = model
+        self.slo = SloTarget(cfg.tpot_slo_ms, cfg.attainment)
+        self.counter = SloCounter(self.slo)
+        self._set_level = set_level
+        self._current_level = current_level
+        self.metrics = metrics
+        self.max_batched_tokens = max_batched_tokens
+        self.spec = ""
+        self.policy: Policy = self._parse(cfg.policy)
+        self.spec = cfg.policy
+        self.last: PolicyDecision | None = None
+        self.decision_us: deque[float] = deque(maxlen=100_000)
+        self.level_changes = 0
+        metrics.slo_attainment.labels("token").set_function(
+            lambda: self.counter.per_token() or 0.0)
+        metrics.slo_attainment.labels("request").set_function(
+            lambda: self.counter.per_request() or 0.0)
+
+    def _parse(self, spec: str) -> Policy:
+        return parse_policy(spec, self.model, self.levels, self.slo)
+
+    def set_policy(self, spec: str, now: float) -> None:
+        """Switch policy (ValueError naming the accepted forms on a bad one)."""
+        self.policy = self._parse(spec)
+        self.spec = spec.strip().lower()
+        logger.info("[scheduler] policy -> %s", self.spec)
+        self.decide(_IDLE if self.last is None else None, now)
+
+    def decide(self, view: BatchView | None, now: float) -> None:
+        view = view or _IDLE
+        t0 = time.perf_counter()
+        d = self.policy.decide(view, now)
+        dt_us = (time.perf_counter() - t0) * 1e6
+        self.decision_us.append(dt_us)
+        self.metrics.decision_s.observe(dt_us / 1e6)
+        self.last = d
+        if d.level != self._current_level():
+            self.level_changes += 1
+            self._set_level(d.level)
+
+    def on_telemetry(self, t: IterationTelemetry, now: float) -> None:
+        self.decide(next_view(t, self.max_batched_tokens), now)
+
+    def on_idle(self, now: float) -> None:
+        """No request is left in the engine: the next decision is for an idle decode."""
+        if self.last is None or self.last.level != self.levels or \
+                self._current_level() != self.last.level:
+            self.decide(_IDLE, now)
+
+    def on_tokens(self, gaps_s: list[float]) -> None:
+        self.counter.on_token_gaps(gaps_s)
+        for g in gaps_s:
+            self.metrics.tpot_s.observe(g)
+
+    def on_request_done(self, first_s: float, last_s: float, n_tokens: int) -> None:
+        self.counter.on_request(first_s, last_s, n_tokens)
+
+    def status(self) -> SchedulerStatus:
+        us = sorted(self.decision_us)
+        return SchedulerStatus(
+            policy=self.spec, tpot_slo_ms=self.slo.tpot_ms, attainment_target=self.slo.attainment,
+            per_token=self.counter.per_token(), per_request=self.counter.per_request(),
+            tokens=self.counter.tokens, requests=self.counter.requests,
+            decisions=len(us), level_changes=self.level_changes,
+            decision_p50_us=us[len(us) // 2] if us else None,
+            decision_p99_us=us[min(len(us) - 1, int(0.99 * len(us)))] if us else None,
+            last_reason=self.last.reason if self.last else None)

@@ -1,0 +1,117 @@
+"""Seeded inference workloads for ``harli bench``: Poisson arrivals whose rate changes by phase
+(quiet, busy, bursty), prompt and output lengths from clipped log-normal distributions.
+
+Pure and deterministic: the same spec and seed give the same requests, so every policy in one
+bench run faces exactly the same load.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    duration_s: float
+    rate_rps: float  # mean Poisson arrival rate
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= 0 or self.rate_rps < 0:
+            raise ValueError(f"phase {self.name!r}: duration must be > 0 and rate >= 0")
+
+
+@dataclass(frozen=True)
+class LengthDist:
+    """Log-normal with this median and sigma (of the log), clipped to ``[lo, hi]``."""
+
+    median: int
+    sigma: float
+    lo: int
+    hi: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.lo <= self.median <= self.hi or self.sigma < 0:
+            raise ValueError(f"length distribution needs 1 <= lo <= median <= hi and "
+                             f"sigma >= 0, got {self}")
+
+    def sample(self, rng: random.Random) -> int:
+        x = self.median * math.exp(rng.gauss(0.0, self.sigma))
+        return min(self.hi, max(self.lo, round(x)))
+
+
+@dataclass(frozen=True)
+class Request:
+    arrival_s: float  # from the start of the workload
+    prompt_len: int
+    output_len: int
+    phase: str
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    phases: tuple[Phase, ...]
+    prompt: LengthDist
+    output: LengthDist
+    seed: int = 0
+
+    @property
+    def duration_s(self) -> float:
+        return sum(p.duration_s for p in self.phases)
+
+
+def generate(spec: WorkloadSpec) -> list[Request]:
+    """The workload's requests in arrival order."""
+    rng = random.Random(spec.seed)
+    out: list[Request] = []
+    start = 0.0
+    for ph in spec.phases:
+        t = start
+        while ph.rate_rps > 0:
+            t += rng.expovariate(ph.rate_rps)
+            if t >= start + ph.duration_s:
+                break
+            out.append(Request(arrival_s=t, prompt_len=spec.prompt.sample(rng),
+                               output_len=spec.output.sample(rng), phase=ph.name))
+        start += ph.duration_s
+    return out
+
+
+def default_spec(duration_s: float = 90.0, seed: int = 0, scale: float = 1.0) -> WorkloadSpec:
+    """Quiet, busy, bursty, quiet: a fifth, two fifths, a fifth, a fifth of the time.
+    ``scale`` multiplies every rate (fit the load to the host)."""
+    d = duration_s
+    return WorkloadSpec(
+        phases=(Phase("quiet", 0.2 * d, 0.5 * scale), Phase("busy", 0.4 * d, 4.0 * scale),
+                Phase("bursty", 0.2 * d, 10.0 * scale), Phase("quiet", 0.2 * d, 0.5 * scale)),
+        prompt=LengthDist(median=96, sigma=0.8, lo=8, hi=1024),
+        output=LengthDist(median=64, sigma=0.6, lo=8, hi=256),
+        seed=seed)
+
+
+def median_concurrency(requests: list[Request], tpot_s: float) -> float:
+    """Rough median number of requests decoding at once, if each token takes ``tpot_s``
+    (Little's law over the workload's time line; used to pick the batch of ``--slo auto``)."""
+    if not requests:
+        return 0.0
+    events: list[tuple[float, int]] = []
+    for r in requests:
+        events.append((r.arrival_s, 1))
+        events.append((r.arrival_s + r.output_len * tpot_s, -1))
+    events.sort()
+    live, samples, last = 0, [], events[0][0]
+    for t, d in events:
+        if t > last:
+            samples.append((t - last, live))
+            last = t
+        live += d
+    samples.sort(key=lambda x: x[1])
+    total = sum(w for w, _ in samples)
+    acc = 0.0
+    for w, n in samples:
+        acc += w
+        if acc >= total / 2:
+            return float(n)
+    return float(samples[-1][1])

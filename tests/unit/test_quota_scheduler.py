@@ -1,0 +1,88 @@
+"""The daemon's ``QuotaScheduler``: the next-iteration view from telemetry, level changes sent
+only when the level changes, idle -> highest level, policy switch, SLO counting."""
+
+from __future__ import annotations
+
+import pytest
+
+from harli.config import SchedulerConfig
+from harli.daemon.metrics import Metrics
+from harli.daemon.quota_scheduler import QuotaScheduler, next_view
+from harli.ipc.messages import IterationTelemetry
+from harli.predictor import BatchShape, Prediction
+
+
+class Linear:
+    """A fake predictor: 2 ms + 0.5 ms per sequence, x (1 + 0.25 level); bound x1.2."""
+
+    def predict(self, shape: BatchShape, level: int) -> Prediction:
+        est = (0.002 + 0.0005 * shape.num_seqs) * (1 + 0.25 * level)
+        return Prediction(est, est * 1.2)
+
+
+def tele(running: int, waiting: int = 0, waiting_tokens: int = 0) -> IterationTelemetry:
+    return IterationTelemetry(incarnation=1, iteration=1, start_s=0, end_s=0.01,
+                              num_running=running, num_waiting=waiting, decode_tokens=running,
+                              prefill_tokens=0, context_tokens=100 * running,
+                              kv_blocks_total=10, kv_blocks_free=5,
+                              waiting_tokens=waiting_tokens)
+
+
+def make(policy: str = "harli", slo_ms: float = 10.0) -> tuple[QuotaScheduler, list[int]]:
+    sent: list[int] = []
+    level = [2]
+
+    def set_level(lv: int) -> None:
+        sent.append(lv)
+        level[0] = lv
+
+    qs = QuotaScheduler(SchedulerConfig(policy=policy, tpot_slo_ms=slo_ms), 4, Linear(),
+                        set_level, lambda: level[0], Metrics(), 2048)
+    return qs, sent
+
+
+def test_next_view_grows_context_and_admits_waiting_prompts() -> None:
+    v = next_view(tele(3, waiting=2, waiting_tokens=300), 2048)
+    assert (v.num_running, v.decode_tokens, v.prefill_tokens) == (4, 3, 300)
+    assert v.context_tokens == 300 + 3
+    assert next_view(tele(3, waiting=1, waiting_tokens=5000), 1000).prefill_tokens == 997
+
+
+def test_level_follows_the_load_and_is_sent_only_on_change() -> None:
+    qs, sent = make()
+    qs.on_idle(0.0)
+    assert sent == [4]  # idle: the highest level at once
+    qs.on_idle(0.1)
+    assert sent == [4]  # no resend
+    # 8 running: bound (2 + 4.5) ms x (1 + 0.25 L) x 1.2 <= 10 ms holds up to level 1.
+    qs.on_telemetry(tele(8), 0.2)
+    assert sent == [4, 1]
+    assert qs.last is not None and qs.last.predicted_upper_s is not None
+    assert qs.last.predicted_upper_s <= 0.010
+    qs.on_telemetry(tele(40), 0.3)  # nothing fits: decode only
+    assert sent[-1] == 0 and "infeasible" in (qs.last.reason if qs.last else "")
+    st = qs.status()
+    # The second idle tick decided nothing: the level was the highest already.
+    assert st.decisions == 3 and st.level_changes == 3 and st.decision_p99_us is not None
+
+
+def test_policy_switch_and_bad_policy() -> None:
+    qs, sent = make()
+    qs.set_policy("static:3", 1.0)
+    assert sent[-1] == 3 and qs.status().policy == "static:3"
+    qs.on_telemetry(tele(40), 1.1)
+    assert sent[-1] == 3  # static ignores the load
+    with pytest.raises(ValueError, match=r"0\.\.4"):
+        qs.set_policy("static:9", 1.2)
+    with pytest.raises(ValueError, match="accepted forms"):
+        qs.set_policy("fastest", 1.2)
+    assert qs.status().policy == "static:3"
+
+
+def test_slo_is_counted_per_token_and_per_request() -> None:
+    qs, _ = make(slo_ms=10.0)
+    qs.on_tokens([0.005, 0.012, 0.009, 0.0])
+    qs.on_request_done(0.0, 0.026, 4)  # mean TPOT 8.7 ms
+    qs.on_request_done(0.0, 0.060, 4)  # 20 ms
+    st = qs.status()
+    assert st.per_token == pytest.approx(0.75) and st.per_request == pytest.approx(0.5)
