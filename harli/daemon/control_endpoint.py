@@ -29,7 +29,7 @@ _DRAIN_BATCH = 256
 class ControlEndpoint:
     def __init__(self, sock: zmq.Socket[Any], jobs: JobManager, max_message_bytes: int,
                  status: Callable[[], DaemonStatus],
-                 set_policy: Callable[[str], None]) -> None:
+                 set_policy: Callable[[str, float | None], None]) -> None:
         self.sock = sock
         self.jobs = jobs
         self.status = status
@@ -54,8 +54,10 @@ class ControlEndpoint:
                 msg = self._decoder.decode(payload)
                 if isinstance(msg, SetLevel | SetPolicy):
                     # A fixed level is the static policy, so no other policy overrides it.
-                    self.set_policy(msg.policy if isinstance(msg, SetPolicy)
-                                    else f"static:{msg.level}")
+                    if isinstance(msg, SetPolicy):
+                        self.set_policy(msg.policy, msg.tpot_slo_ms)
+                    else:
+                        self.set_policy(f"static:{msg.level}", None)
                     reply = self.status()
                 elif isinstance(msg, GetStatus):
                     reply = self.status()

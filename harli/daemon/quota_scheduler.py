@@ -72,9 +72,16 @@ class QuotaScheduler:
     def _parse(self, spec: str) -> Policy:
         return parse_policy(spec, self.model, self.levels, self.slo)
 
-    def set_policy(self, spec: str, now: float) -> None:
-        """Switch policy (ValueError naming the accepted forms on a bad one)."""
-        self.policy = self._parse(spec)
+    def set_policy(self, spec: str, now: float, tpot_slo_ms: float | None = None) -> None:
+        """Switch policy, and the SLO with it if given (ValueError naming the accepted forms
+        or the bad SLO; nothing changes then)."""
+        slo = self.slo if tpot_slo_ms is None else SloTarget(tpot_slo_ms, self.slo.attainment)
+        policy = parse_policy(spec, self.model, self.levels, slo)
+        if slo != self.slo:
+            self.slo = slo
+            self.counter = SloCounter(slo)
+            logger.info("[scheduler] TPOT SLO -> %.2f ms", slo.tpot_ms)
+        self.policy = policy
         self.spec = spec.strip().lower()
         logger.info("[scheduler] policy -> %s", self.spec)
         self.decide(_IDLE if self.last is None else None, now)

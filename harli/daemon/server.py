@@ -136,7 +136,8 @@ class Daemon:
                 "finetune",
                 lambda inc: [sys.executable, "-m", "harli.finetune_proc", "--incarnation",
                              str(inc), "--config-json", cfg.to_json().decode(),
-                             "--arena", arena_arg],
+                             "--arena", arena_arg,
+                             "--decode-cores", format_cpu_list(self.decode_cores)],
                 child_environ(cfg, "finetune"), cfg.supervisor, ops or PopenOps())
         self.decode = Child(
             "decode",
@@ -455,10 +456,10 @@ class Daemon:
                             predictor=self.latency.status() if self.latency else None,
                             scheduler=self.scheduler.status() if self.scheduler else None)
 
-    def _set_policy(self, spec: str) -> None:
+    def _set_policy(self, spec: str, tpot_slo_ms: float | None = None) -> None:
         if self.scheduler is None:
             raise ValueError("no finetune process (finetune.enabled = false): no quota to set")
-        self.scheduler.set_policy(spec, self.clock())
+        self.scheduler.set_policy(spec, self.clock(), tpot_slo_ms)
 
     def _kill_finetune(self, reason: str) -> None:
         if self.finetune is not None:

@@ -14,8 +14,11 @@ def main() -> int:
     p.add_argument("--incarnation", type=int, required=True)
     p.add_argument("--config-json", required=True)
     p.add_argument("--arena", default="", help="ArenaHandle as JSON: leased pages live there")
+    p.add_argument("--decode-cores", default="none",
+                   help="decode's cores, which the top quota levels may also use")
     args = p.parse_args()
-    return run_finetune_proc(from_json(args.config_json), args.incarnation, args.arena)
+    return run_finetune_proc(from_json(args.config_json), args.incarnation, args.arena,
+                             args.decode_cores)
 
 
 if __name__ == "__main__":

@@ -232,14 +232,22 @@ class FinetuneProc:
         self._ctx.term()
 
 
-def run_finetune_proc(cfg: HarliConfig, incarnation: int, arena_json: str = "") -> int:
+def run_finetune_proc(cfg: HarliConfig, incarnation: int, arena_json: str = "",
+                      decode_cores: str = "none") -> int:
     """Entry of the finetune process; returns its exit code."""
     from harli.ipc.process import configure_logging, die_with_parent, run_child, set_title
 
     die_with_parent()
     set_title(f"harli::finetune[{incarnation}]")
     configure_logging("finetune", cfg.daemon.log_level)
-    quota = CpuQuota(cfg.finetune.levels, cfg.finetune.max_threads or os.cpu_count() or 1)
+    from harli.config import parse_cpu_list
+
+    # Started on the cores decode does not use (inherited from the daemon); the top levels
+    # may spill onto decode's cores.
+    own = frozenset(os.sched_getaffinity(0))
+    spill = frozenset() if decode_cores == "none" else frozenset(parse_cpu_list(decode_cores))
+    quota = CpuQuota(cfg.finetune.levels, cfg.finetune.max_threads or len(own | spill) or 1,
+                     own - spill, spill)
     lease = None
     if arena_json:
         from harli.ipc.arena import ArenaHandle, ShmArena

@@ -57,6 +57,7 @@ class SetPolicy(_Ctl, tag="set_policy", frozen=True):
     the ``DaemonStatus``."""
 
     policy: str
+    tpot_slo_ms: float | None = None  # a new SLO with it (None: keep the current one)
 
 
 class GetStatus(_Ctl, tag="status", frozen=True):

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from harli.tools.attach_cmd import AttachCommand
+from harli.tools.bench_cmd import BenchCommand
 from harli.tools.bench_memory import BenchMemoryCommand
 from harli.tools.bench_overhead import BenchOverheadCommand
 from harli.tools.command import Command, CommandError
@@ -19,7 +20,7 @@ from harli.tools.status_cmd import LevelCommand, PolicyCommand, StatusCommand
 
 COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
                            AttachCommand(), JobsCommand(), JobCommand(), StatusCommand(),
-                           LevelCommand(), PolicyCommand(), ProfileCommand(),
+                           LevelCommand(), PolicyCommand(), ProfileCommand(), BenchCommand(),
                            BenchOverheadCommand(), BenchMemoryCommand(), DemoCommand(),
                            KeysCommand()]
 

@@ -95,8 +95,8 @@ class ControlClient:
         assert isinstance(reply, DaemonStatus)
         return reply
 
-    def set_policy(self, policy: str) -> DaemonStatus:
-        reply = self.request(SetPolicy(policy=policy))
+    def set_policy(self, policy: str, tpot_slo_ms: float | None = None) -> DaemonStatus:
+        reply = self.request(SetPolicy(policy=policy, tpot_slo_ms=tpot_slo_ms))
         assert isinstance(reply, DaemonStatus)
         return reply
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harli.finetune_proc.quota import CpuQuota, cpu_plan
+from harli.finetune_proc.quota import CpuQuota, cores_for, cpu_plan
 
 
 @given(st.integers(1, 16), st.integers(1, 64), st.data())
@@ -37,3 +37,11 @@ def test_top_level_never_idles_and_lower_levels_idle_in_proportion() -> None:
 def test_levels_outside_the_range_are_refused(level: int) -> None:
     with pytest.raises(ValueError, match="outside"):
         cpu_plan(level, 4, 2)
+
+
+def test_levels_spill_onto_decode_cores_only_when_their_own_do_not_suffice() -> None:
+    own, decode = frozenset({1}), frozenset({0})
+    assert cores_for(1, own, decode) == {1}
+    assert cores_for(2, own, decode) == {0, 1}
+    assert cores_for(3, frozenset({2, 3, 4}), decode) == {2, 3, 4}
+    assert cores_for(1, frozenset(), decode) == {0}  # no core of its own: shares decode's

@@ -1,0 +1,294 @@
+"""``harli bench``: every quota policy against the same seeded, changing inference load while a
+LoRA job trains, in one run: TPOT against the SLO and finetune throughput, side by side.
+
+One daemon serves the whole run (the real decode and finetune processes); before each policy's
+turn the bench switches the policy through the control API and replays the identical workload
+(Poisson arrivals in quiet, busy and bursty phases; see ``harli.scheduler.workload``). TPOT is
+counted from the engine's per-token times that the inference client receives; finetune
+throughput from the job's trained-token count over the turn. The best static level is the
+highest ``static:L`` whose per-token attainment meets the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from harli.tools.command import Command, CommandError
+
+_DIGITS = Path(__file__).resolve().parents[1] / "finetune_proc" / "data" / "digits.jsonl"
+
+
+async def _replay(endpoint: str, requests: list[Any], seed: int) -> list[dict[str, Any]]:
+    """Send each request at its arrival time; return per request its token times."""
+    from harli.tools.client import AsyncInferenceClient, RequestError
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(10, 500) for _ in range(r.prompt_len)] for r in requests]
+    out: list[dict[str, Any]] = []
+    async with AsyncInferenceClient(endpoint, timeout_s=600) as client:
+        t0 = time.monotonic()
+
+        async def one(i: int) -> None:
+            r = requests[i]
+            await asyncio.sleep(max(0.0, t0 + r.arrival_s - time.monotonic()))
+            times: list[float] = []
+            try:
+                async for chunk in client.generate(prompts[i], max_tokens=r.output_len,
+                                                   temperature=0.0, ignore_eos=True):
+                    times.extend(chunk.token_times_s)
+            except RequestError as e:
+                out.append({"i": i, "error": str(e), "times": times, "phase": r.phase})
+                return
+            out.append({"i": i, "times": times, "phase": r.phase})
+
+        await asyncio.gather(*(one(i) for i in range(len(requests))))
+    return out
+
+
+def _slo_counts(results: list[dict[str, Any]], slo_s: float) -> dict[str, Any]:
+    gaps = [b - a for r in results for a, b in zip(r["times"], r["times"][1:], strict=False)]
+    per_req = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1)
+               for r in results if len(r["times"]) >= 2]
+    q = statistics.quantiles(gaps, n=100) if len(gaps) >= 2 else [0.0] * 99
+    return {
+        "tokens": len(gaps) + len(results), "requests": len(results),
+        "errors": sum(1 for r in results if "error" in r),
+        "tpot_p50_ms": 1000 * statistics.median(gaps) if gaps else None,
+        "tpot_p99_ms": 1000 * q[98] if gaps else None,
+        "attainment_token": sum(1 for g in gaps if g <= slo_s) / len(gaps) if gaps else None,
+        "attainment_request": sum(1 for t in per_req if t <= slo_s) / len(per_req)
+        if per_req else None,
+    }
+
+
+def _tpot_series(results: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(seconds since the first token of the turn, gap before this token) for every token."""
+    starts = [r["times"][0] for r in results if r["times"]]
+    if not starts:
+        return []
+    t0 = min(starts)
+    return [(b - t0, b - a) for r in results
+            for a, b in zip(r["times"], r["times"][1:], strict=False)]
+
+
+def _sampler(ctl: Any, job_id: int, samples: list[dict[str, float]], stop: threading.Event,
+             t0: float) -> None:
+    while not stop.is_set():
+        st = ctl.status()
+        job = ctl.show(job_id).job
+        samples.append({"t": time.monotonic() - t0, "level": st.level, "tokens": job.tokens})
+        stop.wait(0.25)
+
+
+def _measure_solo_tpot(endpoint: str, batch: int, seconds: float) -> float:
+    """Median engine TPOT of ``batch`` concurrent streams with the finetune paused."""
+    from harli.scheduler.workload import Request
+
+    n_tokens = max(16, int(seconds / 0.01))
+    reqs = [Request(arrival_s=0.0, prompt_len=96, output_len=n_tokens, phase="solo")
+            for _ in range(max(1, batch))]
+    res = asyncio.run(_replay(endpoint, reqs, 99))
+    gaps = [b - a for r in res for a, b in zip(r["times"], r["times"][1:], strict=False)]
+    return float(statistics.median(gaps))
+
+
+def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: float | None,
+              seed: int, rate_scale: float, profile: Path | None,
+              extra: list[str] | None = None, progress: Any = None) -> dict[str, Any]:
+    from harli.ipc.jobs import JobSpec
+    from harli.scheduler.workload import default_spec, generate, median_concurrency
+    from harli.tools.control_client import ControlClient
+    from harli.tools.local_daemon import LocalDaemon
+
+    overrides = ['model.dtype="float32"', "decode.max_num_seqs=32",
+                 'scheduler.policy="decode-only"',
+                 *([f'predictor.profile="{profile}"'] if profile else []), *(extra or [])]
+    spec = default_spec(duration_s, seed, rate_scale)
+    requests = generate(spec)
+    res: dict[str, Any] = {"duration_s": duration_s, "seed": seed, "rate_scale": rate_scale,
+                           "requests": len(requests), "policies": {},
+                           "profile": str(profile) if profile else None}
+    daemon = LocalDaemon(base_dir / "daemon", overrides)
+    with daemon, ControlClient(daemon.cfg.control_endpoint) as ctl:
+        levels = daemon.cfg.finetune.levels
+        if slo_ms is None:  # --slo auto: 1.5x the solo median TPOT at the median batch
+            batch = max(1, round(median_concurrency(requests, 0.01)))
+            solo_s = _measure_solo_tpot(daemon.endpoint, batch, 6.0)
+            slo_ms = 1.5 * 1000 * solo_s
+            res["slo_auto"] = {"median_batch": batch, "solo_tpot_ms": 1000 * solo_s}
+        res["slo_ms"] = slo_ms
+        job = ctl.attach(JobSpec(name="bench", dataset=str(_DIGITS),
+                                 output_dir=str(base_dir / "job"), max_seq_len=128,
+                                 micro_batch_size=8, learning_rate=1e-4,
+                                 lr_schedule="constant", max_steps=10_000_000,
+                                 checkpoint_every=10_000_000))
+        # The daemon counts the SLO from the same token times; a restart resets nothing we use.
+        ctl_sampler = ControlClient(daemon.cfg.control_endpoint)
+        try:
+            for policy in policies:
+                if progress is not None:
+                    progress(f"{policy}: {len(requests)} requests over {duration_s:.0f} s")
+                ctl.set_policy(policy, tpot_slo_ms=slo_ms)
+                time.sleep(1.0)  # the new level reaches the finetune
+                before = ctl.show(job.job_id).job.tokens
+                samples: list[dict[str, float]] = []
+                stop = threading.Event()
+                t0 = time.monotonic()
+                th = threading.Thread(target=_sampler,
+                                      args=(ctl_sampler, job.job_id, samples, stop, t0),
+                                      daemon=True)
+                th.start()
+                results = asyncio.run(_replay(daemon.endpoint, requests, seed))
+                wall = time.monotonic() - t0
+                stop.set()
+                th.join()
+                after = ctl.show(job.job_id).job.tokens
+                counts = _slo_counts(results, slo_ms / 1000)
+                sched = ctl.status().scheduler
+                res["policies"][policy] = {
+                    **counts, "wall_s": wall, "finetune_tokens": after - before,
+                    "finetune_tok_s": (after - before) / wall,
+                    "decision_p99_us": sched.decision_p99_us if sched else None,
+                    "levels": samples,
+                    "tpot_series": _tpot_series(results),
+                }
+        finally:
+            ctl_sampler.close()
+            ctl.cancel(job.job_id)
+    _compare(res)
+    res["levels"] = levels
+    return res
+
+
+def _compare(res: dict[str, Any]) -> None:
+    pols = res["policies"]
+    statics = [(p, r) for p, r in pols.items() if p.startswith("static:")]
+    ok = [(p, r) for p, r in statics if (r["attainment_token"] or 0) >= 0.99]
+    best = max(ok, key=lambda pr: pr[1]["finetune_tok_s"]) if ok else None
+    res["best_static"] = best[0] if best else None
+    for r in pols.values():
+        r["ratio_to_best_static"] = (r["finetune_tok_s"] / best[1]["finetune_tok_s"]
+                                     if best and best[1]["finetune_tok_s"] else None)
+
+
+def print_table(res: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"harli bench: {res['requests']} requests over {res['duration_s']:.0f} s "
+                    f"per policy, TPOT SLO {res['slo_ms']:.1f} ms, a LoRA job training")
+    for col in ("policy", "TPOT p50 ms", "TPOT p99 ms", "SLO per token", "SLO per request",
+                "finetune tok/s", "vs best static", "decision p99 us"):
+        t.add_column(col, justify="right")
+
+    def f(x: float | None, spec: str) -> str:
+        return "-" if x is None else format(x, spec)
+
+    for p, r in res["policies"].items():
+        mark = " (best static)" if p == res.get("best_static") else ""
+        t.add_row(p + mark, f(r["tpot_p50_ms"], ".1f"), f(r["tpot_p99_ms"], ".1f"),
+                  f(r["attainment_token"], ".1%"), f(r["attainment_request"], ".1%"),
+                  f(r["finetune_tok_s"], ".0f"), f(r["ratio_to_best_static"], ".2f") + "x"
+                  if r["ratio_to_best_static"] else "-", f(r["decision_p99_us"], ".0f"))
+    console.print(t)
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pols = list(res["policies"])
+    fig, axes = plt.subplots(2, len(pols), figsize=(3.2 * len(pols), 5.5), sharex=True,
+                             squeeze=False)
+    for j, p in enumerate(pols):
+        r = res["policies"][p]
+        ax = axes[0][j]
+        ts = r["tpot_series"]
+        ax.scatter([t for t, _ in ts], [g * 1000 for _, g in ts], s=1, alpha=0.4)
+        ax.axhline(res["slo_ms"], color="red", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_title(p, fontsize=9)
+        if j == 0:
+            ax.set_ylabel("TPOT (ms), SLO red")
+        ax2 = axes[1][j]
+        lv = r["levels"]
+        ax2.step([s["t"] for s in lv], [s["level"] for s in lv], where="post", color="C1")
+        ax2.set_ylim(-0.2, res["levels"] + 0.2)
+        ax2.set_xlabel("s")
+        if j == 0:
+            ax2.set_ylabel("finetune level")
+        tw = ax2.twinx()
+        tok = [(a["t"], (b["tokens"] - a["tokens"]) / max(1e-6, b["t"] - a["t"]))
+               for a, b in zip(lv, lv[4:], strict=False)]
+        tw.plot([t for t, _ in tok], [v for _, v in tok], color="C2", lw=0.8)
+        if j == len(pols) - 1:
+            tw.set_ylabel("finetune tok/s (green)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class BenchCommand(Command):
+    name = "bench"
+    help = "every quota policy against the same changing load, with a LoRA job training"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--duration-s", type=float, default=60.0,
+                       help="workload length per policy")
+        p.add_argument("--slo", default="auto",
+                       help="TPOT SLO in ms, or 'auto' (1.5x the solo median TPOT at the "
+                       "workload's median batch, measured first)")
+        p.add_argument("--policies", default="",
+                       help="comma-separated (default: decode-only, naive, harli and "
+                       "static:1..K)")
+        p.add_argument("--rate-scale", type=float, default=1.0,
+                       help="multiply every phase's arrival rate")
+        p.add_argument("--profile", type=Path, help="latency profile for the harli policy")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+        p.add_argument("--out", type=Path, default=Path("bench.json"))
+        p.add_argument("--png", type=Path)
+        p.add_argument("--dir", type=Path)
+
+    def validate(self, args: argparse.Namespace) -> None:
+        if args.slo != "auto":
+            try:
+                args.slo = float(args.slo)
+            except ValueError:
+                raise CommandError(f"--slo: a number of ms or 'auto', got {args.slo!r}") \
+                    from None
+            if args.slo <= 0:
+                raise CommandError("--slo must be > 0")
+        if args.duration_s <= 0:
+            raise CommandError("--duration-s must be > 0")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from rich.console import Console
+
+        from harli.config import load
+
+        console = Console()
+        levels = load(None, list(args.set)).finetune.levels
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()] or \
+            ["decode-only", "naive", "harli", *[f"static:{lv}" for lv in range(1, levels + 1)]]
+        with tempfile.TemporaryDirectory(prefix="harli-bench-") as tmp:
+            res = run_bench(args.dir or Path(tmp), args.duration_s, policies,
+                            None if args.slo == "auto" else args.slo, args.seed,
+                            args.rate_scale, args.profile, args.set,
+                            progress=lambda s: console.print(f"[dim]{s}"))
+        print_table(res, console)
+        args.out.write_text(json.dumps(res) + "\n")
+        png = args.png or args.out.with_suffix(".png")
+        plot(res, png)
+        console.print(f"results: {args.out}; plot: {png}")
+        return 0
