@@ -86,7 +86,7 @@ def default_spec(duration_s: float = 90.0, seed: int = 0, scale: float = 1.0) ->
     return WorkloadSpec(
         phases=(Phase("quiet", 0.2 * d, 0.5 * scale), Phase("busy", 0.4 * d, 4.0 * scale),
                 Phase("bursty", 0.2 * d, 10.0 * scale), Phase("quiet", 0.2 * d, 0.5 * scale)),
-        prompt=LengthDist(median=96, sigma=0.8, lo=8, hi=1024),
+        prompt=LengthDist(median=64, sigma=0.8, lo=8, hi=512),
         output=LengthDist(median=64, sigma=0.6, lo=8, hi=256),
         seed=seed)
 

@@ -80,6 +80,23 @@ def _tpot_series(results: list[dict[str, Any]]) -> list[tuple[float, float]]:
             for a, b in zip(r["times"], r["times"][1:], strict=False)]
 
 
+def token_median_batch(results: list[dict[str, Any]]) -> float:
+    """The batch the median token was decoded in: for every token, how many requests were
+    between their first and last token at that moment."""
+    spans = sorted((r["times"][0], r["times"][-1]) for r in results if len(r["times"]) >= 2)
+    if not spans:
+        return 1.0
+    import bisect
+
+    starts = [s for s, _ in spans]
+    ends = sorted(e for _, e in spans)
+    live = []
+    for r in results:
+        for t in r["times"][1:]:
+            live.append(bisect.bisect_right(starts, t) - bisect.bisect_left(ends, t))
+    return float(statistics.median(live)) if live else 1.0
+
+
 def _sampler(ctl: Any, job_id: int, samples: list[dict[str, float]], stop: threading.Event,
              t0: float) -> None:
     while not stop.is_set():
@@ -103,25 +120,37 @@ def _measure_solo_tpot(endpoint: str, batch: int, seconds: float) -> float:
 
 def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: float | None,
               seed: int, rate_scale: float, profile: Path | None,
-              extra: list[str] | None = None, progress: Any = None) -> dict[str, Any]:
+              extra: list[str] | None = None, progress: Any = None,
+              max_batched_tokens: int = 256) -> dict[str, Any]:
     from harli.ipc.jobs import JobSpec
-    from harli.scheduler.workload import default_spec, generate, median_concurrency
+    from harli.scheduler.workload import default_spec, generate
     from harli.tools.control_client import ControlClient
     from harli.tools.local_daemon import LocalDaemon
 
+    # Chunked prefill with a small token budget per iteration (Sarathi-style), as any TPOT
+    # SLO deployment runs: one long prompt then costs several short iterations, not one long
+    # one that stalls every stream.
     overrides = ['model.dtype="float32"', "decode.max_num_seqs=32",
+                 f"decode.max_num_batched_tokens={max_batched_tokens}",
                  'scheduler.policy="decode-only"',
                  *([f'predictor.profile="{profile}"'] if profile else []), *(extra or [])]
     spec = default_spec(duration_s, seed, rate_scale)
+    res_spec = {"phases": [vars(p) for p in spec.phases], "prompt": vars(spec.prompt),
+                "output": vars(spec.output), "max_batched_tokens": max_batched_tokens}
     requests = generate(spec)
     res: dict[str, Any] = {"duration_s": duration_s, "seed": seed, "rate_scale": rate_scale,
                            "requests": len(requests), "policies": {},
-                           "profile": str(profile) if profile else None}
+                           "profile": str(profile) if profile else None, "workload": res_spec}
     daemon = LocalDaemon(base_dir / "daemon", overrides)
     with daemon, ControlClient(daemon.cfg.control_endpoint) as ctl:
         levels = daemon.cfg.finetune.levels
-        if slo_ms is None:  # --slo auto: 1.5x the solo median TPOT at the median batch
-            batch = max(1, round(median_concurrency(requests, 0.01)))
+        if slo_ms is None:
+            # --slo auto: 1.5x the solo median TPOT at the workload's median batch. The batch
+            # is measured, not guessed: the workload replayed with the finetune paused, and
+            # the median over its tokens of how many requests were streaming at that token.
+            ctl.set_policy("decode-only")
+            warm = asyncio.run(_replay(daemon.endpoint, requests, seed * 1000))
+            batch = max(1, round(token_median_batch(warm)))
             solo_s = _measure_solo_tpot(daemon.endpoint, batch, 6.0)
             slo_ms = 1.5 * 1000 * solo_s
             res["slo_auto"] = {"median_batch": batch, "solo_tpot_ms": 1000 * solo_s}
@@ -134,7 +163,7 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
         # The daemon counts the SLO from the same token times; a restart resets nothing we use.
         ctl_sampler = ControlClient(daemon.cfg.control_endpoint)
         try:
-            for policy in policies:
+            for turn, policy in enumerate(policies):
                 if progress is not None:
                     progress(f"{policy}: {len(requests)} requests over {duration_s:.0f} s")
                 ctl.set_policy(policy, tpot_slo_ms=slo_ms)
@@ -147,7 +176,10 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
                                       args=(ctl_sampler, job.job_id, samples, stop, t0),
                                       daemon=True)
                 th.start()
-                results = asyncio.run(_replay(daemon.endpoint, requests, seed))
+                # Same arrivals and lengths every turn, fresh token ids: a replayed prompt
+                # would hit vLLM's prefix cache and make later turns cheaper.
+                results = asyncio.run(_replay(daemon.endpoint, requests,
+                                              seed * 1000 + turn + 1))
                 wall = time.monotonic() - t0
                 stop.set()
                 th.join()
@@ -249,8 +281,9 @@ class BenchCommand(Command):
                        help="TPOT SLO in ms, or 'auto' (1.5x the solo median TPOT at the "
                        "workload's median batch, measured first)")
         p.add_argument("--policies", default="",
-                       help="comma-separated (default: decode-only, naive, harli and "
-                       "static:1..K)")
+                       help="comma-separated, run in this order (default: decode-only, naive, "
+                       "static:1..K, harli; without a profile the harli policy's online "
+                       "predictor has then seen every level)")
         p.add_argument("--rate-scale", type=float, default=1.0,
                        help="multiply every phase's arrival rate")
         p.add_argument("--profile", type=Path, help="latency profile for the harli policy")
@@ -280,7 +313,7 @@ class BenchCommand(Command):
         console = Console()
         levels = load(None, list(args.set)).finetune.levels
         policies = [p.strip() for p in args.policies.split(",") if p.strip()] or \
-            ["decode-only", "naive", "harli", *[f"static:{lv}" for lv in range(1, levels + 1)]]
+            ["decode-only", "naive", *[f"static:{lv}" for lv in range(1, levels + 1)], "harli"]
         with tempfile.TemporaryDirectory(prefix="harli-bench-") as tmp:
             res = run_bench(args.dir or Path(tmp), args.duration_s, policies,
                             None if args.slo == "auto" else args.slo, args.seed,

@@ -143,6 +143,21 @@ def _finetune_phase(console: Any, daemon: Any, args: argparse.Namespace) -> None
                       f"{100 * ev.base_accuracy:.0f}% -> {100 * ev.adapter_accuracy:.0f}%")
 
 
+def _bench_phase(console: Any, args: argparse.Namespace) -> None:
+    """``harli bench`` in short form: the same changing load under each policy while a LoRA job
+    trains; the point of the system in one table."""
+    from harli.tools.bench_cmd import print_table, run_bench
+
+    policies = ["naive", *[f"static:{lv}" for lv in range(1, 5)], "harli"]
+    console.rule("[bold]the point: finetune throughput inside the decode SLO")
+    console.print(f"harli bench --duration-s {args.bench_s:.0f} --slo auto: one workload "
+                  f"(quiet, busy, bursty phases) replayed under {', '.join(policies)}; "
+                  f"no profile, so the harli policy learns online ...")
+    res = run_bench(args.dir.resolve() / "bench", args.bench_s, policies, None, 0, 1.0, None,
+                    progress=lambda s: console.print(f"[dim]  {s}"))
+    print_table(res, console)
+
+
 class DemoCommand(Command):
     name = "demo"
     help = "start the daemon on the tiny model and stream a few requests through it"
@@ -153,6 +168,8 @@ class DemoCommand(Command):
         p.add_argument("--max-tokens", type=int, default=48)
         p.add_argument("--steps", type=int, default=150, help="optimizer steps of the job")
         p.add_argument("--no-finetune", action="store_true", help="decode requests only")
+        p.add_argument("--bench-s", type=float, default=0.0,
+                       help="workload seconds per policy in the closing bench (0: skip it)")
 
     def run(self, args: argparse.Namespace) -> int:
         from rich.console import Console
@@ -188,4 +205,7 @@ class DemoCommand(Command):
         assert daemon.proc is not None
         console.print(f"daemon exit code {daemon.proc.returncode}; children left: "
                       f"{'none' if clean else kids}; sockets left: {socks or 'none'}")
-        return 0 if daemon.proc.returncode == 0 and clean and not socks else 1
+        ok = daemon.proc.returncode == 0 and clean and not socks
+        if args.bench_s > 0 and not args.no_finetune:
+            _bench_phase(console, args)
+        return 0 if ok else 1
