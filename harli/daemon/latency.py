@@ -27,6 +27,7 @@ from harli.predictor import (
     ProfileError,
     ProfileKey,
     hardware_fingerprint,
+    token_latency_s,
 )
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class LatencyTracker:
         self.model = model
         self.source = source
         self.metrics = metrics
+        self._prev: IterationTelemetry | None = None
         # Read at scrape time, not on every iteration.
         metrics.predictor_error.set_function(self._recent_error)
         metrics.predictor_drift.set_function(lambda: float(self._drift_events()))
@@ -97,7 +99,11 @@ class LatencyTracker:
         return self.model.predict(BatchShape.from_telemetry(t), level)
 
     def on_telemetry(self, t: IterationTelemetry, level: int, now: float) -> None:
-        self.model.observe(BatchShape.from_telemetry(t), level, t.end_s - t.start_s, now)
+        # The predictor's target is what an iteration costs a token (TPOT), not just the
+        # step: see token_latency_s.
+        self.model.observe(BatchShape.from_telemetry(t), level, token_latency_s(t, self._prev),
+                           now)
+        self._prev = t
 
     def _drift_events(self) -> int:
         events = self.model.stats()["drift_events"]

@@ -4,7 +4,7 @@ the online correction from live telemetry (``correction``, ``online``); ``profil
 fits, ``evaluate`` scores them. Pure logic: imports no torch and no ZMQ."""
 
 from harli.predictor.evaluate import ConfigRow, EvalReport, StageReport, evaluate
-from harli.predictor.features import FEATURE_NAMES, BatchShape, vector
+from harli.predictor.features import FEATURE_NAMES, BatchShape, token_latency_s, vector
 from harli.predictor.fit import LevelFit, Sample, SoloFit, fit_levels, fit_solo
 from harli.predictor.model import LatencyModel, ModelConfig, Prediction
 from harli.predictor.profile import (
@@ -35,5 +35,6 @@ __all__ = [
     "fit_levels",
     "fit_solo",
     "hardware_fingerprint",
+    "token_latency_s",
     "vector",
 ]

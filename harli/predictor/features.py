@@ -66,3 +66,20 @@ def vector(shape: BatchShape) -> tuple[float, ...]:
         shape.context_tokens * _CONTEXT_SCALE,
         shape.prefill_attn_tokens * _PREFILL_ATTN_SCALE,
     )
+
+
+# Longest pause between two iterations that still counts as the engine running back to back
+# (the decode loop between steps takes well under a millisecond; an idle engine waits 100 ms).
+BACK_TO_BACK_S = 0.05
+
+
+def token_latency_s(t: Any, prev: Any | None) -> float:
+    """What iteration ``t`` cost each running request's next token: from the previous
+    iteration's end when the engine ran back to back (so the decode loop's own work between
+    steps, and any time the decode process lost its core to the finetune, count, as they do
+    in TPOT), else the iteration's own duration. ``t`` and ``prev`` are telemetry records."""
+    if (prev is not None and prev.incarnation == t.incarnation
+            and prev.iteration == t.iteration - 1 and prev.num_running > 0
+            and 0.0 <= t.start_s - prev.end_s < BACK_TO_BACK_S):
+        return float(t.end_s - prev.end_s)
+    return float(t.end_s - t.start_s)

@@ -105,20 +105,23 @@ class Profiler:
 
     def measure(self, cfg: Config) -> list[Any]:
         """One batch of ``cfg``; returns a ``Sample`` per iteration it ran."""
-        from harli.predictor import BatchShape, Sample
+        from harli.predictor import BatchShape, Sample, token_latency_s
 
         self._drain()
         asyncio.run(self._batch(cfg))
         records = self._drain(200)
         records += self._drain(50)
         samples = []
-        for t in records:
+        prev = None
+        for t in sorted(records, key=lambda r: (r.incarnation, r.iteration)):
             shape = BatchShape.from_telemetry(t)
+            latency_s = token_latency_s(t, prev)
+            prev = t
             # Requests join over the first iterations (chunked prefill) and leave together:
             # "decode" is the steady batch of all of them; the ramp is its own configuration.
             phase = ("prefill" if t.prefill_tokens else
                      "decode" if t.num_running == cfg.batch else "ramp")
-            samples.append(Sample(shape=shape, level=cfg.level, latency_s=t.end_s - t.start_s,
+            samples.append(Sample(shape=shape, level=cfg.level, latency_s=latency_s,
                                   config=f"{cfg.name}-{phase}"))
         return samples
 

@@ -399,3 +399,18 @@ def test_evaluate_noisy_model_reports_error() -> None:
     report = evaluate(LatencyModel.from_samples(samples, quantile=0.9), samples)
     assert 0.0 < report.stages["stage1"].mean_ape_pct < 5.0
     assert 0.85 < report.stages["stage1"].within_upper_share < 0.95
+
+
+def test_token_latency_counts_the_gap_only_when_the_engine_ran_back_to_back() -> None:
+    from types import SimpleNamespace as T
+
+    from harli.predictor import token_latency_s
+
+    prev = T(incarnation=1, iteration=7, num_running=3, start_s=1.000, end_s=1.010)
+    t = T(incarnation=1, iteration=8, num_running=3, start_s=1.012, end_s=1.020)
+    assert token_latency_s(t, prev) == pytest.approx(0.010)  # loop overhead counts
+    assert token_latency_s(t, None) == pytest.approx(0.008)
+    idle = T(incarnation=1, iteration=8, num_running=1, start_s=1.5, end_s=1.508)
+    assert token_latency_s(idle, prev) == pytest.approx(0.008)  # the engine had been idle
+    restarted = T(incarnation=2, iteration=8, num_running=3, start_s=1.012, end_s=1.020)
+    assert token_latency_s(restarted, prev) == pytest.approx(0.008)
