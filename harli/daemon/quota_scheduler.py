@@ -82,6 +82,7 @@ class QuotaScheduler:
             self.counter = SloCounter(slo)
             logger.info("[scheduler] TPOT SLO -> %.2f ms", slo.tpot_ms)
         self.policy = policy
+        self.decision_us.clear()  # decision times are per policy
         self.spec = spec.strip().lower()
         logger.info("[scheduler] policy -> %s", self.spec)
         self.decide(_IDLE if self.last is None else None, now)

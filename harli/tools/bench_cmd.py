@@ -121,7 +121,7 @@ def _measure_solo_tpot(endpoint: str, batch: int, seconds: float) -> float:
 def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: float | None,
               seed: int, rate_scale: float, profile: Path | None,
               extra: list[str] | None = None, progress: Any = None,
-              max_batched_tokens: int = 256) -> dict[str, Any]:
+              max_batched_tokens: int = 256, rounds: int = 2) -> dict[str, Any]:
     from harli.ipc.jobs import JobSpec
     from harli.scheduler.workload import default_spec, generate
     from harli.tools.control_client import ControlClient
@@ -139,6 +139,7 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
                 "output": vars(spec.output), "max_batched_tokens": max_batched_tokens}
     requests = generate(spec)
     res: dict[str, Any] = {"duration_s": duration_s, "seed": seed, "rate_scale": rate_scale,
+                           "rounds": rounds,
                            "requests": len(requests), "policies": {},
                            "profile": str(profile) if profile else None, "workload": res_spec}
     daemon = LocalDaemon(base_dir / "daemon", overrides)
@@ -163,35 +164,32 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
         # The daemon counts the SLO from the same token times; a restart resets nothing we use.
         ctl_sampler = ControlClient(daemon.cfg.control_endpoint)
         try:
-            for turn, policy in enumerate(policies):
-                if progress is not None:
-                    progress(f"{policy}: {len(requests)} requests over {duration_s:.0f} s")
-                ctl.set_policy(policy, tpot_slo_ms=slo_ms)
-                time.sleep(1.0)  # the new level reaches the finetune
-                before = ctl.show(job.job_id).job.tokens
-                samples: list[dict[str, float]] = []
-                stop = threading.Event()
-                t0 = time.monotonic()
-                th = threading.Thread(target=_sampler,
-                                      args=(ctl_sampler, job.job_id, samples, stop, t0),
-                                      daemon=True)
-                th.start()
-                # Same arrivals and lengths every turn, fresh token ids: a replayed prompt
-                # would hit vLLM's prefix cache and make later turns cheaper.
-                results = asyncio.run(_replay(daemon.endpoint, requests,
-                                              seed * 1000 + turn + 1))
-                wall = time.monotonic() - t0
-                stop.set()
-                th.join()
-                after = ctl.show(job.job_id).job.tokens
-                counts = _slo_counts(results, slo_ms / 1000)
-                sched = ctl.status().scheduler
+            # Rounds in alternating order (A B C, C B A, ...): this host drifts by tens of
+            # percent over minutes, and a policy always measured last would carry it alone.
+            runs: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
+            turn = 0
+            for rnd in range(rounds):
+                for policy in policies if rnd % 2 == 0 else list(reversed(policies)):
+                    turn += 1
+                    if progress is not None:
+                        progress(f"round {rnd + 1}/{rounds}, {policy}: {len(requests)} "
+                                 f"requests over {duration_s:.0f} s")
+                    runs[policy].append(_turn(daemon, ctl, ctl_sampler, job.job_id, policy,
+                                              slo_ms, requests, seed * 1000 + turn))
+            for policy, done in runs.items():
+                results = [r for one in done for r in one["results"]]
+                wall = sum(one["wall_s"] for one in done)
+                tokens = sum(one["tokens"] for one in done)
                 res["policies"][policy] = {
-                    **counts, "wall_s": wall, "finetune_tokens": after - before,
-                    "finetune_tok_s": (after - before) / wall,
-                    "decision_p99_us": sched.decision_p99_us if sched else None,
-                    "levels": samples,
-                    "tpot_series": _tpot_series(results),
+                    **_slo_counts(results, slo_ms / 1000), "wall_s": wall,
+                    "finetune_tokens": tokens, "finetune_tok_s": tokens / wall,
+                    "decision_p99_us": max((one["decision_p99_us"] or 0.0) for one in done),
+                    "rounds": [{"attainment_token": _slo_counts(one["results"], slo_ms / 1000)
+                                ["attainment_token"],
+                                "finetune_tok_s": one["tokens"] / one["wall_s"]}
+                               for one in done],
+                    "levels": done[0]["samples"],
+                    "tpot_series": _tpot_series(done[0]["results"]),
                 }
         finally:
             ctl_sampler.close()
@@ -199,6 +197,30 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
     _compare(res)
     res["levels"] = levels
     return res
+
+
+def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo_ms: float,
+          requests: list[Any], token_seed: int) -> dict[str, Any]:
+    """One policy's turn: switch, replay the workload, count."""
+    ctl.set_policy(policy, tpot_slo_ms=slo_ms)
+    time.sleep(1.0)  # the new level reaches the finetune
+    before = ctl.show(job_id).job.tokens
+    samples: list[dict[str, float]] = []
+    stop = threading.Event()
+    t0 = time.monotonic()
+    th = threading.Thread(target=_sampler, args=(ctl_sampler, job_id, samples, stop, t0),
+                          daemon=True)
+    th.start()
+    # Same arrivals and lengths every turn, fresh token ids: a replayed prompt would hit
+    # vLLM's prefix cache and make later turns cheaper.
+    results = asyncio.run(_replay(daemon.endpoint, requests, token_seed))
+    wall = time.monotonic() - t0
+    stop.set()
+    th.join()
+    sched = ctl.status().scheduler  # decision times since this turn's set_policy
+    return {"results": results, "wall_s": wall, "samples": samples,
+            "tokens": ctl.show(job_id).job.tokens - before,
+            "decision_p99_us": sched.decision_p99_us if sched else None}
 
 
 def _compare(res: dict[str, Any]) -> None:
@@ -215,8 +237,9 @@ def _compare(res: dict[str, Any]) -> None:
 def print_table(res: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
-    t = Table(title=f"harli bench: {res['requests']} requests over {res['duration_s']:.0f} s "
-                    f"per policy, TPOT SLO {res['slo_ms']:.1f} ms, a LoRA job training")
+    t = Table(title=f"harli bench: {res['requests']} requests over {res['duration_s']:.0f} s, "
+                    f"{res['rounds']} rounds per policy, TPOT SLO {res['slo_ms']:.1f} ms, a "
+                    f"LoRA job training")
     for col in ("policy", "TPOT p50 ms", "TPOT p99 ms", "SLO per token", "SLO per request",
                 "finetune tok/s", "vs best static", "decision p99 us"):
         t.add_column(col, justify="right")
@@ -287,6 +310,8 @@ class BenchCommand(Command):
         p.add_argument("--rate-scale", type=float, default=1.0,
                        help="multiply every phase's arrival rate")
         p.add_argument("--profile", type=Path, help="latency profile for the harli policy")
+        p.add_argument("--rounds", type=int, default=2,
+                       help="replays per policy, in alternating order (figures are pooled)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
         p.add_argument("--out", type=Path, default=Path("bench.json"))
@@ -304,6 +329,8 @@ class BenchCommand(Command):
                 raise CommandError("--slo must be > 0")
         if args.duration_s <= 0:
             raise CommandError("--duration-s must be > 0")
+        if args.rounds < 1:
+            raise CommandError("--rounds must be >= 1")
 
     def run(self, args: argparse.Namespace) -> int:
         from rich.console import Console
@@ -318,7 +345,7 @@ class BenchCommand(Command):
             res = run_bench(args.dir or Path(tmp), args.duration_s, policies,
                             None if args.slo == "auto" else args.slo, args.seed,
                             args.rate_scale, args.profile, args.set,
-                            progress=lambda s: console.print(f"[dim]{s}"))
+                            progress=lambda s: console.print(f"[dim]{s}"), rounds=args.rounds)
         print_table(res, console)
         args.out.write_text(json.dumps(res) + "\n")
         png = args.png or args.out.with_suffix(".png")

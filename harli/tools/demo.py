@@ -154,7 +154,7 @@ def _bench_phase(console: Any, args: argparse.Namespace) -> None:
                   f"(quiet, busy, bursty phases) replayed under {', '.join(policies)}; "
                   f"no profile, so the harli policy learns online ...")
     res = run_bench(args.dir.resolve() / "bench", args.bench_s, policies, None, 0, 1.0, None,
-                    progress=lambda s: console.print(f"[dim]  {s}"))
+                    progress=lambda s: console.print(f"[dim]  {s}"), rounds=1)
     print_table(res, console)
 
 

@@ -1,0 +1,30 @@
+"""``harli bench`` end to end, in miniature: the same workload replayed under three policies in
+alternating rounds on the real daemon, vLLM and trainer; every figure the table shows is there
+and sane (no performance is asserted: that is the benchmark's job, not a test's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harli.tools.bench_cmd import plot, run_bench
+
+pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
+
+
+def test_bench_replays_one_workload_under_each_policy(tmp_path: Path) -> None:
+    res = run_bench(tmp_path, 4.0, ["decode-only", "naive", "harli"], None, 0, 1.0, None,
+                    rounds=2)
+    assert res["slo_ms"] > 0 and res["slo_auto"]["median_batch"] >= 1
+    for name, r in res["policies"].items():
+        assert r["requests"] == 2 * res["requests"], name  # both rounds, every request
+        assert r["errors"] == 0
+        assert 0 <= r["attainment_token"] <= 1 and 0 <= r["attainment_request"] <= 1
+        assert len(r["rounds"]) == 2 and r["decision_p99_us"] is not None
+    assert res["policies"]["decode-only"]["finetune_tokens"] == 0  # paused: trains nothing
+    assert res["policies"]["naive"]["finetune_tokens"] > 0
+    assert {s["level"] for s in res["policies"]["naive"]["levels"]} == {4}
+    png = tmp_path / "bench.png"
+    plot(res, png)
+    assert png.read_bytes()[:4] == b"\x89PNG"
