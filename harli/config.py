@@ -251,12 +251,6 @@ class SchedulerConfig:
         if not 0 < self.attainment <= 1:
             raise ConfigError(f"scheduler.attainment: expected in (0, 1], got "
                               f"{self.attainment}")
-        from harli.scheduler.policy import POLICY_FORMS
-
-        kind = self.policy.strip().lower().partition(":")[0]
-        if kind not in ("harli", "static", "naive", "decode-only"):
-            raise ConfigError(f"scheduler.policy: {self.policy!r} is not one of "
-                              f"{POLICY_FORMS}")
 
 
 @dataclass(frozen=True)
@@ -300,6 +294,12 @@ class HarliConfig:
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     def __post_init__(self) -> None:
+        from harli.scheduler.policy import check_policy
+
+        try:  # here, where finetune.levels is known
+            check_policy(self.scheduler.policy, self.finetune.levels)
+        except ValueError as e:
+            raise ConfigError(f"scheduler.policy: {e}") from None
         if self.memory.arena_gib and self.memory.arena_gib < self.decode.kv_cache_gib:
             raise ConfigError(f"memory.arena_gib: {self.memory.arena_gib} GiB is smaller than "
                               f"the KV cache vLLM needs (decode.kv_cache_gib = "

@@ -4,3 +4,9 @@
 ``quota`` maps the daemon's quota level to this process's share of compute; ``proc.FinetuneProc``
 is the loop and sockets; ``python -m harli.finetune_proc`` is the entry the daemon spawns.
 """
+
+from pathlib import Path
+
+# The small dataset shipped with harli (alpaca records: number words -> digits), used by the
+# demo, the benchmarks and the profiler as the representative job.
+SAMPLE_DATASET = Path(__file__).resolve().parent / "data" / "digits.jsonl"

@@ -223,17 +223,14 @@ class DecodeOnlyPolicy:
         return self._DECISION
 
 
-def parse_policy(spec: str, model: LatencyPredictor, levels: int, slo: SloTarget) -> Policy:
-    """The policy named by a config or CLI string: 'harli', 'static:L', 'naive' or
-    'decode-only' (case and surrounding spaces ignored)."""
+def check_policy(spec: str, levels: int) -> tuple[str, int | None]:
+    """Validate a config or CLI policy string: 'harli', 'static:L', 'naive' or 'decode-only'
+    (case and surrounding spaces ignored). Returns (kind, L for static); ValueError names the
+    accepted forms or the level range."""
     _check_levels(levels)
     text = spec.strip().lower()
-    if text == "harli":
-        return HarliPolicy(model, levels, slo)
-    if text == "naive":
-        return NaivePolicy(levels)
-    if text == "decode-only":
-        return DecodeOnlyPolicy()
+    if text in ("harli", "naive", "decode-only"):
+        return text, None
     kind, sep, arg = text.partition(":")
     if kind == "static" and sep:
         try:
@@ -244,5 +241,18 @@ def parse_policy(spec: str, model: LatencyPredictor, levels: int, slo: SloTarget
         if not 0 <= level <= levels:
             raise ValueError(f"policy {spec!r}: static level must be in 0..{levels} "
                              f"(finetune.levels), got {level}")
-        return StaticPolicy(level)
+        return kind, level
     raise ValueError(f"unknown policy {spec!r}; accepted forms: {POLICY_FORMS}")
+
+
+def parse_policy(spec: str, model: LatencyPredictor, levels: int, slo: SloTarget) -> Policy:
+    """The policy named by ``spec`` (see ``check_policy``)."""
+    kind, level = check_policy(spec, levels)
+    if kind == "harli":
+        return HarliPolicy(model, levels, slo)
+    if kind == "naive":
+        return NaivePolicy(levels)
+    if kind == "decode-only":
+        return DecodeOnlyPolicy()
+    assert level is not None
+    return StaticPolicy(level)

@@ -89,29 +89,3 @@ def default_spec(duration_s: float = 90.0, seed: int = 0, scale: float = 1.0) ->
         prompt=LengthDist(median=64, sigma=0.8, lo=8, hi=512),
         output=LengthDist(median=64, sigma=0.6, lo=8, hi=256),
         seed=seed)
-
-
-def median_concurrency(requests: list[Request], tpot_s: float) -> float:
-    """Rough median number of requests decoding at once, if each token takes ``tpot_s``
-    (Little's law over the workload's time line; used to pick the batch of ``--slo auto``)."""
-    if not requests:
-        return 0.0
-    events: list[tuple[float, int]] = []
-    for r in requests:
-        events.append((r.arrival_s, 1))
-        events.append((r.arrival_s + r.output_len * tpot_s, -1))
-    events.sort()
-    live, samples, last = 0, [], events[0][0]
-    for t, d in events:
-        if t > last:
-            samples.append((t - last, live))
-            last = t
-        live += d
-    samples.sort(key=lambda x: x[1])
-    total = sum(w for w, _ in samples)
-    acc = 0.0
-    for w, n in samples:
-        acc += w
-        if acc >= total / 2:
-            return float(n)
-    return float(samples[-1][1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import random
 import statistics
@@ -22,9 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harli.finetune_proc import SAMPLE_DATASET
 from harli.tools.command import Command, CommandError
-
-_DIGITS = Path(__file__).resolve().parents[1] / "finetune_proc" / "data" / "digits.jsonl"
 
 
 async def _replay(endpoint: str, requests: list[Any], seed: int) -> list[dict[str, Any]]:
@@ -86,8 +86,6 @@ def token_median_batch(results: list[dict[str, Any]]) -> float:
     spans = sorted((r["times"][0], r["times"][-1]) for r in results if len(r["times"]) >= 2)
     if not spans:
         return 1.0
-    import bisect
-
     starts = [s for s, _ in spans]
     ends = sorted(e for _, e in spans)
     live = []
@@ -156,7 +154,7 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
             slo_ms = 1.5 * 1000 * solo_s
             res["slo_auto"] = {"median_batch": batch, "solo_tpot_ms": 1000 * solo_s}
         res["slo_ms"] = slo_ms
-        job = ctl.attach(JobSpec(name="bench", dataset=str(_DIGITS),
+        job = ctl.attach(JobSpec(name="bench", dataset=str(SAMPLE_DATASET),
                                  output_dir=str(base_dir / "job"), max_seq_len=128,
                                  micro_batch_size=8, learning_rate=1e-4,
                                  lr_schedule="constant", max_steps=10_000_000,

@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harli.finetune_proc import SAMPLE_DATASET
 from harli.tools.command import Command
-
-_DIGITS = Path(__file__).resolve().parents[1] / "finetune_proc" / "data" / "digits.jsonl"
 
 
 def _prompts(rng: random.Random, n: int, lo: int, hi: int) -> list[list[int]]:
@@ -104,7 +103,7 @@ def run_bench(base_dir: Path, quiet_s: float, burst_s: float, burst_workers: int
     res: dict[str, Any] = {"quiet_s": quiet_s, "burst_s": burst_s,
                            "burst_workers": burst_workers}
     with daemon, ControlClient(daemon.cfg.control_endpoint) as ctl:
-        job = ctl.attach(JobSpec(name="bench-memory", dataset=str(_DIGITS),
+        job = ctl.attach(JobSpec(name="bench-memory", dataset=str(SAMPLE_DATASET),
                                  output_dir=str(base_dir / "job"), max_seq_len=128,
                                  micro_batch_size=8, learning_rate=5e-3,
                                  lr_schedule="constant", max_steps=1_000_000,

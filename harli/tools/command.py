@@ -56,3 +56,11 @@ def load_config(args: argparse.Namespace, extra: list[str] | None = None):  # ty
         return load(args.config, [*args.overrides, *(extra or [])])
     except ConfigError as e:
         raise CommandError(str(e)) from None
+
+
+def control_client(args: argparse.Namespace, timeout_s: float = 120.0):  # type: ignore[no-untyped-def]
+    """A ``ControlClient`` to the daemon named by --endpoint / --config / CURVE options."""
+    from harli.tools.control_client import ControlClient
+
+    return ControlClient(args.endpoint or load_config(args).control_endpoint,
+                         timeout_s=timeout_s, **curve_kwargs(args))

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harli.finetune_proc import SAMPLE_DATASET
 from harli.tools.command import Command
 
 PROMPTS = [
@@ -79,7 +80,7 @@ def _finetune_phase(console: Any, daemon: Any, args: argparse.Namespace) -> None
     from harli.ipc.jobs import JobSpec
     from harli.tools.control_client import ControlClient
 
-    dataset = Path(__file__).resolve().parents[1] / "finetune_proc" / "data" / "digits.jsonl"
+    dataset = SAMPLE_DATASET
     name = f"demo-digits-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = JobSpec(name=name, dataset=str(dataset),
                    output_dir=str(daemon.cfg.state_dir / "jobs" / name), max_seq_len=128,

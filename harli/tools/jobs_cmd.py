@@ -10,17 +10,8 @@ from harli.tools.command import (
     Command,
     CommandError,
     add_endpoint_arguments,
-    curve_kwargs,
-    load_config,
+    control_client,
 )
-
-
-def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from harli.tools.control_client import ControlClient
-
-    return ControlClient(args.endpoint or load_config(args).control_endpoint,
-                         **curve_kwargs(args))
-
 
 _common = add_endpoint_arguments
 
@@ -43,7 +34,7 @@ class JobsCommand(Command):
 
         from harli.tools.control_client import to_jsonable
 
-        with _client(args) as c:
+        with control_client(args) as c:
             jobs = c.jobs()
         if args.json:
             print(json.dumps([to_jsonable(j) for j in jobs]))
@@ -81,7 +72,7 @@ class JobCommand(Command):
         from harli.tools.client import RequestError
         from harli.tools.control_client import to_jsonable
 
-        with _client(args) as c:
+        with control_client(args) as c:
             try:
                 if args.job_cmd == "cancel":
                     job = c.cancel(args.job_id)

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harli.finetune_proc import SAMPLE_DATASET
 from harli.tools.command import Command, CommandError, add_config_arguments
 
-_DIGITS = Path(__file__).resolve().parents[1] / "finetune_proc" / "data" / "digits.jsonl"
 _MAX_TOKENS = 32  # decode iterations per configuration and repeat
 # A configuration's median is compared only over at least this many iterations (a prefill of
 # one request is one iteration per run); the rest still count in the share under the bound.
@@ -154,7 +154,7 @@ def profiling_daemon(base_dir: Path, overrides: list[str],
     with daemon, ControlClient(daemon.cfg.control_endpoint) as ctl:
         job_id = None
         if daemon.cfg.finetune.enabled:
-            job = ctl.attach(JobSpec(name="profile", dataset=str(_DIGITS),
+            job = ctl.attach(JobSpec(name="profile", dataset=str(SAMPLE_DATASET),
                                      output_dir=str(base_dir / "job"), max_seq_len=128,
                                      micro_batch_size=8, learning_rate=1e-4,
                                      lr_schedule="constant", max_steps=1_000_000,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harli.tools.command import Command, add_endpoint_arguments, curve_kwargs, load_config
+from harli.tools.command import Command, add_endpoint_arguments, control_client
 
 
 def _mib(n: int) -> str:
@@ -24,10 +24,9 @@ class StatusCommand(Command):
         from rich.console import Console
         from rich.table import Table
 
-        from harli.tools.control_client import ControlClient, to_jsonable
+        from harli.tools.control_client import to_jsonable
 
-        with ControlClient(args.endpoint or load_config(args).control_endpoint,
-                           timeout_s=10.0, **curve_kwargs(args)) as c:
+        with control_client(args, timeout_s=10.0) as c:
             st = c.status()
         if args.json:
             print(json.dumps(to_jsonable(st)))
@@ -99,10 +98,7 @@ class LevelCommand(Command):
         add_endpoint_arguments(p)
 
     def run(self, args: argparse.Namespace) -> int:
-        from harli.tools.control_client import ControlClient
-
-        with ControlClient(args.endpoint or load_config(args).control_endpoint,
-                           timeout_s=10.0, **curve_kwargs(args)) as c:
+        with control_client(args, timeout_s=10.0) as c:
             st = c.set_level(args.level)
         print(f"finetune quota level {st.level}")
         return 0
@@ -117,10 +113,7 @@ class PolicyCommand(Command):
         add_endpoint_arguments(p)
 
     def run(self, args: argparse.Namespace) -> int:
-        from harli.tools.control_client import ControlClient
-
-        with ControlClient(args.endpoint or load_config(args).control_endpoint,
-                           timeout_s=10.0, **curve_kwargs(args)) as c:
+        with control_client(args, timeout_s=10.0) as c:
             st = c.set_policy(args.policy)
         print(f"policy {st.scheduler.policy if st.scheduler else '-'}; level {st.level}")
         return 0

@@ -101,3 +101,10 @@ def test_arena_smaller_than_the_kv_cache_is_refused() -> None:
         load(None, ["memory.arena_gib=0.5", "decode.kv_cache_gib=1"])
     cfg = load(None, ["decode.kv_cache_gib=2"])
     assert cfg.arena_bytes == 2 << 30
+
+
+@pytest.mark.parametrize(("spec", "text"), [("fastest", "accepted forms"),
+                                            ("static:9", r"0\.\.4"), ("static:x", "integer")])
+def test_a_bad_scheduler_policy_is_a_config_error_naming_it(spec: str, text: str) -> None:
+    with pytest.raises(ConfigError, match=rf"scheduler\.policy: .*{text}"):
+        load(None, [f'scheduler.policy="{spec}"'])
