@@ -1,5 +1,6 @@
 """Child supervision: a per-child state machine, the OS behind one ``ProcessOps`` object, and
-the stop ladder (message -> SIGTERM -> SIGKILL).
+the stop ladder (message -> SIGTERM -> SIGKILL), with an optional hook before the first signal
+(MPS: ``terminate_client``, see ``daemon/mps.py``).
 
 Modelled on supervisor's ``Subprocess.transition()``: the daemon calls ``transition(now)`` every
 loop turn and gets back what happened; the clock and the OS are injectable so tests can run one
@@ -96,8 +97,13 @@ def _wait(proc: ProcHandle, timeout_s: float) -> int | None:
 
 
 def stop_ladder(proc: ProcHandle, ops: ProcessOps, request_stop: Callable[[], None] | None,
-                grace_s: float, term_timeout_s: float, name: str = "child") -> int:
+                grace_s: float, term_timeout_s: float, name: str = "child",
+                before_signal: Callable[[int], None] | None = None) -> int:
     """Stop ``proc``: ask by message, then SIGTERM, then SIGKILL; return its exit status.
+
+    ``before_signal(pid)`` runs once, before the first signal (MPS: ``terminate_client``). It
+    comes before SIGTERM, not only SIGKILL, because our children leave SIGTERM at its default
+    action, which ends them as abruptly as SIGKILL, GPU work in flight or not.
 
     Module-level so finalizers and tests can call it without the owning object (vLLM's
     ``shutdown(procs)``).
@@ -111,6 +117,7 @@ def stop_ladder(proc: ProcHandle, ops: ProcessOps, request_stop: Callable[[], No
             logger.info("[shutdown] %s exited on request (%s)", name, describe_returncode(rc))
             return rc
         logger.warning("[shutdown] %s did not stop within %.1f s; sending SIGTERM", name, grace_s)
+    run_before_signal(before_signal, proc, name)
     ops.kill(proc, signal.SIGTERM)
     rc = _wait(proc, term_timeout_s)
     if rc is not None:
@@ -120,6 +127,17 @@ def stop_ladder(proc: ProcHandle, ops: ProcessOps, request_stop: Callable[[], No
                    term_timeout_s)
     ops.kill(proc, signal.SIGKILL)
     return proc.wait()
+
+
+def run_before_signal(hook: Callable[[int], None] | None, proc: ProcHandle, name: str) -> None:
+    """Run a pre-signal hook on a live process; its failure never keeps the signal back."""
+    if hook is None or proc.poll() is not None:
+        return
+    try:
+        hook(proc.pid)
+    except Exception:
+        logger.exception("[supervisor] pre-signal hook for %s (pid %d) failed; signalling "
+                         "anyway", name, proc.pid)
 
 
 class Child:
@@ -143,6 +161,9 @@ class Child:
         # A restart waits while this says no (decode: until no finetune lease lies in the KV
         # cache a new engine would zero).
         self.may_start: Callable[[], bool] = lambda: True
+        # Called with the pid before any signal that ends the child (MPS: terminate_client,
+        # so that no GPU work of it is in flight when the signal lands).
+        self.before_signal: Callable[[int], None] | None = None
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -173,7 +194,8 @@ class Child:
         if self.proc is not None and self.state in (ChildState.STARTING, ChildState.RUNNING):
             self.state = ChildState.STOPPING
             rc = stop_ladder(self.proc, self.ops, request_stop, self.cfg.stop_grace_s,
-                             self.cfg.term_timeout_s, name=self.name)
+                             self.cfg.term_timeout_s, name=self.name,
+                             before_signal=self.before_signal)
         self.proc = None
         self.state = ChildState.STOPPED
         return rc
@@ -183,6 +205,7 @@ class Child:
         (used when a child can no longer be trusted to stop on a message in time)."""
         if self.proc is not None and self.state in (ChildState.STARTING, ChildState.RUNNING):
             logger.error("[supervisor] killing %s[%d]: %s", self.name, self.incarnation, reason)
+            run_before_signal(self.before_signal, self.proc, self.name)
             self.ops.kill(self.proc, signal.SIGKILL)
 
     # -- time --------------------------------------------------------------------------------
@@ -203,6 +226,7 @@ class Child:
                     now - self._started_at > self.cfg.start_timeout_s:
                 logger.error("[supervisor] %s[%d] not ready after %.0f s; killing it", self.name,
                              self.incarnation, self.cfg.start_timeout_s)
+                run_before_signal(self.before_signal, self.proc, self.name)
                 self.ops.kill(self.proc, signal.SIGKILL)
                 rc = self.proc.wait()
                 events.append(ChildExited(self.name, self.incarnation, rc, False))

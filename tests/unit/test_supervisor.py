@@ -186,3 +186,57 @@ def test_stop_ladder_on_real_processes() -> None:
 def test_describe_returncode() -> None:
     assert describe_returncode(-9) == "killed by SIGKILL"
     assert describe_returncode(3) == "exit code 3"
+
+
+def test_before_signal_hook_runs_once_before_the_first_signal() -> None:
+    ops = FakeOps()
+    p = ops.spawn([], {})
+    p.on_signal[signal.SIGTERM] = None  # ignores SIGTERM: the ladder goes on to SIGKILL
+    seen: list[tuple[int, int]] = []
+    stop_ladder(p, ops, lambda: None, 0.01, 0.01,
+                before_signal=lambda pid: seen.append((pid, len(ops.signals))))
+    assert seen == [(p.pid, 0)]  # before SIGTERM, not again before SIGKILL
+    assert ops.signals == [(p.pid, signal.SIGTERM), (p.pid, signal.SIGKILL)]
+
+
+def test_before_signal_hook_is_skipped_when_no_signal_is_needed() -> None:
+    ops = FakeOps()
+    p = ops.spawn([], {})
+    seen: list[int] = []
+    stop_ladder(p, ops, lambda: setattr(p, "returncode", 0), 0.01, 0.01,
+                before_signal=seen.append)
+    assert seen == [] and ops.signals == []
+
+
+def test_child_runs_its_hook_before_kill_stop_and_start_timeout() -> None:
+    c, ops = make()
+    seen: list[tuple[int, int]] = []
+
+    def hook(pid: int) -> None:
+        seen.append((pid, len(ops.signals)))
+
+    c.before_signal = hook
+    c.start(0.0)
+    c.on_ready(1, 0.5)
+    c.kill("test")
+    assert seen == [(100, 0)] and ops.signals == [(100, signal.SIGKILL)]
+    c.transition(1.0)
+    c.transition(2.0)  # restarted after 1 s backoff, then never ready
+    c.transition(20.0)
+    assert seen[-1] == (101, 1) and ops.signals[-1] == (101, signal.SIGKILL)
+    c.transition(30.0)
+    c.on_ready(3, 30.0)
+    c.stop(lambda: None)
+    assert seen[-1] == (102, 2) and ops.signals[-1] == (102, signal.SIGTERM)
+
+
+def test_a_failing_hook_never_keeps_the_signal_back() -> None:
+    c, ops = make()
+
+    def broken(pid: int) -> None:
+        raise RuntimeError("MPS control gone")
+
+    c.before_signal = broken
+    c.start(0.0)
+    c.kill("test")
+    assert ops.signals == [(100, signal.SIGKILL)]
