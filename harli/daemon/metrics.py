@@ -88,6 +88,9 @@ class Metrics:
         self.slo_attainment = Gauge("harli_slo_attainment",
                                     "Share meeting the TPOT SLO since start, per token or "
                                     "per request.", ["by"], registry=r)
+        self.cpu_fences = Counter("harli_finetune_cpu_fences_total",
+                                  "level drops that moved the finetune's threads off decode's "
+                                  "cores at once (CPU hosts)", registry=r)
         self.decision_s = Histogram("harli_scheduler_decision_seconds",
                                     "Time the quota policy takes for one decision.",
                                     buckets=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3),

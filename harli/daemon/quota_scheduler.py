@@ -9,6 +9,7 @@ request. The policy is switchable at run time (``harli policy SPEC``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -31,6 +32,18 @@ logger = logging.getLogger(__name__)
 
 _IDLE = BatchView(num_running=0, num_waiting=0, decode_tokens=0, prefill_tokens=0,
                   context_tokens=0)
+
+
+def with_arrival(view: BatchView, prompt_tokens: int, max_batched_tokens: int) -> BatchView:
+    """``view`` once a new prompt of ``prompt_tokens`` joins the queue: it prefills in the next
+    iteration as far as the token budget left by the running requests allows."""
+    room = max(0, max_batched_tokens - view.decode_tokens - view.prefill_tokens)
+    take = min(prompt_tokens, room)
+    if not take:
+        return dataclasses.replace(view, num_waiting=view.num_waiting + 1)
+    return dataclasses.replace(view, num_running=view.num_running + 1,
+                               prefill_tokens=view.prefill_tokens + take,
+                               prefill_attn_tokens=view.prefill_attn_tokens + take * take)
 
 
 def next_view(t: IterationTelemetry, max_batched_tokens: int) -> BatchView:
@@ -62,6 +75,7 @@ class QuotaScheduler:
         self.policy: Policy = self._parse(cfg.policy)
         self.spec = cfg.policy
         self.last: PolicyDecision | None = None
+        self.view = _IDLE  # what the last decision was made for
         self.decision_us: deque[float] = deque(maxlen=100_000)
         self.level_changes = 0
         metrics.slo_attainment.labels("token").set_function(
@@ -89,6 +103,7 @@ class QuotaScheduler:
 
     def decide(self, view: BatchView | None, now: float) -> None:
         view = view or _IDLE
+        self.view = view
         t0 = time.perf_counter()
         d = self.policy.decide(view, now)
         dt_us = (time.perf_counter() - t0) * 1e6
@@ -101,6 +116,13 @@ class QuotaScheduler:
 
     def on_telemetry(self, t: IterationTelemetry, now: float) -> None:
         self.decide(next_view(t, self.max_batched_tokens), now)
+
+    def on_arrival(self, prompt_tokens: int, now: float) -> None:
+        """A request was handed to decode: decide now, not after its first iteration's
+        telemetry. From an idle decode this is the moment the finetune must step back (the
+        highest level is taken when nothing runs), and the prefill is the iteration that
+        would otherwise run beside it."""
+        self.decide(with_arrival(self.view, prompt_tokens, self.max_batched_tokens), now)
 
     def on_idle(self, now: float) -> None:
         """No request is left in the engine: the next decision is for an idle decode."""

@@ -41,6 +41,7 @@ from harli.daemon.supervisor import (
     ProcessOps,
     describe_returncode,
 )
+from harli.finetune_proc.quota import cpu_quota
 from harli.ipc import curve
 from harli.ipc.arena import ArenaError, ShmArena, remove_stale_arenas
 from harli.ipc.codec import ClientDecoder, DecodeFailure, Decoder, encode, request_id_of
@@ -191,6 +192,11 @@ class Daemon:
                                          allowed)
         if self.decode_cores:
             pin_to(allowed - self.decode_cores or None, "daemon")
+        # The finetune's quota as the finetune computes it, to fence it off decode's cores the
+        # moment its level drops (see CpuQuota.fence).
+        self.cpu_fence = cpu_quota(self.cfg.finetune.levels, self.cfg.finetune.max_threads,
+                                   frozenset(allowed), frozenset(self.decode_cores or ())) \
+            if self.decode_cores else None
 
     def _init_dirs(self) -> None:
         # File permissions on the runtime dir are the access control of the ipc:// sockets.
@@ -279,11 +285,20 @@ class Daemon:
         if self.finetune is not None:
             self.scheduler = QuotaScheduler(
                 self.cfg.scheduler, self.cfg.finetune.levels, self.latency.model,
-                self.jobs.set_level, lambda: self.jobs.decision.level, self.metrics,
+                self._set_level, lambda: self.jobs.decision.level, self.metrics,
                 self.cfg.decode.max_num_batched_tokens or 2048)
             logger.info("[scheduler] policy %s, TPOT SLO %.1f ms at %.1f%%",
                         self.cfg.scheduler.policy, self.cfg.scheduler.tpot_slo_ms,
                         100 * self.cfg.scheduler.attainment)
+
+    def _set_level(self, level: int) -> None:
+        before = self.jobs.decision.level
+        self.jobs.set_level(level)
+        proc = self.finetune.proc if self.finetune is not None else None
+        if self.cpu_fence is not None and level < before and proc is not None \
+                and self.finetune is not None and self.finetune.state is ChildState.RUNNING \
+                and self.cpu_fence.fence(proc.pid, before, level):
+            self.metrics.cpu_fences.inc()
 
     def _poll_once(self) -> None:
         events = dict(self.poller.poll(timeout=max(1, int(self.cfg.daemon.tick_s * 1000))))
@@ -560,6 +575,13 @@ class Daemon:
         if self._send_decode(AddRequest(rid=req.rid, request=req.request,
                                         arrival_s=req.arrival_s)):
             req.incarnation = self.decode.incarnation
+            if self.scheduler is not None:
+                # A text prompt is not tokenized here; its length in characters bounds its
+                # tokens from above, and the iteration's token budget caps both.
+                g = req.request
+                n = len(g.prompt_token_ids) if g.prompt_token_ids is not None else \
+                    len(g.prompt or "")
+                self.scheduler.on_arrival(n, self.clock())
 
     def _on_abort(self, client: bytes, msg: Abort) -> None:
         req = self.requests.lookup(client, msg.request_id)

@@ -27,7 +27,7 @@ import zmq
 
 from harli.config import HarliConfig
 from harli.finetune_proc.activations import ActivationLease
-from harli.finetune_proc.quota import CpuQuota, QuotaApplier
+from harli.finetune_proc.quota import QuotaApplier, cpu_quota
 from harli.finetune_proc.recipe import LoRARecipe
 from harli.ipc.codec import Decoder, drain, encode
 from harli.ipc.control import (
@@ -244,10 +244,9 @@ def run_finetune_proc(cfg: HarliConfig, incarnation: int, arena_json: str = "",
 
     # Started on the cores decode does not use (inherited from the daemon); the top levels
     # may spill onto decode's cores.
-    own = frozenset(os.sched_getaffinity(0))
     spill = frozenset() if decode_cores == "none" else frozenset(parse_cpu_list(decode_cores))
-    quota = CpuQuota(cfg.finetune.levels, cfg.finetune.max_threads or len(own | spill) or 1,
-                     own - spill, spill)
+    quota = cpu_quota(cfg.finetune.levels, cfg.finetune.max_threads,
+                      frozenset(os.sched_getaffinity(0)), spill)
     lease = None
     if arena_json:
         from harli.ipc.arena import ArenaHandle, ShmArena

@@ -50,10 +50,14 @@ def cores_for(threads: int, own: frozenset[int], spill: frozenset[int]) -> froze
     return own
 
 
-def set_process_affinity(cores: frozenset[int]) -> None:
-    """Every thread of this process (OpenMP workers included: ``sched_setaffinity(0)`` moves
-    only the calling thread), so the pool follows the level."""
-    for tid in os.listdir("/proc/self/task"):
+def set_process_affinity(cores: frozenset[int], pid: int | str = "self") -> None:
+    """Every thread of process ``pid`` (OpenMP workers included: ``sched_setaffinity(0)``
+    moves only the calling thread), so the pool follows the level."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:  # the process is gone
+        return
+    for tid in tids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.sched_setaffinity(int(tid), cores)
 
@@ -71,10 +75,27 @@ class CpuQuota:
         self.own_cores = own_cores
         self.spill_cores = spill_cores
         self._threads: int | None = None
-        self._cores: frozenset[int] | None = None
 
     def plan(self, level: int) -> CpuPlan:
         return cpu_plan(level, self.levels, self.max_threads)
+
+    def cores_at(self, level: int) -> frozenset[int]:
+        """The cores ``level`` may run on (empty: no pinning configured)."""
+        if not (self.own_cores or self.spill_cores):
+            return frozenset()
+        return cores_for(self.plan(level).threads, self.own_cores, self.spill_cores)
+
+    def fence(self, pid: int, from_level: int, to_level: int) -> bool:
+        """Called by the daemon when the level drops: take the finetune's threads off decode's
+        cores *now*, as a cgroup cpuset would, instead of at its next micro-step boundary
+        (0.1-0.3 s away on CPU, a whole burst of decode iterations). The finetune re-applies
+        its level at that boundary. Returns whether the threads were moved."""
+        # Paused (0): the micro-step in flight finishes on the lowest level's cores.
+        cores = self.cores_at(max(1, to_level))
+        if not cores or cores == self.cores_at(max(1, from_level)):
+            return False
+        set_process_affinity(cores, pid)
+        return True
 
     def apply(self, level: int) -> None:
         import torch
@@ -83,12 +104,20 @@ class CpuQuota:
         if threads != self._threads:
             torch.set_num_threads(threads)
             self._threads = threads
-        if self.own_cores or self.spill_cores:
-            cores = cores_for(threads, self.own_cores, self.spill_cores)
-            if cores != self._cores:
-                set_process_affinity(cores)
-                self._cores = cores
+        cores = self.cores_at(level)
+        # Compared with the thread's real mask, not a cache: the daemon may have fenced us.
+        if cores and cores != frozenset(os.sched_getaffinity(0)):
+            set_process_affinity(cores)
 
     def idle_after(self, level: int, busy_s: float) -> float:
         duty = self.plan(level).duty
         return busy_s * (1.0 - duty) / duty
+
+
+def cpu_quota(levels: int, max_threads: int, allowed: frozenset[int],
+              decode_cores: frozenset[int]) -> CpuQuota:
+    """The finetune's CPU quota on this host: it starts on ``allowed`` minus decode's cores,
+    and its top levels may spill onto decode's. The finetune obeys it; the daemon builds the
+    same one to fence the finetune when the level drops."""
+    return CpuQuota(levels, max_threads or len(allowed | decode_cores) or 1,
+                    allowed - decode_cores, decode_cores)

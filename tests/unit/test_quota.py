@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harli.finetune_proc.quota import CpuQuota, cores_for, cpu_plan
+from harli.finetune_proc.quota import CpuQuota, cores_for, cpu_plan, cpu_quota
 
 
 @given(st.integers(1, 16), st.integers(1, 64), st.data())
@@ -45,3 +49,34 @@ def test_levels_spill_onto_decode_cores_only_when_their_own_do_not_suffice() -> 
     assert cores_for(2, own, decode) == {0, 1}
     assert cores_for(3, frozenset({2, 3, 4}), decode) == {2, 3, 4}
     assert cores_for(1, frozenset(), decode) == {0}  # no core of its own: shares decode's
+
+
+def test_cores_at_follows_the_level_and_the_quota_factory_splits_the_host() -> None:
+    q = cpu_quota(4, 0, frozenset({0, 1}), frozenset({0}))
+    assert (q.own_cores, q.spill_cores, q.max_threads) == ({1}, {0}, 2)
+    assert [q.cores_at(lv) for lv in (1, 2, 3, 4)] == [{1}, {1}, {0, 1}, {0, 1}]
+    assert CpuQuota(4, 2).cores_at(4) == frozenset()  # no pinning configured
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_fence_moves_every_thread_of_another_process_off_decode_cores_at_once() -> None:
+    c0, c1 = sorted(os.sched_getaffinity(0))[:2]
+    q = cpu_quota(4, 2, frozenset({c0, c1}), frozenset({c0}))
+    code = ("import threading, time, sys\n"
+            "ts = [threading.Thread(target=time.sleep, args=(30,), daemon=True) "
+            "for _ in range(3)]\n"
+            "[t.start() for t in ts]\nprint('up', flush=True)\ntime.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        tids = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")]
+        assert len(tids) == 4
+        assert not q.fence(proc.pid, 4, 3)  # 4 -> 3 keeps decode's core: nothing to move
+        assert not q.fence(proc.pid, 2, 1)  # already on its own cores
+        assert q.fence(proc.pid, 4, 2)
+        assert all(os.sched_getaffinity(t) == {c1} for t in tids)
+        assert q.fence(proc.pid, 4, 0)  # paused: its step in flight ends on its own cores
+    finally:
+        proc.kill()
+        proc.wait()
+    q.fence(proc.pid, 4, 1)  # a process that is gone: no error raised

@@ -7,7 +7,7 @@ import pytest
 
 from harli.config import SchedulerConfig
 from harli.daemon.metrics import Metrics
-from harli.daemon.quota_scheduler import QuotaScheduler, next_view
+from harli.daemon.quota_scheduler import QuotaScheduler, next_view, with_arrival
 from harli.ipc.messages import IterationTelemetry
 from harli.predictor import BatchShape, Prediction
 
@@ -86,3 +86,25 @@ def test_slo_is_counted_per_token_and_per_request() -> None:
     qs.on_request_done(0.0, 0.060, 4)  # 20 ms
     st = qs.status()
     assert st.per_token == pytest.approx(0.75) and st.per_request == pytest.approx(0.5)
+
+
+def test_an_arriving_prompt_joins_the_next_iteration_within_the_token_budget() -> None:
+    idle = next_view(tele(0), 32)
+    v = with_arrival(idle, 100, 32)
+    assert (v.num_running, v.num_waiting, v.prefill_tokens, v.prefill_attn_tokens) == \
+        (1, 0, 32, 32 * 32)
+    busy = next_view(tele(30), 32)  # 30 decode tokens leave room for 2 prompt tokens
+    assert with_arrival(busy, 100, 32).prefill_tokens == 2
+    full = with_arrival(with_arrival(busy, 100, 32), 50, 32)
+    assert (full.num_waiting, full.prefill_tokens) == (1, 2)  # no room left: it waits
+
+
+def test_an_arrival_on_an_idle_decode_lowers_the_level_before_any_telemetry() -> None:
+    # Idle: level 4. One prompt of 32 tokens: bound 2.5 ms x (1 + 0.25 L) x 1.2 <= 4 ms
+    # holds up to level 1, so the finetune steps back at the arrival, not one iteration later.
+    qs, sent = make(slo_ms=4.0)
+    qs.on_idle(0.0)
+    assert sent == [4]
+    qs.on_arrival(32, 0.1)
+    assert sent == [4, 1]
+    assert qs.view.num_running == 1
