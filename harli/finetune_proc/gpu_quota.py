@@ -1,0 +1,478 @@
+"""The finetune's compute quota on a GPU: one CUDA green context (an SM partition) per level.
+
+MPS fixes a client's active-thread percentage when the client starts (gpu-mechanisms.md §1.4),
+so the level cannot be an MPS setting. Instead, at start, this process asks how many SMs the GPU
+has and how finely they can be partitioned, pre-creates one green context per distinct SM count
+(``sm_counts``) and, before each micro-step, makes the level's stream the current torch stream
+(§2.3, §2.6). The top level is the whole device: the ordinary stream of the primary context.
+
+Green contexts confine the finetune; they reserve nothing against decode (§2.3: "a partition
+describes a set of SMs; it does not reserve them"). Under MPS they are honoured only while the
+client's ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` is unset or 100 (NVIDIA forum 316336).
+
+Fallback (``mode = "mps_percentage"``): when green contexts are unavailable (no torch support
+and no cuda-python, an old driver, a percentage already set), or when ``gpu.quota`` asks for it,
+the finetune runs under a fixed MPS active-thread percentage set at process start, and the
+levels act as a duty cycle only, as on CPU. The mode and its reason are logged and reported
+(``describe()``), so status can show which one is in force.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from harli.ipc.cuda_arena import check_cuda
+
+if TYPE_CHECKING:
+    import torch
+
+    from harli.config import HarliConfig
+    from harli.finetune_proc.quota import QuotaApplier
+
+logger = logging.getLogger(__name__)
+
+QUOTA_MODES = ("green_context", "mps_percentage")
+MPS_PCT_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
+DEFAULT_FALLBACK_PCT = 50
+
+# Green-context partition sizes by compute capability, (minimum SMs, SM count multiple), from
+# the CUDA driver API reference of cuDevSmResourceSplitByCount ("On Compute Architecture 6.X:
+# the minimum count is 1 SM; 7.X: 2 SMs, a multiple of 2; 8.X: 4 SMs, a multiple of 2; 9.0+:
+# 8 SMs, a multiple of 8"). Used only when the driver does not report
+# CUdevSmResource.minSmPartitionSize / smCoscheduledAlignment (CUDA < 13).
+_DOCUMENTED_PARTITION = {6: (1, 1), 7: (2, 2), 8: (4, 2)}
+_DOCUMENTED_PARTITION_SM90 = (8, 8)
+
+
+class GpuQuotaError(RuntimeError):
+    """Green contexts could not be set up; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces: partition sizes, level -> SM count, mode choice
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SmPartition:
+    """How the device's SMs can be split into green contexts."""
+
+    total_sms: int
+    min_sms: int  # smallest partition
+    granularity: int  # partition sizes are multiples of this
+    source: str  # "driver" (queried) or "documented" (per-architecture table)
+
+
+def documented_partition(major: int, minor: int, total_sms: int) -> SmPartition:
+    """The per-architecture minimum and alignment from the driver API reference."""
+    min_sms, gran = _DOCUMENTED_PARTITION.get(major, _DOCUMENTED_PARTITION_SM90)
+    if major < 6:
+        min_sms, gran = 1, 1
+    return SmPartition(total_sms, min_sms, gran, "documented")
+
+
+def sm_counts(levels: int, total_sms: int, granularity: int, min_sms: int) -> dict[int, int]:
+    """SMs given to each quota level ``1..levels``.
+
+    Level ``levels`` is the whole device. A lower level ``l`` gets its proportional share
+    ``total_sms * l / levels`` rounded *down* to a multiple of ``granularity`` (a level never
+    takes more than its share, which is what the SLO scheduler assumes), but at least the
+    smallest partition (``min_sms`` rounded up to the granularity) and at most ``total_sms``.
+    The counts are non-decreasing in the level; levels with equal counts share a context.
+    """
+    for what, v in (("levels", levels), ("total_sms", total_sms),
+                    ("granularity", granularity), ("min_sms", min_sms)):
+        if v < 1:
+            raise ValueError(f"{what} must be >= 1, got {v}")
+    smallest = -(-min_sms // granularity) * granularity
+    counts = {}
+    for level in range(1, levels):
+        share = total_sms * level // levels
+        aligned = share // granularity * granularity
+        counts[level] = min(total_sms, max(smallest, aligned))
+    counts[levels] = total_sms
+    return counts
+
+
+@dataclass(frozen=True)
+class GreenSupport:
+    """What the process can use for green contexts, found without creating any."""
+
+    backend: str | None  # "torch", "cuda-python", or None when neither works
+    reason: str  # why not, when backend is None
+    mps_active_thread_pct: int | None  # CUDA_MPS_ACTIVE_THREAD_PERCENTAGE at start
+
+
+def mps_pct_from_env(env: Mapping[str, str]) -> int | None:
+    raw = env.get(MPS_PCT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(float(raw))
+    except ValueError:
+        logger.warning("[quota] ignoring %s=%r: not a number", MPS_PCT_ENV, raw)
+        return None
+
+
+def choose_mode(requested: str, support: GreenSupport) -> tuple[str, str]:
+    """``(mode, reason)``: green contexts when asked for and usable, else the MPS percentage."""
+    if requested not in QUOTA_MODES:
+        raise ValueError(f"gpu.quota must be one of {QUOTA_MODES}, got {requested!r}")
+    if requested == "mps_percentage":
+        return "mps_percentage", "gpu.quota = mps_percentage"
+    if support.backend is None:
+        return "mps_percentage", f"green contexts unavailable: {support.reason}"
+    pct = support.mps_active_thread_pct
+    if pct is not None and pct < 100:
+        return "mps_percentage", (f"{MPS_PCT_ENV}={pct} is set; MPS honours green contexts only "
+                                  f"when it is unset or 100")
+    return "green_context", f"green contexts via {support.backend}"
+
+
+def probe_green_support(torch_mod: Any, env: Mapping[str, str],
+                        cuda_python: Callable[[], Any] | None = None) -> GreenSupport:
+    """Which green-context backend this process has. ``torch_mod`` and ``cuda_python`` (returns
+    cuda-python's driver module or raises ImportError) are parameters so tests can fake them."""
+    pct = mps_pct_from_env(env)
+    if not torch_mod.cuda.is_available():
+        return GreenSupport(None, "CUDA is not available", pct)
+    green = getattr(torch_mod.cuda, "green_contexts", None)
+    if green is not None and getattr(green, "SUPPORTED", False):
+        return GreenSupport("torch", "", pct)
+    try:
+        drv = (cuda_python or _cuda_driver)()
+    except ImportError:
+        return GreenSupport(None, "torch has no green-context support and cuda-python is not "
+                                  "installed (pip install 'harli[gpu]')", pct)
+    version = int(check_cuda(drv.cuDriverGetVersion(), "cuDriverGetVersion", GpuQuotaError))
+    if version < 12040:
+        cuda = f"{version // 1000}.{version % 1000 // 10}"
+        return GreenSupport(None, f"the driver supports CUDA {cuda}; green contexts need 12.4",
+                            pct)
+    if not hasattr(drv, "cuGreenCtxCreate"):
+        return GreenSupport(None, "this cuda-python has no cuGreenCtxCreate", pct)
+    return GreenSupport("cuda-python", "", pct)
+
+
+def _cuda_driver() -> Any:
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        from cuda import cuda as driver  # type: ignore[attr-defined,no-redef,unused-ignore]
+    return driver
+
+
+# ---------------------------------------------------------------------------------------------
+# Level targets: what "run this level" means for a backend
+# ---------------------------------------------------------------------------------------------
+
+
+class LevelTarget(Protocol):
+    sms: int
+
+    def enter(self) -> None:
+        """Make this level's partition the one the next kernels launch on."""
+
+    def leave(self) -> None:
+        """Undo ``enter`` (before another target enters)."""
+
+
+class StreamTarget:
+    """A stream whose kernels run on a partition (or on the whole device)."""
+
+    def __init__(self, stream: torch.cuda.Stream, sms: int, owner: object = None) -> None:
+        self.stream = stream
+        self.sms = sms
+        self.owner = owner  # the green context the stream belongs to, kept alive
+
+    def enter(self) -> None:
+        import torch
+
+        # Work of the previous micro-step was queued on another stream: this one must not
+        # overtake it, and blocks freed there may be reused here only after it ran.
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        torch.cuda.set_stream(self.stream)
+
+    def leave(self) -> None:
+        pass
+
+
+class ContextTarget:
+    """torch < 2.12: ``GreenContext.set_context()`` pushes the context and switches torch to its
+    default stream (after an event wait); ``pop_context()`` goes back."""
+
+    def __init__(self, ctx: Any, sms: int) -> None:
+        self.ctx = ctx
+        self.sms = sms
+
+    def enter(self) -> None:
+        self.ctx.set_context()
+
+    def leave(self) -> None:
+        self.ctx.pop_context()
+
+
+class GreenBackend(Protocol):
+    name: str
+
+    def full_device(self) -> LevelTarget: ...
+
+    def partition(self, num_sms: int) -> LevelTarget: ...
+
+
+class TorchGreenBackend:
+    """``torch.cuda.green_contexts.GreenContext`` (beta): ``.Stream()`` from 2.12 on, else
+    ``set_context`` / ``pop_context``."""
+
+    name = "torch"
+
+    def __init__(self, device: int, total_sms: int) -> None:
+        self.device = device
+        self.total_sms = total_sms
+
+    def full_device(self) -> LevelTarget:
+        import torch
+
+        return StreamTarget(torch.cuda.current_stream(self.device), self.total_sms)
+
+    def partition(self, num_sms: int) -> LevelTarget:
+        from torch.cuda.green_contexts import GreenContext
+
+        ctx = GreenContext.create(num_sms=num_sms, device_id=self.device)
+        if hasattr(ctx, "Stream"):
+            return StreamTarget(ctx.Stream(), num_sms, owner=ctx)
+        return ContextTarget(ctx, num_sms)
+
+
+class CudaPythonGreenBackend:
+    """cuda-python's driver API: split the device's SM resource, build a green context on the
+    group, and wrap a non-blocking stream of it in ``torch.cuda.ExternalStream`` (the fallback
+    of gpu-mechanisms.md §2.3)."""
+
+    name = "cuda-python"
+
+    def __init__(self, device: int, total_sms: int) -> None:
+        self.device = device
+        self.total_sms = total_sms
+        self.drv = _cuda_driver()
+        self._contexts: list[Any] = []
+
+    def _check(self, result: Any, what: str) -> Any:
+        return check_cuda(result, what, GpuQuotaError)
+
+    def full_device(self) -> LevelTarget:
+        import torch
+
+        return StreamTarget(torch.cuda.current_stream(self.device), self.total_sms)
+
+    def partition(self, num_sms: int) -> LevelTarget:
+        import torch
+
+        drv = self.drv
+        torch.empty(1, device=f"cuda:{self.device}")  # the primary context exists first
+        dev = self._check(drv.cuDeviceGet(self.device), "cuDeviceGet")
+        sm_type = drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
+        res = self._check(drv.cuDeviceGetDevResource(dev, sm_type), "cuDeviceGetDevResource")
+        groups, n, _rest = self._check(drv.cuDevSmResourceSplitByCount(1, res, 0, num_sms),
+                                       f"cuDevSmResourceSplitByCount({num_sms})")
+        if int(n) < 1:
+            raise GpuQuotaError(f"the driver made no group of {num_sms} SMs")
+        desc = self._check(drv.cuDevResourceGenerateDesc([groups[0]], 1),
+                           "cuDevResourceGenerateDesc")
+        flags = drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM
+        gctx = self._check(drv.cuGreenCtxCreate(desc, dev, flags), "cuGreenCtxCreate")
+        self._contexts.append(gctx)
+        # Green-context streams must be non-blocking (driver API reference).
+        stream = self._check(drv.cuGreenCtxStreamCreate(
+            gctx, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, 0), "cuGreenCtxStreamCreate")
+        got = self._check(drv.cuGreenCtxGetDevResource(gctx, sm_type), "cuGreenCtxGetDevResource")
+        external = torch.cuda.ExternalStream(int(stream), device=self.device)
+        return StreamTarget(external, int(got.sm.smCount), owner=stream)
+
+
+def query_partition(device: int, total_sms: int, capability: tuple[int, int]) -> SmPartition:
+    """The driver's own figures when it reports them (CUdevSmResource.minSmPartitionSize and
+    .smCoscheduledAlignment, CUDA 13 headers), else the documented table."""
+    try:
+        drv = _cuda_driver()
+        dev = check_cuda(drv.cuDeviceGet(device), "cuDeviceGet", GpuQuotaError)
+        res = check_cuda(drv.cuDeviceGetDevResource(
+            dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM), "cuDeviceGetDevResource",
+            GpuQuotaError)
+        min_sms = int(getattr(res.sm, "minSmPartitionSize", 0) or 0)
+        gran = int(getattr(res.sm, "smCoscheduledAlignment", 0) or 0)
+        if min_sms > 0 and gran > 0:
+            return SmPartition(total_sms, min_sms, gran, "driver")
+    except (ImportError, GpuQuotaError, AttributeError) as e:
+        logger.debug("[quota] partition sizes not queried (%s); using the documented ones", e)
+    return documented_partition(*capability, total_sms)
+
+
+# ---------------------------------------------------------------------------------------------
+# The applier
+# ---------------------------------------------------------------------------------------------
+
+
+class GpuQuota:
+    """``QuotaApplier`` for a GPU: green contexts per level, or an MPS percentage + duty cycle.
+
+    ``start()`` does the CUDA work (query, create contexts); ``apply(level)`` then costs a dict
+    lookup and, on a level change, a stream switch.
+    """
+
+    def __init__(self, levels: int, device: int = 0, *, requested: str = "green_context",
+                 fallback_pct: int | None = DEFAULT_FALLBACK_PCT,
+                 backend_factory: Callable[[str, int, int], GreenBackend] | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
+        if levels < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        if requested not in QUOTA_MODES:
+            raise ValueError(f"gpu.quota must be one of {QUOTA_MODES}, got {requested!r}")
+        self.levels = levels
+        self.device = device
+        self.requested = requested
+        self.fallback_pct = fallback_pct
+        self._backend_factory = backend_factory or _make_backend
+        self._env = os.environ if env is None else env
+        self.mode = requested
+        self.reason = ""
+        self.partition: SmPartition | None = None
+        self.sm_counts: dict[int, int] = {}
+        self.active_thread_pct: int | None = None
+        self._targets: dict[int, LevelTarget] = {}
+        self._current: LevelTarget | None = None
+
+    def start(self, support: GreenSupport, partition: SmPartition | None) -> None:
+        """Choose the mode and, for green contexts, create one per distinct SM count. Any
+        failure to create them falls back to the MPS percentage in force (logged)."""
+        self.mode, self.reason = choose_mode(self.requested, support)
+        self.active_thread_pct = support.mps_active_thread_pct
+        if self.mode == "green_context":
+            if partition is None:
+                raise ValueError("green contexts need the device's SM partition")
+            try:
+                self._create_targets(str(support.backend), partition)
+            except Exception as e:
+                self._targets.clear()
+                self.mode, self.reason = "mps_percentage", f"creating green contexts failed: {e!r}"
+        if self.mode == "green_context":
+            logger.info("[quota] green contexts on cuda:%d, SMs per level %s (%s; partition "
+                        "sizes %s)", self.device, self.sm_counts, self.reason,
+                        self.partition.source if self.partition else "?")
+        else:
+            logger.warning("[quota] no SM partitioning: levels act as a duty cycle only, under "
+                           "MPS active-thread percentage %s (%s)",
+                           self.active_thread_pct or "unset (100)", self.reason)
+
+    def _create_targets(self, backend_name: str, partition: SmPartition) -> None:
+        backend = self._backend_factory(backend_name, self.device, partition.total_sms)
+        self.partition = partition
+        self.sm_counts = sm_counts(self.levels, partition.total_sms, partition.granularity,
+                                   partition.min_sms)
+        by_count: dict[int, LevelTarget] = {}
+        for level, n in self.sm_counts.items():
+            if n not in by_count:
+                by_count[n] = (backend.full_device() if n >= partition.total_sms
+                               else backend.partition(n))
+            self._targets[level] = by_count[n]
+
+    def apply(self, level: int) -> None:
+        if not 1 <= level <= self.levels:
+            raise ValueError(f"level {level} is outside 1..{self.levels}")
+        if self.mode != "green_context":
+            return
+        target = self._targets[level]
+        if target is self._current:
+            return
+        if self._current is not None:
+            self._current.leave()
+        target.enter()
+        self._current = target
+
+    def idle_after(self, level: int, busy_s: float) -> float:
+        if self.mode == "green_context":
+            return 0.0  # the partition is the quota
+        duty = level / self.levels
+        return busy_s * (1.0 - duty) / duty
+
+    def describe(self) -> dict[str, Any]:
+        """What status shows: the mode in force and why, and the SMs per level."""
+        return {"mode": self.mode, "reason": self.reason, "device": self.device,
+                "sm_counts": dict(self.sm_counts),
+                "active_thread_pct": self.active_thread_pct,
+                "fallback_pct": self.fallback_pct,
+                "partition_source": self.partition.source if self.partition else None}
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.leave()
+            self._current = None
+
+
+def _make_backend(name: str, device: int, total_sms: int) -> GreenBackend:
+    if name == "torch":
+        return TorchGreenBackend(device, total_sms)
+    if name == "cuda-python":
+        return CudaPythonGreenBackend(device, total_sms)
+    raise GpuQuotaError(f"unknown green-context backend {name!r}")
+
+
+def set_mps_percentage_env(pct: int, torch_mod: Any = None,
+                           env: dict[str, str] | os._Environ[str] | None = None) -> int | None:
+    """Set ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` for this process if CUDA is not initialized
+    yet (the limit is read when the client's context is created and never again). Returns the
+    percentage in force: an existing setting (the supervisor's) wins."""
+    if not 1 <= pct <= 100:
+        raise ValueError(f"gpu.fallback_active_thread_pct must be in 1..100, got {pct}")
+    env = os.environ if env is None else env
+    have = mps_pct_from_env(env)
+    if have is not None:
+        return have
+    if torch_mod is not None and torch_mod.cuda.is_initialized():
+        logger.warning("[quota] CUDA is already initialized; %s=%d would not take effect",
+                       MPS_PCT_ENV, pct)
+        return None
+    env[MPS_PCT_ENV] = str(pct)
+    return pct
+
+
+def start_gpu_quota(levels: int, device: int = 0, requested: str = "green_context",
+                    fallback_pct: int = DEFAULT_FALLBACK_PCT) -> GpuQuota:
+    """Probe, choose and start a ``GpuQuota`` on ``cuda:device``.
+
+    Call it before anything else touches CUDA in the process: when green contexts turn out
+    unusable, the fallback percentage can only take effect if it is in the environment before
+    the CUDA context exists. (With ``gpu.quota = mps_percentage`` the daemon's MPS control
+    already put it there, ``MpsControl.client_env``; an existing setting wins.)
+    """
+    import torch
+
+    support = GreenSupport(None, "gpu.quota = mps_percentage", mps_pct_from_env(os.environ))
+    if requested == "green_context":
+        support = probe_green_support(torch, os.environ)
+    if choose_mode(requested, support)[0] == "mps_percentage":
+        set_mps_percentage_env(fallback_pct, torch)
+        support = GreenSupport(support.backend, support.reason, mps_pct_from_env(os.environ))
+    quota = GpuQuota(levels, device, requested=requested, fallback_pct=fallback_pct)
+    partition = None
+    if choose_mode(requested, support)[0] == "green_context":
+        props = torch.cuda.get_device_properties(device)
+        partition = query_partition(device, int(props.multi_processor_count),
+                                    (int(props.major), int(props.minor)))
+    quota.start(support, partition)
+    return quota
+
+
+def make_quota(cfg: HarliConfig, device: str,
+               cpu_quota: Callable[[], QuotaApplier]) -> QuotaApplier:
+    """The finetune's quota applier: ``cpu_quota()`` on a CPU device (``"cpu"``), else a
+    started ``GpuQuota`` on ``"cuda[:N]"`` configured by ``[gpu]`` (``quota``,
+    ``fallback_active_thread_pct``); see ``start_gpu_quota`` for when to call it."""
+    if not device.startswith("cuda"):
+        return cpu_quota()
+    return start_gpu_quota(cfg.finetune.levels, int(device.partition(":")[2] or 0),
+                           cfg.gpu.quota, cfg.gpu.fallback_active_thread_pct)
