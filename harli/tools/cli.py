@@ -13,6 +13,7 @@ from harli.tools.command import Command, CommandError
 from harli.tools.daemon_cmd import DaemonCommand
 from harli.tools.demo import DemoCommand
 from harli.tools.generate_cmd import GenerateCommand
+from harli.tools.gpu_check_cmd import GpuCheckCommand
 from harli.tools.jobs_cmd import JobCommand, JobsCommand
 from harli.tools.model_cmd import KeysCommand, ModelCommand
 from harli.tools.profile_cmd import ProfileCommand
@@ -22,7 +23,7 @@ COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
                            AttachCommand(), JobsCommand(), JobCommand(), StatusCommand(),
                            LevelCommand(), PolicyCommand(), ProfileCommand(), BenchCommand(),
                            BenchOverheadCommand(), BenchMemoryCommand(), DemoCommand(),
-                           KeysCommand()]
+                           KeysCommand(), GpuCheckCommand()]
 
 
 def build_parser() -> argparse.ArgumentParser:
