@@ -886,6 +886,45 @@ def test_gpu_check_without_cuda_writes_why_and_fails(tmp_path: Path) -> None:
     assert report["host"]["cuda_available"] is False and report["host"]["torch"]
 
 
+def test_sections_record_ok_skipped_and_errors(tmp_path: Path) -> None:
+    from harli.tools.gpu_check_cmd import CheckOptions, _Run, _section
+
+    report = rep.new_report()
+    run = _Run(CheckOptions(out=tmp_path / "r.json", sections=("mps", "cuda_ipc", "arena_kv")))
+
+    def boom(_: Any) -> dict[str, Any]:
+        raise RuntimeError("cudaIpcOpenMemHandle failed: cudaErrorMapBufferObjectFailed (205)")
+
+    _section(report, run, "mps", lambda _: {"overlap": 1.9})
+    _section(report, run, "cuda_ipc", boom)
+    _section(report, run, "arena_kv", lambda _: {"skipped": "no arena here", "x": 1})
+    _section(report, run, "shared_weights", lambda _: {"never": "run"})
+    got = [(s.name, s.status, s.reason, s.figures) for s in report.sections]
+    assert got == [
+        ("mps", "ok", "", {"overlap": 1.9}),
+        ("cuda_ipc", "error", "cudaIpcOpenMemHandle failed: cudaErrorMapBufferObjectFailed "
+                              "(205)", {}),
+        ("arena_kv", "skipped", "no arena here", {"x": 1}),
+        ("shared_weights", "skipped", "not selected (--only)", {}),
+    ]
+    assert not report.finish().ok
+
+
+@pytest.mark.multiproc
+def test_a_failing_worker_reports_its_traceback() -> None:
+    import os
+
+    from harli.tools.gpu_check_cmd import Worker, WorkerError
+
+    w = Worker("busy", {}, dict(os.environ), timeout_s=120)
+    try:
+        with pytest.raises(WorkerError,
+                           match=r"(?s)busy worker failed: .*not compiled with CUDA.*Traceback"):
+            w.expect("ready")
+    finally:
+        w.close()
+
+
 def test_gpu_check_rejects_unknown_sections() -> None:
     from harli.tools.cli import main
 
