@@ -19,6 +19,7 @@ levels act as a duty cycle only, as on CPU. The mode and its reason are logged a
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -140,8 +141,7 @@ def probe_green_support(torch_mod: Any, env: Mapping[str, str],
     pct = mps_pct_from_env(env)
     if not torch_mod.cuda.is_available():
         return GreenSupport(None, "CUDA is not available", pct)
-    green = getattr(torch_mod.cuda, "green_contexts", None)
-    if green is not None and getattr(green, "SUPPORTED", False):
+    if _torch_has_green_contexts(torch_mod):
         return GreenSupport("torch", "", pct)
     try:
         drv = (cuda_python or _cuda_driver)()
@@ -156,6 +156,21 @@ def probe_green_support(torch_mod: Any, env: Mapping[str, str],
     if not hasattr(drv, "cuGreenCtxCreate"):
         return GreenSupport(None, "this cuda-python has no cuGreenCtxCreate", pct)
     return GreenSupport("cuda-python", "", pct)
+
+
+def _torch_has_green_contexts(torch_mod: Any) -> bool:
+    """torch built with ``_CUDAGreenContext`` (``torch.cuda.green_contexts.SUPPORTED``; older
+    releases lack the flag, so the class is looked for too)."""
+    green = getattr(torch_mod.cuda, "green_contexts", None)
+    if green is None:
+        try:
+            green = importlib.import_module("torch.cuda.green_contexts")
+        except ImportError:
+            return False
+    supported = getattr(green, "SUPPORTED", None)
+    if supported is None:
+        supported = hasattr(getattr(torch_mod, "_C", None), "_CUDAGreenContext")
+    return bool(supported)
 
 
 def _cuda_driver() -> Any:

@@ -422,6 +422,10 @@ def test_probe_prefers_torch_then_cuda_python() -> None:
     assert (s.backend, s.mps_active_thread_pct) == ("torch", 40)
     s = probe_green_support(_fake_torch(), {}, lambda: _FakeDriver(13000))
     assert s.backend == "cuda-python" and s.mps_active_thread_pct is None
+    older = _fake_torch()  # a torch whose green_contexts module has no SUPPORTED flag
+    older.cuda.green_contexts = SimpleNamespace()
+    older._C = SimpleNamespace(_CUDAGreenContext=object)
+    assert probe_green_support(older, {}).backend == "torch"
 
 
 def test_probe_says_why_green_contexts_are_missing() -> None:
