@@ -423,9 +423,12 @@ class GpuQuota:
                 "partition_source": self.partition.source if self.partition else None}
 
     def close(self) -> None:
-        if self._current is not None:
+        """Back on the whole device (the stream the process started with)."""
+        top = self._targets.get(self.levels)
+        if self._current is not None and top is not None and self._current is not top:
             self._current.leave()
-            self._current = None
+            top.enter()
+        self._current = None
 
 
 def _make_backend(name: str, device: int, total_sms: int) -> GreenBackend:
