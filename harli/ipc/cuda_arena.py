@@ -373,10 +373,12 @@ class CudaArena:
         self._mapping = None
 
 
-def open_arena(handle: ArenaHandle, **kwargs: Any) -> Arena:
-    """Attach whichever arena the handle names: ``shm`` (CPU) or ``cuda`` (GPU)."""
+def open_arena(handle: ArenaHandle, *, prefault: bool = True, device: int | None = None,
+               runtime: CudaRuntime | None = None) -> Arena:
+    """Attach whichever arena the handle names: ``shm`` (CPU; ``prefault`` touches every page
+    now) or ``cuda`` (GPU; on ``device``, default the current one)."""
     if handle.kind == "shm":
-        return ShmArena.attach(handle, **kwargs)
+        return ShmArena.attach(handle, prefault=prefault)
     if handle.kind == "cuda":
-        return CudaArena.attach(handle, **kwargs)
+        return CudaArena.attach(handle, device=device, runtime=runtime)
     raise ArenaError(f"unknown arena kind {handle.kind!r} (expected 'shm' or 'cuda')")
