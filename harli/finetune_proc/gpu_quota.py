@@ -341,8 +341,8 @@ class GpuQuota:
 
     def __init__(self, levels: int, device: int = 0, *, requested: str = "green_context",
                  fallback_pct: int | None = DEFAULT_FALLBACK_PCT,
-                 backend_factory: Callable[[str, int, int], GreenBackend] | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 backend_factory: Callable[[str, int, int], GreenBackend] | None = None
+                 ) -> None:
         if levels < 1:
             raise ValueError(f"levels must be >= 1, got {levels}")
         if requested not in QUOTA_MODES:
@@ -352,7 +352,6 @@ class GpuQuota:
         self.requested = requested
         self.fallback_pct = fallback_pct
         self._backend_factory = backend_factory or _make_backend
-        self._env = os.environ if env is None else env
         self.mode = requested
         self.reason = ""
         self.partition: SmPartition | None = None
@@ -373,6 +372,7 @@ class GpuQuota:
                 self._create_targets(str(support.backend), partition)
             except Exception as e:
                 self._targets.clear()
+                self.sm_counts, self.partition = {}, None
                 self.mode, self.reason = "mps_percentage", f"creating green contexts failed: {e!r}"
         if self.mode == "green_context":
             logger.info("[quota] green contexts on cuda:%d, SMs per level %s (%s; partition "
