@@ -79,13 +79,33 @@ def generate(spec: WorkloadSpec) -> list[Request]:
     return out
 
 
-def default_spec(duration_s: float = 90.0, seed: int = 0, scale: float = 1.0) -> WorkloadSpec:
+def default_spec(duration_s: float = 90.0, seed: int = 0, scale: float = 1.0,
+                 kind: str = "decode") -> WorkloadSpec:
     """Quiet, busy, bursty, quiet: a fifth, two fifths, a fifth, a fifth of the time.
-    ``scale`` multiplies every rate (fit the load to the host)."""
+    ``scale`` multiplies every rate (fit the load to the host).
+
+    ``kind``: ``"decode"`` is what a decode instance of a prefill/decode-disaggregated service
+    sees, the deployment Harli co-locates with: the prompt was prefilled elsewhere and its KV
+    cache arrives, so a request costs the instance almost no prefill. We cannot ship KV
+    between instances here; a short prompt stands in for it. ``"mixed"`` is a colocated
+    prefill+decode server (longer prompts, chunked prefill in the decode iterations)."""
+    if kind not in WORKLOAD_KINDS:
+        raise ValueError(f"workload kind must be one of {', '.join(WORKLOAD_KINDS)}, got "
+                         f"{kind!r}")
     d = duration_s
+    if kind == "decode":
+        return WorkloadSpec(
+            phases=(Phase("quiet", 0.2 * d, 0.3 * scale), Phase("busy", 0.4 * d, 2.0 * scale),
+                    Phase("bursty", 0.2 * d, 5.0 * scale), Phase("quiet", 0.2 * d, 0.3 * scale)),
+            prompt=LengthDist(median=12, sigma=0.4, lo=4, hi=32),
+            output=LengthDist(median=128, sigma=0.5, lo=32, hi=384),
+            seed=seed)
     return WorkloadSpec(
         phases=(Phase("quiet", 0.2 * d, 0.5 * scale), Phase("busy", 0.4 * d, 4.0 * scale),
                 Phase("bursty", 0.2 * d, 10.0 * scale), Phase("quiet", 0.2 * d, 0.5 * scale)),
         prompt=LengthDist(median=64, sigma=0.8, lo=8, hi=512),
         output=LengthDist(median=64, sigma=0.6, lo=8, hi=256),
         seed=seed)
+
+
+WORKLOAD_KINDS = ("decode", "mixed")

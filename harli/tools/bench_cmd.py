@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from harli.finetune_proc import SAMPLE_DATASET
+from harli.scheduler.workload import WORKLOAD_KINDS
 from harli.tools.command import Command, CommandError
 
 
@@ -135,7 +136,8 @@ def _pin_off(cores: set[int] | None) -> None:
 def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: float | None,
               seed: int, rate_scale: float, profile: Path | None,
               extra: list[str] | None = None, progress: Any = None,
-              max_batched_tokens: int = 32, rounds: int = 2) -> dict[str, Any]:
+              max_batched_tokens: int = 32, rounds: int = 2,
+              workload: str = "decode") -> dict[str, Any]:
     from harli.ipc.jobs import JobSpec
     from harli.ipc.process import decode_cores
     from harli.scheduler.workload import default_spec, generate
@@ -150,14 +152,16 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
                  f"decode.max_num_batched_tokens={max_batched_tokens}",
                  'scheduler.policy="decode-only"',
                  *([f'predictor.profile="{profile}"'] if profile else []), *(extra or [])]
-    spec = default_spec(duration_s, seed, rate_scale)
-    res_spec = {"phases": [vars(p) for p in spec.phases], "prompt": vars(spec.prompt),
+    spec = default_spec(duration_s, seed, rate_scale, workload)
+    res_spec = {"kind": workload, "phases": [vars(p) for p in spec.phases],
+                "prompt": vars(spec.prompt),
                 "output": vars(spec.output), "max_batched_tokens": max_batched_tokens}
     requests = generate(spec)
     res: dict[str, Any] = {"duration_s": duration_s, "seed": seed, "rate_scale": rate_scale,
                            "rounds": rounds,
                            "requests": len(requests), "policies": {},
                            "profile": str(profile) if profile else None, "workload": res_spec}
+    bench_t0 = time.monotonic()
     daemon = LocalDaemon(base_dir / "daemon", overrides)
     with daemon, ControlClient(daemon.cfg.control_endpoint) as ctl:
         levels = daemon.cfg.finetune.levels
@@ -203,10 +207,7 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
                     **_slo_counts(results, slo_ms / 1000), "wall_s": wall,
                     "finetune_tokens": tokens, "finetune_tok_s": tokens / wall,
                     "decision_p99_us": max((one["decision_p99_us"] or 0.0) for one in done),
-                    "rounds": [{"attainment_token": _slo_counts(one["results"], slo_ms / 1000)
-                                ["attainment_token"],
-                                "finetune_tok_s": one["tokens"] / one["wall_s"]}
-                               for one in done],
+                    "rounds": [_round_summary(one, slo_ms, bench_t0) for one in done],
                     "levels": done[0]["samples"],
                     "tpot_series": _tpot_series(done[0]["results"]),
                 }
@@ -216,6 +217,13 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
     _compare(res)
     res["levels"] = levels
     return res
+
+
+def _round_summary(one: dict[str, Any], slo_ms: float, bench_t0: float) -> dict[str, Any]:
+    c = _slo_counts(one["results"], slo_ms / 1000)
+    return {"start_s": one["t0"] - bench_t0, "attainment_token": c["attainment_token"],
+            "tpot_p50_ms": c["tpot_p50_ms"], "tpot_p99_ms": c["tpot_p99_ms"],
+            "finetune_tok_s": one["tokens"] / one["wall_s"]}
 
 
 def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo_ms: float,
@@ -237,7 +245,7 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
     stop.set()
     th.join()
     sched = ctl.status().scheduler  # decision times since this turn's set_policy
-    return {"results": results, "wall_s": wall, "samples": samples,
+    return {"results": results, "wall_s": wall, "samples": samples, "t0": t0,
             "tokens": ctl.show(job_id).job.tokens - before,
             "decision_p99_us": sched.decision_p99_us if sched else None}
 
@@ -326,6 +334,10 @@ class BenchCommand(Command):
                        help="comma-separated, run in this order (default: decode-only, naive, "
                        "static:1..K, harli; without a profile the harli policy's online "
                        "predictor has then seen every level)")
+        p.add_argument("--workload", choices=WORKLOAD_KINDS, default="decode",
+                       help="decode: a decode instance of a disaggregated service (short "
+                       "prompts stand in for the KV that arrives from prefill); mixed: "
+                       "prefill and decode on one instance")
         p.add_argument("--rate-scale", type=float, default=1.0,
                        help="multiply every phase's arrival rate")
         p.add_argument("--profile", type=Path, help="latency profile for the harli policy")
@@ -367,7 +379,8 @@ class BenchCommand(Command):
                             None if args.slo == "auto" else args.slo, args.seed,
                             args.rate_scale, args.profile, args.set,
                             progress=lambda s: console.print(f"[dim]{s}"), rounds=args.rounds,
-                            max_batched_tokens=args.max_batched_tokens)
+                            max_batched_tokens=args.max_batched_tokens,
+                            workload=args.workload)
         print_table(res, console)
         args.out.write_text(json.dumps(res) + "\n")
         png = args.png or args.out.with_suffix(".png")
