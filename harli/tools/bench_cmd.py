@@ -261,6 +261,29 @@ def _compare(res: dict[str, Any]) -> None:
                                      if best and best[1]["finetune_tok_s"] else None)
 
 
+def verdict(res: dict[str, Any]) -> str:
+    """The table's point in one sentence, from its own figures."""
+    pols = res["policies"]
+    target = 0.99
+    parts = []
+    h, solo = pols.get("harli"), pols.get("decode-only")
+    if h is not None:
+        parts.append(f"harli kept {h['attainment_token']:.1%} of tokens within the "
+                     f"{res['slo_ms']:.1f} ms SLO" +
+                     (f" (decode alone: {solo['attainment_token']:.1%})" if solo else ""))
+        best = res.get("best_static")
+        if best:
+            parts.append(f"and trained {h['ratio_to_best_static'] or 0:.2f}x the tokens/s of "
+                         f"{best}, the best static level meeting {target:.0%}")
+        else:
+            parts.append(f"no static level met {target:.0%} per token, so there is no "
+                         f"ratio to report")
+    n = pols.get("naive")
+    if n is not None and solo is not None:
+        parts.append(f"; naive (always the top level): {n['attainment_token']:.1%}")
+    return " ".join(parts)
+
+
 def print_table(res: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
@@ -382,6 +405,7 @@ class BenchCommand(Command):
                             max_batched_tokens=args.max_batched_tokens,
                             workload=args.workload)
         print_table(res, console)
+        console.print(verdict(res))
         args.out.write_text(json.dumps(res) + "\n")
         png = args.png or args.out.with_suffix(".png")
         plot(res, png)

@@ -2,7 +2,7 @@
 requests served side by side, with their timings; then the sample LoRA job attached while the
 same requests keep streaming, its progress beside them, and what the adapter learned.
 
-Later issues grow this into the full co-location demo (scheduler, bench table).
+It ends with the bench in short form: every quota policy against one changing load.
 """
 
 from __future__ import annotations
@@ -147,16 +147,18 @@ def _finetune_phase(console: Any, daemon: Any, args: argparse.Namespace) -> None
 def _bench_phase(console: Any, args: argparse.Namespace) -> None:
     """``harli bench`` in short form: the same changing load under each policy while a LoRA job
     trains; the point of the system in one table."""
-    from harli.tools.bench_cmd import print_table, run_bench
+    from harli.tools.bench_cmd import print_table, run_bench, verdict
 
-    policies = ["naive", *[f"static:{lv}" for lv in range(1, 5)], "harli"]
+    policies = ["decode-only", "naive", *[f"static:{lv}" for lv in range(1, 5)], "harli"]
     console.rule("[bold]the point: finetune throughput inside the decode SLO")
-    console.print(f"harli bench --duration-s {args.bench_s:.0f} --slo auto: one workload "
-                  f"(quiet, busy, bursty phases) replayed under {', '.join(policies)}; "
-                  f"no profile, so the harli policy learns online ...")
+    console.print(f"harli bench --duration-s {args.bench_s:.0f} --rounds 1 --slo auto: one "
+                  f"workload (quiet, busy, bursty phases) replayed under {', '.join(policies)};"
+                  f" no profile, so the harli policy learns online (the full bench: "
+                  f"harli bench) ...")
     res = run_bench(args.dir.resolve() / "bench", args.bench_s, policies, None, 0, 1.0, None,
                     progress=lambda s: console.print(f"[dim]  {s}"), rounds=1)
     print_table(res, console)
+    console.print(verdict(res))
 
 
 class DemoCommand(Command):
@@ -169,7 +171,7 @@ class DemoCommand(Command):
         p.add_argument("--max-tokens", type=int, default=48)
         p.add_argument("--steps", type=int, default=150, help="optimizer steps of the job")
         p.add_argument("--no-finetune", action="store_true", help="decode requests only")
-        p.add_argument("--bench-s", type=float, default=0.0,
+        p.add_argument("--bench-s", type=float, default=10.0,
                        help="workload seconds per policy in the closing bench (0: skip it)")
 
     def run(self, args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harli.tools.bench_cmd import plot, run_bench
+from harli.tools.bench_cmd import plot, run_bench, verdict
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
@@ -28,3 +28,4 @@ def test_bench_replays_one_workload_under_each_policy(tmp_path: Path) -> None:
     png = tmp_path / "bench.png"
     plot(res, png)
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert verdict(res).startswith("harli kept")
