@@ -303,6 +303,12 @@ class GpuConfig:
     fallback_active_thread_pct: int = _help(
         "quota = mps_percentage: the finetune's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, 1..100; "
         "decode always runs at 100.", default=50)
+    share_weights: bool = _help(
+        "The finetune builds its base model on views of decode's weights (exported by CUDA "
+        "IPC) instead of loading a second copy; a job then starts only once decode has "
+        "exported them, and when decode exits a job running on them is restarted from its "
+        "checkpoint. false: the finetune loads the model from disk onto the GPU.",
+        default=True)
 
     def __post_init__(self) -> None:
         if self.mps not in ("off", "start", "attach"):

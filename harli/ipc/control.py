@@ -13,6 +13,7 @@ import msgspec
 from msgspec import Meta
 
 from harli.ipc.jobs import JobSpec
+from harli.ipc.weights import WeightsExported
 
 
 class _Ctl(msgspec.Struct, tag_field="type", kw_only=True, frozen=True,
@@ -185,6 +186,7 @@ class DaemonStatus(_Ctl, tag="daemon_status", frozen=True):
     level: int  # the finetune's quota level now
     predictor: PredictorStatus | None = None
     scheduler: SchedulerStatus | None = None
+    finetune_quota: str = ""  # how the finetune's quota is enforced (its FinetuneReady.quota)
 
 
 ControlReply = JobInfo | JobList | JobDetail | DaemonStatus
@@ -245,14 +247,18 @@ class LeaseRefused(_Internal, frozen=True):
     message: str
 
 
+# WeightsExported (harli.ipc.weights): decode's, relayed by the daemon before any StartJob that
+# may use them (CUDA hosts with gpu.share_weights).
 DaemonToFinetune = (StartJob | StopJob | Decision | FinetuneShutdown | GrantLease
-                    | ReclaimLease | LeaseRefused)
+                    | ReclaimLease | LeaseRefused | WeightsExported)
 
 
 class FinetuneReady(_Internal, frozen=True):
     incarnation: int
     pid: int
     levels: int
+    # How the quota is enforced: "cpu threads+affinity", or GpuQuota.describe() as JSON.
+    quota: str = ""
 
 
 class MicroStepReport(_Internal, frozen=True):

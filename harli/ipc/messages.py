@@ -18,6 +18,8 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from harli.ipc.weights import WeightsExported
+
 PROTOCOL_VERSION = 1
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +253,9 @@ class BlocksReturned(_Internal, frozen=True):
     error: str | None = None
 
 
-DecodeToDaemon = Ready | StepOutputs | Fatal | BlocksLent | BlocksReturned
+# WeightsExported (harli.ipc.weights): on a CUDA host with gpu.share_weights, once per engine
+# start, before Ready.
+DecodeToDaemon = Ready | StepOutputs | Fatal | BlocksLent | BlocksReturned | WeightsExported
 
 
 class IterationTelemetry(_Internal, frozen=True):

@@ -40,7 +40,8 @@ class WeightExport(_Internal, frozen=True):
 class WeightsExported(_Internal, frozen=True):
     """decode -> daemon -> finetune: every parameter of the decode model, once per engine
     start (``generation`` bumps with each decode incarnation; views of an older one are
-    invalid once that process is gone)."""
+    invalid once that process is gone). ``exports`` empty: decode could not export them (it
+    logs why); the finetune then loads its own copy."""
 
     generation: int
     model: str  # the model path decode loaded, so the finetune can check it builds the same

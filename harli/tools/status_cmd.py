@@ -42,6 +42,8 @@ class StatusCommand(Command):
             t.add_row(ch.name, ch.state, str(ch.incarnation), str(ch.restarts),
                       str(ch.pid or "-"))
         con.print(t)
+        if st.finetune_quota:
+            con.print(f"finetune quota: {st.finetune_quota}")
         p = st.predictor
         if p is not None:
             err = "-" if p.recent_mean_abs_pct_error is None else \
