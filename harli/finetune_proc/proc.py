@@ -4,7 +4,9 @@ Sockets (ipc:// in the runtime dir, bound by the daemon): ``finetune-in`` PULL <
 (``StartJob``, ``StopJob``, ``Decision``, ``FinetuneShutdown``, ``GrantLease``, ``ReclaimLease``,
 ``LeaseRefused``) and ``finetune-out`` PUSH -> daemon (``FinetuneReady``, one
 ``MicroStepReport`` per micro-step, ``JobStarted``, ``CheckpointSaved``, ``JobEnded``,
-``FinetuneFatal``, ``LeaseReturned``).
+``FinetuneFatal``, ``LeaseReturned``). On a CUDA host with ``gpu.share_weights`` the daemon also
+relays decode's ``WeightsExported`` before any ``StartJob``; the latest one is kept, and a job
+builds its base model on it (``recipe.shared_base``).
 
 Leased arena pages (``ActivationLease``) hold the tensors autograd saves during a micro-step.
 Grants and reclaims are applied while draining inputs, i.e. only at micro-step boundaries, when
@@ -17,18 +19,22 @@ so a new decision or a stop is seen at once.
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import os
 import time
 import traceback
 
 import msgspec
+import torch
 import zmq
 
 from harli.config import HarliConfig
 from harli.finetune_proc.activations import ActivationLease
-from harli.finetune_proc.quota import QuotaApplier, cpu_quota
-from harli.finetune_proc.recipe import LoRARecipe
+from harli.finetune_proc.gpu_quota import GpuQuota, make_quota
+from harli.finetune_proc.quota import CpuQuota, QuotaApplier, cpu_quota
+from harli.finetune_proc.recipe import LoRARecipe, shared_base
 from harli.ipc.codec import Decoder, drain, encode
 from harli.ipc.control import (
     CheckpointSaved,
@@ -47,19 +53,31 @@ from harli.ipc.control import (
     StartJob,
     StopJob,
 )
+from harli.ipc.weights import WeightsExported
 
 logger = logging.getLogger(__name__)
 
 _IDLE_WAIT_MS = 100
 
 
+def quota_description(quota: QuotaApplier) -> str:
+    """``FinetuneReady.quota``: how this process's quota levels are enforced."""
+    if isinstance(quota, GpuQuota):
+        return json.dumps(quota.describe(), sort_keys=True)
+    if isinstance(quota, CpuQuota):
+        return "cpu threads+affinity"
+    return type(quota).__name__
+
+
 class FinetuneProc:
     def __init__(self, cfg: HarliConfig, incarnation: int, quota: QuotaApplier,
-                 lease: ActivationLease | None = None) -> None:
+                 lease: ActivationLease | None = None, device: str = "cpu") -> None:
         self.cfg = cfg
         self.incarnation = incarnation
         self.quota = quota
         self.lease = lease
+        self.device = device  # "cuda" or "cpu": where jobs train
+        self.weights: WeightsExported | None = None  # decode's, as last relayed
         self.decision = Decision(level=0, admitted=False, seq=0)
         self.job: StartJob | None = None
         self.recipe: LoRARecipe | None = None
@@ -88,7 +106,8 @@ class FinetuneProc:
 
     def run(self) -> None:
         self._send(FinetuneReady(incarnation=self.incarnation, pid=os.getpid(),
-                                 levels=self.quota.levels))
+                                 levels=self.quota.levels,
+                                 quota=quota_description(self.quota)))
         while self._stop_reason is None:
             self._drain_inputs()
             self._step()
@@ -123,6 +142,12 @@ class FinetuneProc:
         elif isinstance(msg, LeaseRefused):
             logger.error("[finetune] the daemon refused lease message %d: %s", msg.seq,
                          msg.message)
+        elif isinstance(msg, WeightsExported):
+            # Used by the next job; a running one keeps the model it has (when the decode that
+            # exported it exits, the daemon restarts this process).
+            self.weights = msg
+            logger.info("[finetune] decode[%d] shares %d weights", msg.generation,
+                        len(msg.exports))
 
     def _on_lease(self, msg: GrantLease | ReclaimLease) -> None:
         if self.lease is None:
@@ -151,7 +176,8 @@ class FinetuneProc:
         self._stop_job = None
         self._paused_s = 0.0
         self._paused_since = None
-        recipe = LoRARecipe(msg.spec, msg.model_path)
+        recipe = LoRARecipe(msg.spec, msg.model_path, self.device,
+                            shared_base(self.device, self.weights, msg.model_path))
         try:
             recipe.setup()
         except Exception as e:
@@ -169,10 +195,15 @@ class FinetuneProc:
         assert self.job is not None
         self._send(JobEnded(job_id=self.job.job_id, status=status, error=error,
                             adapter_path=adapter))
+        shared = self.recipe is not None and self.recipe.base_source == "decode"
         if self.recipe is not None:
             self.recipe.cleanup()
         self.job = None
         self.recipe = None
+        if shared:
+            # Unmap decode's weights now, not at some later collection: an idle finetune must
+            # hold no view of a decode process that may exit.
+            gc.collect()
 
     def _finish(self) -> None:
         assert self.recipe is not None
@@ -245,13 +276,18 @@ def run_finetune_proc(cfg: HarliConfig, incarnation: int, arena_json: str = "",
     # Started on the cores decode does not use (inherited from the daemon); the top levels
     # may spill onto decode's cores.
     spill = frozenset() if decode_cores == "none" else frozenset(parse_cpu_list(decode_cores))
-    quota = cpu_quota(cfg.finetune.levels, cfg.finetune.max_threads,
-                      frozenset(os.sched_getaffinity(0)), spill)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Before anything else touches CUDA: a fallback MPS percentage takes effect only if it is
+    # in the environment when the CUDA context is created (start_gpu_quota).
+    quota = make_quota(cfg, device, lambda: cpu_quota(
+        cfg.finetune.levels, cfg.finetune.max_threads, frozenset(os.sched_getaffinity(0)),
+        spill))
     lease = None
     if arena_json:
-        from harli.ipc.arena import ArenaHandle, ShmArena
+        from harli.ipc.arena import ArenaHandle
+        from harli.ipc.cuda_arena import open_arena
 
         handle = msgspec.json.decode(arena_json, type=ArenaHandle)
         # No prefault: the pages are decode's, resident already; only leased ones are touched.
-        lease = ActivationLease(ShmArena.attach(handle, prefault=False), handle.page_bytes)
-    return run_child("finetune", FinetuneProc(cfg, incarnation, quota, lease))
+        lease = ActivationLease(open_arena(handle, prefault=False), handle.page_bytes)
+    return run_child("finetune", FinetuneProc(cfg, incarnation, quota, lease, device))

@@ -10,6 +10,10 @@ Given an ``ActivationLease``, a micro-step keeps its saved activations in the ar
 daemon lent: the micro-batch is cut into chunks whose activations fit the lease, each chunk runs
 forward and backward on its own, and the chunk losses are weighted so that the gradient is the
 one of the whole micro-batch.
+
+On a CUDA host the job trains on the GPU, and when the daemon relayed decode's weights
+(``WeightsExported``) the base model is built on views of them (``shared_base``,
+``shared_weights.build_shared_model``) instead of a second copy loaded from disk.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +37,10 @@ from harli.finetune_proc.checkpoint import (
     save_final_adapter,
 )
 from harli.finetune_proc.datasets import IGNORE_INDEX, Example, load_dataset
+from harli.finetune_proc.shared_weights import WeightShareError, build_shared_model, import_weights
+from harli.ipc.arena import ArenaError
 from harli.ipc.jobs import JobSpec
+from harli.ipc.weights import WeightExport, WeightsExported
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +91,28 @@ def shifted_label_counts(labels: torch.Tensor) -> list[int]:
     return [int(c) for c in (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)]
 
 
+def shared_base(device: str, weights: WeightsExported | None,
+                model_path: str) -> tuple[WeightExport, ...] | None:
+    """The exports to build the base model on: decode's weights, when this process trains on
+    CUDA and holds a non-empty export of the same model; None: load the model from disk (CPU
+    hosts always: decode's weights there are not shared)."""
+    if not device.startswith("cuda") or weights is None or not weights.exports:
+        return None
+    if weights.model != model_path:
+        logger.warning("[finetune] decode exported %s, the job trains %s; loading a copy",
+                       weights.model, model_path)
+        return None
+    return weights.exports
+
+
 class LoRARecipe:
-    def __init__(self, spec: JobSpec, model_path: str) -> None:
+    def __init__(self, spec: JobSpec, model_path: str, device: str = "cpu",
+                 shared: Sequence[WeightExport] | None = None) -> None:
         self.spec = spec
         self.model_path = model_path
+        self.device = torch.device(device)
+        self.shared = shared  # decode's weights to build the base model on (see shared_base)
+        self.base_source = "disk"  # or "decode" once built on decode's weights
         self.output_dir = Path(spec.output_dir)
         self.state = TrainerState(step=0, micro_step=0, epoch=0, cursor=0, tokens=0, loss=None)
         self.resumed_from: int | None = None
@@ -100,14 +126,14 @@ class LoRARecipe:
 
     def setup(self) -> None:
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+        from transformers import AutoTokenizer, get_scheduler
 
         spec = self.spec
         torch.manual_seed(spec.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.examples, self.report = load_dataset(spec.dataset, self.tokenizer, spec.max_seq_len)
         self.pad_id = self.tokenizer.pad_token_id or 0
-        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        base = self._base_model()
         lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha,
                           lora_dropout=spec.lora.dropout,
                           target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM")
@@ -128,6 +154,26 @@ class LoRARecipe:
             self.resumed_from = self.state.step
             logger.info("[finetune] %s resumed from %s (step %d of %d)", spec.name, ckpt,
                         self.state.step, self.total_steps)
+
+    def _base_model(self) -> torch.nn.Module:
+        """Decode's weights when given (no copy: base parameters are frozen views of them, in
+        decode's dtype), else the model loaded from disk in float32 onto the device."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if self.shared is not None:
+            try:
+                model = build_shared_model(AutoConfig.from_pretrained(self.model_path),
+                                           import_weights(self.shared))
+            except (WeightShareError, ArenaError) as e:
+                logger.error("[finetune] %s: cannot build the model on decode's weights (%s); "
+                             "loading a copy from %s", self.spec.name, e, self.model_path)
+            else:
+                self.base_source = "decode"
+                logger.info("[finetune] %s: base model on decode's weights", self.spec.name)
+                return model
+        base: torch.nn.Module = AutoModelForCausalLM.from_pretrained(self.model_path,
+                                                                     dtype=torch.float32)
+        return base.to(self.device)
 
     @property
     def done(self) -> bool:
@@ -154,7 +200,8 @@ class LoRARecipe:
             ids[i, :n] = torch.tensor(e.input_ids)
             labels[i, :n] = torch.tensor(e.labels)
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        tensors = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return {k: v.to(self.device) for k, v in tensors.items()}
 
     def train_micro_step(self, lease: ActivationLease | None = None) -> MicroStepResult:
         spec = self.spec
