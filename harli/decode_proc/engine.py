@@ -7,6 +7,9 @@ batch that ran (read from the ``SchedulerOutput`` vLLM built for it). The same c
 
 vLLM must run in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which the daemon sets in
 the child's environment before vLLM is imported.
+
+On CUDA, with ``gpu.share_weights``, it also exports the model's weights for the finetune
+(``export_weights``: CUDA IPC handles of the allocations holding them).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from harli.config import HarliConfig
+from harli.ipc.arena import ArenaError
 from harli.ipc.messages import (
     Generate,
     IterationTelemetry,
@@ -25,8 +29,10 @@ from harli.ipc.messages import (
     RequestRejected,
     RuntimeInfo,
 )
+from harli.ipc.weights import WeightsExported
 
 if TYPE_CHECKING:
+    from torch import nn
     from vllm import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -53,8 +59,10 @@ class StepResult:
     end_wall_s: float
 
 
-def engine_args(cfg: HarliConfig, model_path: str) -> Any:
-    """The ``EngineArgs`` for our config; also used by the offline baseline and the tests."""
+def engine_args(cfg: HarliConfig, model_path: str, kv_cache_bytes: int | None = None) -> Any:
+    """The ``EngineArgs`` for our config; also used by the offline baseline and the tests.
+    ``kv_cache_bytes``: a fixed KV cache size on GPU (the CUDA arena's), instead of what
+    ``gpu_memory_utilization`` leaves."""
     from vllm import EngineArgs
 
     kw: dict[str, Any] = {
@@ -69,7 +77,40 @@ def engine_args(cfg: HarliConfig, model_path: str) -> Any:
         kw["max_model_len"] = cfg.model.max_model_len
     if cfg.decode.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = cfg.decode.max_num_batched_tokens
+    if kv_cache_bytes is not None:
+        kw["kv_cache_memory_bytes"] = kv_cache_bytes
     return EngineArgs(**kw)
+
+
+def shares_weights(cfg: HarliConfig, device: str) -> bool:
+    """Whether decode exports its weights for the finetune: a CUDA engine, a finetune process,
+    and ``gpu.share_weights``. CPU engines never do."""
+    return device.startswith("cuda") and cfg.finetune.enabled and cfg.gpu.share_weights
+
+
+def _the_model(model: Any) -> Any:
+    return model
+
+
+def vllm_model(llm: Any) -> nn.Module:
+    """The ``nn.Module`` an in-process ``LLMEngine`` runs, through ``LLMEngine.apply_model``
+    (vLLM 0.32: ``collective_rpc("apply_model")`` -> the worker's ``get_model()``). Raises
+    RuntimeError saying why when this vLLM has no such path or runs more than one worker."""
+    import vllm
+
+    apply = getattr(llm, "apply_model", None)
+    if apply is None:
+        raise RuntimeError(f"vLLM {vllm.__version__} has no LLMEngine.apply_model: cannot reach "
+                           f"the model (set gpu.share_weights = false)")
+    try:
+        models = list(apply(_the_model))
+    except Exception as e:
+        raise RuntimeError(f"vLLM's apply_model failed: {e!r}") from e
+    if len(models) != 1:
+        raise RuntimeError(f"vLLM runs {len(models)} workers; sharing weights needs exactly one "
+                           f"(no tensor or pipeline parallelism)")
+    model: nn.Module = models[0]
+    return model
 
 
 def sampling_params(req: Generate) -> SamplingParams:
@@ -94,9 +135,10 @@ class DecodeEngine:
     """Owns one vLLM ``LLMEngine``; ``add`` / ``abort`` / ``step`` are its verbs."""
 
     def __init__(self, cfg: HarliConfig, incarnation: int = 0,
-                 arena_base: int | None = None) -> None:
+                 arena_base: int | None = None, kv_cache_bytes: int | None = None) -> None:
         self.cfg = cfg
         self.incarnation = incarnation
+        self._kv_cache_bytes = kv_cache_bytes
         self.iteration = 0
         self.preemptions = 0  # vLLM's scheduler preemptions, all iterations
         self.lend_seq = 0  # the last lend / return applied (echoed in telemetry)
@@ -117,7 +159,8 @@ class DecodeEngine:
         self._validation_error = VLLMValidationError
         model_path = str(self.cfg.model_path)
         t0 = time.monotonic()
-        self.llm = LLMEngine.from_engine_args(engine_args(self.cfg, model_path))
+        self.llm = LLMEngine.from_engine_args(engine_args(self.cfg, model_path,
+                                                          self._kv_cache_bytes))
         core = self.llm.engine_core
         if not hasattr(core, "engine_core"):
             raise RuntimeError(
@@ -169,6 +212,24 @@ class DecodeEngine:
             return None
         return KVLayout(layer_offsets_bytes=offsets, block_bytes=block_bytes.pop(),
                         num_blocks=num_blocks)
+
+    def export_weights(self) -> WeightsExported:
+        """Every parameter of the model, as a view of an exported CUDA allocation, for the
+        finetune. An export that fails is logged and comes back empty, so that the finetune
+        loads its own copy instead of waiting for one."""
+        from harli.finetune_proc.shared_weights import export_weights
+
+        try:
+            exports = tuple(export_weights(vllm_model(self.llm).named_parameters()))
+        except (RuntimeError, ValueError, ArenaError) as e:
+            logger.error("[decode] cannot export the model's weights for the finetune (%s); it "
+                         "loads its own copy", e)
+            exports = ()
+        if exports:
+            logger.info("[decode] exported %d weights in %d allocations for the finetune",
+                        len(exports), len({e.handle for e in exports}))
+        return WeightsExported(generation=self.incarnation, model=self.info.model,
+                               exports=exports)
 
     def _init_batch_capture(self) -> None:
         # The SchedulerOutput is the one place that says which tokens of which request run in

@@ -5,7 +5,9 @@ in ``vllm/v1/worker/utils.py::allocate_kv_cache`` and views every layer into it.
 inside ``kv_cache_allocation_context``, vLLM's own hook for placing the KV cache in a memory pool
 (``GPUModelRunner.initialize_kv_cache_tensors``; the CPU runner inherits it). We pass a
 ``TorchFunctionMode`` there that answers exactly that one ``torch.zeros`` with a zeroed view of
-the arena, so every KV tensor is a view into memory the finetune process can map too.
+the arena, so every KV tensor is a view into memory the finetune process can map too. The same
+hook serves both arenas: a /dev/shm file for a CPU engine, CUDA IPC device memory for a GPU one
+(the buffer is taken only when it is asked for on the arena's device).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from harli.ipc.arena import ArenaError, ShmArena
+from harli.ipc.arena import Arena, ArenaError
 
 logger = logging.getLogger(__name__)
 
@@ -27,24 +29,28 @@ logger = logging.getLogger(__name__)
 class ArenaKVAllocation(TorchFunctionMode):
     """Serves the KV backing buffer from ``arena[offset:offset+n]`` (once)."""
 
-    def __init__(self, arena: ShmArena, offset: int = 0) -> None:
+    def __init__(self, arena: Arena, offset: int = 0) -> None:
         super().__init__()
         self.arena = arena
         self.offset = offset
         self.nbytes: int | None = None
+        self.device_type = "cuda" if arena.handle.kind == "cuda" else "cpu"
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         device = torch.device(kwargs.get("device") or "cpu")
         if (func is torch.zeros and self.nbytes is None and kwargs.get("dtype") is torch.int8
-                and len(args) == 1 and isinstance(args[0], int) and device.type == "cpu"):
+                and len(args) == 1 and isinstance(args[0], int)
+                and device.type == self.device_type):
             n = int(args[0])
             if self.offset + n > self.arena.handle.size_bytes:
+                knob = ("decode.gpu_memory_utilization" if self.device_type == "cuda"
+                        else "decode.kv_cache_gib")
                 raise ArenaError(
                     f"vLLM's KV cache needs {n / 2**30:.2f} GiB but the arena holds "
                     f"{(self.arena.handle.size_bytes - self.offset) / 2**30:.2f} GiB; raise "
-                    f"memory.arena_gib or lower decode.kv_cache_gib")
+                    f"memory.arena_gib or lower {knob}")
             buf = self.arena.tensor(self.offset, n, torch.int8)
             buf.zero_()
             self.nbytes = n
@@ -63,7 +69,7 @@ def _nested(outer: Any, inner: Any) -> Iterator[None]:
         yield
 
 
-def install(arena: ShmArena, offset: int = 0) -> ArenaKVAllocation:
+def install(arena: Arena, offset: int = 0) -> ArenaKVAllocation:
     """Make the next vLLM engine built in this process allocate its KV cache in ``arena``."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 

@@ -5,7 +5,8 @@ Sockets (all ipc:// in the runtime dir, bound by the daemon except telemetry):
 * ``decode-in``  PULL  <- daemon PUSH: ``AddRequest`` / ``AbortRequests`` / ``Shutdown`` /
   ``LendBlocks`` / ``ReturnBlocks``
 * ``decode-out`` PUSH  -> daemon PULL: ``Ready``, one ``StepOutputs`` per iteration, ``Fatal``,
-  ``BlocksLent`` / ``BlocksReturned``
+  ``BlocksLent`` / ``BlocksReturned``; on CUDA with ``gpu.share_weights``, ``WeightsExported``
+  just before ``Ready``
 * ``telemetry``  PUB (bound here): one ``IterationTelemetry`` per iteration, for the daemon and
   any local observer (bench, profiler)
 
@@ -25,7 +26,7 @@ import msgspec
 import zmq
 
 from harli.config import HarliConfig
-from harli.decode_proc.engine import DecodeEngine
+from harli.decode_proc.engine import DecodeEngine, shares_weights
 from harli.ipc.codec import Decoder, drain, encode
 from harli.ipc.messages import (
     AbortRequests,
@@ -50,10 +51,11 @@ _IDLE_WAIT_MS = 100
 
 class DecodeProc:
     def __init__(self, cfg: HarliConfig, incarnation: int,
-                 arena_base: int | None = None) -> None:
+                 arena_base: int | None = None, kv_cache_bytes: int | None = None) -> None:
         self.cfg = cfg
         self.incarnation = incarnation
         self.arena_base = arena_base
+        self.kv_cache_bytes = kv_cache_bytes
         self._stop_reason: str | None = None
         self._decoder: Decoder[DaemonToDecode] = Decoder(DaemonToDecode)
         self._ctx = zmq.Context()
@@ -79,7 +81,11 @@ class DecodeProc:
     # -- loop --------------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.engine = DecodeEngine(self.cfg, self.incarnation, self.arena_base)
+        self.engine = DecodeEngine(self.cfg, self.incarnation, self.arena_base,
+                                   self.kv_cache_bytes)
+        if shares_weights(self.cfg, self.engine.info.device):
+            # Before Ready: the daemon hands the finetune no job until it holds these.
+            self._send(self._out, self.engine.export_weights())
         self._send(self._out, Ready(incarnation=self.incarnation, pid=os.getpid(),
                                     info=self.engine.info))
         while self._stop_reason is None:
@@ -179,14 +185,18 @@ def run_decode_proc(cfg: HarliConfig, incarnation: int, cpu_cores: str = "none",
     configure_logging("decode", cfg.daemon.log_level)
     # Before vLLM starts its OpenMP threads, so that they inherit the mask.
     pin_to(None if cpu_cores == "none" else parse_cpu_list(cpu_cores), "decode")
-    arena_base = None
+    arena_base = kv_cache_bytes = None
     if arena_json:
         from harli.decode_proc import kv_arena
-        from harli.ipc.arena import ArenaHandle, ShmArena
+        from harli.ipc.arena import Arena, ArenaHandle
+        from harli.ipc.cuda_arena import open_arena
 
-        arena = ShmArena.attach(msgspec.json.decode(arena_json, type=ArenaHandle))
+        arena: Arena = open_arena(msgspec.json.decode(arena_json, type=ArenaHandle))
         kv_arena.install(arena)
         arena_base = arena.base_address
-    return run_child("decode", DecodeProc(cfg, incarnation, arena_base))
+        if arena.handle.kind == "cuda":
+            # vLLM sizes its GPU KV cache from gpu_memory_utilization; it must fit the arena.
+            kv_cache_bytes = arena.handle.size_bytes
+    return run_child("decode", DecodeProc(cfg, incarnation, arena_base, kv_cache_bytes))
 
 
