@@ -65,6 +65,9 @@ class JobManager:
         # Set when the queue or the finetune's readiness may have changed, so the daemon loop
         # looks at SQLite only then, not on every turn.
         self._queue_changed = True
+        # A job starts only while this says yes (CUDA hosts sharing decode's weights: once the
+        # finetune holds them, see WeightsRelay.may_start_job).
+        self.may_start_job: Callable[[], bool] = lambda: True
         for job_id in self.store.requeue_active("daemon restarted; resumes from its last "
                                                 "checkpoint"):
             logger.info("[jobs] job %d was running when the daemon stopped; requeued", job_id)
@@ -188,6 +191,8 @@ class JobManager:
         """Start the next queued job when the finetune process is idle."""
         if not self._queue_changed or not self.finetune_ready or self.running is not None:
             return
+        if not self.may_start_job():
+            return  # the queue stays marked changed: looked at again next turn
         self._queue_changed = False
         job = self.store.next_queued()
         if job is None:

@@ -28,7 +28,7 @@ from harli.daemon.job_manager import JobManager
 from harli.daemon.latency import LatencyTracker
 from harli.daemon.memory import MemoryManager
 from harli.daemon.metrics import Metrics
-from harli.daemon.mps import FaultContainment, MpsError, control_for, terminate_hook
+from harli.daemon.mps import FaultContainment, MpsError, control_for, cuda_host, terminate_hook
 from harli.daemon.quota_scheduler import QuotaScheduler
 from harli.daemon.requests import DuplicateRequest, Inflight, RequestTable
 from harli.daemon.sdnotify import Notifier
@@ -41,9 +41,10 @@ from harli.daemon.supervisor import (
     ProcessOps,
     describe_returncode,
 )
+from harli.daemon.weights_relay import WeightsRelay
 from harli.finetune_proc.quota import cpu_quota
 from harli.ipc import curve
-from harli.ipc.arena import ArenaError, ShmArena, remove_stale_arenas
+from harli.ipc.arena import Arena, ArenaError, ShmArena, remove_stale_arenas
 from harli.ipc.codec import ClientDecoder, DecodeFailure, Decoder, encode, request_id_of
 from harli.ipc.control import (
     ChildStatus,
@@ -58,6 +59,7 @@ from harli.ipc.control import (
     LeaseReturned,
     MicroStepReport,
 )
+from harli.ipc.cuda_arena import CudaArena
 from harli.ipc.messages import (
     PROTOCOL_VERSION,
     Abort,
@@ -82,6 +84,7 @@ from harli.ipc.messages import (
     Welcome,
 )
 from harli.ipc.process import decode_cores, format_cpu_list, pin_to
+from harli.ipc.weights import WeightsExported
 from harli.predictor import ProfileError
 
 logger = logging.getLogger(__name__)
@@ -129,6 +132,11 @@ class Daemon:
         self._finetune_decoder: Decoder[FinetuneToDaemon] = Decoder(FinetuneToDaemon)
         self.metrics = Metrics()
         self.jobs = JobManager(cfg, self._send_finetune, self.metrics)
+        # CUDA hosts: the finetune builds its model on views of decode's weights.
+        self.weights = WeightsRelay(cfg.gpu.share_weights and cfg.finetune.enabled
+                                    and self.cuda_host)
+        self.jobs.may_start_job = self._may_start_job
+        self.finetune_quota = ""  # as the finetune reports it in FinetuneReady
         self.control_endpoint = ControlEndpoint(self.control, self.jobs,
                                                 cfg.endpoints.max_message_bytes, self.status,
                                                 self._set_policy)
@@ -172,8 +180,18 @@ class Daemon:
     # -- setup -------------------------------------------------------------------------------
 
     def _init_arena(self) -> None:
-        self.arena: ShmArena | None = None
+        self.cuda_host = cuda_host()
+        # Closed in _close(), after both children have exited: a CUDA arena's creator must
+        # outlive its importers (cudaFree before their cudaIpcCloseMemHandle is undefined).
+        self.arena: Arena | None = None
         if not self.cfg.memory.arena:
+            return
+        if self.cuda_host:
+            # Device memory shared by a CUDA IPC handle (cuda-python; the daemon loads no
+            # torch). Its CUDA context is created here, before the MPS control daemon starts,
+            # so it is not an MPS client; IPC between MPS and non-MPS contexts is supported on
+            # Volta and later (MPS doc, "Application Considerations"). Not yet run on a GPU.
+            self.arena = CudaArena.create(self.cfg.arena_bytes, self.cfg.memory.page_bytes)
             return
         removed = remove_stale_arenas()
         if removed:
@@ -453,6 +471,10 @@ class Daemon:
         if isinstance(msg, FinetuneReady):
             assert self.finetune is not None
             if self.finetune.on_ready(msg.incarnation, self.clock()):
+                self.finetune_quota = msg.quota
+                logger.info("[daemon] finetune[%d] quota: %s", msg.incarnation,
+                            msg.quota or "-")
+                self.weights.relay(msg.incarnation, self._send_finetune)  # before any job
                 self.jobs.on_ready()
             return
         if isinstance(msg, LeaseReturned):
@@ -467,6 +489,12 @@ class Daemon:
                 self.memory.on_micro_step(msg)
             elif isinstance(msg, JobStarted | JobEnded):
                 self.memory.set_finetune_training(isinstance(msg, JobStarted), self.clock())
+
+    def _may_start_job(self) -> bool:
+        if self.finetune is None:
+            return True
+        return self.weights.may_start_job(self.finetune.incarnation,
+                                          self.runtime.device if self.runtime else None)
 
     def finetune_level(self) -> int:
         """The quota level the finetune runs at now (0 when no job is training)."""
@@ -486,7 +514,8 @@ class Daemon:
                             job_running=info["running"], jobs_queued=info["queued"],
                             level=self.jobs.decision.level,
                             predictor=self.latency.status() if self.latency else None,
-                            scheduler=self.scheduler.status() if self.scheduler else None)
+                            scheduler=self.scheduler.status() if self.scheduler else None,
+                            finetune_quota=self.finetune_quota)
 
     def _set_policy(self, spec: str, tpot_slo_ms: float | None = None) -> None:
         if self.scheduler is None:
@@ -635,10 +664,17 @@ class Daemon:
         elif isinstance(msg, BlocksReturned):
             if self.memory is not None:
                 self.memory.on_blocks_returned(msg)
+        elif isinstance(msg, WeightsExported):
+            self._on_weights_exported(msg)
         elif isinstance(msg, Fatal):
             logger.error("[daemon] decode[%d] reported a fatal error: %s\n%s", msg.incarnation,
                          msg.error, msg.traceback)
             self._check_gpu_fault(msg, "decode")
+
+    def _on_weights_exported(self, msg: WeightsExported) -> None:
+        if self.weights.on_exported(msg, self.decode.incarnation) and self.finetune is not None \
+                and self.finetune.state is ChildState.RUNNING:
+            self.weights.relay(self.finetune.incarnation, self._send_finetune)
 
     def _on_ready(self, msg: Ready) -> None:
         if not self.decode.on_ready(msg.incarnation, self.clock()):
@@ -701,6 +737,11 @@ class Daemon:
             self._fail(req, ErrorCode.DECODE_DIED,
                        f"the decode process died ({describe_returncode(ev.returncode)}) after "
                        f"{req.num_tokens} tokens of this request; it is being restarted, retry")
+        restart = self.weights.on_decode_exit(
+            self.finetune.incarnation if self.finetune is not None else None,
+            self.jobs.running is not None)
+        if restart is not None and self.finetune is not None:
+            self.finetune.kill(restart)  # the job manager requeues its job at the exit
 
     def _on_telemetry(self, data: bytes) -> None:
         try:
