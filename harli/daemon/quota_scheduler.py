@@ -77,6 +77,7 @@ class QuotaScheduler:
         self.last: PolicyDecision | None = None
         self.view = _IDLE  # what the last decision was made for
         self.decision_us: deque[float] = deque(maxlen=100_000)
+        self.decision_cpu_us: deque[float] = deque(maxlen=100_000)
         self.level_changes = 0
         metrics.slo_attainment.labels("token").set_function(
             lambda: self.counter.per_token() or 0.0)
@@ -97,6 +98,7 @@ class QuotaScheduler:
             logger.info("[scheduler] TPOT SLO -> %.2f ms", slo.tpot_ms)
         self.policy = policy
         self.decision_us.clear()  # decision times are per policy
+        self.decision_cpu_us.clear()
         self.spec = spec.strip().lower()
         logger.info("[scheduler] policy -> %s", self.spec)
         self.decide(_IDLE if self.last is None else None, now)
@@ -105,9 +107,11 @@ class QuotaScheduler:
         view = view or _IDLE
         self.view = view
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         d = self.policy.decide(view, now)
         dt_us = (time.perf_counter() - t0) * 1e6
         self.decision_us.append(dt_us)
+        self.decision_cpu_us.append((time.thread_time() - c0) * 1e6)
         self.metrics.decision_s.observe(dt_us / 1e6)
         self.last = d
         if d.level != self._current_level():
@@ -140,11 +144,17 @@ class QuotaScheduler:
 
     def status(self) -> SchedulerStatus:
         us = sorted(self.decision_us)
+        cpu = sorted(self.decision_cpu_us)
         return SchedulerStatus(
             policy=self.spec, tpot_slo_ms=self.slo.tpot_ms, attainment_target=self.slo.attainment,
             per_token=self.counter.per_token(), per_request=self.counter.per_request(),
             tokens=self.counter.tokens, requests=self.counter.requests,
             decisions=len(us), level_changes=self.level_changes,
             decision_p50_us=us[len(us) // 2] if us else None,
-            decision_p99_us=us[min(len(us) - 1, int(0.99 * len(us)))] if us else None,
-            last_reason=self.last.reason if self.last else None)
+            decision_p99_us=_p99(us),
+            last_reason=self.last.reason if self.last else None,
+            decision_cpu_p99_us=_p99(cpu))
+
+
+def _p99(sorted_us: list[float]) -> float | None:
+    return sorted_us[min(len(sorted_us) - 1, int(0.99 * len(sorted_us)))] if sorted_us else None

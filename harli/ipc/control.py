@@ -170,8 +170,11 @@ class SchedulerStatus(_Ctl, tag="scheduler", frozen=True):
     decisions: int
     level_changes: int
     decision_p50_us: float | None
-    decision_p99_us: float | None
+    decision_p99_us: float | None  # wall clock: preemption of the daemon included
     last_reason: str | None
+    # The decision's own cost (thread CPU time): what the policy computes, without the time
+    # the OS gave the daemon's core to someone else mid-decision.
+    decision_cpu_p99_us: float | None = None
 
 
 class DaemonStatus(_Ctl, tag="daemon_status", frozen=True):

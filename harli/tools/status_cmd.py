@@ -58,7 +58,8 @@ class StatusCommand(Command):
             def pct(x: float | None) -> str:
                 return "-" if x is None else f"{x:.2%}"
 
-            p99 = "-" if sc.decision_p99_us is None else f"{sc.decision_p99_us:.0f} us"
+            p99 = "-" if sc.decision_p99_us is None else \
+                f"{sc.decision_cpu_p99_us or 0:.0f} us cpu, {sc.decision_p99_us:.0f} us wall"
             con.print(f"policy {sc.policy}, TPOT SLO {sc.tpot_slo_ms:.1f} ms "
                       f"(target {sc.attainment_target:.0%}): attainment per token "
                       f"{pct(sc.per_token)} of {sc.tokens}, per request {pct(sc.per_request)} "
