@@ -1,7 +1,9 @@
 """``Daemon``: the supervising process. One loop: poll sockets -> handle -> tick the children.
 
-It owns the public inference endpoint (ROUTER), the internal sockets to decode_proc, the request
-table, and the decode child's supervisor. Signals only set a flag; shutdown is a state machine:
+It owns the sockets (the public inference and control ROUTERs, the internal ones to decode_proc
+and finetune_proc), the children's supervisors, the memory manager, the predictor and the
+scheduler. Client messages and the request table are the ``Frontend``'s (frontend.py), control
+requests the ``ControlEndpoint``'s. Signals only set a flag; shutdown is a state machine:
 ``SERVING -> DRAINING`` (new work refused, in-flight work may finish) ``-> STOPPING`` (the rest
 is aborted with ``finish_reason="shutdown"``, children stopped by the ladder) ``-> STOPPED``.
 """
@@ -24,13 +26,13 @@ import zmq
 import harli
 from harli.config import ENV, HarliConfig, child_environ
 from harli.daemon.control_endpoint import ControlEndpoint
+from harli.daemon.frontend import Frontend
 from harli.daemon.job_manager import JobManager
 from harli.daemon.latency import LatencyTracker
 from harli.daemon.memory import MemoryManager
 from harli.daemon.metrics import Metrics
 from harli.daemon.mps import FaultContainment, MpsError, control_for, cuda_host, terminate_hook
 from harli.daemon.quota_scheduler import QuotaScheduler
-from harli.daemon.requests import DuplicateRequest, Inflight, RequestTable
 from harli.daemon.sdnotify import Notifier
 from harli.daemon.supervisor import (
     Child,
@@ -39,13 +41,12 @@ from harli.daemon.supervisor import (
     ChildState,
     PopenOps,
     ProcessOps,
-    describe_returncode,
 )
 from harli.daemon.weights_relay import WeightsRelay
 from harli.finetune_proc.quota import cpu_quota
 from harli.ipc import curve
 from harli.ipc.arena import Arena, ArenaError, ShmArena, remove_stale_arenas
-from harli.ipc.codec import ClientDecoder, DecodeFailure, Decoder, encode, request_id_of
+from harli.ipc.codec import DecodeFailure, Decoder, encode
 from harli.ipc.control import (
     ChildStatus,
     DaemonStatus,
@@ -61,27 +62,17 @@ from harli.ipc.control import (
 )
 from harli.ipc.cuda_arena import CudaArena
 from harli.ipc.messages import (
-    PROTOCOL_VERSION,
-    Abort,
-    AbortRequests,
-    AddRequest,
     BlocksLent,
     BlocksReturned,
-    Chunk,
-    ClientMessage,
     DaemonToDecode,
     DecodeToDaemon,
-    Error,
     ErrorCode,
     Fatal,
-    Generate,
-    Hello,
     IterationTelemetry,
     Ready,
     RuntimeInfo,
     Shutdown,
     StepOutputs,
-    Welcome,
 )
 from harli.ipc.process import decode_cores, format_cpu_list, pin_to
 from harli.ipc.weights import WeightsExported
@@ -110,12 +101,10 @@ class Daemon:
         self.clock = clock
         self.state = DaemonState.STARTING
         self.exit_code = 0
-        self.requests = RequestTable()
         self.runtime: RuntimeInfo | None = None
         self.notifier = Notifier(ENV.notify_socket)
         self._stop_signal: str | None = None
         self._drain_deadline = 0.0
-        self._client_decoder = ClientDecoder()
         self._decode_decoder: Decoder[DecodeToDaemon] = Decoder(DecodeToDaemon)
         self._telemetry_decoder: Decoder[IterationTelemetry] = Decoder(IterationTelemetry)
         self.last_telemetry: IterationTelemetry | None = None
@@ -140,6 +129,13 @@ class Daemon:
         self.control_endpoint = ControlEndpoint(self.control, self.jobs,
                                                 cfg.endpoints.max_message_bytes, self.status,
                                                 self._set_policy)
+        self.frontend = Frontend(
+            self.frontend_sock, cfg, self.metrics, send_decode=self._send_decode,
+            decode_running=lambda: self.decode.state is ChildState.RUNNING,
+            decode_incarnation=lambda: self.decode.incarnation,
+            runtime=lambda: self.runtime,
+            accepting=lambda: self.state in (DaemonState.STARTING, DaemonState.SERVING),
+            clock=self.clock)
         arena_arg = msgspec.json.encode(self.arena.handle).decode() if self.arena else ""
         # MPS (CUDA hosts, gpu.mps != off): both children become clients of one server; the
         # control daemon starts in run(), before them.
@@ -224,13 +220,13 @@ class Daemon:
     def _init_sockets(self) -> None:
         self.ctx = zmq.Context()
         limit = self.cfg.endpoints.max_message_bytes
-        self.frontend = self.ctx.socket(zmq.ROUTER)
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, HARD_LIMIT_FACTOR * limit)
+        self.frontend_sock = self.ctx.socket(zmq.ROUTER)
+        self.frontend_sock.setsockopt(zmq.MAXMSGSIZE, HARD_LIMIT_FACTOR * limit)
         # Fail fast (EHOSTUNREACH) on a reply to a client that has gone, so its requests are
         # aborted instead of generating for nobody.
-        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.frontend.setsockopt(zmq.SNDHWM, 100_000)
-        self.frontend.setsockopt(zmq.LINGER, 1000)
+        self.frontend_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.frontend_sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.frontend_sock.setsockopt(zmq.LINGER, 1000)
         self.decode_in = self.ctx.socket(zmq.PUSH)
         self.decode_in.setsockopt(zmq.SNDHWM, 100_000)
         self.decode_in.setsockopt(zmq.LINGER, 0)
@@ -245,7 +241,7 @@ class Daemon:
         self.finetune_out = self.ctx.socket(zmq.PULL)
         self._auth: Any = None
         ep_cfg = self.cfg.endpoints
-        for sock, ep in ((self.frontend, self.cfg.inference_endpoint),
+        for sock, ep in ((self.frontend_sock, self.cfg.inference_endpoint),
                          (self.control, self.cfg.control_endpoint)):
             if ep.startswith("tcp://"):
                 curve.apply_server(sock, ep_cfg.curve_server_key)
@@ -253,7 +249,7 @@ class Daemon:
                     self._auth = curve.start_authenticator(self.ctx,
                                                            ep_cfg.curve_authorized_keys)
         self._bound: list[str] = []
-        for sock, ep in ((self.frontend, self.cfg.inference_endpoint),
+        for sock, ep in ((self.frontend_sock, self.cfg.inference_endpoint),
                          (self.control, self.cfg.control_endpoint),
                          (self.decode_in, self.cfg.internal_endpoint("decode-in")),
                          (self.decode_out, self.cfg.internal_endpoint("decode-out")),
@@ -265,7 +261,7 @@ class Daemon:
         # reconnects to the same path across decode restarts.
         self.telemetry.connect(self.cfg.internal_endpoint("telemetry"))
         self.poller = zmq.Poller()
-        for s in (self.frontend, self.decode_out, self.telemetry, self.control,
+        for s in (self.frontend_sock, self.decode_out, self.telemetry, self.control,
                   self.finetune_out):
             self.poller.register(s, zmq.POLLIN)
         logger.info("[daemon] serving inference on %s", self.cfg.inference_endpoint)
@@ -305,6 +301,7 @@ class Daemon:
                 self.cfg.scheduler, self.cfg.finetune.levels, self.latency.model,
                 self._set_level, lambda: self.jobs.decision.level, self.metrics,
                 self.cfg.decode.max_num_batched_tokens or 2048)
+            self.frontend.scheduler = self.scheduler  # arrivals, token gaps, finished requests
             logger.info("[scheduler] policy %s, TPOT SLO %.1f ms at %.1f%%",
                         self.cfg.scheduler.policy, self.cfg.scheduler.tpot_slo_ms,
                         100 * self.cfg.scheduler.attainment)
@@ -324,8 +321,8 @@ class Daemon:
             self._drain(self.decode_out, self._on_decode_message)
         if self.telemetry in events:
             self._drain(self.telemetry, self._on_telemetry)
-        if self.frontend in events:
-            self._drain_frontend()
+        if self.frontend_sock in events:
+            self.frontend.drain()
         if self.finetune_out in events:
             self._drain(self.finetune_out, self._on_finetune_message)
         if self.control in events:
@@ -345,7 +342,7 @@ class Daemon:
             self.jobs.tick()
         if self.memory is not None:
             self.memory.tick(now)
-        if self.scheduler is not None and not self.requests:
+        if self.scheduler is not None and not self.frontend.requests:
             self.scheduler.on_idle(now)
         self.control_endpoint.reply_done()
         for ev in self.decode.transition(now):
@@ -355,13 +352,14 @@ class Daemon:
             elif isinstance(ev, ChildFatal):
                 logger.error("[daemon] decode process is FATAL; shutting down with failure")
                 self.exit_code = 1
-                self._fail_pending(ErrorCode.UNAVAILABLE, "decode process failed to start")
+                self.frontend.fail_pending(ErrorCode.UNAVAILABLE,
+                                           "decode process failed to start")
                 self._begin_drain(now, "decode fatal")
                 self._drain_deadline = now
         if self._stop_signal is not None and self.state in (DaemonState.STARTING,
                                                             DaemonState.SERVING):
             self._begin_drain(now, self._stop_signal)
-        if self.state is DaemonState.DRAINING and (not len(self.requests)
+        if self.state is DaemonState.DRAINING and (not len(self.frontend.requests)
                                                    or now >= self._drain_deadline):
             self._stop_all()
 
@@ -369,19 +367,14 @@ class Daemon:
         if self.state in (DaemonState.DRAINING, DaemonState.STOPPING, DaemonState.STOPPED):
             return
         logger.info("[shutdown] daemon: %s; draining %d requests (up to %.1f s)", reason,
-                    len(self.requests), self.cfg.daemon.drain_timeout_s)
+                    len(self.frontend.requests), self.cfg.daemon.drain_timeout_s)
         self.notifier.stopping()
         self.state = DaemonState.DRAINING
         self._drain_deadline = now + self.cfg.daemon.drain_timeout_s
 
     def _stop_all(self) -> None:
         self.state = DaemonState.STOPPING
-        leftover = list(self.requests)
-        if leftover:
-            logger.info("[shutdown] aborting %d unfinished requests", len(leftover))
-            self._send_decode(AbortRequests(rids=[r.rid for r in leftover if r.incarnation]))
-            for req in leftover:
-                self._finish(req, "shutdown")
+        self.frontend.finish_all("shutdown")
         if self.finetune is not None:  # reverse dependency order: finetune before decode
             self.finetune.stop(self._send_finetune_shutdown)
         self.decode.stop(self._send_decode_shutdown)
@@ -403,9 +396,9 @@ class Daemon:
         if self.arena is not None:
             self.arena.close()  # the creator unlinks it
         self.poller = zmq.Poller()
-        for s in (self.frontend, self.control, self.decode_in, self.decode_out, self.telemetry,
-                  self.finetune_in, self.finetune_out):
-            s.close(linger=0 if s not in (self.frontend, self.control) else 500)
+        for s in (self.frontend_sock, self.control, self.decode_in, self.decode_out,
+                  self.telemetry, self.finetune_in, self.finetune_out):
+            s.close(linger=0 if s not in (self.frontend_sock, self.control) else 500)
         if self._auth is not None:
             self._auth.stop()
         self.ctx.term()
@@ -424,34 +417,6 @@ class Daemon:
             except zmq.Again:
                 return
             handle(data)
-
-    def _drain_frontend(self) -> None:
-        for _ in range(_DRAIN_BATCH):
-            try:
-                frames = self.frontend.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            client, payload = frames[0], frames[-1]
-            try:
-                self._on_client_frames(client, frames, payload)
-            except Exception:  # a client's message must never kill the loop
-                logger.exception("[frontend] internal error handling a client message")
-                self._reply(client, Error(request_id=request_id_of(payload),
-                                          code=ErrorCode.INTERNAL,
-                                          message="internal error; see the daemon log"))
-
-    def _reply(self, client: bytes, msg: Chunk | Error | Welcome) -> bool:
-        return self._send_frames(client, [encode(msg)])
-
-    def _send_frames(self, client: bytes, frames: list[bytes]) -> bool:
-        try:
-            self.frontend.send_multipart([client, *frames], zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError as e:
-            if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                self._on_client_gone(client)
-                return False
-            raise
 
     def _send_finetune(self, msg: DaemonToFinetune) -> bool:
         try:
@@ -533,119 +498,6 @@ class Daemon:
         except zmq.Again:  # decode_proc not connected (yet); the caller retries
             return False
 
-    # -- clients -----------------------------------------------------------------------------
-
-    def _on_client_frames(self, client: bytes, frames: list[bytes], payload: bytes) -> None:
-        if len(frames) != 2:
-            self._reply(client, Error(request_id=None, code=ErrorCode.MALFORMED,
-                                      message=f"expected exactly one frame from a DEALER, got "
-                                              f"{len(frames) - 1}"))
-            return
-        limit = self.cfg.endpoints.max_message_bytes
-        if len(payload) > limit:
-            self._reply(client, Error(request_id=request_id_of(payload),
-                                      code=ErrorCode.TOO_LARGE,
-                                      message=f"message of {len(payload)} bytes exceeds the "
-                                              f"limit of {limit} bytes "
-                                              f"(endpoints.max_message_bytes)"))
-            return
-        try:
-            msg: ClientMessage = self._client_decoder.decode(payload)
-        except DecodeFailure as e:
-            logger.info("[frontend] refused a message: %s", e.message)
-            self._reply(client, Error(request_id=request_id_of(payload), code=e.code,
-                                      message=e.message))
-            return
-        if isinstance(msg, Generate):
-            self._on_generate(client, msg)
-        elif isinstance(msg, Abort):
-            self._on_abort(client, msg)
-        elif isinstance(msg, Hello):
-            self._on_hello(client, msg)
-
-    def _on_hello(self, client: bytes, msg: Hello) -> None:
-        if msg.protocol_version != PROTOCOL_VERSION:
-            self._reply(client, Error(request_id=None, code=ErrorCode.PROTOCOL_VERSION,
-                                      message=f"client speaks protocol {msg.protocol_version}, "
-                                              f"this daemon speaks {PROTOCOL_VERSION}"))
-            return
-        info = self.runtime
-        self._reply(client, Welcome(
-            protocol_version=PROTOCOL_VERSION, server_version=harli.__version__,
-            ready=self.decode.state is ChildState.RUNNING,
-            model=info.model if info else str(self.cfg.model_path),
-            max_model_len=info.max_model_len if info else self.cfg.model.max_model_len,
-            max_message_bytes=self.cfg.endpoints.max_message_bytes))
-
-    def _on_generate(self, client: bytes, msg: Generate) -> None:
-        def refuse(code: str, text: str) -> None:
-            self._reply(client, Error(request_id=msg.request_id, code=code, message=text))
-
-        if self.state not in (DaemonState.STARTING, DaemonState.SERVING):
-            refuse(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down; no new requests")
-            return
-        if (msg.prompt is None) == (msg.prompt_token_ids is None):
-            refuse(ErrorCode.INVALID, "exactly one of `prompt` and `prompt_token_ids` is needed")
-            return
-        if msg.prompt_token_ids is not None and not msg.prompt_token_ids:
-            refuse(ErrorCode.INVALID, "`prompt_token_ids` is empty")
-            return
-        try:
-            req = self.requests.add(client, msg, time.time())
-        except DuplicateRequest:
-            refuse(ErrorCode.DUPLICATE_REQUEST,
-                   f"request_id {msg.request_id!r} is already in flight for this client")
-            return
-        if self.decode.state is ChildState.RUNNING:
-            self._dispatch(req)
-        # else: pending until decode_proc is READY (first start or restart)
-
-    def _dispatch(self, req: Inflight) -> None:
-        if self._send_decode(AddRequest(rid=req.rid, request=req.request,
-                                        arrival_s=req.arrival_s)):
-            req.incarnation = self.decode.incarnation
-            if self.scheduler is not None:
-                # A text prompt is not tokenized here; its length in characters bounds its
-                # tokens from above, and the iteration's token budget caps both.
-                g = req.request
-                n = len(g.prompt_token_ids) if g.prompt_token_ids is not None else \
-                    len(g.prompt or "")
-                self.scheduler.on_arrival(n, self.clock())
-
-    def _on_abort(self, client: bytes, msg: Abort) -> None:
-        req = self.requests.lookup(client, msg.request_id)
-        if req is None:
-            self._reply(client, Error(request_id=msg.request_id, code=ErrorCode.UNKNOWN_REQUEST,
-                                      message=f"no request {msg.request_id!r} in flight for "
-                                              f"this client"))
-            return
-        if req.incarnation is None:
-            self._finish(req, "abort")
-        else:
-            self._send_decode(AbortRequests(rids=[req.rid]))  # decode replies with the end
-
-    def _on_client_gone(self, client: bytes) -> None:
-        gone = self.requests.of_client(client)
-        if gone:
-            logger.info("[frontend] client went away; aborting its %d requests", len(gone))
-            self._send_decode(AbortRequests(rids=[r.rid for r in gone if r.incarnation]))
-            for r in gone:
-                self.requests.remove(r.rid)
-
-    def _finish(self, req: Inflight, reason: str) -> None:
-        self.requests.remove(req.rid)
-        self._reply(req.client, Chunk(request_id=req.request_id, token_ids=[],
-                                      finish_reason=reason))
-
-    def _fail(self, req: Inflight, code: str, message: str) -> None:
-        self.requests.remove(req.rid)
-        self.metrics.requests.labels(code).inc()
-        self._reply(req.client, Error(request_id=req.request_id, code=code, message=message))
-
-    def _fail_pending(self, code: str, message: str) -> None:
-        for req in self.requests.pending():
-            self._fail(req, code, message)
-
     # -- decode_proc -------------------------------------------------------------------------
 
     def _on_decode_message(self, data: bytes) -> None:
@@ -655,7 +507,7 @@ class Daemon:
             logger.error("[daemon] undecodable message from decode_proc: %s", e)
             return
         if isinstance(msg, StepOutputs):
-            self._on_step_outputs(msg)
+            self.frontend.on_step_outputs(msg)
         elif isinstance(msg, Ready):
             self._on_ready(msg)
         elif isinstance(msg, BlocksLent):
@@ -685,58 +537,12 @@ class Daemon:
         if self.state is DaemonState.STARTING:
             self.state = DaemonState.SERVING
             self.notifier.ready(f"serving {msg.info.model}")
-        for req in self.requests.pending():
-            self._dispatch(req)
-
-    def _on_step_outputs(self, msg: StepOutputs) -> None:
-        for rej in msg.rejected:
-            req = self.requests.get(rej.rid)
-            if req is not None and req.incarnation == msg.incarnation:
-                self._fail(req, ErrorCode.REJECTED, rej.message)
-        # One ZMQ message per client per iteration, one frame per chunk: a client streaming
-        # 32 requests wakes once per iteration, not 32 times.
-        frames: dict[bytes, list[bytes]] = {}
-        for out in msg.outputs:
-            req = self.requests.get(out.rid)
-            if req is None or req.incarnation != msg.incarnation:
-                continue  # finished, aborted or failed already; or from a dead incarnation
-            if out.token_ids:
-                self._on_tokens(req, len(out.token_ids), msg.end_wall_s)
-            req.num_tokens += len(out.token_ids)
-            if out.finish_reason is not None:
-                self.requests.remove(req.rid)
-                self.metrics.requests.labels(out.finish_reason).inc()
-                if self.scheduler is not None and req.first_token_s is not None \
-                        and req.last_token_s is not None:
-                    self.scheduler.on_request_done(req.first_token_s, req.last_token_s,
-                                                   req.num_tokens)
-            frames.setdefault(req.client, []).append(encode(Chunk(
-                request_id=req.request_id, token_ids=out.token_ids, text=out.text,
-                token_times_s=[msg.end_wall_s] * len(out.token_ids),
-                finish_reason=out.finish_reason, stop_reason=out.stop_reason,
-                num_prompt_tokens=out.num_prompt_tokens)))
-        for client, parts in frames.items():
-            self._send_frames(client, parts)
-
-    def _on_tokens(self, req: Inflight, n: int, end_wall_s: float) -> None:
-        """Token times for the SLO: the engine's iteration end, one gap per new token."""
-        if req.first_token_s is None:
-            req.first_token_s = end_wall_s
-        elif self.scheduler is not None and req.last_token_s is not None:
-            self.scheduler.on_tokens([end_wall_s - req.last_token_s] + [0.0] * (n - 1))
-        req.last_token_s = end_wall_s
+        self.frontend.dispatch_pending()
 
     def _on_decode_exit(self, ev: ChildExited) -> None:
         if self.memory is not None:
             self.memory.on_decode_exit(self.clock())
-        lost = self.requests.of_incarnation(ev.incarnation)
-        if lost:
-            logger.error("[daemon] failing %d in-flight requests of decode[%d]", len(lost),
-                         ev.incarnation)
-        for req in lost:
-            self._fail(req, ErrorCode.DECODE_DIED,
-                       f"the decode process died ({describe_returncode(ev.returncode)}) after "
-                       f"{req.num_tokens} tokens of this request; it is being restarted, retry")
+        self.frontend.on_decode_exit(ev)
         restart = self.weights.on_decode_exit(
             self.finetune.incarnation if self.finetune is not None else None,
             self.jobs.running is not None)

@@ -1,0 +1,289 @@
+"""``Frontend``: the daemon's public inference endpoint, from client message to last chunk.
+
+It reads clients' messages from the inference ROUTER (which the daemon creates and binds),
+answers ``Hello``, accepts or refuses ``Generate`` and ``Abort``, keeps the ``RequestTable`` of
+accepted requests, hands them to decode (at once, or when decode is ready) and routes decode's
+``StepOutputs`` back to each client as ``Chunk``s. It tells the scheduler of arrivals, token
+gaps and finished requests. It reaches the rest of the daemon only through the callables it is
+given; a client that has gone has its requests aborted, and nothing a client sends stops the
+loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import zmq
+
+import harli
+from harli.config import HarliConfig
+from harli.daemon.metrics import Metrics
+from harli.daemon.requests import DuplicateRequest, Inflight, RequestTable
+from harli.daemon.supervisor import ChildExited, describe_returncode
+from harli.ipc.codec import ClientDecoder, DecodeFailure, encode, request_id_of
+from harli.ipc.messages import (
+    PROTOCOL_VERSION,
+    Abort,
+    AbortRequests,
+    AddRequest,
+    Chunk,
+    ClientMessage,
+    DaemonToDecode,
+    Error,
+    ErrorCode,
+    Generate,
+    Hello,
+    RuntimeInfo,
+    StepOutputs,
+    Welcome,
+)
+
+logger = logging.getLogger(__name__)
+
+_DRAIN_BATCH = 256
+
+
+class RequestObserver(Protocol):
+    """What the frontend tells the scheduler (``QuotaScheduler``) about the inference load."""
+
+    def on_arrival(self, prompt_tokens: int, now: float) -> None: ...
+
+    def on_tokens(self, gaps_s: list[float]) -> None: ...
+
+    def on_request_done(self, first_s: float, last_s: float, n_tokens: int) -> None: ...
+
+
+class Frontend:
+    def __init__(self, sock: zmq.Socket[Any], cfg: HarliConfig, metrics: Metrics, *,
+                 send_decode: Callable[[DaemonToDecode], bool],
+                 decode_running: Callable[[], bool],
+                 decode_incarnation: Callable[[], int],
+                 runtime: Callable[[], RuntimeInfo | None],
+                 accepting: Callable[[], bool],
+                 clock: Callable[[], float]) -> None:
+        self.sock = sock
+        self.cfg = cfg
+        self.metrics = metrics
+        self.send_decode = send_decode
+        self.decode_running = decode_running  # READY and past start_secs
+        self.decode_incarnation = decode_incarnation
+        self.runtime = runtime  # what the running decode reported in Ready, if any yet
+        self.accepting = accepting  # False once the daemon drains: new requests are refused
+        self.clock = clock
+        # Set by the daemon once it has a scheduler (in run(), after the model exists).
+        self.scheduler: RequestObserver | None = None
+        self.requests = RequestTable()
+        self._client_decoder = ClientDecoder()
+
+    # -- commands from the daemon ------------------------------------------------------------
+
+    def drain(self) -> None:
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            client, payload = frames[0], frames[-1]
+            try:
+                self._on_client_frames(client, frames, payload)
+            except Exception:  # a client's message must never kill the loop
+                logger.exception("[frontend] internal error handling a client message")
+                self._reply(client, Error(request_id=request_id_of(payload),
+                                          code=ErrorCode.INTERNAL,
+                                          message="internal error; see the daemon log"))
+
+    def dispatch_pending(self) -> None:
+        """Hand every request still waiting for decode to it (decode has just become ready)."""
+        for req in self.requests.pending():
+            self._dispatch(req)
+
+    def fail_pending(self, code: str, message: str) -> None:
+        for req in self.requests.pending():
+            self._fail(req, code, message)
+
+    def on_decode_exit(self, ev: ChildExited) -> None:
+        """Fail the requests the dead decode incarnation was serving."""
+        lost = self.requests.of_incarnation(ev.incarnation)
+        if lost:
+            logger.error("[daemon] failing %d in-flight requests of decode[%d]", len(lost),
+                         ev.incarnation)
+        for req in lost:
+            self._fail(req, ErrorCode.DECODE_DIED,
+                       f"the decode process died ({describe_returncode(ev.returncode)}) after "
+                       f"{req.num_tokens} tokens of this request; it is being restarted, retry")
+
+    def finish_all(self, reason: str) -> None:
+        """End every request: decode aborts those it has, each client gets a last chunk."""
+        leftover = list(self.requests)
+        if leftover:
+            logger.info("[shutdown] aborting %d unfinished requests", len(leftover))
+            self.send_decode(AbortRequests(rids=[r.rid for r in leftover if r.incarnation]))
+            for req in leftover:
+                self._finish(req, reason)
+
+    def on_step_outputs(self, msg: StepOutputs) -> None:
+        for rej in msg.rejected:
+            req = self.requests.get(rej.rid)
+            if req is not None and req.incarnation == msg.incarnation:
+                self._fail(req, ErrorCode.REJECTED, rej.message)
+        # One ZMQ message per client per iteration, one frame per chunk: a client streaming
+        # 32 requests wakes once per iteration, not 32 times.
+        frames: dict[bytes, list[bytes]] = {}
+        for out in msg.outputs:
+            req = self.requests.get(out.rid)
+            if req is None or req.incarnation != msg.incarnation:
+                continue  # finished, aborted or failed already; or from a dead incarnation
+            if out.token_ids:
+                self._on_tokens(req, len(out.token_ids), msg.end_wall_s)
+            req.num_tokens += len(out.token_ids)
+            if out.finish_reason is not None:
+                self.requests.remove(req.rid)
+                self.metrics.requests.labels(out.finish_reason).inc()
+                if self.scheduler is not None and req.first_token_s is not None \
+                        and req.last_token_s is not None:
+                    self.scheduler.on_request_done(req.first_token_s, req.last_token_s,
+                                                   req.num_tokens)
+            frames.setdefault(req.client, []).append(encode(Chunk(
+                request_id=req.request_id, token_ids=out.token_ids, text=out.text,
+                token_times_s=[msg.end_wall_s] * len(out.token_ids),
+                finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                num_prompt_tokens=out.num_prompt_tokens)))
+        for client, parts in frames.items():
+            self._send_frames(client, parts)
+
+    # -- replies -----------------------------------------------------------------------------
+
+    def _reply(self, client: bytes, msg: Chunk | Error | Welcome) -> bool:
+        return self._send_frames(client, [encode(msg)])
+
+    def _send_frames(self, client: bytes, frames: list[bytes]) -> bool:
+        try:
+            self.sock.send_multipart([client, *frames], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:
+            if e.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                self._on_client_gone(client)
+                return False
+            raise
+
+    # -- clients -----------------------------------------------------------------------------
+
+    def _on_client_frames(self, client: bytes, frames: list[bytes], payload: bytes) -> None:
+        if len(frames) != 2:
+            self._reply(client, Error(request_id=None, code=ErrorCode.MALFORMED,
+                                      message=f"expected exactly one frame from a DEALER, got "
+                                              f"{len(frames) - 1}"))
+            return
+        limit = self.cfg.endpoints.max_message_bytes
+        if len(payload) > limit:
+            self._reply(client, Error(request_id=request_id_of(payload),
+                                      code=ErrorCode.TOO_LARGE,
+                                      message=f"message of {len(payload)} bytes exceeds the "
+                                              f"limit of {limit} bytes "
+                                              f"(endpoints.max_message_bytes)"))
+            return
+        try:
+            msg: ClientMessage = self._client_decoder.decode(payload)
+        except DecodeFailure as e:
+            logger.info("[frontend] refused a message: %s", e.message)
+            self._reply(client, Error(request_id=request_id_of(payload), code=e.code,
+                                      message=e.message))
+            return
+        if isinstance(msg, Generate):
+            self._on_generate(client, msg)
+        elif isinstance(msg, Abort):
+            self._on_abort(client, msg)
+        elif isinstance(msg, Hello):
+            self._on_hello(client, msg)
+
+    def _on_hello(self, client: bytes, msg: Hello) -> None:
+        if msg.protocol_version != PROTOCOL_VERSION:
+            self._reply(client, Error(request_id=None, code=ErrorCode.PROTOCOL_VERSION,
+                                      message=f"client speaks protocol {msg.protocol_version}, "
+                                              f"this daemon speaks {PROTOCOL_VERSION}"))
+            return
+        info = self.runtime()
+        self._reply(client, Welcome(
+            protocol_version=PROTOCOL_VERSION, server_version=harli.__version__,
+            ready=self.decode_running(),
+            model=info.model if info else str(self.cfg.model_path),
+            max_model_len=info.max_model_len if info else self.cfg.model.max_model_len,
+            max_message_bytes=self.cfg.endpoints.max_message_bytes))
+
+    def _on_generate(self, client: bytes, msg: Generate) -> None:
+        def refuse(code: str, text: str) -> None:
+            self._reply(client, Error(request_id=msg.request_id, code=code, message=text))
+
+        if not self.accepting():
+            refuse(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down; no new requests")
+            return
+        if (msg.prompt is None) == (msg.prompt_token_ids is None):
+            refuse(ErrorCode.INVALID, "exactly one of `prompt` and `prompt_token_ids` is needed")
+            return
+        if msg.prompt_token_ids is not None and not msg.prompt_token_ids:
+            refuse(ErrorCode.INVALID, "`prompt_token_ids` is empty")
+            return
+        try:
+            req = self.requests.add(client, msg, time.time())
+        except DuplicateRequest:
+            refuse(ErrorCode.DUPLICATE_REQUEST,
+                   f"request_id {msg.request_id!r} is already in flight for this client")
+            return
+        if self.decode_running():
+            self._dispatch(req)
+        # else: pending until decode_proc is READY (first start or restart)
+
+    def _on_abort(self, client: bytes, msg: Abort) -> None:
+        req = self.requests.lookup(client, msg.request_id)
+        if req is None:
+            self._reply(client, Error(request_id=msg.request_id, code=ErrorCode.UNKNOWN_REQUEST,
+                                      message=f"no request {msg.request_id!r} in flight for "
+                                              f"this client"))
+            return
+        if req.incarnation is None:
+            self._finish(req, "abort")
+        else:
+            self.send_decode(AbortRequests(rids=[req.rid]))  # decode replies with the end
+
+    def _on_client_gone(self, client: bytes) -> None:
+        gone = self.requests.of_client(client)
+        if gone:
+            logger.info("[frontend] client went away; aborting its %d requests", len(gone))
+            self.send_decode(AbortRequests(rids=[r.rid for r in gone if r.incarnation]))
+            for r in gone:
+                self.requests.remove(r.rid)
+
+    # -- request lifecycle -------------------------------------------------------------------
+
+    def _dispatch(self, req: Inflight) -> None:
+        if self.send_decode(AddRequest(rid=req.rid, request=req.request,
+                                       arrival_s=req.arrival_s)):
+            req.incarnation = self.decode_incarnation()
+            if self.scheduler is not None:
+                # A text prompt is not tokenized here; its length in characters bounds its
+                # tokens from above, and the iteration's token budget caps both.
+                g = req.request
+                n = len(g.prompt_token_ids) if g.prompt_token_ids is not None else \
+                    len(g.prompt or "")
+                self.scheduler.on_arrival(n, self.clock())
+
+    def _on_tokens(self, req: Inflight, n: int, end_wall_s: float) -> None:
+        """Token times for the SLO: the engine's iteration end, one gap per new token."""
+        if req.first_token_s is None:
+            req.first_token_s = end_wall_s
+        elif self.scheduler is not None and req.last_token_s is not None:
+            self.scheduler.on_tokens([end_wall_s - req.last_token_s] + [0.0] * (n - 1))
+        req.last_token_s = end_wall_s
+
+    def _finish(self, req: Inflight, reason: str) -> None:
+        self.requests.remove(req.rid)
+        self._reply(req.client, Chunk(request_id=req.request_id, token_ids=[],
+                                      finish_reason=reason))
+
+    def _fail(self, req: Inflight, code: str, message: str) -> None:
+        self.requests.remove(req.rid)
+        self.metrics.requests.labels(code).inc()
+        self._reply(req.client, Error(request_id=req.request_id, code=code, message=message))
