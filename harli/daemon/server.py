@@ -11,6 +11,7 @@ is aborted with ``finish_reason="shutdown"``, children stopped by the ladder) ``
 from __future__ import annotations
 
 import enum
+import gc
 import logging
 import os
 import signal
@@ -282,6 +283,11 @@ class Daemon:
             self.decode.start(self.clock())
             if self.finetune is not None:
                 self.finetune.start(self.clock())
+            # The start-up heap (config, profile samples, imports) lives as long as the daemon:
+            # out of the collector's reach, a full collection no longer walks it in the middle
+            # of a scheduling decision (what vLLM's engine core does with freeze_gc_heap).
+            gc.collect()
+            gc.freeze()
             while self.state is not DaemonState.STOPPED:
                 self._poll_once()
                 self._tick(self.clock())
