@@ -209,9 +209,10 @@ class Daemon:
             pin_to(allowed - self.decode_cores or None, "daemon")
         # The finetune's quota as the finetune computes it, to fence it off decode's cores the
         # moment its level drops (see CpuQuota.fence).
+        # On a GPU host the finetune's quota is SMs, not cores: no fence.
         self.cpu_fence = cpu_quota(self.cfg.finetune.levels, self.cfg.finetune.max_threads,
                                    frozenset(allowed), frozenset(self.decode_cores or ())) \
-            if self.decode_cores else None
+            if self.decode_cores and not self.cuda_host else None
 
     def _init_dirs(self) -> None:
         # File permissions on the runtime dir are the access control of the ipc:// sockets.

@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import json
+import os
 import random
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,14 +126,18 @@ def _measure_solo_tpot(endpoint: str, batch: int, seconds: float, prompt_len: in
     return float(statistics.median(gaps))
 
 
-def _pin_off(cores: set[int] | None) -> None:
-    """Keep this process (the bench's clients) off decode's cores, as remote clients would
-    be: their token handling would otherwise be measured as decode's TPOT."""
-    import os
-
+@contextlib.contextmanager
+def _off_cores(cores: set[int] | None) -> Iterator[None]:
+    """Keep this process (the bench's clients) off decode's cores while the bench runs, as
+    remote clients would be: their token handling would otherwise be measured as decode's
+    TPOT. The caller's mask is restored after (the demo and the tests call the bench)."""
     allowed = os.sched_getaffinity(0)
     if cores and allowed - cores:
         os.sched_setaffinity(0, allowed - cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: float | None,
@@ -163,10 +170,10 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
                            "profile": str(profile) if profile else None, "workload": res_spec}
     bench_t0 = time.monotonic()
     daemon = LocalDaemon(base_dir / "daemon", overrides)
-    with daemon, ControlClient(daemon.cfg.control_endpoint) as ctl:
+    # The daemon starts first: it pins decode from the host's whole mask.
+    with daemon, ControlClient(daemon.cfg.control_endpoint) as ctl, \
+            _off_cores(decode_cores(daemon.cfg.decode.cpu_cores, daemon.cfg.decode.cpu_threads)):
         levels = daemon.cfg.finetune.levels
-        # After the daemon started: it pins decode from the host's whole mask.
-        _pin_off(decode_cores(daemon.cfg.decode.cpu_cores, daemon.cfg.decode.cpu_threads))
         if slo_ms is None:
             # --slo auto: 1.5x the solo median TPOT at the workload's median batch. The batch
             # is measured, not guessed: the workload replayed with the finetune paused, and

@@ -4,6 +4,7 @@ and sane (no performance is asserted: that is the benchmark's job, not a test's)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
 
 def test_bench_replays_one_workload_under_each_policy(tmp_path: Path) -> None:
+    mask = os.sched_getaffinity(0)
     res = run_bench(tmp_path, 4.0, ["decode-only", "naive", "harli"], None, 0, 1.0, None,
                     rounds=2)
+    assert os.sched_getaffinity(0) == mask  # its clients were pinned off decode's cores only
     assert res["slo_ms"] > 0 and res["slo_auto"]["median_batch"] >= 1
     for name, r in res["policies"].items():
         assert r["requests"] == 2 * res["requests"], name  # both rounds, every request
