@@ -79,6 +79,7 @@ class FinetuneProc:
         self.device = device  # "cuda" or "cpu": where jobs train
         self.weights: WeightsExported | None = None  # decode's, as last relayed
         self.decision = Decision(level=0, admitted=False, seq=0)
+        self._applied_seq = -1
         self.job: StartJob | None = None
         self.recipe: LoRARecipe | None = None
         self._stop_job: str | None = None
@@ -230,7 +231,12 @@ class FinetuneProc:
         if now < self._idle_until:
             return
         level = self.decision.level
-        self.quota.apply(level)
+        if self.decision.seq != self._applied_seq:
+            # Only a new decision re-applies the quota: the daemon may have fenced our threads
+            # off decode's cores for a newer one we have not read yet, and re-widening them
+            # for the old level here would undo it for a whole micro-step.
+            self.quota.apply(level)
+            self._applied_seq = self.decision.seq
         try:
             r = self.recipe.train_micro_step(self.lease)
         except Exception as e:

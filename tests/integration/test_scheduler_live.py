@@ -4,12 +4,16 @@ attainment counted from the engine's token times."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from harli.finetune_proc import SAMPLE_DATASET
+from harli.ipc.jobs import JobSpec
 from harli.tools.client import RequestError
 from harli.tools.control_client import ControlClient
 
@@ -64,3 +68,56 @@ def test_harli_policy_follows_the_load_and_switches_live(tmp_path: Path,
         assert c.status().scheduler.policy == "decode-only"  # type: ignore[union-attr]
         c.set_policy("harli")
         _wait_level(c, 4)
+
+
+def _finetune_pid(pids: list[int]) -> int:
+    # The children set their process titles: "harli::finetune[N]".
+    return next(p for p in pids if Path(f"/proc/{p}/cmdline").read_bytes()
+                .startswith(b"harli::finetune"))
+
+
+def _thread_cores(pid: int) -> set[int]:
+    cores: set[int] = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            cores |= os.sched_getaffinity(int(tid))
+    return cores
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
+                    reason="one core: decode is not pinned, so there is no core to fence off")
+def test_a_level_drop_fences_the_training_finetune_off_decode_cores_at_once(
+        tmp_path: Path, tiny_model: Path) -> None:
+    with make_daemon(tmp_path / "d", tiny_model, 'scheduler.policy="harli"',
+                     "scheduler.tpot_slo_ms=0.5") as d, \
+            ControlClient(d.cfg.control_endpoint) as c:
+        ft = _finetune_pid(d.children())
+        decode_core = min(os.sched_getaffinity(0))  # decode.cpu_cores="auto": the first core
+        c.attach(JobSpec(name="fence", dataset=str(SAMPLE_DATASET),
+                         output_dir=str(tmp_path / "job"), max_seq_len=64, micro_batch_size=4,
+                         max_steps=100_000, checkpoint_every=100_000))
+        # Idle decode: level 4, and the training finetune spreads onto decode's core.
+        deadline = time.monotonic() + 120
+        while c.status().level != 4 or decode_core not in _thread_cores(ft):
+            assert time.monotonic() < deadline, "the finetune never ran at level 4"
+            time.sleep(0.05)
+        fenced: list[bool] = []
+        done = threading.Event()
+
+        def load() -> None:
+            with d.client(timeout_s=120) as cl:
+                cl.complete([5, 6, 7], max_tokens=300, ignore_eos=True)
+            done.set()
+
+        th = threading.Thread(target=load)
+        th.start()
+        while not done.is_set():
+            before = c.status().level
+            cores = _thread_cores(ft)
+            if before == 0 == c.status().level:  # paused for the whole sample
+                fenced.append(decode_core not in cores)
+            time.sleep(0.01)
+        th.join()
+        # The daemon moved every thread off decode's core with the drop, and the finetune,
+        # mid-micro-step at level 4, did not move back before reading the new decision.
+        assert fenced and all(fenced), fenced
