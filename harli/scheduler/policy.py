@@ -43,7 +43,6 @@ REASON_STEADY = "steady"  # the current level is the highest feasible one
 REASON_DOWN = "down"  # the current level's bound is over the SLO: dropped at once
 REASON_UP = "up"  # a higher level has been feasible for hysteresis_iters decisions
 REASON_HOLD = "hold"  # a higher level is feasible, not yet for long enough
-REASON_HOLD_UNSAFE = "hold-unsafe"  # the held level's bound is over the SLO: lowest safe level
 REASON_INFEASIBLE = "infeasible"  # even level 0's bound is over the SLO: decode only
 
 
@@ -96,8 +95,8 @@ def _check_levels(levels: int) -> None:
 
 
 class HarliPolicy:
-    """SLO-aware quota: the highest level whose predicted upper bound, times ``margin``,
-    is within the TPOT SLO, with hysteresis on the way up.
+    """SLO-aware quota: the highest level whose predicted upper bound, times ``margin``, is
+    within the TPOT SLO together with every lower level's, with hysteresis on the way up.
 
     Hysteresis: the policy keeps the highest feasible level ("target") of each of the last
     ``hysteresis_iters`` decisions. It moves up only to the lowest of those targets, i.e. to a
@@ -147,43 +146,37 @@ class HarliPolicy:
         predict = self._model.predict
         limit_s = self._tpot_s
         margin = self._margin
-        target = -1
+        # Feasible: this level's bound and every lower level's within the SLO. More quota
+        # cannot make decode faster, so a higher level whose bound comes out *below* a lower
+        # one's (per-level fits and online corrections are noisy; seen live: level 4 picked
+        # while level 0 was over the SLO) is not trusted over it. Scanning up also makes an
+        # infeasible level 0 one prediction, not K + 1.
+        uppers_s: list[float] = []
         upper_s = math.inf
-        for level in range(self._levels, -1, -1):
+        for level in range(self._levels + 1):
             upper_s = predict(shape, level).upper_s
-            if upper_s * margin <= limit_s:
-                target = level
+            if upper_s * margin > limit_s:
                 break
-        if target < 0:  # upper_s is level 0's bound
+            uppers_s.append(upper_s)
+        if not uppers_s:  # upper_s is level 0's bound
             targets.append(0)
             self._level = 0
             return PolicyDecision(0, _infeasible_reason(upper_s, margin, self._slo), upper_s)
 
+        target = len(uppers_s) - 1
         targets.append(target)
         current = self._level
         if target <= current:
             self._level = target
             return PolicyDecision(target, REASON_STEADY if target == current else REASON_DOWN,
-                                  upper_s)
-        # target > current: go up only as far as every one of the last N targets allows.
+                                  uppers_s[target])
+        # target > current: go up only as far as every one of the last N targets allows; every
+        # level up to the target is feasible, so the held one is too.
         settled = min(targets) if len(targets) == self._hysteresis_iters else current
         chosen = max(current, settled)
-        if chosen == target:
-            self._level = target
-            return PolicyDecision(target, REASON_UP, upper_s)
-        # Holding below the target: the held level must itself be within the SLO (it is,
-        # whenever the bound grows with the level; a model need not guarantee that).
-        for level in range(chosen, -1, -1):
-            held_s = predict(shape, level).upper_s
-            if held_s * margin <= limit_s:
-                self._level = level
-                if level == chosen:
-                    return PolicyDecision(level, REASON_UP if level > current else REASON_HOLD,
-                                          held_s)
-                return PolicyDecision(level, REASON_HOLD_UNSAFE, held_s)
-        # Nothing at or below the held level is safe, but the target is: safety over hysteresis.
-        self._level = target
-        return PolicyDecision(target, REASON_HOLD_UNSAFE, upper_s)
+        self._level = chosen
+        return PolicyDecision(chosen, REASON_UP if chosen > current else REASON_HOLD,
+                              uppers_s[chosen])
 
 
 def _infeasible_reason(upper_s: float, margin: float, slo: SloTarget) -> str:

@@ -18,7 +18,6 @@ from harli.predictor import FEATURE_NAMES, BatchShape, LatencyModel, LevelFit, P
 from harli.scheduler.policy import (
     REASON_DOWN,
     REASON_HOLD,
-    REASON_HOLD_UNSAFE,
     REASON_IDLE,
     REASON_INFEASIBLE,
     REASON_STEADY,
@@ -60,10 +59,13 @@ def view(running: int, waiting: int = 0, ctx_per_seq: int = 512, prefill: int = 
 
 def highest_feasible(model: LatencyModel, v: BatchView, slo: SloTarget, margin: float = 1.0,
                      levels: int = K) -> int | None:
-    for level in range(levels, -1, -1):
-        if model.predict(v.shape(), level).upper_s * margin <= slo.tpot_s:
-            return level
-    return None
+    """The highest level that, with every level below it, is within the SLO."""
+    top = None
+    for level in range(levels + 1):
+        if model.predict(v.shape(), level).upper_s * margin > slo.tpot_s:
+            break
+        top = level
+    return top
 
 
 SLO = SloTarget(tpot_ms=25.0)
@@ -117,16 +119,17 @@ class TablePredictor:
 
 
 def check_safe(d: PolicyDecision, upper_at: list[float], margin: float, slo: SloTarget) -> None:
-    """The decision's level is within the SLO, or 0 with nothing feasible."""
+    """The decision's level and every lower one are within the SLO, or it is 0 with level 0
+    over it."""
     if d.reason == REASON_IDLE:
         assert d.level == K
         return
     assert d.predicted_upper_s == upper_at[d.level]
     if d.reason.startswith(REASON_INFEASIBLE):
         assert d.level == 0
-        assert all(u * margin > slo.tpot_s for u in upper_at)
-    else:
-        assert upper_at[d.level] * margin <= slo.tpot_s
+        assert upper_at[0] * margin > slo.tpot_s
+    else:  # this level and every one below it
+        assert all(u * margin <= slo.tpot_s for u in upper_at[: d.level + 1])
 
 
 # -- HarliPolicy: safety ----------------------------------------------------------------------
@@ -210,18 +213,18 @@ def test_waiting_requests_are_not_idle() -> None:
     assert d.predicted_upper_s is not None
 
 
-def test_a_held_level_over_the_slo_is_left_for_a_safe_one() -> None:
+def test_a_level_is_feasible_only_with_every_level_below_it() -> None:
     slo = SloTarget(tpot_ms=50.0)
     ok, bad = 0.01, 0.1
     fake = TablePredictor([ok, ok, ok, bad, bad])
     policy = HarliPolicy(fake, K, slo, hysteresis_iters=8)
     assert policy.decide(LIGHT, 0.0).level == 2
-    fake.uppers_s = [ok, ok, bad, bad, ok]  # the held level 2 turned unsafe, K is safe
+    fake.uppers_s = [ok, ok, bad, ok, ok]  # 3 and 4 look safe but 2 is not: 1, at once
     d = policy.decide(LIGHT, 1.0)
-    assert (d.level, d.reason) == (1, REASON_HOLD_UNSAFE)  # down, not up past hysteresis
-    fake.uppers_s = [bad, bad, bad, bad, ok]  # only K is safe: safety over hysteresis
+    assert (d.level, d.reason, d.predicted_upper_s) == (1, REASON_DOWN, ok)
+    fake.uppers_s = [bad, ok, ok, ok, ok]  # a noisy fit says K beats decode alone: not trusted
     d = policy.decide(LIGHT, 2.0)
-    assert (d.level, d.reason) == (K, REASON_HOLD_UNSAFE)
+    assert (d.level, d.predicted_upper_s) == (0, bad) and d.reason.startswith("infeasible")
 
 
 def test_drop_is_immediate_and_rise_waits_hysteresis_iters() -> None:
