@@ -8,7 +8,6 @@ check for a CUDA arena."""
 from __future__ import annotations
 
 import signal
-import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,8 @@ from harli.ipc.control import (
 from harli.ipc.jobs import JobSpec
 from harli.ipc.messages import DecodeToDaemon
 from harli.ipc.weights import WeightExport, WeightsExported
+
+from .fake_procs import FakeOps
 
 HANDLE = "ab" * 64
 
@@ -174,36 +175,6 @@ def test_decode_exit_restarts_a_finetune_that_runs_a_job_on_its_weights(
 
 
 # -- the daemon's handlers ---------------------------------------------------------------------
-
-
-class FakeProc:
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None:
-            raise subprocess.TimeoutExpired("fake", timeout or 0)
-        return self.returncode
-
-
-class FakeOps:
-    def __init__(self) -> None:
-        self.procs: list[FakeProc] = []
-        self.signals: list[tuple[int, int]] = []
-
-    def spawn(self, argv: Sequence[str], env: dict[str, str]) -> FakeProc:
-        p = FakeProc(100 + len(self.procs))
-        self.procs.append(p)
-        return p
-
-    def kill(self, proc: FakeProc, sig: int) -> None:  # type: ignore[override]
-        self.signals.append((proc.pid, sig))
-        if proc.returncode is None:
-            proc.returncode = -sig
 
 
 def _cfg(tmp_path: Path, *extra: str) -> HarliConfig:

@@ -4,7 +4,6 @@ stdin text, environments, error messages, the fault classifier, the restart-both
 
 from __future__ import annotations
 
-import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +24,8 @@ from harli.daemon.mps import (
     terminate_hook,
 )
 from harli.daemon.supervisor import Child, ChildExited, ChildState
+
+from .fake_procs import FakeOps
 
 BIN = f"/usr/bin/{MPS_CONTROL}"
 OK = CommandResult(0, "")
@@ -405,35 +406,6 @@ def test_other_errors_are_not_gpu_faults(text: str) -> None:
 
 
 # -- restart both ------------------------------------------------------------------------------
-
-
-class FakeProc:
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None:
-            raise subprocess.TimeoutExpired("fake", timeout or 0)
-        return self.returncode
-
-
-class FakeOps:
-    def __init__(self, log: list[str]) -> None:
-        self.log = log
-        self.procs: list[FakeProc] = []
-
-    def spawn(self, argv: Sequence[str], env: dict[str, str]) -> FakeProc:
-        p = FakeProc(100 + len(self.procs))
-        self.procs.append(p)
-        return p
-
-    def kill(self, proc: FakeProc, sig: int) -> None:  # type: ignore[override]
-        self.log.append(f"signal {signal.Signals(sig).name} {proc.pid}")
-        proc.returncode = -sig
 
 
 CFG = SupervisorConfig(backoff_initial_s=1, start_retries=3)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
 
 import pytest
 
@@ -21,37 +19,7 @@ from harli.daemon.supervisor import (
     stop_ladder,
 )
 
-
-class FakeProc:
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-        self.on_signal: dict[int, int | None] = {signal.SIGTERM: -15, signal.SIGKILL: -9}
-
-    def poll(self) -> int | None:
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None:
-            raise subprocess.TimeoutExpired("fake", timeout or 0)
-        return self.returncode
-
-
-class FakeOps:
-    def __init__(self) -> None:
-        self.procs: list[FakeProc] = []
-        self.signals: list[tuple[int, int]] = []
-
-    def spawn(self, argv: Sequence[str], env: dict[str, str]) -> FakeProc:
-        p = FakeProc(100 + len(self.procs))
-        self.procs.append(p)
-        return p
-
-    def kill(self, proc: FakeProc, sig: int) -> None:  # type: ignore[override]
-        self.signals.append((proc.pid, sig))
-        if proc.on_signal.get(sig) is not None and proc.returncode is None:
-            proc.returncode = proc.on_signal[sig]
-
+from .fake_procs import FakeOps
 
 CFG = SupervisorConfig(start_timeout_s=10, stop_grace_s=0.01, term_timeout_s=0.01,
                        backoff_initial_s=1, backoff_max_s=4, start_retries=3,
