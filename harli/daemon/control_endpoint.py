@@ -17,13 +17,12 @@ from typing import Any
 import zmq
 
 from harli.daemon.job_manager import JobManager
-from harli.ipc.codec import DecodeFailure, Decoder, encode
+from harli.ipc.codec import DecodeFailure, Decoder, encode, router_batch
 from harli.ipc.control import ControlRequest, DaemonStatus, GetStatus, SetLevel, SetPolicy
 from harli.ipc.messages import Error, ErrorCode
 
 logger = logging.getLogger(__name__)
 
-_DRAIN_BATCH = 256
 
 
 class ControlEndpoint:
@@ -39,12 +38,7 @@ class ControlEndpoint:
         self._pending: list[tuple[bytes, Future[Any]]] = []
 
     def drain(self) -> None:
-        for _ in range(_DRAIN_BATCH):
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            client, payload = frames[0], frames[-1]
+        for client, _, payload in router_batch(self.sock):
             reply: Any
             try:
                 if len(payload) > self.max_message_bytes:

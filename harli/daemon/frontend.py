@@ -23,7 +23,7 @@ from harli.config import HarliConfig
 from harli.daemon.metrics import Metrics
 from harli.daemon.requests import DuplicateRequest, Inflight, RequestTable
 from harli.daemon.supervisor import ChildExited, describe_returncode
-from harli.ipc.codec import ClientDecoder, DecodeFailure, encode, request_id_of
+from harli.ipc.codec import ClientDecoder, DecodeFailure, encode, request_id_of, router_batch
 from harli.ipc.messages import (
     PROTOCOL_VERSION,
     Abort,
@@ -43,7 +43,6 @@ from harli.ipc.messages import (
 
 logger = logging.getLogger(__name__)
 
-_DRAIN_BATCH = 256
 
 
 class RequestObserver(Protocol):
@@ -81,12 +80,7 @@ class Frontend:
     # -- commands from the daemon ------------------------------------------------------------
 
     def drain(self) -> None:
-        for _ in range(_DRAIN_BATCH):
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            client, payload = frames[0], frames[-1]
+        for client, frames, payload in router_batch(self.sock):
             try:
                 self._on_client_frames(client, frames, payload)
             except Exception:  # a client's message must never kill the loop

@@ -89,6 +89,18 @@ def drain(sock: Any, decoder: Decoder[T], timeout_ms: int, role: str) -> Iterato
         yield msg
 
 
+def router_batch(sock: Any, max_messages: int = 256) -> Iterator[tuple[bytes, list[bytes],
+                                                                        bytes]]:
+    """(client identity, all frames, payload) of each message waiting on a ROUTER socket, at
+    most ``max_messages`` per call so one busy socket cannot starve the daemon's other work."""
+    for _ in range(max_messages):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        yield frames[0], frames, frames[-1]
+
+
 def request_id_of(data: bytes | memoryview) -> str | None:
     """Best-effort request id of an undecodable message, so its error can be attributed."""
     try:
