@@ -28,11 +28,12 @@ import harli
 from harli.config import ENV, HarliConfig, child_environ
 from harli.daemon.control_endpoint import ControlEndpoint
 from harli.daemon.frontend import Frontend
+from harli.daemon.gpu_faults import FaultContainment
 from harli.daemon.job_manager import JobManager
 from harli.daemon.latency import LatencyTracker
 from harli.daemon.memory import MemoryManager
 from harli.daemon.metrics import Metrics
-from harli.daemon.mps import FaultContainment, MpsError, control_for, cuda_host, terminate_hook
+from harli.daemon.mps import MpsError, control_for, cuda_host, terminate_hook
 from harli.daemon.quota_scheduler import QuotaScheduler
 from harli.daemon.sdnotify import Notifier
 from harli.daemon.supervisor import (
