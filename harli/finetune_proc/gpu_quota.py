@@ -15,6 +15,9 @@ and no cuda-python, an old driver, a percentage already set), or when ``gpu.quot
 the finetune runs under a fixed MPS active-thread percentage set at process start, and the
 levels act as a duty cycle only, as on CPU. The mode and its reason are logged and reported
 (``describe()``), so status can show which one is in force.
+
+This module decides (which mode, which backend, how many SMs per level) and switches levels;
+creating the green contexts and their streams is ``green_contexts.py``'s.
 """
 
 from __future__ import annotations
@@ -24,13 +27,18 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from harli.finetune_proc.green_contexts import (
+    GpuQuotaError,
+    GreenBackend,
+    LevelTarget,
+    cuda_driver,
+    make_backend,
+)
 from harli.ipc.cuda_arena import check_cuda
 
 if TYPE_CHECKING:
-    import torch
-
     from harli.config import HarliConfig
     from harli.finetune_proc.quota import QuotaApplier
 
@@ -49,12 +57,8 @@ _DOCUMENTED_PARTITION = {6: (1, 1), 7: (2, 2), 8: (4, 2)}
 _DOCUMENTED_PARTITION_SM90 = (8, 8)
 
 
-class GpuQuotaError(RuntimeError):
-    """Green contexts could not be set up; the message says why."""
-
-
 # ---------------------------------------------------------------------------------------------
-# Pure pieces: partition sizes, level -> SM count, mode choice
+# Partition sizes, level -> SM count, mode choice (pure), and the probes behind them
 # ---------------------------------------------------------------------------------------------
 
 
@@ -144,7 +148,7 @@ def probe_green_support(torch_mod: Any, env: Mapping[str, str],
     if _torch_has_green_contexts(torch_mod):
         return GreenSupport("torch", "", pct)
     try:
-        drv = (cuda_python or _cuda_driver)()
+        drv = (cuda_python or cuda_driver)()
     except ImportError:
         return GreenSupport(None, "torch has no green-context support and cuda-python is not "
                                   "installed (pip install 'harli[gpu]')", pct)
@@ -173,147 +177,11 @@ def _torch_has_green_contexts(torch_mod: Any) -> bool:
     return bool(supported)
 
 
-def _cuda_driver() -> Any:
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        from cuda import cuda as driver  # type: ignore[attr-defined,no-redef,unused-ignore]
-    return driver
-
-
-# ---------------------------------------------------------------------------------------------
-# Level targets: what "run this level" means for a backend
-# ---------------------------------------------------------------------------------------------
-
-
-class LevelTarget(Protocol):
-    sms: int
-
-    def enter(self) -> None:
-        """Make this level's partition the one the next kernels launch on."""
-
-    def leave(self) -> None:
-        """Undo ``enter`` (before another target enters)."""
-
-
-class StreamTarget:
-    """A stream whose kernels run on a partition (or on the whole device)."""
-
-    def __init__(self, stream: torch.cuda.Stream, sms: int, owner: object = None) -> None:
-        self.stream = stream
-        self.sms = sms
-        self.owner = owner  # the green context the stream belongs to, kept alive
-
-    def enter(self) -> None:
-        import torch
-
-        # Work of the previous micro-step was queued on another stream: this one must not
-        # overtake it, and blocks freed there may be reused here only after it ran.
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-        torch.cuda.set_stream(self.stream)
-
-    def leave(self) -> None:
-        pass
-
-
-class ContextTarget:
-    """torch < 2.12: ``GreenContext.set_context()`` pushes the context and switches torch to its
-    default stream (after an event wait); ``pop_context()`` goes back."""
-
-    def __init__(self, ctx: Any, sms: int) -> None:
-        self.ctx = ctx
-        self.sms = sms
-
-    def enter(self) -> None:
-        self.ctx.set_context()
-
-    def leave(self) -> None:
-        self.ctx.pop_context()
-
-
-class GreenBackend(Protocol):
-    name: str
-
-    def full_device(self) -> LevelTarget: ...
-
-    def partition(self, num_sms: int) -> LevelTarget: ...
-
-
-class TorchGreenBackend:
-    """``torch.cuda.green_contexts.GreenContext`` (beta): ``.Stream()`` from 2.12 on, else
-    ``set_context`` / ``pop_context``."""
-
-    name = "torch"
-
-    def __init__(self, device: int, total_sms: int) -> None:
-        self.device = device
-        self.total_sms = total_sms
-
-    def full_device(self) -> LevelTarget:
-        import torch
-
-        return StreamTarget(torch.cuda.current_stream(self.device), self.total_sms)
-
-    def partition(self, num_sms: int) -> LevelTarget:
-        from torch.cuda.green_contexts import GreenContext
-
-        ctx = GreenContext.create(num_sms=num_sms, device_id=self.device)
-        if hasattr(ctx, "Stream"):
-            return StreamTarget(ctx.Stream(), num_sms, owner=ctx)
-        return ContextTarget(ctx, num_sms)
-
-
-class CudaPythonGreenBackend:
-    """cuda-python's driver API: split the device's SM resource, build a green context on the
-    group, and wrap a non-blocking stream of it in ``torch.cuda.ExternalStream`` (the fallback
-    of gpu-mechanisms.md §2.3)."""
-
-    name = "cuda-python"
-
-    def __init__(self, device: int, total_sms: int) -> None:
-        self.device = device
-        self.total_sms = total_sms
-        self.drv = _cuda_driver()
-        self._contexts: list[Any] = []
-
-    def _check(self, result: Any, what: str) -> Any:
-        return check_cuda(result, what, GpuQuotaError)
-
-    def full_device(self) -> LevelTarget:
-        import torch
-
-        return StreamTarget(torch.cuda.current_stream(self.device), self.total_sms)
-
-    def partition(self, num_sms: int) -> LevelTarget:
-        import torch
-
-        drv = self.drv
-        torch.empty(1, device=f"cuda:{self.device}")  # the primary context exists first
-        dev = self._check(drv.cuDeviceGet(self.device), "cuDeviceGet")
-        sm_type = drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
-        res = self._check(drv.cuDeviceGetDevResource(dev, sm_type), "cuDeviceGetDevResource")
-        groups, n, _rest = self._check(drv.cuDevSmResourceSplitByCount(1, res, 0, num_sms),
-                                       f"cuDevSmResourceSplitByCount({num_sms})")
-        if int(n) < 1:
-            raise GpuQuotaError(f"the driver made no group of {num_sms} SMs")
-        desc = self._check(drv.cuDevResourceGenerateDesc([groups[0]], 1),
-                           "cuDevResourceGenerateDesc")
-        flags = drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM
-        gctx = self._check(drv.cuGreenCtxCreate(desc, dev, flags), "cuGreenCtxCreate")
-        self._contexts.append(gctx)
-        # Green-context streams must be non-blocking (driver API reference).
-        stream = self._check(drv.cuGreenCtxStreamCreate(
-            gctx, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, 0), "cuGreenCtxStreamCreate")
-        got = self._check(drv.cuGreenCtxGetDevResource(gctx, sm_type), "cuGreenCtxGetDevResource")
-        external = torch.cuda.ExternalStream(int(stream), device=self.device)
-        return StreamTarget(external, int(got.sm.smCount), owner=stream)
-
-
 def query_partition(device: int, total_sms: int, capability: tuple[int, int]) -> SmPartition:
     """The driver's own figures when it reports them (CUdevSmResource.minSmPartitionSize and
     .smCoscheduledAlignment, CUDA 13 headers), else the documented table."""
     try:
-        drv = _cuda_driver()
+        drv = cuda_driver()
         dev = check_cuda(drv.cuDeviceGet(device), "cuDeviceGet", GpuQuotaError)
         res = check_cuda(drv.cuDeviceGetDevResource(
             dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM), "cuDeviceGetDevResource",
@@ -351,7 +219,7 @@ class GpuQuota:
         self.device = device
         self.requested = requested
         self.fallback_pct = fallback_pct
-        self._backend_factory = backend_factory or _make_backend
+        self._backend_factory = backend_factory or make_backend
         self.mode = requested
         self.reason = ""
         self.partition: SmPartition | None = None
@@ -429,14 +297,6 @@ class GpuQuota:
             self._current.leave()
             top.enter()
         self._current = None
-
-
-def _make_backend(name: str, device: int, total_sms: int) -> GreenBackend:
-    if name == "torch":
-        return TorchGreenBackend(device, total_sms)
-    if name == "cuda-python":
-        return CudaPythonGreenBackend(device, total_sms)
-    raise GpuQuotaError(f"unknown green-context backend {name!r}")
 
 
 def set_mps_percentage_env(pct: int, torch_mod: Any = None,

@@ -942,8 +942,8 @@ def test_gpu_check_rejects_unknown_sections() -> None:
 
 @pytest.mark.parametrize("module", [
     "harli.ipc.cuda_arena", "harli.ipc.weights", "harli.finetune_proc.gpu_quota",
-    "harli.finetune_proc.shared_weights", "harli.tools.gpu_check_cmd",
-    "harli.tools.gpu_check_report", "harli.tools.gpu_check_worker",
+    "harli.finetune_proc.green_contexts", "harli.finetune_proc.shared_weights",
+    "harli.tools.gpu_check_cmd", "harli.tools.gpu_check_report", "harli.tools.gpu_check_worker",
 ])
 def test_module_imports_without_cuda(module: str) -> None:
     code = f"import {module}, sys; sys.exit('cuda' in sys.modules)"
