@@ -118,10 +118,11 @@ class RestartBoth:
 
     def apply(self) -> None:
         """SIGKILL each sibling (after ``terminate_client``, through its ``before_signal``
-        hook); ``transition`` then reaps it and it restarts through the normal crash path (the
-        job manager requeues a finetune job to resume from its checkpoint)."""
+        hook); ``transition`` then reaps it and restarts it as a forced restart, not a crash:
+        the sibling did nothing wrong, so this must not bring it closer to FATAL (the job
+        manager requeues a finetune job to resume from its checkpoint)."""
         for child in self.siblings:
-            child.kill(self.reason)
+            child.restart(self.reason)
 
 
 @dataclass

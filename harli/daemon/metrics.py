@@ -32,6 +32,11 @@ class Metrics:
                                 ["outcome"], registry=r)
         self.child_restarts = Gauge("harli_child_restarts", "Restarts of a child process.",
                                     ["child"], registry=r)
+        self.child_forced_restarts = Gauge(
+            "harli_child_forced_restarts",
+            "Of harli_child_restarts, those the daemon forced on a healthy child (MPS "
+            "restart-both, decode's shared weights gone); not counted as crashes.",
+            ["child"], registry=r)
         self.finetune_level = Gauge("harli_finetune_level",
                                     "Quota level of the last finetune micro-step.", registry=r)
         self.finetune_tokens = Counter("harli_finetune_tokens_total",

@@ -174,6 +174,8 @@ class Daemon:
             if child is not None:
                 self.metrics.child_restarts.labels(child.name).set_function(
                     _restarts_of(child))
+                self.metrics.child_forced_restarts.labels(child.name).set_function(
+                    _restarts_of(child, forced=True))
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -477,7 +479,8 @@ class Daemon:
     def status(self) -> DaemonStatus:
         """What ``harli status`` shows (the control API's ``GetStatus``)."""
         children = [ChildStatus(name=c.name, state=c.state.value, incarnation=c.incarnation,
-                                restarts=c.restarts, pid=c.proc.pid if c.proc else None)
+                                restarts=c.restarts, pid=c.proc.pid if c.proc else None,
+                                forced_restarts=c.forced_restarts)
                     for c in (self.decode, self.finetune) if c is not None]
         info = self.jobs.info()
         return DaemonStatus(state=self.state.value, pid=os.getpid(), children=children,
@@ -555,7 +558,9 @@ class Daemon:
             self.finetune.incarnation if self.finetune is not None else None,
             self.jobs.running is not None)
         if restart is not None and self.finetune is not None:
-            self.finetune.kill(restart)  # the job manager requeues its job at the exit
+            # Forced: not counted toward the finetune's FATAL limit. The job manager requeues
+            # its job at the exit.
+            self.finetune.restart(restart)
 
     def _on_telemetry(self, data: bytes) -> None:
         try:
@@ -593,7 +598,9 @@ class Daemon:
             decision.apply()
 
 
-def _restarts_of(child: Child) -> Callable[[], float]:
+def _restarts_of(child: Child, forced: bool = False) -> Callable[[], float]:
+    if forced:
+        return lambda: float(child.forced_restarts)
     return lambda: float(child.restarts)
 
 

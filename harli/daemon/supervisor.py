@@ -5,6 +5,11 @@ the stop ladder (message -> SIGTERM -> SIGKILL), with an optional hook before th
 Modelled on supervisor's ``Subprocess.transition()``: the daemon calls ``transition(now)`` every
 loop turn and gets back what happened; the clock and the OS are injectable so tests can run one
 tick at a time against fakes.
+
+Two ways a child ends early and comes back: a crash (it died, or never became ready), which
+counts toward ``start_retries`` and so toward FATAL; and a restart the daemon forces on a
+healthy child for a reason outside it (``Child.restart``: MPS restart-both, decode's shared
+weights gone), which is counted apart and never makes a child FATAL.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ class ChildState(enum.Enum):
     STOPPED = "stopped"
     STARTING = "starting"  # spawned, READY not yet received
     RUNNING = "running"
-    BACKOFF = "backoff"  # crashed; waiting to be restarted
+    BACKOFF = "backoff"  # crashed, or restart() forced; waiting to be restarted
     STOPPING = "stopping"
     EXITED = "exited"  # exited cleanly after a stop
     FATAL = "fatal"  # crashed too often; not restarted
@@ -155,9 +160,14 @@ class Child:
         self.incarnation = 0
         self.crashes = 0  # consecutive; reset once the child has been RUNNING stable_after_s
         self.restarts = 0  # total, for metrics
+        self.forced_restarts = 0  # of those, the ones restart() forced (no crash counted)
         self._started_at = 0.0
         self._ready_at: float | None = None
         self._backoff_until = 0.0
+        # Why restart() is ending the current incarnation (None: any end of it is a crash),
+        # and whether the pending restart in BACKOFF is a forced one.
+        self._forcing: str | None = None
+        self._backoff_forced = False
         # A restart waits while this says no (decode: until no finetune lease lies in the KV
         # cache a new engine would zero).
         self.may_start: Callable[[], bool] = lambda: True
@@ -171,6 +181,7 @@ class Child:
         if self.state not in (ChildState.STOPPED, ChildState.EXITED, ChildState.BACKOFF):
             raise RuntimeError(f"cannot start {self.name} in state {self.state.value}")
         self.incarnation += 1
+        self._forcing = None
         self.proc = self.ops.spawn(self._argv(self.incarnation), self._env)
         self._started_at = now
         self._ready_at = None
@@ -197,6 +208,7 @@ class Child:
                              self.cfg.term_timeout_s, name=self.name,
                              before_signal=self.before_signal)
         self.proc = None
+        self._forcing = None
         self.state = ChildState.STOPPED
         return rc
 
@@ -207,6 +219,15 @@ class Child:
             logger.error("[supervisor] killing %s[%d]: %s", self.name, self.incarnation, reason)
             run_before_signal(self.before_signal, self.proc, self.name)
             self.ops.kill(self.proc, signal.SIGKILL)
+
+    def restart(self, reason: str) -> None:
+        """``kill`` a child we must end for a reason outside it (MPS restart-both: a sibling's
+        GPU fault; the finetune: decode's weights it trains on are gone). It comes back after
+        ``backoff_initial_s`` and the end is *not* counted as a crash: a restart we forced says
+        nothing about the child, so it must not bring the child closer to FATAL."""
+        if self.proc is not None and self.state in (ChildState.STARTING, ChildState.RUNNING):
+            self._forcing = reason
+            self.kill(reason)
 
     # -- time --------------------------------------------------------------------------------
 
@@ -221,7 +242,7 @@ class Child:
                 logger.error("[supervisor] %s[%d] died (%s)", self.name, self.incarnation,
                              describe_returncode(rc))
                 events.append(ChildExited(self.name, self.incarnation, rc, was_running))
-                events.extend(self._crashed(now))
+                events.extend(self._ended(now))
             elif self.state is ChildState.STARTING and \
                     now - self._started_at > self.cfg.start_timeout_s:
                 logger.error("[supervisor] %s[%d] not ready after %.0f s; killing it", self.name,
@@ -230,14 +251,34 @@ class Child:
                 self.ops.kill(self.proc, signal.SIGKILL)
                 rc = self.proc.wait()
                 events.append(ChildExited(self.name, self.incarnation, rc, False))
-                events.extend(self._crashed(now))
+                events.extend(self._ended(now))
             elif (self.state is ChildState.RUNNING and self.crashes and self._ready_at is not None
                   and now - self._ready_at >= self.cfg.stable_after_s):
                 self.crashes = 0
         elif self.state is ChildState.BACKOFF and now >= self._backoff_until and self.may_start():
             self.restarts += 1
+            if self._backoff_forced:
+                self.forced_restarts += 1
             self.start(now)
         return events
+
+    def _ended(self, now: float) -> list[ChildEvent]:
+        # An incarnation restart() was ending is a forced restart even if it died of something
+        # else just before the SIGKILL landed: the daemon had already given up on it.
+        if self._forcing is not None:
+            return self._forced(now, self._forcing)
+        return self._crashed(now)
+
+    def _forced(self, now: float, reason: str) -> list[ChildEvent]:
+        self.proc = None
+        self._forcing = None
+        self._backoff_forced = True
+        self._backoff_until = now + self.cfg.backoff_initial_s
+        self.state = ChildState.BACKOFF
+        logger.info("[supervisor] restarting %s in %.1f s, forced (%s); not a crash, the count "
+                    "stays at %d of %d allowed", self.name, self.cfg.backoff_initial_s, reason,
+                    self.crashes, self.cfg.start_retries)
+        return []
 
     def _crashed(self, now: float) -> list[ChildEvent]:
         self.proc = None
@@ -248,6 +289,7 @@ class Child:
                          self.name, self.crashes)
             return [ChildFatal(self.name, self.crashes)]
         delay = min(self.cfg.backoff_initial_s * 2 ** (self.crashes - 1), self.cfg.backoff_max_s)
+        self._backoff_forced = False
         self._backoff_until = now + delay
         self.state = ChildState.BACKOFF
         logger.info("[supervisor] restarting %s in %.1f s (crash %d of %d allowed)", self.name,

@@ -122,6 +122,9 @@ class ChildStatus(_Ctl, tag="child", frozen=True):
     incarnation: int
     restarts: int
     pid: int | None
+    # Of ``restarts``, those the daemon forced (MPS restart-both, decode's shared weights gone):
+    # not crashes, so they never count toward supervisor.start_retries.
+    forced_restarts: int = 0
 
 
 class MemoryStatus(_Ctl, tag="memory", frozen=True):

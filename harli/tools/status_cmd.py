@@ -39,8 +39,10 @@ class StatusCommand(Command):
         for col in ("child", "state", "incarnation", "restarts", "pid"):
             t.add_column(col)
         for ch in st.children:
-            t.add_row(ch.name, ch.state, str(ch.incarnation), str(ch.restarts),
-                      str(ch.pid or "-"))
+            restarts = str(ch.restarts)
+            if ch.forced_restarts:
+                restarts += f" ({ch.forced_restarts} forced)"
+            t.add_row(ch.name, ch.state, str(ch.incarnation), restarts, str(ch.pid or "-"))
         con.print(t)
         if st.finetune_quota:
             con.print(f"finetune quota: {st.finetune_quota}")

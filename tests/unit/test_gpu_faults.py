@@ -65,7 +65,7 @@ def two_children(log: list[str]) -> tuple[Child, Child, FakeOps]:
     return decode, finetune, ops
 
 
-def test_a_fault_report_restarts_the_sibling_through_the_crash_path() -> None:
+def test_a_fault_report_restarts_the_sibling_as_a_forced_restart() -> None:
     log: list[str] = []
     decode, finetune, _ = two_children(log)
     fc = FaultContainment()
@@ -78,8 +78,10 @@ def test_a_fault_report_restarts_the_sibling_through_the_crash_path() -> None:
     assert log == ["terminate_client 100", "signal SIGKILL 100"]
     ev = decode.transition(2.0)
     assert ev == [ChildExited("decode", 1, -9, True)] and decode.state is ChildState.BACKOFF
+    assert decode.crashes == 0  # the sibling did nothing wrong: no step closer to FATAL
     decode.transition(3.0)
-    assert decode.state is ChildState.STARTING and decode.incarnation == 2  # normal restart
+    assert decode.state is ChildState.STARTING and decode.incarnation == 2
+    assert decode.restarts == 1 and decode.forced_restarts == 1
     # The sibling's own exit, and the culprit's, do not cascade a second time.
     assert fc.on_exit(ev[0], [decode, finetune]) is None
     finetune.proc.returncode = 1  # type: ignore[union-attr]

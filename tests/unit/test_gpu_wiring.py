@@ -222,6 +222,15 @@ def test_daemon_relays_decodes_weights_when_the_finetune_is_ready(daemon: Any) -
     daemon._on_decode_exit(ChildExited("decode", daemon.decode.incarnation, -9, True))
     assert (daemon.finetune.proc.pid, signal.SIGKILL) in ops.signals
     assert not daemon._may_start_job()  # until the new decode has exported again
+    # A forced restart: not a crash of the finetune, but shown apart in status.
+    daemon.finetune.transition(1.0)
+    assert daemon.finetune.crashes == 0
+    daemon.finetune.transition(1000.0)
+    (fs,) = [c for c in daemon.status().children if c.name == "finetune"]
+    assert fs.restarts == 1 and fs.forced_restarts == 1
+    sample = daemon.metrics.registry.get_sample_value
+    assert sample("harli_child_forced_restarts", {"child": "finetune"}) == 1
+    assert sample("harli_child_restarts", {"child": "finetune"}) == 1
 
 
 def test_daemon_relays_at_once_to_a_running_finetune_and_ignores_stale_exports(

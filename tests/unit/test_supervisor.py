@@ -78,6 +78,54 @@ def test_too_many_crashes_is_fatal() -> None:
     assert c.transition(now + 1000) == []  # FATAL stays FATAL
 
 
+def test_forced_restarts_never_make_a_child_fatal() -> None:
+    c, ops = make()
+    c.start(0.0)
+    now = 0.0
+    for i in range(3 * CFG.start_retries):  # far more than the crashes FATAL allows
+        c.on_ready(c.incarnation, now)
+        c.restart("a sibling's GPU fault")
+        assert ops.signals[-1] == (ops.procs[-1].pid, signal.SIGKILL)
+        now += 1.0
+        ev = c.transition(now)
+        assert ev == [ChildExited("decode", i + 1, -9, True)]  # reported like any exit
+        assert c.state is ChildState.BACKOFF and c.crashes == 0
+        c.transition(now + CFG.backoff_initial_s)  # never more than the first delay
+        assert c.state is ChildState.STARTING
+        now += CFG.backoff_initial_s
+    n = 3 * CFG.start_retries
+    assert c.restarts == n and c.forced_restarts == n  # still counted, apart
+
+
+def test_forced_restarts_leave_the_crash_count_alone() -> None:
+    c, ops = make()
+    c.start(0.0)
+    now = 0.0
+    for _ in range(CFG.start_retries):  # crash, then a forced restart: repeat
+        ops.procs[-1].returncode = 1
+        now += 100
+        assert not any(isinstance(e, ChildFatal) for e in c.transition(now))
+        now += 100
+        c.transition(now)
+        c.restart("decode's weights are gone")
+        now += 100
+        c.transition(now)
+        now += 100
+        c.transition(now)
+    assert c.crashes == CFG.start_retries and c.forced_restarts == CFG.start_retries
+    assert c.state is ChildState.STARTING
+    ops.procs[-1].returncode = 1  # one more real crash is one too many
+    assert isinstance(c.transition(now + 100)[-1], ChildFatal)
+    assert c.state is ChildState.FATAL
+
+
+def test_kill_still_counts_as_a_crash() -> None:
+    c, _ = make(SupervisorConfig(backoff_initial_s=1, start_retries=0))
+    c.start(0.0)
+    c.kill("missed the reclaim deadline")  # misbehaving: not a forced restart
+    assert isinstance(c.transition(1.0)[-1], ChildFatal) and c.forced_restarts == 0
+
+
 def test_backoff_is_capped() -> None:
     c, ops = make(SupervisorConfig(backoff_initial_s=1, backoff_max_s=2, start_retries=10))
     c.start(0.0)
