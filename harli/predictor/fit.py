@@ -21,6 +21,16 @@ import numpy as np
 from harli.predictor.features import FEATURE_NAMES, BatchShape, vector
 
 DEFAULT_QUANTILE = 0.99
+# The weight of each new iteration in the daemon's per-level online bias (``ModelConfig``'s
+# ``ewma_alpha``); the fits replay that bias over their samples to measure the spread left
+# after it (``tracked_ratio_q``).
+DEFAULT_BIAS_ALPHA = 0.05
+
+
+def bias_warmup(alpha: float) -> int:
+    """Iterations an online bias of weight ``alpha`` needs before it is trusted (~1/alpha,
+    its effective memory); until then the daemon uses the raw bound."""
+    return math.ceil(1.0 / alpha)
 # A prediction never goes below this share of the fastest iteration seen in the fit: a linear
 # fit may extrapolate to <= 0 for shapes smaller than any profiled one.
 FLOOR_FRACTION = 0.5
@@ -57,6 +67,10 @@ class SoloFit:
     ratio_q: float  # q-quantile of measured/estimate over the fit samples, >= 1
     spread_log: float  # mean |log(measured/estimate)| over the fit samples
     floor_s: float
+    # The same two figures after the daemon's online bias: see ``tracked_bound``. None in
+    # profiles written before they existed (the model then uses ratio_q and spread_log).
+    tracked_ratio_q: float | None = None
+    tracked_spread_log: float | None = None
 
     def estimate(self, shape: BatchShape) -> float:
         est = sum(c * x for c, x in zip(self.coefficients, vector(shape), strict=True))
@@ -75,15 +89,19 @@ class LevelFit:
     ratio_q: float
     spread_log: float
     floor_s: float
+    tracked_ratio_q: float | None = None  # as in SoloFit
+    tracked_spread_log: float | None = None
 
     def estimate(self, solo_s: float) -> float:
         est = self.scale * solo_s + self.offset_s
         return est if est > self.floor_s else self.floor_s
 
 
-def fit_solo(samples: Iterable[Sample], *, quantile: float = DEFAULT_QUANTILE) -> SoloFit:
+def fit_solo(samples: Iterable[Sample], *, quantile: float = DEFAULT_QUANTILE,
+             bias_alpha: float = DEFAULT_BIAS_ALPHA) -> SoloFit:
     """Weighted least squares of level-0 latency on the feature vector. Features whose column
-    is all zero in the data are left out (coefficient 0)."""
+    is all zero in the data are left out (coefficient 0). ``samples`` in the order they were
+    measured: the tracked bound replays the online bias over them."""
     _check_quantile(quantile)
     solo = [s for s in samples if s.level == 0]
     x = np.array([vector(s.shape) for s in solo], dtype=np.float64).reshape(-1, len(FEATURE_NAMES))
@@ -98,7 +116,8 @@ def fit_solo(samples: Iterable[Sample], *, quantile: float = DEFAULT_QUANTILE) -
     # Dividing rows by y turns ordinary least squares into weights 1/y^2.
     coefficients[active] = _robust_lstsq(x[:, active] / y[:, None])
     return solo_fit_from(tuple(float(c) for c in coefficients), [s.shape for s in solo],
-                         [s.latency_s for s in solo], quantile=quantile)
+                         [s.latency_s for s in solo], quantile=quantile,
+                         bias_alpha=bias_alpha)
 
 
 def _robust_lstsq(design: Any, passes: int = 2, cut_mads: float = 3.0) -> Any:
@@ -124,19 +143,24 @@ def _robust_lstsq(design: Any, passes: int = 2, cut_mads: float = 3.0) -> Any:
 
 
 def solo_fit_from(coefficients: tuple[float, ...], shapes: Sequence[BatchShape],
-                  latencies_s: Sequence[float], *, quantile: float) -> SoloFit:
-    """A ``SoloFit`` with these coefficients, its bound and floor taken from these samples
-    (shared by the offline fit and the online refit)."""
+                  latencies_s: Sequence[float], *, quantile: float,
+                  bias_alpha: float = DEFAULT_BIAS_ALPHA) -> SoloFit:
+    """A ``SoloFit`` with these coefficients, its bounds and floor taken from these samples,
+    in the order they were measured (shared by the offline fit and the online refit)."""
     floor_s = FLOOR_FRACTION * min(latencies_s)
     bare = SoloFit(coefficients, FEATURE_NAMES, len(shapes), quantile, 1.0, 0.0, floor_s)
     predicted = [bare.estimate(shape) for shape in shapes]
     ratio_q, spread_log = _bound(latencies_s, predicted, quantile)
+    tracked_q, tracked_spread = tracked_bound(latencies_s, predicted,
+                                              [shape.prefill_tokens > 0 for shape in shapes],
+                                              quantile=quantile, alpha=bias_alpha)
     return SoloFit(coefficients, FEATURE_NAMES, len(shapes), quantile, ratio_q, spread_log,
-                   floor_s)
+                   floor_s, tracked_q, tracked_spread)
 
 
 def fit_levels(samples: Iterable[Sample], solo: SoloFit, *, quantile: float = DEFAULT_QUANTILE,
-               min_samples: int = 3) -> dict[int, LevelFit]:
+               min_samples: int = 3,
+               bias_alpha: float = DEFAULT_BIAS_ALPHA) -> dict[int, LevelFit]:
     """Per quota level L > 0: ``measured ~= scale_L * solo.estimate + offset_L``, fit with
     relative weighting. A level with fewer than ``min_samples`` samples is an error."""
     _check_quantile(quantile)
@@ -161,8 +185,11 @@ def fit_levels(samples: Iterable[Sample], solo: SoloFit, *, quantile: float = DE
         floor_s = FLOOR_FRACTION * float(y.min())
         predicted = [max(scale * s + offset_s, floor_s) for s in solo_s.tolist()]
         ratio_q, spread_log = _bound(y.tolist(), predicted, quantile)
+        tracked_q, tracked_spread = tracked_bound(
+            y.tolist(), predicted, [s.shape.prefill_tokens > 0 for s in group],
+            quantile=quantile, alpha=bias_alpha)
         fits[level] = LevelFit(level, scale, offset_s, len(group), quantile, ratio_q, spread_log,
-                               floor_s)
+                               floor_s, tracked_q, tracked_spread)
     return fits
 
 
@@ -173,6 +200,33 @@ def _bound(measured_s: Sequence[float], predicted_s: Sequence[float],
     ratio_q = max(1.0, float(np.quantile(ratios, quantile)))
     spread_log = float(np.mean(np.abs(np.log(ratios))))
     return ratio_q, spread_log
+
+
+def tracked_bound(measured_s: Sequence[float], predicted_s: Sequence[float],
+                  keys: Sequence[object], *, quantile: float,
+                  alpha: float = DEFAULT_BIAS_ALPHA) -> tuple[float, float]:
+    """``_bound`` of what the daemon's prediction misses *after* its online bias.
+
+    The daemon multiplies each estimate by an EWMA (weight ``alpha``, starting at 1) of the
+    measured/estimate ratios seen before it, one per key (``LatencyModel`` keys them by
+    whether the iteration has prefill). Replaying that over the samples in measured order
+    gives the spread the bias leaves. On a host whose speed drifts for seconds at a time
+    (this VM: ~1.4x), the raw ratio's quantile counts the drift as spread although the bias
+    follows it, so a bound of bias x raw quantile counts it twice."""
+    warmup = bias_warmup(alpha)
+    biases_log: dict[object, tuple[int, float]] = {}
+    residuals_log: list[float] = []
+    for m, p, key in zip(measured_s, predicted_s, keys, strict=True):
+        log_ratio = math.log(m / p)
+        n, bias_log = biases_log.get(key, (0, 0.0))
+        if n >= warmup:  # before that the daemon uses the raw bound
+            residuals_log.append(log_ratio - bias_log)
+        biases_log[key] = (n + 1, bias_log + alpha * (log_ratio - bias_log))
+    if not residuals_log:  # too few samples to say: no tighter than the raw bound
+        return _bound(measured_s, predicted_s, quantile)
+    residuals = np.asarray(residuals_log)
+    ratio_q = max(1.0, math.exp(float(np.quantile(residuals, quantile))))
+    return ratio_q, float(np.mean(np.abs(residuals)))
 
 
 def _check_quantile(quantile: float) -> None:

@@ -22,7 +22,15 @@ from typing import NamedTuple
 
 from harli.predictor.correction import LevelCorrection, RatioEwma
 from harli.predictor.features import BatchShape
-from harli.predictor.fit import LevelFit, Sample, SoloFit, fit_levels, fit_solo
+from harli.predictor.fit import (
+    DEFAULT_BIAS_ALPHA,
+    LevelFit,
+    Sample,
+    SoloFit,
+    bias_warmup,
+    fit_levels,
+    fit_solo,
+)
 from harli.predictor.online import SoloAccumulator
 
 __all__ = ["LatencyModel", "LevelFit", "ModelConfig", "Prediction", "Sample", "SoloFit",
@@ -49,7 +57,7 @@ def _help(text: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    ewma_alpha: float = field(default=0.05, metadata=_help(
+    ewma_alpha: float = field(default=DEFAULT_BIAS_ALPHA, metadata=_help(
         "weight of each new iteration in the per-level bias and spread EWMAs"))
     drift_threshold_log: float = field(default=0.25, metadata=_help(
         "|bias| in log space (0.15 ~ 16%) at which a drift event is logged and counted"))
@@ -91,6 +99,14 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+def _bounds(fit: SoloFit | LevelFit) -> tuple[float, float, float]:
+    """(raw ratio_q, tracked ratio_q, tracked spread) of a fit; a profile written before the
+    tracked figures existed uses the raw ones for both."""
+    if fit.tracked_ratio_q is None or fit.tracked_spread_log is None:
+        return fit.ratio_q, fit.ratio_q, fit.spread_log
+    return fit.ratio_q, fit.tracked_ratio_q, fit.tracked_spread_log
+
+
 class LatencyModel:
     def __init__(self, solo: SoloFit | None, levels: dict[int, LevelFit], *,
                  config: ModelConfig | None = None,
@@ -121,6 +137,9 @@ class LatencyModel:
         self._fallbacks: dict[int, int] = {}
         self._last_drift_s: dict[int, float] = {}
         self._errors: deque[float] = deque(maxlen=self._cfg.error_window)
+        # Iterations of a (level, prefill) correction before its bias is trusted (see
+        # fit.tracked_bound, which leaves the same warm-up out of its quantile).
+        self._warmup = bias_warmup(self._cfg.ewma_alpha)
 
     @classmethod
     def online(cls, prior_latency_s: float, *, config: ModelConfig | None = None) -> LatencyModel:
@@ -131,8 +150,10 @@ class LatencyModel:
     @classmethod
     def from_samples(cls, samples: list[Sample], *, config: ModelConfig | None = None,
                      quantile: float = 0.99) -> LatencyModel:
-        solo = fit_solo(samples, quantile=quantile)
-        return cls(solo, fit_levels(samples, solo, quantile=quantile), config=config)
+        alpha = (config if config is not None else ModelConfig()).ewma_alpha
+        solo = fit_solo(samples, quantile=quantile, bias_alpha=alpha)
+        return cls(solo, fit_levels(samples, solo, quantile=quantile, bias_alpha=alpha),
+                   config=config)
 
     # -- hot path ---------------------------------------------------------------------------
 
@@ -142,31 +163,33 @@ class LatencyModel:
         solo = self._solo
         if solo is None:
             return self._prior
-        estimate_s, ratio_q, _, fallback = self._stage(level, solo.estimate(shape))
+        estimate_s, ratio_q, tracked_q, _, fallback = self._stage(level, solo.estimate(shape))
         if fallback:
             self._fallbacks[level] = self._fallbacks.get(level, 0) + 1
         corr = self._corrections.get((level, shape.prefill_tokens > 0))
-        if corr is None:
+        if corr is None or corr.n < self._warmup:
+            # No bias learnt yet: the raw quantile, which covers the host's drift as well.
             return Prediction(estimate_s, estimate_s * ratio_q)
         estimate_s *= corr.bias_factor
-        return Prediction(estimate_s, estimate_s * ratio_q * corr.spread_factor)
+        return Prediction(estimate_s, estimate_s * tracked_q * corr.spread_factor)
 
-    def _stage(self, level: int, solo_s: float) -> tuple[float, float, float, bool]:
-        """(estimate before online bias, ratio_q, fitted spread, is fallback) at ``level``."""
+    def _stage(self, level: int, solo_s: float) -> tuple[float, float, float, float, bool]:
+        """At ``level``: (estimate before the online bias, raw ratio_q, ratio_q after the
+        bias, mean |log residual| after the bias, is fallback)."""
         solo = self._solo
         assert solo is not None  # callers check; kept out of the public hot path
         if level == 0:
-            return solo_s, solo.ratio_q, solo.spread_log, False
+            return (solo_s, *_bounds(solo), False)
         lf = self._levels.get(level)
         if lf is not None:
-            return lf.estimate(solo_s), lf.ratio_q, lf.spread_log, False
+            return (lf.estimate(solo_s), *_bounds(lf), False)
         ratio = self._ratios.get(level)
         if ratio is not None and ratio.n >= self._cfg.level_min_samples:
-            return solo_s * ratio.ratio, solo.ratio_q, solo.spread_log, False
+            return (solo_s * ratio.ratio, *_bounds(solo), False)
         if level < 0:
             raise ValueError(f"quota level must be >= 0, got {level}")
         lower = self._stage(self._nearest_lower(level), solo_s)
-        return lower[0] * self._cfg.fallback_factor, lower[1], lower[2], True
+        return (lower[0] * self._cfg.fallback_factor, *lower[1:4], True)
 
     def _nearest_lower(self, level: int) -> int:
         for lower in range(level - 1, 0, -1):
@@ -197,7 +220,7 @@ class LatencyModel:
         solo = self._solo
         assert solo is not None
         solo_s = solo.estimate(shape)
-        base_s, _, fitted_spread_log, fallback = self._stage(level, solo_s)
+        base_s, _, _, fitted_spread_log, fallback = self._stage(level, solo_s)
         key = (level, shape.prefill_tokens > 0)
         corr = self._corrections.get(key)
         if corr is None:
@@ -229,7 +252,7 @@ class LatencyModel:
         cfg = self._cfg
         first = self._solo is None and acc.n >= max(cfg.online_min_samples, acc.n_features())
         if first or (self._solo is not None and self._since_fit >= cfg.refit_every):
-            self._solo = acc.fit(cfg.quantile)
+            self._solo = acc.fit(cfg.quantile, cfg.ewma_alpha)
             self._since_fit = 0
             self._refits += 1
             logger.info("[predictor] online stage-1 refit %d on %d level-0 iterations",

@@ -8,6 +8,7 @@ quantile. ``fit`` solves the normal equations; the model calls it every N new sa
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
 import numpy as np
@@ -36,7 +37,7 @@ class SoloAccumulator:
         """Features seen non-zero so far (the others stay out of the fit)."""
         return int(np.count_nonzero(np.diag(self.xtwx) > 0.0))
 
-    def fit(self, quantile: float) -> SoloFit:
+    def fit(self, quantile: float, bias_alpha: float) -> SoloFit:
         active = np.diag(self.xtwx) > 0.0
         coefficients = np.zeros(len(FEATURE_NAMES))
         # lstsq rather than solve: a feature that so far moved in lockstep with another
@@ -46,7 +47,6 @@ class SoloAccumulator:
         shapes = [shape for shape, _ in self.window]
         latencies_s = [latency_s for _, latency_s in self.window]
         fit = solo_fit_from(tuple(float(c) for c in coefficients), shapes, latencies_s,
-                            quantile=quantile)
+                            quantile=quantile, bias_alpha=bias_alpha)
         # n counts every sample in the sufficient statistics, not just the window.
-        return SoloFit(fit.coefficients, fit.feature_names, self.n, fit.quantile, fit.ratio_q,
-                       fit.spread_log, fit.floor_s)
+        return dataclasses.replace(fit, n=self.n)

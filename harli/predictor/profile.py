@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from harli.predictor.features import FEATURE_NAMES
-from harli.predictor.fit import LevelFit, Sample, SoloFit
+from harli.predictor.fit import LevelFit, Sample, SoloFit, fit_levels, fit_solo
 from harli.predictor.model import LatencyModel, ModelConfig
 
 PROFILE_VERSION = 1
@@ -72,6 +72,15 @@ class Profile(msgspec.Struct, kw_only=True):
         return [f"{name}: profile {getattr(self.key, name)}, daemon {getattr(expected, name)}"
                 for name in ProfileKey.__struct_fields__
                 if getattr(self.key, name) != getattr(expected, name)]
+
+    def refit(self) -> Profile:
+        """This profile with both stages fit again on its stored samples (in their measured
+        order), e.g. after harli's fits gained a field; ValueError if it has too few."""
+        solo = fit_solo([s for s in self.samples if s.level == 0])
+        levels = fit_levels([s for s in self.samples if s.level > 0], solo)
+        return Profile(version=self.version, key=self.key, created_s=self.created_s,
+                       solo=solo, levels=levels, samples=self.samples,
+                       meta=dict(self.meta))
 
     def model(self, config: ModelConfig | None = None) -> LatencyModel:
         if self.solo is None:

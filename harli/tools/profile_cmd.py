@@ -257,6 +257,9 @@ class ProfileCommand(Command):
         p.add_argument("--quick", action="store_true", help="a smaller grid (<= 3 minutes)")
         p.add_argument("--evaluate", type=Path, metavar="PROFILE",
                        help="measure held-out configurations against this profile")
+        p.add_argument("--refit", type=Path, metavar="PROFILE",
+                       help="fit again the iterations stored in PROFILE (after an upgrade of "
+                       "harli's fits) and write the result to --out; measures nothing")
         p.add_argument("--png", type=Path, help="plot of predicted vs measured (--evaluate; "
                        "default: PROFILE.eval.png, with PROFILE.eval.json beside it)")
         p.add_argument("--repeats", type=int,
@@ -268,7 +271,9 @@ class ProfileCommand(Command):
         add_config_arguments(p)
 
     def validate(self, args: argparse.Namespace) -> None:
-        if (args.out is None) == (args.evaluate is None):
+        if args.refit is not None and (args.out is None or args.evaluate is not None):
+            raise CommandError("--refit OLD needs --out NEW (and no --evaluate)")
+        if args.refit is None and (args.out is None) == (args.evaluate is None):
             raise CommandError("give --out PROFILE to profile, or --evaluate PROFILE")
         if args.repeats is None:
             args.repeats = 3 if args.quick else 4
@@ -285,13 +290,25 @@ class ProfileCommand(Command):
         console = Console(stderr=True)
         expected = None
         profile = None
-        if args.evaluate is not None:
+        source = args.evaluate if args.evaluate is not None else args.refit
+        if source is not None:
             try:
-                profile = Profile.from_json(args.evaluate.read_bytes(), source=str(args.evaluate))
+                profile = Profile.from_json(source.read_bytes(), source=str(source))
             except OSError as e:
-                raise CommandError(f"cannot read {args.evaluate}: {e.strerror}") from None
+                raise CommandError(f"cannot read {source}: {e.strerror}") from None
             except ProfileError as e:
                 raise CommandError(str(e)) from None
+        if args.refit is not None:
+            assert profile is not None
+            try:
+                refitted = profile.refit()
+            except ValueError as e:
+                raise CommandError(f"{args.refit}: {e}") from None
+            refitted.meta["refitted_s"] = round(time.time(), 1)
+            args.out.write_bytes(refitted.to_json())
+            console.print(f"{len(profile.samples)} iterations of {args.refit} fitted again, "
+                          f"written to {args.out}")
+            return 0
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="harli-profile-") as tmp, \
                 profiling_daemon(args.dir or Path(tmp), list(args.overrides),
@@ -312,14 +329,13 @@ class ProfileCommand(Command):
                                   progress)
         elapsed = time.monotonic() - t0
         if profile is None:
-            from harli.predictor import PROFILE_VERSION, fit_levels, fit_solo
+            from harli.predictor import PROFILE_VERSION
 
-            solo = fit_solo([s for s in samples if s.level == 0])
-            fitted = fit_levels([s for s in samples if s.level > 0], solo)
             out = Profile(version=PROFILE_VERSION, key=expected, created_s=time.time(),
-                          solo=solo, levels=fitted, samples=samples,
+                          solo=None, samples=samples,
                           meta={"quick": args.quick, "repeats": args.repeats,
-                                "elapsed_s": round(elapsed, 1), "configs": len(configs)})
+                                "elapsed_s": round(elapsed, 1),
+                                "configs": len(configs)}).refit()
             args.out.write_bytes(out.to_json())
             console.print(f"profile of {len(samples)} iterations in {len(configs)} "
                           f"configurations ({elapsed:.0f} s) written to {args.out}")

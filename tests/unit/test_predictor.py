@@ -3,12 +3,15 @@ detection, the prediction invariant, profile files, and evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
+import statistics
 import time
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -414,3 +417,98 @@ def test_token_latency_counts_the_gap_only_when_the_engine_ran_back_to_back() ->
     assert token_latency_s(idle, prev) == pytest.approx(0.008)  # the engine had been idle
     restarted = T(incarnation=2, iteration=8, num_running=3, start_s=1.012, end_s=1.020)
     assert token_latency_s(restarted, prev) == pytest.approx(0.008)
+
+
+# -- the bound after the online bias ------------------------------------------------------------
+
+
+def drifting_samples(n: int, seed: int = 0, *, level: int = 0) -> list[Sample]:
+    """One shape measured on a host whose speed drifts slowly (a bounded random walk, up to
+    ~1.6x apart, as this VM's CPU does over a minute) under a small per-iteration noise."""
+    rng = random.Random(seed)
+    drift_log, out = 0.0, []
+    for _ in range(n):
+        drift_log = min(0.25, max(-0.25, drift_log + rng.gauss(0.0, 0.01)))
+        latency_s = true_latency_s(SHAPE, level) * math.exp(drift_log + rng.gauss(0.0, 0.03))
+        out.append(Sample(SHAPE, level, latency_s, "drift"))
+    return out
+
+
+def test_tracked_bound_leaves_out_the_drift_the_bias_follows() -> None:
+    from harli.predictor.fit import tracked_bound
+
+    samples = drifting_samples(5000)
+    measured = [s.latency_s for s in samples]
+    predicted = [true_solo_s(SHAPE)] * len(samples)
+    ratios = sorted(m / p for m, p in zip(measured, predicted, strict=True))
+    raw_q = ratios[int(0.99 * len(ratios))]
+    tracked_q, tracked_spread = tracked_bound(measured, predicted, [False] * len(samples),
+                                              quantile=0.99)
+    assert tracked_q < 1.15 < raw_q  # noise sigma 0.03 -> p99 ~1.07; the drift alone 1.28
+    assert 0.0 < tracked_spread < 0.06
+    # Too few samples for a warmed-up bias: no tighter than the raw bound.
+    assert tracked_bound(measured[:5], predicted[:5], [False] * 5, quantile=0.99) \
+        == pytest.approx(tracked_bound(measured[:5], predicted[:5], [True] * 5, quantile=0.99))
+
+
+def test_model_bound_covers_a_drifting_host_and_is_tighter_than_the_raw_one() -> None:
+    fit_on = drifting_samples(4000, seed=2)
+    model = LatencyModel.from_samples(fit_on)
+    solo = model.solo
+    assert solo is not None and solo.tracked_ratio_q is not None
+    assert solo.tracked_ratio_q < solo.ratio_q
+    raw = LatencyModel(dataclasses.replace(solo, tracked_ratio_q=None, tracked_spread_log=None),
+                       {})
+    covered, tight = [], []
+    for i, s in enumerate(drifting_samples(4000, seed=3)):
+        p, r = model.predict(s.shape, 0), raw.predict(s.shape, 0)
+        covered.append(s.latency_s <= p.upper_s)
+        tight.append(p.upper_s / r.upper_s)
+        model.observe(s.shape, 0, s.latency_s, now=float(i))
+        raw.observe(s.shape, 0, s.latency_s, now=float(i))
+    assert sum(covered) / len(covered) >= 0.98  # a 0.99 bound, on a fresh run of the host
+    assert statistics.median(tight) < 0.9
+
+
+def test_bias_is_trusted_only_after_its_warmup() -> None:
+    from harli.predictor.fit import bias_warmup
+
+    model = LatencyModel.from_samples(drifting_samples(2000, seed=4))
+    solo = model.solo
+    assert solo is not None and solo.tracked_ratio_q is not None
+    warmup = bias_warmup(ModelConfig().ewma_alpha)
+    for i in range(warmup - 1):
+        model.observe(SHAPE, 0, true_solo_s(SHAPE), now=float(i))
+        p = model.predict(SHAPE, 0)
+        assert p.upper_s == pytest.approx(p.estimate_s * solo.ratio_q)  # still the raw bound
+    model.observe(SHAPE, 0, true_solo_s(SHAPE), now=float(warmup))
+    p = model.predict(SHAPE, 0)
+    assert p.upper_s / p.estimate_s == pytest.approx(solo.tracked_ratio_q, rel=0.2)
+
+
+def test_profile_without_tracked_bounds_still_loads_and_uses_the_raw_one() -> None:
+    profile = make_profile()
+    data = msgspec.json.decode(profile.to_json())
+    for fit in (data["solo"], *data["levels"].values()):
+        del fit["tracked_ratio_q"], fit["tracked_spread_log"]
+    old = Profile.from_json(msgspec.json.encode(data))
+    assert old.solo is not None and old.solo.tracked_ratio_q is None
+    model = old.model()
+    for i in range(100):
+        model.observe(SHAPE, 0, true_solo_s(SHAPE), now=float(i))
+    p = model.predict(SHAPE, 0)
+    assert p.upper_s == pytest.approx(p.estimate_s * old.solo.ratio_q)
+
+
+def test_profile_refit_fits_the_stored_samples_again() -> None:
+    profile = make_profile()
+    stale = Profile(version=profile.version, key=profile.key, created_s=profile.created_s,
+                    solo=dataclasses.replace(profile.solo, coefficients=(1.0,) * 6),  # type: ignore[type-var]
+                    levels=profile.levels, samples=make_samples(random.Random(5), 300, (0, 1)),
+                    meta=profile.meta)
+    again = stale.refit()
+    assert again.samples == stale.samples and again.key == stale.key
+    assert again.solo == fit_solo(stale.samples)
+    assert again.levels == fit_levels([s for s in stale.samples if s.level > 0], again.solo)
+    with pytest.raises(ValueError, match="level-0 samples"):
+        Profile(version=PROFILE_VERSION, key=KEY, created_s=0.0, solo=None).refit()
