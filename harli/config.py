@@ -154,8 +154,20 @@ class FinetuneConfig:
         "The quota level the finetune starts at, until the scheduler policy's first decision "
         "(for a fixed level use scheduler.policy = \"static:L\"); 0 = paused.", default=2)
     max_threads: int = _help("CPU hosts: threads at the top level; 0 = all cores.", default=0)
+    cpu_scheduling_policy: str = _help(
+        "Linux scheduling policy of every finetune thread, as systemd's CPUSchedulingPolicy= "
+        "names them: \"idle\" (runs only on CPU time nothing else wants, so the daemon, "
+        "decode and clients preempt it at once), \"batch\" or \"other\" (the default "
+        "class).", default="idle")
+    nice: int = _help("Nice value of every finetune thread (0..19; \"other\" and \"batch\" "
+                      "only: \"idle\" is below every nice value).", default=0)
 
     def __post_init__(self) -> None:
+        if self.cpu_scheduling_policy not in ("idle", "batch", "other"):
+            raise ConfigError(f"finetune.cpu_scheduling_policy: expected \"idle\", \"batch\" "
+                              f"or \"other\", got {self.cpu_scheduling_policy!r}")
+        if not 0 <= self.nice <= 19:
+            raise ConfigError(f"finetune.nice: expected 0..19, got {self.nice}")
         if self.levels < 1:
             raise ConfigError(f"finetune.levels: expected >= 1, got {self.levels}")
         if not 0 <= self.level <= self.levels:

@@ -272,11 +272,21 @@ class FinetuneProc:
 def run_finetune_proc(cfg: HarliConfig, incarnation: int, arena_json: str = "",
                       decode_cores: str = "none") -> int:
     """Entry of the finetune process; returns its exit code."""
-    from harli.ipc.process import configure_logging, die_with_parent, run_child, set_title
+    from harli.ipc.process import (
+        configure_logging,
+        die_with_parent,
+        run_child,
+        set_cpu_scheduling,
+        set_title,
+    )
 
     die_with_parent()
     set_title(f"harli::finetune[{incarnation}]")
     configure_logging("finetune", cfg.daemon.log_level)
+    # Before torch starts its thread pools, which inherit it: the finetune takes only CPU time
+    # that the daemon, decode and clients leave (a training thread on the daemon's core
+    # otherwise delays the daemon's routing of decode's tokens by up to a scheduler slice).
+    set_cpu_scheduling(cfg.finetune.cpu_scheduling_policy, cfg.finetune.nice, "finetune")
     from harli.config import parse_cpu_list
 
     # Started on the cores decode does not use (inherited from the daemon); the top levels

@@ -54,6 +54,23 @@ def pin_to(cores: set[int] | None, role: str) -> None:
         logger.info("[%s] pinned to cores %s", role, format_cpu_list(cores))
 
 
+_SCHED_POLICIES = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
+
+
+def set_cpu_scheduling(policy: str, nice: int, role: str) -> None:
+    """Every thread of this process, and those it starts later, to scheduling ``policy``
+    ("other", "batch", "idle": systemd's CPUSchedulingPolicy= names) at ``nice``. Linux keeps
+    both per thread and new threads inherit them from the one that starts them."""
+    sched = _SCHED_POLICIES[policy]
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setscheduler(int(tid), sched, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except ProcessLookupError:  # a thread that just ended
+            continue
+    logger.info("[%s] cpu scheduling policy %s, nice %d", role, policy, nice)
+
+
 class ChildLoop(Protocol):
     """What ``run_child`` needs of a child process's main object."""
 

@@ -84,6 +84,14 @@ def _thread_cores(pid: int) -> set[int]:
     return cores
 
 
+def _thread_policies(pid: int) -> set[int]:
+    policies: set[int] = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            policies.add(os.sched_getscheduler(int(tid)))
+    return policies
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
                     reason="one core: decode is not pinned, so there is no core to fence off")
 def test_a_level_drop_fences_the_training_finetune_off_decode_cores_at_once(
@@ -101,6 +109,9 @@ def test_a_level_drop_fences_the_training_finetune_off_decode_cores_at_once(
         while c.status().level != 4 or decode_core not in _thread_cores(ft):
             assert time.monotonic() < deadline, "the finetune never ran at level 4"
             time.sleep(0.05)
+        # Every training thread, torch's OpenMP workers included, is in the idle scheduling
+        # class (finetune.cpu_scheduling_policy's default): decode preempts it on its core.
+        assert _thread_policies(ft) == {os.SCHED_IDLE}
         fenced: list[bool] = []
         done = threading.Event()
 

@@ -50,6 +50,8 @@ def test_json_round_trip_for_children() -> None:
     ("supervisor.backoff_initial_s=0", "supervisor.backoff_initial_s"),
     ("decode.enforce_eager=1", "decode.enforce_eager"),
     ("nodot=1", "section.key=value"),
+    ('finetune.cpu_scheduling_policy="fifo"', "finetune.cpu_scheduling_policy"),
+    ("finetune.nice=20", "finetune.nice"),
 ])
 def test_bad_values_name_the_key(override: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
