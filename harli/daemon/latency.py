@@ -22,6 +22,7 @@ from harli.ipc.messages import IterationTelemetry
 from harli.predictor import (
     BatchShape,
     LatencyModel,
+    ModelConfig,
     Prediction,
     Profile,
     ProfileError,
@@ -76,8 +77,8 @@ class LatencyTracker:
                            "conservative %.0f ms per iteration and learning online from "
                            "telemetry; run `harli profile --out FILE` for a calibrated one",
                            cfg.predictor.prior_iteration_ms)
-            return cls(LatencyModel.online(cfg.predictor.prior_iteration_ms / 1000.0), None,
-                       metrics)
+            return cls(LatencyModel.online(cfg.predictor.prior_iteration_ms / 1000.0,
+                                           config=_model_config(cfg)), None, metrics)
         try:
             data = Path(path).read_bytes()
         except OSError as e:
@@ -89,7 +90,7 @@ class LatencyTracker:
                                + "; ".join(bad) + " (re-run `harli profile`)")
         logger.info("[predictor] profile %s: %d iterations, levels %s", path,
                     len(profile.samples), sorted(profile.levels))
-        return cls(profile.model(), path, metrics)
+        return cls(profile.model(_model_config(cfg)), path, metrics)
 
     def _recent_error(self) -> float:
         err = self.model.stats()["recent_mean_abs_pct_error"]
@@ -123,3 +124,9 @@ class LatencyTracker:
             drift_events=self._drift_events(),
             fallback_predictions=sum(fallbacks.values()) if isinstance(fallbacks, dict) else 0,
             recent_mean_abs_pct_error=float(err) if isinstance(err, float | int) else None)
+
+
+def _model_config(cfg: HarliConfig) -> ModelConfig:
+    # The bound stands for the SLO's attainment target: a level is feasible when at most
+    # 1 - attainment of its iterations are predicted over the SLO.
+    return ModelConfig(quantile=cfg.scheduler.attainment)

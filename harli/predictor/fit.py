@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -25,6 +25,9 @@ DEFAULT_QUANTILE = 0.99
 # ``ewma_alpha``); the fits replay that bias over their samples to measure the spread left
 # after it (``tracked_ratio_q``).
 DEFAULT_BIAS_ALPHA = 0.05
+# Where the fits keep the tail of that spread, so that the daemon can take its bound at the
+# SLO's attainment target rather than only at the fit's quantile (1.0: the largest seen).
+TAIL_QUANTILES = (0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 
 
 def bias_warmup(alpha: float) -> int:
@@ -67,10 +70,12 @@ class SoloFit:
     ratio_q: float  # q-quantile of measured/estimate over the fit samples, >= 1
     spread_log: float  # mean |log(measured/estimate)| over the fit samples
     floor_s: float
-    # The same two figures after the daemon's online bias: see ``tracked_bound``. None in
-    # profiles written before they existed (the model then uses ratio_q and spread_log).
+    # The same two figures after the daemon's online bias, and that ratio's tail at
+    # TAIL_QUANTILES: see ``tracked_bound``. None in profiles written before they existed
+    # (the model then uses ratio_q and spread_log).
     tracked_ratio_q: float | None = None
     tracked_spread_log: float | None = None
+    tracked_tail: tuple[float, ...] | None = None
 
     def estimate(self, shape: BatchShape) -> float:
         est = sum(c * x for c, x in zip(self.coefficients, vector(shape), strict=True))
@@ -91,6 +96,7 @@ class LevelFit:
     floor_s: float
     tracked_ratio_q: float | None = None  # as in SoloFit
     tracked_spread_log: float | None = None
+    tracked_tail: tuple[float, ...] | None = None
 
     def estimate(self, solo_s: float) -> float:
         est = self.scale * solo_s + self.offset_s
@@ -151,11 +157,10 @@ def solo_fit_from(coefficients: tuple[float, ...], shapes: Sequence[BatchShape],
     bare = SoloFit(coefficients, FEATURE_NAMES, len(shapes), quantile, 1.0, 0.0, floor_s)
     predicted = [bare.estimate(shape) for shape in shapes]
     ratio_q, spread_log = _bound(latencies_s, predicted, quantile)
-    tracked_q, tracked_spread = tracked_bound(latencies_s, predicted,
-                                              [shape.prefill_tokens > 0 for shape in shapes],
-                                              quantile=quantile, alpha=bias_alpha)
+    tracked = tracked_bound(latencies_s, predicted, [shape.prefill_tokens > 0 for shape in shapes],
+                            quantile=quantile, alpha=bias_alpha)
     return SoloFit(coefficients, FEATURE_NAMES, len(shapes), quantile, ratio_q, spread_log,
-                   floor_s, tracked_q, tracked_spread)
+                   floor_s, *tracked)
 
 
 def fit_levels(samples: Iterable[Sample], solo: SoloFit, *, quantile: float = DEFAULT_QUANTILE,
@@ -185,11 +190,11 @@ def fit_levels(samples: Iterable[Sample], solo: SoloFit, *, quantile: float = DE
         floor_s = FLOOR_FRACTION * float(y.min())
         predicted = [max(scale * s + offset_s, floor_s) for s in solo_s.tolist()]
         ratio_q, spread_log = _bound(y.tolist(), predicted, quantile)
-        tracked_q, tracked_spread = tracked_bound(
-            y.tolist(), predicted, [s.shape.prefill_tokens > 0 for s in group],
-            quantile=quantile, alpha=bias_alpha)
+        tracked = tracked_bound(y.tolist(), predicted,
+                                [s.shape.prefill_tokens > 0 for s in group],
+                                quantile=quantile, alpha=bias_alpha)
         fits[level] = LevelFit(level, scale, offset_s, len(group), quantile, ratio_q, spread_log,
-                               floor_s, tracked_q, tracked_spread)
+                               floor_s, *tracked)
     return fits
 
 
@@ -202,10 +207,17 @@ def _bound(measured_s: Sequence[float], predicted_s: Sequence[float],
     return ratio_q, spread_log
 
 
+class TrackedBound(NamedTuple):
+    ratio_q: float  # the fit's quantile of measured / (estimate x online bias), >= 1
+    spread_log: float  # mean |log| of the same
+    tail: tuple[float, ...]  # the same ratio at each of TAIL_QUANTILES, >= 1
+
+
 def tracked_bound(measured_s: Sequence[float], predicted_s: Sequence[float],
                   keys: Sequence[object], *, quantile: float,
-                  alpha: float = DEFAULT_BIAS_ALPHA) -> tuple[float, float]:
-    """``_bound`` of what the daemon's prediction misses *after* its online bias.
+                  alpha: float = DEFAULT_BIAS_ALPHA) -> TrackedBound:
+    """``_bound`` of what the daemon's prediction misses *after* its online bias, plus its
+    tail at ``TAIL_QUANTILES`` (for an attainment target other than the fit's quantile).
 
     The daemon multiplies each estimate by an EWMA (weight ``alpha``, starting at 1) of the
     measured/estimate ratios seen before it, one per key (``LatencyModel`` keys them by
@@ -222,11 +234,31 @@ def tracked_bound(measured_s: Sequence[float], predicted_s: Sequence[float],
         if n >= warmup:  # before that the daemon uses the raw bound
             residuals_log.append(log_ratio - bias_log)
         biases_log[key] = (n + 1, bias_log + alpha * (log_ratio - bias_log))
-    if not residuals_log:  # too few samples to say: no tighter than the raw bound
-        return _bound(measured_s, predicted_s, quantile)
-    residuals = np.asarray(residuals_log)
+    if residuals_log:
+        residuals = np.asarray(residuals_log)
+    else:  # too few samples to say: no tighter than the raw ratios
+        residuals = np.log(np.asarray(measured_s, dtype=np.float64)
+                           / np.asarray(predicted_s, dtype=np.float64))
+    tail = tuple(max(1.0, math.exp(float(q)))
+                 for q in np.quantile(residuals, TAIL_QUANTILES))
     ratio_q = max(1.0, math.exp(float(np.quantile(residuals, quantile))))
-    return ratio_q, float(np.mean(np.abs(residuals)))
+    return TrackedBound(ratio_q, float(np.mean(np.abs(residuals))), tail)
+
+
+def tail_ratio(tail: Sequence[float], quantile: float) -> float:
+    """The ratio at ``quantile`` from a tail at ``TAIL_QUANTILES``: linear between the grid
+    points in log ratio; below the grid's first point, that point."""
+    if quantile <= TAIL_QUANTILES[0]:
+        return tail[0]
+    for i in range(1, len(TAIL_QUANTILES)):
+        hi = TAIL_QUANTILES[i]
+        if quantile == hi:
+            return tail[i]
+        if quantile < hi:
+            lo = TAIL_QUANTILES[i - 1]
+            w = (quantile - lo) / (hi - lo)
+            return math.exp((1.0 - w) * math.log(tail[i - 1]) + w * math.log(tail[i]))
+    return tail[-1]
 
 
 def _check_quantile(quantile: float) -> None:

@@ -30,6 +30,7 @@ from harli.predictor.fit import (
     bias_warmup,
     fit_levels,
     fit_solo,
+    tail_ratio,
 )
 from harli.predictor.online import SoloAccumulator
 
@@ -70,7 +71,9 @@ class ModelConfig:
     prior_upper_factor: float = field(default=2.0, metadata=_help(
         "online mode before the first fit: upper = prior_latency_s times this"))
     quantile: float = field(default=0.99, metadata=_help(
-        "quantile of measured/estimate used for the upper bound of online fits"))
+        "quantile of measured/estimate the upper bound stands for (the daemon sets it to the "
+        "SLO's attainment target): online fits are taken at it, profiled ones read it from "
+        "their tail"))
     online_min_samples: int = field(default=50, metadata=_help(
         "online mode: level-0 iterations before the first stage-1 fit"))
     refit_every: int = field(default=200, metadata=_help(
@@ -99,12 +102,16 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def _bounds(fit: SoloFit | LevelFit) -> tuple[float, float, float]:
-    """(raw ratio_q, tracked ratio_q, tracked spread) of a fit; a profile written before the
-    tracked figures existed uses the raw ones for both."""
+def _bounds(fit: SoloFit | LevelFit, quantile: float) -> tuple[float, float, float]:
+    """(raw ratio_q, ratio after the online bias at ``quantile``, spread after the bias) of a
+    fit. The raw one (used while the bias warms up) stays at the fit's own quantile. A profile
+    written before the tracked figures existed uses the raw ones for both."""
     if fit.tracked_ratio_q is None or fit.tracked_spread_log is None:
         return fit.ratio_q, fit.ratio_q, fit.spread_log
-    return fit.ratio_q, fit.tracked_ratio_q, fit.tracked_spread_log
+    tracked_q = fit.tracked_ratio_q
+    if fit.tracked_tail is not None and quantile != fit.quantile:
+        tracked_q = tail_ratio(fit.tracked_tail, quantile)
+    return fit.ratio_q, tracked_q, fit.tracked_spread_log
 
 
 class LatencyModel:
@@ -121,6 +128,15 @@ class LatencyModel:
             raise ValueError(f"stage-2 levels must be >= 1, got {sorted(levels)}")
         self._solo = solo
         self._levels = dict(levels)
+        # _bounds of each fit at the bound's quantile (0: stage 1), computed once per fit.
+        self._fit_bounds: dict[int, tuple[float, float, float]] = {
+            level: _bounds(lf, self._cfg.quantile) for level, lf in self._levels.items()}
+        if solo is not None:
+            self._fit_bounds[0] = _bounds(solo, self._cfg.quantile)
+            if solo.tracked_tail is None and solo.quantile != self._cfg.quantile:
+                logger.warning("[predictor] the profile's bound is at quantile %g, not %g: it "
+                               "predates per-quantile tails (harli profile --refit)",
+                               solo.quantile, self._cfg.quantile)
         self._profile_loaded = solo is not None
         self._accumulator = None if solo is not None else SoloAccumulator(self._cfg.online_window)
         prior = prior_latency_s if prior_latency_s is not None else 0.0
@@ -179,13 +195,13 @@ class LatencyModel:
         solo = self._solo
         assert solo is not None  # callers check; kept out of the public hot path
         if level == 0:
-            return (solo_s, *_bounds(solo), False)
+            return (solo_s, *self._fit_bounds[0], False)
         lf = self._levels.get(level)
         if lf is not None:
-            return (lf.estimate(solo_s), *_bounds(lf), False)
+            return (lf.estimate(solo_s), *self._fit_bounds[level], False)
         ratio = self._ratios.get(level)
         if ratio is not None and ratio.n >= self._cfg.level_min_samples:
-            return (solo_s * ratio.ratio, *_bounds(solo), False)
+            return (solo_s * ratio.ratio, *self._fit_bounds[0], False)
         if level < 0:
             raise ValueError(f"quota level must be >= 0, got {level}")
         lower = self._stage(self._nearest_lower(level), solo_s)
@@ -253,6 +269,7 @@ class LatencyModel:
         first = self._solo is None and acc.n >= max(cfg.online_min_samples, acc.n_features())
         if first or (self._solo is not None and self._since_fit >= cfg.refit_every):
             self._solo = acc.fit(cfg.quantile, cfg.ewma_alpha)
+            self._fit_bounds[0] = _bounds(self._solo, cfg.quantile)
             self._since_fit = 0
             self._refits += 1
             logger.info("[predictor] online stage-1 refit %d on %d level-0 iterations",
@@ -278,6 +295,7 @@ class LatencyModel:
             "profile_loaded": self._profile_loaded,
             "fitted": self._solo is not None,
             "online_refits": self._refits,
+            "bound_quantile": self._cfg.quantile,
             "samples_seen": dict(self._seen),
             # Per level, of the decode-only iterations (the common kind) ...
             "bias": {lv: math.expm1(c.bias_log) for (lv, pf), c in self._corrections.items()

@@ -34,6 +34,7 @@ from harli.predictor import (
     hardware_fingerprint,
     vector,
 )
+from harli.predictor.fit import TAIL_QUANTILES, tail_ratio
 
 TRUE_COEFS = (8e-3, 2e-4, 5e-5, 3e-5, 4e-4, 2e-3)  # in FEATURE_NAMES order
 TRUE_LEVELS = {1: (1.10, 1e-3), 2: (1.25, 2e-3), 3: (1.60, 3e-3)}  # level: (scale, offset_s)
@@ -442,13 +443,15 @@ def test_tracked_bound_leaves_out_the_drift_the_bias_follows() -> None:
     predicted = [true_solo_s(SHAPE)] * len(samples)
     ratios = sorted(m / p for m, p in zip(measured, predicted, strict=True))
     raw_q = ratios[int(0.99 * len(ratios))]
-    tracked_q, tracked_spread = tracked_bound(measured, predicted, [False] * len(samples),
-                                              quantile=0.99)
-    assert tracked_q < 1.15 < raw_q  # noise sigma 0.03 -> p99 ~1.07; the drift alone 1.28
-    assert 0.0 < tracked_spread < 0.06
+    tracked = tracked_bound(measured, predicted, [False] * len(samples), quantile=0.99)
+    assert tracked.ratio_q < 1.15 < raw_q  # noise sigma 0.03 -> p99 ~1.07; the drift alone 1.28
+    assert 0.0 < tracked.spread_log < 0.06
+    assert tracked.tail[TAIL_QUANTILES.index(0.99)] == pytest.approx(tracked.ratio_q)
+    assert list(tracked.tail) == sorted(tracked.tail) and tracked.tail[0] >= 1.0
     # Too few samples for a warmed-up bias: no tighter than the raw bound.
-    assert tracked_bound(measured[:5], predicted[:5], [False] * 5, quantile=0.99) \
-        == pytest.approx(tracked_bound(measured[:5], predicted[:5], [True] * 5, quantile=0.99))
+    few = tracked_bound(measured[:5], predicted[:5], [False] * 5, quantile=1.0)
+    assert few.ratio_q == pytest.approx(max(m / p for m, p in zip(measured[:5], predicted[:5],
+                                                                     strict=True)))
 
 
 def test_model_bound_covers_a_drifting_host_and_is_tighter_than_the_raw_one() -> None:
@@ -457,8 +460,8 @@ def test_model_bound_covers_a_drifting_host_and_is_tighter_than_the_raw_one() ->
     solo = model.solo
     assert solo is not None and solo.tracked_ratio_q is not None
     assert solo.tracked_ratio_q < solo.ratio_q
-    raw = LatencyModel(dataclasses.replace(solo, tracked_ratio_q=None, tracked_spread_log=None),
-                       {})
+    raw = LatencyModel(dataclasses.replace(solo, tracked_ratio_q=None, tracked_spread_log=None,
+                                           tracked_tail=None), {})
     covered, tight = [], []
     for i, s in enumerate(drifting_samples(4000, seed=3)):
         p, r = model.predict(s.shape, 0), raw.predict(s.shape, 0)
@@ -490,7 +493,7 @@ def test_profile_without_tracked_bounds_still_loads_and_uses_the_raw_one() -> No
     profile = make_profile()
     data = msgspec.json.decode(profile.to_json())
     for fit in (data["solo"], *data["levels"].values()):
-        del fit["tracked_ratio_q"], fit["tracked_spread_log"]
+        del fit["tracked_ratio_q"], fit["tracked_spread_log"], fit["tracked_tail"]
     old = Profile.from_json(msgspec.json.encode(data))
     assert old.solo is not None and old.solo.tracked_ratio_q is None
     model = old.model()
@@ -512,3 +515,44 @@ def test_profile_refit_fits_the_stored_samples_again() -> None:
     assert again.levels == fit_levels([s for s in stale.samples if s.level > 0], again.solo)
     with pytest.raises(ValueError, match="level-0 samples"):
         Profile(version=PROFILE_VERSION, key=KEY, created_s=0.0, solo=None).refit()
+
+
+@given(st.lists(st.floats(1.0, 5.0), min_size=len(TAIL_QUANTILES),
+                max_size=len(TAIL_QUANTILES)).map(sorted),
+       st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+def test_tail_ratio_is_monotone_and_hits_the_grid(tail: list[float], q1: float,
+                                                  q2: float) -> None:
+    lo, hi = sorted((q1, q2))
+    eps = 1 + 1e-12  # exp(log(x)) may round up by an ulp
+    assert tail[0] <= tail_ratio(tail, lo) * eps
+    assert tail_ratio(tail, lo) <= tail_ratio(tail, hi) * eps
+    assert tail_ratio(tail, hi) <= tail[-1] * eps
+    for q, r in zip(TAIL_QUANTILES, tail, strict=True):
+        assert tail_ratio(tail, q) == pytest.approx(r)
+
+
+def test_the_bound_follows_the_attainment_target() -> None:
+    samples = drifting_samples(4000, seed=6)
+    bounds = {}
+    for q in (0.9, 0.99, 0.999):
+        model = LatencyModel.from_samples(samples, config=ModelConfig(quantile=0.99))
+        model = LatencyModel(model.solo, {}, config=ModelConfig(quantile=q))
+        for i in range(100):
+            model.observe(SHAPE, 0, true_solo_s(SHAPE), now=float(i))
+        p = model.predict(SHAPE, 0)
+        bounds[q] = p.upper_s / p.estimate_s
+    solo = LatencyModel.from_samples(samples).solo
+    assert solo is not None and solo.tracked_ratio_q is not None
+    assert bounds[0.9] < bounds[0.99] < bounds[0.999]
+    assert bounds[0.99] == pytest.approx(solo.tracked_ratio_q, rel=0.02)
+
+
+def test_an_old_profile_at_another_quantile_is_named_in_the_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    solo = LatencyModel.from_samples(drifting_samples(500)).solo
+    assert solo is not None
+    old = dataclasses.replace(solo, tracked_ratio_q=None, tracked_spread_log=None,
+                              tracked_tail=None)
+    with caplog.at_level(logging.WARNING):
+        LatencyModel(old, {}, config=ModelConfig(quantile=0.95))
+    assert "harli profile --refit" in caplog.text

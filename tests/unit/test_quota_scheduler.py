@@ -109,3 +109,13 @@ def test_an_arrival_on_an_idle_decode_lowers_the_level_before_any_telemetry() ->
     qs.on_arrival(32, 0.1)
     assert sent == [4, 1]
     assert qs.view.num_running == 1
+
+
+@pytest.mark.parametrize("attainment", [0.95, 0.99, 0.999])
+def test_the_daemons_predictor_bound_stands_for_the_attainment_target(attainment: float) -> None:
+    from harli.config import load
+    from harli.daemon.latency import LatencyTracker
+
+    cfg = load(None, [f"scheduler.attainment={attainment}"])
+    tracker = LatencyTracker.load(cfg, Metrics())
+    assert tracker.model.stats()["bound_quantile"] == attainment
