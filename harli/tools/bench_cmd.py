@@ -144,7 +144,7 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
               seed: int, rate_scale: float, profile: Path | None,
               extra: list[str] | None = None, progress: Any = None,
               max_batched_tokens: int = 32, rounds: int = 2,
-              workload: str = "decode") -> dict[str, Any]:
+              workload: str = "decode", solo_s: float = 6.0) -> dict[str, Any]:
     from harli.ipc.jobs import JobSpec
     from harli.ipc.process import decode_cores
     from harli.scheduler.workload import default_spec, generate
@@ -181,10 +181,11 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
             ctl.set_policy("decode-only")
             warm = asyncio.run(_replay(daemon.endpoint, requests, seed * 1000))
             batch = max(1, round(token_median_batch(warm)))
-            solo_s = _measure_solo_tpot(daemon.endpoint, batch, 6.0, spec.prompt.median,
-                                        spec.output.median)
-            slo_ms = 1.5 * 1000 * solo_s
-            res["slo_auto"] = {"median_batch": batch, "solo_tpot_ms": 1000 * solo_s}
+            solo_tpot_s = _measure_solo_tpot(daemon.endpoint, batch, solo_s, spec.prompt.median,
+                                             spec.output.median)
+            slo_ms = 1.5 * 1000 * solo_tpot_s
+            res["slo_auto"] = {"median_batch": batch, "solo_tpot_ms": 1000 * solo_tpot_s,
+                               "solo_s": solo_s}
         res["slo_ms"] = slo_ms
         job = ctl.attach(JobSpec(name="bench", dataset=str(SAMPLE_DATASET),
                                  output_dir=str(base_dir / "job"), max_seq_len=128,
@@ -364,6 +365,9 @@ class BenchCommand(Command):
         p.add_argument("--slo", default="auto",
                        help="TPOT SLO in ms, or 'auto' (1.5x the solo median TPOT at the "
                        "workload's median batch, measured first)")
+        p.add_argument("--solo-s", type=float, default=6.0,
+                       help="--slo auto: seconds of solo decode its median is taken over (on a "
+                       "host whose speed drifts, longer is more representative)")
         p.add_argument("--policies", default="",
                        help="comma-separated, run in this order (default: decode-only, naive, "
                        "static:1..K, harli; without a profile the harli policy's online "
@@ -398,6 +402,8 @@ class BenchCommand(Command):
             raise CommandError("--duration-s must be > 0")
         if args.rounds < 1:
             raise CommandError("--rounds must be >= 1")
+        if args.solo_s <= 0:
+            raise CommandError("--solo-s must be > 0")
 
     def run(self, args: argparse.Namespace) -> int:
         from rich.console import Console
@@ -414,7 +420,7 @@ class BenchCommand(Command):
                             args.rate_scale, args.profile, args.set,
                             progress=lambda s: console.print(f"[dim]{s}"), rounds=args.rounds,
                             max_batched_tokens=args.max_batched_tokens,
-                            workload=args.workload)
+                            workload=args.workload, solo_s=args.solo_s)
         print_table(res, console)
         console.print(verdict(res))
         args.out.write_text(json.dumps(res) + "\n")
