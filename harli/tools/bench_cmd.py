@@ -16,6 +16,7 @@ import asyncio
 import bisect
 import contextlib
 import json
+import math
 import os
 import random
 import statistics
@@ -229,17 +230,34 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
     return res
 
 
+def host_probe_ms(repeats: int = 5) -> float:
+    """This host's speed now: the best of ``repeats`` timings of a fixed pure-Python loop
+    (~10 ms), on the bench's own cores, before a round starts. On a shared VM it moves by tens
+    of percent within minutes; reported per round, it says how much of the spread between
+    rounds is the host's (``python docs/notes/host-drift.py 60`` does the same for a minute)."""
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        s = 0
+        for i in range(200_000):
+            s += i * i
+        best = min(best, time.perf_counter() - t)
+    return 1000.0 * best
+
+
 def _round_summary(one: dict[str, Any], slo_ms: float, bench_t0: float) -> dict[str, Any]:
     c = _slo_counts(one["results"], slo_ms / 1000)
     return {"start_s": one["t0"] - bench_t0, "attainment_token": c["attainment_token"],
             "tpot_p50_ms": c["tpot_p50_ms"], "tpot_p99_ms": c["tpot_p99_ms"],
-            "finetune_tok_s": one["tokens"] / one["wall_s"]}
+            "finetune_tok_s": one["tokens"] / one["wall_s"],
+            "host_probe_ms": one["host_probe_ms"]}
 
 
 def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo_ms: float,
           requests: list[Any], token_seed: int) -> dict[str, Any]:
     """One policy's turn: switch, replay the workload, count."""
     ctl.set_policy(policy, tpot_slo_ms=slo_ms)
+    probe_ms = host_probe_ms()
     time.sleep(1.0)  # the new level reaches the finetune
     before = ctl.show(job_id).job.tokens
     samples: list[dict[str, float]] = []
@@ -256,6 +274,7 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
     th.join()
     sched = ctl.status().scheduler  # decision times since this turn's set_policy
     return {"results": results, "wall_s": wall, "samples": samples, "t0": t0,
+            "host_probe_ms": probe_ms,
             "tokens": ctl.show(job_id).job.tokens - before,
             "decision_p99_us": sched.decision_p99_us if sched else None,
             "decision_cpu_p99_us": sched.decision_cpu_p99_us if sched else None}
@@ -270,6 +289,11 @@ def _compare(res: dict[str, Any]) -> None:
     for r in pols.values():
         r["ratio_to_best_static"] = (r["finetune_tok_s"] / best[1]["finetune_tok_s"]
                                      if best and best[1]["finetune_tok_s"] else None)
+
+
+# Host speed spread between rounds beyond which the verdict says the host, not the policy,
+# may decide the figures (the SLO is 1.5x a solo TPOT).
+HOST_DRIFT_WARN = 1.2
 
 
 def verdict(res: dict[str, Any]) -> str:
@@ -292,6 +316,12 @@ def verdict(res: dict[str, Any]) -> str:
     n = pols.get("naive")
     if n is not None and solo is not None:
         parts.append(f"; naive (always the top level): {n['attainment_token']:.1%}")
+    probes = [r["host_probe_ms"] for p in pols.values() for r in p.get("rounds", ())
+              if r.get("host_probe_ms")]
+    if probes and max(probes) > HOST_DRIFT_WARN * min(probes):
+        parts.append(f"; the host's own speed moved {max(probes) / min(probes):.2f}x between "
+                     f"rounds (probe {min(probes):.1f}-{max(probes):.1f} ms), more than any "
+                     f"policy effect here")
     return " ".join(parts)
 
 

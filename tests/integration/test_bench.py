@@ -25,6 +25,7 @@ def test_bench_replays_one_workload_under_each_policy(tmp_path: Path) -> None:
         assert r["errors"] == 0
         assert 0 <= r["attainment_token"] <= 1 and 0 <= r["attainment_request"] <= 1
         assert len(r["rounds"]) == 2 and r["decision_p99_us"] is not None
+        assert all(rd["host_probe_ms"] > 0 for rd in r["rounds"])
     assert res["policies"]["decode-only"]["finetune_tokens"] == 0  # paused: trains nothing
     assert res["policies"]["naive"]["finetune_tokens"] > 0
     assert {s["level"] for s in res["policies"]["naive"]["levels"]} == {4}

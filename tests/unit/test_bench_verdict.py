@@ -1,0 +1,35 @@
+"""The bench's one-sentence verdict, from its own figures: the ratio to the best static level
+meeting the target, and the host-drift caveat when the host's speed moved between rounds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harli.tools.bench_cmd import verdict
+
+
+def _res(probes_ms: tuple[float, ...], best: str | None) -> dict[str, Any]:
+    def pol(att: float, tok_s: float, ratio: float | None) -> dict[str, Any]:
+        return {"attainment_token": att, "finetune_tok_s": tok_s, "ratio_to_best_static": ratio,
+                "rounds": [{"host_probe_ms": p} for p in probes_ms]}
+
+    return {"slo_ms": 6.0, "best_static": best,
+            "policies": {"decode-only": pol(0.995, 0.0, None), "naive": pol(0.80, 3000.0, 1.5),
+                         "static:2": pol(0.992, 2000.0, 1.0), "harli": pol(0.991, 2800.0, 1.4)}}
+
+
+def test_verdict_gives_the_ratio_to_the_best_static_level() -> None:
+    text = verdict(_res((10.0, 10.5), "static:2"))
+    assert text.startswith("harli kept 99.1% of tokens within the 6.0 ms SLO")
+    assert "1.40x the tokens/s of static:2" in text and "naive (always the top level): 80.0%" \
+        in text
+    assert "host" not in text  # 1.05x between rounds: no caveat
+
+
+def test_verdict_says_when_no_static_level_met_the_target() -> None:
+    assert "no static level met 99% per token" in verdict(_res((10.0,), None))
+
+
+def test_verdict_names_the_hosts_drift_between_rounds() -> None:
+    text = verdict(_res((10.0, 15.0, 12.0), "static:2"))
+    assert "host's own speed moved 1.50x between rounds (probe 10.0-15.0 ms)" in text
