@@ -154,6 +154,11 @@ class FinetuneConfig:
         "The quota level the finetune starts at, until the scheduler policy's first decision "
         "(for a fixed level use scheduler.policy = \"static:L\"); 0 = paused.", default=2)
     max_threads: int = _help("CPU hosts: threads at the top level; 0 = all cores.", default=0)
+    chunk_tokens: int = _help(
+        "A micro-batch runs forward and backward in chunks of at most this many padded tokens "
+        "(the gradient is the same). Between chunks the finetune reads the daemon's messages, "
+        "so a pause (level 0) or a lease reclaim takes effect within a chunk rather than at "
+        "the end of the micro-step; 0 = one chunk.", default=256)
     cpu_scheduling_policy: str = _help(
         "Linux scheduling policy of every finetune thread, as systemd's CPUSchedulingPolicy= "
         "names them: \"idle\" (runs only on CPU time nothing else wants, so the daemon, "
@@ -166,6 +171,8 @@ class FinetuneConfig:
         if self.cpu_scheduling_policy not in ("idle", "batch", "other"):
             raise ConfigError(f"finetune.cpu_scheduling_policy: expected \"idle\", \"batch\" "
                               f"or \"other\", got {self.cpu_scheduling_policy!r}")
+        if self.chunk_tokens < 0:
+            raise ConfigError(f"finetune.chunk_tokens: expected >= 0, got {self.chunk_tokens}")
         if not 0 <= self.nice <= 19:
             raise ConfigError(f"finetune.nice: expected 0..19, got {self.nice}")
         if self.levels < 1:

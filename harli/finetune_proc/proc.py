@@ -9,8 +9,10 @@ relays decode's ``WeightsExported`` before any ``StartJob``; the latest one is k
 builds its base model on it (``recipe.shared_base``).
 
 Leased arena pages (``ActivationLease``) hold the tensors autograd saves during a micro-step.
-Grants and reclaims are applied while draining inputs, i.e. only at micro-step boundaries, when
-the lease is empty: a reclaim is answered at the first boundary after it arrives.
+Grants and reclaims are applied while draining inputs, only when the lease is empty: at
+micro-step boundaries and between the chunks a micro-step runs in (``finetune.chunk_tokens``),
+where a pause also takes effect: a reclaim is answered, and a drop to level 0 obeyed, within a
+chunk.
 
 Loop: ``drain inputs -> (if a job is admitted) one micro-step -> emit``. Before each micro-step
 it obeys the daemon's latest ``Decision``; when paused or idle it blocks on its socket (bounded),
@@ -34,7 +36,7 @@ from harli.config import HarliConfig
 from harli.finetune_proc.activations import ActivationLease
 from harli.finetune_proc.gpu_quota import GpuQuota, make_quota
 from harli.finetune_proc.quota import CpuQuota, QuotaApplier, cpu_quota
-from harli.finetune_proc.recipe import LoRARecipe, shared_base
+from harli.finetune_proc.recipe import LoRARecipe, MicroStepAborted, shared_base
 from harli.ipc.codec import Decoder, drain, encode
 from harli.ipc.control import (
     CheckpointSaved,
@@ -238,7 +240,13 @@ class FinetuneProc:
             self.quota.apply(level)
             self._applied_seq = self.decision.seq
         try:
-            r = self.recipe.train_micro_step(self.lease)
+            r = self.recipe.train_micro_step(self.lease, self._between_chunks,
+                                             self.cfg.finetune.chunk_tokens)
+        except MicroStepAborted as e:
+            logger.info("[finetune] job %d: micro-step %d abandoned while paused (%s)",
+                        self.job.job_id, self.recipe.state.micro_step + 1, e)
+            self.recipe.discard_partial_accumulation()
+            return
         except Exception as e:
             logger.exception("[finetune] job %d failed in a micro-step", self.job.job_id)
             self._end("failed", f"micro-step {self.recipe.state.micro_step + 1}: {e!r}")
@@ -247,7 +255,8 @@ class FinetuneProc:
         self._send(MicroStepReport(
             job_id=self.job.job_id, micro_step=r.micro_step, step=r.step, epoch=r.epoch,
             tokens=r.tokens, step_tokens=r.step_tokens, duration_s=r.duration_s, level=level,
-            loss=r.loss, paused_s=self._paused_s, total_steps=self.recipe.total_steps,
+            loss=r.loss, paused_s=self._paused_s + r.waited_s,
+            total_steps=self.recipe.total_steps,
             lease_bytes=r.lease.lease_bytes if r.lease else 0,
             lease_saved_bytes=r.lease.lease_saved_bytes if r.lease else 0,
             private_saved_bytes=r.lease.private_saved_bytes if r.lease else 0,
@@ -258,6 +267,28 @@ class FinetuneProc:
             self._send(CheckpointSaved(job_id=self.job.job_id, step=r.step, path=str(path)))
         if self.recipe.done:
             self._finish()
+
+    def _between_chunks(self) -> float:
+        """Called by the recipe between two chunks of a micro-step, when the lease is empty and
+        the finished chunks' gradients are accumulated: read the daemon's messages (a lease
+        grant or reclaim is applied here and a reclaim answered at once), and while the daemon
+        has the finetune paused, wait here rather than finish the micro-step beside a busy
+        decode. Returns the seconds waited. A stop or cancel while paused abandons the
+        micro-step; one that comes while running lets it finish, as at a boundary. The quota
+        level itself is applied at the next boundary (the daemon's fence already took the
+        threads off decode's cores)."""
+        t0 = time.monotonic()
+        timeout_ms = 0
+        while True:
+            for msg in drain(self._in, self._decoder, timeout_ms, "finetune"):
+                self._handle(msg)
+            paused = not (self.decision.admitted and self.decision.level > 0)
+            stopping = self._stop_reason or self._stop_job
+            if stopping and (paused or timeout_ms):
+                raise MicroStepAborted(stopping)
+            if not paused or stopping:
+                return time.monotonic() - t0 if timeout_ms else 0.0
+            timeout_ms = _IDLE_WAIT_MS  # paused: block until the next message
 
     def report_fatal(self, exc: BaseException) -> None:
         self._send(FinetuneFatal(incarnation=self.incarnation, error=repr(exc),

@@ -18,10 +18,11 @@ On a CUDA host the job trains on the GPU, and when the daemon relayed decode's w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,15 @@ class MicroStepResult:
     loss: float
     duration_s: float
     stepped: bool  # an optimizer step happened
-    chunks: int = 1  # forward/backward passes the micro-batch was cut into to fit the lease
+    chunks: int = 1  # forward/backward passes the micro-batch was cut into
     lease: LeaseStats | None = None  # saved activations over all chunks; None without a lease
+    waited_s: float = 0.0  # paused between chunks (left out of duration_s)
+
+
+class MicroStepAborted(Exception):
+    """Raised by a micro-step's ``between`` callback to abandon it (the job is cancelled or
+    the process stops while paused mid-step): its chunks' gradients are incomplete, so the
+    caller discards the accumulation, and a stopped job resumes from its last checkpoint."""
 
 
 def chunk_plan(n_examples: int, padded_len: int, lease_bytes: int,
@@ -203,23 +211,24 @@ class LoRARecipe:
         tensors = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         return {k: v.to(self.device) for k, v in tensors.items()}
 
-    def train_micro_step(self, lease: ActivationLease | None = None) -> MicroStepResult:
+    def train_micro_step(self, lease: ActivationLease | None = None,
+                         between: Callable[[], float] | None = None,
+                         chunk_tokens: int = 0) -> MicroStepResult:
+        """One micro-batch forward and backward (an optimizer step every ``grad_accum``).
+
+        The micro-batch runs in chunks: as many examples as fit the lease's activation pages,
+        and at most ``chunk_tokens`` padded tokens (0: no cap). Between two chunks the lease is
+        empty again and the gradient of every finished chunk is accumulated, so the caller's
+        ``between`` may wait there (the daemon paused the finetune) or hand leased pages back;
+        it returns the seconds it waited, which the micro-step's duration leaves out.
+        ``MicroStepAborted`` raised from it abandons the micro-step."""
         spec = self.spec
         t0 = time.perf_counter()
         s = self.state
         batch = [self.examples[i] for i in self._batch_indices(s.micro_step)]
         inputs = self._collate(batch)
-        chunks, lease_stats = 1, None
-        if lease is None:
-            out = self.model(**inputs)
-            # A micro-batch whose response tokens were all truncated away has no loss (NaN): it
-            # still counts as a micro-step, but contributes no gradient.
-            has_loss = bool((inputs["labels"] != IGNORE_INDEX).any())
-            if has_loss:
-                (out.loss / spec.grad_accum).backward()
-            loss = float(out.loss.detach()) if has_loss else None
-        else:
-            loss, chunks, lease_stats = self._forward_backward_in_lease(inputs, lease)
+        loss, chunks, lease_stats, waited_s = self._forward_backward(inputs, lease, between,
+                                                                     chunk_tokens)
         s.micro_step += 1
         s.epoch, s.cursor = divmod(s.micro_step, self.micro_batches_per_epoch)
         step_tokens = int(inputs["attention_mask"].sum())
@@ -235,43 +244,58 @@ class LoRARecipe:
         return MicroStepResult(micro_step=s.micro_step, step=s.step, epoch=s.epoch,
                                tokens=s.tokens, step_tokens=step_tokens,
                                loss=s.loss if s.loss is not None else float("nan"),
-                               duration_s=time.perf_counter() - t0, stepped=stepped,
-                               chunks=chunks, lease=lease_stats)
+                               duration_s=time.perf_counter() - t0 - waited_s, stepped=stepped,
+                               chunks=chunks, lease=lease_stats, waited_s=waited_s)
 
-    def _forward_backward_in_lease(self, inputs: dict[str, torch.Tensor], lease: ActivationLease
-                                   ) -> tuple[float | None, int, LeaseStats]:
-        """Forward and backward of the micro-batch in chunks that fit the lease.
+    def _forward_backward(self, inputs: dict[str, torch.Tensor], lease: ActivationLease | None,
+                          between: Callable[[], float] | None, chunk_tokens: int
+                          ) -> tuple[float | None, int, LeaseStats | None, float]:
+        """Forward and backward of the micro-batch in chunks (see ``train_micro_step``).
 
         Returns the micro-batch's mean loss (None when it has no label tokens), the number of
-        chunks run and their combined lease stats.
+        chunks run, their combined lease stats (None without a lease) and the seconds waited in
+        ``between``. A micro-batch without label tokens still counts as a micro-step, but
+        contributes no gradient.
         """
         n, width = inputs["input_ids"].shape
         counts = shifted_label_counts(inputs["labels"])
         weights = chunk_weights(counts)
-        skip = [*self.model.parameters(), *self.model.buffers()]
+        cap = max(1, chunk_tokens // width) if chunk_tokens > 0 else n
+        skip = [*self.model.parameters(), *self.model.buffers()] if lease is not None else []
         loss: float | None = None
         stats: list[LeaseStats] = []
+        waited_s = 0.0
+        chunks = 0
         start = 0
         while start < n:
-            # Re-planned after every chunk: the first pass of a job measures the estimate.
-            size = chunk_plan(n - start, width, lease.lease_bytes, self.saved_bytes_per_token)
+            if start and between is not None:
+                waited_s += between()
+            # Re-planned after every chunk: the first pass of a job measures the estimate, and
+            # the lease may have shrunk or grown in ``between``.
+            lease_bytes = lease.lease_bytes if lease is not None else 0
+            size = min(cap, chunk_plan(n - start, width, lease_bytes,
+                                       self.saved_bytes_per_token))
             end = start + size
             w = sum(weights[start:end])
             if sum(counts[start:end]):  # no label tokens: no loss and no gradient to compute
                 part = {k: v[start:end] for k, v in inputs.items()}
                 # The lease is reset when the block ends: backward has consumed the chunk's
                 # saved tensors by then, so the next chunk starts from an empty lease.
-                with lease.micro_step(skip):
+                with lease.micro_step(skip) if lease is not None else contextlib.nullcontext():
                     out = self.model(**part)
                     (out.loss * w / self.spec.grad_accum).backward()
                 loss = (loss or 0.0) + float(out.loss.detach()) * w
                 del out
-                stats.append(lease.last_stats)
-                if lease.last_stats.saved_bytes:
-                    self.saved_bytes_per_token = lease.last_stats.saved_bytes / (size * width)
+                chunks += 1
+                if lease is not None:
+                    stats.append(lease.last_stats)
+                    if lease.last_stats.saved_bytes:
+                        self.saved_bytes_per_token = lease.last_stats.saved_bytes / (size * width)
             start = end
+        if lease is None:
+            return loss, max(1, chunks), None, waited_s
         combined = combine_stats(stats) if stats else LeaseStats(lease.lease_bytes, 0, 0, 0, 0, 0)
-        return loss, len(stats), combined
+        return loss, max(1, chunks), combined, waited_s
 
     def checkpoint_due(self, result: MicroStepResult) -> bool:
         return result.stepped and (result.step % self.spec.checkpoint_every == 0 or self.done)

@@ -238,8 +238,9 @@ class GrantLease(_Internal, frozen=True):
 
 
 class ReclaimLease(_Internal, frozen=True):
-    """Give ``pages`` back at the next micro-step boundary, before ``deadline_s`` (monotonic
-    clock); a finetune that misses the deadline is stopped and restarted from its checkpoint."""
+    """Give ``pages`` back at the next micro-step or chunk boundary, before ``deadline_s``
+    (monotonic clock); a finetune that misses the deadline is stopped and restarted from its
+    checkpoint."""
 
     seq: int
     pages: list[int]

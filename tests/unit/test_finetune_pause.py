@@ -1,0 +1,100 @@
+"""``FinetuneProc._between_chunks``: where a micro-step in flight obeys the daemon. Real ZMQ
+sockets stand in for the daemon's ends; the finetune's own object is the real one."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from harli.config import load
+from harli.finetune_proc.proc import FinetuneProc
+from harli.finetune_proc.quota import CpuQuota
+from harli.finetune_proc.recipe import MicroStepAborted
+from harli.ipc.codec import Decoder, encode
+from harli.ipc.control import (
+    Decision,
+    FinetuneShutdown,
+    FinetuneToDaemon,
+    LeaseReturned,
+    ReclaimLease,
+)
+
+
+@pytest.fixture
+def wired(tmp_path: Path) -> Iterator[tuple[FinetuneProc, Any, Any]]:
+    cfg = load(None, [f'daemon.runtime_dir="{tmp_path / "run"}"',
+                      f'daemon.state_dir="{tmp_path / "state"}"'])
+    cfg.runtime_dir.mkdir(parents=True)
+    ctx = zmq.Context.instance()
+    to_ft = ctx.socket(zmq.PUSH)
+    to_ft.bind(cfg.internal_endpoint("finetune-in"))
+    from_ft = ctx.socket(zmq.PULL)
+    from_ft.bind(cfg.internal_endpoint("finetune-out"))
+    proc = FinetuneProc(cfg, 1, CpuQuota(4, 2))
+    try:
+        yield proc, to_ft, from_ft
+    finally:
+        proc.close()
+        to_ft.close(linger=0)
+        from_ft.close(linger=0)
+
+
+def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed to the test
+            out["error"] = e
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th, out
+
+
+def test_running_it_returns_at_once(wired: tuple[FinetuneProc, Any, Any]) -> None:
+    proc, to_ft, _ = wired
+    to_ft.send(encode(Decision(level=2, admitted=True, seq=1)))
+    deadline = time.monotonic() + 10
+    while proc.decision.seq != 1:  # drained by the call itself
+        assert proc._between_chunks() == 0.0
+        assert time.monotonic() < deadline
+    assert proc.decision.level == 2
+
+
+def test_paused_it_waits_answers_a_reclaim_and_resumes(
+        wired: tuple[FinetuneProc, Any, Any]) -> None:
+    proc, to_ft, from_ft = wired
+    proc.decision = Decision(level=0, admitted=False, seq=5)
+    th, out = _in_thread(proc._between_chunks)
+    time.sleep(0.3)
+    assert th.is_alive()  # paused: the micro-step waits between its chunks
+    # A reclaim while it waits is answered there, not at the micro-step's end (no arena in
+    # this test: the finetune hands the pages back with that reason).
+    to_ft.send(encode(ReclaimLease(seq=9, pages=[3, 4], deadline_s=time.monotonic() + 5)))
+    assert from_ft.poll(5000)
+    reply = Decoder(FinetuneToDaemon).decode(from_ft.recv())
+    assert isinstance(reply, LeaseReturned) and reply.seq == 9 and reply.pages == [3, 4]
+    assert th.is_alive()
+    to_ft.send(encode(Decision(level=1, admitted=True, seq=6)))
+    th.join(10)
+    assert not th.is_alive() and "error" not in out
+    assert out["value"] >= 0.3  # the seconds it waited, left out of the micro-step's time
+
+
+def test_a_shutdown_while_paused_abandons_the_micro_step(
+        wired: tuple[FinetuneProc, Any, Any]) -> None:
+    proc, to_ft, _ = wired
+    proc.decision = Decision(level=0, admitted=False, seq=5)
+    th, out = _in_thread(proc._between_chunks)
+    time.sleep(0.2)
+    to_ft.send(encode(FinetuneShutdown(reason="daemon stopping")))
+    th.join(10)
+    assert not th.is_alive() and isinstance(out.get("error"), MicroStepAborted)
