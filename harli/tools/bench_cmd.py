@@ -232,9 +232,10 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
 
 def host_probe_ms(repeats: int = 5) -> float:
     """This host's speed now: the best of ``repeats`` timings of a fixed pure-Python loop
-    (~10 ms), on the bench's own cores, before a round starts. On a shared VM it moves by tens
-    of percent within minutes; reported per round, it says how much of the spread between
-    rounds is the host's (``python docs/notes/host-drift.py 60`` does the same for a minute)."""
+    (~10 ms), on the bench's own cores, before a round starts (the finetune paused). On a
+    shared VM it moves by tens of percent within minutes; reported per round, it says how much
+    of the spread between rounds is the host's (``python docs/notes/host-drift.py 60`` does
+    the same for a minute)."""
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter()
@@ -256,8 +257,12 @@ def _round_summary(one: dict[str, Any], slo_ms: float, bench_t0: float) -> dict[
 def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo_ms: float,
           requests: list[Any], token_seed: int) -> dict[str, Any]:
     """One policy's turn: switch, replay the workload, count."""
-    ctl.set_policy(policy, tpot_slo_ms=slo_ms)
+    # The host's speed before the round, the finetune paused and decode idle: what the probe
+    # then measures is the host's own drift, not ours.
+    ctl.set_policy("decode-only")
+    time.sleep(0.3)  # a pause takes effect within a chunk of the finetune's micro-step
     probe_ms = host_probe_ms()
+    ctl.set_policy(policy, tpot_slo_ms=slo_ms)
     time.sleep(1.0)  # the new level reaches the finetune
     before = ctl.show(job_id).job.tokens
     samples: list[dict[str, float]] = []

@@ -61,12 +61,13 @@ def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
 
 def test_running_it_returns_at_once(wired: tuple[FinetuneProc, Any, Any]) -> None:
     proc, to_ft, _ = wired
-    to_ft.send(encode(Decision(level=2, admitted=True, seq=1)))
+    proc.decision = Decision(level=2, admitted=True, seq=1)
+    to_ft.send(encode(Decision(level=3, admitted=True, seq=2)))
     deadline = time.monotonic() + 10
-    while proc.decision.seq != 1:  # drained by the call itself
+    while proc.decision.seq != 2:  # drained by the call itself, never waiting
         assert proc._between_chunks() == 0.0
         assert time.monotonic() < deadline
-    assert proc.decision.level == 2
+    assert proc.decision.level == 3
 
 
 def test_paused_it_waits_answers_a_reclaim_and_resumes(
