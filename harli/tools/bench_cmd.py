@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import threading
@@ -169,6 +170,11 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
                            "rounds": rounds,
                            "requests": len(requests), "policies": {},
                            "profile": str(profile) if profile else None, "workload": res_spec}
+    # The daemon's and the job's dirs are the bench's scratch, fresh every run: a job left by
+    # an earlier run (`make run` reuses .harli/demo) would resume ahead of ours, and attaching
+    # another one named "bench" is refused.
+    for scratch in ("daemon", "job"):
+        shutil.rmtree(base_dir / scratch, ignore_errors=True)
     bench_t0 = time.monotonic()
     daemon = LocalDaemon(base_dir / "daemon", overrides)
     # The daemon starts first: it pins decode from the host's whole mask.
@@ -422,7 +428,8 @@ class BenchCommand(Command):
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
         p.add_argument("--out", type=Path, default=Path("bench.json"))
         p.add_argument("--png", type=Path)
-        p.add_argument("--dir", type=Path)
+        p.add_argument("--dir", type=Path, help="working dir (default: a temporary one); its "
+                       "daemon/ and job/ are replaced")
 
     def validate(self, args: argparse.Namespace) -> None:
         if args.slo != "auto":

@@ -33,3 +33,11 @@ def test_bench_replays_one_workload_under_each_policy(tmp_path: Path) -> None:
     plot(res, png)
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert verdict(res).startswith("harli kept")
+
+
+def test_a_second_bench_in_the_same_dir_starts_from_a_fresh_daemon(tmp_path: Path) -> None:
+    """`make run` replays its bench in the same .harli/demo/bench dir every time: the second run
+    must not meet the first one's job (same name, still queued to resume)."""
+    for _ in range(2):
+        res = run_bench(tmp_path, 1.0, ["decode-only"], 50.0, 0, 1.0, None, rounds=1)
+        assert res["policies"]["decode-only"]["errors"] == 0
