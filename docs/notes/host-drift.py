@@ -1,28 +1,18 @@
-"""How much this host's CPU speed drifts with nothing of ours running: a fixed pure-Python
-loop on core 0, timed (best of 5) once a second. Usage: python docs/notes/host-drift.py 60"""
+"""How much this host's CPU speed drifts with nothing of ours running: the bench's host probe
+(``harli.tools.bench_cmd.host_probe_ms``, best of 5 of a fixed pure-Python loop) on core 0,
+once a second. Usage: .venv/bin/python docs/notes/host-drift.py 60"""
 
 import os
 import sys
 import time
 
-
-def work() -> int:
-    s = 0
-    for i in range(200_000):
-        s += i * i
-    return s
-
+from harli.tools.bench_cmd import host_probe_ms
 
 os.sched_setaffinity(0, {0})
 t_end = time.time() + float(sys.argv[1] if len(sys.argv) > 1 else 60)
 best: list[float] = []
 while time.time() < t_end:
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        work()
-        ts.append(time.perf_counter() - t)
-    best.append(1000 * min(ts))
+    best.append(host_probe_ms())
     time.sleep(1.0)
 best.sort()
 n = len(best)

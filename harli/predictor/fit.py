@@ -29,17 +29,18 @@ DEFAULT_BIAS_ALPHA = 0.05
 # SLO's attainment target rather than only at the fit's quantile (1.0: the largest seen).
 TAIL_QUANTILES = (0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 
-
-def bias_warmup(alpha: float) -> int:
-    """Iterations an online bias of weight ``alpha`` needs before it is trusted (~1/alpha,
-    its effective memory); until then the daemon uses the raw bound."""
-    return math.ceil(1.0 / alpha)
 # A prediction never goes below this share of the fastest iteration seen in the fit: a linear
 # fit may extrapolate to <= 0 for shapes smaller than any profiled one.
 FLOOR_FRACTION = 0.5
 # Below this relative spread of solo estimates a level's scale and offset cannot be told
 # apart, so the level is fit as a pure scale.
 _MIN_SOLO_SPREAD = 0.01
+
+
+def bias_warmup(alpha: float) -> int:
+    """Iterations an online bias of weight ``alpha`` needs before it is trusted (~1/alpha,
+    its effective memory); until then the daemon uses the raw bound."""
+    return math.ceil(1.0 / alpha)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,17 +45,22 @@ def wired(tmp_path: Path) -> Iterator[tuple[FinetuneProc, Any, Any]]:
         from_ft.close(linger=0)
 
 
-def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+def _paused_between_chunks(proc: FinetuneProc) -> tuple[threading.Thread, dict[str, Any]]:
+    """``_between_chunks`` called, in a thread, while the daemon has the finetune paused; it
+    must be waiting there once the call is under way. ``out`` gets its value or its error."""
+    proc.decision = Decision(level=0, admitted=False, seq=5)
     out: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            out["value"] = fn()
+            out["value"] = proc._between_chunks()
         except BaseException as e:  # handed to the test
             out["error"] = e
 
     th = threading.Thread(target=run, daemon=True)
     th.start()
+    time.sleep(0.3)
+    assert th.is_alive()  # paused: the micro-step waits between its chunks
     return th, out
 
 
@@ -73,10 +78,7 @@ def test_running_it_returns_at_once(wired: tuple[FinetuneProc, Any, Any]) -> Non
 def test_paused_it_waits_answers_a_reclaim_and_resumes(
         wired: tuple[FinetuneProc, Any, Any]) -> None:
     proc, to_ft, from_ft = wired
-    proc.decision = Decision(level=0, admitted=False, seq=5)
-    th, out = _in_thread(proc._between_chunks)
-    time.sleep(0.3)
-    assert th.is_alive()  # paused: the micro-step waits between its chunks
+    th, out = _paused_between_chunks(proc)
     # A reclaim while it waits is answered there, not at the micro-step's end (no arena in
     # this test: the finetune hands the pages back with that reason).
     to_ft.send(encode(ReclaimLease(seq=9, pages=[3, 4], deadline_s=time.monotonic() + 5)))
@@ -93,9 +95,7 @@ def test_paused_it_waits_answers_a_reclaim_and_resumes(
 def test_a_shutdown_while_paused_abandons_the_micro_step(
         wired: tuple[FinetuneProc, Any, Any]) -> None:
     proc, to_ft, _ = wired
-    proc.decision = Decision(level=0, admitted=False, seq=5)
-    th, out = _in_thread(proc._between_chunks)
-    time.sleep(0.2)
+    th, out = _paused_between_chunks(proc)
     to_ft.send(encode(FinetuneShutdown(reason="daemon stopping")))
     th.join(10)
     assert not th.is_alive() and isinstance(out.get("error"), MicroStepAborted)
