@@ -9,6 +9,7 @@ This is the only module that reads the environment (systemd's ``RUNTIME_DIRECTOR
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -256,13 +257,21 @@ class MemoryConfig:
 class SchedulerConfig:
     policy: str = _help(
         "Who sets the finetune's quota level: harli (before every decode iteration, the "
-        "largest level whose predicted latency bound stays under the TPOT SLO), static:L, "
-        "naive (always the highest), decode-only (finetune paused). Switchable at run time: "
-        "`harli policy SPEC`.", default="harli")
+        "largest level whose predicted latency bound stays under the TPOT SLO, the bound at "
+        "the quantile the error budget allows), harli:strict (the bound always at the "
+        "attainment quantile), static:L, naive (always the highest), decode-only (finetune "
+        "paused). Switchable at run time: `harli policy SPEC`.", default="harli")
     tpot_slo_ms: float = _help("Decode TPOT SLO: the time between two tokens of a request.",
                                default=50.0)
     attainment: float = _help("Share of tokens (and of requests) that must meet the SLO.",
                               default=0.99)
+    budget_tokens: int = _help(
+        "harli's error budget: the window, in measured tokens (an exponential decay), over "
+        "which the share of tokens that missed the SLO is counted.", default=1000)
+    budget_max_factor: float = _help(
+        "harli's error budget: a decision may take up to this many times the target miss "
+        "share (1 - attainment) as its own miss probability, once the window's misses are "
+        "down to 1/this of the target; 1x on target; none once 1/this over it.", default=10.0)
 
     def __post_init__(self) -> None:
         if not self.tpot_slo_ms > 0:
@@ -270,6 +279,12 @@ class SchedulerConfig:
         if not 0 < self.attainment <= 1:
             raise ConfigError(f"scheduler.attainment: expected in (0, 1], got "
                               f"{self.attainment}")
+        if self.budget_tokens < 1:
+            raise ConfigError(f"scheduler.budget_tokens: expected >= 1, got "
+                              f"{self.budget_tokens}")
+        if not 1.0 <= self.budget_max_factor < math.inf:
+            raise ConfigError(f"scheduler.budget_max_factor: expected a finite number >= 1, "
+                              f"got {self.budget_max_factor}")
 
 
 @dataclass(frozen=True)

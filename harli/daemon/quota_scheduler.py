@@ -4,7 +4,8 @@ After every decode iteration's telemetry it builds the view of the next iteratio
 running requests, each one token longer, plus the prompts waiting), asks the configured policy
 for the finetune's quota level and, when the level changes, has the ``JobManager`` send the new
 ``Decision``. It also counts SLO attainment from the engine's token times, per token and per
-request. The policy is switchable at run time (``harli policy SPEC``).
+request, and hands the per-token counts to the policy (``harli``'s error budget). The policy
+is switchable at run time (``harli policy SPEC``).
 """
 
 from __future__ import annotations
@@ -84,14 +85,16 @@ class QuotaScheduler:
         metrics.slo_attainment.labels("request").set_function(
             lambda: self.counter.per_request() or 0.0)
 
-    def _parse(self, spec: str) -> Policy:
-        return parse_policy(spec, self.model, self.levels, self.slo)
+    def _parse(self, spec: str, slo: SloTarget | None = None) -> Policy:
+        return parse_policy(spec, self.model, self.levels, slo or self.slo,
+                            budget_tokens=self.cfg.budget_tokens,
+                            budget_max_factor=self.cfg.budget_max_factor)
 
     def set_policy(self, spec: str, now: float, tpot_slo_ms: float | None = None) -> None:
         """Switch policy, and the SLO with it if given (ValueError naming the accepted forms
         or the bad SLO; nothing changes then)."""
         slo = self.slo if tpot_slo_ms is None else SloTarget(tpot_slo_ms, self.slo.attainment)
-        policy = parse_policy(spec, self.model, self.levels, slo)
+        policy = self._parse(spec, slo)
         if slo != self.slo:
             self.slo = slo
             self.counter = SloCounter(slo)
@@ -135,7 +138,11 @@ class QuotaScheduler:
             self.decide(_IDLE, now)
 
     def on_tokens(self, gaps_s: list[float]) -> None:
-        self.counter.on_token_gaps(gaps_s)
+        counter = self.counter
+        tokens, ok = counter.tokens, counter.tokens_ok
+        counter.on_token_gaps(gaps_s)
+        tokens = counter.tokens - tokens
+        self.policy.on_tokens(tokens, tokens - (counter.tokens_ok - ok))
         for g in gaps_s:
             self.metrics.tpot_s.observe(g)
 
@@ -153,7 +160,8 @@ class QuotaScheduler:
             decision_p50_us=us[len(us) // 2] if us else None,
             decision_p99_us=_p99(us),
             last_reason=self.last.reason if self.last else None,
-            decision_cpu_p99_us=_p99(cpu))
+            decision_cpu_p99_us=_p99(cpu),
+            bound_quantile=self.last.quantile if self.last else None)
 
 
 def _p99(sorted_us: list[float]) -> float | None:

@@ -54,8 +54,8 @@ class SetLevel(_Ctl, tag="set_level", frozen=True):
 
 
 class SetPolicy(_Ctl, tag="set_policy", frozen=True):
-    """Switch the quota policy ("harli", "static:L", "naive", "decode-only"); answered with
-    the ``DaemonStatus``."""
+    """Switch the quota policy ("harli", "harli:strict", "static:L", "naive", "decode-only");
+    answered with the ``DaemonStatus``."""
 
     policy: str
     tpot_slo_ms: float | None = None  # a new SLO with it (None: keep the current one)
@@ -178,6 +178,9 @@ class SchedulerStatus(_Ctl, tag="scheduler", frozen=True):
     # The decision's own cost (thread CPU time): what the policy computes, without the time
     # the OS gave the daemon's core to someone else mid-decision.
     decision_cpu_p99_us: float | None = None
+    # The quantile the last decision's latency bound stood for (harli's error budget moves
+    # it); None for the baselines and before any busy decision.
+    bound_quantile: float | None = None
 
 
 class DaemonStatus(_Ctl, tag="daemon_status", frozen=True):

@@ -137,6 +137,9 @@ class LatencyModel:
                 logger.warning("[predictor] the profile's bound is at quantile %g, not %g: it "
                                "predates per-quantile tails (harli profile --refit)",
                                solo.quantile, self._cfg.quantile)
+        # _tracked_at's cache: (fit key, quantile) -> ratio after the bias at that quantile.
+        self._quantile_bounds: dict[tuple[int, float], float] = {}
+        self._quantile_unsupported = 0
         self._profile_loaded = solo is not None
         self._accumulator = None if solo is not None else SoloAccumulator(self._cfg.online_window)
         prior = prior_latency_s if prior_latency_s is not None else 0.0
@@ -173,39 +176,66 @@ class LatencyModel:
 
     # -- hot path ---------------------------------------------------------------------------
 
-    def predict(self, shape: BatchShape, level: int) -> Prediction:
+    def predict(self, shape: BatchShape, level: int,
+                quantile: float | None = None) -> Prediction:
         """Latency of the next iteration with batch ``shape`` beside the finetune at quota
-        ``level`` (0 = alone): (estimate_s, upper_s) with upper_s >= estimate_s > 0."""
+        ``level`` (0 = alone): (estimate_s, upper_s) with upper_s >= estimate_s > 0. The bound
+        stands for ``quantile`` of the latency (None: ``ModelConfig.quantile``), read from the
+        fit's tail; while a bias warms up it is the raw bound at the fit's own quantile."""
         solo = self._solo
         if solo is None:
             return self._prior
-        estimate_s, ratio_q, tracked_q, _, fallback = self._stage(level, solo.estimate(shape))
+        estimate_s, key, fallback = self._stage(level, solo.estimate(shape))
         if fallback:
             self._fallbacks[level] = self._fallbacks.get(level, 0) + 1
+        ratio_q, tracked_q, _ = self._fit_bounds[key]
         corr = self._corrections.get((level, shape.prefill_tokens > 0))
         if corr is None or corr.n < self._warmup:
             # No bias learnt yet: the raw quantile, which covers the host's drift as well.
             return Prediction(estimate_s, estimate_s * ratio_q)
+        if quantile is not None and quantile != self._cfg.quantile:
+            tracked_q = self._tracked_at(key, quantile)
         estimate_s *= corr.bias_factor
         return Prediction(estimate_s, estimate_s * tracked_q * corr.spread_factor)
 
-    def _stage(self, level: int, solo_s: float) -> tuple[float, float, float, float, bool]:
-        """At ``level``: (estimate before the online bias, raw ratio_q, ratio_q after the
-        bias, mean |log residual| after the bias, is fallback)."""
-        solo = self._solo
-        assert solo is not None  # callers check; kept out of the public hot path
+    def _stage(self, level: int, solo_s: float) -> tuple[float, int, bool]:
+        """At ``level``: (estimate before the online bias, the key in ``_fit_bounds`` of the
+        fit whose bounds apply, is fallback)."""
         if level == 0:
-            return (solo_s, *self._fit_bounds[0], False)
+            return solo_s, 0, False
         lf = self._levels.get(level)
         if lf is not None:
-            return (lf.estimate(solo_s), *self._fit_bounds[level], False)
+            return lf.estimate(solo_s), level, False
         ratio = self._ratios.get(level)
         if ratio is not None and ratio.n >= self._cfg.level_min_samples:
-            return (solo_s * ratio.ratio, *self._fit_bounds[0], False)
+            return solo_s * ratio.ratio, 0, False
         if level < 0:
             raise ValueError(f"quota level must be >= 0, got {level}")
-        lower = self._stage(self._nearest_lower(level), solo_s)
-        return (lower[0] * self._cfg.fallback_factor, *lower[1:4], True)
+        lower_s, key, _ = self._stage(self._nearest_lower(level), solo_s)
+        return lower_s * self._cfg.fallback_factor, key, True
+
+    def _tracked_at(self, key: int, quantile: float) -> float:
+        """The bound's ratio after the online bias at ``quantile`` for the fit under ``key``,
+        from its tail (cached: a policy asks a handful of quantiles). A fit without a tail
+        (a profile older than them) keeps its own quantile's ratio; that is logged once per
+        quantile and counted in ``stats()['quantile_unsupported']``."""
+        cached = self._quantile_bounds.get((key, quantile))
+        if cached is not None:
+            return cached
+        fit = self._solo if key == 0 else self._levels[key]
+        assert fit is not None
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+        if fit.tracked_tail is None:
+            ratio = self._fit_bounds[key][1]
+            self._quantile_unsupported += 1
+            logger.warning("[predictor] the fit of level %d has no tail (a profile written "
+                           "before them; harli profile --refit): its bound stays at quantile "
+                           "%g, not %g", key, fit.quantile, quantile)
+        else:
+            ratio = tail_ratio(fit.tracked_tail, quantile)
+        self._quantile_bounds[(key, quantile)] = ratio
+        return ratio
 
     def _nearest_lower(self, level: int) -> int:
         for lower in range(level - 1, 0, -1):
@@ -236,7 +266,8 @@ class LatencyModel:
         solo = self._solo
         assert solo is not None
         solo_s = solo.estimate(shape)
-        base_s, _, _, fitted_spread_log, fallback = self._stage(level, solo_s)
+        base_s, fit_key, fallback = self._stage(level, solo_s)
+        fitted_spread_log = self._fit_bounds[fit_key][2]
         key = (level, shape.prefill_tokens > 0)
         corr = self._corrections.get(key)
         if corr is None:
@@ -270,6 +301,7 @@ class LatencyModel:
         if first or (self._solo is not None and self._since_fit >= cfg.refit_every):
             self._solo = acc.fit(cfg.quantile, cfg.ewma_alpha)
             self._fit_bounds[0] = _bounds(self._solo, cfg.quantile)
+            self._quantile_bounds.clear()
             self._since_fit = 0
             self._refits += 1
             logger.info("[predictor] online stage-1 refit %d on %d level-0 iterations",
@@ -296,6 +328,7 @@ class LatencyModel:
             "fitted": self._solo is not None,
             "online_refits": self._refits,
             "bound_quantile": self._cfg.quantile,
+            "quantile_unsupported": self._quantile_unsupported,
             "samples_seen": dict(self._seen),
             # Per level, of the decode-only iterations (the common kind) ...
             "bias": {lv: math.expm1(c.bias_log) for (lv, pf), c in self._corrections.items()

@@ -1,12 +1,14 @@
 """Quota policies: before each decode iteration, pick the finetune's quota level 0..K.
 
 ``HarliPolicy`` asks the latency predictor for each level's upper bound on the next
-iteration's latency, highest level first, and takes the first one inside the TPOT SLO. It goes
+iteration's latency, lowest level first, and takes the highest one inside the TPOT SLO. It goes
 down at once (never a level whose predicted bound is over the SLO) and up only after the higher
 level has been feasible for ``hysteresis_iters`` decisions in a row, so a load that oscillates
-around a level boundary does not make the finetune flap. ``StaticPolicy``, ``NaivePolicy``
-(always K) and ``DecodeOnlyPolicy`` (always 0) are baselines; ``parse_policy`` reads the config
-and CLI spelling of each.
+around a level boundary does not make the finetune flap. The bound stands for a quantile of
+the iteration's latency: with an ``ErrorBudget`` (the ``harli`` spelling) the one the tokens
+measured against the SLO so far allow, else (``harli:strict``) the attainment target on every
+decision. ``StaticPolicy``, ``NaivePolicy`` (always K) and ``DecodeOnlyPolicy`` (always 0) are
+baselines; ``parse_policy`` reads the config and CLI spelling of each.
 
 Pure logic: no torch, no ZMQ, no clock (``now`` is passed in). ``HarliPolicy.decide`` runs
 before every decode iteration and costs a few predictions.
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from harli.predictor import BatchShape, Prediction
+from harli.scheduler.budget import ErrorBudget
 from harli.scheduler.slo import SloTarget
 
 __all__ = [
@@ -35,7 +38,8 @@ __all__ = [
     "parse_policy",
 ]
 
-POLICY_FORMS = "'harli', 'static:L' (L in 0..levels), 'naive' or 'decode-only'"
+POLICY_FORMS = ("'harli', 'harli:strict', 'static:L' (L in 0..levels), 'naive' or "
+                "'decode-only'")
 
 # Reasons HarliPolicy gives; the ones with numbers start with these words.
 REASON_IDLE = "idle: nothing running or waiting"
@@ -49,7 +53,10 @@ REASON_INFEASIBLE = "infeasible"  # even level 0's bound is over the SLO: decode
 class LatencyPredictor(Protocol):
     """What the policy needs of ``harli.predictor.LatencyModel``."""
 
-    def predict(self, shape: BatchShape, level: int) -> Prediction: ...
+    def predict(self, shape: BatchShape, level: int,
+                quantile: float | None = None) -> Prediction:
+        """``upper_s`` at ``quantile`` of the latency (None: the model's configured one)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +90,15 @@ class PolicyDecision:
     level: int  # finetune quota level for the next iteration, 0 = finetune paused
     reason: str  # why; starts with one of the REASON_* words
     predicted_upper_s: float | None  # predictor's upper bound at ``level`` (before margin)
+    quantile: float | None = None  # the quantile that bound stands for (None: the model's)
 
 
 class Policy(Protocol):
     def decide(self, view: BatchView, now: float) -> PolicyDecision: ...
+
+    def on_tokens(self, tokens: int, missed: int) -> None:
+        """``tokens`` inter-token gaps were measured, ``missed`` of them over the SLO."""
+        ...
 
 
 def _check_levels(levels: int) -> None:
@@ -103,10 +115,15 @@ class HarliPolicy:
     level that has been feasible in every one of them; it moves down to the target at once.
     An idle engine (nothing running, nothing waiting) gets level K at once. The policy starts
     as if the engine had been idle (at K), so the first busy decision takes the target.
+
+    ``budget``: the bound stands for ``budget.quantile()`` (fed by ``on_tokens``) instead of the
+    model's configured quantile, so the policy spends the misses the attainment target leaves
+    while the measured tokens are ahead of it and tightens when they fall behind.
     """
 
     def __init__(self, model: LatencyPredictor, levels: int, slo: SloTarget,
-                 hysteresis_iters: int = 8, margin: float = 1.0) -> None:
+                 hysteresis_iters: int = 8, margin: float = 1.0,
+                 budget: ErrorBudget | None = None) -> None:
         _check_levels(levels)
         if hysteresis_iters < 1:
             raise ValueError(f"hysteresis_iters must be >= 1 (1 = none), got {hysteresis_iters}")
@@ -120,6 +137,7 @@ class HarliPolicy:
         self._hysteresis_iters = hysteresis_iters
         self._targets: deque[int] = deque(maxlen=hysteresis_iters)
         self._level = levels
+        self._budget = budget
 
     @property
     def level(self) -> int:
@@ -134,6 +152,14 @@ class HarliPolicy:
     def slo(self) -> SloTarget:
         return self._slo
 
+    @property
+    def budget(self) -> ErrorBudget | None:
+        return self._budget
+
+    def on_tokens(self, tokens: int, missed: int) -> None:
+        if self._budget is not None:
+            self._budget.on_tokens(tokens, missed)
+
     def decide(self, view: BatchView, now: float) -> PolicyDecision:
         del now  # the policy counts decisions, not seconds
         targets = self._targets
@@ -144,6 +170,7 @@ class HarliPolicy:
 
         shape = view.shape()
         predict = self._model.predict
+        quantile = self._budget.quantile() if self._budget is not None else None
         limit_s = self._tpot_s
         margin = self._margin
         # Feasible: this level's bound and every lower level's within the SLO. More quota
@@ -154,14 +181,15 @@ class HarliPolicy:
         uppers_s: list[float] = []
         upper_s = math.inf
         for level in range(self._levels + 1):
-            upper_s = predict(shape, level).upper_s
+            upper_s = predict(shape, level, quantile).upper_s
             if upper_s * margin > limit_s:
                 break
             uppers_s.append(upper_s)
         if not uppers_s:  # upper_s is level 0's bound
             targets.append(0)
             self._level = 0
-            return PolicyDecision(0, _infeasible_reason(upper_s, margin, self._slo), upper_s)
+            return PolicyDecision(0, _infeasible_reason(upper_s, margin, self._slo), upper_s,
+                                  quantile)
 
         target = len(uppers_s) - 1
         targets.append(target)
@@ -169,14 +197,14 @@ class HarliPolicy:
         if target <= current:
             self._level = target
             return PolicyDecision(target, REASON_STEADY if target == current else REASON_DOWN,
-                                  uppers_s[target])
+                                  uppers_s[target], quantile)
         # target > current: go up only as far as every one of the last N targets allows; every
         # level up to the target is feasible, so the held one is too.
         settled = min(targets) if len(targets) == self._hysteresis_iters else current
         chosen = max(current, settled)
         self._level = chosen
         return PolicyDecision(chosen, REASON_UP if chosen > current else REASON_HOLD,
-                              uppers_s[chosen])
+                              uppers_s[chosen], quantile)
 
 
 def _infeasible_reason(upper_s: float, margin: float, slo: SloTarget) -> str:
@@ -195,6 +223,9 @@ class StaticPolicy:
     def decide(self, view: BatchView, now: float) -> PolicyDecision:
         return self._decision
 
+    def on_tokens(self, tokens: int, missed: int) -> None:
+        pass
+
 
 class NaivePolicy:
     """Always level K: the finetune runs flat out beside decode, SLO or not."""
@@ -206,6 +237,9 @@ class NaivePolicy:
     def decide(self, view: BatchView, now: float) -> PolicyDecision:
         return self._decision
 
+    def on_tokens(self, tokens: int, missed: int) -> None:
+        pass
+
 
 class DecodeOnlyPolicy:
     """Always level 0: the finetune never runs beside decode."""
@@ -215,14 +249,17 @@ class DecodeOnlyPolicy:
     def decide(self, view: BatchView, now: float) -> PolicyDecision:
         return self._DECISION
 
+    def on_tokens(self, tokens: int, missed: int) -> None:
+        pass
+
 
 def check_policy(spec: str, levels: int) -> tuple[str, int | None]:
-    """Validate a config or CLI policy string: 'harli', 'static:L', 'naive' or 'decode-only'
-    (case and surrounding spaces ignored). Returns (kind, L for static); ValueError names the
-    accepted forms or the level range."""
+    """Validate a config or CLI policy string: 'harli', 'harli:strict', 'static:L', 'naive' or
+    'decode-only' (case and surrounding spaces ignored). Returns (kind, L for static);
+    ValueError names the accepted forms or the level range."""
     _check_levels(levels)
     text = spec.strip().lower()
-    if text in ("harli", "naive", "decode-only"):
+    if text in ("harli", "harli:strict", "naive", "decode-only"):
         return text, None
     kind, sep, arg = text.partition(":")
     if kind == "static" and sep:
@@ -238,10 +275,15 @@ def check_policy(spec: str, levels: int) -> tuple[str, int | None]:
     raise ValueError(f"unknown policy {spec!r}; accepted forms: {POLICY_FORMS}")
 
 
-def parse_policy(spec: str, model: LatencyPredictor, levels: int, slo: SloTarget) -> Policy:
-    """The policy named by ``spec`` (see ``check_policy``)."""
+def parse_policy(spec: str, model: LatencyPredictor, levels: int, slo: SloTarget, *,
+                 budget_tokens: int = 1000, budget_max_factor: float = 10.0) -> Policy:
+    """The policy named by ``spec`` (see ``check_policy``); ``harli`` gets a fresh
+    ``ErrorBudget(slo.attainment, budget_tokens, budget_max_factor)``."""
     kind, level = check_policy(spec, levels)
     if kind == "harli":
+        return HarliPolicy(model, levels, slo,
+                           budget=ErrorBudget(slo.attainment, budget_tokens, budget_max_factor))
+    if kind == "harli:strict":
         return HarliPolicy(model, levels, slo)
     if kind == "naive":
         return NaivePolicy(levels)

@@ -101,12 +101,14 @@ def token_median_batch(results: list[dict[str, Any]]) -> float:
     return float(statistics.median(live)) if live else 1.0
 
 
-def _sampler(ctl: Any, job_id: int, samples: list[dict[str, float]], stop: threading.Event,
-             t0: float) -> None:
+def _sampler(ctl: Any, job_id: int, samples: list[dict[str, float | None]],
+             stop: threading.Event, t0: float) -> None:
     while not stop.is_set():
         st = ctl.status()
         job = ctl.show(job_id).job
-        samples.append({"t": time.monotonic() - t0, "level": st.level, "tokens": job.tokens})
+        q = st.scheduler.bound_quantile if st.scheduler is not None else None
+        samples.append({"t": time.monotonic() - t0, "level": st.level, "tokens": job.tokens,
+                        "bound_quantile": q})
         stop.wait(0.25)
 
 
@@ -271,7 +273,7 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
     ctl.set_policy(policy, tpot_slo_ms=slo_ms)
     time.sleep(1.0)  # the new level reaches the finetune
     before = ctl.show(job_id).job.tokens
-    samples: list[dict[str, float]] = []
+    samples: list[dict[str, float | None]] = []
     stop = threading.Event()
     t0 = time.monotonic()
     th = threading.Thread(target=_sampler, args=(ctl_sampler, job_id, samples, stop, t0),

@@ -66,7 +66,9 @@ class StatusCommand(Command):
                       f"(target {sc.attainment_target:.0%}): attainment per token "
                       f"{pct(sc.per_token)} of {sc.tokens}, per request {pct(sc.per_request)} "
                       f"of {sc.requests}; {sc.decisions} decisions (p99 {p99}), "
-                      f"{sc.level_changes} level changes; last: {sc.last_reason or '-'}")
+                      f"{sc.level_changes} level changes; last: {sc.last_reason or '-'}"
+                      + ("" if sc.bound_quantile is None else
+                         f" (bound at quantile {sc.bound_quantile:g})"))
         m = st.memory
         if m is None:
             con.print("arena: off (memory.arena = false)")

@@ -52,6 +52,10 @@ def test_json_round_trip_for_children() -> None:
     ("nodot=1", "section.key=value"),
     ('finetune.cpu_scheduling_policy="fifo"', "finetune.cpu_scheduling_policy"),
     ("finetune.nice=20", "finetune.nice"),
+    ("scheduler.budget_tokens=0", "scheduler.budget_tokens"),
+    ("scheduler.budget_max_factor=0.5", "scheduler.budget_max_factor"),
+    ("scheduler.budget_max_factor=inf", "scheduler.budget_max_factor"),
+    ('scheduler.policy="harli:loose"', "scheduler.policy"),
 ])
 def test_bad_values_name_the_key(override: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):

@@ -556,3 +556,43 @@ def test_an_old_profile_at_another_quantile_is_named_in_the_log(
     with caplog.at_level(logging.WARNING):
         LatencyModel(old, {}, config=ModelConfig(quantile=0.95))
     assert "harli profile --refit" in caplog.text
+
+
+def test_predict_at_a_quantile_reads_the_fits_tail_after_warmup() -> None:
+    samples = drifting_samples(3000, seed=7)
+    model = LatencyModel.from_samples(samples)
+    solo = model.solo
+    assert solo is not None and solo.tracked_tail is not None
+    # Before the bias has warmed up: the raw bound, whatever the quantile asked.
+    raw = model.predict(SHAPE, 0, 0.9)
+    assert raw.upper_s == pytest.approx(raw.estimate_s * solo.ratio_q)
+    for i in range(100):
+        model.observe(SHAPE, 0, true_solo_s(SHAPE), now=float(i))
+    default = model.predict(SHAPE, 0)
+    assert model.predict(SHAPE, 0, 0.99) == default  # the configured quantile
+    ratios = []
+    for q in (0.9, 0.95, 0.98, 0.99, 0.995, 0.999):
+        p = model.predict(SHAPE, 0, q)
+        assert p.estimate_s == default.estimate_s  # the quantile moves the bound only
+        ratios.append(p.upper_s / p.estimate_s)
+    assert ratios == sorted(ratios)
+    spread = default.upper_s / default.estimate_s / solo.tracked_ratio_q  # type: ignore[operator]
+    assert ratios[0] == pytest.approx(tail_ratio(solo.tracked_tail, 0.9) * spread)
+    assert model.stats()["quantile_unsupported"] == 0
+
+
+def test_a_quantile_on_a_fit_without_a_tail_keeps_its_bound_and_is_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    solo = LatencyModel.from_samples(drifting_samples(500)).solo
+    assert solo is not None
+    old = dataclasses.replace(solo, tracked_tail=None)
+    model = LatencyModel(old, {})
+    for i in range(100):
+        model.observe(SHAPE, 0, true_solo_s(SHAPE), now=float(i))
+    with caplog.at_level(logging.WARNING):
+        assert model.predict(SHAPE, 0, 0.9) == model.predict(SHAPE, 0)
+        model.predict(SHAPE, 0, 0.9)
+    assert "no tail" in caplog.text
+    assert model.stats()["quantile_unsupported"] == 1  # once per quantile, then cached
+    with pytest.raises(ValueError, match="quantile"):
+        model.predict(SHAPE, 0, 1.5)

@@ -15,7 +15,8 @@ from harli.predictor import BatchShape, Prediction
 class Linear:
     """A fake predictor: 2 ms + 0.5 ms per sequence, x (1 + 0.25 level); bound x1.2."""
 
-    def predict(self, shape: BatchShape, level: int) -> Prediction:
+    def predict(self, shape: BatchShape, level: int,
+                quantile: float | None = None) -> Prediction:
         est = (0.002 + 0.0005 * shape.num_seqs) * (1 + 0.25 * level)
         return Prediction(est, est * 1.2)
 
@@ -87,6 +88,29 @@ def test_slo_is_counted_per_token_and_per_request() -> None:
     qs.on_request_done(0.0, 0.060, 4)  # 20 ms
     st = qs.status()
     assert st.per_token == pytest.approx(0.75) and st.per_request == pytest.approx(0.5)
+
+
+def test_measured_tokens_feed_harlis_error_budget_and_status_shows_its_quantile() -> None:
+    from harli.scheduler.policy import HarliPolicy
+
+    qs, _ = make(slo_ms=10.0)
+    policy = qs.policy
+    assert isinstance(policy, HarliPolicy) and policy.budget is not None
+    assert policy.budget.window_tokens == SchedulerConfig().budget_tokens
+    qs.on_telemetry(tele(8), 0.0)
+    assert qs.status().bound_quantile == 0.99  # on target before any token
+    qs.on_tokens([0.005] * 3000)  # all within 10 ms
+    qs.on_telemetry(tele(8), 0.1)
+    assert (qs.status().bound_quantile or 1.0) < 0.99
+    before = policy.budget.miss_share
+    qs.on_tokens([0.005, 0.02, 0.03])  # two over the SLO
+    assert policy.budget.miss_share > before
+    qs.set_policy("harli:strict", 1.0)
+    qs.on_telemetry(tele(8), 1.1)
+    assert qs.status().bound_quantile is None  # the model's own quantile
+    qs.set_policy("harli", 2.0)  # a fresh budget, on target again
+    qs.on_telemetry(tele(8), 2.1)
+    assert qs.status().bound_quantile == 0.99
 
 
 def test_an_arriving_prompt_joins_the_next_iteration_within_the_token_budget() -> None:

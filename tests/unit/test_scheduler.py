@@ -9,6 +9,7 @@ import random
 import statistics
 import time
 from collections.abc import Sequence
+from typing import ClassVar
 
 import pytest
 from hypothesis import given, settings
@@ -114,7 +115,8 @@ class TablePredictor:
     def __init__(self, uppers_s: Sequence[float]) -> None:
         self.uppers_s = list(uppers_s)
 
-    def predict(self, shape: BatchShape, level: int) -> Prediction:
+    def predict(self, shape: BatchShape, level: int,
+                quantile: float | None = None) -> Prediction:
         return Prediction(self.uppers_s[level] / 2, self.uppers_s[level])
 
 
@@ -312,6 +314,7 @@ def test_baselines_ignore_the_load(policy: StaticPolicy | NaivePolicy | DecodeOn
 @pytest.mark.parametrize(("spec", "kind", "level"), [
     ("harli", HarliPolicy, None),
     (" Harli ", HarliPolicy, None),
+    ("harli:strict", HarliPolicy, None),
     ("static:0", StaticPolicy, 0),
     ("static:2", StaticPolicy, 2),
     (f"static:{K}", StaticPolicy, K),
@@ -335,14 +338,111 @@ def test_parse_policy_accepts_each_form(spec: str, kind: type, level: int | None
     ("static:-1", r"0\.\.4"),
     (f"static:{K + 1}", r"0\.\.4"),
     ("naive:2", "accepted forms"),
+    ("harli:loose", "accepted forms"),
     ("decode_only", "accepted forms"),
 ])
 def test_parse_policy_rejects_bad_strings(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message) as info:
         parse_policy(spec, MODEL, K, SLO)
     if message == "accepted forms":
-        assert all(form in str(info.value) for form in ("harli", "static:L", "naive",
-                                                         "decode-only"))
+        assert all(form in str(info.value) for form in ("harli", "harli:strict", "static:L",
+                                                         "naive", "decode-only"))
+
+
+# -- HarliPolicy with an error budget ---------------------------------------------------------
+
+
+class QuantilePredictor:
+    """A fake predictor whose bound depends on the quantile asked: base[level] x tail(q),
+    tail 1.2 at q <= 0.9 up to 2.0 at q >= 0.99 (the model's default). Records the
+    quantiles asked."""
+
+    TAIL: ClassVar[dict[float, float]] = {0.9: 1.2, 0.95: 1.4, 0.98: 1.7, 0.99: 2.0,
+                                          0.995: 2.3, 0.999: 3.0}
+
+    def __init__(self, base_s: Sequence[float]) -> None:
+        self.base_s = list(base_s)
+        self.asked: list[float | None] = []
+
+    def ratio(self, quantile: float | None) -> float:
+        return self.TAIL[0.99 if quantile is None else quantile]
+
+    def predict(self, shape: BatchShape, level: int,
+                quantile: float | None = None) -> Prediction:
+        self.asked.append(quantile)
+        return Prediction(self.base_s[level], self.base_s[level] * self.ratio(quantile))
+
+
+SLO_10MS = SloTarget(tpot_ms=10.0)
+
+
+def budgeted(base_s: Sequence[float], slo: SloTarget = SLO_10MS,
+             hysteresis: int = 1) -> tuple[HarliPolicy, QuantilePredictor]:
+    fake = QuantilePredictor(base_s)
+    spec_policy = parse_policy("harli", fake, K, slo)
+    assert isinstance(spec_policy, HarliPolicy) and spec_policy.budget is not None
+    policy = HarliPolicy(fake, K, slo, hysteresis_iters=hysteresis, budget=spec_policy.budget)
+    return policy, fake
+
+
+def test_a_budget_ahead_of_target_lets_harli_train_where_the_strict_bound_pauses() -> None:
+    # Level 0 alone is 6 ms: its 0.99 bound (12 ms) is over a 10 ms SLO, its 0.95 one (8.4)
+    # is not; each level adds 0.5 ms.
+    base = [0.006 + 0.0005 * lv for lv in range(K + 1)]
+    strict = parse_policy("harli:strict", QuantilePredictor(base), K, SloTarget(tpot_ms=10.0))
+    assert isinstance(strict, HarliPolicy) and strict.budget is None
+    assert strict.decide(LIGHT, 0.0).level == 0
+
+    policy, fake = budgeted(base)
+    first = policy.decide(LIGHT, 0.0)
+    assert (first.level, first.quantile) == (0, 0.99)  # starts on target
+    assert first.reason.startswith(REASON_INFEASIBLE)
+    for _ in range(40):  # 4000 tokens, none over the SLO
+        policy.on_tokens(100, 0)
+    d = policy.decide(LIGHT, 1.0)
+    assert d.quantile is not None and d.quantile < 0.99
+    assert fake.asked[-1] == d.quantile  # the bound was asked at the budget's quantile
+    assert d.level > 0
+    assert d.predicted_upper_s == pytest.approx(base[d.level] * fake.ratio(d.quantile))
+    assert d.predicted_upper_s <= 0.010
+    # Misses over target: back to the tightest bound, and to level 0.
+    for _ in range(3):
+        policy.on_tokens(100, 5)
+    d = policy.decide(LIGHT, 2.0)
+    assert d.quantile == 0.999 and d.level == 0
+
+
+def test_strict_harli_and_the_baselines_ignore_token_counts() -> None:
+    base = [0.003] * (K + 1)
+    strict = HarliPolicy(QuantilePredictor(base), K, SloTarget(tpot_ms=10.0))
+    for policy in (strict, StaticPolicy(2), NaivePolicy(K), DecodeOnlyPolicy()):
+        before = policy.decide(LIGHT, 0.0)
+        policy.on_tokens(100, 100)
+        assert policy.decide(LIGHT, 1.0).level == before.level
+    assert strict.decide(LIGHT, 2.0).quantile is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(bases=st.lists(st.floats(1e-3, 0.01), min_size=K + 1, max_size=K + 1),
+       steps=st.lists(st.tuples(st.integers(0, 200), st.floats(0.0, 0.05), st.booleans()),
+                      min_size=1, max_size=40),
+       hysteresis=st.integers(1, 10))
+def test_budgeted_harli_never_picks_a_level_over_the_slo_at_the_quantile_it_used(
+        bases: list[float], steps: list[tuple[int, float, bool]], hysteresis: int) -> None:
+    slo = SloTarget(tpot_ms=10.0)
+    policy, fake = budgeted(sorted(bases), slo, hysteresis)
+    for t, (tokens, miss_share, idle) in enumerate(steps):
+        policy.on_tokens(tokens, int(tokens * miss_share))
+        budget = policy.budget
+        assert budget is not None
+        quantile = budget.quantile()
+        d = policy.decide(view(0) if idle else LIGHT, float(t))
+        if idle:
+            assert (d.level, d.reason) == (K, REASON_IDLE)
+            continue
+        assert d.quantile == quantile
+        upper_at = [fake.predict(LIGHT.shape(), lv, quantile).upper_s for lv in range(K + 1)]
+        check_safe(d, upper_at, 1.0, slo)
 
 
 # -- SLO --------------------------------------------------------------------------------------
