@@ -272,6 +272,10 @@ class SchedulerConfig:
         "harli's error budget: a decision may take up to this many times the target miss "
         "share (1 - attainment) as its own miss probability, once the window's misses are "
         "down to 1/this of the target; 1x on target; none once 1/this over it.", default=10.0)
+    level_by_rate: bool = _help(
+        "harli, while decode is busy: run at the level (up to the feasible one) whose "
+        "micro-steps have trained fastest beside a busy decode, measured per job; false: "
+        "always the feasible level itself.", default=True)
 
     def __post_init__(self) -> None:
         if not self.tpot_slo_ms > 0:

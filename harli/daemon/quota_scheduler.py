@@ -4,8 +4,10 @@ After every decode iteration's telemetry it builds the view of the next iteratio
 running requests, each one token longer, plus the prompts waiting), asks the configured policy
 for the finetune's quota level and, when the level changes, has the ``JobManager`` send the new
 ``Decision``. It also counts SLO attainment from the engine's token times, per token and per
-request, and hands the per-token counts to the policy (``harli``'s error budget). The policy
-is switchable at run time (``harli policy SPEC``).
+request, and hands the per-token counts to the policy (``harli``'s error budget). From the
+finetune's micro-step reports it measures each level's training rate beside a busy decode
+(``LevelRates``, kept across policy switches). The policy is switchable at run time (``harli
+policy SPEC``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 
 from harli.config import SchedulerConfig
 from harli.daemon.metrics import Metrics
-from harli.ipc.control import SchedulerStatus
+from harli.ipc.control import MicroStepReport, SchedulerStatus
 from harli.ipc.messages import IterationTelemetry
 from harli.scheduler.policy import (
     BatchView,
@@ -27,6 +29,7 @@ from harli.scheduler.policy import (
     PolicyDecision,
     parse_policy,
 )
+from harli.scheduler.rates import LevelRates
 from harli.scheduler.slo import SloCounter, SloTarget
 
 logger = logging.getLogger(__name__)
@@ -72,6 +75,13 @@ class QuotaScheduler:
         self._current_level = current_level
         self.metrics = metrics
         self.max_batched_tokens = max_batched_tokens
+        self.rates = LevelRates(levels) if cfg.level_by_rate else None
+        # Since when the level in force and decode's busy/idle state have held: a micro-step
+        # report counts toward a level's rate only if neither changed while it ran.
+        self._level_since = -float("inf")
+        self._busy = False
+        self._busy_since = -float("inf")
+        self.rate_samples = 0
         self.spec = ""
         self.policy: Policy = self._parse(cfg.policy)
         self.spec = cfg.policy
@@ -88,7 +98,7 @@ class QuotaScheduler:
     def _parse(self, spec: str, slo: SloTarget | None = None) -> Policy:
         return parse_policy(spec, self.model, self.levels, slo or self.slo,
                             budget_tokens=self.cfg.budget_tokens,
-                            budget_max_factor=self.cfg.budget_max_factor)
+                            budget_max_factor=self.cfg.budget_max_factor, rates=self.rates)
 
     def set_policy(self, spec: str, now: float, tpot_slo_ms: float | None = None) -> None:
         """Switch policy, and the SLO with it if given (ValueError naming the accepted forms
@@ -109,6 +119,7 @@ class QuotaScheduler:
     def decide(self, view: BatchView | None, now: float) -> None:
         view = view or _IDLE
         self.view = view
+        self._note_busy(not view.idle, now)
         t0 = time.perf_counter()
         c0 = time.thread_time()
         d = self.policy.decide(view, now)
@@ -119,6 +130,7 @@ class QuotaScheduler:
         self.last = d
         if d.level != self._current_level():
             self.level_changes += 1
+            self._level_since = now
             self._set_level(d.level)
 
     def on_telemetry(self, t: IterationTelemetry, now: float) -> None:
@@ -131,8 +143,13 @@ class QuotaScheduler:
         would otherwise run beside it."""
         self.decide(with_arrival(self.view, prompt_tokens, self.max_batched_tokens), now)
 
+    def _note_busy(self, busy: bool, now: float) -> None:
+        if busy != self._busy:
+            self._busy, self._busy_since = busy, now
+
     def on_idle(self, now: float) -> None:
         """No request is left in the engine: the next decision is for an idle decode."""
+        self._note_busy(False, now)
         if self.last is None or self.last.level != self.levels or \
                 self._current_level() != self.last.level:
             self.decide(_IDLE, now)
@@ -145,6 +162,18 @@ class QuotaScheduler:
         self.policy.on_tokens(tokens, tokens - (counter.tokens_ok - ok))
         for g in gaps_s:
             self.metrics.tpot_s.observe(g)
+
+    def on_micro_step(self, r: MicroStepReport, now: float) -> None:
+        """A finetune micro-step ended (reported at ``now``): if it ran wholly at the level in
+        force, beside a busy decode, it counts toward that level's rate."""
+        if self.rates is None or r.level < 1 or r.level > self.levels:
+            return
+        seconds = r.duration_s + r.idle_after_s
+        started = now - r.duration_s
+        if (self._busy and self._busy_since <= started and self._level_since <= started
+                and r.level == self._current_level() and seconds > 0.0):
+            self.rates.observe(r.job_id, r.level, r.step_tokens, seconds)
+            self.rate_samples += 1
 
     def on_request_done(self, first_s: float, last_s: float, n_tokens: int) -> None:
         self.counter.on_request(first_s, last_s, n_tokens)
@@ -161,7 +190,8 @@ class QuotaScheduler:
             decision_p99_us=_p99(us),
             last_reason=self.last.reason if self.last else None,
             decision_cpu_p99_us=_p99(cpu),
-            bound_quantile=self.last.quantile if self.last else None)
+            bound_quantile=self.last.quantile if self.last else None,
+            busy_rates_tok_s=self.rates.snapshot() if self.rates else {})
 
 
 def _p99(sorted_us: list[float]) -> float | None:

@@ -459,6 +459,8 @@ class Daemon:
         if isinstance(msg, FinetuneFatal):
             self._check_gpu_fault(msg, "finetune")
         self.jobs.on_message(msg)
+        if self.scheduler is not None and isinstance(msg, MicroStepReport):
+            self.scheduler.on_micro_step(msg, self.clock())
         if self.memory is not None:
             if isinstance(msg, MicroStepReport):
                 self.memory.on_micro_step(msg)

@@ -251,7 +251,8 @@ class FinetuneProc:
             logger.exception("[finetune] job %d failed in a micro-step", self.job.job_id)
             self._end("failed", f"micro-step {self.recipe.state.micro_step + 1}: {e!r}")
             return
-        self._idle_until = time.monotonic() + self.quota.idle_after(level, r.duration_s)
+        idle_after_s = self.quota.idle_after(level, r.duration_s)
+        self._idle_until = time.monotonic() + idle_after_s
         self._send(MicroStepReport(
             job_id=self.job.job_id, micro_step=r.micro_step, step=r.step, epoch=r.epoch,
             tokens=r.tokens, step_tokens=r.step_tokens, duration_s=r.duration_s, level=level,
@@ -260,7 +261,8 @@ class FinetuneProc:
             lease_bytes=r.lease.lease_bytes if r.lease else 0,
             lease_saved_bytes=r.lease.lease_saved_bytes if r.lease else 0,
             private_saved_bytes=r.lease.private_saved_bytes if r.lease else 0,
-            fallback_tensors=r.lease.fallback_tensors if r.lease else 0, chunks=r.chunks))
+            fallback_tensors=r.lease.fallback_tensors if r.lease else 0, chunks=r.chunks,
+            idle_after_s=idle_after_s))
         self._paused_s = 0.0
         if self.recipe.checkpoint_due(r):
             path = self.recipe.save_checkpoint()

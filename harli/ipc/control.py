@@ -181,6 +181,8 @@ class SchedulerStatus(_Ctl, tag="scheduler", frozen=True):
     # The quantile the last decision's latency bound stood for (harli's error budget moves
     # it); None for the baselines and before any busy decision.
     bound_quantile: float | None = None
+    # Finetune tokens/s per quota level beside a busy decode, as measured (LevelRates).
+    busy_rates_tok_s: dict[int, float] = {}
 
 
 class DaemonStatus(_Ctl, tag="daemon_status", frozen=True):
@@ -289,6 +291,8 @@ class MicroStepReport(_Internal, frozen=True):
     private_saved_bytes: int = 0
     fallback_tensors: int = 0
     chunks: int = 1
+    # Duty-cycle idle the quota imposes after this micro-step (the level's rate counts it).
+    idle_after_s: float = 0.0
 
 
 class JobStarted(_Internal, frozen=True):

@@ -7,7 +7,9 @@ level has been feasible for ``hysteresis_iters`` decisions in a row, so a load t
 around a level boundary does not make the finetune flap. The bound stands for a quantile of
 the iteration's latency: with an ``ErrorBudget`` (the ``harli`` spelling) the one the tokens
 measured against the SLO so far allow, else (``harli:strict``) the attainment target on every
-decision. ``StaticPolicy``, ``NaivePolicy`` (always K) and ``DecodeOnlyPolicy`` (always 0) are
+decision. With ``LevelRates`` it runs, while decode is busy, at the level up to that one which
+has trained fastest (on CPU a level that spills onto decode's core trains slower than the one
+below it). ``StaticPolicy``, ``NaivePolicy`` (always K) and ``DecodeOnlyPolicy`` (always 0) are
 baselines; ``parse_policy`` reads the config and CLI spelling of each.
 
 Pure logic: no torch, no ZMQ, no clock (``now`` is passed in). ``HarliPolicy.decide`` runs
@@ -23,6 +25,7 @@ from typing import Protocol
 
 from harli.predictor import BatchShape, Prediction
 from harli.scheduler.budget import ErrorBudget
+from harli.scheduler.rates import LevelRates
 from harli.scheduler.slo import SloTarget
 
 __all__ = [
@@ -48,6 +51,8 @@ REASON_DOWN = "down"  # the current level's bound is over the SLO: dropped at on
 REASON_UP = "up"  # a higher level has been feasible for hysteresis_iters decisions
 REASON_HOLD = "hold"  # a higher level is feasible, not yet for long enough
 REASON_INFEASIBLE = "infeasible"  # even level 0's bound is over the SLO: decode only
+# Appended when LevelRates picked a lower level than the feasible one it was allowed.
+REASON_RATE = "; level {level} of {allowed}: it trains faster while decode runs"
 
 
 class LatencyPredictor(Protocol):
@@ -119,11 +124,15 @@ class HarliPolicy:
     ``budget``: the bound stands for ``budget.quantile()`` (fed by ``on_tokens``) instead of the
     model's configured quantile, so the policy spends the misses the attainment target leaves
     while the measured tokens are ahead of it and tightens when they fall behind.
+
+    ``rates``: while decode is busy the level emitted is ``rates.best(level)``, the fastest
+    measured level up to the one the rules above allow (the hysteresis state stays the allowed
+    one, so a rate choice does not count as a step down).
     """
 
     def __init__(self, model: LatencyPredictor, levels: int, slo: SloTarget,
                  hysteresis_iters: int = 8, margin: float = 1.0,
-                 budget: ErrorBudget | None = None) -> None:
+                 budget: ErrorBudget | None = None, rates: LevelRates | None = None) -> None:
         _check_levels(levels)
         if hysteresis_iters < 1:
             raise ValueError(f"hysteresis_iters must be >= 1 (1 = none), got {hysteresis_iters}")
@@ -138,6 +147,7 @@ class HarliPolicy:
         self._targets: deque[int] = deque(maxlen=hysteresis_iters)
         self._level = levels
         self._budget = budget
+        self._rates = rates
 
     @property
     def level(self) -> int:
@@ -195,16 +205,19 @@ class HarliPolicy:
         targets.append(target)
         current = self._level
         if target <= current:
-            self._level = target
-            return PolicyDecision(target, REASON_STEADY if target == current else REASON_DOWN,
-                                  uppers_s[target], quantile)
-        # target > current: go up only as far as every one of the last N targets allows; every
-        # level up to the target is feasible, so the held one is too.
-        settled = min(targets) if len(targets) == self._hysteresis_iters else current
-        chosen = max(current, settled)
+            chosen = target
+            reason = REASON_STEADY if target == current else REASON_DOWN
+        else:
+            # Go up only as far as every one of the last N targets allows; every level up to
+            # the target is feasible, so the held one is too.
+            settled = min(targets) if len(targets) == self._hysteresis_iters else current
+            chosen = max(current, settled)
+            reason = REASON_UP if chosen > current else REASON_HOLD
         self._level = chosen
-        return PolicyDecision(chosen, REASON_UP if chosen > current else REASON_HOLD,
-                              uppers_s[chosen], quantile)
+        level = chosen if self._rates is None else self._rates.best(chosen)
+        if level != chosen:  # best() stays within 1..chosen: feasible too
+            reason += REASON_RATE.format(level=level, allowed=chosen)
+        return PolicyDecision(level, reason, uppers_s[level], quantile)
 
 
 def _infeasible_reason(upper_s: float, margin: float, slo: SloTarget) -> str:
@@ -276,15 +289,17 @@ def check_policy(spec: str, levels: int) -> tuple[str, int | None]:
 
 
 def parse_policy(spec: str, model: LatencyPredictor, levels: int, slo: SloTarget, *,
-                 budget_tokens: int = 1000, budget_max_factor: float = 10.0) -> Policy:
+                 budget_tokens: int = 1000, budget_max_factor: float = 10.0,
+                 rates: LevelRates | None = None) -> Policy:
     """The policy named by ``spec`` (see ``check_policy``); ``harli`` gets a fresh
-    ``ErrorBudget(slo.attainment, budget_tokens, budget_max_factor)``."""
+    ``ErrorBudget(slo.attainment, budget_tokens, budget_max_factor)``; both harli forms get
+    ``rates`` (the daemon's, shared across policy switches)."""
     kind, level = check_policy(spec, levels)
     if kind == "harli":
-        return HarliPolicy(model, levels, slo,
+        return HarliPolicy(model, levels, slo, rates=rates,
                            budget=ErrorBudget(slo.attainment, budget_tokens, budget_max_factor))
     if kind == "harli:strict":
-        return HarliPolicy(model, levels, slo)
+        return HarliPolicy(model, levels, slo, rates=rates)
     if kind == "naive":
         return NaivePolicy(levels)
     if kind == "decode-only":

@@ -448,6 +448,19 @@ class BenchCommand(Command):
             raise CommandError("--rounds must be >= 1")
         if args.solo_s <= 0:
             raise CommandError("--solo-s must be > 0")
+        # A misspelt policy fails here, not minutes in, when its turn comes.
+        from harli.config import ConfigError, load
+        from harli.scheduler.policy import check_policy
+
+        try:
+            levels = load(None, list(args.set)).finetune.levels
+        except ConfigError as e:
+            raise CommandError(str(e)) from None
+        for policy in (p.strip() for p in args.policies.split(",") if p.strip()):
+            try:
+                check_policy(policy, levels)
+            except ValueError as e:
+                raise CommandError(f"--policies: {e}") from None
 
     def run(self, args: argparse.Namespace) -> int:
         from rich.console import Console

@@ -69,6 +69,9 @@ class StatusCommand(Command):
                       f"{sc.level_changes} level changes; last: {sc.last_reason or '-'}"
                       + ("" if sc.bound_quantile is None else
                          f" (bound at quantile {sc.bound_quantile:g})"))
+            if sc.busy_rates_tok_s:
+                con.print("finetune tok/s beside a busy decode, by level: " + ", ".join(
+                    f"{lv}: {v:.0f}" for lv, v in sorted(sc.busy_rates_tok_s.items())))
         m = st.memory
         if m is None:
             con.print("arena: off (memory.arena = false)")

@@ -1,9 +1,12 @@
 """The bench's one-sentence verdict, from its own figures: the ratio to the best static level
-meeting the target, and the host-drift caveat when the host's speed moved between rounds."""
+meeting the target, and the host-drift caveat when the host's speed moved between rounds; and
+its policy names, checked before any daemon starts."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import pytest
 
 from harli.tools.bench_cmd import verdict
 
@@ -33,3 +36,14 @@ def test_verdict_says_when_no_static_level_met_the_target() -> None:
 def test_verdict_names_the_hosts_drift_between_rounds() -> None:
     text = verdict(_res((10.0, 15.0, 12.0), "static:2"))
     assert "host's own speed moved 1.50x between rounds (probe 10.0-15.0 ms)" in text
+
+
+def test_a_misspelt_policy_is_refused_before_the_bench_starts(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from harli.tools.cli import main
+
+    assert main(["bench", "--policies", "decode-only,harli:loose", "--out", "/nonexistent/x"]) == 2
+    err = capsys.readouterr().err
+    assert "--policies" in err and "harli:loose" in err and "harli:strict" in err
+    assert main(["bench", "--policies", "static:9"]) == 2
+    assert "0..4" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import pytest
 from harli.config import SchedulerConfig
 from harli.daemon.metrics import Metrics
 from harli.daemon.quota_scheduler import QuotaScheduler, next_view, with_arrival
+from harli.ipc.control import MicroStepReport
 from harli.ipc.messages import IterationTelemetry
 from harli.predictor import BatchShape, Prediction
 
@@ -111,6 +112,56 @@ def test_measured_tokens_feed_harlis_error_budget_and_status_shows_its_quantile(
     qs.set_policy("harli", 2.0)  # a fresh budget, on target again
     qs.on_telemetry(tele(8), 2.1)
     assert qs.status().bound_quantile == 0.99
+
+
+def step_report(level: int, tokens: int = 1000, duration_s: float = 0.5,
+                job_id: int = 1) -> MicroStepReport:
+    return MicroStepReport(job_id=job_id, micro_step=1, step=1, epoch=0, tokens=tokens,
+                           step_tokens=tokens, duration_s=duration_s, level=level, loss=1.0,
+                           paused_s=0.0, total_steps=10, idle_after_s=0.0)
+
+
+def test_micro_steps_beside_a_busy_decode_at_one_level_set_its_rate() -> None:
+    qs, sent = make(slo_ms=100.0)  # every level feasible at 8 running
+    assert qs.rates is not None
+    qs.on_telemetry(tele(8), 0.0)
+    assert sent == [4]
+    qs.on_micro_step(step_report(4), 0.3)  # started at -0.2, before decode was busy
+    qs.on_micro_step(step_report(4), 0.7)  # wholly busy at level 4: counts
+    assert qs.rate_samples == 1 and qs.rates.samples[4] == 1
+    qs.on_idle(1.0)
+    qs.on_micro_step(step_report(4), 1.8)  # decode idle: not a busy rate
+    qs.on_micro_step(step_report(3), 1.9)  # not the level in force
+    assert qs.rate_samples == 1
+    assert qs.status().busy_rates_tok_s == {}  # fewer than min_samples yet
+
+
+def test_harli_moves_to_the_level_that_trained_fastest_beside_decode() -> None:
+    qs, sent = make(slo_ms=100.0)
+    assert qs.rates is not None
+    t = 0.0
+    # Let the daemon explore: each level it picks while busy reports a few micro-steps.
+    speed = {1: 1000, 2: 2500, 3: 1500, 4: 2000}
+    for _ in range(4 * qs.rates.min_samples + 2):
+        qs.on_telemetry(tele(8), t)
+        level = sent[-1]
+        t += 1.0
+        qs.on_telemetry(tele(8), t)  # still busy: the level held for the whole micro-step
+        qs.on_micro_step(step_report(level, tokens=speed[level], duration_s=0.5), t + 0.5)
+        t += 1.0
+    qs.on_telemetry(tele(8), t)
+    assert sent[-1] == 2
+    assert qs.status().busy_rates_tok_s == {lv: pytest.approx(2 * v) for lv, v in speed.items()}
+
+
+def test_level_by_rate_off_keeps_the_feasible_level() -> None:
+    sent: list[int] = []
+    qs = QuotaScheduler(SchedulerConfig(tpot_slo_ms=100.0, level_by_rate=False), 4, Linear(),
+                        sent.append, lambda: sent[-1] if sent else 0, Metrics(), 2048)
+    assert qs.rates is None
+    qs.on_telemetry(tele(8), 0.0)
+    qs.on_micro_step(step_report(4), 1.0)
+    assert sent == [4] and qs.rate_samples == 0
 
 
 def test_an_arriving_prompt_joins_the_next_iteration_within_the_token_budget() -> None:

@@ -445,6 +445,43 @@ def test_budgeted_harli_never_picks_a_level_over_the_slo_at_the_quantile_it_used
         check_safe(d, upper_at, 1.0, slo)
 
 
+def test_with_rates_harli_runs_the_fastest_feasible_level_while_decode_is_busy() -> None:
+    from harli.scheduler.rates import LevelRates
+
+    rates = LevelRates(K, min_samples=1)
+    for level, tok_s in {1: 1200, 2: 2500, 3: 1700, 4: 2100}.items():
+        rates.observe(1, level, tok_s, 1.0)
+    fake = TablePredictor([0.001] * (K + 1))  # every level feasible
+    policy = HarliPolicy(fake, K, SloTarget(tpot_ms=50.0), hysteresis_iters=1, rates=rates)
+    d = policy.decide(LIGHT, 0.0)
+    assert d.level == 2 and "level 2 of 4" in d.reason
+    assert d.predicted_upper_s == 0.001
+    assert policy.level == K  # the hysteresis state is the allowed level, not the rate's
+    assert policy.decide(view(0), 1.0).level == K  # idle: the highest, whatever the rates
+    fake.uppers_s = [0.001, 0.001, 0.1, 0.1, 0.1]  # only level 1 feasible now
+    assert policy.decide(LIGHT, 2.0).level == 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(tables=st.lists(st.lists(st.floats(1e-3, 0.1), min_size=K + 1, max_size=K + 1),
+                       min_size=1, max_size=30),
+       tok_s=st.lists(st.integers(0, 5000), min_size=K, max_size=K),
+       hysteresis=st.integers(1, 10))
+def test_harli_with_rates_stays_within_the_slo(tables: list[list[float]], tok_s: list[int],
+                                               hysteresis: int) -> None:
+    from harli.scheduler.rates import LevelRates
+
+    rates = LevelRates(K, min_samples=1)
+    for level, rate in enumerate(tok_s, start=1):
+        rates.observe(1, level, rate, 1.0)
+    slo = SloTarget(tpot_ms=50.0)
+    fake = TablePredictor(tables[0])
+    policy = HarliPolicy(fake, K, slo, hysteresis_iters=hysteresis, rates=rates)
+    for t, uppers in enumerate(tables):
+        fake.uppers_s = uppers
+        check_safe(policy.decide(view(4), float(t)), uppers, 1.0, slo)
+
+
 # -- SLO --------------------------------------------------------------------------------------
 
 
