@@ -227,6 +227,7 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
                     "decision_cpu_p99_us": max((one["decision_cpu_p99_us"] or 0.0)
                                                for one in done),
                     "rounds": [_round_summary(one, slo_ms, bench_t0) for one in done],
+                    "busy_rates_tok_s": done[-1]["busy_rates_tok_s"],
                     "levels": done[0]["samples"],
                     "tpot_series": _tpot_series(done[0]["results"]),
                 }
@@ -290,7 +291,9 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
             "host_probe_ms": probe_ms,
             "tokens": ctl.show(job_id).job.tokens - before,
             "decision_p99_us": sched.decision_p99_us if sched else None,
-            "decision_cpu_p99_us": sched.decision_cpu_p99_us if sched else None}
+            "decision_cpu_p99_us": sched.decision_cpu_p99_us if sched else None,
+            # The daemon's measured finetune rates beside a busy decode (all turns so far).
+            "busy_rates_tok_s": dict(sched.busy_rates_tok_s) if sched else {}}
 
 
 def _compare(res: dict[str, Any]) -> None:
