@@ -139,6 +139,11 @@ class LatencyModel:
                                solo.quantile, self._cfg.quantile)
         # _tracked_at's cache: (fit key, quantile) -> ratio after the bias at that quantile.
         self._quantile_bounds: dict[tuple[int, float], float] = {}
+        self._quantile = self._cfg.quantile
+        # predict's one-entry memo of the solo estimate (shapes are immutable).
+        self._last_shape: BatchShape | None = None
+        self._last_solo: SoloFit | None = None
+        self._last_solo_s = 0.0
         self._quantile_unsupported = 0
         self._profile_loaded = solo is not None
         self._accumulator = None if solo is not None else SoloAccumulator(self._cfg.online_window)
@@ -185,7 +190,13 @@ class LatencyModel:
         solo = self._solo
         if solo is None:
             return self._prior
-        estimate_s, key, fallback = self._stage(level, solo.estimate(shape))
+        # A policy asks every level for one shape in a row: its solo estimate once.
+        if shape is self._last_shape and solo is self._last_solo:
+            solo_s = self._last_solo_s
+        else:
+            solo_s = solo.estimate(shape)
+            self._last_shape, self._last_solo, self._last_solo_s = shape, solo, solo_s
+        estimate_s, key, fallback = self._stage(level, solo_s)
         if fallback:
             self._fallbacks[level] = self._fallbacks.get(level, 0) + 1
         ratio_q, tracked_q, _ = self._fit_bounds[key]
@@ -193,8 +204,9 @@ class LatencyModel:
         if corr is None or corr.n < self._warmup:
             # No bias learnt yet: the raw quantile, which covers the host's drift as well.
             return Prediction(estimate_s, estimate_s * ratio_q)
-        if quantile is not None and quantile != self._cfg.quantile:
-            tracked_q = self._tracked_at(key, quantile)
+        if quantile is not None and quantile != self._quantile:
+            tracked_q = self._quantile_bounds.get((key, quantile)) or \
+                self._tracked_at(key, quantile)
         estimate_s *= corr.bias_factor
         return Prediction(estimate_s, estimate_s * tracked_q * corr.spread_factor)
 
@@ -216,7 +228,8 @@ class LatencyModel:
 
     def _tracked_at(self, key: int, quantile: float) -> float:
         """The bound's ratio after the online bias at ``quantile`` for the fit under ``key``,
-        from its tail (cached: a policy asks a handful of quantiles). A fit without a tail
+        from its tail (cached in ``_quantile_bounds``, which predict reads first: a policy
+        asks a handful of quantiles). A fit without a tail
         (a profile older than them) keeps its own quantile's ratio; that is logged once per
         quantile and counted in ``stats()['quantile_unsupported']``."""
         cached = self._quantile_bounds.get((key, quantile))

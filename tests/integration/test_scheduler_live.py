@@ -132,3 +132,28 @@ def test_a_level_drop_fences_the_training_finetune_off_decode_cores_at_once(
         # The daemon moved every thread off decode's core with the drop, and the finetune,
         # mid-micro-step at level 4, did not move back before reading the new decision.
         assert fenced and all(fenced), fenced
+
+
+def test_micro_steps_beside_a_busy_decode_give_the_level_its_measured_rate(
+        tmp_path: Path, tiny_model: Path) -> None:
+    # The rate path end to end: the finetune's MicroStepReports (with their duty-cycle idle),
+    # the daemon's busy/level attribution, and the rate in `harli status`.
+    with make_daemon(tmp_path / "d", tiny_model, 'scheduler.policy="static:2"') as d, \
+            ControlClient(d.cfg.control_endpoint) as c:
+        job = c.attach(JobSpec(name="rates", dataset=str(SAMPLE_DATASET),
+                               output_dir=str(tmp_path / "job"), max_seq_len=64,
+                               micro_batch_size=4, max_steps=100_000,
+                               checkpoint_every=100_000))
+        deadline = time.monotonic() + 120
+        while c.show(job.job_id).job.tokens == 0:  # training, model loaded
+            assert time.monotonic() < deadline, "the job never trained"
+            time.sleep(0.1)
+        sc = c.status().scheduler
+        assert sc is not None and sc.busy_rates_tok_s == {}  # decode idle so far
+        with d.client(timeout_s=120) as cl:
+            cl.complete([5, 6, 7], max_tokens=600, ignore_eos=True)
+        sc = c.status().scheduler
+        assert sc is not None
+        assert set(sc.busy_rates_tok_s) == {2}, sc.busy_rates_tok_s  # only the level in force
+        assert sc.busy_rates_tok_s[2] > 0
+        c.cancel(job.job_id)
