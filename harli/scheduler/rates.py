@@ -8,8 +8,10 @@ OpenMP pool waits for it at every parallel region, so while decode is busy such 
 *slower* than the own-core level below it (measured: static:2 2484 vs static:4 2121 tok/s in
 one bench). ``LevelRates`` keeps an EWMA of the finetune's tokens/s per level from micro-steps
 that ran wholly at one level while decode was busy, and ``best(upto)`` names the level in
-1..upto that trained fastest. A level without ``min_samples`` measurements is tried first (the
-highest such one), so a fresh daemon explores from the top, as plain harli would.
+1..upto that trained fastest among the measured ones, or ``upto`` itself while that has fewer
+than ``min_samples`` measurements (so a fresh daemon acts as plain harli, and a lower level is
+only chosen once it has been measured: at a time the SLO allowed no more, or under a static
+policy).
 
 Rates belong to one job (a new job has other shapes); ``observe`` starts over when the job
 changes. Pure logic: no clock, no IO.
@@ -70,10 +72,11 @@ class LevelRates:
             if self.samples[upto] >= self.min_samples and (
                     top == 0 or self.rate_tok_s[upto] > self.rate_tok_s[top]):
                 top = upto
-            # An unmeasured level is tried before any measured one: the highest of them.
-            unmeasured = next((lv for lv in range(upto, 0, -1)
-                               if self.samples[lv] < self.min_samples), 0)
-            best.append(unmeasured or top)
+            # The allowed level itself until it is measured (plain harli's choice, which also
+            # measures it); then the fastest measured one up to it. No level below the
+            # allowed one is run just to measure it: one that never completes a micro-step
+            # beside a busy decode would be chosen forever.
+            best.append(upto if self.samples[upto] < self.min_samples else top)
         self._best = best
 
     def snapshot(self) -> dict[int, float]:

@@ -139,16 +139,27 @@ def test_micro_steps_beside_a_busy_decode_at_one_level_set_its_rate() -> None:
 def test_harli_moves_to_the_level_that_trained_fastest_beside_decode() -> None:
     qs, sent = make(slo_ms=100.0)
     assert qs.rates is not None
+    speed = {2: 2500, 4: 2000}
     t = 0.0
-    # Let the daemon explore: each level it picks while busy reports a few micro-steps.
-    speed = {1: 1000, 2: 2500, 3: 1500, 4: 2000}
-    for _ in range(4 * qs.rates.min_samples + 2):
-        qs.on_telemetry(tele(8), t)
-        level = sent[-1]
-        t += 1.0
-        qs.on_telemetry(tele(8), t)  # still busy: the level held for the whole micro-step
-        qs.on_micro_step(step_report(level, tokens=speed[level], duration_s=0.5), t + 0.5)
-        t += 1.0
+
+    def busy_micro_steps(n: int) -> None:
+        nonlocal t
+        for _ in range(n):
+            qs.on_telemetry(tele(8), t)
+            level = sent[-1]
+            t += 1.0
+            qs.on_telemetry(tele(8), t)  # still busy: the level held for the whole micro-step
+            qs.on_micro_step(step_report(level, tokens=speed[level], duration_s=0.5), t + 0.5)
+            t += 1.0
+
+    # Level 2 measured under static:2 (as in the bench), level 4 under harli itself.
+    qs.on_idle(t)
+    qs.set_policy("static:2", t)
+    assert sent == [4, 2]
+    busy_micro_steps(qs.rates.min_samples)
+    qs.set_policy("harli", t)
+    busy_micro_steps(qs.rates.min_samples)
+    assert qs.rates.samples[4] == qs.rates.min_samples  # harli ran the allowed level first
     qs.on_telemetry(tele(8), t)
     assert sent[-1] == 2
     assert qs.status().busy_rates_tok_s == {lv: pytest.approx(2 * v) for lv, v in speed.items()}

@@ -1,5 +1,5 @@
 """``LevelRates``: the finetune's measured tokens/s per level beside a busy decode, and which
-level up to a feasible one trains fastest (exploring unmeasured levels from the top first)."""
+level up to a feasible one trains fastest (the feasible one itself until it is measured)."""
 
 from __future__ import annotations
 
@@ -20,17 +20,20 @@ def measured(rates_tok_s: dict[int, float], job_id: int = 1) -> LevelRates:
     return r
 
 
-def test_a_fresh_table_explores_from_the_top_down() -> None:
+def test_a_fresh_table_is_plain_harli_and_only_measured_levels_compete() -> None:
     r = LevelRates(K, min_samples=2)
     assert [r.best(u) for u in range(K + 1)] == [0, 1, 2, 3, 4]  # plain harli
-    order = []
-    for _ in range(K):
-        level = r.best(K)
-        order.append(level)
-        for _ in range(2):
-            r.observe(7, level, 1000 * level, 1.0)
-    assert order == [4, 3, 2, 1]
-    assert r.best(K) == 4  # all measured; 4 is fastest here
+    for _ in range(2):
+        r.observe(7, 4, 2000, 1.0)
+    assert r.best(K) == 4  # the only measured level up to 4
+    for _ in range(2):
+        r.observe(7, 2, 2500, 1.0)
+    assert [r.best(u) for u in range(K + 1)] == [0, 1, 2, 3, 2]
+    # Level 3 is unmeasured: allowed 3, it runs (and gets measured); it never displaces a
+    # measured level when more is allowed.
+    for _ in range(2):
+        r.observe(7, 3, 1000, 1.0)
+    assert [r.best(u) for u in range(K + 1)] == [0, 1, 2, 2, 2]
 
 
 def test_the_fastest_measured_level_up_to_the_allowed_one_wins() -> None:
@@ -63,7 +66,10 @@ def test_best_is_always_a_level_within_one_to_the_allowed_one(
         best = r.best(upto)
         assert (best == 0) if upto == 0 else (1 <= best <= upto)
         measured_levels = [lv for lv in range(1, upto + 1) if r.samples[lv] >= 2]
-        if upto and len(measured_levels) == upto:  # nothing left to explore: the fastest
+        if upto and upto not in measured_levels:
+            assert best == upto  # unmeasured: plain harli's level
+        elif upto:  # the fastest measured one
+            assert best in measured_levels
             assert r.rate_tok_s[best] == max(r.rate_tok_s[lv] for lv in measured_levels)
 
 
