@@ -596,3 +596,27 @@ def test_a_quantile_on_a_fit_without_a_tail_keeps_its_bound_and_is_counted(
     assert model.stats()["quantile_unsupported"] == 1  # once per quantile, then cached
     with pytest.raises(ValueError, match="quantile"):
         model.predict(SHAPE, 0, 1.5)
+
+
+def test_predict_memo_follows_the_shape_and_the_fit() -> None:
+    model = fitted_model()
+    small, big = BatchShape(2, 2, 0, 200), BatchShape(16, 16, 0, 8000)
+    alone = {s: LatencyModel(model.solo, model.levels).predict(s, 2) for s in (small, big)}
+    for s in (small, big, small, small, big):  # the memo holds the last shape only
+        assert model.predict(s, 2) == alone[s]
+    online = LatencyModel.online(prior_latency_s=0.01, config=ModelConfig(online_min_samples=5,
+                                                                          refit_every=5))
+    rng = random.Random(3)
+    shape = random_shape(rng, prefill=False)
+    for i in range(10):  # the first fit
+        s = random_shape(rng, prefill=False)
+        online.observe(s, 0, true_solo_s(s) * 1.5, now=float(i))
+    first_fit = online.solo
+    online.predict(shape, 0)  # memoized under the first fit
+    for i in range(10, 40):  # refits on other latencies
+        s = random_shape(rng, prefill=False)
+        online.observe(s, 0, true_solo_s(s), now=float(i))
+    assert online.solo is not first_fit
+    same_fields = dataclasses.replace(shape)  # equal, but not the memoized object
+    assert same_fields is not shape
+    assert online.predict(shape, 0) == online.predict(same_fields, 0)
