@@ -126,12 +126,13 @@ class Frontend:
         # One ZMQ message per client per iteration, one frame per chunk: a client streaming
         # 32 requests wakes once per iteration, not 32 times.
         frames: dict[bytes, list[bytes]] = {}
+        gaps_s: list[float] = []  # this iteration's inter-token gaps, for the SLO
         for out in msg.outputs:
             req = self.requests.get(out.rid)
             if req is None or req.incarnation != msg.incarnation:
                 continue  # finished, aborted or failed already; or from a dead incarnation
             if out.token_ids:
-                self._on_tokens(req, len(out.token_ids), msg.end_wall_s)
+                self._on_tokens(req, len(out.token_ids), msg.end_wall_s, gaps_s)
             req.num_tokens += len(out.token_ids)
             if out.finish_reason is not None:
                 self.requests.remove(req.rid)
@@ -145,6 +146,8 @@ class Frontend:
                 token_times_s=[msg.end_wall_s] * len(out.token_ids),
                 finish_reason=out.finish_reason, stop_reason=out.stop_reason,
                 num_prompt_tokens=out.num_prompt_tokens)))
+        if gaps_s and self.scheduler is not None:
+            self.scheduler.on_tokens(gaps_s)  # once per iteration: the policy's budget too
         for client, parts in frames.items():
             self._send_frames(client, parts)
 
@@ -264,12 +267,15 @@ class Frontend:
                     len(g.prompt or "")
                 self.scheduler.on_arrival(n, self.clock())
 
-    def _on_tokens(self, req: Inflight, n: int, end_wall_s: float) -> None:
-        """Token times for the SLO: the engine's iteration end, one gap per new token."""
+    def _on_tokens(self, req: Inflight, n: int, end_wall_s: float,
+                   gaps_s: list[float]) -> None:
+        """Token times for the SLO: the engine's iteration end, one gap per new token (added
+        to ``gaps_s``)."""
         if req.first_token_s is None:
             req.first_token_s = end_wall_s
-        elif self.scheduler is not None and req.last_token_s is not None:
-            self.scheduler.on_tokens([end_wall_s - req.last_token_s] + [0.0] * (n - 1))
+        elif req.last_token_s is not None:
+            gaps_s.append(end_wall_s - req.last_token_s)
+            gaps_s.extend([0.0] * (n - 1))
         req.last_token_s = end_wall_s
 
     def _finish(self, req: Inflight, reason: str) -> None:

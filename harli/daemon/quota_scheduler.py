@@ -81,7 +81,6 @@ class QuotaScheduler:
         self._level_since = -float("inf")
         self._busy = False
         self._busy_since = -float("inf")
-        self.rate_samples = 0
         self.spec = ""
         self.policy: Policy = self._parse(cfg.policy)
         self.spec = cfg.policy
@@ -155,11 +154,8 @@ class QuotaScheduler:
             self.decide(_IDLE, now)
 
     def on_tokens(self, gaps_s: list[float]) -> None:
-        counter = self.counter
-        tokens, ok = counter.tokens, counter.tokens_ok
-        counter.on_token_gaps(gaps_s)
-        tokens = counter.tokens - tokens
-        self.policy.on_tokens(tokens, tokens - (counter.tokens_ok - ok))
+        """One decode iteration's inter-token gaps, of every request that got a token."""
+        self.policy.on_tokens(len(gaps_s), self.counter.on_token_gaps(gaps_s))
         for g in gaps_s:
             self.metrics.tpot_s.observe(g)
 
@@ -173,7 +169,6 @@ class QuotaScheduler:
         if (self._busy and self._busy_since <= started and self._level_since <= started
                 and r.level == self._current_level() and seconds > 0.0):
             self.rates.observe(r.job_id, r.level, r.step_tokens, seconds)
-            self.rate_samples += 1
 
     def on_request_done(self, first_s: float, last_s: float, n_tokens: int) -> None:
         self.counter.on_request(first_s, last_s, n_tokens)

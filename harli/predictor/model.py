@@ -102,16 +102,25 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+def _tracked_ratio(fit: SoloFit | LevelFit, quantile: float) -> tuple[float, bool]:
+    """(ratio after the online bias at ``quantile``, whether the fit can give that quantile).
+    A fit without a tail keeps its own quantile's ratio; one written before the tracked
+    figures existed, its raw ratio."""
+    if fit.tracked_tail is not None and fit.tracked_ratio_q is not None:
+        if quantile == fit.quantile:
+            return fit.tracked_ratio_q, True
+        return tail_ratio(fit.tracked_tail, quantile), True
+    own = fit.tracked_ratio_q if fit.tracked_ratio_q is not None else fit.ratio_q
+    return own, quantile == fit.quantile
+
+
 def _bounds(fit: SoloFit | LevelFit, quantile: float) -> tuple[float, float, float]:
     """(raw ratio_q, ratio after the online bias at ``quantile``, spread after the bias) of a
     fit. The raw one (used while the bias warms up) stays at the fit's own quantile. A profile
     written before the tracked figures existed uses the raw ones for both."""
-    if fit.tracked_ratio_q is None or fit.tracked_spread_log is None:
-        return fit.ratio_q, fit.ratio_q, fit.spread_log
-    tracked_q = fit.tracked_ratio_q
-    if fit.tracked_tail is not None and quantile != fit.quantile:
-        tracked_q = tail_ratio(fit.tracked_tail, quantile)
-    return fit.ratio_q, tracked_q, fit.tracked_spread_log
+    spread_log = fit.tracked_spread_log if fit.tracked_spread_log is not None else \
+        fit.spread_log
+    return fit.ratio_q, _tracked_ratio(fit, quantile)[0], spread_log
 
 
 class LatencyModel:
@@ -133,7 +142,7 @@ class LatencyModel:
             level: _bounds(lf, self._cfg.quantile) for level, lf in self._levels.items()}
         if solo is not None:
             self._fit_bounds[0] = _bounds(solo, self._cfg.quantile)
-            if solo.tracked_tail is None and solo.quantile != self._cfg.quantile:
+            if not _tracked_ratio(solo, self._cfg.quantile)[1]:
                 logger.warning("[predictor] the profile's bound is at quantile %g, not %g: it "
                                "predates per-quantile tails (harli profile --refit)",
                                solo.quantile, self._cfg.quantile)
@@ -239,14 +248,12 @@ class LatencyModel:
         assert fit is not None
         if not 0.0 < quantile <= 1.0:
             raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-        if fit.tracked_tail is None:
-            ratio = self._fit_bounds[key][1]
+        ratio, exact = _tracked_ratio(fit, quantile)
+        if not exact:
             self._quantile_unsupported += 1
             logger.warning("[predictor] the fit of level %d has no tail (a profile written "
                            "before them; harli profile --refit): its bound stays at quantile "
                            "%g, not %g", key, fit.quantile, quantile)
-        else:
-            ratio = tail_ratio(fit.tracked_tail, quantile)
         self._quantile_bounds[(key, quantile)] = ratio
         return ratio
 

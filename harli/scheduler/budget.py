@@ -23,11 +23,13 @@ from __future__ import annotations
 import bisect
 import math
 
+from harli.predictor.fit import TAIL_QUANTILES
+
 __all__ = ["BOUND_QUANTILES", "ErrorBudget"]
 
-# The quantiles a budgeted bound may stand for (a subset of the predictor's TAIL_QUANTILES,
-# which it interpolates between; the attainment target is added to them).
-BOUND_QUANTILES = (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+# The quantiles a budgeted bound may stand for: the points of the predictor's tail from 0.9
+# up, short of its maximum (the attainment target is added to them).
+BOUND_QUANTILES = tuple(q for q in TAIL_QUANTILES if 0.9 <= q < 1.0)
 
 
 class ErrorBudget:

@@ -48,8 +48,9 @@ class SloCounter:
     def slo(self) -> SloTarget:
         return self._slo
 
-    def on_token_gaps(self, gaps_s: list[float]) -> None:
-        """Count inter-token gaps (seconds between consecutive tokens of one request)."""
+    def on_token_gaps(self, gaps_s: list[float]) -> int:
+        """Count inter-token gaps (seconds between consecutive tokens of one request); returns
+        how many of them missed the TPOT."""
         tpot_s = self._tpot_s
         ok = 0
         for gap in gaps_s:
@@ -59,6 +60,7 @@ class SloCounter:
                 ok += 1
         self.tokens += len(gaps_s)
         self.tokens_ok += ok
+        return len(gaps_s) - ok
 
     def on_request(self, first_s: float, last_s: float, n_tokens: int) -> None:
         """Count a finished request from its first and last token times and its output token

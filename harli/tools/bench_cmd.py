@@ -459,7 +459,9 @@ class BenchCommand(Command):
             levels = load(None, list(args.set)).finetune.levels
         except ConfigError as e:
             raise CommandError(str(e)) from None
-        for policy in (p.strip() for p in args.policies.split(",") if p.strip()):
+        args.policies = [p.strip() for p in args.policies.split(",") if p.strip()] or \
+            ["decode-only", "naive", *[f"static:{lv}" for lv in range(1, levels + 1)], "harli"]
+        for policy in args.policies:
             try:
                 check_policy(policy, levels)
             except ValueError as e:
@@ -468,12 +470,8 @@ class BenchCommand(Command):
     def run(self, args: argparse.Namespace) -> int:
         from rich.console import Console
 
-        from harli.config import load
-
         console = Console()
-        levels = load(None, list(args.set)).finetune.levels
-        policies = [p.strip() for p in args.policies.split(",") if p.strip()] or \
-            ["decode-only", "naive", *[f"static:{lv}" for lv in range(1, levels + 1)], "harli"]
+        policies = args.policies  # validated, defaults filled in
         with tempfile.TemporaryDirectory(prefix="harli-bench-") as tmp:
             res = run_bench(args.dir or Path(tmp), args.duration_s, policies,
                             None if args.slo == "auto" else args.slo, args.seed,

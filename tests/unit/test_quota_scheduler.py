@@ -128,11 +128,11 @@ def test_micro_steps_beside_a_busy_decode_at_one_level_set_its_rate() -> None:
     assert sent == [4]
     qs.on_micro_step(step_report(4), 0.3)  # started at -0.2, before decode was busy
     qs.on_micro_step(step_report(4), 0.7)  # wholly busy at level 4: counts
-    assert qs.rate_samples == 1 and qs.rates.samples[4] == 1
+    assert sum(qs.rates.samples) == 1 and qs.rates.samples[4] == 1
     qs.on_idle(1.0)
     qs.on_micro_step(step_report(4), 1.8)  # decode idle: not a busy rate
     qs.on_micro_step(step_report(3), 1.9)  # not the level in force
-    assert qs.rate_samples == 1
+    assert sum(qs.rates.samples) == 1
     assert qs.status().busy_rates_tok_s == {}  # fewer than min_samples yet
 
 
@@ -172,7 +172,7 @@ def test_level_by_rate_off_keeps_the_feasible_level() -> None:
     assert qs.rates is None
     qs.on_telemetry(tele(8), 0.0)
     qs.on_micro_step(step_report(4), 1.0)
-    assert sent == [4] and qs.rate_samples == 0
+    assert sent == [4] and qs.rates is None
 
 
 def test_an_arriving_prompt_joins_the_next_iteration_within_the_token_budget() -> None:
