@@ -42,10 +42,14 @@ def test_sixteen_concurrent_streams_get_exactly_the_tokens_asked_for(
         assert out.num_prompt_tokens == len(p)
         assert len(out.token_times_s) == m
         assert out.token_times_s == sorted(out.token_times_s)
-    # They really ran concurrently: the streams overlap in time.
-    starts = [o.token_times_s[0] for o in outs]
-    ends = [o.token_times_s[-1] for o in outs]
-    assert max(starts) < min(ends)
+    # They really ran concurrently: at one instant at least half the streams were live
+    # (served one after another, one would be). Not all 16: on a busy 2-core host the daemon
+    # has been seen to hand six of the prompts to decode ~0.2 s after the first ten, when the
+    # shortest streams had already ended.
+    spans = [(o.token_times_s[0], o.token_times_s[-1]) for o in outs]
+    most_live = max(sum(s <= t <= e for s, e in spans) for t, _ in spans)
+    assert most_live >= 8, "; ".join(f"{s - spans[0][0]:.3f}-{e - spans[0][0]:.3f} s"
+                                     for s, e in spans)
 
 
 def test_greedy_output_equals_vllm_offline_generate(daemon: LocalDaemon) -> None:
