@@ -215,7 +215,8 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
                         progress(f"round {rnd + 1}/{rounds}, {policy}: {len(requests)} "
                                  f"requests over {duration_s:.0f} s")
                     runs[policy].append(_turn(daemon, ctl, ctl_sampler, job.job_id, policy,
-                                              slo_ms, requests, seed * 1000 + turn))
+                                              slo_ms, requests, seed * 1000 + turn,
+                                              spec.duration_s))
             for policy, done in runs.items():
                 results = [r for one in done for r in one["results"]]
                 wall = sum(one["wall_s"] for one in done)
@@ -264,8 +265,10 @@ def _round_summary(one: dict[str, Any], slo_ms: float, bench_t0: float) -> dict[
 
 
 def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo_ms: float,
-          requests: list[Any], token_seed: int) -> dict[str, Any]:
-    """One policy's turn: switch, replay the workload, count."""
+          requests: list[Any], token_seed: int, duration_s: float) -> dict[str, Any]:
+    """One policy's turn: switch, replay the workload, count. The turn lasts the workload's
+    ``duration_s`` at least: a quiet tail with no arrivals is part of the load (the finetune
+    trains through it), not time to cut."""
     # The host's speed before the round, the finetune paused and decode idle: what the probe
     # then measures is the host's own drift, not ours.
     ctl.set_policy("decode-only")
@@ -283,6 +286,7 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
     # Same arrivals and lengths every turn, fresh token ids: a replayed prompt would hit
     # vLLM's prefix cache and make later turns cheaper.
     results = asyncio.run(_replay(daemon.endpoint, requests, token_seed))
+    time.sleep(max(0.0, t0 + duration_s - time.monotonic()))
     wall = time.monotonic() - t0
     stop.set()
     th.join()
@@ -451,6 +455,12 @@ class BenchCommand(Command):
             raise CommandError("--rounds must be >= 1")
         if args.solo_s <= 0:
             raise CommandError("--solo-s must be > 0")
+        # 0 is allowed: no arrivals, every turn the finetune beside an idle decode.
+        if not args.rate_scale >= 0:
+            raise CommandError(f"--rate-scale must be >= 0, got {args.rate_scale}")
+        if args.rate_scale == 0 and args.slo == "auto":
+            raise CommandError("--slo auto measures the workload's median batch: with "
+                               "--rate-scale 0 there is none; give --slo MS")
         # A misspelt policy fails here, not minutes in, when its turn comes.
         from harli.config import ConfigError, load
         from harli.scheduler.policy import check_policy

@@ -47,3 +47,13 @@ def test_a_misspelt_policy_is_refused_before_the_bench_starts(
     assert "--policies" in err and "harli:loose" in err and "harli:strict" in err
     assert main(["bench", "--policies", "static:9"]) == 2
     assert "0..4" in capsys.readouterr().err
+
+
+def test_a_negative_rate_scale_or_an_auto_slo_without_arrivals_is_refused(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from harli.tools.cli import main
+
+    assert main(["bench", "--rate-scale", "-1", "--slo", "9"]) == 2
+    assert "--rate-scale must be >= 0" in capsys.readouterr().err
+    assert main(["bench", "--rate-scale", "0"]) == 2  # --slo auto is the default
+    assert "--slo auto" in capsys.readouterr().err
