@@ -276,6 +276,10 @@ class SchedulerConfig:
         "harli, while decode is busy: run at the level (up to the feasible one) whose "
         "micro-steps have trained fastest beside a busy decode, measured per job; false: "
         "always the feasible level itself.", default=True)
+    infeasible_slowdown: float = _help(
+        "harli, when even decode alone is predicted over the SLO (a pause cannot bring the "
+        "iteration inside it): keep the highest level whose fitted slowdown of decode, and "
+        "every lower level's, is at most this factor; 1 = pause.", default=1.1)
 
     def __post_init__(self) -> None:
         if not self.tpot_slo_ms > 0:
@@ -286,6 +290,9 @@ class SchedulerConfig:
         if self.budget_tokens < 1:
             raise ConfigError(f"scheduler.budget_tokens: expected >= 1, got "
                               f"{self.budget_tokens}")
+        if not 1.0 <= self.infeasible_slowdown < math.inf:
+            raise ConfigError(f"scheduler.infeasible_slowdown: expected a finite number >= 1 "
+                              f"(1 = pause), got {self.infeasible_slowdown}")
         if not 1.0 <= self.budget_max_factor < math.inf:
             raise ConfigError(f"scheduler.budget_max_factor: expected a finite number >= 1, "
                               f"got {self.budget_max_factor}")

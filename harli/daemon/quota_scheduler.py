@@ -97,7 +97,8 @@ class QuotaScheduler:
     def _parse(self, spec: str, slo: SloTarget | None = None) -> Policy:
         return parse_policy(spec, self.model, self.levels, slo or self.slo,
                             budget_tokens=self.cfg.budget_tokens,
-                            budget_max_factor=self.cfg.budget_max_factor, rates=self.rates)
+                            budget_max_factor=self.cfg.budget_max_factor, rates=self.rates,
+                            infeasible_slowdown=self.cfg.infeasible_slowdown)
 
     def set_policy(self, spec: str, now: float, tpot_slo_ms: float | None = None) -> None:
         """Switch policy, and the SLO with it if given (ValueError naming the accepted forms

@@ -219,6 +219,19 @@ class LatencyModel:
         estimate_s *= corr.bias_factor
         return Prediction(estimate_s, estimate_s * tracked_q * corr.spread_factor)
 
+    def slowdown(self, shape: BatchShape, level: int) -> float:
+        """How many times slower the fits say an iteration of ``shape`` runs beside the
+        finetune at ``level`` than alone: stage 2 over stage 1, without the online bias (a
+        level's bias is only as fresh as the last time it ran, so biased estimates of two
+        levels are not comparable). Before stage 1 is fit: infinite for levels above 0."""
+        solo = self._solo
+        if level == 0:
+            return 1.0
+        if solo is None:
+            return math.inf
+        solo_s = solo.estimate(shape)
+        return self._stage(level, solo_s)[0] / solo_s
+
     def _stage(self, level: int, solo_s: float) -> tuple[float, int, bool]:
         """At ``level``: (estimate before the online bias, the key in ``_fit_bounds`` of the
         fit whose bounds apply, is fallback)."""

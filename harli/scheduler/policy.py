@@ -9,8 +9,10 @@ the iteration's latency: with an ``ErrorBudget`` (the ``harli`` spelling) the on
 measured against the SLO so far allow, else (``harli:strict``) the attainment target on every
 decision. With ``LevelRates`` it runs, while decode is busy, at the level up to that one which
 has trained fastest (on CPU a level that spills onto decode's core trains slower than the one
-below it). ``StaticPolicy``, ``NaivePolicy`` (always K) and ``DecodeOnlyPolicy`` (always 0) are
-baselines; ``parse_policy`` reads the config and CLI spelling of each.
+below it). When even decode alone is over the SLO it pauses, or, with ``infeasible_slowdown``,
+keeps the levels the fits say cost decode next to nothing. ``StaticPolicy``, ``NaivePolicy``
+(always K) and ``DecodeOnlyPolicy`` (always 0) are baselines; ``parse_policy`` reads the
+config and CLI spelling of each.
 
 Pure logic: no torch, no ZMQ, no clock (``now`` is passed in). ``HarliPolicy.decide`` runs
 before every decode iteration and costs a few predictions.
@@ -50,7 +52,7 @@ REASON_STEADY = "steady"  # the current level is the highest feasible one
 REASON_DOWN = "down"  # the current level's bound is over the SLO: dropped at once
 REASON_UP = "up"  # a higher level has been feasible for hysteresis_iters decisions
 REASON_HOLD = "hold"  # a higher level is feasible, not yet for long enough
-REASON_INFEASIBLE = "infeasible"  # even level 0's bound is over the SLO: decode only
+REASON_INFEASIBLE = "infeasible"  # even level 0's bound is over the SLO: see HarliPolicy
 # Appended when LevelRates picked a lower level than the feasible one it was allowed.
 REASON_RATE = "; level {level} of {allowed}: it trains faster while decode runs"
 
@@ -61,6 +63,10 @@ class LatencyPredictor(Protocol):
     def predict(self, shape: BatchShape, level: int,
                 quantile: float | None = None) -> Prediction:
         """``upper_s`` at ``quantile`` of the latency (None: the model's configured one)."""
+        ...
+
+    def slowdown(self, shape: BatchShape, level: int) -> float:
+        """How many times slower the fits say this iteration runs at ``level`` than alone."""
         ...
 
 
@@ -128,16 +134,28 @@ class HarliPolicy:
     ``rates``: while decode is busy the level emitted is ``rates.best(level)``, the fastest
     measured level up to the one the rules above allow (the hysteresis state stays the allowed
     one, so a rate choice does not count as a step down).
+
+    ``infeasible_slowdown``: when even level 0's bound is over the SLO, a pause cannot bring
+    this iteration inside it, only shave what the finetune adds. The target is then the
+    highest level whose fitted slowdown of decode (``LatencyPredictor.slowdown``, stage 2 over
+    stage 1, without the online bias), and every lower level's, is at most this factor; 1.0
+    pauses. Bounds are not compared across levels here: one level's noisy tail below level
+    0's is no evidence that the finetune costs decode nothing.
     """
 
     def __init__(self, model: LatencyPredictor, levels: int, slo: SloTarget,
                  hysteresis_iters: int = 8, margin: float = 1.0,
-                 budget: ErrorBudget | None = None, rates: LevelRates | None = None) -> None:
+                 budget: ErrorBudget | None = None, rates: LevelRates | None = None,
+                 infeasible_slowdown: float = 1.0) -> None:
         _check_levels(levels)
         if hysteresis_iters < 1:
             raise ValueError(f"hysteresis_iters must be >= 1 (1 = none), got {hysteresis_iters}")
         if not (margin > 0.0 and math.isfinite(margin)):
             raise ValueError(f"margin must be finite and > 0, got {margin}")
+        if not 1.0 <= infeasible_slowdown < math.inf:
+            raise ValueError(f"infeasible_slowdown must be finite and >= 1 (1 = pause), got "
+                             f"{infeasible_slowdown}")
+        self._infeasible_slowdown = infeasible_slowdown
         self._model = model
         self._levels = levels
         self._slo = slo
@@ -172,9 +190,8 @@ class HarliPolicy:
 
     def decide(self, view: BatchView, now: float) -> PolicyDecision:
         del now  # the policy counts decisions, not seconds
-        targets = self._targets
         if view.num_running == 0 and view.num_waiting == 0:
-            targets.append(self._levels)
+            self._targets.append(self._levels)
             self._level = self._levels
             return PolicyDecision(self._levels, REASON_IDLE, None)
 
@@ -196,33 +213,54 @@ class HarliPolicy:
                 break
             uppers_s.append(upper_s)
         if not uppers_s:  # upper_s is level 0's bound
-            targets.append(0)
-            self._level = 0
-            return PolicyDecision(0, _infeasible_reason(upper_s, margin, self._slo), upper_s,
-                                  quantile)
+            return self._decide_infeasible(shape, upper_s, quantile)
 
-        target = len(uppers_s) - 1
+        chosen, reason = self._settle(len(uppers_s) - 1)
+        level = chosen if self._rates is None else self._rates.best(chosen)
+        if level != chosen:  # best() stays within 1..chosen: feasible too
+            reason += REASON_RATE.format(level=level, allowed=chosen)
+        return PolicyDecision(level, reason, uppers_s[level], quantile)
+
+    def _settle(self, target: int) -> tuple[int, str]:
+        """Record ``target`` (this decision's highest allowed level) and return the level to
+        hold and the reason word: down at once, up only as far as every one of the last
+        ``hysteresis_iters`` targets allows (every level up to a target is allowed, so the
+        held one is too)."""
+        targets = self._targets
         targets.append(target)
         current = self._level
         if target <= current:
             chosen = target
             reason = REASON_STEADY if target == current else REASON_DOWN
         else:
-            # Go up only as far as every one of the last N targets allows; every level up to
-            # the target is feasible, so the held one is too.
             settled = min(targets) if len(targets) == self._hysteresis_iters else current
             chosen = max(current, settled)
             reason = REASON_UP if chosen > current else REASON_HOLD
         self._level = chosen
+        return chosen, reason
+
+    def _decide_infeasible(self, shape: BatchShape, upper0_s: float,
+                           quantile: float | None) -> PolicyDecision:
+        """Level 0's bound ``upper0_s`` is over the SLO: the highest level the fits say slows
+        decode by at most ``infeasible_slowdown`` (0 when none does), down at once, up after
+        the hysteresis as for a feasible one."""
+        cheap = 0
+        if self._infeasible_slowdown > 1.0:
+            slowdown = self._model.slowdown
+            for level in range(1, self._levels + 1):
+                if slowdown(shape, level) > self._infeasible_slowdown:
+                    break
+                cheap = level
+        chosen, _ = self._settle(cheap)
+        reason = (f"{REASON_INFEASIBLE}: level 0 bound {1000.0 * upper0_s * self._margin:.2f} "
+                  f"ms (margin {self._margin:g}) > SLO {self._slo.tpot_ms:g} ms; ")
+        if chosen == 0:
+            return PolicyDecision(0, reason + "decode only", upper0_s, quantile)
         level = chosen if self._rates is None else self._rates.best(chosen)
-        if level != chosen:  # best() stays within 1..chosen: feasible too
-            reason += REASON_RATE.format(level=level, allowed=chosen)
-        return PolicyDecision(level, reason, uppers_s[level], quantile)
-
-
-def _infeasible_reason(upper_s: float, margin: float, slo: SloTarget) -> str:
-    return (f"{REASON_INFEASIBLE}: level 0 bound {1000.0 * upper_s * margin:.2f} ms "
-            f"(margin {margin:g}) > SLO {slo.tpot_ms:g} ms; decode only")
+        reason += (f"level {level}: the fits say it slows decode by at most "
+                   f"{self._infeasible_slowdown:g}x, which a pause would not buy back")
+        return PolicyDecision(level, reason, self._model.predict(shape, level, quantile).upper_s,
+                              quantile)
 
 
 class StaticPolicy:
@@ -290,16 +328,19 @@ def check_policy(spec: str, levels: int) -> tuple[str, int | None]:
 
 def parse_policy(spec: str, model: LatencyPredictor, levels: int, slo: SloTarget, *,
                  budget_tokens: int = 1000, budget_max_factor: float = 10.0,
-                 rates: LevelRates | None = None) -> Policy:
+                 rates: LevelRates | None = None,
+                 infeasible_slowdown: float = 1.0) -> Policy:
     """The policy named by ``spec`` (see ``check_policy``); ``harli`` gets a fresh
     ``ErrorBudget(slo.attainment, budget_tokens, budget_max_factor)``; both harli forms get
-    ``rates`` (the daemon's, shared across policy switches)."""
+    ``rates`` (the daemon's, shared across policy switches) and ``infeasible_slowdown``."""
     kind, level = check_policy(spec, levels)
     if kind == "harli":
         return HarliPolicy(model, levels, slo, rates=rates,
-                           budget=ErrorBudget(slo.attainment, budget_tokens, budget_max_factor))
+                           budget=ErrorBudget(slo.attainment, budget_tokens, budget_max_factor),
+                           infeasible_slowdown=infeasible_slowdown)
     if kind == "harli:strict":
-        return HarliPolicy(model, levels, slo, rates=rates)
+        return HarliPolicy(model, levels, slo, rates=rates,
+                           infeasible_slowdown=infeasible_slowdown)
     if kind == "naive":
         return NaivePolicy(levels)
     if kind == "decode-only":

@@ -55,6 +55,8 @@ def test_json_round_trip_for_children() -> None:
     ("scheduler.budget_tokens=0", "scheduler.budget_tokens"),
     ("scheduler.budget_max_factor=0.5", "scheduler.budget_max_factor"),
     ("scheduler.budget_max_factor=inf", "scheduler.budget_max_factor"),
+    ("scheduler.infeasible_slowdown=0.9", "scheduler.infeasible_slowdown"),
+    ("scheduler.infeasible_slowdown=inf", "scheduler.infeasible_slowdown"),
     ('scheduler.policy="harli:loose"', "scheduler.policy"),
 ])
 def test_bad_values_name_the_key(override: str, named: str) -> None:

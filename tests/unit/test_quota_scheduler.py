@@ -18,8 +18,11 @@ class Linear:
 
     def predict(self, shape: BatchShape, level: int,
                 quantile: float | None = None) -> Prediction:
-        est = (0.002 + 0.0005 * shape.num_seqs) * (1 + 0.25 * level)
+        est = (0.002 + 0.0005 * shape.num_seqs) * self.slowdown(shape, level)
         return Prediction(est, est * 1.2)
+
+    def slowdown(self, shape: BatchShape, level: int) -> float:
+        return 1 + 0.25 * level
 
 
 def tele(running: int, waiting: int = 0, waiting_tokens: int = 0) -> IterationTelemetry:

@@ -5,6 +5,7 @@ baselines, ``parse_policy``, ``SloCounter``; and the cost of one decision."""
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import statistics
 import time
@@ -120,16 +121,22 @@ class TablePredictor:
         return Prediction(self.uppers_s[level] / 2, self.uppers_s[level])
 
 
-def check_safe(d: PolicyDecision, upper_at: list[float], margin: float, slo: SloTarget) -> None:
-    """The decision's level and every lower one are within the SLO, or it is 0 with level 0
-    over it."""
+def check_safe(d: PolicyDecision, upper_at: list[float], margin: float, slo: SloTarget,
+               slowdown_at: list[float] | None = None, max_slowdown: float = 1.0) -> None:
+    """The decision's level and every lower one are within the SLO; or level 0 is over it
+    and the decision is 0, or (``max_slowdown`` > 1) a level whose slowdown, and every lower
+    one's, is at most ``max_slowdown``."""
     if d.reason == REASON_IDLE:
         assert d.level == K
         return
     assert d.predicted_upper_s == upper_at[d.level]
     if d.reason.startswith(REASON_INFEASIBLE):
-        assert d.level == 0
         assert upper_at[0] * margin > slo.tpot_s
+        if max_slowdown == 1.0 or d.level == 0:
+            assert d.level == 0 and "decode only" in d.reason
+        else:
+            assert slowdown_at is not None
+            assert all(x <= max_slowdown for x in slowdown_at[1:d.level + 1])
     else:  # this level and every one below it
         assert all(u * margin <= slo.tpot_s for u in upper_at[: d.level + 1])
 
@@ -188,6 +195,65 @@ def test_infeasible_load_runs_decode_only_and_says_so() -> None:
     assert "decode only" in d.reason
     assert "25 ms" in d.reason
     assert d.predicted_upper_s == MODEL.predict(HEAVY.shape(), 0).upper_s
+
+
+# -- HarliPolicy: loads even decode alone is predicted to miss --------------------------------
+
+
+def slowdowns(model: LatencyModel, v: BatchView) -> list[float]:
+    return [model.slowdown(v.shape(), lv) for lv in range(K + 1)]
+
+
+def test_an_infeasible_load_keeps_the_levels_the_fits_say_cost_decode_little() -> None:
+    sl = slowdowns(MODEL, HEAVY)
+    assert 1.0 < sl[1] < sl[2]  # the fixture: level 1 slows the heavy batch least
+    between = (sl[1] + sl[2]) / 2
+    d = HarliPolicy(MODEL, K, SLO, infeasible_slowdown=between).decide(HEAVY, 0.0)
+    assert d.level == 1 and d.reason.startswith(REASON_INFEASIBLE)
+    assert "level 1" in d.reason and "25 ms" in d.reason
+    assert d.predicted_upper_s == MODEL.predict(HEAVY.shape(), 1).upper_s
+    # A limit under level 1's slowdown pauses, as the default (1.0) does.
+    for limit in (1.0, sl[1] * 0.99):
+        d = HarliPolicy(MODEL, K, SLO, infeasible_slowdown=limit).decide(HEAVY, 0.0)
+        assert d.level == 0 and "decode only" in d.reason
+
+
+def test_an_infeasible_load_rises_only_through_the_hysteresis() -> None:
+    sl = slowdowns(MODEL, HEAVY)
+    policy = HarliPolicy(MODEL, K, SLO, hysteresis_iters=3, infeasible_slowdown=sl[K])
+    assert policy.decide(HEAVY, 0.0).level == K  # from K (the start) down to what is allowed
+    assert policy.decide(MEDIUM, 1.0).level == 2  # feasible up to 2: down at once
+    assert [policy.decide(HEAVY, float(t)).level for t in (2, 3, 4)] == [2, 2, K]
+
+
+@settings(max_examples=150, deadline=None)
+@given(model=models(), slo=slos, margin=st.floats(1.0, 1.5), hysteresis=st.integers(1, 10),
+       limit=st.floats(1.0, 1.6), history=st.lists(views, min_size=1, max_size=40))
+def test_an_infeasible_load_never_gets_a_level_slower_than_allowed(
+        model: LatencyModel, slo: SloTarget, margin: float, hysteresis: int, limit: float,
+        history: list[BatchView]) -> None:
+    policy = HarliPolicy(model, K, slo, hysteresis_iters=hysteresis, margin=margin,
+                         infeasible_slowdown=limit)
+    for t, v in enumerate(history):
+        d = policy.decide(v, now=float(t))
+        if v.idle:
+            continue
+        upper_at = [model.predict(v.shape(), lv).upper_s for lv in range(K + 1)]
+        check_safe(d, upper_at, margin, slo, slowdowns(model, v), limit)
+
+
+def test_slowdown_is_the_fits_not_the_online_bias() -> None:
+    model = make_model()
+    shape = HEAVY.shape()
+    before = [model.slowdown(shape, lv) for lv in range(K + 1)]
+    assert before[0] == 1.0 and before == sorted(before)
+    fitted_s = model.predict(shape, 2).estimate_s
+    for t in range(200):  # level 2 measured 3x its fit: its bias moves, its slowdown not
+        model.observe(shape, 2, 3 * fitted_s, float(t))
+    assert model.predict(shape, 2).estimate_s > 2 * fitted_s
+    assert [model.slowdown(shape, lv) for lv in range(K + 1)] == before
+    online = LatencyModel.online(prior_latency_s=0.05)  # no stage 1 yet: nothing is cheap
+    assert online.slowdown(shape, 0) == 1.0 and online.slowdown(shape, 1) == math.inf
 
 
 def test_margin_scales_the_bound() -> None:
