@@ -199,13 +199,7 @@ class LatencyModel:
         solo = self._solo
         if solo is None:
             return self._prior
-        # A policy asks every level for one shape in a row: its solo estimate once.
-        if shape is self._last_shape and solo is self._last_solo:
-            solo_s = self._last_solo_s
-        else:
-            solo_s = solo.estimate(shape)
-            self._last_shape, self._last_solo, self._last_solo_s = shape, solo, solo_s
-        estimate_s, key, fallback = self._stage(level, solo_s)
+        estimate_s, key, fallback = self._stage(level, self._solo_estimate(solo, shape))
         if fallback:
             self._fallbacks[level] = self._fallbacks.get(level, 0) + 1
         ratio_q, tracked_q, _ = self._fit_bounds[key]
@@ -229,8 +223,17 @@ class LatencyModel:
             return 1.0
         if solo is None:
             return math.inf
-        solo_s = solo.estimate(shape)
+        solo_s = self._solo_estimate(solo, shape)
         return self._stage(level, solo_s)[0] / solo_s
+
+    def _solo_estimate(self, solo: SoloFit, shape: BatchShape) -> float:
+        """``solo.estimate(shape)``, once per shape: a policy asks every level (and, for a
+        load over the SLO, every slowdown) of one shape in a row."""
+        if shape is self._last_shape and solo is self._last_solo:
+            return self._last_solo_s
+        solo_s = solo.estimate(shape)
+        self._last_shape, self._last_solo, self._last_solo_s = shape, solo, solo_s
+        return solo_s
 
     def _stage(self, level: int, solo_s: float) -> tuple[float, int, bool]:
         """At ``level``: (estimate before the online bias, the key in ``_fit_bounds`` of the
