@@ -24,6 +24,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -261,7 +262,11 @@ def _round_summary(one: dict[str, Any], slo_ms: float, bench_t0: float) -> dict[
     return {"start_s": one["t0"] - bench_t0, "attainment_token": c["attainment_token"],
             "tpot_p50_ms": c["tpot_p50_ms"], "tpot_p99_ms": c["tpot_p99_ms"],
             "finetune_tok_s": one["tokens"] / one["wall_s"],
-            "host_probe_ms": one["host_probe_ms"]}
+            "host_probe_ms": one["host_probe_ms"],
+            # How often each level was in force, sampled every 0.25 s (the full samples are
+            # kept for the first round only, for the plot).
+            "level_samples": {str(lv): n for lv, n in sorted(
+                Counter(sample["level"] for sample in one["samples"]).items())}}
 
 
 def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo_ms: float,

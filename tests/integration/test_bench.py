@@ -27,6 +27,7 @@ def test_bench_replays_one_workload_under_each_policy(tmp_path: Path) -> None:
         assert len(r["rounds"]) == 2 and r["decision_p99_us"] is not None
         assert all(rd["host_probe_ms"] > 0 for rd in r["rounds"])
         assert r["wall_s"] >= 2 * 4.0  # each turn lasts the workload's length at least
+        assert all(sum(rd["level_samples"].values()) > 0 for rd in r["rounds"])
     assert res["policies"]["decode-only"]["finetune_tokens"] == 0  # paused: trains nothing
     assert res["policies"]["naive"]["finetune_tokens"] > 0
     assert {s["level"] for s in res["policies"]["naive"]["levels"]} == {4}
