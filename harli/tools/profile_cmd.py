@@ -6,8 +6,9 @@ batches of a chosen size and prompt length through the inference client, and rea
 iteration's ``IterationTelemetry`` from decode_proc's telemetry socket: the batch vLLM actually
 scheduled and the iteration's wall time. Stage 1 sweeps batch size x context with the finetune
 idle; stage 2 repeats a subset while a representative LoRA job trains at each quota level (set
-through the control API). Configurations run in a shuffled order, each twice, so that this VM's
-slow drift (+-25 % over seconds) spreads over all of them instead of biasing a few.
+through the control API). Configurations run in a shuffled order, each twice, and the levels in
+interleaved blocks (``level_blocks``), so that this VM's slow drift (+-25 % over seconds)
+spreads over all configurations and levels instead of biasing a few.
 """
 
 from __future__ import annotations
@@ -167,23 +168,51 @@ def profiling_daemon(base_dir: Path, overrides: list[str],
                 ctl.cancel(job_id)
 
 
+# Interleave the levels in blocks: level 0 used to be profiled first and alone, so it alone
+# carried the host's slow stretches of those minutes (profile P: level 0's 0.99 bound after the
+# bias 2.0x its estimate, levels 1-4 1.4-1.5x; refitting stage 1 with more features left that
+# unchanged). In blocks, every level samples the host alike; changing level costs a wait for
+# a micro-step at the new one (~0.3 s), so a few blocks, not one per configuration.
+LEVEL_BLOCKS = 4
+
+
+def level_blocks(configs: list[Config], repeats: int, seed: int,
+                 blocks: int = LEVEL_BLOCKS) -> list[tuple[int, list[Config]]]:
+    """The order to measure ``configs`` (each ``repeats`` times) in: per level a shuffled
+    list cut into ``blocks`` slices; block b runs every level's b-th slice, levels ascending
+    in even blocks and descending in odd ones (the bench's alternating order)."""
+    if blocks < 1 or repeats < 1:
+        raise ValueError(f"blocks and repeats must be >= 1, got {blocks}, {repeats}")
+    rng = random.Random(seed)
+    by_level: dict[int, list[Config]] = {}
+    for c in configs:
+        by_level.setdefault(c.level, []).extend([c] * repeats)
+    slices: dict[int, list[list[Config]]] = {}
+    for level, todo in by_level.items():
+        rng.shuffle(todo)
+        n = min(blocks, len(todo))
+        slices[level] = [todo[i * len(todo) // n:(i + 1) * len(todo) // n] for i in range(n)]
+    order: list[tuple[int, list[Config]]] = []
+    for b in range(blocks):
+        levels = sorted(slices, reverse=b % 2 == 1)
+        order += [(lv, slices[lv][b]) for lv in levels if b < len(slices[lv])]
+    return order
+
+
 def run_configs(daemon: Any, ctl: Any, job_id: int | None, configs: list[Config],
                 repeats: int, seed: int, progress: Any = None) -> list[Any]:
     prof = Profiler(daemon, seed)
-    rng = random.Random(seed)
     samples: list[Any] = []
     try:
-        # Shuffle within a level (changing level costs a wait), levels in order.
-        by_level: dict[int, list[Config]] = {}
-        for c in configs:
-            by_level.setdefault(c.level, []).extend([c] * repeats)
-        task = progress.add_task("profiling", total=sum(map(len, by_level.values()))) \
+        order = level_blocks(configs, repeats, seed)
+        task = progress.add_task("profiling", total=sum(len(todo) for _, todo in order)) \
             if progress is not None else None
         prof.measure(Config(4, 64, 0))  # warm-up (first-touch, caches): not kept
-        for level in sorted(by_level):
-            _set_level(ctl, level, job_id)
-            todo = by_level[level]
-            rng.shuffle(todo)
+        current = None
+        for level, todo in order:
+            if level != current:  # one block ends and the next starts at the same level
+                _set_level(ctl, level, job_id)
+                current = level
             for c in todo:
                 if progress is not None:
                     progress.update(task, description=f"level {level}: batch {c.batch:>2} x "
