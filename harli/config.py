@@ -290,12 +290,12 @@ class SchedulerConfig:
         if self.budget_tokens < 1:
             raise ConfigError(f"scheduler.budget_tokens: expected >= 1, got "
                               f"{self.budget_tokens}")
-        if not 1.0 <= self.infeasible_slowdown < math.inf:
-            raise ConfigError(f"scheduler.infeasible_slowdown: expected a finite number >= 1 "
-                              f"(1 = pause), got {self.infeasible_slowdown}")
         if not 1.0 <= self.budget_max_factor < math.inf:
             raise ConfigError(f"scheduler.budget_max_factor: expected a finite number >= 1, "
                               f"got {self.budget_max_factor}")
+        if not 1.0 <= self.infeasible_slowdown < math.inf:
+            raise ConfigError(f"scheduler.infeasible_slowdown: expected a finite number >= 1 "
+                              f"(1 = pause), got {self.infeasible_slowdown}")
 
 
 @dataclass(frozen=True)

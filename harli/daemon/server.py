@@ -459,13 +459,13 @@ class Daemon:
         if isinstance(msg, FinetuneFatal):
             self._check_gpu_fault(msg, "finetune")
         self.jobs.on_message(msg)
-        if self.scheduler is not None and isinstance(msg, MicroStepReport):
-            self.scheduler.on_micro_step(msg, self.clock())
-        if self.memory is not None:
-            if isinstance(msg, MicroStepReport):
+        if isinstance(msg, MicroStepReport):
+            if self.scheduler is not None:
+                self.scheduler.on_micro_step(msg, self.clock())
+            if self.memory is not None:
                 self.memory.on_micro_step(msg)
-            elif isinstance(msg, JobStarted | JobEnded):
-                self.memory.set_finetune_training(isinstance(msg, JobStarted), self.clock())
+        elif self.memory is not None and isinstance(msg, JobStarted | JobEnded):
+            self.memory.set_finetune_training(isinstance(msg, JobStarted), self.clock())
 
     def _may_start_job(self) -> bool:
         if self.finetune is None:

@@ -253,13 +253,10 @@ class LatencyModel:
 
     def _tracked_at(self, key: int, quantile: float) -> float:
         """The bound's ratio after the online bias at ``quantile`` for the fit under ``key``,
-        from its tail (cached in ``_quantile_bounds``, which predict reads first: a policy
-        asks a handful of quantiles). A fit without a tail
-        (a profile older than them) keeps its own quantile's ratio; that is logged once per
-        quantile and counted in ``stats()['quantile_unsupported']``."""
-        cached = self._quantile_bounds.get((key, quantile))
-        if cached is not None:
-            return cached
+        from its tail, stored in ``_quantile_bounds`` (predict reads that first and calls this
+        on a miss: a policy asks a handful of quantiles). A fit without a tail (a profile older
+        than them) keeps its own quantile's ratio; that is logged once per quantile and
+        counted in ``stats()['quantile_unsupported']``."""
         fit = self._solo if key == 0 else self._levels[key]
         assert fit is not None
         if not 0.0 < quantile <= 1.0:

@@ -216,7 +216,7 @@ class HarliPolicy:
             return self._decide_infeasible(shape, upper_s, quantile)
 
         chosen, reason = self._settle(len(uppers_s) - 1)
-        level = chosen if self._rates is None else self._rates.best(chosen)
+        level = self._by_rate(chosen)
         if level != chosen:  # best() stays within 1..chosen: feasible too
             reason += REASON_RATE.format(level=level, allowed=chosen)
         return PolicyDecision(level, reason, uppers_s[level], quantile)
@@ -239,6 +239,11 @@ class HarliPolicy:
         self._level = chosen
         return chosen, reason
 
+    def _by_rate(self, allowed: int) -> int:
+        """The level to run while decode is busy, ``allowed`` the highest one the rules allow:
+        the fastest measured one up to it (``LevelRates.best``), or itself without rates."""
+        return allowed if self._rates is None else self._rates.best(allowed)
+
     def _decide_infeasible(self, shape: BatchShape, upper0_s: float,
                            quantile: float | None) -> PolicyDecision:
         """Level 0's bound ``upper0_s`` is over the SLO: the highest level the fits say slows
@@ -256,7 +261,7 @@ class HarliPolicy:
                   f"ms (margin {self._margin:g}) > SLO {self._slo.tpot_ms:g} ms; ")
         if chosen == 0:
             return PolicyDecision(0, reason + "decode only", upper0_s, quantile)
-        level = chosen if self._rates is None else self._rates.best(chosen)
+        level = self._by_rate(chosen)
         reason += (f"level {level}: the fits say it slows decode by at most "
                    f"{self._infeasible_slowdown:g}x, which a pause would not buy back")
         return PolicyDecision(level, reason, self._model.predict(shape, level, quantile).upper_s,
