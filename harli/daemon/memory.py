@@ -91,6 +91,8 @@ class MemoryManager:
         self.outcomes: dict[str, int] = {}
         self.kv_blocks_total = 0
         self.preemptions = 0
+        self.scrubs = 0
+        self.scrub_max_s: float | None = None
         self.saved_lease_bytes = 0
         self.saved_private_bytes = 0
         self.fallback_tensors = 0
@@ -189,6 +191,9 @@ class MemoryManager:
     def on_blocks_returned(self, msg: BlocksReturned) -> None:
         if msg.incarnation != self.decode_incarnation:
             return
+        self.metrics.kv_scrub_s.observe(msg.scrub_s)
+        self.scrubs += 1
+        self.scrub_max_s = max(self.scrub_max_s or 0.0, msg.scrub_s)
         if msg.error is not None:
             self.metrics.lease_errors.labels("decode").inc()
             logger.error("[memory] decode refused ReturnBlocks %d: %s", msg.seq, msg.error)
@@ -329,7 +334,8 @@ class MemoryManager:
             reclaims=dict(self.outcomes), reclaim_p50_s=lat[len(lat) // 2] if lat else None,
             reclaim_max_s=lat[-1] if lat else None, saved_lease_bytes=self.saved_lease_bytes,
             saved_private_bytes=self.saved_private_bytes,
-            fallback_tensors=self.fallback_tensors, preemptions=self.preemptions)
+            fallback_tensors=self.fallback_tensors, preemptions=self.preemptions,
+            scrubs=self.scrubs, scrub_max_s=self.scrub_max_s)
 
 
 def _span(groups: list[int] | set[int]) -> str:

@@ -77,6 +77,10 @@ class Metrics:
                                    "From a reclaim request to the pages being back.",
                                    buckets=(0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
                                    registry=r)
+        self.kv_scrub_s = Histogram("harli_kv_scrub_seconds",
+                                    "Decode's time zeroing KV blocks the finetune gave back.",
+                                    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5),
+                                    registry=r)
         self.lease_errors = Counter("harli_lease_errors_total",
                                     "Lease messages refused by the ledger.", ["child"],
                                     registry=r)

@@ -32,6 +32,7 @@ from harli.ipc.messages import (
 from harli.ipc.weights import WeightsExported
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
     from vllm import SamplingParams
 
@@ -146,6 +147,7 @@ class DecodeEngine:
         self._live: set[str] = set()
         # group id -> the vLLM KVCacheBlocks withdrawn from the free queue for it
         self._lent: dict[int, list[Any]] = {}
+        self.scrubbed_bytes = 0  # zeroed on return from the finetune (``_zero_blocks``)
         self._aborted: list[str] = []
         self._batch: BatchStats | None = None
         self._init_engine()
@@ -194,12 +196,9 @@ class DecodeEngine:
         contiguous slice of the outermost dimension."""
         if self._arena_base is None:
             return None
-        worker = self.llm.engine_core.engine_core.model_executor.driver_worker  # type: ignore[attr-defined]
-        kv = worker.worker.model_runner.kv_caches
-        tensors = list(kv if isinstance(kv, list) else kv.values())
         num_blocks = int(self._block_pool.num_gpu_blocks)
         offsets, block_bytes = [], set()
-        for t in tensors:
+        for t in self._kv_tensors():
             if not t.is_contiguous() or t.shape[0] != num_blocks:
                 logger.warning("[decode] KV tensor of shape %s is not block-major; KV lending "
                                "is off", tuple(t.shape))
@@ -212,6 +211,12 @@ class DecodeEngine:
             return None
         return KVLayout(layer_offsets_bytes=offsets, block_bytes=block_bytes.pop(),
                         num_blocks=num_blocks)
+
+    def _kv_tensors(self) -> list[torch.Tensor]:
+        """The KV cache tensors vLLM built, one per attention layer."""
+        worker = self.llm.engine_core.engine_core.model_executor.driver_worker  # type: ignore[attr-defined]
+        kv = worker.worker.model_runner.kv_caches
+        return list(kv if isinstance(kv, list) else kv.values())
 
     def export_weights(self) -> WeightsExported:
         """Every parameter of the model, as a view of an exported CUDA allocation, for the
@@ -344,7 +349,38 @@ class DecodeEngine:
         if unknown or len(set(groups)) != len(groups):
             raise ValueError(f"KV block groups {sorted(set(unknown or groups))[:8]} are not lent "
                              f"(or repeated)")
-        self._block_pool.free_blocks([b for g in groups for b in self._lent.pop(g)])
+        blocks = [b for g in groups for b in self._lent.pop(g)]
+        self.scrubbed_bytes += self._zero_blocks([b.block_id for b in blocks])
+        self._block_pool.free_blocks(blocks)
+
+    def _zero_blocks(self, block_ids: list[int]) -> int:
+        """Zero the blocks' bytes in every layer; returns the bytes zeroed. The finetune left
+        its own bytes there (saved activations, int64 indices: NaN and Inf bit patterns), and
+        vLLM's CPU attention reads a sequence's whole last block before masking the unused
+        slots: one NaN there made every token after a block boundary 0 (seen in the memory
+        bench; reproduced by tests/integration/test_kv_lending.py). Stale KV from vLLM's own
+        requests is finite, which is all masking needs; zeros restore that."""
+        if not block_ids:
+            return 0
+        num_blocks = int(self._block_pool.num_gpu_blocks)
+        ids = sorted(block_ids)
+        runs: list[tuple[int, int]] = []  # [start, end) runs: a lent group is one run
+        for b in ids:
+            if runs and runs[-1][1] == b:
+                runs[-1] = (runs[-1][0], b + 1)
+            else:
+                runs.append((b, b + 1))
+        import torch
+
+        zeroed = 0
+        with torch.no_grad():
+            for t in self._kv_tensors():
+                dim = 0 if t.shape[0] == num_blocks else list(t.shape).index(num_blocks)
+                for start, end in runs:
+                    part = t.narrow(dim, start, end - start)
+                    part.zero_()
+                    zeroed += part.numel() * part.element_size()
+        return zeroed
 
     @property
     def lent_groups(self) -> list[int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 
 import msgspec
@@ -122,15 +123,17 @@ class DecodeProc:
                                              kv_blocks_free=self.engine.kv_blocks_free()))
         elif isinstance(msg, ReturnBlocks):
             error = None
+            t0 = time.perf_counter()
             try:
                 self.engine.return_groups(msg.groups)
             except ValueError as e:
                 error = str(e)
                 logger.error("[decode] ReturnBlocks %d refused: %s", msg.seq, e)
+            scrub_s = time.perf_counter() - t0
             self.engine.lend_seq = msg.seq
             self._send(self._out, BlocksReturned(
                 incarnation=self.incarnation, seq=msg.seq, groups=msg.groups,
-                kv_blocks_free=self.engine.kv_blocks_free(), error=error))
+                kv_blocks_free=self.engine.kv_blocks_free(), error=error, scrub_s=scrub_s))
 
     def _step(self) -> None:
         assert self.engine is not None

@@ -146,6 +146,9 @@ class MemoryStatus(_Ctl, tag="memory", frozen=True):
     saved_private_bytes: int  # ... and in private memory (the fallback)
     fallback_tensors: int
     preemptions: int  # vLLM's scheduler, this daemon's lifetime
+    # Decode's zeroing of the blocks given back (ReturnBlocks), between two iterations:
+    scrubs: int = 0
+    scrub_max_s: float | None = None
 
 
 class PredictorStatus(_Ctl, tag="predictor", frozen=True):

@@ -244,13 +244,15 @@ class BlocksLent(_Internal, frozen=True):
 
 
 class BlocksReturned(_Internal, frozen=True):
-    """Decode_proc's answer to ``ReturnBlocks``; ``error`` names groups it did not lend."""
+    """Decode_proc's answer to ``ReturnBlocks``; ``error`` names groups it did not lend.
+    ``scrub_s``: the time decode spent zeroing the returned blocks before vLLM may use them."""
 
     incarnation: int
     seq: int
     groups: list[int]
     kv_blocks_free: int
     error: str | None = None
+    scrub_s: float = 0.0
 
 
 # WeightsExported (harli.ipc.weights): on a CUDA host with gpu.share_weights, once per engine

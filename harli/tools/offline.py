@@ -47,18 +47,22 @@ class OfflineRunner:
                 self.proc.wait()
 
     def generate(self, prompts: list[list[int]] | list[str], max_tokens: int,
-                 lora_path: str | None = None) -> dict[str, Any]:
+                 lora_path: str | None = None, logprobs: int = 0) -> dict[str, Any]:
         """Greedy, ``ignore_eos`` generation of all ``prompts`` (token ids or text) in one
         ``LLM.generate`` call, optionally through a LoRA adapter; returns ``token_ids``,
-        ``text`` and ``elapsed_s``."""
+        ``text`` and ``elapsed_s``, and with ``logprobs`` > 0 also ``logprobs``: per prompt,
+        per output position, the top ``logprobs`` as ``{token_id: logprob}``."""
         assert self.proc is not None and self.proc.stdin and self.proc.stdout
         self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens,
-                                          "lora_path": lora_path}) + "\n")
+                                          "lora_path": lora_path, "logprobs": logprobs}) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"offline vLLM process died (exit {self.proc.wait()})")
         result: dict[str, Any] = json.loads(line)
+        if "logprobs" in result:  # JSON keys are strings
+            result["logprobs"] = [[{int(t): lp for t, lp in pos.items()} for pos in out]
+                                  for out in result["logprobs"]]
         return result
 
 
@@ -87,7 +91,8 @@ def _serve(cfg: HarliConfig, max_lora_rank: int) -> None:
     adapters: dict[str, int] = {}
     for line in sys.stdin:
         job = json.loads(line)
-        sp = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True)
+        sp = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True,
+                            logprobs=job.get("logprobs") or None)
         inputs: Any = [p if isinstance(p, str) else {"prompt_token_ids": p}
                        for p in job["prompts"]]
         request = None
@@ -98,9 +103,13 @@ def _serve(cfg: HarliConfig, max_lora_rank: int) -> None:
         t0 = time.perf_counter()
         outs = llm.generate(inputs, sp, use_tqdm=False, lora_request=request)
         elapsed = time.perf_counter() - t0
-        results.write(json.dumps({"token_ids": [list(o.outputs[0].token_ids) for o in outs],
+        result: dict[str, Any] = {"token_ids": [list(o.outputs[0].token_ids) for o in outs],
                                   "text": [o.outputs[0].text for o in outs],
-                                  "elapsed_s": elapsed}) + "\n")
+                                  "elapsed_s": elapsed}
+        if job.get("logprobs"):
+            result["logprobs"] = [[{t: lp.logprob for t, lp in (pos or {}).items()}
+                                   for pos in (o.outputs[0].logprobs or [])] for o in outs]
+        results.write(json.dumps(result) + "\n")
         results.flush()
 
 

@@ -1,5 +1,6 @@
 """Lending vLLM's free KV blocks (issue 4): withdrawn blocks are never used by decode, giving
-them back restores the pool, and greedy outputs are the same with lending on and off."""
+them back restores the pool, and greedy outputs are the same with lending on and off, even when
+the blocks come back full of NaN."""
 
 from __future__ import annotations
 
@@ -27,6 +28,18 @@ def blocks_in_use():
     return {b for rid in list(sched.requests) for b in mgr.get_blocks(rid).get_block_ids()[0]}
 
 res, used, lent = {}, set(), []
+if sys.argv[1] == "poison":
+    # What a finetune leaves in the blocks it held: any bit pattern, NaN included. Every free
+    # group is lent, filled with NaN in every layer and given back before any request runs,
+    # so the requests below are served from those very blocks.
+    import torch
+    groups = eng.lend_groups(10**6, 8)
+    ids = torch.tensor([b for g in groups for b in range(8 * g, 8 * g + 8)])
+    for t in eng._kv_tensors():
+        t[ids] = float("nan")
+    eng.return_groups(groups)
+    res["poisoned"] = len(ids)
+    res["scrubbed_bytes"] = eng.scrubbed_bytes
 for i in range(6):
     eng.add(f"r{i}", Generate(request_id="x", prompt_token_ids=[10 + i] * (100 + 37 * i),
                               max_tokens=40, temperature=0.0, ignore_eos=True))
@@ -62,8 +75,13 @@ sys.stdout.write("RESULT " + json.dumps(res) + "\n")
 """
 
 
-def test_lent_blocks_are_never_used_and_outputs_do_not_change(tiny_model: Path) -> None:
-    plain = run_engine_script(SCRIPT, "plain", str(tiny_model))
+@pytest.fixture(scope="module")
+def plain(tiny_model: Path) -> dict[str, object]:
+    return run_engine_script(SCRIPT, "plain", str(tiny_model))
+
+
+def test_lent_blocks_are_never_used_and_outputs_do_not_change(
+        tiny_model: Path, plain: dict[str, object]) -> None:
     lent = run_engine_script(SCRIPT, "lend", str(tiny_model))
     total = int(lent["total"])  # type: ignore[call-overload]
     # Most groups are wholly free mid-generation; the ones holding live blocks are not lent.
@@ -74,3 +92,12 @@ def test_lent_blocks_are_never_used_and_outputs_do_not_change(tiny_model: Path) 
     assert lent["overlap"] == []
     assert lent["free_after_return"] == lent["free0"]
     assert lent["out"] == plain["out"]
+
+
+def test_returned_blocks_are_zeroed_so_what_the_finetune_left_never_reaches_outputs(
+        tiny_model: Path, plain: dict[str, object]) -> None:
+    poisoned = run_engine_script(SCRIPT, "poison", str(tiny_model))
+    assert int(poisoned["poisoned"]) > 0  # type: ignore[call-overload]
+    assert int(poisoned["scrubbed_bytes"]) > 0  # type: ignore[call-overload]
+    # Unscrubbed, vLLM's CPU attention turned every token into 0 here.
+    assert poisoned["out"] == plain["out"]
