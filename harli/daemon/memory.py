@@ -93,6 +93,9 @@ class MemoryManager:
         self.preemptions = 0
         self.scrubs = 0
         self.scrub_max_s: float | None = None
+        # Free pages holding bytes the finetune wrote and did not zero (it died holding them,
+        # or said nothing): decode zeroes their groups when they go back (ReturnBlocks.scrub).
+        self._dirty_pages: set[int] = set()
         self.saved_lease_bytes = 0
         self.saved_private_bytes = 0
         self.fallback_tensors = 0
@@ -129,6 +132,7 @@ class MemoryManager:
         self.kv_blocks_total = info.kv_blocks_total
         self.free_blocks = info.kv_blocks_total - 1  # vLLM's null block is never free
         self._lend_in_flight = None
+        self._dirty_pages.clear()  # a new engine zeroes its whole KV cache (kv_arena)
         if info.kv_layout is None:
             self.map = None
             return
@@ -191,9 +195,10 @@ class MemoryManager:
     def on_blocks_returned(self, msg: BlocksReturned) -> None:
         if msg.incarnation != self.decode_incarnation:
             return
-        self.metrics.kv_scrub_s.observe(msg.scrub_s)
-        self.scrubs += 1
-        self.scrub_max_s = max(self.scrub_max_s or 0.0, msg.scrub_s)
+        if msg.scrub_s > 0:
+            self.metrics.kv_scrub_s.observe(msg.scrub_s)
+            self.scrubs += 1
+            self.scrub_max_s = max(self.scrub_max_s or 0.0, msg.scrub_s)
         if msg.error is not None:
             self.metrics.lease_errors.labels("decode").inc()
             logger.error("[memory] decode refused ReturnBlocks %d: %s", msg.seq, msg.error)
@@ -206,11 +211,14 @@ class MemoryManager:
         if self.decode_incarnation is None:
             return  # they stay free; the next engine takes them with the whole KV cache
         seq = self._next_seq()
-        if not self._send_decode(ReturnBlocks(seq=seq, groups=sorted(groups))):
+        pages = self._pages(groups)
+        scrub = not self._dirty_pages.isdisjoint(pages)
+        if not self._send_decode(ReturnBlocks(seq=seq, groups=sorted(groups), scrub=scrub)):
             logger.error("[memory] decode not connected; groups %s stay free", _span(groups))
             return
+        self._dirty_pages.difference_update(pages)
         self._decode_seq = seq
-        self.ledger.take_for_decode(self._pages(groups), f"back to vLLM: {reason}", now)
+        self.ledger.take_for_decode(pages, f"back to vLLM: {reason}", now)
         self.free_blocks += len(groups) * (self.map.blocks_per_group if self.map else 0)
 
     # -- finetune_proc -----------------------------------------------------------------------
@@ -237,6 +245,8 @@ class MemoryManager:
             logger.error("[memory] finetune returned pages it does not hold: %s", e)
             self._send_finetune(LeaseRefused(seq=msg.seq, message=str(e)))
             return
+        if not msg.clean:
+            self._dirty_pages.update(msg.pages)
         r = self.reclaim
         if r is not None:
             r.pages.difference_update(msg.pages)
@@ -246,7 +256,9 @@ class MemoryManager:
 
     def on_finetune_exit(self, now: float) -> None:
         self.finetune_training = False
-        self.ledger.finetune_crashed("finetune process exited", now)
+        change = self.ledger.finetune_crashed("finetune process exited", now)
+        if change is not None:  # whatever it held may hold what it wrote
+            self._dirty_pages.update(change.pages)
         if self.reclaim is not None:
             self._reclaim_done("killed" if self.reclaim.killed else "finetune_died", now)
         self._collect_free_groups("finetune process exited", now)

@@ -342,16 +342,21 @@ class DecodeEngine:
             out.append(g)
         return out
 
-    def return_groups(self, groups: list[int]) -> None:
-        """Give lent groups back to vLLM's free queue; an id not lent is refused and nothing
-        changes."""
+    def return_groups(self, groups: list[int], scrub: bool = True) -> float:
+        """Give lent groups back to vLLM's free queue, zeroed first unless ``scrub`` is False
+        (the finetune zeroed what it wrote); returns the seconds spent zeroing. An id not lent
+        is refused and nothing changes."""
         unknown = [g for g in groups if g not in self._lent]
         if unknown or len(set(groups)) != len(groups):
             raise ValueError(f"KV block groups {sorted(set(unknown or groups))[:8]} are not lent "
                              f"(or repeated)")
         blocks = [b for g in groups for b in self._lent.pop(g)]
-        self.scrubbed_bytes += self._zero_blocks([b.block_id for b in blocks])
+        t0 = time.perf_counter()
+        if scrub:
+            self.scrubbed_bytes += self._zero_blocks([b.block_id for b in blocks])
+        scrub_s = time.perf_counter() - t0 if scrub else 0.0
         self._block_pool.free_blocks(blocks)
+        return scrub_s
 
     def _zero_blocks(self, block_ids: list[int]) -> int:
         """Zero the blocks' bytes in every layer; returns the bytes zeroed. The finetune left
@@ -359,7 +364,9 @@ class DecodeEngine:
         vLLM's CPU attention reads a sequence's whole last block before masking the unused
         slots: one NaN there made every token after a block boundary 0 (seen in the memory
         bench; reproduced by tests/integration/test_kv_lending.py). Stale KV from vLLM's own
-        requests is finite, which is all masking needs; zeros restore that."""
+        requests is finite, which is all masking needs; zeros restore that. The finetune
+        zeroes what it wrote when it answers a reclaim, so this runs (on decode's iteration
+        path) only for blocks of a finetune that died holding them."""
         if not block_ids:
             return 0
         num_blocks = int(self._block_pool.num_gpu_blocks)

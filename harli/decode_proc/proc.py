@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import traceback
 
 import msgspec
@@ -122,14 +121,12 @@ class DecodeProc:
                                              groups=groups,
                                              kv_blocks_free=self.engine.kv_blocks_free()))
         elif isinstance(msg, ReturnBlocks):
-            error = None
-            t0 = time.perf_counter()
+            error, scrub_s = None, 0.0
             try:
-                self.engine.return_groups(msg.groups)
+                scrub_s = self.engine.return_groups(msg.groups, scrub=msg.scrub)
             except ValueError as e:
                 error = str(e)
                 logger.error("[decode] ReturnBlocks %d refused: %s", msg.seq, e)
-            scrub_s = time.perf_counter() - t0
             self.engine.lend_seq = msg.seq
             self._send(self._out, BlocksReturned(
                 incarnation=self.incarnation, seq=msg.seq, groups=msg.groups,

@@ -97,6 +97,11 @@ class ActivationLease:
     ``grant`` / ``take_back`` change the lease between micro-steps only. The backward of every
     forward run inside ``micro_step()`` must also run inside it: at its end the lease is reset,
     and a saved tensor unpacked later raises instead of reading reused memory.
+
+    ``take_back`` zeroes the pages it gives back that a micro-step wrote: they return to vLLM
+    as KV blocks, and its CPU attention reads a sequence's whole last block before masking the
+    unused slots, so one NaN pattern left there (an int64 index, say) poisons every token.
+    Zeroing here keeps that cost off decode's iteration path.
     """
 
     def __init__(self, arena: Arena | None, page_bytes: int) -> None:
@@ -109,6 +114,7 @@ class ActivationLease:
         self._arena = arena
         self._page_bytes = page_bytes
         self._pages: set[int] = set()
+        self._dirty: set[int] = set()  # held pages a micro-step wrote into
         self._extents: list[_Extent] = []
         # Arena views live on one device; a saved tensor elsewhere stays private (copying it
         # across would be offloading, which is not this class's job).
@@ -148,13 +154,45 @@ class ActivationLease:
         self._pages.update(pages)
         self._rebuild_extents()
 
-    def take_back(self, pages: list[int]) -> None:
+    def take_back(self, pages: list[int]) -> int:
+        """Give ``pages`` back, zeroing those a micro-step wrote; returns the bytes zeroed (on
+        CUDA the zeroing has finished on the device when this returns)."""
         self._refuse_while_active("take back pages")
         missing = sorted(set(pages) - self._pages)
         if missing:
             raise ValueError(f"pages {missing} are not held by this lease")
+        zeroed = self._zero(sorted(self._dirty.intersection(pages)))
+        self._dirty.difference_update(pages)
         self._pages.difference_update(pages)
         self._rebuild_extents()
+        return zeroed
+
+    @property
+    def dirty_pages(self) -> list[int]:
+        return sorted(self._dirty)
+
+    def _zero(self, pages: list[int]) -> int:
+        if not pages or self._arena is None:
+            return 0
+        runs: list[list[int]] = []  # [first, last] of consecutive pages: one memset each
+        for p in pages:
+            if runs and runs[-1][1] + 1 == p:
+                runs[-1][1] = p
+            else:
+                runs.append([p, p])
+        pb = self._page_bytes
+        for first, last in runs:
+            self._arena.tensor(first * pb, (last - first + 1) * pb).zero_()
+        if self._device is not None and self._device.type == "cuda":
+            # The pages go to another process next: the memset must be done, not queued.
+            torch.cuda.synchronize(self._device)
+        return len(pages) * pb
+
+    def _mark_dirty(self) -> None:
+        pb = self._page_bytes
+        for e in self._extents:
+            if e.top > e.start:
+                self._dirty.update(range(e.start // pb, (e.top - 1) // pb + 1))
 
     def _refuse_while_active(self, what: str) -> None:
         if self._active:
@@ -280,6 +318,7 @@ class ActivationLease:
                 lease_saved_bytes=counts["lease"], private_saved_bytes=counts["private"],
                 skipped_bytes=counts["skipped"], fallback_tensors=counts["fallbacks"],
                 peak_used_bytes=self.used_bytes)
+            self._mark_dirty()
             self._reset()
             seen.clear()
             self._epoch += 1

@@ -155,7 +155,7 @@ class FinetuneProc:
     def _on_lease(self, msg: GrantLease | ReclaimLease) -> None:
         if self.lease is None:
             logger.error("[finetune] lease message without an arena; returning the pages")
-            self._send(LeaseReturned(seq=msg.seq, pages=msg.pages, reason="no arena"))
+            self._send(LeaseReturned(seq=msg.seq, pages=msg.pages, reason="no arena", clean=True))
             return
         if isinstance(msg, GrantLease):
             self.lease.grant(msg.pages)
@@ -163,12 +163,12 @@ class FinetuneProc:
         held = set(self.lease.pages)
         mine = [p for p in msg.pages if p in held]
         if mine:
-            self.lease.take_back(mine)
+            self.lease.take_back(mine)  # zeroes what our micro-steps wrote
         late = time.monotonic() - msg.deadline_s
         if late > 0:
             logger.warning("[finetune] reclaim %d answered %.3f s after its deadline", msg.seq,
                            late)
-        self._send(LeaseReturned(seq=msg.seq, pages=mine, reason="reclaimed"))
+        self._send(LeaseReturned(seq=msg.seq, pages=mine, reason="reclaimed", clean=True))
 
     def _start(self, msg: StartJob) -> None:
         if self.job is not None:

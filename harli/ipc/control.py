@@ -331,6 +331,9 @@ class LeaseReturned(_Internal, frozen=True):
     seq: int
     pages: list[int]
     reason: str
+    # The finetune zeroed every page it wrote (``ActivationLease.take_back``), so decode need
+    # not; False (a finetune that does not say) makes decode zero the blocks itself.
+    clean: bool = False
 
 
 FinetuneToDaemon = (FinetuneReady | MicroStepReport | JobStarted | CheckpointSaved | JobEnded

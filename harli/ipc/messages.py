@@ -169,6 +169,9 @@ class ReturnBlocks(_Internal, frozen=True):
 
     seq: int
     groups: list[int]
+    # Zero the blocks before vLLM may use them: some page of theirs holds bytes the finetune
+    # wrote and did not clear (it died, or did not say it zeroed them).
+    scrub: bool = True
 
 
 DaemonToDecode = AddRequest | AbortRequests | Shutdown | LendBlocks | ReturnBlocks

@@ -329,3 +329,29 @@ def test_weighted_chunks_give_the_micro_batch_gradient(model: Any,
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert_same_grads(want, got)
     assert loss == pytest.approx(float(whole.detach()), rel=1e-6)
+
+
+def test_take_back_zeroes_the_pages_a_micro_step_wrote_and_leaves_the_others(
+        model: Any, make_arena: Callable[[int, int], ShmArena]) -> None:
+    arena = make_arena(64 * SMALL_PAGE, SMALL_PAGE)
+    whole = arena.tensor(0, arena.handle.size_bytes)
+    whole.fill_(7)  # what decode's KV blocks held before the grant: kept where not written
+    lease = ActivationLease(arena, SMALL_PAGE)
+    lease.grant(list(range(64)))
+    lora_grads(model, make_batch([12]), lease)
+    written = lease.dirty_pages
+    assert written and len(written) < 64  # a small batch fills only the first pages
+    page = arena.tensor(written[0] * SMALL_PAGE, SMALL_PAGE)
+    assert bool((page != 7).any())  # the saved activations are there
+    untouched = [p for p in range(64) if p not in written]
+    half = written[: len(written) // 2 + 1] + untouched[:2]
+    assert lease.take_back(half) == (len(written) // 2 + 1) * SMALL_PAGE
+    for p in half:
+        expect = 0 if p in written else 7
+        assert bool((arena.tensor(p * SMALL_PAGE, SMALL_PAGE) == expect).all()), p
+    rest = written[len(written) // 2 + 1:]
+    assert lease.dirty_pages == rest  # still held, still dirty
+    assert lease.take_back(lease.pages) == len(rest) * SMALL_PAGE
+    assert not lease.dirty_pages
+    pages = whole.view(64, SMALL_PAGE)
+    assert bool((pages[written] == 0).all()) and bool((pages[untouched] == 7).all())

@@ -135,10 +135,26 @@ def test_demand_over_the_free_mark_reclaims_with_a_deadline_and_returns_blocks()
     [ret] = h.to_decode
     assert isinstance(ret, ReturnBlocks)
     assert {p for g in ret.groups for p in h.mm.map.pages_of(g)} == set(rec.pages)  # type: ignore[union-attr]
+    assert ret.scrub  # the finetune did not say it zeroed them: decode does
     assert not set(rec.pages) & h.leased()
     assert h.mm.status().reclaims == {"returned": 1}
     assert h.mm.status().reclaim_max_s == pytest.approx(0.3)
     h.mm.ledger.check()
+
+
+def test_decode_zeroes_returned_blocks_unless_the_finetune_cleared_every_page() -> None:
+    h = Harness()
+    lend_all(h)
+    h.mm.set_finetune_training(False, 2.0)  # job ended: everything is asked back
+    [rec] = h.to_finetune
+    h.mm.on_lease_returned(LeaseReturned(seq=rec.seq, pages=rec.pages, reason="reclaimed",
+                                         clean=True), 2.1)
+    assert h.to_decode and not any(m.scrub for m in h.to_decode)  # cleared by the finetune
+    # A finetune that dies holding pages leaves its bytes there: decode zeroes those groups.
+    h2 = Harness()
+    lend_all(h2)
+    h2.mm.on_finetune_exit(3.0)
+    assert h2.to_decode and all(m.scrub for m in h2.to_decode)
 
 
 def test_pages_not_held_are_refused_and_the_ledger_is_unchanged() -> None:
