@@ -1,7 +1,9 @@
 """Quota policies: before each decode iteration, pick the finetune's quota level 0..K.
 
 ``HarliPolicy`` asks the latency predictor for each level's upper bound on the next
-iteration's latency, lowest level first, and takes the highest one inside the TPOT SLO. It goes
+iteration's latency and takes the highest level inside the TPOT SLO, both by its own bound and
+by the non-decreasing (isotonic) fit of all the levels' bounds, which no noisy level escapes by
+coming out under a lower one. It goes
 down at once (never a level whose predicted bound is over the SLO) and up only after the higher
 level has been feasible for ``hysteresis_iters`` decisions in a row, so a load that oscillates
 around a level boundary does not make the finetune flap. The bound stands for a quantile of
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -112,6 +115,20 @@ class Policy(Protocol):
         ...
 
 
+def pooled_bounds(uppers_s: Sequence[float]) -> list[float]:
+    """The non-decreasing sequence closest to ``uppers_s`` in least squares (isotonic
+    regression, pool-adjacent-violators, equal weights): each run of levels whose bounds come
+    out of order gets their mean."""
+    blocks: list[list[float]] = []  # [sum, count] of each pooled run, in level order
+    for u in uppers_s:
+        blocks.append([u, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] > blocks[-1][0] * blocks[-2][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(int(count))]
+
+
 def _check_levels(levels: int) -> None:
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
@@ -119,7 +136,10 @@ def _check_levels(levels: int) -> None:
 
 class HarliPolicy:
     """SLO-aware quota: the highest level whose predicted upper bound, times ``margin``, is
-    within the TPOT SLO together with every lower level's, with hysteresis on the way up.
+    within the TPOT SLO, and so is the isotonic fit of every level's bound at it
+    (``pooled_bounds``), with hysteresis on the way up. A level whose own bound is over is
+    skipped (never chosen, held or picked by rate), but lets a higher one through when the
+    pooled fit does: one noisy fit a little over the SLO does not gate the levels above it.
 
     Hysteresis: the policy keeps the highest feasible level ("target") of each of the last
     ``hysteresis_iters`` decisions. It moves up only to the lowest of those targets, i.e. to a
@@ -198,34 +218,35 @@ class HarliPolicy:
         shape = view.shape()
         predict = self._model.predict
         quantile = self._budget.quantile() if self._budget is not None else None
-        limit_s = self._tpot_s
-        margin = self._margin
-        # Feasible: this level's bound and every lower level's within the SLO. More quota
-        # cannot make decode faster, so a higher level whose bound comes out *below* a lower
-        # one's (per-level fits and online corrections are noisy; seen live: level 4 picked
-        # while level 0 was over the SLO) is not trusted over it. Scanning up also makes an
-        # infeasible level 0 one prediction, not K + 1.
-        uppers_s: list[float] = []
-        upper_s = math.inf
-        for level in range(self._levels + 1):
-            upper_s = predict(shape, level, quantile).upper_s
-            if upper_s * margin > limit_s:
-                break
-            uppers_s.append(upper_s)
-        if not uppers_s:  # upper_s is level 0's bound
-            return self._decide_infeasible(shape, upper_s, quantile)
-
-        chosen, reason = self._settle(len(uppers_s) - 1)
-        level = self._by_rate(chosen)
-        if level != chosen:  # best() stays within 1..chosen: feasible too
+        limit_s, margin = self._tpot_s, self._margin
+        upper0_s = predict(shape, 0, quantile).upper_s
+        if upper0_s * margin > limit_s:  # one prediction for a load decode alone cannot serve
+            return self._decide_infeasible(shape, upper0_s, quantile)
+        uppers_s = [upper0_s, *(predict(shape, level, quantile).upper_s
+                                for level in range(1, self._levels + 1))]
+        # More quota cannot make decode faster, but per-level fits and their online
+        # corrections are noisy, so the bounds seldom come out in order. A level is allowed
+        # when its own bound is within the SLO and so is the non-decreasing fit of all the
+        # bounds (isotonic: pooled_bounds) at it: a lower level's bound far over the SLO still
+        # holds every level above it back, but one a little over it (seen in profile Q: level
+        # 1's fit 2-10 % over level 0's, with levels 2-4 as cheap as level 0) no longer does.
+        pooled_s = pooled_bounds(uppers_s)
+        skipped = [level for level in range(self._levels + 1)
+                   if uppers_s[level] * margin > limit_s]
+        target = max(level for level in range(self._levels + 1)
+                     if pooled_s[level] * margin <= limit_s and level not in skipped)
+        chosen, reason = self._settle(target, skipped)
+        level = self._by_rate(chosen, skipped)
+        if level != chosen:  # best() stays within 1..chosen, outside skipped: allowed too
             reason += REASON_RATE.format(level=level, allowed=chosen)
         return PolicyDecision(level, reason, uppers_s[level], quantile)
 
-    def _settle(self, target: int) -> tuple[int, str]:
+    def _settle(self, target: int, skipped: Sequence[int] = ()) -> tuple[int, str]:
         """Record ``target`` (this decision's highest allowed level) and return the level to
         hold and the reason word: down at once, up only as far as every one of the last
-        ``hysteresis_iters`` targets allows (every level up to a target is allowed, so the
-        held one is too)."""
+        ``hysteresis_iters`` targets allows. Every level up to a target is allowed but those
+        in ``skipped`` (their own bound is over the SLO now): a held level among them drops
+        to the highest allowed one below it."""
         targets = self._targets
         targets.append(target)
         current = self._level
@@ -236,13 +257,17 @@ class HarliPolicy:
             settled = min(targets) if len(targets) == self._hysteresis_iters else current
             chosen = max(current, settled)
             reason = REASON_UP if chosen > current else REASON_HOLD
+        while chosen in skipped:  # level 0 never is: its bound is within the SLO here
+            chosen -= 1
+            reason = REASON_DOWN
         self._level = chosen
         return chosen, reason
 
-    def _by_rate(self, allowed: int) -> int:
+    def _by_rate(self, allowed: int, skipped: Sequence[int] = ()) -> int:
         """The level to run while decode is busy, ``allowed`` the highest one the rules allow:
-        the fastest measured one up to it (``LevelRates.best``), or itself without rates."""
-        return allowed if self._rates is None else self._rates.best(allowed)
+        the fastest measured one up to it outside ``skipped`` (``LevelRates.best``), or itself
+        without rates."""
+        return allowed if self._rates is None else self._rates.best(allowed, skipped)
 
     def _decide_infeasible(self, shape: BatchShape, upper0_s: float,
                            quantile: float | None) -> PolicyDecision:

@@ -20,6 +20,7 @@ changes. Pure logic: no clock, no IO.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 __all__ = ["LevelRates"]
 
@@ -60,10 +61,22 @@ class LevelRates:
         self.samples[level] = n + 1
         self._recompute()
 
-    def best(self, upto: int) -> int:
-        """The level in 1..``upto`` to run at while decode is busy (``upto`` itself when it
-        is 0 or unmeasured). O(1)."""
-        return self._best[upto] if 0 <= upto <= self.levels else upto
+    def best(self, upto: int, skipped: Sequence[int] = ()) -> int:
+        """The level in 1..``upto``, outside ``skipped``, to run at while decode is busy
+        (``upto`` itself when it is 0 or unmeasured; it is never in ``skipped``). O(1) when
+        nothing is skipped, O(levels) otherwise."""
+        if not 0 <= upto <= self.levels:
+            return upto
+        if not skipped or self.samples[upto] < self.min_samples:
+            best = self._best[upto]
+            if best not in skipped:
+                return best
+        top = upto
+        for level in range(1, upto):
+            if level not in skipped and self.samples[level] >= self.min_samples and \
+                    self.rate_tok_s[level] > self.rate_tok_s[top]:
+                top = level
+        return top
 
     def _recompute(self) -> None:
         best = [0]

@@ -73,6 +73,28 @@ def test_best_is_always_a_level_within_one_to_the_allowed_one(
             assert r.rate_tok_s[best] == max(r.rate_tok_s[lv] for lv in measured_levels)
 
 
+@settings(max_examples=200, deadline=None)
+@given(obs=st.lists(st.tuples(st.integers(1, K), st.integers(0, 5000),
+                              st.floats(0.01, 10.0)), max_size=60),
+       skipped=st.sets(st.integers(1, K - 1)))
+def test_best_never_picks_a_skipped_level(obs: list[tuple[int, int, float]],
+                                          skipped: set[int]) -> None:
+    r = LevelRates(K, min_samples=2)
+    for level, tokens, seconds in obs:
+        r.observe(1, level, tokens, seconds)
+    for upto in range(1, K + 1):
+        if upto in skipped:
+            continue  # the policy never allows a skipped level itself
+        best = r.best(upto, sorted(skipped))
+        assert 1 <= best <= upto and best not in skipped
+        measured = [lv for lv in range(1, upto + 1) if r.samples[lv] >= 2 and lv not in skipped]
+        if upto not in measured:
+            assert best == upto
+        else:
+            assert r.rate_tok_s[best] == max(r.rate_tok_s[lv] for lv in measured)
+    assert r.best(K, []) == r.best(K)  # nothing skipped: the O(1) answer
+
+
 def test_bad_observations_and_settings_are_named() -> None:
     r = LevelRates(K)
     with pytest.raises(ValueError, match="level"):

@@ -31,6 +31,7 @@ from harli.scheduler.policy import (
     PolicyDecision,
     StaticPolicy,
     parse_policy,
+    pooled_bounds,
 )
 from harli.scheduler.slo import SloCounter, SloTarget
 
@@ -61,13 +62,13 @@ def view(running: int, waiting: int = 0, ctx_per_seq: int = 512, prefill: int = 
 
 def highest_feasible(model: LatencyModel, v: BatchView, slo: SloTarget, margin: float = 1.0,
                      levels: int = K) -> int | None:
-    """The highest level that, with every level below it, is within the SLO."""
-    top = None
-    for level in range(levels + 1):
-        if model.predict(v.shape(), level).upper_s * margin > slo.tpot_s:
-            break
-        top = level
-    return top
+    """The highest level within the SLO by its own bound and by the isotonic fit of all the
+    bounds (None: not even level 0)."""
+    uppers = [model.predict(v.shape(), level).upper_s * margin for level in range(levels + 1)]
+    if uppers[0] > slo.tpot_s:
+        return None
+    return max(level for level in range(levels + 1)
+               if uppers[level] <= slo.tpot_s and isotonic_at(uppers, level) <= slo.tpot_s)
 
 
 SLO = SloTarget(tpot_ms=25.0)
@@ -121,11 +122,18 @@ class TablePredictor:
         return Prediction(self.uppers_s[level] / 2, self.uppers_s[level])
 
 
+def isotonic_at(values: Sequence[float], level: int) -> float:
+    """The isotonic (non-decreasing least-squares) fit of ``values`` at ``level``, by the
+    min-max formula: an oracle independent of the policy's pool-adjacent-violators."""
+    return max(min(sum(values[i:j + 1]) / (j + 1 - i) for j in range(level, len(values)))
+               for i in range(level + 1))
+
+
 def check_safe(d: PolicyDecision, upper_at: list[float], margin: float, slo: SloTarget,
                slowdown_at: list[float] | None = None, max_slowdown: float = 1.0) -> None:
-    """The decision's level and every lower one are within the SLO; or level 0 is over it
-    and the decision is 0, or (``max_slowdown`` > 1) a level whose slowdown, and every lower
-    one's, is at most ``max_slowdown``."""
+    """The decision's level, level 0, and the isotonic fit of all the bounds at the level are
+    within the SLO; or level 0 is over it and the decision is 0, or (``max_slowdown`` > 1) a
+    level whose slowdown, and every lower one's, is at most ``max_slowdown``."""
     if d.reason == REASON_IDLE:
         assert d.level == K
         return
@@ -137,8 +145,10 @@ def check_safe(d: PolicyDecision, upper_at: list[float], margin: float, slo: Slo
         else:
             assert slowdown_at is not None
             assert all(x <= max_slowdown for x in slowdown_at[1:d.level + 1])
-    else:  # this level and every one below it
-        assert all(u * margin <= slo.tpot_s for u in upper_at[: d.level + 1])
+    else:
+        assert upper_at[d.level] * margin <= slo.tpot_s
+        assert upper_at[0] * margin <= slo.tpot_s
+        assert isotonic_at(upper_at, d.level) * margin <= slo.tpot_s * (1 + 1e-9)
 
 
 # -- HarliPolicy: safety ----------------------------------------------------------------------
@@ -281,18 +291,37 @@ def test_waiting_requests_are_not_idle() -> None:
     assert d.predicted_upper_s is not None
 
 
-def test_a_level_is_feasible_only_with_every_level_below_it() -> None:
+def test_a_level_is_allowed_by_its_own_bound_and_the_isotonic_fit_of_all() -> None:
     slo = SloTarget(tpot_ms=50.0)
     ok, bad = 0.01, 0.1
     fake = TablePredictor([ok, ok, ok, bad, bad])
     policy = HarliPolicy(fake, K, slo, hysteresis_iters=8)
     assert policy.decide(LIGHT, 0.0).level == 2
-    fake.uppers_s = [ok, ok, bad, ok, ok]  # 3 and 4 look safe but 2 is not: 1, at once
+    # Level 2 alone over: the fit pools 2..4 to 0.04 s, within 50 ms, so 3 and 4 are allowed
+    # but 2 itself is not: down to 1 at once, and up to 4 (past 2) after the hysteresis.
+    fake.uppers_s = [ok, ok, bad, ok, ok]
     d = policy.decide(LIGHT, 1.0)
     assert (d.level, d.reason, d.predicted_upper_s) == (1, REASON_DOWN, ok)
+    levels = [policy.decide(LIGHT, 2.0 + t).level for t in range(7)]
+    assert levels == [1] * 6 + [4]  # the 8th decision in a row whose target was 4
+    # One level far over holds every level above it back: (0.2 + 3 x 0.01) / 4 > 50 ms.
+    fake.uppers_s = [ok, 0.2, ok, ok, ok]
+    assert policy.decide(LIGHT, 20.0).level == 0
     fake.uppers_s = [bad, ok, ok, ok, ok]  # a noisy fit says K beats decode alone: not trusted
-    d = policy.decide(LIGHT, 2.0)
+    d = policy.decide(LIGHT, 21.0)
     assert (d.level, d.predicted_upper_s) == (0, bad) and d.reason.startswith("infeasible")
+
+
+@given(st.lists(st.floats(1e-4, 1.0), min_size=1, max_size=8))
+def test_pooled_bounds_are_the_isotonic_fit(values: list[float]) -> None:
+    pooled = pooled_bounds(values)
+    assert len(pooled) == len(values)
+    assert all(a <= b * (1 + 1e-12) for a, b in itertools.pairwise(pooled))
+    assert sum(pooled) == pytest.approx(sum(values))
+    for level in range(len(values)):
+        assert pooled[level] == pytest.approx(isotonic_at(values, level))
+    if values == sorted(values):
+        assert pooled == pytest.approx(values)
 
 
 def test_drop_is_immediate_and_rise_waits_hysteresis_iters() -> None:
