@@ -257,12 +257,35 @@ def host_probe_ms(repeats: int = 5) -> float:
     return 1000.0 * best
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs from /proc/stat, or None off Linux. Steal is time a
+    hypervisor ran something else while this VM's vCPU wanted to run: the direct measure of
+    the noisy neighbour that ``host_probe_ms`` only infers."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return ticks[7], sum(ticks)
+
+
+def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of CPU time stolen by the hypervisor between two ``cpu_times``, in %."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
+
+
 def _round_summary(one: dict[str, Any], slo_ms: float, bench_t0: float) -> dict[str, Any]:
     c = _slo_counts(one["results"], slo_ms / 1000)
     return {"start_s": one["t0"] - bench_t0, "attainment_token": c["attainment_token"],
             "tpot_p50_ms": c["tpot_p50_ms"], "tpot_p99_ms": c["tpot_p99_ms"],
             "finetune_tok_s": one["tokens"] / one["wall_s"],
             "host_probe_ms": one["host_probe_ms"],
+            "host_steal_pct": one["host_steal_pct"],
             # How often each level was in force, sampled every 0.25 s (the full samples are
             # kept for the first round only, for the plot).
             "level_samples": {str(lv): n for lv, n in sorted(
@@ -284,6 +307,7 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
     before = ctl.show(job_id).job.tokens
     samples: list[dict[str, float | None]] = []
     stop = threading.Event()
+    cpu0 = cpu_times()
     t0 = time.monotonic()
     th = threading.Thread(target=_sampler, args=(ctl_sampler, job_id, samples, stop, t0),
                           daemon=True)
@@ -293,11 +317,12 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
     results = asyncio.run(_replay(daemon.endpoint, requests, token_seed))
     time.sleep(max(0.0, t0 + duration_s - time.monotonic()))
     wall = time.monotonic() - t0
+    stolen = steal_pct(cpu0, cpu_times())
     stop.set()
     th.join()
     sched = ctl.status().scheduler  # decision times since this turn's set_policy
     return {"results": results, "wall_s": wall, "samples": samples, "t0": t0,
-            "host_probe_ms": probe_ms,
+            "host_probe_ms": probe_ms, "host_steal_pct": stolen,
             "tokens": ctl.show(job_id).job.tokens - before,
             "decision_p99_us": sched.decision_p99_us if sched else None,
             "decision_cpu_p99_us": sched.decision_cpu_p99_us if sched else None,
@@ -319,6 +344,8 @@ def _compare(res: dict[str, Any]) -> None:
 # Host speed spread between rounds beyond which the verdict says the host, not the policy,
 # may decide the figures (the SLO is 1.5x a solo TPOT).
 HOST_DRIFT_WARN = 1.2
+# Steal in a turn from which the verdict names it (a quiet VM here shows ~1 %).
+HOST_STEAL_WARN_PCT = 5.0
 
 
 def verdict(res: dict[str, Any]) -> str:
@@ -347,6 +374,11 @@ def verdict(res: dict[str, Any]) -> str:
         parts.append(f"; the host's own speed moved {max(probes) / min(probes):.2f}x between "
                      f"rounds (probe {min(probes):.1f}-{max(probes):.1f} ms), more than any "
                      f"policy effect here")
+    steals = [r["host_steal_pct"] for p in pols.values() for r in p.get("rounds", ())
+              if r.get("host_steal_pct") is not None]
+    if steals and max(steals) >= HOST_STEAL_WARN_PCT:
+        parts.append(f"; the hypervisor took up to {max(steals):.0f} % of this VM's CPU time in "
+                     f"a turn (steal, /proc/stat; median {statistics.median(steals):.0f} %)")
     return " ".join(parts)
 
 

@@ -26,6 +26,8 @@ def test_bench_replays_one_workload_under_each_policy(tmp_path: Path) -> None:
         assert 0 <= r["attainment_token"] <= 1 and 0 <= r["attainment_request"] <= 1
         assert len(r["rounds"]) == 2 and r["decision_p99_us"] is not None
         assert all(rd["host_probe_ms"] > 0 for rd in r["rounds"])
+        assert all(rd["host_steal_pct"] is None or 0 <= rd["host_steal_pct"] <= 100
+                   for rd in r["rounds"])
         assert r["wall_s"] >= 2 * 4.0  # each turn lasts the workload's length at least
         assert all(sum(rd["level_samples"].values()) > 0 for rd in r["rounds"])
     assert res["policies"]["decode-only"]["finetune_tokens"] == 0  # paused: trains nothing

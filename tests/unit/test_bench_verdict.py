@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from harli.tools.bench_cmd import verdict
+from harli.tools.bench_cmd import cpu_times, steal_pct, verdict
 
 
 def _res(probes_ms: tuple[float, ...], best: str | None) -> dict[str, Any]:
@@ -36,6 +36,22 @@ def test_verdict_says_when_no_static_level_met_the_target() -> None:
 def test_verdict_names_the_hosts_drift_between_rounds() -> None:
     text = verdict(_res((10.0, 15.0, 12.0), "static:2"))
     assert "host's own speed moved 1.50x between rounds (probe 10.0-15.0 ms)" in text
+
+
+def test_verdict_names_the_hypervisors_steal_only_when_it_is_material() -> None:
+    res = _res((10.0, 10.5), "static:2")
+    rounds = res["policies"]["harli"]["rounds"]
+    rounds[0]["host_steal_pct"], rounds[1]["host_steal_pct"] = 1.0, 2.0
+    assert "steal" not in verdict(res)  # a quiet VM
+    rounds[1]["host_steal_pct"] = 37.0
+    assert "the hypervisor took up to 37 % of this VM's CPU time in a turn" in verdict(res)
+
+
+def test_steal_share_between_two_readings() -> None:
+    assert steal_pct((100, 1000), (150, 2000)) == pytest.approx(5.0)
+    assert steal_pct(None, (1, 2)) is None and steal_pct((1, 2), (1, 2)) is None
+    now = cpu_times()  # Linux: a reading whose steal is part of the total
+    assert now is None or 0 <= now[0] <= now[1]
 
 
 def test_a_misspelt_policy_is_refused_before_the_bench_starts(
