@@ -5,8 +5,8 @@ iteration's latency and takes the highest level inside the TPOT SLO, both by its
 by the non-decreasing (isotonic) fit of all the levels' bounds, which no noisy level escapes by
 coming out under a lower one. It goes down at once (never a level whose predicted bound is over
 the SLO) and up only after the higher level has been feasible for ``hysteresis_iters``
-decisions in a row, so a load that oscillates
-around a level boundary does not make the finetune flap. The bound stands for a quantile of
+decisions in a row, so a load that oscillates around a level boundary does not make the
+finetune flap. The bound stands for a quantile of
 the iteration's latency: with an ``ErrorBudget`` (the ``harli`` spelling) the one the tokens
 measured against the SLO so far allow, else (``harli:strict``) the attainment target on every
 decision. With ``LevelRates`` it runs, while decode is busy, at the level up to that one which
