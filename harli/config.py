@@ -259,8 +259,10 @@ class SchedulerConfig:
         "Who sets the finetune's quota level: harli (before every decode iteration, the "
         "largest level whose predicted latency bound stays under the TPOT SLO, the bound at "
         "the quantile the error budget allows), harli:strict (the bound always at the "
-        "attainment quantile), static:L, naive (always the highest), decode-only (finetune "
-        "paused). Switchable at run time: `harli policy SPEC`.", default="harli")
+        "attainment quantile), harli:max (a level allowed only with every level below it, "
+        "the rule before the isotonic fit of the bounds), static:L, naive (always the "
+        "highest), decode-only (finetune paused). Switchable at run time: "
+        "`harli policy SPEC`.", default="harli")
     tpot_slo_ms: float = _help("Decode TPOT SLO: the time between two tokens of a request.",
                                default=50.0)
     attainment: float = _help("Share of tokens (and of requests) that must meet the SLO.",

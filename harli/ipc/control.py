@@ -54,8 +54,8 @@ class SetLevel(_Ctl, tag="set_level", frozen=True):
 
 
 class SetPolicy(_Ctl, tag="set_policy", frozen=True):
-    """Switch the quota policy ("harli", "harli:strict", "static:L", "naive", "decode-only");
-    answered with the ``DaemonStatus``."""
+    """Switch the quota policy ("harli", "harli:strict", "harli:max", "static:L", "naive",
+    "decode-only"); answered with the ``DaemonStatus``."""
 
     policy: str
     tpot_slo_ms: float | None = None  # a new SLO with it (None: keep the current one)

@@ -22,6 +22,7 @@ before every decode iteration and costs a few predictions.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -46,8 +47,8 @@ __all__ = [
     "parse_policy",
 ]
 
-POLICY_FORMS = ("'harli', 'harli:strict', 'static:L' (L in 0..levels), 'naive' or "
-                "'decode-only'")
+POLICY_FORMS = ("'harli', 'harli:strict', 'harli:max', 'static:L' (L in 0..levels), 'naive' "
+                "or 'decode-only'")
 
 # Reasons HarliPolicy gives; the ones with numbers start with these words.
 REASON_IDLE = "idle: nothing running or waiting"
@@ -129,6 +130,17 @@ def pooled_bounds(uppers_s: Sequence[float]) -> list[float]:
     return [total / count for total, count in blocks for _ in range(int(count))]
 
 
+def running_max(uppers_s: Sequence[float]) -> list[float]:
+    """Each level's bound raised to the largest of the levels below it: the envelope of the
+    ``harli:max`` spelling, under which a level is allowed only with every level below it."""
+    return list(itertools.accumulate(uppers_s, max))
+
+
+# How HarliPolicy makes the per-level bounds non-decreasing before it compares them with the
+# SLO: by their isotonic fit (the default) or by their running max (``harli:max``).
+ENVELOPES = {"isotonic": pooled_bounds, "max": running_max}
+
+
 def _check_levels(levels: int) -> None:
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
@@ -140,6 +152,9 @@ class HarliPolicy:
     (``pooled_bounds``), with hysteresis on the way up. A level whose own bound is over is
     skipped (never chosen, held or picked by rate), but lets a higher one through when the
     pooled fit does: one noisy fit a little over the SLO does not gate the levels above it.
+    ``envelope="max"`` (the ``harli:max`` spelling) uses the running max of the bounds
+    instead: a level is allowed only with every level below it, the rule before the isotonic
+    fit, kept to compare the two side by side in ``harli bench``.
 
     Hysteresis: the policy keeps the highest feasible level ("target") of each of the last
     ``hysteresis_iters`` decisions. It moves up only to the lowest of those targets, i.e. to a
@@ -166,7 +181,7 @@ class HarliPolicy:
     def __init__(self, model: LatencyPredictor, levels: int, slo: SloTarget,
                  hysteresis_iters: int = 8, margin: float = 1.0,
                  budget: ErrorBudget | None = None, rates: LevelRates | None = None,
-                 infeasible_slowdown: float = 1.0) -> None:
+                 infeasible_slowdown: float = 1.0, envelope: str = "isotonic") -> None:
         _check_levels(levels)
         if hysteresis_iters < 1:
             raise ValueError(f"hysteresis_iters must be >= 1 (1 = none), got {hysteresis_iters}")
@@ -175,6 +190,9 @@ class HarliPolicy:
         if not 1.0 <= infeasible_slowdown < math.inf:
             raise ValueError(f"infeasible_slowdown must be finite and >= 1 (1 = pause), got "
                              f"{infeasible_slowdown}")
+        if envelope not in ENVELOPES:
+            raise ValueError(f"envelope must be one of {sorted(ENVELOPES)}, got {envelope!r}")
+        self._envelope = ENVELOPES[envelope]
         self._infeasible_slowdown = infeasible_slowdown
         self._model = model
         self._levels = levels
@@ -230,7 +248,7 @@ class HarliPolicy:
         # bounds (isotonic: pooled_bounds) at it: a lower level's bound far over the SLO still
         # holds every level above it back, but one a little over it (seen in profile Q: level
         # 1's fit 2-10 % over level 0's, with levels 2-4 as cheap as level 0) no longer does.
-        pooled_s = pooled_bounds(uppers_s)
+        pooled_s = self._envelope(uppers_s)
         skipped = [level for level in range(self._levels + 1)
                    if uppers_s[level] * margin > limit_s]
         target = max(level for level in range(self._levels + 1)
@@ -335,12 +353,12 @@ class DecodeOnlyPolicy:
 
 
 def check_policy(spec: str, levels: int) -> tuple[str, int | None]:
-    """Validate a config or CLI policy string: 'harli', 'harli:strict', 'static:L', 'naive' or
-    'decode-only' (case and surrounding spaces ignored). Returns (kind, L for static);
-    ValueError names the accepted forms or the level range."""
+    """Validate a config or CLI policy string: 'harli', 'harli:strict', 'harli:max',
+    'static:L', 'naive' or 'decode-only' (case and surrounding spaces ignored). Returns (kind,
+    L for static); ValueError names the accepted forms or the level range."""
     _check_levels(levels)
     text = spec.strip().lower()
-    if text in ("harli", "harli:strict", "naive", "decode-only"):
+    if text in ("harli", "harli:strict", "harli:max", "naive", "decode-only"):
         return text, None
     kind, sep, arg = text.partition(":")
     if kind == "static" and sep:
@@ -360,14 +378,15 @@ def parse_policy(spec: str, model: LatencyPredictor, levels: int, slo: SloTarget
                  budget_tokens: int = 1000, budget_max_factor: float = 10.0,
                  rates: LevelRates | None = None,
                  infeasible_slowdown: float = 1.0) -> Policy:
-    """The policy named by ``spec`` (see ``check_policy``); ``harli`` gets a fresh
-    ``ErrorBudget(slo.attainment, budget_tokens, budget_max_factor)``; both harli forms get
-    ``rates`` (the daemon's, shared across policy switches) and ``infeasible_slowdown``."""
+    """The policy named by ``spec`` (see ``check_policy``); ``harli`` and ``harli:max`` get a
+    fresh ``ErrorBudget(slo.attainment, budget_tokens, budget_max_factor)``; every harli form
+    gets ``rates`` (the daemon's, shared across policy switches) and ``infeasible_slowdown``."""
     kind, level = check_policy(spec, levels)
-    if kind == "harli":
+    if kind in ("harli", "harli:max"):
         return HarliPolicy(model, levels, slo, rates=rates,
                            budget=ErrorBudget(slo.attainment, budget_tokens, budget_max_factor),
-                           infeasible_slowdown=infeasible_slowdown)
+                           infeasible_slowdown=infeasible_slowdown,
+                           envelope="max" if kind == "harli:max" else "isotonic")
     if kind == "harli:strict":
         return HarliPolicy(model, levels, slo, rates=rates,
                            infeasible_slowdown=infeasible_slowdown)

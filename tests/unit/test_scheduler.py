@@ -312,6 +312,18 @@ def test_a_level_is_allowed_by_its_own_bound_and_the_isotonic_fit_of_all() -> No
     assert (d.level, d.predicted_upper_s) == (0, bad) and d.reason.startswith("infeasible")
 
 
+def test_harli_max_allows_a_level_only_with_every_level_below_it() -> None:
+    slo = SloTarget(tpot_ms=50.0)
+    ok, bad = 0.01, 0.1
+    fake = TablePredictor([ok, bad, ok, ok, ok])  # level 1 alone over
+    isotonic = parse_policy("harli", fake, K, slo)
+    running_max = parse_policy("harli:max", fake, K, slo)
+    assert isotonic.decide(LIGHT, 0.0).level == K  # pooled (0.1 + 3 x 0.01) / 4 < 50 ms
+    assert running_max.decide(LIGHT, 0.0).level == 0  # level 1 gates 2..4
+    with pytest.raises(ValueError, match="envelope"):
+        HarliPolicy(fake, K, slo, envelope="median")
+
+
 @given(st.lists(st.floats(1e-4, 1.0), min_size=1, max_size=8))
 def test_pooled_bounds_are_the_isotonic_fit(values: list[float]) -> None:
     pooled = pooled_bounds(values)
@@ -410,6 +422,7 @@ def test_baselines_ignore_the_load(policy: StaticPolicy | NaivePolicy | DecodeOn
     ("harli", HarliPolicy, None),
     (" Harli ", HarliPolicy, None),
     ("harli:strict", HarliPolicy, None),
+    ("harli:max", HarliPolicy, None),
     ("static:0", StaticPolicy, 0),
     ("static:2", StaticPolicy, 2),
     (f"static:{K}", StaticPolicy, K),
