@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from harli.config import HarliConfig
-from harli.ipc.arena import ArenaError
+from harli.ipc.arena import ArenaError, consecutive_runs
 from harli.ipc.messages import (
     Generate,
     IterationTelemetry,
@@ -351,10 +351,11 @@ class DecodeEngine:
             raise ValueError(f"KV block groups {sorted(set(unknown or groups))[:8]} are not lent "
                              f"(or repeated)")
         blocks = [b for g in groups for b in self._lent.pop(g)]
-        t0 = time.perf_counter()
+        scrub_s = 0.0
         if scrub:
+            t0 = time.perf_counter()
             self.scrubbed_bytes += self._zero_blocks([b.block_id for b in blocks])
-        scrub_s = time.perf_counter() - t0 if scrub else 0.0
+            scrub_s = time.perf_counter() - t0
         self._block_pool.free_blocks(blocks)
         return scrub_s
 
@@ -367,24 +368,15 @@ class DecodeEngine:
         requests is finite, which is all masking needs; zeros restore that. The finetune
         zeroes what it wrote when it answers a reclaim, so this runs (on decode's iteration
         path) only for blocks of a finetune that died holding them."""
-        if not block_ids:
-            return 0
-        num_blocks = int(self._block_pool.num_gpu_blocks)
-        ids = sorted(block_ids)
-        runs: list[tuple[int, int]] = []  # [start, end) runs: a lent group is one run
-        for b in ids:
-            if runs and runs[-1][1] == b:
-                runs[-1] = (runs[-1][0], b + 1)
-            else:
-                runs.append((b, b + 1))
         import torch
 
+        runs = consecutive_runs(block_ids)  # a lent group is one run
         zeroed = 0
         with torch.no_grad():
+            # Block-major tensors (block b = t[b]), as _kv_layout requires for lending.
             for t in self._kv_tensors():
-                dim = 0 if t.shape[0] == num_blocks else list(t.shape).index(num_blocks)
                 for start, end in runs:
-                    part = t.narrow(dim, start, end - start)
+                    part = t[start:end]
                     part.zero_()
                     zeroed += part.numel() * part.element_size()
         return zeroed

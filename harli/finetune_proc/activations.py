@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from harli.ipc.arena import Arena
+from harli.ipc.arena import Arena, consecutive_runs
 
 ALIGN_BYTES = 64  # cache line; also a multiple of every dtype's itemsize
 
@@ -174,15 +174,9 @@ class ActivationLease:
     def _zero(self, pages: list[int]) -> int:
         if not pages or self._arena is None:
             return 0
-        runs: list[list[int]] = []  # [first, last] of consecutive pages: one memset each
-        for p in pages:
-            if runs and runs[-1][1] + 1 == p:
-                runs[-1][1] = p
-            else:
-                runs.append([p, p])
         pb = self._page_bytes
-        for first, last in runs:
-            self._arena.tensor(first * pb, (last - first + 1) * pb).zero_()
+        for start, end in consecutive_runs(pages):
+            self._arena.tensor(start * pb, (end - start) * pb).zero_()
         if self._device is not None and self._device.type == "cuda":
             # The pages go to another process next: the memset must be done, not queued.
             torch.cuda.synchronize(self._device)
@@ -201,21 +195,9 @@ class ActivationLease:
 
     def _rebuild_extents(self) -> None:
         # Consecutive pages are adjacent bytes, so a run of them holds tensors larger than a page.
-        self._extents = []
-        run_start = prev = None
-        for p in sorted(self._pages):
-            if prev is not None and p == prev + 1:
-                prev = p
-                continue
-            if run_start is not None and prev is not None:
-                self._add_extent(run_start, prev)
-            run_start = prev = p
-        if run_start is not None and prev is not None:
-            self._add_extent(run_start, prev)
-
-    def _add_extent(self, first: int, last: int) -> None:
-        n = last - first + 1
-        self._extents.append(_Extent(first * self._page_bytes, n * self._page_bytes))
+        pb = self._page_bytes
+        self._extents = [_Extent(start * pb, (end - start) * pb)
+                         for start, end in consecutive_runs(self._pages)]
 
     @property
     def extents(self) -> list[tuple[int, int]]:

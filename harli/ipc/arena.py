@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -51,6 +52,18 @@ class Arena(Protocol):
     def tensor(self, offset: int, nbytes: int, dtype: Any = None) -> torch.Tensor: ...
 
     def close(self) -> None: ...
+
+
+def consecutive_runs(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """``[start, end)`` of each run of consecutive ids (pages, KV blocks), in order: adjacent
+    ids are adjacent bytes, so each run is one extent or one memset."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def page_range(handle: ArenaHandle, page: int) -> tuple[int, int]:

@@ -68,9 +68,7 @@ class LevelRates:
         if not 0 <= upto <= self.levels:
             return upto
         if not skipped or self.samples[upto] < self.min_samples:
-            best = self._best[upto]
-            if best not in skipped:
-                return best
+            return self._best[upto]  # upto itself when unmeasured, and it is never skipped
         top = upto
         for level in range(1, upto):
             if level not in skipped and self.samples[level] >= self.min_samples and \

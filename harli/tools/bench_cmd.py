@@ -257,22 +257,23 @@ def host_probe_ms(repeats: int = 5) -> float:
     return 1000.0 * best
 
 
-def cpu_times() -> tuple[int, int] | None:
-    """(steal, total) jiffies of all CPUs from /proc/stat, or None off Linux. Steal is time a
-    hypervisor ran something else while this VM's vCPU wanted to run: the direct measure of
-    the noisy neighbour that ``host_probe_ms`` only infers."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-    except OSError:
+def cpu_times() -> tuple[float, float] | None:
+    """(steal, total) CPU seconds of all CPUs (``psutil.cpu_times``), or None where the OS
+    reports no steal (Linux does). Steal is time a hypervisor ran something else while this
+    VM's vCPU wanted to run: the direct measure of the noisy neighbour that ``host_probe_ms``
+    only infers."""
+    import psutil
+
+    t = psutil.cpu_times()
+    steal = getattr(t, "steal", None)
+    if steal is None:
         return None
-    if not fields or fields[0] != "cpu" or len(fields) < 9:
-        return None
-    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    return ticks[7], sum(ticks)
+    # Linux counts guest time inside user time already.
+    return steal, sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
 
 
-def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+def steal_pct(before: tuple[float, float] | None,
+              after: tuple[float, float] | None) -> float | None:
     """The share of CPU time stolen by the hypervisor between two ``cpu_times``, in %."""
     if before is None or after is None or after[1] <= before[1]:
         return None

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 import torch
 
-from harli.ipc.arena import ArenaError, ArenaHandle, ShmArena, page_range
+from harli.ipc.arena import ArenaError, ArenaHandle, ShmArena, consecutive_runs, page_range
 
 PAGE = 64 << 10
 
@@ -89,3 +89,8 @@ def test_stale_arenas_of_dead_daemons_are_removed(tmp_path: Path) -> None:
     alive.write_bytes(b"x")
     assert remove_stale_arenas(tmp_path) == [dead.name]
     assert alive.exists() and not dead.exists()
+
+
+def test_consecutive_runs_cover_the_ids_once_in_order() -> None:
+    assert consecutive_runs([7, 3, 4, 5, 9, 8]) == [(3, 6), (7, 10)]
+    assert consecutive_runs([]) == [] and consecutive_runs({2}) == [(2, 3)]
