@@ -281,7 +281,8 @@ class SchedulerConfig:
     infeasible_slowdown: float = _help(
         "harli, when even decode alone is predicted over the SLO (a pause cannot bring the "
         "iteration inside it): keep the highest level whose fitted slowdown of decode, and "
-        "every lower level's, is at most this factor; 1 = pause.", default=1.1)
+        "every lower level's, is at most this factor, while the error budget has misses to "
+        "spare (harli pauses once it is behind its target); 1 = pause.", default=1.1)
 
     def __post_init__(self) -> None:
         if not self.tpot_slo_ms > 0:

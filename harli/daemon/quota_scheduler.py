@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 
 from harli.config import SchedulerConfig
@@ -89,6 +89,7 @@ class QuotaScheduler:
         self.decision_us: deque[float] = deque(maxlen=100_000)
         self.decision_cpu_us: deque[float] = deque(maxlen=100_000)
         self.level_changes = 0
+        self.by_reason: defaultdict[str, Counter[int]] = defaultdict(Counter)
         metrics.slo_attainment.labels("token").set_function(
             lambda: self.counter.per_token() or 0.0)
         metrics.slo_attainment.labels("request").set_function(
@@ -112,6 +113,7 @@ class QuotaScheduler:
         self.policy = policy
         self.decision_us.clear()  # decision times are per policy
         self.decision_cpu_us.clear()
+        self.by_reason.clear()
         self.spec = spec.strip().lower()
         logger.info("[scheduler] policy -> %s", self.spec)
         self.decide(_IDLE if self.last is None else None, now)
@@ -128,6 +130,7 @@ class QuotaScheduler:
         self.decision_cpu_us.append((time.thread_time() - c0) * 1e6)
         self.metrics.decision_s.observe(dt_us / 1e6)
         self.last = d
+        self.by_reason[d.kind][d.level] += 1
         if d.level != self._current_level():
             self.level_changes += 1
             self._level_since = now
@@ -187,7 +190,8 @@ class QuotaScheduler:
             last_reason=self.last.reason if self.last else None,
             decision_cpu_p99_us=_p99(cpu),
             bound_quantile=self.last.quantile if self.last else None,
-            busy_rates_tok_s=self.rates.snapshot() if self.rates else {})
+            busy_rates_tok_s=self.rates.snapshot() if self.rates else {},
+            decisions_by_reason={k: dict(v) for k, v in self.by_reason.items()})
 
 
 def _p99(sorted_us: list[float]) -> float | None:

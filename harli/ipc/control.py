@@ -186,6 +186,9 @@ class SchedulerStatus(_Ctl, tag="scheduler", frozen=True):
     bound_quantile: float | None = None
     # Finetune tokens/s per quota level beside a busy decode, as measured (LevelRates).
     busy_rates_tok_s: dict[int, float] = {}
+    # Decisions since the policy was set, by the reason's first word and the level emitted
+    # (PolicyDecision.kind): {"steady": {2: 310}, "infeasible": {0: 12, 2: 40}, ...}.
+    decisions_by_reason: dict[str, dict[int, int]] = {}
 
 
 class DaemonStatus(_Ctl, tag="daemon_status", frozen=True):

@@ -68,6 +68,11 @@ class ErrorBudget:
         """Share of the window's tokens that missed the SLO (the prior included)."""
         return self.missed_w / self.tokens_w
 
+    @property
+    def behind(self) -> bool:
+        """The window's tokens miss more often than the target allows: the budget is spent."""
+        return self.miss_share > self._target_miss * (1.0 + 1e-9)
+
     def allowed_miss(self) -> float:
         """Per-iteration miss probability the policy may take next, as a multiple of the
         target miss share: 1 + max_factor x (1 - miss_share / target), within 0..max_factor.

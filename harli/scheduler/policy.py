@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ REASON_HOLD = "hold"  # a higher level is feasible, not yet for long enough
 REASON_INFEASIBLE = "infeasible"  # even level 0's bound is over the SLO: see HarliPolicy
 # Appended when LevelRates picked a lower level than the feasible one it was allowed.
 REASON_RATE = "; level {level} of {allowed}: it trains faster while decode runs"
+_REASON_WORD = re.compile(r"[:; ]")
 
 
 class LatencyPredictor(Protocol):
@@ -106,6 +108,12 @@ class PolicyDecision:
     reason: str  # why; starts with one of the REASON_* words
     predicted_upper_s: float | None  # predictor's upper bound at ``level`` (before margin)
     quantile: float | None = None  # the quantile that bound stands for (None: the model's)
+
+    @property
+    def kind(self) -> str:
+        """The reason's first word ("steady", "infeasible", "static", ...): what the daemon
+        counts decisions by."""
+        return _REASON_WORD.split(self.reason, maxsplit=1)[0]
 
 
 class Policy(Protocol):
@@ -174,8 +182,10 @@ class HarliPolicy:
     this iteration inside it, only shave what the finetune adds. The target is then the
     highest level whose fitted slowdown of decode (``LatencyPredictor.slowdown``, stage 2 over
     stage 1, without the online bias), and every lower level's, is at most this factor; 1.0
-    pauses. Bounds are not compared across levels here: one level's noisy tail below level
-    0's is no evidence that the finetune costs decode nothing.
+    pauses, and so does a ``budget`` that is behind its target (``ErrorBudget.behind``): a
+    small slowdown is a cost paid in misses, spent only while the tokens have misses to
+    spare. Bounds are not compared across levels here: one level's noisy tail below level 0's
+    is no evidence that the finetune costs decode nothing.
     """
 
     def __init__(self, model: LatencyPredictor, levels: int, slo: SloTarget,
@@ -293,7 +303,12 @@ class HarliPolicy:
         decode by at most ``infeasible_slowdown`` (0 when none does), down at once, up after
         the hysteresis as for a feasible one."""
         cheap = 0
-        if self._infeasible_slowdown > 1.0:
+        # A slowdown within the factor still pushes some tokens over an SLO this close to
+        # decode's own latency; it is spent only from a budget with misses to spare (b46: at
+        # an SLO of 1.5x decode's median, training on under this rule missed more than the
+        # static levels did).
+        spent = self._budget is not None and self._budget.behind
+        if self._infeasible_slowdown > 1.0 and not spent:
             slowdown = self._model.slowdown
             for level in range(1, self._levels + 1):
                 if slowdown(shape, level) > self._infeasible_slowdown:
@@ -303,7 +318,9 @@ class HarliPolicy:
         reason = (f"{REASON_INFEASIBLE}: level 0 bound {1000.0 * upper0_s * self._margin:.2f} "
                   f"ms (margin {self._margin:g}) > SLO {self._slo.tpot_ms:g} ms; ")
         if chosen == 0:
-            return PolicyDecision(0, reason + "decode only", upper0_s, quantile)
+            why = ("decode only: the error budget is spent" if spent and
+                    self._infeasible_slowdown > 1.0 else "decode only")
+            return PolicyDecision(0, reason + why, upper0_s, quantile)
         level = self._by_rate(chosen)
         reason += (f"level {level}: the fits say it slows decode by at most "
                    f"{self._infeasible_slowdown:g}x, which a pause would not buy back")

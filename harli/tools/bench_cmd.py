@@ -290,7 +290,10 @@ def _round_summary(one: dict[str, Any], slo_ms: float, bench_t0: float) -> dict[
             # How often each level was in force, sampled every 0.25 s (the full samples are
             # kept for the first round only, for the plot).
             "level_samples": {str(lv): n for lv, n in sorted(
-                Counter(sample["level"] for sample in one["samples"]).items())}}
+                Counter(sample["level"] for sample in one["samples"]).items())},
+            # Every decision of the turn, by the reason's first word and the level it gave.
+            "decisions_by_reason": {kind: {str(lv): n for lv, n in sorted(by.items())}
+                                    for kind, by in sorted(one["decisions_by_reason"].items())}}
 
 
 def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo_ms: float,
@@ -328,7 +331,8 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
             "decision_p99_us": sched.decision_p99_us if sched else None,
             "decision_cpu_p99_us": sched.decision_cpu_p99_us if sched else None,
             # The daemon's measured finetune rates beside a busy decode (all turns so far).
-            "busy_rates_tok_s": dict(sched.busy_rates_tok_s) if sched else {}}
+            "busy_rates_tok_s": dict(sched.busy_rates_tok_s) if sched else {},
+            "decisions_by_reason": dict(sched.decisions_by_reason) if sched else {}}
 
 
 def _compare(res: dict[str, Any]) -> None:

@@ -69,6 +69,10 @@ class StatusCommand(Command):
                       f"{sc.level_changes} level changes; last: {sc.last_reason or '-'}"
                       + ("" if sc.bound_quantile is None else
                          f" (bound at quantile {sc.bound_quantile:g})"))
+            if sc.decisions_by_reason:
+                con.print("decisions by reason (level: count): " + "; ".join(
+                    f"{kind} " + ", ".join(f"{lv}: {n}" for lv, n in sorted(by.items()))
+                    for kind, by in sorted(sc.decisions_by_reason.items())))
             if sc.busy_rates_tok_s:
                 con.print("finetune tok/s beside a busy decode, by level: " + ", ".join(
                     f"{lv}: {v:.0f}" for lv, v in sorted(sc.busy_rates_tok_s.items())))

@@ -55,6 +55,17 @@ def test_misses_on_target_hold_it_and_over_target_tighten_it() -> None:
     assert over.quantile() <= 0.99
 
 
+def test_behind_only_while_the_window_misses_more_than_the_target() -> None:
+    assert not ErrorBudget(0.99, 1000, 10.0).behind  # the prior sits on target, not over it
+    assert not fed([(100, 1)] * 200).behind
+    assert not fed([(100, 0)] * 20).behind
+    over = fed([(100, 2)] * 20)
+    assert over.behind
+    for _ in range(40):
+        over.on_tokens(100, 0)
+    assert not over.behind
+
+
 def test_a_burst_of_misses_tightens_at_once() -> None:
     b = fed([(100, 0)] * 50)
     assert b.quantile() == 0.9

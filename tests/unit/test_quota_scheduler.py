@@ -70,6 +70,7 @@ def test_level_follows_the_load_and_is_sent_only_on_change() -> None:
     # The second idle tick decided nothing: the level was the highest already.
     assert st.decisions == 3 and st.level_changes == 3 and st.decision_p99_us is not None
     assert st.decision_cpu_p99_us is not None and st.decision_cpu_p99_us >= 0
+    assert st.decisions_by_reason == {"idle": {4: 1}, "down": {1: 1}, "infeasible": {0: 1}}
 
 
 def test_policy_switch_and_bad_policy() -> None:
@@ -78,6 +79,8 @@ def test_policy_switch_and_bad_policy() -> None:
     assert sent[-1] == 3 and qs.status().policy == "static:3"
     qs.on_telemetry(tele(40), 1.1)
     assert sent[-1] == 3  # static ignores the load
+    # The counts start again with the policy: the switch's own decision and this one.
+    assert qs.status().decisions_by_reason == {"static": {3: 2}}
     with pytest.raises(ValueError, match=r"0\.\.4"):
         qs.set_policy("static:9", 1.2)
     with pytest.raises(ValueError, match="accepted forms"):

@@ -17,11 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harli.predictor import FEATURE_NAMES, BatchShape, LatencyModel, LevelFit, Prediction, SoloFit
+from harli.scheduler.budget import ErrorBudget
 from harli.scheduler.policy import (
     REASON_DOWN,
     REASON_HOLD,
     REASON_IDLE,
     REASON_INFEASIBLE,
+    REASON_RATE,
     REASON_STEADY,
     REASON_UP,
     BatchView,
@@ -226,6 +228,23 @@ def test_an_infeasible_load_keeps_the_levels_the_fits_say_cost_decode_little() -
     for limit in (1.0, sl[1] * 0.99):
         d = HarliPolicy(MODEL, K, SLO, infeasible_slowdown=limit).decide(HEAVY, 0.0)
         assert d.level == 0 and "decode only" in d.reason
+
+
+def test_an_infeasible_load_pauses_once_the_error_budget_is_spent() -> None:
+    sl = slowdowns(MODEL, HEAVY)
+    between = (sl[1] + sl[2]) / 2
+    budget = ErrorBudget(SLO.attainment, 1000, 10.0)
+    policy = HarliPolicy(MODEL, K, SLO, budget=budget, infeasible_slowdown=between)
+    assert policy.decide(HEAVY, 0.0).level == 1  # on target: the cheap level is kept
+    policy.on_tokens(100, 5)  # 5 % of these tokens missed: the window is over its 1 %
+    assert budget.behind
+    d = policy.decide(HEAVY, 1.0)
+    assert d.level == 0 and d.reason.startswith(REASON_INFEASIBLE)
+    assert "error budget is spent" in d.reason
+    for _ in range(30):  # clean tokens pay it back, and the cheap level returns (hysteresis)
+        policy.on_tokens(100, 0)
+    assert not budget.behind
+    assert [policy.decide(HEAVY, 2.0 + t).level for t in range(8)][-1] == 1
 
 
 def test_an_infeasible_load_rises_only_through_the_hysteresis() -> None:
@@ -690,3 +709,15 @@ def test_decision_time_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
         for name, (mean_us, p99_us) in results.items():
             print(f"\n[scheduler] HarliPolicy.decide over 10,000 {name} decisions: "
                   f"mean {mean_us:.2f} us, p99 {p99_us:.2f} us")
+
+
+def test_a_decisions_kind_is_its_reasons_first_word() -> None:
+    assert HarliPolicy(MODEL, K, SLO).decide(HEAVY, 0.0).kind == REASON_INFEASIBLE
+    idle = BatchView(num_running=0, num_waiting=0, decode_tokens=0, prefill_tokens=0,
+                     context_tokens=0)
+    assert HarliPolicy(MODEL, K, SLO).decide(idle, 0.0).kind == "idle"
+    assert StaticPolicy(2).decide(HEAVY, 0.0).kind == "static"
+    assert NaivePolicy(K).decide(HEAVY, 0.0).kind == "naive"
+    assert DecodeOnlyPolicy().decide(HEAVY, 0.0).kind == "decode-only"
+    rate = PolicyDecision(2, REASON_STEADY + REASON_RATE.format(level=2, allowed=4), None)
+    assert rate.kind == REASON_STEADY
