@@ -77,13 +77,11 @@ def _slo_counts(results: list[dict[str, Any]], slo_s: float) -> dict[str, Any]:
     }
 
 
-def _tpot_series(results: list[dict[str, Any]]) -> list[tuple[float, float]]:
-    """(seconds since the first token of the turn, gap before this token) for every token."""
-    starts = [r["times"][0] for r in results if r["times"]]
-    if not starts:
-        return []
-    t0 = min(starts)
-    return [(b - t0, b - a) for r in results
+def _tpot_series(results: list[dict[str, Any]], t0_wall_s: float) -> list[tuple[float, float]]:
+    """(seconds since the turn began, gap before this token) for every token. The engine
+    stamps tokens in wall-clock time, so the turn's start is taken in it too: the plot puts
+    this series over the level samples, which count from the same instant."""
+    return [(b - t0_wall_s, b - a) for r in results
             for a, b in zip(r["times"], r["times"][1:], strict=False)]
 
 
@@ -172,6 +170,7 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
     res: dict[str, Any] = {"duration_s": duration_s, "seed": seed, "rate_scale": rate_scale,
                            "rounds": rounds,
                            "requests": len(requests), "policies": {},
+                           "arrivals_s": [r.arrival_s for r in requests],
                            "profile": str(profile) if profile else None, "workload": res_spec}
     # The daemon's and the job's dirs are the bench's scratch, fresh every run: a job left by
     # an earlier run (`make run` reuses .harli/demo) would resume ahead of ours, and attaching
@@ -231,7 +230,7 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
                     "rounds": [_round_summary(one, slo_ms, bench_t0) for one in done],
                     "busy_rates_tok_s": done[-1]["busy_rates_tok_s"],
                     "levels": done[0]["samples"],
-                    "tpot_series": _tpot_series(done[0]["results"]),
+                    "tpot_series": _tpot_series(done[0]["results"], done[0]["t0_wall_s"]),
                 }
         finally:
             ctl_sampler.close()
@@ -284,7 +283,7 @@ def _round_summary(one: dict[str, Any], slo_ms: float, bench_t0: float) -> dict[
     c = _slo_counts(one["results"], slo_ms / 1000)
     return {"start_s": one["t0"] - bench_t0, "attainment_token": c["attainment_token"],
             "tpot_p50_ms": c["tpot_p50_ms"], "tpot_p99_ms": c["tpot_p99_ms"],
-            "finetune_tok_s": one["tokens"] / one["wall_s"],
+            "wall_s": one["wall_s"], "finetune_tok_s": one["tokens"] / one["wall_s"],
             "host_probe_ms": one["host_probe_ms"],
             "host_steal_pct": one["host_steal_pct"],
             # How often each level was in force, sampled every 0.25 s (the full samples are
@@ -312,6 +311,7 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
     samples: list[dict[str, float | None]] = []
     stop = threading.Event()
     cpu0 = cpu_times()
+    t0_wall_s = time.time()  # the engine's token stamps are wall-clock
     t0 = time.monotonic()
     th = threading.Thread(target=_sampler, args=(ctl_sampler, job_id, samples, stop, t0),
                           daemon=True)
@@ -326,6 +326,7 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
     th.join()
     sched = ctl.status().scheduler  # decision times since this turn's set_policy
     return {"results": results, "wall_s": wall, "samples": samples, "t0": t0,
+            "t0_wall_s": t0_wall_s,
             "host_probe_ms": probe_ms, "host_steal_pct": stolen,
             "tokens": ctl.show(job_id).job.tokens - before,
             "decision_p99_us": sched.decision_p99_us if sched else None,

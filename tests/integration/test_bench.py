@@ -30,9 +30,20 @@ def test_bench_replays_one_workload_under_each_policy(tmp_path: Path) -> None:
                    for rd in r["rounds"])
         assert r["wall_s"] >= 2 * 4.0  # each turn lasts the workload's length at least
         assert all(sum(rd["level_samples"].values()) > 0 for rd in r["rounds"])
+        # The TPOT series counts from the turn's start, as the level samples do: no token
+        # before the first request arrived, none after the turn ended.
+        times = [t for t, _ in r["tpot_series"]]
+        assert min(res["arrivals_s"]) < min(times) <= max(times) < r["rounds"][0]["wall_s"]
     assert res["policies"]["decode-only"]["finetune_tokens"] == 0  # paused: trains nothing
     assert res["policies"]["naive"]["finetune_tokens"] > 0
     assert {s["level"] for s in res["policies"]["naive"]["levels"]} == {4}
+    for rd in res["policies"]["decode-only"]["rounds"]:
+        assert set(rd["decisions_by_reason"]) == {"decode-only"}
+        assert set(rd["decisions_by_reason"]["decode-only"]) == {"0"}
+    for rd in res["policies"]["harli"]["rounds"]:  # every decision counted under a reason word
+        assert set(rd["decisions_by_reason"]) <= {"idle", "steady", "down", "up", "hold",
+                                                   "infeasible"}
+        assert sum(sum(by.values()) for by in rd["decisions_by_reason"].values()) > 0
     png = tmp_path / "bench.png"
     plot(res, png)
     assert png.read_bytes()[:4] == b"\x89PNG"
