@@ -107,7 +107,8 @@ def _sampler(ctl: Any, job_id: int, samples: list[dict[str, float | None]],
         job = ctl.show(job_id).job
         q = st.scheduler.bound_quantile if st.scheduler is not None else None
         samples.append({"t": time.monotonic() - t0, "level": st.level, "tokens": job.tokens,
-                        "bound_quantile": q})
+                        "bound_quantile": q,
+                        "groups_lent": st.memory.groups_lent if st.memory else None})
         stop.wait(0.25)
 
 
@@ -286,6 +287,9 @@ def _round_summary(one: dict[str, Any], slo_ms: float, bench_t0: float) -> dict[
             "wall_s": one["wall_s"], "finetune_tok_s": one["tokens"] / one["wall_s"],
             "host_probe_ms": one["host_probe_ms"],
             "host_steal_pct": one["host_steal_pct"],
+            "reclaims": one["reclaims"], "preemptions": one["preemptions"],
+            "scrubs": one["scrubs"],
+            "groups_lent_max": max((s["groups_lent"] or 0 for s in one["samples"]), default=0),
             # How often each level was in force, sampled every 0.25 s (the full samples are
             # kept for the first round only, for the plot).
             "level_samples": {str(lv): n for lv, n in sorted(
@@ -308,6 +312,7 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
     ctl.set_policy(policy, tpot_slo_ms=slo_ms)
     time.sleep(1.0)  # the new level reaches the finetune
     before = ctl.show(job_id).job.tokens
+    mem0 = _memory_counts(ctl)
     samples: list[dict[str, float | None]] = []
     stop = threading.Event()
     cpu0 = cpu_times()
@@ -329,11 +334,23 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
             "t0_wall_s": t0_wall_s,
             "host_probe_ms": probe_ms, "host_steal_pct": stolen,
             "tokens": ctl.show(job_id).job.tokens - before,
+            # KV lending's events in the turn: a reclaim or a preemption is decode-side work
+            # that no policy chooses, so a round's misses can be checked against them.
+            **{k: v - mem0[k] for k, v in _memory_counts(ctl).items()},
             "decision_p99_us": sched.decision_p99_us if sched else None,
             "decision_cpu_p99_us": sched.decision_cpu_p99_us if sched else None,
             # The daemon's measured finetune rates beside a busy decode (all turns so far).
             "busy_rates_tok_s": dict(sched.busy_rates_tok_s) if sched else {},
             "decisions_by_reason": dict(sched.decisions_by_reason) if sched else {}}
+
+
+def _memory_counts(ctl: Any) -> dict[str, int]:
+    """The daemon's reclaims (all outcomes), preemptions and decode-side scrubs so far."""
+    m = ctl.status().memory
+    if m is None:
+        return {"reclaims": 0, "preemptions": 0, "scrubs": 0}
+    return {"reclaims": sum(m.reclaims.values()), "preemptions": m.preemptions,
+            "scrubs": m.scrubs}
 
 
 def _compare(res: dict[str, Any]) -> None:

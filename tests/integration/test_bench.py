@@ -28,6 +28,8 @@ def test_bench_replays_one_workload_under_each_policy(tmp_path: Path) -> None:
         assert all(rd["host_probe_ms"] > 0 for rd in r["rounds"])
         assert all(rd["host_steal_pct"] is None or 0 <= rd["host_steal_pct"] <= 100
                    for rd in r["rounds"])
+        assert all(min(rd["reclaims"], rd["preemptions"], rd["scrubs"],
+                       rd["groups_lent_max"]) >= 0 for rd in r["rounds"])
         assert r["wall_s"] >= 2 * 4.0  # each turn lasts the workload's length at least
         assert all(sum(rd["level_samples"].values()) > 0 for rd in r["rounds"])
         # The TPOT series counts from the turn's start, as the level samples do: no token
