@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from harli.predictor.correction import LevelCorrection, RatioEwma
+from harli.predictor.correction import HostDrift, LevelCorrection, RatioEwma
 from harli.predictor.features import BatchShape
 from harli.predictor.fit import (
     DEFAULT_BIAS_ALPHA,
@@ -86,9 +86,13 @@ class ModelConfig:
         "iterations at a level before its online ratio replaces the fallback"))
     error_window: int = field(default=500, metadata=_help(
         "recent iterations over which stats() reports the mean absolute percent error"))
+    level_bias_share: float = field(default=0.1, metadata=_help(
+        "share of each online bias step kept by the level measured; the rest is the host's "
+        "drift, which every level's prediction follows (1 = every level on its own)"))
 
     def __post_init__(self) -> None:
-        for name in ("ewma_alpha", "ratio_alpha", "drift_rearm_fraction", "quantile"):
+        for name in ("ewma_alpha", "ratio_alpha", "drift_rearm_fraction", "quantile",
+                     "level_bias_share"):
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {value}")
@@ -166,6 +170,8 @@ class LatencyModel:
         # differently (measured in one run: +57 % and +39 %), so one bias for both overcorrects
         # the rarer prefill iterations.
         self._corrections: dict[tuple[int, bool], LevelCorrection] = {}
+        # The host's share of the biases, one per kind of iteration as above.
+        self._host = {False: HostDrift(), True: HostDrift()}
         self._seen: dict[int, int] = {}
         self._fallbacks: dict[int, int] = {}
         self._last_drift_s: dict[int, float] = {}
@@ -203,14 +209,15 @@ class LatencyModel:
         if fallback:
             self._fallbacks[level] = self._fallbacks.get(level, 0) + 1
         ratio_q, tracked_q, _ = self._fit_bounds[key]
-        corr = self._corrections.get((level, shape.prefill_tokens > 0))
+        prefill = shape.prefill_tokens > 0
+        corr = self._corrections.get((level, prefill))
         if corr is None or corr.n < self._warmup:
             # No bias learnt yet: the raw quantile, which covers the host's drift as well.
             return Prediction(estimate_s, estimate_s * ratio_q)
         if quantile is not None and quantile != self._quantile:
             tracked_q = self._quantile_bounds.get((key, quantile)) or \
                 self._tracked_at(key, quantile)
-        estimate_s *= corr.bias_factor
+        estimate_s *= self._host[prefill].factor * corr.own_factor
         return Prediction(estimate_s, estimate_s * tracked_q * corr.spread_factor)
 
     def slowdown(self, shape: BatchShape, level: int) -> float:
@@ -307,15 +314,16 @@ class LatencyModel:
             cfg = self._cfg
             corr = LevelCorrection(cfg.ewma_alpha, cfg.drift_threshold_log,
                                    cfg.drift_threshold_log * cfg.drift_rearm_fraction,
-                                   cfg.spread_gain, fitted_spread_log)
+                                   cfg.spread_gain, fitted_spread_log, cfg.level_bias_share)
             self._corrections[key] = corr
-        self._errors.append(abs(measured_s / (base_s * corr.bias_factor) - 1.0))
+        host = self._host[key[1]]
+        self._errors.append(abs(measured_s / (base_s * host.factor * corr.own_factor) - 1.0))
         log_ratio = min(_MAX_LOG_RATIO, max(-_MAX_LOG_RATIO, math.log(measured_s / base_s)))
-        if corr.update(log_ratio, fitted_spread_log, detect_drift=not fallback):
+        if corr.update(log_ratio, fitted_spread_log, host, detect_drift=not fallback):
             self._last_drift_s[level] = now
             logger.warning("[predictor] drift at level %d: measured/predicted %+.1f%% "
                            "(threshold %.1f%%) at t=%.3f s, event %d", level,
-                           100.0 * math.expm1(corr.bias_log),
+                           100.0 * math.expm1(corr.bias_log(host)),
                            100.0 * math.expm1(self._cfg.drift_threshold_log), now,
                            corr.drift_events)
         if level > 0 and level not in self._levels:
@@ -364,8 +372,8 @@ class LatencyModel:
             "quantile_unsupported": self._quantile_unsupported,
             "samples_seen": dict(self._seen),
             # Per level, of the decode-only iterations (the common kind) ...
-            "bias": {lv: math.expm1(c.bias_log) for (lv, pf), c in self._corrections.items()
-                     if not pf},
+            "bias": {lv: math.expm1(c.bias_log(self._host[pf]))
+                     for (lv, pf), c in self._corrections.items() if not pf},
             "spread_factor": {lv: c.spread_factor for (lv, pf), c in self._corrections.items()
                               if not pf},
             # ... and of both kinds.
