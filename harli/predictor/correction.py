@@ -71,7 +71,7 @@ class LevelCorrection:
         read as drift."""
         self.n += 1
         a = self.alpha
-        residual = log_ratio - (host.log + self.own_log)  # what the corrected prediction missed
+        residual = log_ratio - self.bias_log(host)  # what the corrected prediction missed
         self.spread_log += a * (abs(residual) - self.spread_log)
         step = a * residual
         self.own_log += self.own_share * step
@@ -82,7 +82,7 @@ class LevelCorrection:
         # (P99 of a normal is ~2.9x its mean absolute deviation).
         self.spread_factor = math.exp(self.spread_gain * max(0.0, self.spread_log
                                                              - fitted_spread_log))
-        magnitude = abs(host.log + self.own_log)
+        magnitude = abs(self.bias_log(host))
         if not detect_drift:
             return False
         if not self.in_drift and magnitude > self.drift_threshold_log:

@@ -312,7 +312,7 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
     ctl.set_policy(policy, tpot_slo_ms=slo_ms)
     time.sleep(1.0)  # the new level reaches the finetune
     before = ctl.show(job_id).job.tokens
-    mem0 = _memory_counts(ctl)
+    mem0 = _memory_counts(ctl.status())
     samples: list[dict[str, float | None]] = []
     stop = threading.Event()
     cpu0 = cpu_times()
@@ -329,14 +329,15 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
     stolen = steal_pct(cpu0, cpu_times())
     stop.set()
     th.join()
-    sched = ctl.status().scheduler  # decision times since this turn's set_policy
+    end = ctl.status()
+    sched = end.scheduler  # decision times since this turn's set_policy
     return {"results": results, "wall_s": wall, "samples": samples, "t0": t0,
             "t0_wall_s": t0_wall_s,
             "host_probe_ms": probe_ms, "host_steal_pct": stolen,
             "tokens": ctl.show(job_id).job.tokens - before,
             # KV lending's events in the turn: a reclaim or a preemption is decode-side work
             # that no policy chooses, so a round's misses can be checked against them.
-            **{k: v - mem0[k] for k, v in _memory_counts(ctl).items()},
+            **{k: v - mem0[k] for k, v in _memory_counts(end).items()},
             "decision_p99_us": sched.decision_p99_us if sched else None,
             "decision_cpu_p99_us": sched.decision_cpu_p99_us if sched else None,
             # The daemon's measured finetune rates beside a busy decode (all turns so far).
@@ -344,9 +345,10 @@ def _turn(daemon: Any, ctl: Any, ctl_sampler: Any, job_id: int, policy: str, slo
             "decisions_by_reason": dict(sched.decisions_by_reason) if sched else {}}
 
 
-def _memory_counts(ctl: Any) -> dict[str, int]:
-    """The daemon's reclaims (all outcomes), preemptions and decode-side scrubs so far."""
-    m = ctl.status().memory
+def _memory_counts(status: Any) -> dict[str, int]:
+    """The daemon's reclaims (all outcomes), preemptions and decode-side scrubs so far, from
+    one ``DaemonStatus``."""
+    m = status.memory
     if m is None:
         return {"reclaims": 0, "preemptions": 0, "scrubs": 0}
     return {"reclaims": sum(m.reclaims.values()), "preemptions": m.preemptions,
