@@ -282,6 +282,9 @@ class GpuQuota:
         duty = level / self.levels
         return busy_s * (1.0 - duty) / duty
 
+    def chunk_scale(self, level: int) -> int:
+        return 1  # one stream at every level: a chunk's size is not what its SMs share
+
     def describe(self) -> dict[str, Any]:
         """What status shows: the mode in force and why, and the SMs per level."""
         return {"mode": self.mode, "reason": self.reason, "device": self.device,

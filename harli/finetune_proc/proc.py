@@ -35,7 +35,7 @@ import zmq
 from harli.config import HarliConfig
 from harli.finetune_proc.activations import ActivationLease
 from harli.finetune_proc.gpu_quota import GpuQuota, make_quota
-from harli.finetune_proc.quota import CpuQuota, QuotaApplier, cpu_quota
+from harli.finetune_proc.quota import CpuQuota, QuotaApplier, cpu_quota, set_process_affinity
 from harli.finetune_proc.recipe import LoRARecipe, MicroStepAborted, shared_base
 from harli.ipc.codec import Decoder, drain, encode
 from harli.ipc.control import (
@@ -240,8 +240,9 @@ class FinetuneProc:
             self.quota.apply(level)
             self._applied_seq = self.decision.seq
         try:
-            r = self.recipe.train_micro_step(self.lease, self._between_chunks,
-                                             self.cfg.finetune.chunk_tokens)
+            r = self.recipe.train_micro_step(
+                self.lease, self._between_chunks,
+                self.cfg.finetune.chunk_tokens * self.quota.chunk_scale(level))
         except MicroStepAborted as e:
             logger.info("[finetune] job %d: micro-step %d abandoned while paused (%s)",
                         self.job.job_id, self.recipe.state.micro_step + 1, e)
@@ -302,35 +303,20 @@ class FinetuneProc:
         self._ctx.term()
 
 
-def run_finetune_proc(cfg: HarliConfig, incarnation: int, arena_json: str = "",
-                      decode_cores: str = "none") -> int:
-    """Entry of the finetune process; returns its exit code."""
-    from harli.ipc.process import (
-        configure_logging,
-        die_with_parent,
-        run_child,
-        set_cpu_scheduling,
-        set_title,
-    )
+def run_finetune_proc(cfg: HarliConfig, incarnation: int, own_cores: frozenset[int],
+                      spill_cores: frozenset[int], arena_json: str = "") -> int:
+    """Entry of the finetune process (after ``__main__``'s set-up); returns its exit code.
+    ``own_cores``: where it trains up to the levels that spill onto decode's ``spill_cores``."""
+    from harli.ipc.process import run_child
 
-    die_with_parent()
-    set_title(f"harli::finetune[{incarnation}]")
-    configure_logging("finetune", cfg.daemon.log_level)
-    # Before torch starts its thread pools, which inherit it: the finetune takes only CPU time
-    # that the daemon, decode and clients leave (a training thread on the daemon's core
-    # otherwise delays the daemon's routing of decode's tokens by up to a scheduler slice).
-    set_cpu_scheduling(cfg.finetune.cpu_scheduling_policy, cfg.finetune.nice, "finetune")
-    from harli.config import parse_cpu_list
-
-    # Started on the cores decode does not use (inherited from the daemon); the top levels
-    # may spill onto decode's cores.
-    spill = frozenset() if decode_cores == "none" else frozenset(parse_cpu_list(decode_cores))
+    # Off decode's cores now that libgomp has read the wide mask (openmp_start_mask).
+    if spill_cores and own_cores:
+        set_process_affinity(own_cores)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # Before anything else touches CUDA: a fallback MPS percentage takes effect only if it is
     # in the environment when the CUDA context is created (start_gpu_quota).
     quota = make_quota(cfg, device, lambda: cpu_quota(
-        cfg.finetune.levels, cfg.finetune.max_threads, frozenset(os.sched_getaffinity(0)),
-        spill))
+        cfg.finetune.levels, cfg.finetune.max_threads, own_cores, spill_cores))
     lease = None
     if arena_json:
         from harli.ipc.arena import ArenaHandle

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from harli.config import ConfigError, Env, HarliConfig, from_json, load, parse_override
+from harli.config import (
+    ConfigError,
+    Env,
+    HarliConfig,
+    child_environ,
+    from_json,
+    load,
+    parse_override,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,6 +60,7 @@ def test_json_round_trip_for_children() -> None:
     ("nodot=1", "section.key=value"),
     ('finetune.cpu_scheduling_policy="fifo"', "finetune.cpu_scheduling_policy"),
     ("finetune.nice=20", "finetune.nice"),
+    ("finetune.omp_spin_count=-1", "finetune.omp_spin_count"),
     ("scheduler.budget_tokens=0", "scheduler.budget_tokens"),
     ("scheduler.budget_max_factor=0.5", "scheduler.budget_max_factor"),
     ("scheduler.budget_max_factor=inf", "scheduler.budget_max_factor"),
@@ -62,6 +71,16 @@ def test_json_round_trip_for_children() -> None:
 def test_bad_values_name_the_key(override: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):
         load(None, [override])
+
+
+def test_the_finetune_spins_briefly_at_openmp_barriers_and_decode_never_does() -> None:
+    cfg = load(None)
+    finetune, decode = child_environ(cfg, "finetune"), child_environ(cfg, "decode")
+    assert finetune["GOMP_SPINCOUNT"] == str(cfg.finetune.omp_spin_count) != "0"
+    assert "OMP_WAIT_POLICY" not in finetune
+    assert decode["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in decode
+    passive = child_environ(load(None, ["finetune.omp_spin_count=0"]), "finetune")
+    assert passive["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in passive
 
 
 def test_bad_file(tmp_path: Path) -> None:

@@ -37,6 +37,44 @@ def test_top_level_never_idles_and_lower_levels_idle_in_proportion() -> None:
     assert q.idle_after(3, 0.3) == pytest.approx(0.1)
 
 
+def test_a_chunk_holds_chunk_tokens_per_thread_of_the_level() -> None:
+    assert [CpuQuota(4, 2).chunk_scale(lv) for lv in (1, 2, 3, 4)] == [1, 1, 2, 2]
+
+
+_OMP_PROBE = """
+import ctypes, os, sys
+from pathlib import Path
+from harli.finetune_proc.quota import openmp_start_mask, set_process_affinity
+spill = frozenset({int(sys.argv[1])})
+own = openmp_start_mask(spill) if sys.argv[2] == "widen" else frozenset(os.sched_getaffinity(0))
+import torch
+gomp = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libgomp.so.1"))
+procs = gomp.omp_get_num_procs()
+set_process_affinity(own)
+print(procs, sorted(own), sorted(os.sched_getaffinity(0)))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+@pytest.mark.parametrize("start", ["widen", "as is"])
+def test_torch_loads_with_the_spill_cores_in_the_mask_and_the_process_then_narrows(
+        start: str) -> None:
+    """libgomp counts the cores once, when it loads; loaded on the finetune's own core alone,
+    it spins only briefly at barriers (see openmp_start_mask)."""
+    c0, c1 = sorted(os.sched_getaffinity(0))[:2]
+    argv = ["taskset", "-c", str(c1), sys.executable, "-c", _OMP_PROBE, str(c0), start]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split(maxsplit=1)
+    assert int(out[0]) == (2 if start == "widen" else 1)  # the cores libgomp sees at load
+    assert out[1].strip() == f"[{c1}] [{c1}]"  # back on its own core either way
+
+
+def test_the_finetune_entry_loads_torch_only_after_its_process_set_up() -> None:
+    code = "import sys, harli.finetune_proc.__main__; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
+
+
 @pytest.mark.parametrize("level", [0, 5, -1])
 def test_levels_outside_the_range_are_refused(level: int) -> None:
     with pytest.raises(ValueError, match="outside"):
