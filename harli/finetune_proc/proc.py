@@ -233,12 +233,7 @@ class FinetuneProc:
         if now < self._idle_until:
             return
         level = self.decision.level
-        if self.decision.seq != self._applied_seq:
-            # Only a new decision re-applies the quota: the daemon may have fenced our threads
-            # off decode's cores for a newer one we have not read yet, and re-widening them
-            # for the old level here would undo it for a whole micro-step.
-            self.quota.apply(level)
-            self._applied_seq = self.decision.seq
+        self._apply_decision()
         try:
             r = self.recipe.train_micro_step(
                 self.lease, self._between_chunks,
@@ -271,15 +266,22 @@ class FinetuneProc:
         if self.recipe.done:
             self._finish()
 
+    def _apply_decision(self) -> None:
+        """The quota of the latest decision, once per decision. Only a new decision re-applies
+        it: the daemon may have fenced our threads off decode's cores for a newer one we have
+        not read yet, and re-widening them for the old level would undo that."""
+        if self.decision.seq != self._applied_seq and self.decision.level > 0:
+            self.quota.apply(self.decision.level)
+            self._applied_seq = self.decision.seq
+
     def _between_chunks(self) -> float:
         """Called by the recipe between two chunks of a micro-step, when the lease is empty and
         the finished chunks' gradients are accumulated: read the daemon's messages (a lease
         grant or reclaim is applied here and a reclaim answered at once), and while the daemon
         has the finetune paused, wait here rather than finish the micro-step beside a busy
         decode. Returns the seconds waited. A stop or cancel while paused abandons the
-        micro-step; one that comes while running lets it finish, as at a boundary. The quota
-        level itself is applied at the next boundary (the daemon's fence already took the
-        threads off decode's cores)."""
+        micro-step; one that comes while running lets it finish, as at a boundary. A new
+        level applies from the next chunk on (the chunk size stays the micro-step's)."""
         t0 = time.monotonic()
         timeout_ms = 0
         while True:
@@ -290,6 +292,10 @@ class FinetuneProc:
             if stopping and (paused or timeout_ms):
                 raise MicroStepAborted(stopping)
             if not paused or stopping:
+                # A level read here takes effect for the next chunk: after a drop from a
+                # level that spills, the daemon's fence has put every thread on our own cores,
+                # where two threads of one op would share one core until the micro-step ends.
+                self._apply_decision()
                 return time.monotonic() - t0 if timeout_ms else 0.0
             timeout_ms = _IDLE_WAIT_MS  # paused: block until the next message
 

@@ -99,3 +99,23 @@ def test_a_shutdown_while_paused_abandons_the_micro_step(
     to_ft.send(encode(FinetuneShutdown(reason="daemon stopping")))
     th.join(10)
     assert not th.is_alive() and isinstance(out.get("error"), MicroStepAborted)
+
+
+def test_a_level_read_between_chunks_sets_the_threads_of_the_next_chunk(
+        wired: tuple[FinetuneProc, Any, Any]) -> None:
+    import torch
+
+    proc, to_ft, _ = wired
+    before = torch.get_num_threads()
+    try:
+        proc.decision = Decision(level=4, admitted=True, seq=1)
+        proc._apply_decision()
+        assert torch.get_num_threads() == 2  # level 4 of 2 threads
+        to_ft.send(encode(Decision(level=2, admitted=True, seq=2)))  # decode got busy
+        deadline = time.monotonic() + 10
+        while proc.decision.seq != 2:
+            proc._between_chunks()
+            assert time.monotonic() < deadline
+        assert torch.get_num_threads() == 1 and proc._applied_seq == 2
+    finally:
+        torch.set_num_threads(before)
