@@ -534,8 +534,9 @@ def child_environ(cfg: HarliConfig, role: str = "decode") -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     })
     env.pop("NOTIFY_SOCKET", None)  # only the daemon speaks to systemd
-    # Both children share cores: OpenMP threads must sleep, not spin, at barriers (measured on
-    # 2 cores: decode went from 7.8 ms to 568 ms per step beside training with spinning).
+    # Both children share cores: OpenMP threads of the normal class must sleep, not spin, at
+    # barriers (measured on 2 cores, before the finetune ran in the idle class: decode went
+    # from 7.8 ms to 568 ms per step beside training with spinning).
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     env.pop("GOMP_SPINCOUNT", None)  # it would override the policy; only the finetune's is set
     if role == "decode" and cfg.decode.cpu_threads:
