@@ -50,6 +50,7 @@ from harli.ipc import curve
 from harli.ipc.arena import Arena, ArenaError, ShmArena, remove_stale_arenas
 from harli.ipc.codec import DecodeFailure, Decoder, encode
 from harli.ipc.control import (
+    CheckpointSaved,
     ChildStatus,
     DaemonStatus,
     DaemonToFinetune,
@@ -464,7 +465,12 @@ class Daemon:
                 self.scheduler.on_micro_step(msg, self.clock())
             if self.memory is not None:
                 self.memory.on_micro_step(msg)
-        elif self.memory is not None and isinstance(msg, JobStarted | JobEnded):
+            return
+        if self.scheduler is not None and isinstance(msg, JobStarted | JobEnded
+                                                     | CheckpointSaved):
+            self.scheduler.on_step_gap(self.clock(), job_changed=not isinstance(
+                msg, CheckpointSaved))
+        if self.memory is not None and isinstance(msg, JobStarted | JobEnded):
             self.memory.set_finetune_training(isinstance(msg, JobStarted), self.clock())
 
     def _may_start_job(self) -> bool:

@@ -8,10 +8,15 @@ OpenMP pool waits for it at every parallel region, so while decode is busy such 
 *slower* than the own-core level below it (measured: static:2 2484 vs static:4 2121 tok/s in
 one bench). ``LevelRates`` keeps an EWMA of the finetune's tokens/s per level from micro-steps
 that ran wholly at one level while decode was busy, and ``best(upto)`` names the level in
-1..upto that trained fastest among the measured ones, or ``upto`` itself while that has fewer
-than ``min_samples`` measurements (so a fresh daemon acts as plain harli, and a lower level is
-only chosen once it has been measured: at a time the SLO allowed no more, or under a static
-policy).
+1..upto to run: ``upto`` itself while that has fewer than ``min_samples`` measurements (so a
+fresh daemon acts as plain harli), then each lower level in turn until it is measured too,
+then the fastest.
+
+A level slow enough never to finish a micro-step within a busy stretch would stay unmeasured,
+and be tried forever. ``observe_unfinished`` takes what such a stretch does say: a micro-step
+still unfinished after ``seconds`` at the level trains at most ``tokens / seconds``, a bound
+that can only overstate a slow level (on a 2-core VM, level 4 beside a busy decode trains
+~270 tok/s, a micro-step of 1024 tokens ~4 s, where level 2 trains ~1700).
 
 Rates belong to one job (a new job has other shapes); ``observe`` starts over when the job
 changes. Pure logic: no clock, no IO.
@@ -26,16 +31,20 @@ __all__ = ["LevelRates"]
 
 
 class LevelRates:
-    def __init__(self, levels: int, alpha: float = 0.2, min_samples: int = 3) -> None:
+    def __init__(self, levels: int, alpha: float = 0.2, min_samples: int = 3,
+                 min_unfinished_s: float = 1.0) -> None:
         if levels < 1:
             raise ValueError(f"levels must be >= 1, got {levels}")
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         if min_samples < 1:
             raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+        if not min_unfinished_s > 0.0:
+            raise ValueError(f"min_unfinished_s must be > 0, got {min_unfinished_s}")
         self.levels = levels
         self.alpha = alpha
         self.min_samples = min_samples
+        self.min_unfinished_s = min_unfinished_s  # shorter stretches bound nothing useful
         self.job_id: int | None = None
         self.rate_tok_s = [0.0] * (levels + 1)  # index = level; 0 is the pause
         self.samples = [0] * (levels + 1)
@@ -44,6 +53,32 @@ class LevelRates:
     def observe(self, job_id: int, level: int, tokens: int, seconds: float) -> None:
         """A micro-step of job ``job_id`` trained ``tokens`` in ``seconds`` (its duty-cycle
         idle included) wholly at ``level`` while decode was busy."""
+        rate = self._checked(job_id, level, tokens, seconds)
+        n = self.samples[level]
+        # The first sample sets the rate; later ones move it by alpha.
+        self.rate_tok_s[level] = rate if n == 0 else \
+            self.rate_tok_s[level] + self.alpha * (rate - self.rate_tok_s[level])
+        self.samples[level] = n + 1
+        self._recompute()
+
+    def observe_unfinished(self, job_id: int, level: int, tokens: int, seconds: float) -> None:
+        """A micro-step of about ``tokens`` ran ``seconds`` (duty-cycle idle included) at
+        ``level`` beside a busy decode and had not finished when the stretch ended: the
+        level trains at most ``tokens / seconds``. It counts as a sample: the first one sets
+        the rate, later ones move it by alpha toward the bound when the bound is below it (a
+        stretch the daemon overstated, a checkpoint say, costs a measured level only that)
+        and leave it otherwise. Stretches under ``min_unfinished_s`` are ignored."""
+        bound = self._checked(job_id, level, tokens, seconds)
+        if seconds < self.min_unfinished_s:
+            return
+        n = self.samples[level]
+        rate = self.rate_tok_s[level]
+        self.rate_tok_s[level] = bound if n == 0 else rate + self.alpha * min(0.0, bound - rate)
+        self.samples[level] = n + 1
+        self._recompute()
+
+    def _checked(self, job_id: int, level: int, tokens: int, seconds: float) -> float:
+        """tokens / seconds, after checking them; a new job starts the table over."""
         if not 1 <= level <= self.levels:
             raise ValueError(f"level must be in 1..{self.levels}, got {level}")
         if tokens < 0 or not (seconds > 0.0 and math.isfinite(seconds)):
@@ -53,13 +88,7 @@ class LevelRates:
             self.job_id = job_id
             self.rate_tok_s = [0.0] * (self.levels + 1)
             self.samples = [0] * (self.levels + 1)
-        rate = tokens / seconds
-        n = self.samples[level]
-        # The first sample sets the rate; later ones move it by alpha.
-        self.rate_tok_s[level] = rate if n == 0 else \
-            self.rate_tok_s[level] + self.alpha * (rate - self.rate_tok_s[level])
-        self.samples[level] = n + 1
-        self._recompute()
+        return tokens / seconds
 
     def best(self, upto: int, skipped: Sequence[int] = ()) -> int:
         """The level in 1..``upto``, outside ``skipped``, to run at while decode is busy
@@ -69,26 +98,25 @@ class LevelRates:
             return upto
         if not skipped or self.samples[upto] < self.min_samples:
             return self._best[upto]  # upto itself when unmeasured, and it is never skipped
+        return self._choose(upto, skipped)
+
+    def _choose(self, upto: int, skipped: Sequence[int] = ()) -> int:
+        if self.samples[upto] < self.min_samples:
+            return upto  # the allowed level itself (plain harli's choice) until measured
+        # Then each lower level in turn, from the top, until it is measured: lower levels are
+        # within the SLO whenever upto is, and a level that never finishes a micro-step
+        # beside a busy decode gets measured anyway (observe_unfinished).
+        for level in range(upto - 1, 0, -1):
+            if level not in skipped and self.samples[level] < self.min_samples:
+                return level
         top = upto
         for level in range(1, upto):
-            if level not in skipped and self.samples[level] >= self.min_samples and \
-                    self.rate_tok_s[level] > self.rate_tok_s[top]:
+            if level not in skipped and self.rate_tok_s[level] > self.rate_tok_s[top]:
                 top = level
         return top
 
     def _recompute(self) -> None:
-        best = [0]
-        top = 0  # the best of 1..upto so far, among measured levels
-        for upto in range(1, self.levels + 1):
-            if self.samples[upto] >= self.min_samples and (
-                    top == 0 or self.rate_tok_s[upto] > self.rate_tok_s[top]):
-                top = upto
-            # The allowed level itself until it is measured (plain harli's choice, which also
-            # measures it); then the fastest measured one up to it. No level below the
-            # allowed one is run just to measure it: one that never completes a micro-step
-            # beside a busy decode would be chosen forever.
-            best.append(upto if self.samples[upto] < self.min_samples else top)
-        self._best = best
+        self._best = [0, *(self._choose(upto) for upto in range(1, self.levels + 1))]
 
     def snapshot(self) -> dict[int, float]:
         """Measured rates (tokens/s) by level, of levels with ``min_samples`` or more."""

@@ -145,7 +145,7 @@ def test_micro_steps_beside_a_busy_decode_at_one_level_set_its_rate() -> None:
 def test_harli_moves_to_the_level_that_trained_fastest_beside_decode() -> None:
     qs, sent = make(slo_ms=100.0)
     assert qs.rates is not None
-    speed = {2: 2500, 4: 2000}
+    speed = {1: 1000, 2: 2500, 3: 1500, 4: 2000}
     t = 0.0
 
     def busy_micro_steps(n: int) -> None:
@@ -158,7 +158,7 @@ def test_harli_moves_to_the_level_that_trained_fastest_beside_decode() -> None:
             qs.on_micro_step(step_report(level, tokens=speed[level], duration_s=0.5), t + 0.5)
             t += 1.0
 
-    # Level 2 measured under static:2 (as in the bench), level 4 under harli itself.
+    # Level 2 measured under static:2 (as in the bench), then harli alone.
     qs.on_idle(t)
     qs.set_policy("static:2", t)
     assert sent == [4, 2]
@@ -166,9 +166,37 @@ def test_harli_moves_to_the_level_that_trained_fastest_beside_decode() -> None:
     qs.set_policy("harli", t)
     busy_micro_steps(qs.rates.min_samples)
     assert qs.rates.samples[4] == qs.rates.min_samples  # harli ran the allowed level first
+    busy_micro_steps(2 * qs.rates.min_samples)  # then levels 3 and 1, the unmeasured ones
     qs.on_telemetry(tele(8), t)
     assert sent[-1] == 2
     assert qs.status().busy_rates_tok_s == {lv: pytest.approx(2 * v) for lv, v in speed.items()}
+
+
+def test_a_level_that_never_finishes_a_micro_step_beside_a_busy_decode_gets_measured() -> None:
+    """Level 4 on CPU: one of its threads on decode's busy core, it finishes no micro-step
+    within a busy stretch, so only the stretches' ends can say it is slow."""
+    qs, sent = make(slo_ms=100.0)
+    assert qs.rates is not None
+    t = 0.0
+    for _ in range(qs.rates.min_samples):
+        qs.on_micro_step(step_report(4, tokens=1024), t)  # finished while decode was idle
+        qs.on_telemetry(tele(8), t + 0.5)  # decode busy from here, the finetune at 4
+        assert sent[-1] == 4
+        qs.on_idle(t + 4.5)  # idle again: the micro-step in flight ran 4 s beside it
+        t += 5.0
+    assert qs.rates.samples[4] == qs.rates.min_samples
+    assert qs.rates.rate_tok_s[4] == pytest.approx(1024 / 4.0)
+    qs.on_telemetry(tele(8), t)
+    assert sent[-1] == 3  # the next level down is tried now
+    # A checkpoint written in a stretch: the micro-step after it started there.
+    qs.on_micro_step(step_report(3, tokens=1024), t + 0.1)
+    qs.on_step_gap(t + 2.0, job_changed=False)
+    qs.on_idle(t + 2.5)  # 0.5 s after the checkpoint: too short to bound anything
+    assert qs.rates.samples[3] == 0
+    qs.on_step_gap(t + 3.0, job_changed=True)  # another job: no estimate of its micro-steps
+    qs.on_telemetry(tele(8), t + 3.0)
+    qs.on_idle(t + 9.0)
+    assert qs.rates.samples[3] == 0
 
 
 def test_level_by_rate_off_keeps_the_feasible_level() -> None:
