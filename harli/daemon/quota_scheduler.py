@@ -81,10 +81,10 @@ class QuotaScheduler:
         self._level_since = -float("inf")
         self._busy = False
         self._busy_since = -float("inf")
-        # The finetune's last micro-step report, and when the micro-step in flight began as
-        # far as the daemon knows: what a stretch that ends bounds the level's rate with.
-        self._last_step: MicroStepReport | None = None
+        # When the finetune's micro-step in flight began, as far as the daemon knows, and the
+        # seconds of it each level has run beside a busy decode (stretches that ended).
         self._step_since = -float("inf")
+        self._busy_s_by_level: defaultdict[int, float] = defaultdict(float)
         self.spec = ""
         self.policy: Policy = self._parse(cfg.policy)
         self.spec = cfg.policy
@@ -157,18 +157,13 @@ class QuotaScheduler:
             self._busy, self._busy_since = busy, now
 
     def _stretch_ends(self, now: float) -> None:
-        """Decode's busy stretch, or the level in force, ends at ``now``. A micro-step still in
-        flight since the stretch began never finished within it: its level trains at most
-        its tokens over that time (``LevelRates.observe_unfinished``; how long the last
-        micro-step's tokens stand for the one in flight). Without it a level too slow to
-        finish a micro-step within a busy stretch would never be measured."""
-        r = self._last_step
+        """Decode's busy stretch, or the level in force, ends at ``now``: the micro-step in
+        flight ran the part of it since it began at that level beside a busy decode."""
         level = self._current_level()
-        if self.rates is None or r is None or not self._busy or not 1 <= level <= self.levels:
-            return
-        seconds = now - max(self._busy_since, self._level_since, self._step_since)
-        if seconds > 0.0:
-            self.rates.observe_unfinished(r.job_id, level, r.step_tokens, seconds)
+        if self._busy and 1 <= level <= self.levels:
+            seconds = now - max(self._busy_since, self._level_since, self._step_since)
+            if seconds > 0.0:
+                self._busy_s_by_level[level] += seconds
 
     def on_idle(self, now: float) -> None:
         """No request is left in the engine: the next decision is for an idle decode."""
@@ -193,15 +188,21 @@ class QuotaScheduler:
         if (self._busy and self._busy_since <= started and self._level_since <= started
                 and r.level == self._current_level() and seconds > 0.0):
             self.rates.observe(r.job_id, r.level, r.step_tokens, seconds)
-        self._last_step = r
-        self._step_since = now + r.idle_after_s  # the next one starts after the duty idle
+        else:
+            # Not wholly at one level beside a busy decode, but each level it ran at there
+            # trained fewer than its tokens in the time it had: a bound on that level's rate.
+            # Without it a level too slow to finish a micro-step within one busy stretch
+            # (level 4 on CPU) would never be measured.
+            self._stretch_ends(now)
+            for level, busy_s in self._busy_s_by_level.items():
+                self.rates.observe_unfinished(r.job_id, level, r.step_tokens, busy_s)
+        self.on_step_gap(now + r.idle_after_s)  # the next one starts after the duty idle
 
-    def on_step_gap(self, now: float, job_changed: bool) -> None:
-        """The finetune starts its next micro-step only now (a checkpoint was written, or a
-        job started or ended: then the last report stands for no micro-step of the next)."""
+    def on_step_gap(self, now: float) -> None:
+        """The finetune's next micro-step starts only at ``now``: after a report's duty idle,
+        a checkpoint, or a job's start or end."""
         self._step_since = now
-        if job_changed:
-            self._last_step = None
+        self._busy_s_by_level.clear()
 
     def on_request_done(self, first_s: float, last_s: float, n_tokens: int) -> None:
         self.counter.on_request(first_s, last_s, n_tokens)

@@ -468,8 +468,7 @@ class Daemon:
             return
         if self.scheduler is not None and isinstance(msg, JobStarted | JobEnded
                                                      | CheckpointSaved):
-            self.scheduler.on_step_gap(self.clock(), job_changed=not isinstance(
-                msg, CheckpointSaved))
+            self.scheduler.on_step_gap(self.clock())
         if self.memory is not None and isinstance(msg, JobStarted | JobEnded):
             self.memory.set_finetune_training(isinstance(msg, JobStarted), self.clock())
 

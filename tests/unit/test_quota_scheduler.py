@@ -173,30 +173,35 @@ def test_harli_moves_to_the_level_that_trained_fastest_beside_decode() -> None:
 
 
 def test_a_level_that_never_finishes_a_micro_step_beside_a_busy_decode_gets_measured() -> None:
-    """Level 4 on CPU: one of its threads on decode's busy core, it finishes no micro-step
-    within a busy stretch, so only the stretches' ends can say it is slow."""
+    """Level 4 on CPU: one of its threads on decode's busy core, a micro-step spans several
+    busy stretches and ends in an idle one; the busy seconds it had at the level bound the
+    level's rate."""
     qs, sent = make(slo_ms=100.0)
     assert qs.rates is not None
     t = 0.0
+    qs.on_micro_step(step_report(4, tokens=1024), t)  # a first one, while decode idles
     for _ in range(qs.rates.min_samples):
-        qs.on_micro_step(step_report(4, tokens=1024), t)  # finished while decode was idle
-        qs.on_telemetry(tele(8), t + 0.5)  # decode busy from here, the finetune at 4
-        assert sent[-1] == 4
-        qs.on_idle(t + 4.5)  # idle again: the micro-step in flight ran 4 s beside it
-        t += 5.0
+        for _stretch in range(2):
+            qs.on_telemetry(tele(8), t + 0.5)  # busy, the finetune at 4
+            assert sent[-1] == 4
+            qs.on_idle(t + 2.5)  # 2 s of the micro-step beside a busy decode
+            t += 3.0
+        qs.on_micro_step(step_report(4, tokens=1024), t)  # it ends while decode idles
     assert qs.rates.samples[4] == qs.rates.min_samples
-    assert qs.rates.rate_tok_s[4] == pytest.approx(1024 / 4.0)
+    assert qs.rates.rate_tok_s[4] == pytest.approx(1024 / 4.0)  # < its tokens in 4 busy s
     qs.on_telemetry(tele(8), t)
     assert sent[-1] == 3  # the next level down is tried now
-    # A checkpoint written in a stretch: the micro-step after it started there.
-    qs.on_micro_step(step_report(3, tokens=1024), t + 0.1)
-    qs.on_step_gap(t + 2.0, job_changed=False)
-    qs.on_idle(t + 2.5)  # 0.5 s after the checkpoint: too short to bound anything
-    assert qs.rates.samples[3] == 0
-    qs.on_step_gap(t + 3.0, job_changed=True)  # another job: no estimate of its micro-steps
-    qs.on_telemetry(tele(8), t + 3.0)
-    qs.on_idle(t + 9.0)
-    assert qs.rates.samples[3] == 0
+
+
+def test_a_checkpoint_or_a_job_change_starts_the_next_micro_step_afresh() -> None:
+    qs, sent = make(slo_ms=100.0)
+    assert qs.rates is not None
+    qs.on_telemetry(tele(8), 0.0)
+    assert sent[-1] == 4
+    qs.on_step_gap(3.0)  # a checkpoint at 3 s: the micro-step in flight began there
+    qs.on_idle(3.5)
+    qs.on_micro_step(step_report(4, tokens=1024), 4.0)
+    assert qs.rates.samples[4] == 0  # 0.5 s beside a busy decode bounds nothing
 
 
 def test_level_by_rate_off_keeps_the_feasible_level() -> None:
