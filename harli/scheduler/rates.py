@@ -13,10 +13,11 @@ fresh daemon acts as plain harli), then each lower level in turn until it is mea
 then the fastest.
 
 A level slow enough never to finish a micro-step within a busy stretch would stay unmeasured,
-and be tried forever. ``observe_unfinished`` takes what such a stretch does say: a micro-step
-still unfinished after ``seconds`` at the level trains at most ``tokens / seconds``, a bound
-that can only overstate a slow level (on a 2-core VM, level 4 beside a busy decode trains
-~270 tok/s, a micro-step of 1024 tokens ~4 s, where level 2 trains ~1700).
+and be tried forever. ``observe_unfinished`` takes what such a micro-step does say: it had
+``seconds`` at the level beside a busy decode and trained fewer than its ``tokens`` there, so
+the level trains at most ``tokens / seconds``, a bound that can only overstate a slow level
+(on a 2-core VM, level 4 beside a busy decode trains ~270 tok/s, a micro-step of 1024 tokens
+~4 s, where level 2 trains ~1700).
 
 Rates belong to one job (a new job has other shapes); ``observe`` starts over when the job
 changes. Pure logic: no clock, no IO.
@@ -62,9 +63,9 @@ class LevelRates:
         self._recompute()
 
     def observe_unfinished(self, job_id: int, level: int, tokens: int, seconds: float) -> None:
-        """A micro-step of about ``tokens`` ran ``seconds`` (duty-cycle idle included) at
-        ``level`` beside a busy decode and had not finished when the stretch ended: the
-        level trains at most ``tokens / seconds``. It counts as a sample: the first one sets
+        """A micro-step of ``tokens`` that did not run wholly at one level had ``seconds`` at
+        ``level`` beside a busy decode (summed over stretches): the level trains at most
+        ``tokens / seconds``. It counts as a sample: the first one sets
         the rate, later ones move it by alpha toward the bound when the bound is below it (a
         stretch the daemon overstated, a checkpoint say, costs a measured level only that)
         and leave it otherwise. Stretches under ``min_unfinished_s`` are ignored."""
