@@ -97,9 +97,7 @@ class LevelRates:
         nothing is skipped, O(levels) otherwise."""
         if not 0 <= upto <= self.levels:
             return upto
-        if not skipped or self.samples[upto] < self.min_samples:
-            return self._best[upto]  # upto itself when unmeasured, and it is never skipped
-        return self._choose(upto, skipped)
+        return self._choose(upto, skipped) if skipped else self._best[upto]
 
     def _choose(self, upto: int, skipped: Sequence[int] = ()) -> int:
         if self.samples[upto] < self.min_samples:
