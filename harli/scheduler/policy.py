@@ -17,7 +17,8 @@ keeps the levels the fits say cost decode next to nothing. ``StaticPolicy``, ``N
 config and CLI spelling of each.
 
 Pure logic: no torch, no ZMQ, no clock (``now`` is passed in). ``HarliPolicy.decide`` runs
-before every decode iteration and costs a few predictions.
+before every decode iteration and costs one ``upper_bounds`` call (every level's bound in one
+pass).
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class LatencyPredictor(Protocol):
     def predict(self, shape: BatchShape, level: int,
                 quantile: float | None = None) -> Prediction:
         """``upper_s`` at ``quantile`` of the latency (None: the model's configured one)."""
+        ...
+
+    def upper_bounds(self, shape: BatchShape, top_level: int,
+                     quantile: float | None = None) -> list[float]:
+        """``predict(shape, level, quantile).upper_s`` of each level 0..``top_level``."""
         ...
 
     def slowdown(self, shape: BatchShape, level: int) -> float:
@@ -128,6 +134,13 @@ def pooled_bounds(uppers_s: Sequence[float]) -> list[float]:
     """The non-decreasing sequence closest to ``uppers_s`` in least squares (isotonic
     regression, pool-adjacent-violators, equal weights): each run of levels whose bounds come
     out of order gets their mean."""
+    prev = -math.inf
+    for u in uppers_s:  # a plain loop: a generator costs the hot path more than the check
+        if u < prev:
+            break
+        prev = u
+    else:
+        return list(uppers_s)  # the common case, and the decision's hot path: nothing to pool
     blocks: list[list[float]] = []  # [sum, count] of each pooled run, in level order
     for u in uppers_s:
         blocks.append([u, 1.0])
@@ -244,25 +257,27 @@ class HarliPolicy:
             return PolicyDecision(self._levels, REASON_IDLE, None)
 
         shape = view.shape()
-        predict = self._model.predict
         quantile = self._budget.quantile() if self._budget is not None else None
         limit_s, margin = self._tpot_s, self._margin
-        upper0_s = predict(shape, 0, quantile).upper_s
-        if upper0_s * margin > limit_s:  # one prediction for a load decode alone cannot serve
-            return self._decide_infeasible(shape, upper0_s, quantile)
-        uppers_s = [upper0_s, *(predict(shape, level, quantile).upper_s
-                                for level in range(1, self._levels + 1))]
+        # Every level's bound in one call: this runs before every decode iteration.
+        uppers_s = self._model.upper_bounds(shape, self._levels, quantile)
+        if uppers_s[0] * margin > limit_s:  # a load decode alone cannot serve
+            return self._decide_infeasible(shape, uppers_s, quantile)
         # More quota cannot make decode faster, but per-level fits and their online
         # corrections are noisy, so the bounds seldom come out in order. A level is allowed
         # when its own bound is within the SLO and so is the non-decreasing fit of all the
         # bounds (isotonic: pooled_bounds) at it: a lower level's bound far over the SLO still
         # holds every level above it back, but one a little over it (seen in profile Q: level
         # 1's fit 2-10 % over level 0's, with levels 2-4 as cheap as level 0) no longer does.
+        # Level 0 is allowed here: the isotonic fit at the first level is at most its bound.
         pooled_s = self._envelope(uppers_s)
-        skipped = [level for level in range(self._levels + 1)
-                   if uppers_s[level] * margin > limit_s]
-        target = max(level for level in range(self._levels + 1)
-                     if pooled_s[level] * margin <= limit_s and level not in skipped)
+        skipped: list[int] = []
+        target = 0
+        for level, (upper_s, pooled) in enumerate(zip(uppers_s, pooled_s, strict=True)):
+            if upper_s * margin > limit_s:
+                skipped.append(level)
+            elif pooled * margin <= limit_s:
+                target = level
         chosen, reason = self._settle(target, skipped)
         level = self._by_rate(chosen, skipped)
         if level != chosen:  # best() stays within 1..chosen, outside skipped: allowed too
@@ -297,11 +312,12 @@ class HarliPolicy:
         without rates."""
         return allowed if self._rates is None else self._rates.best(allowed, skipped)
 
-    def _decide_infeasible(self, shape: BatchShape, upper0_s: float,
+    def _decide_infeasible(self, shape: BatchShape, uppers_s: Sequence[float],
                            quantile: float | None) -> PolicyDecision:
-        """Level 0's bound ``upper0_s`` is over the SLO: the highest level the fits say slows
-        decode by at most ``infeasible_slowdown`` (0 when none does), down at once, up after
-        the hysteresis as for a feasible one."""
+        """Level 0's bound ``uppers_s[0]`` is over the SLO: the highest level the fits say
+        slows decode by at most ``infeasible_slowdown`` (0 when none does), down at once, up
+        after the hysteresis as for a feasible one."""
+        upper0_s = uppers_s[0]
         cheap = 0
         # A slowdown within the factor still pushes some tokens over an SLO this close to
         # decode's own latency; it is spent only from a budget with misses to spare (b46: at
@@ -324,8 +340,7 @@ class HarliPolicy:
         level = self._by_rate(chosen)
         reason += (f"level {level}: the fits say it slows decode by at most "
                    f"{self._infeasible_slowdown:g}x, which a pause would not buy back")
-        return PolicyDecision(level, reason, self._model.predict(shape, level, quantile).upper_s,
-                              quantile)
+        return PolicyDecision(level, reason, uppers_s[level], quantile)
 
 
 class StaticPolicy:

@@ -670,3 +670,28 @@ def test_levels_that_alternate_keep_their_own_biases() -> None:
     assert model.predict(SHAPE, 0).estimate_s == pytest.approx(true_solo_s(SHAPE), rel=0.05)
     assert model.predict(SHAPE, 2).estimate_s == pytest.approx(
         1.2 * true_latency_s(SHAPE, 2), rel=0.05)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), observed=st.integers(0, 120),
+       quantile=st.sampled_from([None, 0.9, 0.97, 0.99, 0.999]))
+def test_upper_bounds_are_predict_of_every_level(seed: int, observed: int,
+                                                 quantile: float | None) -> None:
+    """The policy's one-pass bounds equal ``predict`` level by level: before and after the
+    biases warm up, at another quantile, with and without prefill, and for a level (4) that
+    has no fit of its own and falls back to the one below it."""
+    rng = random.Random(seed)
+    model = fitted_model()
+    for i in range(observed):
+        s = random_shape(rng)
+        level = rng.randint(0, 4)
+        model.observe(s, level, true_latency_s(s, min(level, 3)) * rng.uniform(0.8, 1.3),
+                      now=float(i))
+    for _ in range(5):
+        shape = random_shape(rng)
+        assert model.upper_bounds(shape, 4, quantile) == \
+            [model.predict(shape, level, quantile).upper_s for level in range(5)]
+    with pytest.raises(ValueError, match="level"):
+        model.upper_bounds(shape, -1)
+    prior = LatencyModel.online(prior_latency_s=0.01)
+    assert prior.upper_bounds(shape, 2) == [prior.predict(shape, 0).upper_s] * 3

@@ -21,6 +21,10 @@ class Linear:
         est = (0.002 + 0.0005 * shape.num_seqs) * self.slowdown(shape, level)
         return Prediction(est, est * 1.2)
 
+    def upper_bounds(self, shape: BatchShape, top_level: int,
+                     quantile: float | None = None) -> list[float]:
+        return [self.predict(shape, level, quantile).upper_s for level in range(top_level + 1)]
+
     def slowdown(self, shape: BatchShape, level: int) -> float:
         return 1 + 0.25 * level
 

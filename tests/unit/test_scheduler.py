@@ -123,6 +123,10 @@ class TablePredictor:
                 quantile: float | None = None) -> Prediction:
         return Prediction(self.uppers_s[level] / 2, self.uppers_s[level])
 
+    def upper_bounds(self, shape: BatchShape, top_level: int,
+                     quantile: float | None = None) -> list[float]:
+        return [self.predict(shape, level, quantile).upper_s for level in range(top_level + 1)]
+
 
 def isotonic_at(values: Sequence[float], level: int) -> float:
     """The isotonic (non-decreasing least-squares) fit of ``values`` at ``level``, by the
@@ -498,6 +502,10 @@ class QuantilePredictor:
                 quantile: float | None = None) -> Prediction:
         self.asked.append(quantile)
         return Prediction(self.base_s[level], self.base_s[level] * self.ratio(quantile))
+
+    def upper_bounds(self, shape: BatchShape, top_level: int,
+                     quantile: float | None = None) -> list[float]:
+        return [self.predict(shape, level, quantile).upper_s for level in range(top_level + 1)]
 
 
 SLO_10MS = SloTarget(tpot_ms=10.0)
