@@ -205,27 +205,15 @@ class LatencyModel:
         solo = self._solo
         if solo is None:
             return self._prior
-        estimate_s, key, fallback = self._stage(level, self._solo_estimate(solo, shape))
-        if fallback:
-            self._fallbacks[level] = self._fallbacks.get(level, 0) + 1
-        ratio_q, tracked_q, _ = self._fit_bounds[key]
         prefill = shape.prefill_tokens > 0
-        corr = self._corrections.get((level, prefill))
-        if corr is None or corr.n < self._warmup:
-            # No bias learnt yet: the raw quantile, which covers the host's drift as well.
-            return Prediction(estimate_s, estimate_s * ratio_q)
-        if quantile is not None and quantile != self._quantile:
-            tracked_q = self._quantile_bounds.get((key, quantile)) or \
-                self._tracked_at(key, quantile)
-        estimate_s *= self._host[prefill].factor * corr.own_factor
-        return Prediction(estimate_s, estimate_s * tracked_q * corr.spread_factor)
+        return self._at_level(level, self._solo_estimate(solo, shape), prefill,
+                              self._other_quantile(quantile))
 
     def upper_bounds(self, shape: BatchShape, top_level: int,
                      quantile: float | None = None) -> list[float]:
-        """``predict(shape, level, quantile).upper_s`` of every level 0..``top_level``, in one
-        pass: the policy asks all of them before every decode iteration, and in the daemon
-        each call's lookups run on caches the finetune's thread has just evicted (b53: 129 µs
-        of CPU at p99 for five ``predict`` calls that cost 32 µs offline)."""
+        """``predict(shape, level, quantile).upper_s`` of every level 0..``top_level``: the
+        policy asks all of them before every decode iteration, so the shape's solo estimate
+        and the quantile are read once, not once a level."""
         if top_level < 0:
             raise ValueError(f"quota level must be >= 0, got {top_level}")
         solo = self._solo
@@ -233,28 +221,31 @@ class LatencyModel:
             return [self._prior.upper_s] * (top_level + 1)
         solo_s = self._solo_estimate(solo, shape)
         prefill = shape.prefill_tokens > 0
-        host_factor = self._host[prefill].factor
-        other_quantile = quantile is not None and quantile != self._quantile
-        corrections, fit_bounds, warmup = self._corrections, self._fit_bounds, self._warmup
-        stage, quantile_bounds = self._stage, self._quantile_bounds
-        uppers: list[float] = []
-        for level in range(top_level + 1):
-            estimate_s, key, fallback = stage(level, solo_s)
-            if fallback:
-                self._fallbacks[level] = self._fallbacks.get(level, 0) + 1
-            corr = corrections.get((level, prefill))
-            if corr is None or corr.n < warmup:
-                uppers.append(estimate_s * fit_bounds[key][0])
-                continue
-            tracked_q = fit_bounds[key][1]
-            if other_quantile:
-                assert quantile is not None
-                tracked_q = quantile_bounds.get((key, quantile)) or \
-                    self._tracked_at(key, quantile)
-            # In predict's order of operations, so the two agree to the last bit.
-            estimate_s *= host_factor * corr.own_factor
-            uppers.append(estimate_s * tracked_q * corr.spread_factor)
-        return uppers
+        other = self._other_quantile(quantile)
+        at_level = self._at_level
+        return [at_level(level, solo_s, prefill, other).upper_s
+                for level in range(top_level + 1)]
+
+    def _other_quantile(self, quantile: float | None) -> float | None:
+        """``quantile`` if it is not the configured one (whose ratios ``_fit_bounds`` holds)."""
+        return None if quantile is None or quantile == self._quantile else quantile
+
+    def _at_level(self, level: int, solo_s: float, prefill: bool,
+                  other_quantile: float | None) -> Prediction:
+        """``predict`` at ``level`` for an iteration whose solo estimate is ``solo_s``."""
+        estimate_s, key, fallback = self._stage(level, solo_s)
+        if fallback:
+            self._fallbacks[level] = self._fallbacks.get(level, 0) + 1
+        ratio_q, tracked_q, _ = self._fit_bounds[key]
+        corr = self._corrections.get((level, prefill))
+        if corr is None or corr.n < self._warmup:
+            # No bias learnt yet: the raw quantile, which covers the host's drift as well.
+            return Prediction(estimate_s, estimate_s * ratio_q)
+        if other_quantile is not None:
+            tracked_q = self._quantile_bounds.get((key, other_quantile)) or \
+                self._tracked_at(key, other_quantile)
+        estimate_s *= self._host[prefill].factor * corr.own_factor
+        return Prediction(estimate_s, estimate_s * tracked_q * corr.spread_factor)
 
     def slowdown(self, shape: BatchShape, level: int) -> float:
         """How many times slower the fits say an iteration of ``shape`` runs beside the

@@ -12,18 +12,16 @@ from harli.ipc.control import MicroStepReport
 from harli.ipc.messages import IterationTelemetry
 from harli.predictor import BatchShape, Prediction
 
+from .fake_predictors import BoundsFromPredict
 
-class Linear:
+
+class Linear(BoundsFromPredict):
     """A fake predictor: 2 ms + 0.5 ms per sequence, x (1 + 0.25 level); bound x1.2."""
 
     def predict(self, shape: BatchShape, level: int,
                 quantile: float | None = None) -> Prediction:
         est = (0.002 + 0.0005 * shape.num_seqs) * self.slowdown(shape, level)
         return Prediction(est, est * 1.2)
-
-    def upper_bounds(self, shape: BatchShape, top_level: int,
-                     quantile: float | None = None) -> list[float]:
-        return [self.predict(shape, level, quantile).upper_s for level in range(top_level + 1)]
 
     def slowdown(self, shape: BatchShape, level: int) -> float:
         return 1 + 0.25 * level

@@ -37,6 +37,8 @@ from harli.scheduler.policy import (
 )
 from harli.scheduler.slo import SloCounter, SloTarget
 
+from .fake_predictors import BoundsFromPredict
+
 K = 4
 # Seconds: intercept, per seq, per decode token, per prefill token, per 1k context tokens,
 # per 1M prefill attention token-pairs (the order of FEATURE_NAMES).
@@ -112,7 +114,7 @@ def models(draw: st.DrawFn) -> LatencyModel:
                       level_ratio_q=draw(st.floats(1.2, 1.5)))
 
 
-class TablePredictor:
+class TablePredictor(BoundsFromPredict):
     """A fake predictor: upper bound per level from a table, shape ignored (any order of
     levels, including bounds that fall as the level rises)."""
 
@@ -122,10 +124,6 @@ class TablePredictor:
     def predict(self, shape: BatchShape, level: int,
                 quantile: float | None = None) -> Prediction:
         return Prediction(self.uppers_s[level] / 2, self.uppers_s[level])
-
-    def upper_bounds(self, shape: BatchShape, top_level: int,
-                     quantile: float | None = None) -> list[float]:
-        return [self.predict(shape, level, quantile).upper_s for level in range(top_level + 1)]
 
 
 def isotonic_at(values: Sequence[float], level: int) -> float:
@@ -483,7 +481,7 @@ def test_parse_policy_rejects_bad_strings(spec: str, message: str) -> None:
 # -- HarliPolicy with an error budget ---------------------------------------------------------
 
 
-class QuantilePredictor:
+class QuantilePredictor(BoundsFromPredict):
     """A fake predictor whose bound depends on the quantile asked: base[level] x tail(q),
     tail 1.2 at q <= 0.9 up to 2.0 at q >= 0.99 (the model's default). Records the
     quantiles asked."""
@@ -502,10 +500,6 @@ class QuantilePredictor:
                 quantile: float | None = None) -> Prediction:
         self.asked.append(quantile)
         return Prediction(self.base_s[level], self.base_s[level] * self.ratio(quantile))
-
-    def upper_bounds(self, shape: BatchShape, top_level: int,
-                     quantile: float | None = None) -> list[float]:
-        return [self.predict(shape, level, quantile).upper_s for level in range(top_level + 1)]
 
 
 SLO_10MS = SloTarget(tpot_ms=10.0)
