@@ -29,7 +29,7 @@ import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from harli.predictor import BatchShape, Prediction
 from harli.scheduler.budget import ErrorBudget
@@ -108,8 +108,11 @@ class BatchView:
                           self.context_tokens, self.prefill_attn_tokens)
 
 
-@dataclass(frozen=True, slots=True)
-class PolicyDecision:
+class PolicyDecision(NamedTuple):
+    """A NamedTuple, like ``Prediction``: one is built before every decode iteration, and a
+    tuple is the cheapest immutable record in CPython (a frozen dataclass's ``__init__``
+    goes through ``object.__setattr__`` once a field)."""
+
     level: int  # finetune quota level for the next iteration, 0 = finetune paused
     reason: str  # why; starts with one of the REASON_* words
     predicted_upper_s: float | None  # predictor's upper bound at ``level`` (before margin)
@@ -130,17 +133,18 @@ class Policy(Protocol):
         ...
 
 
-def pooled_bounds(uppers_s: Sequence[float]) -> list[float]:
+def pooled_bounds(uppers_s: Sequence[float]) -> Sequence[float]:
     """The non-decreasing sequence closest to ``uppers_s`` in least squares (isotonic
     regression, pool-adjacent-violators, equal weights): each run of levels whose bounds come
-    out of order gets their mean."""
+    out of order gets their mean. Bounds already in order come back as they are (the same
+    object: the common case, and the decision's hot path)."""
     prev = -math.inf
     for u in uppers_s:  # a plain loop: a generator costs the hot path more than the check
         if u < prev:
             break
         prev = u
     else:
-        return list(uppers_s)  # the common case, and the decision's hot path: nothing to pool
+        return uppers_s
     blocks: list[list[float]] = []  # [sum, count] of each pooled run, in level order
     for u in uppers_s:
         blocks.append([u, 1.0])
@@ -151,7 +155,7 @@ def pooled_bounds(uppers_s: Sequence[float]) -> list[float]:
     return [total / count for total, count in blocks for _ in range(int(count))]
 
 
-def running_max(uppers_s: Sequence[float]) -> list[float]:
+def running_max(uppers_s: Sequence[float]) -> Sequence[float]:
     """Each level's bound raised to the largest of the levels below it: the envelope of the
     ``harli:max`` spelling, under which a level is allowed only with every level below it."""
     return list(itertools.accumulate(uppers_s, max))

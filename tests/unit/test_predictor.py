@@ -673,20 +673,28 @@ def test_levels_that_alternate_keep_their_own_biases() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), observed=st.integers(0, 120),
-       quantile=st.sampled_from([None, 0.9, 0.97, 0.99, 0.999]))
+@given(seed=st.integers(0, 10_000), observed=st.integers(0, 600),
+       quantile=st.sampled_from([None, 0.9, 0.97, 0.99, 0.999]),
+       online=st.booleans())
 def test_upper_bounds_are_predict_of_every_level(seed: int, observed: int,
-                                                 quantile: float | None) -> None:
+                                                 quantile: float | None, online: bool) -> None:
     """The policy's one-pass bounds equal ``predict`` level by level: before and after the
-    biases warm up, at another quantile, with and without prefill, and for a level (4) that
-    has no fit of its own and falls back to the one below it."""
+    biases warm up (a (level, prefill) bias needs 20 iterations: up to 600 spread over ten
+    keys), at another quantile, with and without prefill, for a level (4) that has no fit of
+    its own and falls back to the one below it, and in online mode across stage-1 refits
+    (levels above 0 on their online ratios)."""
     rng = random.Random(seed)
-    model = fitted_model()
+    model = LatencyModel.online(0.01, config=ModelConfig(online_min_samples=30, refit_every=40)) \
+        if online else fitted_model()
     for i in range(observed):
         s = random_shape(rng)
         level = rng.randint(0, 4)
         model.observe(s, level, true_latency_s(s, min(level, 3)) * rng.uniform(0.8, 1.3),
                       now=float(i))
+        if i % 50 == 0:
+            shape = random_shape(rng)
+            assert model.upper_bounds(shape, 4, quantile) == \
+                [model.predict(shape, level, quantile).upper_s for level in range(5)]
     for _ in range(5):
         shape = random_shape(rng)
         assert model.upper_bounds(shape, 4, quantile) == \
