@@ -9,15 +9,16 @@ OpenMP pool waits for it at every parallel region, so while decode is busy such 
 one bench). ``LevelRates`` keeps an EWMA of the finetune's tokens/s per level from micro-steps
 that ran wholly at one level while decode was busy, and ``best(upto)`` names the level in
 1..upto to run: ``upto`` itself while that has fewer than ``min_samples`` measurements (so a
-fresh daemon acts as plain harli), then each lower level in turn until it is measured too,
-then the fastest.
+fresh daemon acts as plain harli), then each lower level in turn until it is measured too
+(or a bound puts it under a measured level: see below), then the fastest.
 
 A level slow enough never to finish a micro-step within a busy stretch would stay unmeasured,
 and be tried forever. ``observe_unfinished`` takes what such a micro-step does say: it had
 ``seconds`` at the level beside a busy decode and trained fewer than its ``tokens`` there, so
 the level trains at most ``tokens / seconds``, a bound that can only overstate a slow level
 (on a 2-core VM, level 4 beside a busy decode trains ~270 tok/s, a micro-step of 1024 tokens
-~4 s, where level 2 trains ~1700).
+~4 s, where level 2 trains ~1700). The same bound ends the trial of a level at once when it is
+under the rate of a level already measured: that level can only be slower.
 
 Rates belong to one job (a new job has other shapes); ``observe`` starts over when the job
 changes. Pure logic: no clock, no IO.
@@ -49,6 +50,8 @@ class LevelRates:
         self.job_id: int | None = None
         self.rate_tok_s = [0.0] * (levels + 1)  # index = level; 0 is the pause
         self.samples = [0] * (levels + 1)
+        # The lowest bound observe_unfinished has seen for each level (inf: none).
+        self.cap_tok_s = [math.inf] * (levels + 1)
         self._best = list(range(levels + 1))  # _best[upto]: best(upto), kept up to date
 
     def observe(self, job_id: int, level: int, tokens: int, seconds: float) -> None:
@@ -76,6 +79,7 @@ class LevelRates:
         rate = self.rate_tok_s[level]
         self.rate_tok_s[level] = bound if n == 0 else rate + self.alpha * min(0.0, bound - rate)
         self.samples[level] = n + 1
+        self.cap_tok_s[level] = min(self.cap_tok_s[level], bound)
         self._recompute()
 
     def _checked(self, job_id: int, level: int, tokens: int, seconds: float) -> float:
@@ -89,28 +93,38 @@ class LevelRates:
             self.job_id = job_id
             self.rate_tok_s = [0.0] * (self.levels + 1)
             self.samples = [0] * (self.levels + 1)
+            self.cap_tok_s = [math.inf] * (self.levels + 1)
         return tokens / seconds
 
     def best(self, upto: int, skipped: Sequence[int] = ()) -> int:
         """The level in 1..``upto``, outside ``skipped``, to run at while decode is busy
-        (``upto`` itself when it is 0 or unmeasured; it is never in ``skipped``). O(1) when
-        nothing is skipped, O(levels) otherwise."""
+        (``upto`` itself when it is 0, or unmeasured and not bounded under a measured level;
+        it is never in ``skipped``). O(1) when nothing is skipped, O(levels) otherwise."""
         if not 0 <= upto <= self.levels:
             return upto
         return self._choose(upto, skipped) if skipped else self._best[upto]
 
     def _choose(self, upto: int, skipped: Sequence[int] = ()) -> int:
-        if self.samples[upto] < self.min_samples:
-            return upto  # the allowed level itself (plain harli's choice) until measured
-        # Then each lower level in turn, from the top, until it is measured: lower levels are
-        # within the SLO whenever upto is, and a level that never finishes a micro-step
-        # beside a busy decode gets measured anyway (observe_unfinished).
-        for level in range(upto - 1, 0, -1):
-            if level not in skipped and self.samples[level] < self.min_samples:
+        samples, rate, min_samples = self.samples, self.rate_tok_s, self.min_samples
+        allowed = [level for level in range(upto, 0, -1) if level not in skipped]
+        # What the fastest measured level trains: a level capped under it cannot beat it.
+        floor = max((rate[lv] for lv in allowed if samples[lv] >= min_samples), default=0.0)
+        # The allowed level itself (plain harli's choice) until it is measured, then each
+        # lower one in turn, from the top: lower levels are within the SLO whenever upto is,
+        # and a level that never finishes a micro-step beside a busy decode gets measured
+        # anyway (observe_unfinished). A level whose bound is already under a measured
+        # level's rate is left after that one bound, not tried until min_samples: at ~270
+        # tok/s a bound comes every ~4 s, and b65's harli spent its whole first 12-s turn
+        # at level 3 (268 tok/s) beside level 2's measured 1700.
+        for level in allowed:
+            if samples[level] < min_samples and not self.cap_tok_s[level] < floor:
                 return level
-        top = upto
-        for level in range(1, upto):
-            if level not in skipped and self.rate_tok_s[level] > self.rate_tok_s[top]:
+        # Every allowed level is measured or capped under floor: the fastest measured one
+        # (upto on a tie, then the lowest).
+        top = 0
+        for level in (upto, *range(1, upto)):
+            if (level not in skipped and samples[level] >= min_samples
+                    and (top == 0 or rate[level] > rate[top])):
                 top = level
         return top
 

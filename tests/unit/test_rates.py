@@ -1,6 +1,6 @@
 """``LevelRates``: the finetune's measured tokens/s per level beside a busy decode, and which
 level up to a feasible one trains fastest (the feasible one itself until it is measured, then
-each lower one in turn until it is measured)."""
+each lower one in turn until it is measured or bounded under a measured one)."""
 
 from __future__ import annotations
 
@@ -63,13 +63,48 @@ def test_a_level_that_never_finishes_beside_a_busy_decode_is_capped_and_left() -
 
 
 def _expected(r: LevelRates, upto: int, skipped: set[int], min_samples: int) -> tuple[str, int]:
-    if r.samples[upto] < min_samples:
-        return "upto", upto
-    below = [lv for lv in range(upto - 1, 0, -1)
-             if lv not in skipped and r.samples[lv] < min_samples]
+    """The level to try next (from upto down, the first unmeasured one whose bound does not
+    put it under a measured level), else ("fastest", 0)."""
+    measured = [r.rate_tok_s[lv] for lv in range(1, upto + 1)
+                if lv not in skipped and r.samples[lv] >= min_samples]
+    below = [lv for lv in range(upto, 0, -1)
+             if lv not in skipped and r.samples[lv] < min_samples
+             and not r.cap_tok_s[lv] < max(measured, default=0.0)]
     if below:
         return "explore", below[0]
     return "fastest", 0
+
+
+def _check_fastest(r: LevelRates, best: int, allowed: list[int], min_samples: int) -> None:
+    """``best`` is the fastest measured allowed level, and every unmeasured one is capped
+    under it."""
+    measured = [lv for lv in allowed if r.samples[lv] >= min_samples]
+    assert best in measured
+    assert r.rate_tok_s[best] == max(r.rate_tok_s[lv] for lv in measured)
+    assert all(r.cap_tok_s[lv] < r.rate_tok_s[best] for lv in allowed if lv not in measured)
+
+
+def test_a_level_bounded_under_a_measured_one_is_left_after_one_bound() -> None:
+    """b65: level 4 measured at ~410 tok/s beside a busy decode, level 2 at ~1700; one
+    censored bound of level 3 (268 tok/s) already says it cannot beat level 2, so harli does
+    not spend the minutes three such bounds take at level 3."""
+    r = LevelRates(K, min_samples=3)
+    for _ in range(3):
+        r.observe_unfinished(1, 4, 1024, 2.5)
+        r.observe(1, 2, 1700, 1.0)
+    assert r.best(K) == 3  # level 3 not tried yet
+    r.observe_unfinished(1, 3, 1024, 3.8)  # 269 tok/s at most: under level 2's 1700
+    assert r.samples[3] == 1 and r.best(K) == 1  # left for the next unmeasured one, level 1
+    r.observe_unfinished(1, 1, 4096, 2.0)  # a bound over 1700 leaves level 1 to be tried
+    assert r.cap_tok_s[1] == 2048 and r.best(K) == 1
+    r.observe_unfinished(1, 1, 1024, 1.2)  # 853 at most: settled too
+    assert [r.best(u) for u in range(K + 1)] == [0, 1, 2, 2, 2]
+    # A bound over the measured level's rate is no reason to leave a level.
+    fresh = LevelRates(K, min_samples=3)
+    for _ in range(3):
+        fresh.observe(1, 4, 400, 1.0)
+    fresh.observe_unfinished(1, 3, 1024, 2.0)  # 512 at most, over 400: try it further
+    assert fresh.best(K) == 3
 
 
 def test_the_fastest_measured_level_up_to_the_allowed_one_wins() -> None:
@@ -106,8 +141,8 @@ def test_best_is_always_a_level_within_one_to_the_allowed_one(
         kind, level = _expected(r, upto, set(), 2)
         if kind != "fastest":
             assert best == level
-        else:  # every level up to upto measured: the fastest one
-            assert r.rate_tok_s[best] == max(r.rate_tok_s[lv] for lv in range(1, upto + 1))
+        else:  # every level up to upto measured or capped under one: the fastest measured
+            _check_fastest(r, best, list(range(1, upto + 1)), 2)
 
 
 @settings(max_examples=200, deadline=None)
@@ -118,7 +153,7 @@ def test_best_never_picks_a_skipped_level(obs: list[tuple[int, int, float]],
                                           skipped: set[int]) -> None:
     r = LevelRates(K, min_samples=2)
     for level, tokens, seconds in obs:
-        r.observe(1, level, tokens, seconds)
+        (r.observe_unfinished if tokens % 3 == 0 else r.observe)(1, level, tokens, seconds)
     for upto in range(1, K + 1):
         if upto in skipped:
             continue  # the policy never allows a skipped level itself
@@ -128,8 +163,7 @@ def test_best_never_picks_a_skipped_level(obs: list[tuple[int, int, float]],
         if kind != "fastest":
             assert best == level
         else:
-            allowed = [lv for lv in range(1, upto + 1) if lv not in skipped]
-            assert r.rate_tok_s[best] == max(r.rate_tok_s[lv] for lv in allowed)
+            _check_fastest(r, best, [lv for lv in range(1, upto + 1) if lv not in skipped], 2)
     assert r.best(K, []) == r.best(K)  # nothing skipped: the O(1) answer
 
 
