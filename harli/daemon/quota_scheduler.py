@@ -85,6 +85,10 @@ class QuotaScheduler:
         # seconds of it each level has run beside a busy decode (stretches that ended).
         self._step_since = -float("inf")
         self._busy_s_by_level: defaultdict[int, float] = defaultdict(float)
+        # The job and tokens of the micro-step in flight, from the last report (0: none known,
+        # after a job's start or end or the finetune's exit).
+        self._job_id = -1
+        self._step_tokens = 0
         self.spec = ""
         self.policy: Policy = self._parse(cfg.policy)
         self.spec = cfg.policy
@@ -142,7 +146,20 @@ class QuotaScheduler:
             self._set_level(d.level)
 
     def on_telemetry(self, t: IterationTelemetry, now: float) -> None:
+        self._bound_trial(now)
         self.decide(next_view(t, self.max_batched_tokens), now)
+
+    def _bound_trial(self, now: float) -> None:
+        """While decode is busy at a level ``LevelRates`` is still trying (unmeasured), the
+        micro-step in flight bounds that level's rate already: it has not trained its tokens
+        in the busy seconds it has had there (``LevelRates.bound_running``)."""
+        rates, level = self.rates, self._current_level()
+        if (rates is None or not self._busy or not self._step_tokens
+                or not 1 <= level <= self.levels or rates.samples[level] >= rates.min_samples):
+            return
+        seconds = self._busy_s_by_level.get(level, 0.0) + now - max(
+            self._busy_since, self._level_since, self._step_since)
+        rates.bound_running(self._job_id, level, self._step_tokens, seconds)
 
     def on_arrival(self, prompt_tokens: int, now: float) -> None:
         """A request was handed to decode: decide now, not after its first iteration's
@@ -197,12 +214,16 @@ class QuotaScheduler:
             for level, busy_s in self._busy_s_by_level.items():
                 self.rates.observe_unfinished(r.job_id, level, r.step_tokens, busy_s)
         self.on_step_gap(now + r.idle_after_s)  # the next one starts after the duty idle
+        self._job_id, self._step_tokens = r.job_id, r.step_tokens  # and is as long
 
-    def on_step_gap(self, now: float) -> None:
-        """The finetune's next micro-step starts only at ``now``: after a report's duty idle,
-        a checkpoint, or a job's start or end."""
+    def on_step_gap(self, now: float, same_job: bool = True) -> None:
+        """The finetune's next micro-step starts only at ``now``: after a report's duty idle
+        or a checkpoint (``same_job``: one as long as the last), or a job's start or end or
+        the finetune's exit (none in flight whose length the daemon knows)."""
         self._step_since = now
         self._busy_s_by_level.clear()
+        if not same_job:
+            self._step_tokens = 0
 
     def on_request_done(self, first_s: float, last_s: float, n_tokens: int) -> None:
         self.counter.on_request(first_s, last_s, n_tokens)

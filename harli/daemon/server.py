@@ -345,6 +345,8 @@ class Daemon:
                 if isinstance(fev, ChildExited):
                     self.jobs.on_exit(fev)
                     self._check_gpu_fault(fev)
+                    if self.scheduler is not None:
+                        self.scheduler.on_step_gap(now, same_job=False)  # nothing in flight
                     if self.memory is not None:
                         self.memory.on_finetune_exit(now)
                 elif isinstance(fev, ChildFatal):
@@ -468,7 +470,7 @@ class Daemon:
             return
         if self.scheduler is not None and isinstance(msg, JobStarted | JobEnded
                                                      | CheckpointSaved):
-            self.scheduler.on_step_gap(self.clock())
+            self.scheduler.on_step_gap(self.clock(), same_job=isinstance(msg, CheckpointSaved))
         if self.memory is not None and isinstance(msg, JobStarted | JobEnded):
             self.memory.set_finetune_training(isinstance(msg, JobStarted), self.clock())
 

@@ -82,6 +82,23 @@ class LevelRates:
         self.cap_tok_s[level] = min(self.cap_tok_s[level], bound)
         self._recompute()
 
+    def bound_running(self, job_id: int, level: int, tokens: int, seconds: float) -> None:
+        """A micro-step of ``tokens`` still in flight has had ``seconds`` at ``level`` beside a
+        busy decode: the level trains under ``tokens / seconds`` so far. Only the level's cap
+        moves (not its rate, and it is no sample): a trial ends once that is under a measured
+        level's rate, ~0.5 s into a level at ~270 tok/s instead of the ~4 s its micro-step
+        takes to report. Another job's bound, or a non-positive one, says nothing."""
+        if job_id != self.job_id or not 1 <= level <= self.levels or tokens <= 0 \
+                or not seconds > 0.0:
+            return
+        bound = tokens / seconds
+        if bound < self.cap_tok_s[level]:
+            self.cap_tok_s[level] = bound
+            floor = max((r for r, n in zip(self.rate_tok_s, self.samples, strict=True)
+                         if n >= self.min_samples), default=0.0)
+            if bound < floor:  # only then can it change a choice
+                self._recompute()
+
     def _checked(self, job_id: int, level: int, tokens: int, seconds: float) -> float:
         """tokens / seconds, after checking them; a new job starts the table over."""
         if not 1 <= level <= self.levels:

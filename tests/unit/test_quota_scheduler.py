@@ -148,17 +148,20 @@ def test_harli_moves_to_the_level_that_trained_fastest_beside_decode() -> None:
     qs, sent = make(slo_ms=100.0)
     assert qs.rates is not None
     speed = {1: 1000, 2: 2500, 3: 1500, 4: 2000}
+    tokens = 1000
     t = 0.0
 
     def busy_micro_steps(n: int) -> None:
+        """``n`` micro-steps of ``tokens`` back to back beside a busy decode, each at the level
+        harli (or the static policy) sets as it starts, reported when it ends."""
         nonlocal t
         for _ in range(n):
             qs.on_telemetry(tele(8), t)
             level = sent[-1]
-            t += 1.0
-            qs.on_telemetry(tele(8), t)  # still busy: the level held for the whole micro-step
-            qs.on_micro_step(step_report(level, tokens=speed[level], duration_s=0.5), t + 0.5)
-            t += 1.0
+            duration_s = tokens / speed[level]
+            qs.on_telemetry(tele(8), t + 0.5 * duration_s)  # still busy, mid-way
+            t += duration_s
+            qs.on_micro_step(step_report(level, tokens=tokens, duration_s=duration_s), t)
 
     # Level 2 measured under static:2 (as in the bench), then harli alone.
     qs.on_idle(t)
@@ -171,7 +174,11 @@ def test_harli_moves_to_the_level_that_trained_fastest_beside_decode() -> None:
     busy_micro_steps(2 * qs.rates.min_samples)  # then levels 3 and 1, the unmeasured ones
     qs.on_telemetry(tele(8), t)
     assert sent[-1] == 2
-    assert qs.status().busy_rates_tok_s == {lv: pytest.approx(2 * v) for lv, v in speed.items()}
+    # Level 1 is left unmeasured: half-way into its first micro-step, the running bound (1000
+    # tokens not trained in 0.5 s: under 2000 tok/s) already put it under level 2.
+    assert qs.status().busy_rates_tok_s == {lv: pytest.approx(v) for lv, v in speed.items()
+                                            if lv != 1}
+    assert qs.rates.cap_tok_s[1] == pytest.approx(2000.0)
 
 
 def test_a_level_that_never_finishes_a_micro_step_beside_a_busy_decode_gets_measured() -> None:
@@ -193,6 +200,29 @@ def test_a_level_that_never_finishes_a_micro_step_beside_a_busy_decode_gets_meas
     assert qs.rates.rate_tok_s[4] == pytest.approx(1024 / 4.0)  # < its tokens in 4 busy s
     qs.on_telemetry(tele(8), t)
     assert sent[-1] == 3  # the next level down is tried now
+
+
+def test_a_trial_of_a_slow_level_ends_before_its_micro_step_reports() -> None:
+    """b67: harli tried level 3 (~270 tok/s beside a busy decode) through a whole busy phase,
+    waiting for its micro-step to report, with level 2 measured at ~1900. The micro-step in
+    flight already bounds level 3 under that once it has had tokens / 1900 s there."""
+    qs, sent = make(slo_ms=100.0)
+    assert qs.rates is not None
+    for _ in range(qs.rates.min_samples):
+        qs.rates.observe(1, 4, 400, 1.0)
+        qs.rates.observe(1, 2, 1900, 1.0)
+    qs.on_micro_step(step_report(4, tokens=1024), 0.0)  # ends while decode idles
+    qs.on_telemetry(tele(8), 0.1)  # busy: level 4 measured, so level 3 is tried
+    assert sent[-1] == 3
+    qs.on_telemetry(tele(8), 0.4)  # 0.3 s at 3: 1024 tokens could still take 0.54 s at 1900
+    assert sent[-1] == 3 and qs.rates.samples[3] == 0
+    qs.on_telemetry(tele(8), 0.7)  # 0.6 s: under 1707 tok/s, slower than level 2
+    assert sent[-1] == 1 and qs.rates.samples[3] == 0  # the next unmeasured level, no sample
+    assert qs.rates.cap_tok_s[3] == pytest.approx(1024 / 0.6)
+    # A job's end leaves no micro-step in flight: the time after it bounds nothing.
+    qs.on_step_gap(0.8, same_job=False)
+    qs.on_telemetry(tele(8), 5.0)
+    assert qs.rates.cap_tok_s[1] == float("inf") and sent[-1] == 1
 
 
 def test_a_checkpoint_or_a_job_change_starts_the_next_micro_step_afresh() -> None:

@@ -62,6 +62,24 @@ def test_a_level_that_never_finishes_beside_a_busy_decode_is_capped_and_left() -
     assert r.rate_tok_s[2] == pytest.approx(1700 + 0.2 * (512 - 1700)) and r.best(K) == 2
 
 
+def test_a_running_bound_caps_a_level_without_a_sample() -> None:
+    r = LevelRates(K, min_samples=3)
+    for _ in range(3):
+        r.observe(1, 2, 1700, 1.0)
+        r.observe(1, 4, 400, 1.0)
+    assert r.best(K) == 3
+    r.bound_running(1, 3, 1024, 0.5)  # 2048 at most: over level 2's rate, keep trying
+    assert r.best(K) == 3 and r.cap_tok_s[3] == 2048
+    r.bound_running(2, 3, 1024, 5.0)  # another job's micro-step says nothing of this one's
+    r.bound_running(1, 3, 1024, 0.0)
+    assert r.cap_tok_s[3] == 2048
+    r.bound_running(1, 3, 1024, 1.0)  # 1024 at most: under 1700
+    assert r.cap_tok_s[3] == 1024 and r.samples[3] == 0 and r.rate_tok_s[3] == 0.0
+    assert r.best(K) == 1
+    r.bound_running(1, 3, 1024, 0.8)  # a looser bound never raises the cap
+    assert r.cap_tok_s[3] == 1024
+
+
 def _expected(r: LevelRates, upto: int, skipped: set[int], min_samples: int) -> tuple[str, int]:
     """The level to try next (from upto down, the first unmeasured one whose bound does not
     put it under a measured level), else ("fastest", 0)."""
