@@ -208,6 +208,15 @@ def _read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
             raise DatasetError(
                 f"{where}: a record must be a JSON object, got {_json_type(record)}"
             )
+        try:
+            # JSON may escape a lone UTF-16 surrogate ("\ud800"), which is no text: the
+            # tokenizer would fail on it later with a TypeError that names no line.
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DatasetError(
+                f"{where}: a string holds a lone UTF-16 surrogate "
+                f"({e.object[e.start:e.end]!a}), which is not text"
+            ) from e
         out.append((lineno, record))
     if not out:
         raise DatasetError(f"{path}: dataset has no records (the file is empty or blank)")

@@ -190,8 +190,8 @@ def test_detection_order(record: dict[str, Any], fmt: str) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(prompt=st.text(st.characters(exclude_characters="<"), max_size=40),
-       completion=st.text(st.characters(exclude_characters="<"), max_size=40))
+@given(prompt=st.text(st.characters(codec="utf-8", exclude_characters="<"), max_size=40),
+       completion=st.text(st.characters(codec="utf-8", exclude_characters="<"), max_size=40))
 def test_prompt_completion_split_is_exact_for_any_text(tok: Any, prompt: str, completion: str
                                                        ) -> None:
     ex, _ = tokenize_record({"prompt": prompt, "completion": completion}, "prompt_completion",
@@ -293,6 +293,18 @@ def test_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:
     path.write_bytes(b'{"text": "a"}\n{"text": "\xff"}\n')
     with pytest.raises(DatasetError, match=r"d\.jsonl:2: not valid UTF-8"):
         read_jsonl(path)
+
+
+def test_a_lone_surrogate_escape_names_file_and_line(tmp_path: Path, tok: Any) -> None:
+    """Valid JSON, no text: hypothesis found that "\\ud800" reached the tokenizer, which raised
+    a TypeError that named no line."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n'
+                    '{"prompt": "a", "completion": "x\\ud800y"}\n')
+    with pytest.raises(DatasetError, match=r"d\.jsonl:2: .*lone UTF-16 surrogate \('\\ud800'\)"):
+        read_jsonl(path)
+    with pytest.raises(DatasetError, match=r"d\.jsonl:2: "):
+        load_dataset(path, tok, 64)
 
 
 @pytest.mark.parametrize(("line", "what"), [("[1, 2]", "an array"), ('"text"', "a string"),
