@@ -18,7 +18,8 @@ and be tried forever. ``observe_unfinished`` takes what such a micro-step does s
 the level trains at most ``tokens / seconds``, a bound that can only overstate a slow level
 (on a 2-core VM, level 4 beside a busy decode trains ~270 tok/s, a micro-step of 1024 tokens
 ~4 s, where level 2 trains ~1700). The same bound ends the trial of a level at once when it is
-under the rate of a level already measured: that level can only be slower.
+under the rate of a level already measured: that level can only be slower, and it is left for
+the rest of the job (``left``), so a dip in the measured level's rate does not re-open the trial.
 
 Rates belong to one job (a new job has other shapes); ``observe`` starts over when the job
 changes. Pure logic: no clock, no IO.
@@ -52,6 +53,10 @@ class LevelRates:
         self.samples = [0] * (levels + 1)
         # The lowest bound observe_unfinished has seen for each level (inf: none).
         self.cap_tok_s = [math.inf] * (levels + 1)
+        # Levels left for this job: their cap fell under a measured level's rate once. Not
+        # tried again when that rate later dips under the cap (b69: each dip of level 2's
+        # EWMA re-opened a ~0.5-s trial of levels 1 and 3, ~20 % of harli's busy time).
+        self.left = [False] * (levels + 1)
         self._best = list(range(levels + 1))  # _best[upto]: best(upto), kept up to date
 
     def observe(self, job_id: int, level: int, tokens: int, seconds: float) -> None:
@@ -94,10 +99,16 @@ class LevelRates:
         bound = tokens / seconds
         if bound < self.cap_tok_s[level]:
             self.cap_tok_s[level] = bound
+            if self._leave_if_capped(level):  # only then can it change a choice
+                self._recompute()
+
+    def _leave_if_capped(self, level: int) -> bool:
+        """Mark ``level`` left when its cap is under the rate of a measured level."""
+        if not self.left[level] and self.samples[level] < self.min_samples:
             floor = max((r for r, n in zip(self.rate_tok_s, self.samples, strict=True)
                          if n >= self.min_samples), default=0.0)
-            if bound < floor:  # only then can it change a choice
-                self._recompute()
+            self.left[level] = self.cap_tok_s[level] < floor
+        return self.left[level]
 
     def _checked(self, job_id: int, level: int, tokens: int, seconds: float) -> float:
         """tokens / seconds, after checking them; a new job starts the table over."""
@@ -111,6 +122,7 @@ class LevelRates:
             self.rate_tok_s = [0.0] * (self.levels + 1)
             self.samples = [0] * (self.levels + 1)
             self.cap_tok_s = [math.inf] * (self.levels + 1)
+            self.left = [False] * (self.levels + 1)
         return tokens / seconds
 
     def best(self, upto: int, skipped: Sequence[int] = ()) -> int:
@@ -134,18 +146,22 @@ class LevelRates:
         # tok/s a bound comes every ~4 s, and b65's harli spent its whole first 12-s turn
         # at level 3 (268 tok/s) beside level 2's measured 1700.
         for level in allowed:
-            if samples[level] < min_samples and not self.cap_tok_s[level] < floor:
+            if (samples[level] < min_samples and not self.left[level]
+                    and not self.cap_tok_s[level] < floor):
                 return level
-        # Every allowed level is measured or capped under floor: the fastest measured one
-        # (upto on a tie, then the lowest).
+        # Every allowed level is measured, left, or capped under floor: the fastest measured
+        # one (upto on a tie, then the lowest); upto itself if none is measured (every one
+        # was left for a level the rules do not allow now).
         top = 0
         for level in (upto, *range(1, upto)):
             if (level not in skipped and samples[level] >= min_samples
                     and (top == 0 or rate[level] > rate[top])):
                 top = level
-        return top
+        return top or upto
 
     def _recompute(self) -> None:
+        for level in range(1, self.levels + 1):  # a measured rate may leave capped levels
+            self._leave_if_capped(level)
         self._best = [0, *(self._choose(upto) for upto in range(1, self.levels + 1))]
 
     def snapshot(self) -> dict[int, float]:

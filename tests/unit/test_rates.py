@@ -62,6 +62,23 @@ def test_a_level_that_never_finishes_beside_a_busy_decode_is_capped_and_left() -
     assert r.rate_tok_s[2] == pytest.approx(1700 + 0.2 * (512 - 1700)) and r.best(K) == 2
 
 
+def test_a_level_left_for_a_faster_one_is_not_tried_again_when_that_one_dips() -> None:
+    """b69: each time level 2's rate dipped under the caps of levels 1 and 3, they were tried
+    again for ~0.5 s, ~20 % of harli's busy time at a few hundred tok/s."""
+    r = LevelRates(K, min_samples=3)
+    for _ in range(3):
+        r.observe(1, 2, 1900, 1.0)
+        r.observe(1, 4, 400, 1.0)
+    r.bound_running(1, 3, 1024, 0.6)  # 1707 at most: under 1900, left
+    r.bound_running(1, 1, 1024, 0.6)
+    assert r.left[3] and r.left[1] and r.best(K) == 2
+    for _ in range(10):  # level 2 slows to 1500: under the caps, yet neither is tried again
+        r.observe(1, 2, 1500, 1.0)
+    assert r.best(K) == 2 and r.best(1) == 1  # upto 1: nothing measured to prefer
+    r.observe(2, 2, 1500, 1.0)  # a new job starts over
+    assert not any(r.left)
+
+
 def test_a_running_bound_caps_a_level_without_a_sample() -> None:
     r = LevelRates(K, min_samples=3)
     for _ in range(3):
@@ -86,7 +103,7 @@ def _expected(r: LevelRates, upto: int, skipped: set[int], min_samples: int) -> 
     measured = [r.rate_tok_s[lv] for lv in range(1, upto + 1)
                 if lv not in skipped and r.samples[lv] >= min_samples]
     below = [lv for lv in range(upto, 0, -1)
-             if lv not in skipped and r.samples[lv] < min_samples
+             if lv not in skipped and r.samples[lv] < min_samples and not r.left[lv]
              and not r.cap_tok_s[lv] < max(measured, default=0.0)]
     if below:
         return "explore", below[0]
@@ -94,12 +111,16 @@ def _expected(r: LevelRates, upto: int, skipped: set[int], min_samples: int) -> 
 
 
 def _check_fastest(r: LevelRates, best: int, allowed: list[int], min_samples: int) -> None:
-    """``best`` is the fastest measured allowed level, and every unmeasured one is capped
-    under it."""
+    """``best`` is the fastest measured allowed level, and every unmeasured one is left or
+    capped under it; with none measured (all left), the allowed level itself."""
     measured = [lv for lv in allowed if r.samples[lv] >= min_samples]
+    assert all(r.left[lv] or r.cap_tok_s[lv] < r.rate_tok_s[best]
+               for lv in allowed if lv not in measured)
+    if not measured:
+        assert best == max(allowed)
+        return
     assert best in measured
     assert r.rate_tok_s[best] == max(r.rate_tok_s[lv] for lv in measured)
-    assert all(r.cap_tok_s[lv] < r.rate_tok_s[best] for lv in allowed if lv not in measured)
 
 
 def test_a_level_bounded_under_a_measured_one_is_left_after_one_bound() -> None:
