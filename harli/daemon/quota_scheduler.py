@@ -157,9 +157,13 @@ class QuotaScheduler:
         if (rates is None or not self._busy or not self._step_tokens
                 or not 1 <= level <= self.levels or rates.samples[level] >= rates.min_samples):
             return
-        seconds = self._busy_s_by_level.get(level, 0.0) + now - max(
-            self._busy_since, self._level_since, self._step_since)
+        seconds = self._busy_s_by_level.get(level, 0.0) + self._open_stretch_s(now)
         rates.bound_running(self._job_id, level, self._step_tokens, seconds)
+
+    def _open_stretch_s(self, now: float) -> float:
+        """Seconds the micro-step in flight has run, up to ``now``, since decode's busy/idle
+        state, the level in force and the micro-step itself last changed."""
+        return now - max(self._busy_since, self._level_since, self._step_since)
 
     def on_arrival(self, prompt_tokens: int, now: float) -> None:
         """A request was handed to decode: decide now, not after its first iteration's
@@ -178,7 +182,7 @@ class QuotaScheduler:
         flight ran the part of it since it began at that level beside a busy decode."""
         level = self._current_level()
         if self._busy and 1 <= level <= self.levels:
-            seconds = now - max(self._busy_since, self._level_since, self._step_since)
+            seconds = self._open_stretch_s(now)
             if seconds > 0.0:
                 self._busy_s_by_level[level] += seconds
 

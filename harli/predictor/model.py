@@ -391,7 +391,7 @@ class LatencyModel:
         host = self._host[key[1]]
         self._errors.append(abs(measured_s / (base_s * host.factor * corr.own_factor) - 1.0))
         log_ratio = min(_MAX_LOG_RATIO, max(-_MAX_LOG_RATIO, math.log(measured_s / base_s)))
-        if corr.n + 1 == self._warmup and fit_key == level and level < len(self._lines):
+        if corr.n + 1 == self._warmup and fit_key == level:  # level 0 or one with a fit
             self._warm[key[1]][level] = corr  # its bias is trusted from this update on
         if corr.update(log_ratio, fitted_spread_log, host, detect_drift=not fallback):
             self._last_drift_s[level] = now

@@ -28,7 +28,7 @@ changes. Pure logic: no clock, no IO.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 __all__ = ["LevelRates"]
 
@@ -51,7 +51,7 @@ class LevelRates:
         self.job_id: int | None = None
         self.rate_tok_s = [0.0] * (levels + 1)  # index = level; 0 is the pause
         self.samples = [0] * (levels + 1)
-        # The lowest bound observe_unfinished has seen for each level (inf: none).
+        # The lowest bound observe_unfinished or bound_running has seen per level (inf: none).
         self.cap_tok_s = [math.inf] * (levels + 1)
         # Levels left for this job: their cap fell under a measured level's rate once. Not
         # tried again when that rate later dips under the cap (b69: each dip of level 2's
@@ -99,16 +99,14 @@ class LevelRates:
         bound = tokens / seconds
         if bound < self.cap_tok_s[level]:
             self.cap_tok_s[level] = bound
-            if self._leave_if_capped(level):  # only then can it change a choice
+            # Only a cap under a measured level's rate can change a choice (it leaves the level).
+            if not self.left[level] and bound < self._fastest_measured(range(1, self.levels + 1)):
                 self._recompute()
 
-    def _leave_if_capped(self, level: int) -> bool:
-        """Mark ``level`` left when its cap is under the rate of a measured level."""
-        if not self.left[level] and self.samples[level] < self.min_samples:
-            floor = max((r for r, n in zip(self.rate_tok_s, self.samples, strict=True)
-                         if n >= self.min_samples), default=0.0)
-            self.left[level] = self.cap_tok_s[level] < floor
-        return self.left[level]
+    def _fastest_measured(self, levels: Iterable[int]) -> float:
+        """The highest rate among ``levels`` with ``min_samples`` or more (0: none)."""
+        return max((self.rate_tok_s[lv] for lv in levels if self.samples[lv] >= self.min_samples),
+                   default=0.0)
 
     def _checked(self, job_id: int, level: int, tokens: int, seconds: float) -> float:
         """tokens / seconds, after checking them; a new job starts the table over."""
@@ -135,23 +133,19 @@ class LevelRates:
 
     def _choose(self, upto: int, skipped: Sequence[int] = ()) -> int:
         samples, rate, min_samples = self.samples, self.rate_tok_s, self.min_samples
-        allowed = [level for level in range(upto, 0, -1) if level not in skipped]
-        # What the fastest measured level trains: a level capped under it cannot beat it.
-        floor = max((rate[lv] for lv in allowed if samples[lv] >= min_samples), default=0.0)
         # The allowed level itself (plain harli's choice) until it is measured, then each
         # lower one in turn, from the top: lower levels are within the SLO whenever upto is,
         # and a level that never finishes a micro-step beside a busy decode gets measured
         # anyway (observe_unfinished). A level whose bound is already under a measured
-        # level's rate is left after that one bound, not tried until min_samples: at ~270
-        # tok/s a bound comes every ~4 s, and b65's harli spent its whole first 12-s turn
-        # at level 3 (268 tok/s) beside level 2's measured 1700.
-        for level in allowed:
-            if (samples[level] < min_samples and not self.left[level]
-                    and not self.cap_tok_s[level] < floor):
+        # level's rate is left (_recompute) after that one bound, not tried until
+        # min_samples: at ~270 tok/s a bound comes every ~4 s, and b65's harli spent its whole
+        # first 12-s turn at level 3 (268 tok/s) beside level 2's measured 1700.
+        for level in range(upto, 0, -1):
+            if level not in skipped and samples[level] < min_samples and not self.left[level]:
                 return level
-        # Every allowed level is measured, left, or capped under floor: the fastest measured
-        # one (upto on a tie, then the lowest); upto itself if none is measured (every one
-        # was left for a level the rules do not allow now).
+        # Every allowed level is measured or left: the fastest measured one (upto on a tie,
+        # then the lowest); upto itself if none is measured (every one was left for a level
+        # the rules do not allow now).
         top = 0
         for level in (upto, *range(1, upto)):
             if (level not in skipped and samples[level] >= min_samples
@@ -160,8 +154,11 @@ class LevelRates:
         return top or upto
 
     def _recompute(self) -> None:
-        for level in range(1, self.levels + 1):  # a measured rate may leave capped levels
-            self._leave_if_capped(level)
+        # Leave each unmeasured level capped under a measured one (a new cap or a new rate).
+        floor = self._fastest_measured(range(1, self.levels + 1))
+        for level in range(1, self.levels + 1):
+            if self.samples[level] < self.min_samples and self.cap_tok_s[level] < floor:
+                self.left[level] = True
         self._best = [0, *(self._choose(upto) for upto in range(1, self.levels + 1))]
 
     def snapshot(self) -> dict[int, float]:
