@@ -100,6 +100,9 @@ class Metrics:
         self.cpu_fences = Counter("harli_finetune_cpu_fences_total",
                                   "level drops that moved the finetune's threads off decode's "
                                   "cores at once (CPU hosts)", registry=r)
+        self.fence_follows = Counter("harli_finetune_fence_follows_total",
+                                     "times the finetune narrowed its thread pool mid-chunk "
+                                     "to such a fence (CPU hosts)", registry=r)
         self.decision_s = Histogram("harli_scheduler_decision_seconds",
                                     "Time the quota policy takes for one decision.",
                                     buckets=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3),
@@ -138,6 +141,7 @@ class Metrics:
         self.lease_saved_bytes.labels("lease").inc(r.lease_saved_bytes)
         self.lease_saved_bytes.labels("private").inc(r.private_saved_bytes)
         self.lease_fallbacks.inc(r.fallback_tensors)
+        self.fence_follows.inc(r.fence_follows)
         saved = r.lease_saved_bytes + r.private_saved_bytes
         if saved:
             self.lease_in_share.set(r.lease_saved_bytes / saved)

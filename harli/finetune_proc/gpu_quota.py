@@ -285,6 +285,9 @@ class GpuQuota:
     def chunk_scale(self, level: int) -> int:
         return 1  # one stream at every level: a chunk's size is not what its SMs share
 
+    def follow_fence(self) -> bool:
+        return False  # the daemon fences no GPU finetune: a level takes effect at a chunk
+
     def describe(self) -> dict[str, Any]:
         """What status shows: the mode in force and why, and the SMs per level."""
         return {"mode": self.mode, "reason": self.reason, "device": self.device,

@@ -34,6 +34,7 @@ import zmq
 
 from harli.config import HarliConfig
 from harli.finetune_proc.activations import ActivationLease
+from harli.finetune_proc.block_hooks import call_between_blocks
 from harli.finetune_proc.gpu_quota import GpuQuota, make_quota
 from harli.finetune_proc.quota import CpuQuota, QuotaApplier, cpu_quota, set_process_affinity
 from harli.finetune_proc.recipe import LoRARecipe, MicroStepAborted, shared_base
@@ -89,6 +90,7 @@ class FinetuneProc:
         self._paused_since: float | None = None
         self._paused_s = 0.0
         self._idle_until = 0.0
+        self._fence_follows = 0  # in the micro-step in flight
         self._decoder: Decoder[DaemonToFinetune] = Decoder(DaemonToFinetune)
         self._ctx = zmq.Context()
         self._in = self._ctx.socket(zmq.PULL)
@@ -188,6 +190,9 @@ class FinetuneProc:
             self._end("failed", f"setup failed: {e}")
             return
         self.recipe = recipe
+        if self.device == "cpu":
+            # A level drop's fence is obeyed inside a chunk, not at its end (block_hooks).
+            call_between_blocks(recipe.model, self._follow_fence)
         self._send(JobStarted(job_id=msg.job_id, resumed_from_step=recipe.resumed_from,
                               total_steps=recipe.total_steps,
                               dataset_report=recipe.dataset_report()))
@@ -234,6 +239,7 @@ class FinetuneProc:
             return
         level = self.decision.level
         self._apply_decision()
+        self._fence_follows = 0
         try:
             r = self.recipe.train_micro_step(
                 self.lease, self._between_chunks,
@@ -258,7 +264,7 @@ class FinetuneProc:
             lease_saved_bytes=r.lease.lease_saved_bytes if r.lease else 0,
             private_saved_bytes=r.lease.private_saved_bytes if r.lease else 0,
             fallback_tensors=r.lease.fallback_tensors if r.lease else 0, chunks=r.chunks,
-            idle_after_s=idle_after_s))
+            idle_after_s=idle_after_s, fence_follows=self._fence_follows))
         self._paused_s = 0.0
         if self.recipe.checkpoint_due(r):
             path = self.recipe.save_checkpoint()
@@ -273,6 +279,10 @@ class FinetuneProc:
         if self.decision.seq != self._applied_seq and self.decision.level > 0:
             self.quota.apply(self.decision.level)
             self._applied_seq = self.decision.seq
+
+    def _follow_fence(self) -> None:
+        if self.quota.follow_fence():
+            self._fence_follows += 1
 
     def _between_chunks(self) -> float:
         """Called by the recipe between two chunks of a micro-step, when the lease is empty and
@@ -292,9 +302,9 @@ class FinetuneProc:
             if stopping and (paused or timeout_ms):
                 raise MicroStepAborted(stopping)
             if not paused or stopping:
-                # A level read here takes effect for the next chunk: after a drop from a
-                # level that spills, the daemon's fence has put every thread on our own cores,
-                # where two threads of one op would share one core until the micro-step ends.
+                # A level read here takes effect for the next chunk. (A drop's fence, which
+                # the daemon put on our threads at once, was followed between blocks already:
+                # _follow_fence.)
                 self._apply_decision()
                 return time.monotonic() - t0 if timeout_ms else 0.0
             timeout_ms = _IDLE_WAIT_MS  # paused: block until the next message

@@ -299,6 +299,8 @@ class MicroStepReport(_Internal, frozen=True):
     chunks: int = 1
     # Duty-cycle idle the quota imposes after this micro-step (the level's rate counts it).
     idle_after_s: float = 0.0
+    # Times it narrowed its thread pool mid-chunk to a CPU fence of the daemon's.
+    fence_follows: int = 0
 
 
 class JobStarted(_Internal, frozen=True):

@@ -16,8 +16,10 @@ from harli.finetune_proc import SAMPLE_DATASET
 from harli.ipc.jobs import JobSpec
 from harli.tools.client import RequestError
 from harli.tools.control_client import ControlClient
+from harli.tools.local_daemon import LocalDaemon
 
 from .conftest import make_daemon
+from .test_finetune import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
@@ -92,12 +94,21 @@ def _thread_policies(pid: int) -> set[int]:
     return policies
 
 
+def _metric(d: LocalDaemon, name: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{d.cfg.metrics.port}/metrics",
+                                  timeout=10).read().decode()
+    return sum(float(line.split(" ")[1]) for line in text.splitlines()
+               if line.split(" ")[0] == name)
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
                     reason="one core: decode is not pinned, so there is no core to fence off")
 def test_a_level_drop_fences_the_training_finetune_off_decode_cores_at_once(
         tmp_path: Path, tiny_model: Path) -> None:
     with make_daemon(tmp_path / "d", tiny_model, 'scheduler.policy="harli"',
-                     "scheduler.tpot_slo_ms=0.5") as d, \
+                     "scheduler.tpot_slo_ms=0.5", f"metrics.port={free_port()}") as d, \
             ControlClient(d.cfg.control_endpoint) as c:
         ft = _finetune_pid(d.children())
         decode_core = min(os.sched_getaffinity(0))  # decode.cpu_cores="auto": the first core
@@ -132,6 +143,13 @@ def test_a_level_drop_fences_the_training_finetune_off_decode_cores_at_once(
         # The daemon moved every thread off decode's core with the drop, and the finetune,
         # mid-micro-step at level 4, did not move back before reading the new decision.
         assert fenced and all(fenced), fenced
+        # And it followed the fence inside its chunk: one thread on its one core, not two
+        # (block_hooks), counted when that micro-step reports (after the load, once resumed).
+        deadline = time.monotonic() + 60
+        while _metric(d, "harli_finetune_fence_follows_total") < 1:
+            assert time.monotonic() < deadline, "the finetune never followed the fence"
+            time.sleep(0.1)
+        assert _metric(d, "harli_finetune_cpu_fences_total") >= 1
 
 
 def test_micro_steps_beside_a_busy_decode_give_the_level_its_measured_rate(

@@ -118,3 +118,33 @@ def test_fence_moves_every_thread_of_another_process_off_decode_cores_at_once() 
         proc.kill()
         proc.wait()
     q.fence(proc.pid, 4, 1)  # a process that is gone: no error raised
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_follow_fence_narrows_the_thread_pool_to_the_fenced_mask_and_apply_widens_it_again(
+        ) -> None:
+    # In a child: torch's thread count and this thread's mask are process state.
+    c0, c1 = sorted(os.sched_getaffinity(0))[:2]
+    code = f"""
+import os, torch
+from harli.finetune_proc.quota import CpuQuota, set_process_affinity
+q = CpuQuota(4, 2, frozenset({{{c1}}}), frozenset({{{c0}}}))
+assert not q.follow_fence()  # nothing applied yet
+q.apply(4)
+assert torch.get_num_threads() == 2 and os.sched_getaffinity(0) == {{{c0}, {c1}}}
+assert not q.follow_fence()  # unfenced: two threads, two cores
+set_process_affinity(frozenset({{{c1}}}))  # the daemon's fence after a drop to level 2
+assert q.follow_fence() and torch.get_num_threads() == 1
+assert not q.follow_fence()  # followed once
+q.apply(2)  # the drop's decision, read at the chunk's end: already in force
+assert torch.get_num_threads() == 1 and os.sched_getaffinity(0) == {{{c1}}}
+q.apply(4)  # the next rise
+assert torch.get_num_threads() == 2 and os.sched_getaffinity(0) == {{{c0}, {c1}}}
+q.apply(2)
+assert torch.get_num_threads() == 1 and not q.follow_fence()  # one thread: nothing to narrow
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -90,3 +90,29 @@ def test_an_abort_between_chunks_leaves_the_trainer_where_it_was(
     assert not _grads(r)
     again = r.train_micro_step(chunk_tokens=1)  # and it trains on from there
     assert again.micro_step == before[0] + 1
+
+
+def test_calls_between_blocks_come_in_forward_and_backward_and_leave_the_gradient_as_is(
+        recipes: tuple[LoRARecipe, LoRARecipe]) -> None:
+    from harli.finetune_proc.block_hooks import call_between_blocks
+
+    plain, hooked = recipes
+    layers = plain.model.config.num_hidden_layers
+    calls: list[bool] = []  # grad mode at each call: on in forward, off in backward
+    handles = call_between_blocks(hooked.model, lambda: calls.append(torch.is_grad_enabled()))
+    r_plain = plain.train_micro_step(chunk_tokens=0)
+    r_hooked = hooked.train_micro_step(chunk_tokens=0)
+    # Each block and each of its submodules: at least one call per block in each direction.
+    assert calls.count(True) >= 2 * layers and calls.count(False) >= 2 * layers
+    # Backward's calls come after forward's, one block at a time.
+    assert calls.index(False) > len(calls) - calls[::-1].index(True) - 1
+    assert r_hooked.loss == pytest.approx(r_plain.loss, rel=1e-6)
+    a, b = _grads(plain), _grads(hooked)
+    assert a and a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=0, atol=0)
+    for h in handles:
+        h.remove()
+    calls.clear()
+    hooked.train_micro_step(chunk_tokens=0)
+    assert not calls
