@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from harli.config import SchedulerConfig
 from harli.daemon.metrics import Metrics
@@ -65,7 +65,8 @@ def next_view(t: IterationTelemetry, max_batched_tokens: int) -> BatchView:
 class QuotaScheduler:
     def __init__(self, cfg: SchedulerConfig, levels: int, model: LatencyPredictor,
                  set_level: Callable[[int], None], current_level: Callable[[], int],
-                 metrics: Metrics, max_batched_tokens: int) -> None:
+                 metrics: Metrics, max_batched_tokens: int,
+                 dominated_by: Sequence[int | None] = ()) -> None:
         self.cfg = cfg
         self.levels = levels
         self.model = model
@@ -75,7 +76,8 @@ class QuotaScheduler:
         self._current_level = current_level
         self.metrics = metrics
         self.max_batched_tokens = max_batched_tokens
-        self.rates = LevelRates(levels) if cfg.level_by_rate else None
+        self.rates = LevelRates(levels, dominated_by=dominated_by) if cfg.level_by_rate \
+            else None
         # Since when the level in force and decode's busy/idle state have held: a micro-step
         # report counts toward a level's rate only if neither changed while it ran.
         self._level_since = -float("inf")

@@ -308,10 +308,17 @@ class Daemon:
         # After the model exists: the profile's key names the model's config digest.
         self.latency = LatencyTracker.load(self.cfg, self.metrics)
         if self.finetune is not None:
+            # Levels that only idle more than a higher one on the same threads and cores
+            # are not worth a rate trial (CPU hosts; a GPU level's SMs differ at every level).
+            # Without a fence decode is unpinned: the finetune's quota spans the same cores.
+            quota = self.cpu_fence or cpu_quota(
+                self.cfg.finetune.levels, self.cfg.finetune.max_threads,
+                frozenset(os.sched_getaffinity(0)), frozenset())
+            dominated = [] if self.cuda_host else quota.dominated_by()
             self.scheduler = QuotaScheduler(
                 self.cfg.scheduler, self.cfg.finetune.levels, self.latency.model,
                 self._set_level, lambda: self.jobs.decision.level, self.metrics,
-                self.cfg.decode.max_num_batched_tokens or 2048)
+                self.cfg.decode.max_num_batched_tokens or 2048, dominated)
             self.frontend.scheduler = self.scheduler  # arrivals, token gaps, finished requests
             logger.info("[scheduler] policy %s, TPOT SLO %.1f ms at %.1f%%",
                         self.cfg.scheduler.policy, self.cfg.scheduler.tpot_slo_ms,

@@ -110,6 +110,21 @@ class CpuQuota:
             return frozenset()
         return cores_for(self.plan(level).threads, self.own_cores, self.spill_cores)
 
+    def dominated_by(self) -> list[int | None]:
+        """Per level (index 0..levels), the next higher level that runs the same threads on
+        the same cores with a duty cycle at least as long (None: none): it trains at least as
+        fast beside any decode, the lower one only idles more (``LevelRates``)."""
+        out: list[int | None] = [None] * (self.levels + 1)
+        for level in range(1, self.levels):
+            plan, cores = self.plan(level), self.cores_at(level)
+            for higher in range(level + 1, self.levels + 1):
+                other = self.plan(higher)
+                if other.threads == plan.threads and self.cores_at(higher) == cores \
+                        and other.duty >= plan.duty:
+                    out[level] = higher
+                    break
+        return out
+
     def fence(self, pid: int, from_level: int, to_level: int) -> bool:
         """Called by the daemon when the level drops: take the finetune's threads off decode's
         cores *now*, as a cgroup cpuset would, instead of at its next micro-step boundary

@@ -21,6 +21,15 @@ the level trains at most ``tokens / seconds``, a bound that can only overstate a
 under the rate of a level already measured: that level can only be slower, and it is left for
 the rest of the job (``left``), so a dip in the measured level's rate does not re-open the trial.
 
+Some levels need no trial at all: ``dominated_by[l] = m`` says level ``m`` runs the same
+threads on the same cores as ``l`` with a longer duty cycle (on CPU, level 1 is level 2's one
+thread idle half the time, level 3 level 4's two threads idle a quarter), so ``m`` trains at
+least as fast as ``l`` beside any decode. While ``m`` (or a level dominating it) is allowed,
+``l`` is neither tried nor chosen; when only ``l`` is allowed, ``m``'s rate (or cap) caps it,
+so a level 3 under a measured level 2 is left once level 4 is measured, untried. (b75: the
+first harli turn tried levels 3 and 1 for ~2 s of its busy time, 1994 tok/s against ~2900 in
+the turns after.)
+
 Rates belong to one job (a new job has other shapes); ``observe`` starts over when the job
 changes. Pure logic: no clock, no IO.
 """
@@ -35,9 +44,15 @@ __all__ = ["LevelRates"]
 
 class LevelRates:
     def __init__(self, levels: int, alpha: float = 0.2, min_samples: int = 3,
-                 min_unfinished_s: float = 1.0) -> None:
+                 min_unfinished_s: float = 1.0,
+                 dominated_by: Sequence[int | None] = ()) -> None:
         if levels < 1:
             raise ValueError(f"levels must be >= 1, got {levels}")
+        dominated = [*dominated_by, *[None] * (levels + 1 - len(dominated_by))]
+        if len(dominated) != levels + 1 or dominated[0] is not None or any(
+                m is not None and not level < m <= levels for level, m in enumerate(dominated)):
+            raise ValueError(f"dominated_by must name, per level 0..{levels}, None or a higher "
+                             f"level up to {levels} (and None for 0), got {list(dominated_by)}")
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         if min_samples < 1:
@@ -57,7 +72,9 @@ class LevelRates:
         # tried again when that rate later dips under the cap (b69: each dip of level 2's
         # EWMA re-opened a ~0.5-s trial of levels 1 and 3, ~20 % of harli's busy time).
         self.left = [False] * (levels + 1)
+        self.dominated_by: list[int | None] = dominated
         self._best = list(range(levels + 1))  # _best[upto]: best(upto), kept up to date
+        self._recompute()
 
     def observe(self, job_id: int, level: int, tokens: int, seconds: float) -> None:
         """A micro-step of job ``job_id`` trained ``tokens`` in ``seconds`` (its duty-cycle
@@ -140,26 +157,50 @@ class LevelRates:
         # level's rate is left (_recompute) after that one bound, not tried until
         # min_samples: at ~270 tok/s a bound comes every ~4 s, and b65's harli spent its whole
         # first 12-s turn at level 3 (268 tok/s) beside level 2's measured 1700.
+        # A level dominated by an allowed one (dominated_by) is neither tried nor chosen.
+        out = [level in skipped or self._covered(level, upto, skipped)
+               for level in range(upto + 1)]
         for level in range(upto, 0, -1):
-            if level not in skipped and samples[level] < min_samples and not self.left[level]:
+            if not out[level] and samples[level] < min_samples and not self.left[level]:
                 return level
         # Every allowed level is measured or left: the fastest measured one (upto on a tie,
         # then the lowest); upto itself if none is measured (every one was left for a level
         # the rules do not allow now).
         top = 0
         for level in (upto, *range(1, upto)):
-            if (level not in skipped and samples[level] >= min_samples
+            if (not out[level] and samples[level] >= min_samples
                     and (top == 0 or rate[level] > rate[top])):
                 top = level
         return top or upto
 
+    def _covered(self, level: int, upto: int, skipped: Sequence[int]) -> bool:
+        """Whether a level dominating ``level`` (through the chain) is allowed: within
+        ``upto`` and not in ``skipped``."""
+        m = self.dominated_by[level]
+        while m is not None and m <= upto:
+            if m not in skipped:
+                return True
+            m = self.dominated_by[m]
+        return False
+
     def _recompute(self) -> None:
-        # Leave each unmeasured level capped under a measured one (a new cap or a new rate).
+        # Leave each unmeasured level capped under a measured one (a new cap or a new rate):
+        # its own cap, or what the level dominating it trains (measured) or is capped at.
         floor = self._fastest_measured(range(1, self.levels + 1))
         for level in range(1, self.levels + 1):
-            if self.samples[level] < self.min_samples and self.cap_tok_s[level] < floor:
+            if self.samples[level] < self.min_samples and self._upper(level) < floor:
                 self.left[level] = True
         self._best = [0, *(self._choose(upto) for upto in range(1, self.levels + 1))]
+
+    def _upper(self, level: int) -> float:
+        """The most ``level`` can train: its cap, and its dominating level's rate once
+        measured, else that level's own upper bound (inf: unknown)."""
+        upper = self.cap_tok_s[level]
+        m = self.dominated_by[level]
+        if m is not None:
+            upper = min(upper, self.rate_tok_s[m] if self.samples[m] >= self.min_samples
+                        else self._upper(m))
+        return upper
 
     def snapshot(self) -> dict[int, float]:
         """Measured rates (tokens/s) by level, of levels with ``min_samples`` or more."""

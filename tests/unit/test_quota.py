@@ -148,3 +148,16 @@ print("ok")
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_a_level_that_only_idles_more_than_a_higher_one_is_dominated_by_it() -> None:
+    # 2 cores, 4 levels: 1 = level 2's thread half idle, 3 = level 4's two threads a quarter.
+    assert cpu_quota(4, 2, frozenset({0, 1}), frozenset({0})).dominated_by() == \
+        [None, 2, None, 4, None]
+    # One core (decode unpinned): every level is the one thread with a longer duty.
+    assert cpu_quota(4, 1, frozenset({0}), frozenset()).dominated_by() == [None, 2, 3, 4, None]
+    # 8 levels of 4 threads, 2 own cores and 2 of decode's: each thread count comes at two
+    # duties, the longer one dominates; levels 5-8 (3-4 threads) spill, 1-4 do not.
+    q = cpu_quota(8, 4, frozenset({0, 1, 2, 3}), frozenset({0, 1}))
+    assert q.dominated_by() == [None, 2, None, 4, None, 6, None, 8, None]
+    assert q.cores_at(4) == {2, 3} and q.cores_at(5) == {0, 1, 2, 3}

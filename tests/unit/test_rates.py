@@ -206,6 +206,65 @@ def test_best_never_picks_a_skipped_level(obs: list[tuple[int, int, float]],
     assert r.best(K, []) == r.best(K)  # nothing skipped: the O(1) answer
 
 
+CPU_DOMINATION = [None, 2, None, 4, None]  # 2 cores, 4 levels: 1 idles level 2's thread
+
+
+def test_a_dominated_level_is_neither_tried_nor_chosen_while_its_dominator_is_allowed() -> None:
+    """b75: the first harli turn tried levels 3 and 1 beside a busy decode; each only idles
+    more than level 4 or 2 on the same threads and cores, so neither can train faster."""
+    r = LevelRates(K, min_samples=3, dominated_by=CPU_DOMINATION)
+    assert [r.best(u) for u in range(K + 1)] == [0, 1, 2, 3, 4]  # plain harli at first
+    for _ in range(3):
+        r.observe(1, 4, 460, 1.0)
+    assert r.best(K) == 2  # not 3: level 4, allowed, trains at least as fast
+    for _ in range(3):
+        r.observe(1, 2, 2000, 1.0)
+    # Level 1 never tried (2 covers it); level 3, when 4 is not allowed, capped at level
+    # 4's 460 under level 2's 2000 and left untried.
+    assert [r.best(u) for u in range(K + 1)] == [0, 1, 2, 2, 2]
+    assert r.samples[1] == r.samples[3] == 0 and r.left[3] and not r.left[1]
+    # Level 2 over its bound: nothing covers level 1, which may beat level 4's 460 (it can
+    # train up to level 2's 2000), so it is tried; level 3 stays left.
+    assert r.best(K, [2]) == 1 and r.best(3, [2]) == 1
+
+
+def test_a_dominated_level_is_tried_when_its_dominator_is_not_allowed_and_could_win() -> None:
+    r = LevelRates(K, min_samples=3, dominated_by=CPU_DOMINATION)
+    for _ in range(3):
+        r.observe(1, 4, 3000, 1.0)
+    assert r.best(K) == 2  # 3 covered by 4
+    for _ in range(3):
+        r.observe(1, 2, 2000, 1.0)
+    assert r.best(K) == 4
+    # Level 3 may beat level 2 (its dominator trains 3000): with 4 not allowed, it is tried.
+    assert r.best(3) == 3 and not r.left[3]
+
+
+@settings(max_examples=200, deadline=None)
+@given(obs=st.lists(st.tuples(st.integers(1, K), st.integers(0, 5000),
+                              st.floats(0.01, 10.0)), max_size=60),
+       skipped=st.sets(st.integers(1, K - 1)))
+def test_best_never_picks_a_level_whose_dominator_is_allowed(
+        obs: list[tuple[int, int, float]], skipped: set[int]) -> None:
+    r = LevelRates(K, min_samples=2, dominated_by=CPU_DOMINATION)
+    for level, tokens, seconds in obs:
+        (r.observe_unfinished if tokens % 3 == 0 else r.observe)(1, level, tokens, seconds)
+    for upto in range(1, K + 1):
+        if upto in skipped:
+            continue
+        best = r.best(upto, sorted(skipped))
+        assert 1 <= best <= upto and best not in skipped
+        m = CPU_DOMINATION[best]
+        assert m is None or m > upto or m in skipped, (best, upto, skipped)
+
+
+def test_domination_must_point_to_a_higher_level() -> None:
+    for bad in ([1], [None, 1], [None, 0], [None, K + 1], [None, None, None, None, None, 5]):
+        with pytest.raises(ValueError, match="dominated_by"):
+            LevelRates(K, dominated_by=bad)
+    assert LevelRates(K, dominated_by=[None, 2]).dominated_by == [None, 2, None, None, None]
+
+
 def test_bad_observations_and_settings_are_named() -> None:
     r = LevelRates(K)
     with pytest.raises(ValueError, match="level"):
