@@ -158,17 +158,17 @@ class LevelRates:
         # min_samples: at ~270 tok/s a bound comes every ~4 s, and b65's harli spent its whole
         # first 12-s turn at level 3 (268 tok/s) beside level 2's measured 1700.
         # A level dominated by an allowed one (dominated_by) is neither tried nor chosen.
-        out = [level in skipped or self._covered(level, upto, skipped)
-               for level in range(upto + 1)]
+        excluded = [level in skipped or self._covered(level, upto, skipped)
+                    for level in range(upto + 1)]
         for level in range(upto, 0, -1):
-            if not out[level] and samples[level] < min_samples and not self.left[level]:
+            if not excluded[level] and samples[level] < min_samples and not self.left[level]:
                 return level
         # Every allowed level is measured or left: the fastest measured one (upto on a tie,
         # then the lowest); upto itself if none is measured (every one was left for a level
         # the rules do not allow now).
         top = 0
         for level in (upto, *range(1, upto)):
-            if (not out[level] and samples[level] >= min_samples
+            if (not excluded[level] and samples[level] >= min_samples
                     and (top == 0 or rate[level] > rate[top])):
                 top = level
         return top or upto
