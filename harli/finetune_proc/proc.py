@@ -241,9 +241,8 @@ class FinetuneProc:
         self._apply_decision()
         self._fence_follows = 0
         try:
-            r = self.recipe.train_micro_step(
-                self.lease, self._between_chunks,
-                self.cfg.finetune.chunk_tokens * self.quota.chunk_scale(level))
+            r = self.recipe.train_micro_step(self.lease, self._between_chunks,
+                                             self._chunk_tokens)
         except MicroStepAborted as e:
             logger.info("[finetune] job %d: micro-step %d abandoned while paused (%s)",
                         self.job.job_id, self.recipe.state.micro_step + 1, e)
@@ -280,6 +279,13 @@ class FinetuneProc:
             self.quota.apply(self.decision.level)
             self._applied_seq = self.decision.seq
 
+    def _chunk_tokens(self) -> int:
+        """The next chunk's padded tokens at the level in force (applied between chunks): a
+        rise mid-micro-step gets the top level's chunks, measured ~10-25 % faster for two
+        threads than the level below's (``CpuQuota.chunk_scale``)."""
+        return self.cfg.finetune.chunk_tokens * self.quota.chunk_scale(
+            max(1, self.decision.level))
+
     def _follow_fence(self) -> None:
         if self.quota.follow_fence():
             self._fence_follows += 1
@@ -291,7 +297,7 @@ class FinetuneProc:
         has the finetune paused, wait here rather than finish the micro-step beside a busy
         decode. Returns the seconds waited. A stop or cancel while paused abandons the
         micro-step; one that comes while running lets it finish, as at a boundary. A new
-        level applies from the next chunk on (the chunk size stays the micro-step's)."""
+        level applies from the next chunk on, and sizes it (``_chunk_tokens``)."""
         t0 = time.monotonic()
         timeout_ms = 0
         while True:

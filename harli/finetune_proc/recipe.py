@@ -213,14 +213,16 @@ class LoRARecipe:
 
     def train_micro_step(self, lease: ActivationLease | None = None,
                          between: Callable[[], float] | None = None,
-                         chunk_tokens: int = 0) -> MicroStepResult:
+                         chunk_tokens: int | Callable[[], int] = 0) -> MicroStepResult:
         """One micro-batch forward and backward (an optimizer step every ``grad_accum``).
 
         The micro-batch runs in chunks: as many examples as fit the lease's activation pages,
-        and at most ``chunk_tokens`` padded tokens (0: no cap). Between two chunks the lease is
-        empty again and the gradient of every finished chunk is accumulated, so the caller's
-        ``between`` may wait there (the daemon paused the finetune) or hand leased pages back;
-        it returns the seconds it waited, which the micro-step's duration leaves out.
+        and at most ``chunk_tokens`` padded tokens (0: no cap; a callable is asked before each
+        chunk, so a level changed in ``between`` sizes the chunks after it). Between two chunks
+        the lease is empty again and the gradient of every finished chunk is accumulated, so
+        the caller's ``between`` may wait there (the daemon paused the finetune) or hand leased
+        pages back; it returns the seconds it waited, which the micro-step's duration leaves
+        out.
         ``MicroStepAborted`` raised from it abandons the micro-step."""
         spec = self.spec
         t0 = time.perf_counter()
@@ -248,7 +250,8 @@ class LoRARecipe:
                                chunks=chunks, lease=lease_stats, waited_s=waited_s)
 
     def _forward_backward(self, inputs: dict[str, torch.Tensor], lease: ActivationLease | None,
-                          between: Callable[[], float] | None, chunk_tokens: int
+                          between: Callable[[], float] | None,
+                          chunk_tokens: int | Callable[[], int]
                           ) -> tuple[float | None, int, LeaseStats | None, float]:
         """Forward and backward of the micro-batch in chunks (see ``train_micro_step``).
 
@@ -260,7 +263,6 @@ class LoRARecipe:
         n, width = inputs["input_ids"].shape
         counts = shifted_label_counts(inputs["labels"])
         weights = chunk_weights(counts)
-        cap = max(1, chunk_tokens // width) if chunk_tokens > 0 else n
         skip = [*self.model.parameters(), *self.model.buffers()] if lease is not None else []
         loss: float | None = None
         stats: list[LeaseStats] = []
@@ -270,8 +272,11 @@ class LoRARecipe:
         while start < n:
             if start and between is not None:
                 waited_s += between()
-            # Re-planned after every chunk: the first pass of a job measures the estimate, and
-            # the lease may have shrunk or grown in ``between``.
+            # Re-planned after every chunk: the first pass of a job measures the estimate, the
+            # lease may have shrunk or grown in ``between``, and the level may have changed
+            # there (on CPU a chunk holds chunk_tokens per thread of the level).
+            tokens = chunk_tokens if isinstance(chunk_tokens, int) else chunk_tokens()
+            cap = max(1, tokens // width) if tokens > 0 else n
             lease_bytes = lease.lease_bytes if lease is not None else 0
             size = min(cap, chunk_plan(n - start, width, lease_bytes,
                                        self.saved_bytes_per_token))

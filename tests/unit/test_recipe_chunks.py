@@ -116,3 +116,23 @@ def test_calls_between_blocks_come_in_forward_and_backward_and_leave_the_gradien
     calls.clear()
     hooked.train_micro_step(chunk_tokens=0)
     assert not calls
+
+
+def test_a_chunk_size_asked_before_each_chunk_follows_a_level_changed_in_between(
+        recipes: tuple[LoRARecipe, LoRARecipe]) -> None:
+    whole, chunked = recipes
+    sizes = iter([WIDTH, 3 * WIDTH])  # one example, then three (a rise read in between)
+    asked: list[int] = []
+
+    def chunk_tokens() -> int:
+        asked.append(next(sizes, 3 * WIDTH))
+        return asked[-1]
+
+    r_whole = whole.train_micro_step(chunk_tokens=0)
+    r = chunked.train_micro_step(between=lambda: 0.0, chunk_tokens=chunk_tokens)
+    n = chunked.spec.micro_batch_size  # 4 examples: 1 + 3
+    assert r.chunks == 2 and asked == [WIDTH, 3 * WIDTH] and n == 4
+    assert r.loss == pytest.approx(r_whole.loss, rel=1e-5)
+    a, b = _grads(whole), _grads(chunked)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
