@@ -27,6 +27,8 @@ import logging
 import os
 import time
 import traceback
+from collections import deque
+from collections.abc import Iterator
 
 import msgspec
 import torch
@@ -91,6 +93,9 @@ class FinetuneProc:
         self._paused_s = 0.0
         self._idle_until = 0.0
         self._fence_follows = 0  # in the micro-step in flight
+        # Messages read between blocks that only a chunk boundary may act on (all but a
+        # Decision), handled first at the next drain, in the order they came.
+        self._deferred: deque[DaemonToFinetune] = deque()
         self._decoder: Decoder[DaemonToFinetune] = Decoder(DaemonToFinetune)
         self._ctx = zmq.Context()
         self._in = self._ctx.socket(zmq.PULL)
@@ -128,8 +133,16 @@ class FinetuneProc:
             timeout_ms = max(0, int(1000 * (self._idle_until - time.monotonic())))
         else:
             timeout_ms = _IDLE_WAIT_MS
-        for msg in drain(self._in, self._decoder, timeout_ms, "finetune"):
+        for msg in self._inputs(timeout_ms):
             self._handle(msg)
+
+    def _inputs(self, timeout_ms: int) -> Iterator[DaemonToFinetune]:
+        """The deferred messages, then the socket's (without waiting if there were any)."""
+        waiting = timeout_ms
+        while self._deferred:
+            waiting = 0
+            yield self._deferred.popleft()
+        yield from drain(self._in, self._decoder, waiting, "finetune")
 
     def _handle(self, msg: DaemonToFinetune) -> None:
         if isinstance(msg, Decision):
@@ -191,8 +204,8 @@ class FinetuneProc:
             return
         self.recipe = recipe
         if self.device == "cpu":
-            # A level drop's fence is obeyed inside a chunk, not at its end (block_hooks).
-            call_between_blocks(recipe.model, self._follow_fence)
+            # A level drop's fence and a new level are obeyed inside a chunk, not at its end.
+            call_between_blocks(recipe.model, self._between_blocks)
         self._send(JobStarted(job_id=msg.job_id, resumed_from_step=recipe.resumed_from,
                               total_steps=recipe.total_steps,
                               dataset_report=recipe.dataset_report()))
@@ -286,9 +299,23 @@ class FinetuneProc:
         return self.cfg.finetune.chunk_tokens * self.quota.chunk_scale(
             max(1, self.decision.level))
 
-    def _follow_fence(self) -> None:
+    def _between_blocks(self) -> None:
+        """Called by the training thread between its model's blocks (``block_hooks``), inside
+        a chunk: follow a fence the daemon has put on our threads since (a drop), and apply a
+        decision that came since (a rise: decode went idle) now rather than at the chunk's
+        end. A pause and every other message wait for the chunk boundary (the lease must be
+        empty to grant or reclaim pages), kept in order in ``_deferred``."""
         if self.quota.follow_fence():
             self._fence_follows += 1
+        if not self._in.poll(0):
+            return
+        for msg in drain(self._in, self._decoder, 0, "finetune"):
+            if isinstance(msg, Decision):
+                self._handle(msg)
+            else:
+                self._deferred.append(msg)
+        if self.decision.admitted and self.decision.level > 0:
+            self._apply_decision()
 
     def _between_chunks(self) -> float:
         """Called by the recipe between two chunks of a micro-step, when the lease is empty and
@@ -301,16 +328,15 @@ class FinetuneProc:
         t0 = time.monotonic()
         timeout_ms = 0
         while True:
-            for msg in drain(self._in, self._decoder, timeout_ms, "finetune"):
+            for msg in self._inputs(timeout_ms):
                 self._handle(msg)
             paused = not (self.decision.admitted and self.decision.level > 0)
             stopping = self._stop_reason or self._stop_job
             if stopping and (paused or timeout_ms):
                 raise MicroStepAborted(stopping)
             if not paused or stopping:
-                # A level read here takes effect for the next chunk. (A drop's fence, which
-                # the daemon put on our threads at once, was followed between blocks already:
-                # _follow_fence.)
+                # A level read here takes effect for the next chunk (one read inside the
+                # chunk, and a drop's fence, took effect between blocks: _between_blocks).
                 self._apply_decision()
                 return time.monotonic() - t0 if timeout_ms else 0.0
             timeout_ms = _IDLE_WAIT_MS  # paused: block until the next message

@@ -119,3 +119,44 @@ def test_a_level_read_between_chunks_sets_the_threads_of_the_next_chunk(
         assert torch.get_num_threads() == 1 and proc._applied_seq == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_between_blocks_a_new_level_applies_at_once_and_other_messages_wait_for_the_chunk(
+        wired: tuple[FinetuneProc, Any, Any]) -> None:
+    """Inside a chunk (``_between_blocks``, called from the model's block hooks) a rise is
+    applied at once; a reclaim waits for the chunk boundary, where the lease is empty, and
+    is answered there before anything that came after it."""
+    import torch
+
+    proc, to_ft, from_ft = wired
+    before = torch.get_num_threads()
+    out: Decoder[FinetuneToDaemon] = Decoder(FinetuneToDaemon)
+    try:
+        proc.decision = Decision(level=2, admitted=True, seq=1)
+        proc._apply_decision()
+        assert torch.get_num_threads() == 1
+        to_ft.send(encode(ReclaimLease(seq=7, pages=[3], deadline_s=time.monotonic() + 5)))
+        to_ft.send(encode(Decision(level=4, admitted=True, seq=2)))  # decode went idle
+        deadline = time.monotonic() + 10
+        while proc.decision.seq != 2:
+            proc._between_blocks()
+            assert time.monotonic() < deadline
+        assert torch.get_num_threads() == 2 and proc._applied_seq == 2  # mid-chunk
+        assert len(proc._deferred) == 1 and not from_ft.poll(200)  # the reclaim waits
+        to_ft.send(encode(Decision(level=0, admitted=True, seq=3)))  # a pause: waits too
+        while proc.decision.seq != 3:
+            proc._between_blocks()
+            assert time.monotonic() < deadline
+        assert torch.get_num_threads() == 2 and proc._applied_seq == 2
+        # The chunk ends: the reclaim is answered (no arena here: its pages go straight
+        # back), and the pause holds the micro-step between its chunks.
+        to_ft.send(encode(Decision(level=2, admitted=True, seq=4)))
+        while proc.decision.seq != 4:
+            proc._between_chunks()
+            assert time.monotonic() < deadline
+        assert not proc._deferred
+        reply = out.decode(from_ft.recv())
+        assert isinstance(reply, LeaseReturned) and reply.seq == 7 and reply.pages == [3]
+        assert torch.get_num_threads() == 1 and proc._applied_seq == 4
+    finally:
+        torch.set_num_threads(before)
