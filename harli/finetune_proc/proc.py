@@ -12,7 +12,8 @@ Leased arena pages (``ActivationLease``) hold the tensors autograd saves during 
 Grants and reclaims are applied while draining inputs, only when the lease is empty: at
 micro-step boundaries and between the chunks a micro-step runs in (``finetune.chunk_tokens``),
 where a pause also takes effect: a reclaim is answered, and a drop to level 0 obeyed, within a
-chunk.
+chunk. Inside a chunk, between the model's blocks, only a new level is applied (and a fence
+the daemon put on our threads followed); other messages wait there for the chunk's end.
 
 Loop: ``drain inputs -> (if a job is admitted) one micro-step -> emit``. Before each micro-step
 it obeys the daemon's latest ``Decision``; when paused or idle it blocks on its socket (bounded),
