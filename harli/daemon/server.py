@@ -311,10 +311,9 @@ class Daemon:
             # Levels that only idle more than a higher one on the same threads and cores
             # are not worth a rate trial (CPU hosts; a GPU level's SMs differ at every level).
             # Without a fence decode is unpinned: the finetune's quota spans the same cores.
-            quota = self.cpu_fence or cpu_quota(
+            dominated = [] if self.cuda_host else (self.cpu_fence or cpu_quota(
                 self.cfg.finetune.levels, self.cfg.finetune.max_threads,
-                frozenset(os.sched_getaffinity(0)), frozenset())
-            dominated = [] if self.cuda_host else quota.dominated_by()
+                frozenset(os.sched_getaffinity(0)), frozenset())).dominated_by()
             self.scheduler = QuotaScheduler(
                 self.cfg.scheduler, self.cfg.finetune.levels, self.latency.model,
                 self._set_level, lambda: self.jobs.decision.level, self.metrics,

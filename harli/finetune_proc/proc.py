@@ -308,15 +308,13 @@ class FinetuneProc:
         empty to grant or reclaim pages), kept in order in ``_deferred``."""
         if self.quota.follow_fence():
             self._fence_follows += 1
-        if not self._in.poll(0):
-            return
         for msg in drain(self._in, self._decoder, 0, "finetune"):
             if isinstance(msg, Decision):
                 self._handle(msg)
             else:
                 self._deferred.append(msg)
         if self.decision.admitted and self.decision.level > 0:
-            self._apply_decision()
+            self._apply_decision()  # a seq comparison when nothing new came
 
     def _between_chunks(self) -> float:
         """Called by the recipe between two chunks of a micro-step, when the lease is empty and

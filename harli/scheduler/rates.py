@@ -37,7 +37,7 @@ changes. Pure logic: no clock, no IO.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 __all__ = ["LevelRates"]
 
@@ -64,16 +64,21 @@ class LevelRates:
         self.min_samples = min_samples
         self.min_unfinished_s = min_unfinished_s  # shorter stretches bound nothing useful
         self.job_id: int | None = None
-        self.rate_tok_s = [0.0] * (levels + 1)  # index = level; 0 is the pause
-        self.samples = [0] * (levels + 1)
+        self.dominated_by: list[int | None] = dominated
+        self._reset()
+
+    def _reset(self) -> None:
+        """An empty table (a new job)."""
+        n = self.levels + 1
+        self.rate_tok_s = [0.0] * n  # index = level; 0 is the pause
+        self.samples = [0] * n
         # The lowest bound observe_unfinished or bound_running has seen per level (inf: none).
-        self.cap_tok_s = [math.inf] * (levels + 1)
+        self.cap_tok_s = [math.inf] * n
         # Levels left for this job: their cap fell under a measured level's rate once. Not
         # tried again when that rate later dips under the cap (b69: each dip of level 2's
         # EWMA re-opened a ~0.5-s trial of levels 1 and 3, ~20 % of harli's busy time).
-        self.left = [False] * (levels + 1)
-        self.dominated_by: list[int | None] = dominated
-        self._best = list(range(levels + 1))  # _best[upto]: best(upto), kept up to date
+        self.left = [False] * n
+        self._best = list(range(n))  # _best[upto]: best(upto), kept up to date
         self._recompute()
 
     def observe(self, job_id: int, level: int, tokens: int, seconds: float) -> None:
@@ -117,13 +122,13 @@ class LevelRates:
         if bound < self.cap_tok_s[level]:
             self.cap_tok_s[level] = bound
             # Only a cap under a measured level's rate can change a choice (it leaves the level).
-            if not self.left[level] and bound < self._fastest_measured(range(1, self.levels + 1)):
+            if not self.left[level] and bound < self._fastest_measured():
                 self._recompute()
 
-    def _fastest_measured(self, levels: Iterable[int]) -> float:
-        """The highest rate among ``levels`` with ``min_samples`` or more (0: none)."""
-        return max((self.rate_tok_s[lv] for lv in levels if self.samples[lv] >= self.min_samples),
-                   default=0.0)
+    def _fastest_measured(self) -> float:
+        """The highest rate of a level with ``min_samples`` or more (0: none)."""
+        return max((self.rate_tok_s[lv] for lv in range(1, self.levels + 1)
+                    if self.samples[lv] >= self.min_samples), default=0.0)
 
     def _checked(self, job_id: int, level: int, tokens: int, seconds: float) -> float:
         """tokens / seconds, after checking them; a new job starts the table over."""
@@ -134,10 +139,7 @@ class LevelRates:
                              f"{seconds}")
         if job_id != self.job_id:
             self.job_id = job_id
-            self.rate_tok_s = [0.0] * (self.levels + 1)
-            self.samples = [0] * (self.levels + 1)
-            self.cap_tok_s = [math.inf] * (self.levels + 1)
-            self.left = [False] * (self.levels + 1)
+            self._reset()
         return tokens / seconds
 
     def best(self, upto: int, skipped: Sequence[int] = ()) -> int:
@@ -186,7 +188,7 @@ class LevelRates:
     def _recompute(self) -> None:
         # Leave each unmeasured level capped under a measured one (a new cap or a new rate):
         # its own cap, or what the level dominating it trains (measured) or is capped at.
-        floor = self._fastest_measured(range(1, self.levels + 1))
+        floor = self._fastest_measured()
         for level in range(1, self.levels + 1):
             if self.samples[level] < self.min_samples and self._upper(level) < floor:
                 self.left[level] = True
