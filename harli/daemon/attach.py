@@ -72,7 +72,7 @@ class AttachValidator:
 
     def validate(self, spec: JobSpec, taken_output_dirs: dict[str, str]) -> dict[str, Any]:
         """Raise ``AttachRefused`` naming the problem, or return the dataset report."""
-        from harli.finetune_proc.datasets import DatasetError, load_dataset
+        from harli.datasets import DatasetError, load_dataset
 
         if spec.base_model and os.path.realpath(spec.base_model) != os.path.realpath(
                 self.model_dir):

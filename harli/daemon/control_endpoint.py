@@ -19,7 +19,7 @@ import zmq
 from harli.daemon.job_manager import JobManager
 from harli.ipc.codec import DecodeFailure, Decoder, encode, router_batch
 from harli.ipc.control import ControlRequest, DaemonStatus, GetStatus, SetLevel, SetPolicy
-from harli.ipc.messages import Error, ErrorCode
+from harli.ipc.inference import Error, ErrorCode
 
 logger = logging.getLogger(__name__)
 

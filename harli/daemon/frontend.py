@@ -24,20 +24,16 @@ from harli.daemon.metrics import Metrics
 from harli.daemon.requests import DuplicateRequest, Inflight, RequestTable
 from harli.daemon.supervisor import ChildExited, describe_returncode
 from harli.ipc.codec import ClientDecoder, DecodeFailure, encode, request_id_of, router_batch
-from harli.ipc.messages import (
+from harli.ipc.decode import AbortRequests, AddRequest, DaemonToDecode, RuntimeInfo, StepOutputs
+from harli.ipc.inference import (
     PROTOCOL_VERSION,
     Abort,
-    AbortRequests,
-    AddRequest,
     Chunk,
     ClientMessage,
-    DaemonToDecode,
     Error,
     ErrorCode,
     Generate,
     Hello,
-    RuntimeInfo,
-    StepOutputs,
     Welcome,
 )
 

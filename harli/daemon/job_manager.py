@@ -22,24 +22,26 @@ from harli.daemon.supervisor import ChildExited, describe_returncode
 from harli.ipc.control import (
     AttachJob,
     CancelJob,
-    CheckpointSaved,
     ControlReply,
+    JobDetail,
+    JobList,
+    JobLogs,
+    ListJobs,
+    ShowJob,
+)
+from harli.ipc.finetune import (
+    CheckpointSaved,
     DaemonToFinetune,
     Decision,
     FinetuneFatal,
     FinetuneToDaemon,
-    JobDetail,
     JobEnded,
-    JobList,
-    JobLogs,
     JobStarted,
-    ListJobs,
     MicroStepReport,
-    ShowJob,
     StartJob,
     StopJob,
 )
-from harli.ipc.messages import Error, ErrorCode
+from harli.ipc.inference import Error, ErrorCode
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import msgspec
 
-from harli.ipc.control import JobEvent, JobInfo, MicroStepReport
+from harli.ipc.control import JobEvent, JobInfo
+from harli.ipc.finetune import MicroStepReport
 from harli.ipc.jobs import JobSpec
 
 QUEUED, RUNNING, PAUSED = "queued", "running", "paused"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from harli.ipc.messages import KVLayout
+from harli.ipc.decode import KVLayout
 
 
 def blocks_per_group(block_bytes: int, page_bytes: int) -> int:

@@ -18,7 +18,7 @@ import harli
 from harli.config import HarliConfig
 from harli.daemon.metrics import Metrics
 from harli.ipc.control import PredictorStatus
-from harli.ipc.messages import IterationTelemetry
+from harli.ipc.decode import IterationTelemetry
 from harli.predictor import (
     BatchShape,
     LatencyModel,

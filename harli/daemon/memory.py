@@ -29,22 +29,22 @@ from harli.config import MemoryConfig
 from harli.daemon.kv_pages import KVPageMap
 from harli.daemon.ledger import LedgerError, Owner, PageLedger
 from harli.daemon.metrics import Metrics
-from harli.ipc.control import (
-    DaemonToFinetune,
-    GrantLease,
-    LeaseRefused,
-    LeaseReturned,
-    MemoryStatus,
-    MicroStepReport,
-    ReclaimLease,
-)
-from harli.ipc.messages import (
+from harli.ipc.control import MemoryStatus
+from harli.ipc.decode import (
     BlocksLent,
     BlocksReturned,
     IterationTelemetry,
     LendBlocks,
     ReturnBlocks,
     RuntimeInfo,
+)
+from harli.ipc.finetune import (
+    DaemonToFinetune,
+    GrantLease,
+    LeaseRefused,
+    LeaseReturned,
+    MicroStepReport,
+    ReclaimLease,
 )
 from harli.scheduler.lending import kv_demand_blocks, plan_lending
 

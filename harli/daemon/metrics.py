@@ -7,8 +7,8 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from harli.ipc.control import MicroStepReport
-from harli.ipc.messages import IterationTelemetry
+from harli.ipc.decode import IterationTelemetry
+from harli.ipc.finetune import MicroStepReport
 
 logger = logging.getLogger(__name__)
 

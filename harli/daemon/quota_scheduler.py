@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 
 from harli.config import SchedulerConfig
 from harli.daemon.metrics import Metrics
-from harli.ipc.control import MicroStepReport, SchedulerStatus
-from harli.ipc.messages import IterationTelemetry
+from harli.ipc.control import SchedulerStatus
+from harli.ipc.decode import IterationTelemetry
+from harli.ipc.finetune import MicroStepReport
 from harli.scheduler.policy import (
     BatchView,
     LatencyPredictor,

@@ -11,7 +11,7 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from harli.ipc.messages import Generate
+from harli.ipc.inference import Generate
 
 
 class DuplicateRequest(Exception):

@@ -25,7 +25,10 @@ import msgspec
 import zmq
 
 import harli
+from harli.arena.cuda import CudaArena
+from harli.arena.shm import Arena, ArenaError, ShmArena, remove_stale_arenas
 from harli.config import ENV, HarliConfig, child_environ
+from harli.cpu_plan import cpu_levels
 from harli.daemon.control_endpoint import ControlEndpoint
 from harli.daemon.frontend import Frontend
 from harli.daemon.gpu_faults import FaultContainment
@@ -45,14 +48,23 @@ from harli.daemon.supervisor import (
     ProcessOps,
 )
 from harli.daemon.weights_relay import WeightsRelay
-from harli.finetune_proc.quota import cpu_quota
 from harli.ipc import curve
-from harli.ipc.arena import Arena, ArenaError, ShmArena, remove_stale_arenas
 from harli.ipc.codec import DecodeFailure, Decoder, encode
-from harli.ipc.control import (
+from harli.ipc.control import ChildStatus, DaemonStatus
+from harli.ipc.decode import (
+    BlocksLent,
+    BlocksReturned,
+    DaemonToDecode,
+    DecodeToDaemon,
+    Fatal,
+    IterationTelemetry,
+    Ready,
+    RuntimeInfo,
+    Shutdown,
+    StepOutputs,
+)
+from harli.ipc.finetune import (
     CheckpointSaved,
-    ChildStatus,
-    DaemonStatus,
     DaemonToFinetune,
     FinetuneFatal,
     FinetuneReady,
@@ -63,23 +75,10 @@ from harli.ipc.control import (
     LeaseReturned,
     MicroStepReport,
 )
-from harli.ipc.cuda_arena import CudaArena
-from harli.ipc.messages import (
-    BlocksLent,
-    BlocksReturned,
-    DaemonToDecode,
-    DecodeToDaemon,
-    ErrorCode,
-    Fatal,
-    IterationTelemetry,
-    Ready,
-    RuntimeInfo,
-    Shutdown,
-    StepOutputs,
-)
-from harli.ipc.process import decode_cores, format_cpu_list, pin_to
+from harli.ipc.inference import ErrorCode
 from harli.ipc.weights import WeightsExported
 from harli.predictor import ProfileError
+from harli.runtime import decode_cores, format_cpu_list, pin_to
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +213,7 @@ class Daemon:
         # The finetune's quota as the finetune computes it, to fence it off decode's cores the
         # moment its level drops (see CpuQuota.fence).
         # On a GPU host the finetune's quota is SMs, not cores: no fence.
-        self.cpu_fence = cpu_quota(self.cfg.finetune.levels, self.cfg.finetune.max_threads,
+        self.cpu_fence = cpu_levels(self.cfg.finetune.levels, self.cfg.finetune.max_threads,
                                    frozenset(allowed), frozenset(self.decode_cores or ())) \
             if self.decode_cores and not self.cuda_host else None
 
@@ -311,7 +310,7 @@ class Daemon:
             # Levels that only idle more than a higher one on the same threads and cores
             # are not worth a rate trial (CPU hosts; a GPU level's SMs differ at every level).
             # Without a fence decode is unpinned: the finetune's quota spans the same cores.
-            dominated = [] if self.cuda_host else (self.cpu_fence or cpu_quota(
+            dominated = [] if self.cuda_host else (self.cpu_fence or cpu_levels(
                 self.cfg.finetune.levels, self.cfg.finetune.max_threads,
                 frozenset(os.sched_getaffinity(0)), frozenset())).dominated_by()
             self.scheduler = QuotaScheduler(
@@ -621,7 +620,7 @@ def _restarts_of(child: Child, forced: bool = False) -> Callable[[], float]:
 
 def run_daemon(cfg: HarliConfig) -> int:
     """Entry of ``harli daemon``: a foreground process fit for systemd."""
-    from harli.ipc.process import configure_logging, set_title
+    from harli.runtime import configure_logging, set_title
 
     configure_logging("daemon", cfg.daemon.log_level)
     set_title("harli::daemon")

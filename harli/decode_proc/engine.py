@@ -19,16 +19,16 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from harli.arena.shm import ArenaError, consecutive_runs
 from harli.config import HarliConfig
-from harli.ipc.arena import ArenaError, consecutive_runs
-from harli.ipc.messages import (
-    Generate,
+from harli.ipc.decode import (
     IterationTelemetry,
     KVLayout,
     RequestOutput,
     RequestRejected,
     RuntimeInfo,
 )
+from harli.ipc.inference import Generate
 from harli.ipc.weights import WeightsExported
 
 if TYPE_CHECKING:
@@ -222,7 +222,7 @@ class DecodeEngine:
         """Every parameter of the model, as a view of an exported CUDA allocation, for the
         finetune. An export that fails is logged and comes back empty, so that the finetune
         loads its own copy instead of waiting for one."""
-        from harli.finetune_proc.shared_weights import export_weights
+        from harli.arena.weights import export_weights
 
         try:
             exports = tuple(export_weights(vllm_model(self.llm).named_parameters()))

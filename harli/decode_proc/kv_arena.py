@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from harli.ipc.arena import Arena, ArenaError
+from harli.arena.shm import Arena, ArenaError
 
 logger = logging.getLogger(__name__)
 

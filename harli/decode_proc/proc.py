@@ -28,7 +28,7 @@ import zmq
 from harli.config import HarliConfig
 from harli.decode_proc.engine import DecodeEngine, shares_weights
 from harli.ipc.codec import Decoder, drain, encode
-from harli.ipc.messages import (
+from harli.ipc.decode import (
     AbortRequests,
     AddRequest,
     BlocksLent,
@@ -172,13 +172,7 @@ def run_decode_proc(cfg: HarliConfig, incarnation: int, cpu_cores: str = "none",
                     arena_json: str = "") -> int:
     """Entry of the decode process; returns its exit code."""
     from harli.config import parse_cpu_list
-    from harli.ipc.process import (
-        configure_logging,
-        die_with_parent,
-        pin_to,
-        run_child,
-        set_title,
-    )
+    from harli.runtime import configure_logging, die_with_parent, pin_to, run_child, set_title
 
     die_with_parent()
     set_title(f"harli::decode[{incarnation}]")
@@ -187,9 +181,10 @@ def run_decode_proc(cfg: HarliConfig, incarnation: int, cpu_cores: str = "none",
     pin_to(None if cpu_cores == "none" else parse_cpu_list(cpu_cores), "decode")
     arena_base = kv_cache_bytes = None
     if arena_json:
+        from harli.arena.cuda import open_arena
+        from harli.arena.shm import Arena
         from harli.decode_proc import kv_arena
-        from harli.ipc.arena import Arena, ArenaHandle
-        from harli.ipc.cuda_arena import open_arena
+        from harli.ipc.arena import ArenaHandle
 
         arena: Arena = open_arena(msgspec.json.decode(arena_json, type=ArenaHandle))
         kv_arena.install(arena)

@@ -12,7 +12,7 @@ import sys
 
 from harli.config import from_json, parse_cpu_list
 from harli.finetune_proc.quota import openmp_start_mask
-from harli.ipc.process import configure_logging, die_with_parent, set_cpu_scheduling, set_title
+from harli.runtime import configure_logging, die_with_parent, set_cpu_scheduling, set_title
 
 
 def main() -> int:

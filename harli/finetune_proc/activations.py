@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from harli.ipc.arena import Arena, consecutive_runs
+from harli.arena.shm import Arena, consecutive_runs
 
 ALIGN_BYTES = 64  # cache line; also a multiple of every dtype's itemsize
 

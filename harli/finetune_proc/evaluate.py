@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from harli.finetune_proc.datasets import IGNORE_INDEX, load_dataset
+from harli.datasets import IGNORE_INDEX, load_dataset
 
 
 @dataclass(frozen=True)

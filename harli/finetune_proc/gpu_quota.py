@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from harli.arena.cuda import check_cuda
 from harli.finetune_proc.green_contexts import (
     GpuQuotaError,
     GreenBackend,
@@ -36,7 +37,6 @@ from harli.finetune_proc.green_contexts import (
     cuda_driver,
     make_backend,
 )
-from harli.ipc.cuda_arena import check_cuda
 
 if TYPE_CHECKING:
     from harli.config import HarliConfig

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from harli.ipc.cuda_arena import check_cuda
+from harli.arena.cuda import check_cuda
 
 if TYPE_CHECKING:
     import torch

@@ -36,13 +36,14 @@ import torch
 import zmq
 
 from harli.config import HarliConfig
+from harli.cpu_plan import set_process_affinity
 from harli.finetune_proc.activations import ActivationLease
 from harli.finetune_proc.block_hooks import call_between_blocks
 from harli.finetune_proc.gpu_quota import GpuQuota, make_quota
-from harli.finetune_proc.quota import CpuQuota, QuotaApplier, cpu_quota, set_process_affinity
+from harli.finetune_proc.quota import CpuQuota, QuotaApplier, cpu_quota
 from harli.finetune_proc.recipe import LoRARecipe, MicroStepAborted, shared_base
 from harli.ipc.codec import Decoder, drain, encode
-from harli.ipc.control import (
+from harli.ipc.finetune import (
     CheckpointSaved,
     DaemonToFinetune,
     Decision,
@@ -354,7 +355,7 @@ def run_finetune_proc(cfg: HarliConfig, incarnation: int, own_cores: frozenset[i
                       spill_cores: frozenset[int], arena_json: str = "") -> int:
     """Entry of the finetune process (after ``__main__``'s set-up); returns its exit code.
     ``own_cores``: where it trains up to the levels that spill onto decode's ``spill_cores``."""
-    from harli.ipc.process import run_child
+    from harli.runtime import run_child
 
     # Off decode's cores now that libgomp has read the wide mask (openmp_start_mask).
     if spill_cores and own_cores:
@@ -366,8 +367,8 @@ def run_finetune_proc(cfg: HarliConfig, incarnation: int, own_cores: frozenset[i
         cfg.finetune.levels, cfg.finetune.max_threads, own_cores, spill_cores))
     lease = None
     if arena_json:
+        from harli.arena.cuda import open_arena
         from harli.ipc.arena import ArenaHandle
-        from harli.ipc.cuda_arena import open_arena
 
         handle = msgspec.json.decode(arena_json, type=ArenaHandle)
         # No prefault: the pages are decode's, resident already; only leased ones are touched.

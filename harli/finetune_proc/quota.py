@@ -7,11 +7,10 @@ level to (threads, duty cycle), the GPU one (green contexts) comes with the GPU 
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
-from dataclasses import dataclass
 from typing import Protocol
+
+from harli.cpu_plan import CpuLevels, cpu_levels, set_process_affinity
 
 
 class QuotaApplier(Protocol):
@@ -33,44 +32,6 @@ class QuotaApplier(Protocol):
         changed anything; cheap when nothing changed."""
 
 
-@dataclass(frozen=True)
-class CpuPlan:
-    threads: int
-    duty: float  # share of wall time spent computing, (0, 1]
-
-
-def cpu_plan(level: int, levels: int, max_threads: int) -> CpuPlan:
-    """Level ``l`` gets ``l / levels`` of ``max_threads`` cores' worth of time: as few threads
-    as can carry that share, run for the matching share of wall time."""
-    if not 1 <= level <= levels:
-        raise ValueError(f"level {level} is outside 1..{levels}")
-    cores = max_threads * level / levels
-    threads = max(1, math.ceil(cores - 1e-9))
-    return CpuPlan(threads=threads, duty=min(1.0, cores / threads))
-
-
-def cores_for(threads: int, own: frozenset[int], spill: frozenset[int]) -> frozenset[int]:
-    """The cores a level's threads may run on: the finetune's own (the cores decode does not
-    use) while they suffice, else also decode's (``spill``). Spilling is what makes a high
-    level interfere with decode, as a GPU finetune's SMs compete with decode's kernels: the
-    levels above the finetune's own share are the ones the SLO scheduler has to ration."""
-    if not own or threads > len(own):
-        return own | spill
-    return own
-
-
-def set_process_affinity(cores: frozenset[int], pid: int | str = "self") -> None:
-    """Every thread of process ``pid`` (OpenMP workers included: ``sched_setaffinity(0)``
-    moves only the calling thread), so the pool follows the level."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:  # the process is gone
-        return
-    for tid in tids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.sched_setaffinity(int(tid), cores)
-
-
 def openmp_start_mask(spill: frozenset[int]) -> frozenset[int]:
     """Widen this process's CPU mask by ``spill`` (decode's cores) before torch loads, and
     return the mask it had (its own cores), which it narrows back to once torch is loaded.
@@ -87,55 +48,14 @@ def openmp_start_mask(spill: frozenset[int]) -> frozenset[int]:
     return own - spill
 
 
-class CpuQuota:
+class CpuQuota(CpuLevels):
     """CPU hosts: ``torch.set_num_threads``, the cores those threads may use, and a duty
-    cycle (idle between micro-steps)."""
+    cycle (idle between micro-steps), applied to this process."""
 
     def __init__(self, levels: int, max_threads: int, own_cores: frozenset[int] = frozenset(),
                  spill_cores: frozenset[int] = frozenset()) -> None:
-        if levels < 1 or max_threads < 1:
-            raise ValueError("levels and max_threads must be >= 1")
-        self.levels = levels
-        self.max_threads = max_threads
-        self.own_cores = own_cores
-        self.spill_cores = spill_cores
+        super().__init__(levels, max_threads, own_cores, spill_cores)
         self._threads: int | None = None
-
-    def plan(self, level: int) -> CpuPlan:
-        return cpu_plan(level, self.levels, self.max_threads)
-
-    def cores_at(self, level: int) -> frozenset[int]:
-        """The cores ``level`` may run on (empty: no pinning configured)."""
-        if not (self.own_cores or self.spill_cores):
-            return frozenset()
-        return cores_for(self.plan(level).threads, self.own_cores, self.spill_cores)
-
-    def dominated_by(self) -> list[int | None]:
-        """Per level (index 0..levels), the next higher level that runs the same threads on
-        the same cores with a duty cycle at least as long (None: none): it trains at least as
-        fast beside any decode, the lower one only idles more (``LevelRates``)."""
-        out: list[int | None] = [None] * (self.levels + 1)
-        for level in range(1, self.levels):
-            plan, cores = self.plan(level), self.cores_at(level)
-            for higher in range(level + 1, self.levels + 1):
-                other = self.plan(higher)
-                if other.threads == plan.threads and self.cores_at(higher) == cores \
-                        and other.duty >= plan.duty:
-                    out[level] = higher
-                    break
-        return out
-
-    def fence(self, pid: int, from_level: int, to_level: int) -> bool:
-        """Called by the daemon when the level drops: take the finetune's threads off decode's
-        cores *now*, as a cgroup cpuset would, instead of at its next micro-step boundary
-        (0.1-0.3 s away on CPU, a whole burst of decode iterations). The finetune re-applies
-        its level at that boundary. Returns whether the threads were moved."""
-        # Paused (0): the micro-step in flight finishes on the lowest level's cores.
-        cores = self.cores_at(max(1, to_level))
-        if not cores or cores == self.cores_at(max(1, from_level)):
-            return False
-        set_process_affinity(cores, pid)
-        return True
 
     def apply(self, level: int) -> None:
         import torch
@@ -179,8 +99,6 @@ class CpuQuota:
 
 def cpu_quota(levels: int, max_threads: int, allowed: frozenset[int],
               decode_cores: frozenset[int]) -> CpuQuota:
-    """The finetune's CPU quota on this host: it starts on ``allowed`` minus decode's cores,
-    and its top levels may spill onto decode's. The finetune obeys it; the daemon builds the
-    same one to fence the finetune when the level drops."""
-    return CpuQuota(levels, max_threads or len(allowed | decode_cores) or 1,
-                    allowed - decode_cores, decode_cores)
+    """This process's CPU quota (``harli.cpu_plan.cpu_levels``, applied here)."""
+    plan = cpu_levels(levels, max_threads, allowed, decode_cores)
+    return CpuQuota(plan.levels, plan.max_threads, plan.own_cores, plan.spill_cores)

@@ -29,6 +29,9 @@ from typing import Any
 
 import torch
 
+from harli.arena.shm import ArenaError
+from harli.arena.weights import WeightShareError, import_weights
+from harli.datasets import IGNORE_INDEX, Example, load_dataset
 from harli.finetune_proc.activations import ActivationLease, LeaseStats, combine_stats
 from harli.finetune_proc.checkpoint import (
     TrainerState,
@@ -37,9 +40,7 @@ from harli.finetune_proc.checkpoint import (
     save_checkpoint,
     save_final_adapter,
 )
-from harli.finetune_proc.datasets import IGNORE_INDEX, Example, load_dataset
-from harli.finetune_proc.shared_weights import WeightShareError, build_shared_model, import_weights
-from harli.ipc.arena import ArenaError
+from harli.finetune_proc.shared_weights import build_shared_model
 from harli.ipc.jobs import JobSpec
 from harli.ipc.weights import WeightExport, WeightsExported
 

@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import zmq
 
-from harli.ipc.messages import ClientMessage, ErrorCode
+from harli.ipc.inference import ClientMessage, ErrorCode
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)

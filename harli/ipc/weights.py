@@ -4,7 +4,7 @@ The decode process exports each parameter of its vLLM model as (CUDA IPC handle 
 allocation that holds it, byte offset into it, shape, stride, dtype); the finetune process maps
 those allocations and builds its HF/PEFT model on views of them instead of loading a second copy
 (``harli.finetune_proc.shared_weights``). Internal family, like the children's messages in
-``harli.ipc.messages``: ``array_like``, tagged by class name, frozen.
+``harli.ipc.decode``: ``array_like``, tagged by class name, frozen.
 """
 
 from __future__ import annotations

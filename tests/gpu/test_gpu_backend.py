@@ -27,8 +27,8 @@ def _child(code: str, stdin: bytes = b"", timeout_s: float = 300) -> str:
 def test_cuda_arena_is_shared_both_ways_across_processes() -> None:
     import torch
 
-    from harli.ipc.arena import page_range
-    from harli.ipc.cuda_arena import CudaArena
+    from harli.arena.cuda import CudaArena
+    from harli.arena.shm import page_range
 
     arena = CudaArena.create(8 * MIB, 2 * MIB)
     try:
@@ -36,8 +36,9 @@ def test_cuda_arena_is_shared_both_ways_across_processes() -> None:
         torch.cuda.synchronize()
         code = (
             "import sys, msgspec, torch\n"
-            "from harli.ipc.arena import ArenaHandle, page_range\n"
-            "from harli.ipc.cuda_arena import open_arena\n"
+            "from harli.ipc.arena import ArenaHandle\n"
+            "from harli.arena.shm import page_range\n"
+            "from harli.arena.cuda import open_arena\n"
             "h = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=ArenaHandle)\n"
             "a = open_arena(h)\n"
             "off, n = page_range(h, 1)\n"
@@ -85,7 +86,8 @@ def test_weights_export_and_import_across_processes() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from harli.finetune_proc.shared_weights import LlamaShape, export_weights, fused_from_hf
+    from harli.arena.weights import export_weights
+    from harli.finetune_proc.shared_weights import LlamaShape, fused_from_hf
 
     config = LlamaConfig(vocab_size=500, hidden_size=256, intermediate_size=688,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -101,7 +103,8 @@ def test_weights_export_and_import_across_processes() -> None:
     code = (
         "import sys, msgspec, torch\n"
         "from transformers import LlamaConfig\n"
-        "from harli.finetune_proc.shared_weights import build_shared_model, import_weights\n"
+        "from harli.finetune_proc.shared_weights import build_shared_model\n"
+        "from harli.arena.weights import import_weights\n"
         "from harli.ipc.weights import WeightExport\n"
         "d = msgspec.json.decode(sys.stdin.buffer.read())\n"
         "t = import_weights(msgspec.convert(d['exports'], list[WeightExport]))\n"
@@ -115,7 +118,7 @@ def test_weights_export_and_import_across_processes() -> None:
 
 def test_gpu_check_quick_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "gpu-check.json"
-    p = subprocess.run([sys.executable, "-m", "harli.tools.cli", "gpu-check", "--quick",
+    p = subprocess.run([sys.executable, "-m", "harli.cli.main", "gpu-check", "--quick",
                         "--levels", "2", "--out", str(out)], capture_output=True, text=True,
                        timeout=1500, check=False)
     report = json.loads(out.read_text())

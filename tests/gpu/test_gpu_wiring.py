@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harli.finetune_proc import SAMPLE_DATASET
+from harli.datasets import SAMPLE_DATASET
 from harli.ipc.jobs import JobSpec
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -48,7 +48,7 @@ _FINETUNE = """
 import json, sys
 import msgspec, torch
 from transformers import AutoModelForCausalLM
-from harli.finetune_proc import SAMPLE_DATASET
+from harli.datasets import SAMPLE_DATASET
 from harli.finetune_proc.recipe import LoRARecipe, shared_base
 from harli.ipc.jobs import JobSpec
 from harli.ipc.weights import WeightsExported
@@ -105,8 +105,8 @@ def test_daemon_on_a_cuda_host_shares_weights_and_restarts_the_job_when_decode_d
         tiny: Path, tmp_path: Path) -> None:
     import signal
 
-    from harli.tools.control_client import ControlClient
-    from harli.tools.local_daemon import LocalDaemon
+    from harli.bench.local_daemon import LocalDaemon
+    from harli.client.control import ControlClient
 
     overrides = [f'model.path="{tiny}"', 'model.dtype="float32"', 'scheduler.policy="static:2"',
                  "decode.gpu_memory_utilization=0.3", "supervisor.backoff_initial_s=0.2"]

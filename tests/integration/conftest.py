@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harli.tools.local_daemon import LocalDaemon
+from harli.bench.local_daemon import LocalDaemon
 
 # float32 keeps greedy argmax stable across batch shapes, so the daemon and vLLM's offline
 # path can be compared token for token.

@@ -9,9 +9,9 @@ import msgspec
 import pytest
 import zmq
 
-from harli.ipc.messages import Error, Generate, Hello
-from harli.tools.client import InferenceClient, RequestError
-from harli.tools.local_daemon import LocalDaemon
+from harli.bench.local_daemon import LocalDaemon
+from harli.client.inference import InferenceClient, RequestError
+from harli.ipc.inference import Error, Generate, Hello
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harli.tools.bench_cmd import plot, run_bench, verdict
+from harli.bench.bench import plot, run_bench, verdict
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 

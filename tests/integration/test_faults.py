@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harli.tools.client import AsyncInferenceClient, RequestError
-from harli.tools.local_daemon import LocalDaemon, pid_alive
+from harli.bench.local_daemon import LocalDaemon, pid_alive
+from harli.client.inference import AsyncInferenceClient, RequestError
 
 from .conftest import make_daemon
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from harli.bench.local_daemon import LocalDaemon
+from harli.client.control import ControlClient
+from harli.client.inference import RequestError
 from harli.ipc.control import JobInfo
 from harli.ipc.jobs import JobSpec
-from harli.tools.client import RequestError
-from harli.tools.control_client import ControlClient
-from harli.tools.local_daemon import LocalDaemon
 
 from .conftest import make_daemon
 
@@ -70,8 +70,8 @@ def ctl(ft: LocalDaemon) -> Iterator[ControlClient]:
 
 def test_sample_job_learns_while_decode_serves(ft: LocalDaemon, ctl: ControlClient,
                                                tmp_path: Path) -> None:
+    from harli.bench.offline import OfflineRunner
     from harli.finetune_proc.evaluate import evaluate_adapter
-    from harli.tools.offline import OfflineRunner
 
     job = ctl.attach(spec(tmp_path, "learn", max_steps=150, checkpoint_every=50))
     assert job.status in ("queued", "running") and job.dataset_report is not None
@@ -246,7 +246,7 @@ def test_cli_job_file_with_a_bad_key(ft: LocalDaemon, tmp_path: Path) -> None:
 
     f = tmp_path / "job.toml"
     f.write_text(f'dataset = "{DIGITS}"\nname = "cli"\nlearning_rat = 0.1\n')
-    res = subprocess.run([sys.executable, "-m", "harli.tools.cli", "attach", "--spec", str(f),
+    res = subprocess.run([sys.executable, "-m", "harli.cli.main", "attach", "--spec", str(f),
                           "--endpoint", ft.cfg.control_endpoint], capture_output=True,
                          text=True, timeout=60, check=False)
     assert res.returncode == 2 and "learning_rat" in res.stderr

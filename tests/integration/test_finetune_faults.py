@@ -13,9 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from harli.bench.local_daemon import pid_alive
+from harli.client.control import ControlClient
 from harli.daemon.jobstore import JobStore
-from harli.tools.control_client import ControlClient
-from harli.tools.local_daemon import pid_alive
 
 from .conftest import make_daemon
 from .test_finetune import spec, wait_job

@@ -14,8 +14,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 SCRIPT = r"""
 import json, sys, uuid
 from harli.config import load
-from harli.ipc.arena import ShmArena
-from harli.ipc.messages import Generate
+from harli.arena.shm import ShmArena
+from harli.ipc.inference import Generate
 use_arena, model = sys.argv[1] == "arena", sys.argv[2]
 cfg = load(None, ['model.dtype="float32"', f'model.path="{model}"', "decode.max_num_seqs=8"])
 if use_arena:

@@ -16,7 +16,7 @@ SCRIPT = r"""
 import json, sys
 from harli.config import load
 from harli.decode_proc.engine import DecodeEngine
-from harli.ipc.messages import Generate
+from harli.ipc.inference import Generate
 lend, model = sys.argv[1] == "lend", sys.argv[2]
 cfg = load(None, ['model.dtype="float32"', f'model.path="{model}"', "decode.max_num_seqs=8"])
 eng = DecodeEngine(cfg)

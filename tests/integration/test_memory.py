@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from harli.bench.memory import run_bench
+from harli.client.control import ControlClient
 from harli.ipc.control import MemoryStatus
-from harli.tools.bench_memory import run_bench
-from harli.tools.control_client import ControlClient
 
 from .conftest import make_daemon
 from .test_finetune import spec, wait_job

@@ -12,11 +12,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from harli.bench.profile import Config, plot, profiling_daemon, run_configs
+from harli.client.control import ControlClient
+from harli.client.inference import RequestError
 from harli.daemon.latency import profile_key
 from harli.predictor import PROFILE_VERSION, Profile, evaluate, fit_levels, fit_solo
-from harli.tools.client import RequestError
-from harli.tools.control_client import ControlClient
-from harli.tools.profile_cmd import Config, plot, profiling_daemon, run_configs
 
 from .conftest import BASE_OVERRIDES, make_daemon
 
@@ -71,7 +71,7 @@ def test_profile_fit_evaluate_load_and_refuse(tmp_path: Path, tiny_model: Path) 
     other = msgspec.structs.replace(profile, key=msgspec.structs.replace(key, dtype="bfloat16"))
     bad = tmp_path / "other.json"
     bad.write_bytes(other.to_json())
-    argv = [sys.executable, "-m", "harli.tools.cli", "daemon",
+    argv = [sys.executable, "-m", "harli.cli.main", "daemon",
             "--set", f'daemon.runtime_dir="{tmp_path / "r3"}"',
             "--set", f'daemon.state_dir="{tmp_path / "s3"}"', "--set", "metrics.port=0",
             "--set", f'predictor.profile="{bad}"', *[a for o in overrides for a in ("--set", o)]]

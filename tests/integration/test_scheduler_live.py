@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from harli.finetune_proc import SAMPLE_DATASET
+from harli.bench.local_daemon import LocalDaemon
+from harli.client.control import ControlClient
+from harli.client.inference import RequestError
+from harli.datasets import SAMPLE_DATASET
 from harli.ipc.jobs import JobSpec
-from harli.tools.client import RequestError
-from harli.tools.control_client import ControlClient
-from harli.tools.local_daemon import LocalDaemon
 
 from .conftest import make_daemon
 from .test_finetune import free_port

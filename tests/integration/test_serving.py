@@ -9,11 +9,11 @@ import msgspec
 import pytest
 import zmq
 
+from harli.bench.local_daemon import LocalDaemon
+from harli.bench.offline import run_offline
+from harli.client.inference import AsyncInferenceClient, Completion
 from harli.ipc.codec import Decoder
-from harli.ipc.messages import IterationTelemetry
-from harli.tools.client import AsyncInferenceClient, Completion
-from harli.tools.local_daemon import LocalDaemon
-from harli.tools.offline import run_offline
+from harli.ipc.decode import IterationTelemetry
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 

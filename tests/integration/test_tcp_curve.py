@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from harli.client.inference import InferenceClient, RequestError
 from harli.ipc.curve import create_keys
-from harli.tools.client import InferenceClient, RequestError
 
 from .conftest import make_daemon
 from .test_finetune import free_port

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harli.finetune_proc import datasets
-from harli.finetune_proc.datasets import (
+from harli import datasets
+from harli.datasets import (
     FORMATS,
     IGNORE_INDEX,
     DatasetError,
@@ -210,7 +210,7 @@ def test_truncation_is_counted_and_logged_once(tok: Any, tmp_path: Path,
         {"prompt": "a", "completion": long},     # cut inside the completion
         {"prompt": "a", "completion": "b"},      # fits
     ])
-    caplog.set_level(logging.WARNING, logger="harli.finetune_proc.datasets")
+    caplog.set_level(logging.WARNING, logger="harli.datasets")
     examples, report = load_dataset(path, tok, 16)
     assert report.records == 3 and report.truncated == 2 and report.format == "prompt_completion"
     assert [len(e.input_ids) for e in examples[:2]] == [16, 16]

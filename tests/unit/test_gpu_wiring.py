@@ -17,32 +17,26 @@ import pytest
 import torch
 import zmq
 
+from harli.arena.weights import WeightShareError
 from harli.config import ConfigError, HarliConfig, load
 from harli.daemon.metrics import Metrics
 from harli.daemon.weights_relay import WeightsRelay
+from harli.datasets import SAMPLE_DATASET
 from harli.decode_proc.engine import shares_weights, vllm_model
 from harli.decode_proc.kv_arena import ArenaKVAllocation
-from harli.finetune_proc import SAMPLE_DATASET
 from harli.finetune_proc import recipe as recipe_mod
 from harli.finetune_proc.gpu_quota import GpuQuota, GreenSupport
 from harli.finetune_proc.quota import CpuQuota
 from harli.finetune_proc.recipe import LoRARecipe, shared_base
-from harli.finetune_proc.shared_weights import LlamaShape, WeightShareError, fused_from_hf
+from harli.finetune_proc.shared_weights import LlamaShape, fused_from_hf
 from harli.ipc.arena import ArenaHandle
 from harli.ipc.codec import Decoder, encode
-from harli.ipc.control import (
-    DaemonStatus,
-    DaemonToFinetune,
-    Decision,
-    FinetuneReady,
-    FinetuneToDaemon,
-    StartJob,
-)
+from harli.ipc.control import DaemonStatus
+from harli.ipc.decode import DecodeToDaemon
+from harli.ipc.finetune import DaemonToFinetune, Decision, FinetuneReady, FinetuneToDaemon, StartJob
 from harli.ipc.jobs import JobSpec
-from harli.ipc.messages import DecodeToDaemon
 from harli.ipc.weights import WeightExport, WeightsExported
-
-from .fake_procs import FakeOps
+from tests.unit.daemon.fake_procs import FakeOps
 
 HANDLE = "ab" * 64
 

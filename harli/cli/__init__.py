@@ -1,0 +1,1 @@
+"""The ``harli`` command line: one module per command group, entry point ``harli.cli.main``."""

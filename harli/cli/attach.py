@@ -1,0 +1,137 @@
+"""``harli attach DATASET [options] [--follow]``: queue a LoRA finetune job on the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from harli.cli.command import (
+    Command,
+    CommandError,
+    add_endpoint_arguments,
+    curve_kwargs,
+    load_config,
+)
+from harli.ipc.jobs import JobSpec
+
+# CLI option -> JobSpec field (dotted for LoRA settings).
+_OPTIONS: dict[str, tuple[str, type]] = {
+    "name": ("name", str), "output_dir": ("output_dir", str), "priority": ("priority", int),
+    "lr": ("learning_rate", float), "lr_schedule": ("lr_schedule", str),
+    "warmup_steps": ("warmup_steps", int), "epochs": ("epochs", int),
+    "max_steps": ("max_steps", int), "micro_batch_size": ("micro_batch_size", int),
+    "grad_accum": ("grad_accum", int), "max_seq_len": ("max_seq_len", int),
+    "seed": ("seed", int), "checkpoint_every": ("checkpoint_every", int),
+    "keep_checkpoints": ("keep_checkpoints", int), "base_model": ("base_model", str),
+    "lora_r": ("lora.r", int), "lora_alpha": ("lora.alpha", int),
+    "lora_dropout": ("lora.dropout", float),
+}
+
+
+def read_spec_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CommandError(f"job file {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode()) if path.suffix == ".toml" else json.loads(raw)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CommandError(f"job file {path}: not valid {path.suffix[1:] or 'JSON'}: {e}") \
+            from None
+    if not isinstance(data, dict):
+        raise CommandError(f"job file {path}: expected a table/object at the top level")
+    return data
+
+
+def build_spec(args: argparse.Namespace, state_dir: Path) -> JobSpec:
+    data = read_spec_file(Path(args.spec)) if args.spec else {}
+    if args.dataset:
+        data["dataset"] = args.dataset
+    if "dataset" not in data:
+        raise CommandError("no dataset: give DATASET or a job file with `dataset`")
+    for opt, (field, _) in _OPTIONS.items():
+        value = getattr(args, opt)
+        if value is None:
+            continue
+        if field.startswith("lora."):
+            data.setdefault("lora", {})[field[5:]] = value
+        else:
+            data[field] = value
+    if args.target_modules:
+        data.setdefault("lora", {})["target_modules"] = args.target_modules.split(",")
+    data["dataset"] = str(Path(data["dataset"]).expanduser().absolute())
+    data.setdefault("name", f"{Path(data['dataset']).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    data.setdefault("output_dir", str(state_dir / "jobs" / str(data["name"])))
+    data["output_dir"] = str(Path(data["output_dir"]).expanduser().absolute())
+    try:
+        return msgspec.convert(data, JobSpec)
+    except msgspec.ValidationError as e:
+        raise CommandError(f"invalid job: {e}") from None
+
+
+def follow(client: Any, job_id: int, poll_s: float = 0.5) -> str:
+    """Show a live progress bar until the job ends; return its final status."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    cols = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("level {task.fields[level]}"), TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn())
+    with Progress(*cols) as progress:
+        task = progress.add_task(f"job {job_id}", total=None, loss="-", tps="-", level="-",
+                                 status="queued")
+        while True:
+            job = client.show(job_id).job
+            progress.update(task, total=job.total_steps, completed=job.step,
+                            loss=f"{job.loss:.3f}" if job.loss is not None else "-",
+                            tps=f"{job.tokens_per_s:.0f}" if job.tokens_per_s else "-",
+                            level=job.level if job.level is not None else "-",
+                            status=job.status)
+            if job.status in ("succeeded", "failed", "cancelled"):
+                return str(job.status)
+            time.sleep(poll_s)
+
+
+class AttachCommand(Command):
+    name = "attach"
+    help = "queue a LoRA finetune job on the running daemon"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("dataset", nargs="?", help="JSONL dataset (alpaca, chat, "
+                       "prompt/completion or text records)")
+        p.add_argument("--spec", metavar="FILE", help="job spec as TOML or JSON; options "
+                       "given here override it")
+        for opt, (field, typ) in _OPTIONS.items():
+            p.add_argument("--" + opt.replace("_", "-"), type=typ, help=f"JobSpec.{field}")
+        p.add_argument("--target-modules", help="comma-separated LoRA target modules")
+        p.add_argument("--follow", action="store_true", help="show progress until it ends")
+        p.add_argument("--json", action="store_true", help="print the stored job as JSON")
+        add_endpoint_arguments(p)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from harli.client.control import ControlClient, to_jsonable
+        from harli.client.inference import RequestError
+
+        cfg = load_config(args)
+        spec = build_spec(args, cfg.state_dir)
+        with ControlClient(args.endpoint or cfg.control_endpoint, **curve_kwargs(args)) as client:
+            try:
+                job = client.attach(spec)
+            except RequestError as e:
+                raise CommandError(f"refused: {e.message}") from None
+            print(json.dumps(to_jsonable(job)) if args.json else job.job_id)
+            if args.follow:
+                return 0 if follow(client, job.job_id) == "succeeded" else 1
+        return 0

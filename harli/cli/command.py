@@ -1,0 +1,62 @@
+"""The shape of a ``harli`` sub-command: arguments, validation, run (circus ``commands/``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from harli.client.inference import CurveKeys
+
+
+class CommandError(Exception):
+    """A user error in a command's arguments; printed without a traceback, exit code 2."""
+
+
+class Command:
+    name: str = ""
+    help: str = ""
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        pass
+
+    def validate(self, args: argparse.Namespace) -> None:
+        pass
+
+    def run(self, args: argparse.Namespace) -> int:
+        raise NotImplementedError
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="TOML", help="harli.toml (default: built-in)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
+
+
+def add_endpoint_arguments(p: argparse.ArgumentParser) -> None:
+    """--config/--set, and how to reach the daemon: --endpoint and CURVE keys for tcp://."""
+    add_config_arguments(p)
+    p.add_argument("--endpoint", help="daemon endpoint (default: from the config)")
+    p.add_argument("--server-key", metavar="FILE",
+                   help="tcp:// only: the daemon's public CURVE certificate")
+    p.add_argument("--client-key", metavar="FILE",
+                   help="tcp:// only: this client's secret CURVE certificate")
+
+
+def curve_kwargs(args: argparse.Namespace) -> CurveKeys:
+    return {"server_key": args.server_key, "client_key": args.client_key}
+
+
+def load_config(args: argparse.Namespace, extra: list[str] | None = None):  # type: ignore[no-untyped-def]
+    from harli.config import ConfigError, load
+
+    try:
+        return load(args.config, [*args.overrides, *(extra or [])])
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+
+
+def control_client(args: argparse.Namespace, timeout_s: float = 120.0):  # type: ignore[no-untyped-def]
+    """A ``ControlClient`` to the daemon named by --endpoint / --config / CURVE options."""
+    from harli.client.control import ControlClient
+
+    return ControlClient(args.endpoint or load_config(args).control_endpoint,
+                         timeout_s=timeout_s, **curve_kwargs(args))

@@ -1,0 +1,110 @@
+"""``ControlClient``: request/reply to the daemon's control endpoint (jobs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import zmq
+
+from harli.client.inference import RequestError
+from harli.ipc import curve
+from harli.ipc.codec import DecodeFailure, Decoder, encode
+from harli.ipc.control import (
+    AttachJob,
+    CancelJob,
+    ControlReply,
+    ControlRequest,
+    DaemonStatus,
+    GetStatus,
+    JobDetail,
+    JobInfo,
+    JobList,
+    JobLogs,
+    ListJobs,
+    SetLevel,
+    SetPolicy,
+    ShowJob,
+)
+from harli.ipc.inference import Error
+from harli.ipc.jobs import JobSpec
+
+
+class ControlClient:
+    def __init__(self, endpoint: str, *, timeout_s: float = 120.0, server_key: str | None = None,
+                 client_key: str | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        if server_key:
+            curve.apply_client(self._sock, server_key, client_key)
+        self._sock.connect(endpoint)
+        self._decoder: Decoder[ControlReply | Error] = Decoder(ControlReply | Error)
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, msg: ControlRequest | bytes) -> Any:
+        self._sock.send(msg if isinstance(msg, bytes) else encode(msg))
+        if not self._sock.poll(int(self.timeout_s * 1000)):
+            raise RequestError("timeout", f"no reply from {self.endpoint} within "
+                               f"{self.timeout_s:.0f} s; is the daemon running?")
+        try:
+            reply = self._decoder.decode(self._sock.recv())
+        except DecodeFailure as e:
+            raise RequestError(e.code, e.message) from None
+        if isinstance(reply, Error):
+            raise RequestError(reply.code, reply.message)
+        return reply
+
+    def attach(self, spec: JobSpec) -> JobInfo:
+        reply = self.request(AttachJob(spec=spec))
+        assert isinstance(reply, JobInfo)
+        return reply
+
+    def jobs(self) -> list[JobInfo]:
+        reply = self.request(ListJobs())
+        assert isinstance(reply, JobList)
+        return reply.jobs
+
+    def show(self, job_id: int) -> JobDetail:
+        reply = self.request(ShowJob(job_id=job_id))
+        assert isinstance(reply, JobDetail)
+        return reply
+
+    def logs(self, job_id: int, after_event: int = 0) -> JobDetail:
+        reply = self.request(JobLogs(job_id=job_id, after_event=after_event))
+        assert isinstance(reply, JobDetail)
+        return reply
+
+    def cancel(self, job_id: int) -> JobInfo:
+        reply = self.request(CancelJob(job_id=job_id))
+        assert isinstance(reply, JobInfo)
+        return reply
+
+
+    def set_level(self, level: int) -> DaemonStatus:
+        reply = self.request(SetLevel(level=level))
+        assert isinstance(reply, DaemonStatus)
+        return reply
+
+    def set_policy(self, policy: str, tpot_slo_ms: float | None = None) -> DaemonStatus:
+        reply = self.request(SetPolicy(policy=policy, tpot_slo_ms=tpot_slo_ms))
+        assert isinstance(reply, DaemonStatus)
+        return reply
+
+    def status(self) -> DaemonStatus:
+        reply = self.request(GetStatus())
+        assert isinstance(reply, DaemonStatus)
+        return reply
+
+
+def to_jsonable(obj: msgspec.Struct) -> Any:
+    return msgspec.to_builtins(obj)

@@ -1,0 +1,463 @@
+"""Finetune datasets: read a JSONL file, check it, and tokenize it into labelled examples.
+
+Shared by the daemon (which checks a job's file at attach) and the finetune (which trains on it).
+
+A finetune job names one JSONL file: one JSON object per line, blank lines skipped, lines
+numbered from 1. Every record of a file must be in the same one of four formats, told apart by
+their keys (checked in this order):
+
+``chat``
+    ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``, at least
+    one assistant message. Loss on the content of each assistant message and the eos token that
+    closes it; none on system/user messages or on the role headers.
+``alpaca``
+    ``{"instruction": str, "output": str, "input": str (optional)}``. The prompt is
+    ``"### Instruction:\\n{instruction}\\n\\n"`` + ``"### Input:\\n{input}\\n\\n"`` (only when input
+    is not empty) + ``"### Response:\\n"``; the response is ``output`` followed by eos. Loss on the
+    response only.
+``prompt_completion``
+    ``{"prompt": str, "completion": str}``: the text is prompt + completion + eos; loss on the
+    completion and eos.
+``text``
+    ``{"text": str}``: the text followed by eos, loss on every token.
+
+Other keys in a record are ignored.
+
+Tokenization: text is tokenized with ``tokenizer(text, add_special_tokens=False)`` (no bos is
+added; a chat template that wants one writes it into the rendered text), and the eos that ends a
+response is the tokenizer's ``eos_token_id``. The prompt part and the loss part are tokenized
+separately and the token lists concatenated, so the boundary between "no loss" and "loss" falls
+exactly between two tokens instead of inside a BPE merge that spans it. (For a byte-level BPE
+tokenizer and prompts ending in a newline, as here, this gives the same ids as tokenizing the
+whole text at once.) Labels are the input ids where there is loss and ``IGNORE_INDEX`` elsewhere;
+the shift for next-token prediction is left to the model.
+
+Chat rendering: when the tokenizer has a ``chat_template`` the conversation is rendered with
+``tokenizer.apply_chat_template(..., tokenize=False)``; otherwise with the default template
+(:func:`default_chat_render`)::
+
+    <|{role}|>\\n{content}{eos}\\n            (for each message, eos = the tokenizer's eos text)
+    <|assistant|>\\n                         (only with add_generation_prompt)
+
+The conversation is rendered prefix by prefix (messages ``[:i]`` then ``[:i+1]``) and each
+message's part of the text tokenized on its own; the concatenated text is exactly the rendering of
+the whole conversation. A template that does not render prefixes as prefixes of the whole, or that
+alters the assistant content, is refused with a :class:`DatasetError`.
+
+Truncation: an example longer than ``max_seq_len`` tokens keeps its first ``max_seq_len`` tokens;
+such records are counted in :class:`DatasetReport` and logged once per file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# The small dataset shipped with harli (alpaca records: number words -> digits), used by the
+# demo, the benchmarks and the profiler as the representative job.
+SAMPLE_DATASET = Path(__file__).resolve().parent / "data" / "digits.jsonl"
+
+FORMATS = ("alpaca", "chat", "prompt_completion", "text")
+IGNORE_INDEX = -100
+CHAT_ROLES = ("system", "user", "assistant")
+DEFAULT_EOS_TEXT = "<|eos|>"
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names the file (and line when one is at fault)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized record: ``labels`` is as long as ``input_ids``, ``IGNORE_INDEX`` = no loss."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass(frozen=True)
+class DatasetReport:
+    """What :func:`load_dataset` read and made of it."""
+
+    path: str
+    format: str
+    records: int
+    truncated: int  # records cut to max_seq_len
+    tokens: int  # total tokens after truncation
+    loss_tokens: int  # tokens with a label
+
+
+# --------------------------------------------------------------------------------------------
+# Format detection and record validation
+
+
+def _expect_str(record: Mapping[str, Any], key: str, where: str, fmt: str) -> None:
+    value = record[key]
+    if not isinstance(value, str):
+        raise DatasetError(
+            f"{where}: field {key!r} of a {fmt} record must be a string, "
+            f"got {type(value).__name__}"
+        )
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if not isinstance(messages, list):
+        raise DatasetError(
+            f"{where}: field 'messages' must be a list of messages, got {type(messages).__name__}"
+        )
+    if not messages:
+        raise DatasetError(f"{where}: field 'messages' is an empty list")
+    for i, message in enumerate(messages):
+        field = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise DatasetError(
+                f"{where}: field {field!r} must be an object with 'role' and 'content', "
+                f"got {type(message).__name__}"
+            )
+        for key in ("role", "content"):
+            if key not in message:
+                raise DatasetError(f"{where}: field '{field}.{key}' is missing")
+            if not isinstance(message[key], str):
+                raise DatasetError(
+                    f"{where}: field '{field}.{key}' must be a string, "
+                    f"got {type(message[key]).__name__}"
+                )
+        if message["role"] not in CHAT_ROLES:
+            raise DatasetError(
+                f"{where}: field '{field}.role' is {message['role']!r}; "
+                f"expected one of {', '.join(CHAT_ROLES)}"
+            )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DatasetError(
+            f"{where}: chat record has no assistant message, so nothing to learn from"
+        )
+
+
+def detect_format(record: Mapping[str, Any], where: str) -> str:
+    """The format of one record (one of ``FORMATS``), after checking its fields' types.
+
+    ``where`` (such as ``"data.jsonl:12"``) starts every error message.
+    """
+    if "messages" in record:
+        _check_messages(record["messages"], where)
+        return "chat"
+    if "instruction" in record and "output" in record:
+        _expect_str(record, "instruction", where, "alpaca")
+        _expect_str(record, "output", where, "alpaca")
+        if "input" in record:
+            _expect_str(record, "input", where, "alpaca")
+        return "alpaca"
+    if "prompt" in record and "completion" in record:
+        _expect_str(record, "prompt", where, "prompt_completion")
+        _expect_str(record, "completion", where, "prompt_completion")
+        return "prompt_completion"
+    if "text" in record:
+        _expect_str(record, "text", where, "text")
+        return "text"
+    keys = ", ".join(repr(k) for k in record) or "none"
+    raise DatasetError(
+        f"{where}: cannot tell the record's format from its keys ({keys}); expected 'messages' "
+        "(chat), 'instruction' and 'output' (alpaca), 'prompt' and 'completion' "
+        "(prompt_completion), or 'text' (text)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the file
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise DatasetError(f"{path}: dataset file does not exist")
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a directory, not a JSONL dataset file")
+    try:
+        return path.read_bytes()
+    except PermissionError as e:
+        raise DatasetError(f"{path}: cannot be read (permission denied)") from e
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot be read ({e.strerror or e})") from e
+
+
+def _read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-blank line; raises on the first bad line."""
+    data = _read_bytes(path)
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark some editors write
+        data = data[3:]
+    out: list[tuple[int, dict[str, Any]]] = []
+    # bytes.splitlines splits on \n, \r\n and \r only, not on the Unicode separators that
+    # str.splitlines also honours (and that may appear unescaped inside a JSON string).
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{where}: not valid UTF-8 (byte {e.start})") from e
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(
+                f"{where}: not valid JSON: {e.msg} (column {e.colno})"
+            ) from e
+        if not isinstance(record, dict):
+            raise DatasetError(
+                f"{where}: a record must be a JSON object, got {_json_type(record)}"
+            )
+        try:
+            # JSON may escape a lone UTF-16 surrogate ("\ud800"), which is no text: the
+            # tokenizer would fail on it later with a TypeError that names no line.
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DatasetError(
+                f"{where}: a string holds a lone UTF-16 surrogate "
+                f"({e.object[e.start:e.end]!a}), which is not text"
+            ) from e
+        out.append((lineno, record))
+    if not out:
+        raise DatasetError(f"{path}: dataset has no records (the file is empty or blank)")
+    return out
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if value is None:
+        return "null"
+    return type(value).__name__
+
+
+def _read_checked(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    numbered = _read_records(path)
+    fmt = ""
+    first_line = 0
+    for lineno, record in numbered:
+        record_fmt = detect_format(record, f"{path}:{lineno}")
+        if not fmt:
+            fmt, first_line = record_fmt, lineno
+        elif record_fmt != fmt:
+            raise DatasetError(
+                f"{path}:{lineno}: record is in format {record_fmt!r} but the file's first "
+                f"record (line {first_line}) is in format {fmt!r}; a dataset uses one format"
+            )
+    return numbered, fmt
+
+
+def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], str]:
+    """The records of a JSONL dataset and their single format (see the module docstring)."""
+    numbered, fmt = _read_checked(Path(path))
+    return [record for _, record in numbered], fmt
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def default_chat_render(
+    messages: Sequence[Mapping[str, str]],
+    eos_token: str = DEFAULT_EOS_TEXT,
+    add_generation_prompt: bool = False,
+) -> str:
+    """Render a conversation with the default template (for tokenizers without a chat template).
+
+    Each message is ``"<|{role}|>\\n{content}{eos_token}\\n"``; with ``add_generation_prompt``
+    the text ends with ``"<|assistant|>\\n"``. This is the same text the tiny model's template
+    gives.
+    """
+    text = "".join(f"<|{m['role']}|>\n{m['content']}{eos_token}\n" for m in messages)
+    if add_generation_prompt:
+        text += "<|assistant|>\n"
+    return text
+
+
+class _Builder:
+    """Accumulates token ids and labels piece by piece."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.input_ids: list[int] = []
+        self.labels: list[int] = []
+
+    def text(self, text: str, loss: bool) -> None:
+        if text:
+            self.ids(_encode(self.tokenizer, text), loss)
+
+    def ids(self, ids: list[int], loss: bool) -> None:
+        self.input_ids.extend(ids)
+        self.labels.extend(ids if loss else [IGNORE_INDEX] * len(ids))
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _eos(tokenizer: PreTrainedTokenizerBase) -> tuple[int, str]:
+    eos_id = tokenizer.eos_token_id
+    eos_text = tokenizer.eos_token
+    if eos_id is None or not isinstance(eos_text, str):
+        raise ValueError("the tokenizer has no eos token; finetune datasets need one")
+    return int(eos_id), eos_text
+
+
+def _chat_renderer(
+    tokenizer: PreTrainedTokenizerBase, where: str
+) -> Callable[[list[dict[str, str]], bool], str]:
+    eos_text = _eos(tokenizer)[1]
+    if getattr(tokenizer, "chat_template", None) is None:
+        return lambda messages, gen: default_chat_render(messages, eos_text, gen)
+
+    def render(messages: list[dict[str, str]], gen: bool) -> str:
+        if not messages and not gen:
+            return ""
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=gen
+            )
+        except Exception as e:  # jinja raises its own errors (raise_exception in templates)
+            raise DatasetError(f"{where}: the tokenizer's chat template failed: {e}") from e
+        if not isinstance(text, str):
+            raise DatasetError(f"{where}: the tokenizer's chat template did not render text")
+        return text
+
+    return render
+
+
+def _tokenize_chat(
+    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, where: str
+) -> _Builder:
+    eos_id, eos_text = _eos(tokenizer)
+    render = _chat_renderer(tokenizer, where)
+    out = _Builder(tokenizer)
+    prev = ""
+    for i, message in enumerate(messages):
+        cur = render(messages[: i + 1], False)
+        if not cur.startswith(prev):
+            raise DatasetError(
+                f"{where}: the chat template does not render the conversation incrementally "
+                f"(the text for messages[:{i}] is not a prefix of the text for messages[:{i + 1}])"
+            )
+        delta = cur[len(prev):]
+        if message["role"] != "assistant":
+            out.text(delta, loss=False)
+            prev = cur
+            continue
+        content = message["content"]
+        start = -1
+        try:
+            gen = render(messages[:i], True)
+        except DatasetError:
+            gen = ""
+        if gen.startswith(prev) and cur.startswith(gen):
+            header = len(gen) - len(prev)
+            if delta.startswith(content, header):
+                start = header
+        if start < 0:
+            start = delta.find(content)
+        if start < 0:
+            raise DatasetError(
+                f"{where}: the chat template changes the content of messages[{i}] "
+                "(it does not appear verbatim in the rendered text)"
+            )
+        end = start + len(content)
+        out.text(delta[:start], loss=False)
+        out.text(content, loss=True)
+        rest = delta[end:]
+        if rest.startswith(eos_text):
+            out.ids([eos_id], loss=True)
+            rest = rest[len(eos_text):]
+        out.text(rest, loss=False)
+        prev = cur
+    return out
+
+
+def _alpaca_prompt(record: Mapping[str, Any]) -> str:
+    prompt = f"### Instruction:\n{record['instruction']}\n\n"
+    if record.get("input"):
+        prompt += f"### Input:\n{record['input']}\n\n"
+    return prompt + "### Response:\n"
+
+
+def tokenize_record(
+    record: Mapping[str, Any],
+    fmt: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_len: int,
+    *,
+    where: str = "record",
+) -> tuple[Example, bool]:
+    """Tokenize one record already checked by :func:`detect_format` as ``fmt``.
+
+    Returns the example (cut to ``max_seq_len`` tokens) and whether it was cut. ``where`` names
+    the record in errors (a chat template that cannot be used).
+    """
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be at least 1, got {max_seq_len}")
+    eos_id, _ = _eos(tokenizer)
+    if fmt == "chat":
+        out = _tokenize_chat(record["messages"], tokenizer, where)
+    else:
+        out = _Builder(tokenizer)
+        if fmt == "alpaca":
+            out.text(_alpaca_prompt(record), loss=False)
+            out.text(record["output"], loss=True)
+        elif fmt == "prompt_completion":
+            out.text(record["prompt"], loss=False)
+            out.text(record["completion"], loss=True)
+        elif fmt == "text":
+            out.text(record["text"], loss=True)
+        else:
+            raise ValueError(f"unknown dataset format {fmt!r}; expected one of {FORMATS}")
+        out.ids([eos_id], loss=True)
+    truncated = len(out.input_ids) > max_seq_len
+    example = Example(out.input_ids[:max_seq_len], out.labels[:max_seq_len])
+    return example, truncated
+
+
+def load_dataset(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: int
+) -> tuple[list[Example], DatasetReport]:
+    """Read, check and tokenize a JSONL dataset; raises :class:`DatasetError` on a bad file."""
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be at least 1, got {max_seq_len}")
+    path = Path(path)
+    numbered, fmt = _read_checked(path)
+    examples: list[Example] = []
+    truncated = tokens = loss_tokens = 0
+    for lineno, record in numbered:
+        example, cut = tokenize_record(
+            record, fmt, tokenizer, max_seq_len, where=f"{path}:{lineno}"
+        )
+        examples.append(example)
+        truncated += cut
+        tokens += len(example.input_ids)
+        loss_tokens += sum(1 for label in example.labels if label != IGNORE_INDEX)
+    if truncated:
+        logger.warning(
+            "%s: %d of %d records are longer than max_seq_len=%d tokens and were truncated",
+            path, truncated, len(examples), max_seq_len,
+        )
+    report = DatasetReport(
+        path=str(path), format=fmt, records=len(examples), truncated=truncated,
+        tokens=tokens, loss_tokens=loss_tokens,
+    )
+    logger.info(
+        "%s: %d %s records, %d tokens (%d with loss)",
+        path, report.records, fmt, tokens, loss_tokens,
+    )
+    return examples, report

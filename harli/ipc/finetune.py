@@ -1,0 +1,147 @@
+"""The finetune channel's wire types: daemon <-> finetune_proc.
+
+Internal family: ``array_like`` structs tagged by their class name (like ``harli.ipc.decode``).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from harli.ipc.jobs import JobSpec
+from harli.ipc.weights import WeightsExported
+
+# -- daemon <-> finetune_proc -----------------------------------------------------------------
+
+
+class _Internal(msgspec.Struct, tag=True, kw_only=True, array_like=True, frozen=True):
+    pass
+
+
+class StartJob(_Internal, frozen=True):
+    job_id: int
+    spec: JobSpec
+    model_path: str
+
+
+class StopJob(_Internal, frozen=True):
+    """Stop the running job at its next micro-step boundary (cancel), keeping checkpoints."""
+
+    job_id: int
+    reason: str
+
+
+class Decision(_Internal, frozen=True):
+    """The daemon's latest word on the finetune: quota level (0 = nothing admitted)."""
+
+    level: int
+    admitted: bool
+    seq: int
+
+
+class FinetuneShutdown(_Internal, frozen=True):
+    reason: str
+
+
+class GrantLease(_Internal, frozen=True):
+    """Arena pages lent to the finetune for the tensors autograd saves; they are its own until
+    a ``ReclaimLease`` asks for them back."""
+
+    seq: int
+    pages: list[int]
+
+
+class ReclaimLease(_Internal, frozen=True):
+    """Give ``pages`` back at the next micro-step or chunk boundary, before ``deadline_s``
+    (monotonic clock); a finetune that misses the deadline is stopped and restarted from its
+    checkpoint."""
+
+    seq: int
+    pages: list[int]
+    deadline_s: float
+
+
+class LeaseRefused(_Internal, frozen=True):
+    """The daemon's typed error for a lease message it could not apply (ledger unchanged)."""
+
+    seq: int
+    message: str
+
+
+# WeightsExported (harli.ipc.weights): decode's, relayed by the daemon before any StartJob that
+# may use them (CUDA hosts with gpu.share_weights).
+DaemonToFinetune = (StartJob | StopJob | Decision | FinetuneShutdown | GrantLease
+                    | ReclaimLease | LeaseRefused | WeightsExported)
+
+
+class FinetuneReady(_Internal, frozen=True):
+    incarnation: int
+    pid: int
+    levels: int
+    # How the quota is enforced: "cpu threads+affinity", or GpuQuota.describe() as JSON.
+    quota: str = ""
+
+
+class MicroStepReport(_Internal, frozen=True):
+    job_id: int
+    micro_step: int
+    step: int
+    epoch: int
+    tokens: int  # trained so far in this job (restored from the checkpoint on resume)
+    step_tokens: int  # in this micro-step
+    duration_s: float
+    level: int
+    loss: float
+    paused_s: float  # spent paused since the previous report
+    total_steps: int
+    # Where the tensors autograd saved in this micro-step went (``ActivationLease``).
+    lease_bytes: int = 0
+    lease_saved_bytes: int = 0
+    private_saved_bytes: int = 0
+    fallback_tensors: int = 0
+    chunks: int = 1
+    # Duty-cycle idle the quota imposes after this micro-step (the level's rate counts it).
+    idle_after_s: float = 0.0
+    # Times it narrowed its thread pool mid-chunk to a CPU fence of the daemon's.
+    fence_follows: int = 0
+
+
+class JobStarted(_Internal, frozen=True):
+    job_id: int
+    resumed_from_step: int | None
+    total_steps: int
+    dataset_report: dict[str, int | str]
+
+
+class CheckpointSaved(_Internal, frozen=True):
+    job_id: int
+    step: int
+    path: str
+
+
+class JobEnded(_Internal, frozen=True):
+    job_id: int
+    status: str  # succeeded, failed, cancelled
+    error: str | None
+    adapter_path: str | None
+
+
+class FinetuneFatal(_Internal, frozen=True):
+    incarnation: int
+    error: str
+    traceback: str
+
+
+class LeaseReturned(_Internal, frozen=True):
+    """Pages given back: the answer to ``ReclaimLease`` (same ``seq``), or ``seq`` 0 when the
+    finetune gives them up on its own (job ended)."""
+
+    seq: int
+    pages: list[int]
+    reason: str
+    # The finetune zeroed every page it wrote (``ActivationLease.take_back``), so decode need
+    # not; False (a finetune that does not say) makes decode zero the blocks itself.
+    clean: bool = False
+
+
+FinetuneToDaemon = (FinetuneReady | MicroStepReport | JobStarted | CheckpointSaved | JobEnded
+                    | FinetuneFatal | LeaseReturned)

@@ -1,0 +1,118 @@
+"""The inference channel's wire types: a client's DEALER <-> the daemon's ROUTER.
+
+Map-encoded structs tagged by a ``type`` field, so that a client in another language can build
+them from ``docs/protocol.md`` and validation errors name the offending field
+(``$.max_tokens``). Bump ``PROTOCOL_VERSION`` on any incompatible change.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+PROTOCOL_VERSION = 1
+
+# ---------------------------------------------------------------------------------------------
+# Public API: client -> daemon
+# ---------------------------------------------------------------------------------------------
+
+RequestId = Annotated[str, Meta(min_length=1, max_length=256)]
+TokenId = Annotated[int, Meta(ge=0)]
+
+
+class _Public(msgspec.Struct, tag_field="type", kw_only=True, frozen=True,
+              forbid_unknown_fields=True):
+    pass
+
+
+class Hello(_Public, tag="hello", frozen=True):
+    """Optional first message: checks the protocol version and returns server facts."""
+
+    protocol_version: int
+    client: str = ""
+
+
+class Generate(_Public, tag="generate", frozen=True):
+    """Start one streaming generation. Exactly one of ``prompt`` / ``prompt_token_ids``."""
+
+    request_id: RequestId
+    prompt: str | None = None
+    prompt_token_ids: list[TokenId] | None = None
+    max_tokens: Annotated[int, Meta(ge=1)] = 16
+    temperature: Annotated[float, Meta(ge=0.0)] = 1.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=-1)] = -1
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[TokenId] = []
+    ignore_eos: bool = False
+    detokenize: bool = True
+
+
+class Abort(_Public, tag="abort", frozen=True):
+    """Stop a request of this client; it ends with ``finish_reason == "abort"``."""
+
+    request_id: RequestId
+
+
+ClientMessage = Hello | Generate | Abort
+
+# ---------------------------------------------------------------------------------------------
+# Public API: daemon -> client
+# ---------------------------------------------------------------------------------------------
+
+
+class Welcome(_Public, tag="welcome", frozen=True):
+    protocol_version: int
+    # True once the decode engine is serving; requests sent before are queued, not refused.
+    ready: bool
+    server_version: str
+    model: str
+    max_model_len: int
+    max_message_bytes: int
+
+
+class Chunk(_Public, tag="chunk", frozen=True):
+    """New tokens of one request from one decode iteration (or the final, empty one)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str = ""
+    # Wall-clock (Unix) time at which each token in ``token_ids`` was produced.
+    token_times_s: list[float] = []
+    # None while streaming; "length", "stop", "abort", "error" or "shutdown" on the last chunk.
+    finish_reason: str | None = None
+    # The stop string or token id that ended the request, when finish_reason == "stop".
+    stop_reason: str | int | None = None
+    num_prompt_tokens: int | None = None
+
+
+class Error(_Public, tag="error", frozen=True):
+    """A request (or a message) that could not be served. ``request_id`` is None when the
+    message could not be attributed to a request (e.g. undecodable bytes)."""
+
+    request_id: str | None
+    code: str
+    message: str
+
+
+ServerMessage = Welcome | Chunk | Error
+
+
+class ErrorCode:
+    """Stable ``Error.code`` values (see docs/protocol.md)."""
+
+    MALFORMED = "malformed"  # not MessagePack, or not a map with a known ``type``
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID = "invalid"  # a field is missing, of the wrong type or out of range
+    TOO_LARGE = "too_large"
+    PROTOCOL_VERSION = "protocol_version"
+    DUPLICATE_REQUEST = "duplicate_request"
+    UNKNOWN_REQUEST = "unknown_request"
+    REJECTED = "rejected"  # the engine refused the request (e.g. prompt longer than the model)
+    DECODE_DIED = "decode_died"
+    SHUTTING_DOWN = "shutting_down"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"

@@ -1,0 +1,72 @@
+"""The bench's seeded workloads: deterministic, phased, lengths inside their bounds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from harli.bench.workload import (
+    WORKLOAD_KINDS,
+    LengthDist,
+    Phase,
+    WorkloadSpec,
+    default_spec,
+    generate,
+)
+
+
+@pytest.mark.parametrize("kind", WORKLOAD_KINDS)
+def test_same_spec_and_seed_give_the_same_requests(kind: str) -> None:
+    assert generate(default_spec(30, 3, 1.0, kind)) == generate(default_spec(30, 3, 1.0, kind))
+    assert generate(default_spec(30, 3, 1.0, kind)) != generate(default_spec(30, 4, 1.0, kind))
+
+
+@pytest.mark.parametrize("kind", WORKLOAD_KINDS)
+def test_arrivals_are_ordered_inside_the_run_and_busier_phases_are_denser(kind: str) -> None:
+    spec = default_spec(600, 0, 1.0, kind)
+    reqs = generate(spec)
+    times = [r.arrival_s for r in reqs]
+    assert times == sorted(times) and times[0] >= 0 and times[-1] < spec.duration_s
+    per_s = {}
+    for ph in spec.phases:
+        n = sum(1 for r in reqs if r.phase == ph.name)
+        per_s[ph.name] = n / sum(p.duration_s for p in spec.phases if p.name == ph.name)
+    assert per_s["quiet"] < per_s["busy"] < per_s["bursty"]
+    # Poisson counts over minutes land near the configured rate.
+    busy = next(p for p in spec.phases if p.name == "busy")
+    assert per_s["busy"] == pytest.approx(busy.rate_rps, rel=0.15)
+
+
+def test_a_decode_instance_sees_short_prompts_and_long_outputs() -> None:
+    dec = generate(default_spec(300, 0, 1.0, "decode"))
+    mixed = generate(default_spec(300, 0, 1.0, "mixed"))
+    assert max(r.prompt_len for r in dec) <= 32 < max(r.prompt_len for r in mixed)
+    assert sorted(r.output_len for r in dec)[len(dec) // 2] > \
+        sorted(r.output_len for r in mixed)[len(mixed) // 2]
+
+
+def test_rate_scale_multiplies_every_phase_and_bad_kinds_are_named() -> None:
+    a, b = default_spec(60, 0, 1.0), default_spec(60, 0, 2.0)
+    assert [2 * p.rate_rps for p in a.phases] == [p.rate_rps for p in b.phases]
+    with pytest.raises(ValueError, match="decode, mixed"):
+        default_spec(60, 0, 1.0, "prefill")
+
+
+@given(st.integers(1, 300), st.floats(0, 2), st.integers(0, 2**32))
+def test_lengths_stay_inside_their_bounds(median: int, sigma: float, seed: int) -> None:
+    d = LengthDist(median=median, sigma=sigma, lo=1, hi=2 * median)
+    rng = random.Random(seed)
+    assert all(1 <= d.sample(rng) <= 2 * median for _ in range(50))
+
+
+def test_bad_phases_and_distributions_are_refused() -> None:
+    with pytest.raises(ValueError, match="phase 'x'"):
+        Phase("x", 0.0, 1.0)
+    with pytest.raises(ValueError, match="lo <= median <= hi"):
+        LengthDist(median=10, sigma=0.1, lo=20, hi=30)
+    empty = WorkloadSpec(phases=(Phase("idle", 5.0, 0.0),), prompt=LengthDist(8, 0, 8, 8),
+                         output=LengthDist(8, 0, 8, 8))
+    assert generate(empty) == []

@@ -1,0 +1,162 @@
+"""``FinetuneProc._between_chunks``: where a micro-step in flight obeys the daemon. Real ZMQ
+sockets stand in for the daemon's ends; the finetune's own object is the real one."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from harli.config import load
+from harli.finetune_proc.proc import FinetuneProc
+from harli.finetune_proc.quota import CpuQuota
+from harli.finetune_proc.recipe import MicroStepAborted
+from harli.ipc.codec import Decoder, encode
+from harli.ipc.finetune import (
+    Decision,
+    FinetuneShutdown,
+    FinetuneToDaemon,
+    LeaseReturned,
+    ReclaimLease,
+)
+
+
+@pytest.fixture
+def wired(tmp_path: Path) -> Iterator[tuple[FinetuneProc, Any, Any]]:
+    cfg = load(None, [f'daemon.runtime_dir="{tmp_path / "run"}"',
+                      f'daemon.state_dir="{tmp_path / "state"}"'])
+    cfg.runtime_dir.mkdir(parents=True)
+    ctx = zmq.Context.instance()
+    to_ft = ctx.socket(zmq.PUSH)
+    to_ft.bind(cfg.internal_endpoint("finetune-in"))
+    from_ft = ctx.socket(zmq.PULL)
+    from_ft.bind(cfg.internal_endpoint("finetune-out"))
+    proc = FinetuneProc(cfg, 1, CpuQuota(4, 2))
+    try:
+        yield proc, to_ft, from_ft
+    finally:
+        proc.close()
+        to_ft.close(linger=0)
+        from_ft.close(linger=0)
+
+
+def _paused_between_chunks(proc: FinetuneProc) -> tuple[threading.Thread, dict[str, Any]]:
+    """``_between_chunks`` called, in a thread, while the daemon has the finetune paused; it
+    must be waiting there once the call is under way. ``out`` gets its value or its error."""
+    proc.decision = Decision(level=0, admitted=False, seq=5)
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = proc._between_chunks()
+        except BaseException as e:  # handed to the test
+            out["error"] = e
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    time.sleep(0.3)
+    assert th.is_alive()  # paused: the micro-step waits between its chunks
+    return th, out
+
+
+def test_running_it_returns_at_once(wired: tuple[FinetuneProc, Any, Any]) -> None:
+    proc, to_ft, _ = wired
+    proc.decision = Decision(level=2, admitted=True, seq=1)
+    to_ft.send(encode(Decision(level=3, admitted=True, seq=2)))
+    deadline = time.monotonic() + 10
+    while proc.decision.seq != 2:  # drained by the call itself, never waiting
+        assert proc._between_chunks() == 0.0
+        assert time.monotonic() < deadline
+    assert proc.decision.level == 3
+
+
+def test_paused_it_waits_answers_a_reclaim_and_resumes(
+        wired: tuple[FinetuneProc, Any, Any]) -> None:
+    proc, to_ft, from_ft = wired
+    th, out = _paused_between_chunks(proc)
+    # A reclaim while it waits is answered there, not at the micro-step's end (no arena in
+    # this test: the finetune hands the pages back with that reason).
+    to_ft.send(encode(ReclaimLease(seq=9, pages=[3, 4], deadline_s=time.monotonic() + 5)))
+    assert from_ft.poll(5000)
+    reply = Decoder(FinetuneToDaemon).decode(from_ft.recv())
+    assert isinstance(reply, LeaseReturned) and reply.seq == 9 and reply.pages == [3, 4]
+    assert th.is_alive()
+    to_ft.send(encode(Decision(level=1, admitted=True, seq=6)))
+    th.join(10)
+    assert not th.is_alive() and "error" not in out
+    assert out["value"] >= 0.3  # the seconds it waited, left out of the micro-step's time
+
+
+def test_a_shutdown_while_paused_abandons_the_micro_step(
+        wired: tuple[FinetuneProc, Any, Any]) -> None:
+    proc, to_ft, _ = wired
+    th, out = _paused_between_chunks(proc)
+    to_ft.send(encode(FinetuneShutdown(reason="daemon stopping")))
+    th.join(10)
+    assert not th.is_alive() and isinstance(out.get("error"), MicroStepAborted)
+
+
+def test_a_level_read_between_chunks_sets_the_threads_of_the_next_chunk(
+        wired: tuple[FinetuneProc, Any, Any]) -> None:
+    import torch
+
+    proc, to_ft, _ = wired
+    before = torch.get_num_threads()
+    try:
+        proc.decision = Decision(level=4, admitted=True, seq=1)
+        proc._apply_decision()
+        assert torch.get_num_threads() == 2  # level 4 of 2 threads
+        to_ft.send(encode(Decision(level=2, admitted=True, seq=2)))  # decode got busy
+        deadline = time.monotonic() + 10
+        while proc.decision.seq != 2:
+            proc._between_chunks()
+            assert time.monotonic() < deadline
+        assert torch.get_num_threads() == 1 and proc._applied_seq == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_between_blocks_a_new_level_applies_at_once_and_other_messages_wait_for_the_chunk(
+        wired: tuple[FinetuneProc, Any, Any]) -> None:
+    """Inside a chunk (``_between_blocks``, called from the model's block hooks) a rise is
+    applied at once; a reclaim waits for the chunk boundary, where the lease is empty, and
+    is answered there before anything that came after it."""
+    import torch
+
+    proc, to_ft, from_ft = wired
+    before = torch.get_num_threads()
+    out: Decoder[FinetuneToDaemon] = Decoder(FinetuneToDaemon)
+    try:
+        proc.decision = Decision(level=2, admitted=True, seq=1)
+        proc._apply_decision()
+        assert torch.get_num_threads() == 1
+        to_ft.send(encode(ReclaimLease(seq=7, pages=[3], deadline_s=time.monotonic() + 5)))
+        to_ft.send(encode(Decision(level=4, admitted=True, seq=2)))  # decode went idle
+        deadline = time.monotonic() + 10
+        while proc.decision.seq != 2:
+            proc._between_blocks()
+            assert time.monotonic() < deadline
+        assert torch.get_num_threads() == 2 and proc._applied_seq == 2  # mid-chunk
+        assert len(proc._deferred) == 1 and not from_ft.poll(200)  # the reclaim waits
+        to_ft.send(encode(Decision(level=0, admitted=True, seq=3)))  # a pause: waits too
+        while proc.decision.seq != 3:
+            proc._between_blocks()
+            assert time.monotonic() < deadline
+        assert torch.get_num_threads() == 2 and proc._applied_seq == 2
+        # The chunk ends: the reclaim is answered (no arena here: its pages go straight
+        # back), and the pause holds the micro-step between its chunks.
+        to_ft.send(encode(Decision(level=2, admitted=True, seq=4)))
+        while proc.decision.seq != 4:
+            proc._between_chunks()
+            assert time.monotonic() < deadline
+        assert not proc._deferred
+        reply = out.decode(from_ft.recv())
+        assert isinstance(reply, LeaseReturned) and reply.seq == 7 and reply.pages == [3]
+        assert torch.get_num_threads() == 1 and proc._applied_seq == 4
+    finally:
+        torch.set_num_threads(before)
