@@ -11,17 +11,14 @@ highest ``static:L`` whose per-token attainment meets the target.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import bisect
 import contextlib
-import json
 import math
 import os
 import random
 import shutil
 import statistics
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -29,8 +26,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harli.bench.workload import WORKLOAD_KINDS
-from harli.cli.command import Command, CommandError
 from harli.datasets import SAMPLE_DATASET
 
 
@@ -142,6 +137,12 @@ def _off_cores(cores: set[int] | None) -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, allowed)
+
+
+def default_policies(levels: int) -> list[str]:
+    """The policies a bench runs unless told: decode alone, the top level always, every static
+    level, then harli (whose online predictor has by then seen every level)."""
+    return ["decode-only", "naive", *[f"static:{lv}" for lv in range(1, levels + 1)], "harli"]
 
 
 def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: float | None,
@@ -465,96 +466,3 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-class BenchCommand(Command):
-    name = "bench"
-    help = "every quota policy against the same changing load, with a LoRA job training"
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--duration-s", type=float, default=60.0,
-                       help="workload length per policy")
-        p.add_argument("--slo", default="auto",
-                       help="TPOT SLO in ms, or 'auto' (1.5x the solo median TPOT at the "
-                       "workload's median batch, measured first)")
-        p.add_argument("--solo-s", type=float, default=6.0,
-                       help="--slo auto: seconds of solo decode its median is taken over (on a "
-                       "host whose speed drifts, longer is more representative)")
-        p.add_argument("--policies", default="",
-                       help="comma-separated, run in this order (default: decode-only, naive, "
-                       "static:1..K, harli; without a profile the harli policy's online "
-                       "predictor has then seen every level)")
-        p.add_argument("--workload", choices=WORKLOAD_KINDS, default="decode",
-                       help="decode: a decode instance of a disaggregated service (short "
-                       "prompts stand in for the KV that arrives from prefill); mixed: "
-                       "prefill and decode on one instance")
-        p.add_argument("--rate-scale", type=float, default=1.0,
-                       help="multiply every phase's arrival rate")
-        p.add_argument("--profile", type=Path, help="latency profile for the harli policy")
-        p.add_argument("--rounds", type=int, default=2,
-                       help="replays per policy, in alternating order (figures are pooled)")
-        p.add_argument("--max-batched-tokens", type=int, default=32,
-                       help="decode's per-iteration token budget (chunked prefill)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-        p.add_argument("--out", type=Path, default=Path("bench.json"))
-        p.add_argument("--png", type=Path)
-        p.add_argument("--dir", type=Path, help="working dir (default: a temporary one); its "
-                       "daemon/ and job/ are replaced")
-
-    def validate(self, args: argparse.Namespace) -> None:
-        if args.slo != "auto":
-            try:
-                args.slo = float(args.slo)
-            except ValueError:
-                raise CommandError(f"--slo: a number of ms or 'auto', got {args.slo!r}") \
-                    from None
-            if args.slo <= 0:
-                raise CommandError("--slo must be > 0")
-        if args.duration_s <= 0:
-            raise CommandError("--duration-s must be > 0")
-        if args.rounds < 1:
-            raise CommandError("--rounds must be >= 1")
-        if args.solo_s <= 0:
-            raise CommandError("--solo-s must be > 0")
-        # 0 is allowed: no arrivals, every turn the finetune beside an idle decode.
-        if not args.rate_scale >= 0:
-            raise CommandError(f"--rate-scale must be >= 0, got {args.rate_scale}")
-        if args.rate_scale == 0 and args.slo == "auto":
-            raise CommandError("--slo auto measures the workload's median batch: with "
-                               "--rate-scale 0 there is none; give --slo MS")
-        # A misspelt policy fails here, not minutes in, when its turn comes.
-        from harli.config import ConfigError, load
-        from harli.scheduler.policy import check_policy
-
-        try:
-            levels = load(None, list(args.set)).finetune.levels
-        except ConfigError as e:
-            raise CommandError(str(e)) from None
-        args.policies = [p.strip() for p in args.policies.split(",") if p.strip()] or \
-            ["decode-only", "naive", *[f"static:{lv}" for lv in range(1, levels + 1)], "harli"]
-        for policy in args.policies:
-            try:
-                check_policy(policy, levels)
-            except ValueError as e:
-                raise CommandError(f"--policies: {e}") from None
-
-    def run(self, args: argparse.Namespace) -> int:
-        from rich.console import Console
-
-        console = Console()
-        policies = args.policies  # validated, defaults filled in
-        with tempfile.TemporaryDirectory(prefix="harli-bench-") as tmp:
-            res = run_bench(args.dir or Path(tmp), args.duration_s, policies,
-                            None if args.slo == "auto" else args.slo, args.seed,
-                            args.rate_scale, args.profile, args.set,
-                            progress=lambda s: console.print(f"[dim]{s}"), rounds=args.rounds,
-                            max_batched_tokens=args.max_batched_tokens,
-                            workload=args.workload, solo_s=args.solo_s)
-        print_table(res, console)
-        console.print(verdict(res))
-        args.out.write_text(json.dumps(res) + "\n")
-        png = args.png or args.out.with_suffix(".png")
-        plot(res, png)
-        console.print(f"results: {args.out}; plot: {png}")
-        return 0

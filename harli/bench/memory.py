@@ -16,18 +16,14 @@ writing into lent blocks) are compared with vLLM's own ``LLM.generate`` on a pri
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from harli.bench.greedy_check import compare_greedy
-from harli.cli.command import Command
 from harli.datasets import SAMPLE_DATASET
 
 GREEDY_TOKENS = 64
@@ -212,30 +208,3 @@ def print_table(r: dict[str, Any]) -> None:
     for k, v in rows:
         t.add_row(k, v)
     Console().print(t)
-
-
-class BenchMemoryCommand(Command):
-    name = "bench-memory"
-    help = "KV lending and reclaim under a quiet phase then a burst, with a LoRA job training"
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--quiet-s", type=float, default=30.0)
-        p.add_argument("--burst-s", type=float, default=120.0)
-        p.add_argument("--burst-workers", type=int, default=32,
-                       help="concurrent long streams in the burst")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="config override for the daemon")
-        p.add_argument("--out", type=Path, help="write the results JSON here")
-        p.add_argument("--dir", type=Path, help="working dir (default: a temporary one)")
-
-    def run(self, args: argparse.Namespace) -> int:
-        with tempfile.TemporaryDirectory(prefix="harli-bench-mem-") as tmp:
-            res = run_bench(args.dir or Path(tmp), args.quiet_s, args.burst_s,
-                            args.burst_workers, args.seed, args.set)
-        print_table(res)
-        if args.out:
-            args.out.write_text(json.dumps(res, indent=2) + "\n")
-        ok = (res["vllm_preemptions"] == 0 and res["greedy_ok"]
-              and not res["burst"]["errors"] and not res["burst"]["incomplete"])
-        return 0 if ok else 1

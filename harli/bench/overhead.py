@@ -9,18 +9,13 @@ at once: they would share the 2 cores), each round timed from first send to last
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-from harli.cli.command import Command
 
 
 def make_prompts(n: int, seed: int, min_len: int = 16, max_len: int = 64) -> list[list[int]]:
@@ -123,24 +118,3 @@ def print_table(results: dict[str, Any]) -> None:
                   f"{c['daemon_tok_s']:.0f}", f"{c['overhead_pct']:+.1f}%",
                   f"{lo:+.1f}% .. {hi:+.1f}%", "yes" if c["greedy_identical"] else "NO")
     Console().print(t)
-
-
-class BenchOverheadCommand(Command):
-    name = "bench-overhead"
-    help = "tokens/s through the daemon vs vLLM's offline LLM.generate, in one run"
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--requests", type=int, default=32, help="concurrent requests (batch)")
-        p.add_argument("--max-tokens", type=int, default=128)
-        p.add_argument("--rounds", type=int, default=10)
-        p.add_argument("--out", type=Path, help="write the results JSON here")
-        p.add_argument("--dir", type=Path, help="working dir (default: a temporary one)")
-
-    def run(self, args: argparse.Namespace) -> int:
-        with tempfile.TemporaryDirectory(prefix="harli-bench-") as tmp:
-            results = run_bench(args.dir or Path(tmp), args.requests, args.max_tokens,
-                                args.rounds)
-        print_table(results)
-        if args.out:
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
-        return 0

@@ -1,22 +1,20 @@
-"""``harli profile``: measure decode iteration latency through the real processes and fit the
-two-stage predictor; ``--evaluate`` checks a profile on held-out configurations.
+"""The measuring behind ``harli profile``: decode iteration latency through the real processes,
+the fit of the two-stage predictor on it, and a profile's score on held-out configurations.
 
 It starts the same daemon that serves (a ``LocalDaemon`` with the given config), drives it with
 batches of a chosen size and prompt length through the inference client, and reads every
 iteration's ``IterationTelemetry`` from decode_proc's telemetry socket: the batch vLLM actually
 scheduled and the iteration's wall time. Stage 1 sweeps batch size x context with the finetune
 idle; stage 2 repeats a subset while a representative LoRA job trains at each quota level (set
-through the control API). Configurations run in a shuffled order, each twice, and the levels in
-interleaved blocks (``level_blocks``), so that this VM's slow drift (+-25 % over seconds)
-spreads over all configurations and levels instead of biasing a few.
+through the control API). Configurations run in a shuffled order, each ``repeats`` times, and
+the levels in interleaved blocks (``level_blocks``), so that this VM's slow drift (+-25 % over
+seconds) spreads over all configurations and levels instead of biasing a few.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harli.cli.command import Command, CommandError, add_config_arguments
 from harli.datasets import SAMPLE_DATASET
 
 _MAX_TOKENS = 32  # decode iterations per configuration and repeat
@@ -277,109 +274,69 @@ def report_json(reports: dict[str, Any], samples: list[Any], elapsed_s: float) -
     return msgspec.json.encode({"elapsed_s": elapsed_s, "reports": reports, "samples": samples})
 
 
-class ProfileCommand(Command):
-    name = "profile"
-    help = "measure decode iteration latency (solo and beside the finetune) and fit the predictor"
+def refit_profile(profile: Any) -> Any:
+    """``profile`` with both stages fit again on its stored iterations (after an upgrade of
+    harli's fits), stamped with when; ValueError if it holds too few."""
+    refitted = profile.refit()
+    refitted.meta["refitted_s"] = round(time.time(), 1)
+    return refitted
 
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--out", type=Path, help="write the profile here")
-        p.add_argument("--quick", action="store_true", help="a smaller grid (<= 3 minutes)")
-        p.add_argument("--evaluate", type=Path, metavar="PROFILE",
-                       help="measure held-out configurations against this profile")
-        p.add_argument("--refit", type=Path, metavar="PROFILE",
-                       help="fit again the iterations stored in PROFILE (after an upgrade of "
-                       "harli's fits) and write the result to --out; measures nothing")
-        p.add_argument("--png", type=Path, help="plot of predicted vs measured (--evaluate; "
-                       "default: PROFILE.eval.png, with PROFILE.eval.json beside it)")
-        p.add_argument("--repeats", type=int,
-                       help="runs of each configuration, spread over the measurement in a "
-                       "shuffled order, as this host drifts +-30 %% from run to run "
-                       "(default 4; 3 with --quick)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--dir", type=Path, help="working dir (default: a temporary one)")
-        add_config_arguments(p)
 
-    def validate(self, args: argparse.Namespace) -> None:
-        if args.refit is not None and (args.out is None or args.evaluate is not None):
-            raise CommandError("--refit OLD needs --out NEW (and no --evaluate)")
-        if args.refit is None and (args.out is None) == (args.evaluate is None):
-            raise CommandError("give --out PROFILE to profile, or --evaluate PROFILE")
-        if args.repeats is None:
-            args.repeats = 3 if args.quick else 4
-        if args.repeats < 1:
-            raise CommandError("--repeats must be >= 1")
+@dataclass
+class Measurement:
+    """What one profiling run measured: the daemon's profile key, the grid and its iterations."""
 
-    def run(self, args: argparse.Namespace) -> int:
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    key: Any  # ProfileKey
+    configs: list[Config]
+    samples: list[Any]  # Sample
+    elapsed_s: float
 
-        from harli.daemon.latency import profile_key
-        from harli.predictor import Profile, ProfileError, evaluate
 
-        console = Console(stderr=True)
-        expected = None
-        profile = None
-        source = args.evaluate if args.evaluate is not None else args.refit
-        if source is not None:
-            try:
-                profile = Profile.from_json(source.read_bytes(), source=str(source))
-            except OSError as e:
-                raise CommandError(f"cannot read {source}: {e.strerror}") from None
-            except ProfileError as e:
-                raise CommandError(str(e)) from None
-        if args.refit is not None:
-            assert profile is not None
-            try:
-                refitted = profile.refit()
-            except ValueError as e:
-                raise CommandError(f"{args.refit}: {e}") from None
-            refitted.meta["refitted_s"] = round(time.time(), 1)
-            args.out.write_bytes(refitted.to_json())
-            console.print(f"{len(profile.samples)} iterations of {args.refit} fitted again, "
-                          f"written to {args.out}")
-            return 0
-        t0 = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="harli-profile-") as tmp, \
-                profiling_daemon(args.dir or Path(tmp), list(args.overrides),
-                                 Path(args.config) if args.config else None) as (
-                    daemon, ctl, job_id), \
-                Progress(TextColumn("{task.description}"), BarColumn(),
-                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                         console=console) as progress:
-            expected = profile_key(daemon.cfg)  # the key the daemon will check
-            if profile is not None:
-                bad = profile.mismatches(expected)
-                if bad:
-                    raise CommandError(f"{args.evaluate} does not fit this daemon: "
-                                       + "; ".join(bad))
-            levels = daemon.cfg.finetune.levels if job_id is not None else 0
-            configs = grid(args.quick, levels, held_out=profile is not None)
-            samples = run_configs(daemon, ctl, job_id, configs, args.repeats, args.seed,
-                                  progress)
-        elapsed = time.monotonic() - t0
-        if profile is None:
-            from harli.predictor import PROFILE_VERSION
+def measure(base_dir: Path, overrides: list[str], config_file: Path | None, *, quick: bool,
+            repeats: int, seed: int, console: Any, reference: Any = None,
+            reference_name: str = "") -> Measurement:
+    """Start a profiling daemon and measure the fit grid, or with a ``reference`` profile the
+    held-out grid; ``ProfileError`` if ``reference`` was measured on another setup."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-            out = Profile(version=PROFILE_VERSION, key=expected, created_s=time.time(),
-                          solo=None, samples=samples,
-                          meta={"quick": args.quick, "repeats": args.repeats,
-                                "elapsed_s": round(elapsed, 1),
-                                "configs": len(configs)}).refit()
-            args.out.write_bytes(out.to_json())
-            console.print(f"profile of {len(samples)} iterations in {len(configs)} "
-                          f"configurations ({elapsed:.0f} s) written to {args.out}")
-            return 0
-        # As fitted, and as the daemon runs it: each iteration predicted, then fed back as a
-        # residual to the online correction (a prediction uses only iterations before it).
-        reports = {"profile": evaluate(profile.model(), samples, MIN_CONFIG_ITERATIONS),
-                   "profile + online": evaluate(profile.model(), samples,
-                                                MIN_CONFIG_ITERATIONS, online=True)}
-        print_report(reports, console)
-        png = args.png or args.evaluate.with_name(args.evaluate.stem + ".eval.png")
-        plot(reports["profile + online"], png,
-             f"{expected.model}, {expected.dtype}, {expected.backend}: held-out configurations, "
-             f"online correction on ({elapsed:.0f} s)")
-        out = args.evaluate.with_name(args.evaluate.stem + ".eval.json")  # never the profile
-        out.write_bytes(report_json(reports, samples, elapsed))
-        console.print(f"plot: {png}; report and samples: {out}")
-        return 0
+    from harli.daemon.latency import profile_key
+    from harli.predictor import ProfileError
+
+    t0 = time.monotonic()
+    with profiling_daemon(base_dir, overrides, config_file) as (daemon, ctl, job_id), \
+            Progress(TextColumn("{task.description}"), BarColumn(),
+                     TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                     console=console) as progress:
+        key = profile_key(daemon.cfg)  # the key the daemon will check
+        if reference is not None:
+            bad = reference.mismatches(key)
+            if bad:
+                raise ProfileError(f"{reference_name} does not fit this daemon: "
+                                   + "; ".join(bad))
+        levels = daemon.cfg.finetune.levels if job_id is not None else 0
+        configs = grid(quick, levels, held_out=reference is not None)
+        samples = run_configs(daemon, ctl, job_id, configs, repeats, seed, progress)
+    return Measurement(key=key, configs=configs, samples=samples,
+                       elapsed_s=time.monotonic() - t0)
+
+
+def new_profile(m: Measurement, quick: bool, repeats: int) -> Any:
+    """The profile fitted on ``m`` (a ``Profile``)."""
+    from harli.predictor import PROFILE_VERSION, Profile
+
+    return Profile(version=PROFILE_VERSION, key=m.key, created_s=time.time(),
+                   solo=None, samples=m.samples,
+                   meta={"quick": quick, "repeats": repeats,
+                         "elapsed_s": round(m.elapsed_s, 1),
+                         "configs": len(m.configs)}).refit()
+
+
+def evaluate_profile(profile: Any, m: Measurement) -> dict[str, Any]:
+    """``profile`` scored on the held-out iterations of ``m``: as fitted, and as the daemon runs
+    it (each iteration predicted, then fed back as a residual to the online correction; a
+    prediction uses only iterations before it)."""
+    from harli.predictor import evaluate
+
+    return {"profile": evaluate(profile.model(), m.samples, MIN_CONFIG_ITERATIONS),
+            "profile + online": evaluate(profile.model(), m.samples,
+                                         MIN_CONFIG_ITERATIONS, online=True)}

@@ -5,19 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from harli.bench.bench import BenchCommand
-from harli.bench.memory import BenchMemoryCommand
-from harli.bench.overhead import BenchOverheadCommand
-from harli.bench.profile import ProfileCommand
 from harli.cli.attach import AttachCommand
+from harli.cli.bench import BenchCommand, BenchMemoryCommand, BenchOverheadCommand
 from harli.cli.command import Command, CommandError
 from harli.cli.daemon import DaemonCommand
 from harli.cli.demo import DemoCommand
 from harli.cli.generate import GenerateCommand
+from harli.cli.gpu_check import GpuCheckCommand
 from harli.cli.jobs import JobCommand, JobsCommand
 from harli.cli.model import KeysCommand, ModelCommand
+from harli.cli.profile import ProfileCommand
 from harli.cli.status import LevelCommand, PolicyCommand, StatusCommand
-from harli.gpu_check.checks import GpuCheckCommand
 
 COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
                            AttachCommand(), JobsCommand(), JobCommand(), StatusCommand(),

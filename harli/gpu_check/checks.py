@@ -1,5 +1,5 @@
-"""``harli gpu-check --out report.json``: does each GPU mechanism work on this host, and what
-does it measure? (gpu-mechanisms.md §8, the test plan.)
+"""The checks of ``harli gpu-check``: does each GPU mechanism work on this host, and what does
+it measure? (gpu-mechanisms.md §8, the test plan.)
 
 Sections, each recorded as ok / error / skipped with its reason and figures:
 
@@ -17,12 +17,11 @@ Sections, each recorded as ok / error / skipped with its reason and figures:
 
 All GPU work runs in ``python -m harli.gpu_check.worker`` processes (JSON lines, no pickle)
 started after the MPS daemon, so that every one of them is an MPS client; this process never
-initialises CUDA. Without CUDA it writes a report that says so and exits with code 2.
+initialises CUDA. Without CUDA, ``run_checks`` returns a report whose ``error`` says so.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -39,14 +38,12 @@ from typing import IO, Any
 
 import msgspec
 
-from harli.cli.command import Command, CommandError
 from harli.gpu_check.report import (
     GpuCheckReport,
     Section,
     corun_rows,
     new_report,
     overlap_figures,
-    write_report,
 )
 
 logger = logging.getLogger(__name__)
@@ -389,48 +386,3 @@ def run_checks(opts: CheckOptions) -> GpuCheckReport:
         if run.mps is not None:
             run.mps.stop()
     return report.finish()
-
-
-class GpuCheckCommand(Command):
-    name = "gpu-check"
-    help = ("On a GPU host: check and measure MPS, CUDA IPC, green contexts, decode beside a "
-            "trainer, the arena KV path and shared weights; writes a JSON report.")
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--out", default="gpu-check.json", help="report file (JSON)")
-        p.add_argument("--only", default=",".join(SECTIONS),
-                       help=f"comma-separated sections to run (of {', '.join(SECTIONS)}); "
-                            "the others are recorded as skipped")
-        p.add_argument("--levels", type=int, default=4, help="quota levels (finetune.levels)")
-        p.add_argument("--model", choices=["tiny", "small"], default="small",
-                       help="Llama shape built in memory: tiny (harli's) or small (1.1B)")
-        p.add_argument("--quick", action="store_true",
-                       help="tiny model, fewer iterations: a smoke run of every check")
-        p.add_argument("--mps", choices=["start", "off"], default="start",
-                       help="start a private MPS control daemon for the checks after the "
-                            "first (mps section), or run everything without MPS")
-        p.add_argument("--timeout-s", type=float, default=600.0,
-                       help="longest wait for one worker event")
-
-    def validate(self, args: argparse.Namespace) -> None:
-        unknown = [s for s in args.only.split(",") if s and s not in SECTIONS]
-        if unknown:
-            raise CommandError(f"--only: unknown sections {unknown}; choose from {SECTIONS}")
-        if args.levels < 1:
-            raise CommandError(f"--levels must be >= 1, got {args.levels}")
-
-    def run(self, args: argparse.Namespace) -> int:
-        if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, format="%(message)s")
-        opts = CheckOptions(out=Path(args.out), levels=args.levels, model=args.model,
-                            quick=args.quick, mps=args.mps, timeout_s=args.timeout_s,
-                            sections=tuple(s for s in args.only.split(",") if s))
-        report = run_checks(opts)
-        write_report(opts.out, report)
-        if report.error:
-            raise CommandError(f"{report.error} (report written to {opts.out})")
-        for s in report.sections:
-            logger.info("%-15s %-7s %s", s.name, s.status, s.reason.splitlines()[0]
-                        if s.reason else "")
-        logger.info("report written to %s", opts.out)
-        return 0 if report.ok else 1
