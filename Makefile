@@ -1,13 +1,14 @@
-# The README's two commands: `make run` (the demo) and `make test` (the suite). Both create
-# .venv and install on first use; a stamp keyed on the hash of pyproject.toml and the
-# constraints file makes later calls skip the install.
+# The README's two commands: `make run` (the demo) and `make test` (the suite, what CI runs via
+# .ci/run); `make test-fast` is the same lint and the unit tests only (tests/unit, ~1 minute on
+# 2 cores), for development. All create .venv and install on first use; a stamp keyed on the
+# hash of pyproject.toml and the constraints file makes later calls skip the install.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 HASH := $(shell cat pyproject.toml constraints-cpu.txt | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(HASH)
 
-.PHONY: run test lint install clean bench-overhead
+.PHONY: run test test-fast lint install clean bench-overhead
 
 install: $(STAMP)
 
@@ -25,12 +26,17 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 run: $(STAMP)
 	$(BIN)/harli demo
 
+# ruff, mypy, and the import contracts of pyproject.toml's [tool.importlinter].
 lint: $(STAMP)
 	$(BIN)/ruff check harli tests
 	$(BIN)/mypy harli
+	$(BIN)/lint-imports --no-cache
 
 test: lint
 	$(BIN)/python -m pytest
+
+test-fast: lint
+	$(BIN)/python -m pytest tests/unit
 
 bench-overhead: $(STAMP)
 	$(BIN)/harli bench-overhead
