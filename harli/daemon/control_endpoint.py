@@ -1,70 +1,76 @@
 """``ControlEndpoint``: the transport of the control API (``harli attach`` / ``jobs`` / ``job`` /
-``status``).
+``status`` / ``policy`` / ``level``).
 
-It reads requests from the daemon's control ROUTER, hands them to the ``JobManager`` and
-replies; a request answered later (attach validation runs on a worker thread) is kept as a
-future and replied to from the daemon's loop once it is done. Malformed, unknown or oversized
-messages get a typed ``Error``; nothing a client sends stops the loop.
+It reads requests from the daemon's control ROUTER, routes each by its type through a table
+``{request type: handler}`` (``control_handlers``: the job requests to the ``JobManager``,
+status and quota requests to the daemon) and replies. A request answered later (attach
+validation runs on a worker thread) is kept as a future and replied to from the daemon's loop
+once it is done. Malformed, unknown or oversized messages get a typed ``Error``; nothing a
+client sends stops the loop.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
 import zmq
 
-from harli.daemon.job_manager import JobManager
+from harli.daemon.job_manager import JobManager, Reply
 from harli.ipc.codec import DecodeFailure, Decoder, encode, router_batch
-from harli.ipc.control import ControlRequest, DaemonStatus, GetStatus, SetLevel, SetPolicy
+from harli.ipc.control import (
+    AttachJob,
+    CancelJob,
+    ControlRequest,
+    DaemonStatus,
+    GetStatus,
+    JobLogs,
+    ListJobs,
+    SetLevel,
+    SetPolicy,
+    ShowJob,
+)
 from harli.ipc.inference import Error, ErrorCode
 
 logger = logging.getLogger(__name__)
 
+ControlHandler = Callable[[Any], Reply | Future[Reply]]
+
+
+def control_handlers(jobs: JobManager, status: Callable[[], DaemonStatus],
+                     set_policy: Callable[[str, float | None], None],
+                     ) -> dict[type[Any], ControlHandler]:
+    """The control API's table. ``set_policy(spec, tpot_slo_ms)`` raises ``ValueError`` for a
+    policy or SLO it refuses."""
+
+    def policy(msg: SetPolicy) -> DaemonStatus:
+        set_policy(msg.policy, msg.tpot_slo_ms)
+        return status()
+
+    def level(msg: SetLevel) -> DaemonStatus:
+        # A fixed level is the static policy, so no other policy overrides it.
+        set_policy(f"static:{msg.level}", None)
+        return status()
+
+    return {GetStatus: lambda _: status(), SetPolicy: policy, SetLevel: level,
+            AttachJob: jobs.attach, ListJobs: jobs.list_jobs, ShowJob: jobs.show,
+            JobLogs: jobs.logs, CancelJob: jobs.cancel}
 
 
 class ControlEndpoint:
-    def __init__(self, sock: zmq.Socket[Any], jobs: JobManager, max_message_bytes: int,
-                 status: Callable[[], DaemonStatus],
-                 set_policy: Callable[[str, float | None], None]) -> None:
+    def __init__(self, sock: zmq.Socket[Any], max_message_bytes: int,
+                 handlers: Mapping[type[Any], ControlHandler]) -> None:
         self.sock = sock
-        self.jobs = jobs
-        self.status = status
-        self.set_policy = set_policy
         self.max_message_bytes = max_message_bytes
+        self.handlers = dict(handlers)
         self._decoder: Decoder[ControlRequest] = Decoder(ControlRequest)
-        self._pending: list[tuple[bytes, Future[Any]]] = []
+        self._pending: list[tuple[bytes, Future[Reply]]] = []
 
     def drain(self) -> None:
         for client, _, payload in router_batch(self.sock):
-            reply: Any
-            try:
-                if len(payload) > self.max_message_bytes:
-                    raise DecodeFailure(ErrorCode.TOO_LARGE,
-                                        f"message of {len(payload)} bytes exceeds the limit of "
-                                        f"{self.max_message_bytes} bytes")
-                msg = self._decoder.decode(payload)
-                if isinstance(msg, SetLevel | SetPolicy):
-                    # A fixed level is the static policy, so no other policy overrides it.
-                    if isinstance(msg, SetPolicy):
-                        self.set_policy(msg.policy, msg.tpot_slo_ms)
-                    else:
-                        self.set_policy(f"static:{msg.level}", None)
-                    reply = self.status()
-                elif isinstance(msg, GetStatus):
-                    reply = self.status()
-                else:
-                    reply = self.jobs.handle(msg)
-            except DecodeFailure as e:
-                reply = Error(request_id=None, code=e.code, message=e.message)
-            except ValueError as e:  # a well-formed request with a value out of range
-                reply = Error(request_id=None, code=ErrorCode.INVALID, message=str(e))
-            except Exception:
-                logger.exception("[control] internal error")
-                reply = Error(request_id=None, code=ErrorCode.INTERNAL,
-                              message="internal error; see the daemon log")
+            reply = self._answer(payload)
             if isinstance(reply, Future):
                 self._pending.append((client, reply))
             else:
@@ -87,7 +93,30 @@ class ControlEndpoint:
             self._reply(client, reply)
         self._pending = still
 
-    def _reply(self, client: bytes, reply: Any) -> None:
+    def _answer(self, payload: bytes) -> Reply | Future[Reply]:
+        try:
+            if len(payload) > self.max_message_bytes:
+                raise DecodeFailure(ErrorCode.TOO_LARGE,
+                                    f"message of {len(payload)} bytes exceeds the limit of "
+                                    f"{self.max_message_bytes} bytes")
+            msg = self._decoder.decode(payload)
+            handler = self.handlers.get(type(msg))
+            if handler is None:  # a request type this daemon does not serve
+                logger.error("[control] no handler for %s", type(msg).__name__)
+                return Error(request_id=None, code=ErrorCode.UNKNOWN_TYPE,
+                             message=f"this daemon does not handle {type(msg).__name__} "
+                                     f"requests")
+            return handler(msg)
+        except DecodeFailure as e:
+            return Error(request_id=None, code=e.code, message=e.message)
+        except ValueError as e:  # a well-formed request with a value out of range
+            return Error(request_id=None, code=ErrorCode.INVALID, message=str(e))
+        except Exception:
+            logger.exception("[control] internal error")
+            return Error(request_id=None, code=ErrorCode.INTERNAL,
+                         message="internal error; see the daemon log")
+
+    def _reply(self, client: bytes, reply: Reply) -> None:
         try:
             self.sock.send_multipart([client, encode(reply)], zmq.NOBLOCK)
         except zmq.ZMQError as e:

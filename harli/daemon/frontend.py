@@ -3,10 +3,10 @@
 It reads clients' messages from the inference ROUTER (which the daemon creates and binds),
 answers ``Hello``, accepts or refuses ``Generate`` and ``Abort``, keeps the ``RequestTable`` of
 accepted requests, hands them to decode (at once, or when decode is ready) and routes decode's
-``StepOutputs`` back to each client as ``Chunk``s. It tells the scheduler of arrivals, token
-gaps and finished requests. It reaches the rest of the daemon only through the callables it is
-given; a client that has gone has its requests aborted, and nothing a client sends stops the
-loop.
+``StepOutputs`` back to each client as ``Chunk``s. It tells the scheduler (its
+``RequestObserver``) of arrivals, token gaps and finished requests. It reaches the rest of the
+daemon only through the callables it is given; a client that has gone has its requests
+aborted, and nothing a client sends stops the loop.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from harli.ipc.inference import (
 logger = logging.getLogger(__name__)
 
 
-
 class RequestObserver(Protocol):
     """What the frontend tells the scheduler (``QuotaScheduler``) about the inference load."""
 
@@ -58,6 +57,7 @@ class Frontend:
                  decode_incarnation: Callable[[], int],
                  runtime: Callable[[], RuntimeInfo | None],
                  accepting: Callable[[], bool],
+                 observer: RequestObserver,
                  clock: Callable[[], float]) -> None:
         self.sock = sock
         self.cfg = cfg
@@ -65,13 +65,14 @@ class Frontend:
         self.send_decode = send_decode
         self.decode_running = decode_running  # READY and past start_secs
         self.decode_incarnation = decode_incarnation
-        self.runtime = runtime  # what the running decode reported in Ready, if any yet
+        self.runtime = runtime  # what the running decode reported in Ready (None before)
         self.accepting = accepting  # False once the daemon drains: new requests are refused
+        self.observer = observer
         self.clock = clock
-        # Set by the daemon once it has a scheduler (in run(), after the model exists).
-        self.scheduler: RequestObserver | None = None
         self.requests = RequestTable()
         self._client_decoder = ClientDecoder()
+        self._handlers: dict[type[Any], Callable[[bytes, Any], None]] = {
+            Generate: self._on_generate, Abort: self._on_abort, Hello: self._on_hello}
 
     # -- commands from the daemon ------------------------------------------------------------
 
@@ -133,17 +134,16 @@ class Frontend:
             if out.finish_reason is not None:
                 self.requests.remove(req.rid)
                 self.metrics.requests.labels(out.finish_reason).inc()
-                if self.scheduler is not None and req.first_token_s is not None \
-                        and req.last_token_s is not None:
-                    self.scheduler.on_request_done(req.first_token_s, req.last_token_s,
-                                                   req.num_tokens)
+                if req.first_token_s is not None and req.last_token_s is not None:
+                    self.observer.on_request_done(req.first_token_s, req.last_token_s,
+                                                  req.num_tokens)
             frames.setdefault(req.client, []).append(encode(Chunk(
                 request_id=req.request_id, token_ids=out.token_ids, text=out.text,
                 token_times_s=[msg.end_wall_s] * len(out.token_ids),
                 finish_reason=out.finish_reason, stop_reason=out.stop_reason,
                 num_prompt_tokens=out.num_prompt_tokens)))
-        if gaps_s and self.scheduler is not None:
-            self.scheduler.on_tokens(gaps_s)  # once per iteration: the policy's budget too
+        if gaps_s:
+            self.observer.on_tokens(gaps_s)  # once per iteration: the policy's budget too
         for client, parts in frames.items():
             self._send_frames(client, parts)
 
@@ -185,12 +185,15 @@ class Frontend:
             self._reply(client, Error(request_id=request_id_of(payload), code=e.code,
                                       message=e.message))
             return
-        if isinstance(msg, Generate):
-            self._on_generate(client, msg)
-        elif isinstance(msg, Abort):
-            self._on_abort(client, msg)
-        elif isinstance(msg, Hello):
-            self._on_hello(client, msg)
+        handler = self._handlers.get(type(msg))
+        if handler is None:  # a client message type this daemon does not serve
+            logger.error("[frontend] no handler for %s", type(msg).__name__)
+            self._reply(client, Error(request_id=request_id_of(payload),
+                                      code=ErrorCode.UNKNOWN_TYPE,
+                                      message=f"this daemon does not handle "
+                                              f"{type(msg).__name__} messages"))
+            return
+        handler(client, msg)
 
     def _on_hello(self, client: bytes, msg: Hello) -> None:
         if msg.protocol_version != PROTOCOL_VERSION:
@@ -255,13 +258,12 @@ class Frontend:
         if self.send_decode(AddRequest(rid=req.rid, request=req.request,
                                        arrival_s=req.arrival_s)):
             req.incarnation = self.decode_incarnation()
-            if self.scheduler is not None:
-                # A text prompt is not tokenized here; its length in characters bounds its
-                # tokens from above, and the iteration's token budget caps both.
-                g = req.request
-                n = len(g.prompt_token_ids) if g.prompt_token_ids is not None else \
-                    len(g.prompt or "")
-                self.scheduler.on_arrival(n, self.clock())
+            # A text prompt is not tokenized here; its length in characters bounds its tokens
+            # from above, and the iteration's token budget caps both.
+            g = req.request
+            n = len(g.prompt_token_ids) if g.prompt_token_ids is not None else \
+                len(g.prompt or "")
+            self.observer.on_arrival(n, self.clock())
 
     def _on_tokens(self, req: Inflight, n: int, end_wall_s: float,
                    gaps_s: list[float]) -> None:

@@ -4,6 +4,8 @@ served on a loopback HTTP port when ``metrics.port`` is set."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -14,6 +16,14 @@ logger = logging.getLogger(__name__)
 
 _ITERATION_BUCKETS_S = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05,
                         0.075, 0.1, 0.2, 0.5, 1.0)
+
+
+class RestartCounts(Protocol):
+    """What the restart gauges read of a supervised child (``Child``)."""
+
+    name: str
+    restarts: int
+    forced_restarts: int
 
 
 class Metrics:
@@ -110,6 +120,10 @@ class Metrics:
         self.job_paused_s = Counter("harli_job_paused_seconds_total",
                                     "Time a job spent paused by the quota decision.", ["job"],
                                     registry=r)
+        self.dropped_messages = Counter(
+            "harli_daemon_dropped_messages_total",
+            "Messages from a child the daemon could not decode or has no handler for.",
+            ["source", "reason"], registry=r)
 
     def serve(self, addr: str, port: int) -> None:
         try:
@@ -118,6 +132,13 @@ class Metrics:
             raise RuntimeError(f"metrics.port: cannot listen on {addr}:{port} ({e.strerror}); "
                                f"choose another port or set metrics.port = 0") from None
         logger.info("[metrics] Prometheus endpoint on http://%s:%d/metrics", addr, port)
+
+    def watch_children(self, children: Iterable[RestartCounts]) -> None:
+        """Restart gauges of each child, read at scrape time rather than in the loop."""
+        for child in children:
+            self.child_restarts.labels(child.name).set_function(_reader(child, "restarts"))
+            self.child_forced_restarts.labels(child.name).set_function(
+                _reader(child, "forced_restarts"))
 
     def on_iteration(self, t: IterationTelemetry) -> None:
         self.decode_iterations.inc()
@@ -145,3 +166,7 @@ class Metrics:
         saved = r.lease_saved_bytes + r.private_saved_bytes
         if saved:
             self.lease_in_share.set(r.lease_saved_bytes / saved)
+
+
+def _reader(obj: object, attr: str) -> Callable[[], float]:
+    return lambda: float(getattr(obj, attr))

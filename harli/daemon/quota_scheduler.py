@@ -1,24 +1,25 @@
-"""``QuotaScheduler``: the daemon's side of the SLO scheduler (issue 6).
+"""``QuotaScheduler``: the daemon's side of the SLO scheduler.
 
 After every decode iteration's telemetry it builds the view of the next iteration (the same
 running requests, each one token longer, plus the prompts waiting), asks the configured policy
-for the finetune's quota level and, when the level changes, has the ``JobManager`` send the new
-``Decision``. It also counts SLO attainment from the engine's token times, per token and per
-request, and hands the per-token counts to the policy (``harli``'s error budget). From the
-finetune's micro-step reports it measures each level's training rate beside a busy decode
-(``LevelRates``, kept across policy switches). The policy is switchable at run time (``harli
-policy SPEC``).
+for the finetune's quota level and, when the level changes, hands it to the ``QuotaController``
+(which sends the new ``Decision``). It also counts SLO attainment from the engine's token
+times, per token and per request, and hands the per-token counts to the policy (``harli``'s
+error budget). From the finetune's micro-step reports it measures each level's training rate
+beside a busy decode (``LevelRates``, kept across policy switches). The policy is switchable at
+run time (``harli policy SPEC``).
 """
-
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
-from harli.config import SchedulerConfig
+from harli.config import HarliConfig, SchedulerConfig
+from harli.daemon.disabled import NullScheduler
 from harli.daemon.metrics import Metrics
 from harli.ipc.control import SchedulerStatus
 from harli.ipc.decode import IterationTelemetry
@@ -63,18 +64,25 @@ def next_view(t: IterationTelemetry, max_batched_tokens: int) -> BatchView:
                      prefill_attn_tokens=prefill * prefill)
 
 
+class QuotaLevel(Protocol):
+    """Who holds the level in force and sends each new one (``QuotaController``)."""
+
+    @property
+    def level(self) -> int: ...
+
+    def set_level(self, level: int) -> None: ...
+
+
 class QuotaScheduler:
     def __init__(self, cfg: SchedulerConfig, levels: int, model: LatencyPredictor,
-                 set_level: Callable[[int], None], current_level: Callable[[], int],
-                 metrics: Metrics, max_batched_tokens: int,
+                 quota: QuotaLevel, metrics: Metrics, max_batched_tokens: int,
                  dominated_by: Sequence[int | None] = ()) -> None:
         self.cfg = cfg
         self.levels = levels
         self.model = model
         self.slo = SloTarget(cfg.tpot_slo_ms, cfg.attainment)
         self.counter = SloCounter(self.slo)
-        self._set_level = set_level
-        self._current_level = current_level
+        self._quota = quota
         self.metrics = metrics
         self.max_batched_tokens = max_batched_tokens
         self.rates = LevelRates(levels, dominated_by=dominated_by) if cfg.level_by_rate \
@@ -142,11 +150,11 @@ class QuotaScheduler:
         self.metrics.decision_s.observe(dt_us / 1e6)
         self.last = d
         self.by_reason[d.kind][d.level] += 1
-        if d.level != self._current_level():
+        if d.level != self._quota.level:
             self._stretch_ends(now)
             self.level_changes += 1
             self._level_since = now
-            self._set_level(d.level)
+            self._quota.set_level(d.level)
 
     def on_telemetry(self, t: IterationTelemetry, now: float) -> None:
         self._bound_trial(now)
@@ -156,7 +164,7 @@ class QuotaScheduler:
         """While decode is busy at a level ``LevelRates`` is still trying (unmeasured), the
         micro-step in flight bounds that level's rate already: it has not trained its tokens
         in the busy seconds it has had there (``LevelRates.bound_running``)."""
-        rates, level = self.rates, self._current_level()
+        rates, level = self.rates, self._quota.level
         if (rates is None or not self._busy or not self._step_tokens
                 or not 1 <= level <= self.levels or rates.samples[level] >= rates.min_samples):
             return
@@ -183,7 +191,7 @@ class QuotaScheduler:
     def _stretch_ends(self, now: float) -> None:
         """Decode's busy stretch, or the level in force, ends at ``now``: the micro-step in
         flight ran the part of it since it began at that level beside a busy decode."""
-        level = self._current_level()
+        level = self._quota.level
         if self._busy and 1 <= level <= self.levels:
             seconds = self._open_stretch_s(now)
             if seconds > 0.0:
@@ -193,7 +201,7 @@ class QuotaScheduler:
         """No request is left in the engine: the next decision is for an idle decode."""
         self._note_busy(False, now)
         if self.last is None or self.last.level != self.levels or \
-                self._current_level() != self.last.level:
+                self._quota.level != self.last.level:
             self.decide(_IDLE, now)
 
     def on_tokens(self, gaps_s: list[float]) -> None:
@@ -210,7 +218,7 @@ class QuotaScheduler:
         seconds = r.duration_s + r.idle_after_s
         started = now - r.duration_s
         if (self._busy and self._busy_since <= started and self._level_since <= started
-                and r.level == self._current_level() and seconds > 0.0):
+                and r.level == self._quota.level and seconds > 0.0):
             self.rates.observe(r.job_id, r.level, r.step_tokens, seconds)
         else:
             # Not wholly at one level beside a busy decode, but each level it ran at there
@@ -250,6 +258,18 @@ class QuotaScheduler:
             bound_quantile=self.last.quantile if self.last else None,
             busy_rates_tok_s=self.rates.snapshot() if self.rates else {},
             decisions_by_reason={k: dict(v) for k, v in self.by_reason.items()})
+
+
+def scheduler_for(cfg: HarliConfig, model: LatencyPredictor, quota: QuotaLevel, metrics: Metrics,
+                  dominated_by: Sequence[int | None]) -> QuotaScheduler | NullScheduler:
+    """The daemon's scheduler: a null one where finetuning is off (no quota to decide)."""
+    if not cfg.finetune.enabled:
+        return NullScheduler()
+    scheduler = QuotaScheduler(cfg.scheduler, cfg.finetune.levels, model, quota, metrics,
+                               cfg.decode.max_num_batched_tokens or 2048, dominated_by)
+    logger.info("[scheduler] policy %s, TPOT SLO %.1f ms at %.1f%%", cfg.scheduler.policy,
+                cfg.scheduler.tpot_slo_ms, 100 * cfg.scheduler.attainment)
+    return scheduler
 
 
 def _p99(sorted_us: list[float]) -> float | None:

@@ -35,7 +35,6 @@ class ChildState(enum.Enum):
     RUNNING = "running"
     BACKOFF = "backoff"  # crashed, or restart() forced; waiting to be restarted
     STOPPING = "stopping"
-    EXITED = "exited"  # exited cleanly after a stop
     FATAL = "fatal"  # crashed too often; not restarted
 
 
@@ -101,7 +100,7 @@ def _wait(proc: ProcHandle, timeout_s: float) -> int | None:
         return None
 
 
-def stop_ladder(proc: ProcHandle, ops: ProcessOps, request_stop: Callable[[], None] | None,
+def stop_ladder(proc: ProcHandle, ops: ProcessOps, request_stop: Callable[[], object] | None,
                 grace_s: float, term_timeout_s: float, name: str = "child",
                 before_signal: Callable[[int], None] | None = None) -> int:
     """Stop ``proc``: ask by message, then SIGTERM, then SIGKILL; return its exit status.
@@ -149,7 +148,9 @@ class Child:
     """One supervised child process and its lifecycle."""
 
     def __init__(self, name: str, argv: Callable[[int], Sequence[str]], env: dict[str, str],
-                 cfg: SupervisorConfig, ops: ProcessOps) -> None:
+                 cfg: SupervisorConfig, ops: ProcessOps, *,
+                 may_start: Callable[[], bool] = lambda: True,
+                 before_signal: Callable[[int], None] | None = None) -> None:
         self.name = name
         self._argv = argv
         self._env = env
@@ -170,15 +171,15 @@ class Child:
         self._backoff_forced = False
         # A restart waits while this says no (decode: until no finetune lease lies in the KV
         # cache a new engine would zero).
-        self.may_start: Callable[[], bool] = lambda: True
+        self.may_start = may_start
         # Called with the pid before any signal that ends the child (MPS: terminate_client,
         # so that no GPU work of it is in flight when the signal lands).
-        self.before_signal: Callable[[int], None] | None = None
+        self.before_signal = before_signal
 
     # -- commands ----------------------------------------------------------------------------
 
     def start(self, now: float) -> None:
-        if self.state not in (ChildState.STOPPED, ChildState.EXITED, ChildState.BACKOFF):
+        if self.state not in (ChildState.STOPPED, ChildState.BACKOFF):
             raise RuntimeError(f"cannot start {self.name} in state {self.state.value}")
         self.incarnation += 1
         self._forcing = None
@@ -199,7 +200,7 @@ class Child:
                     now - self._started_at)
         return True
 
-    def stop(self, request_stop: Callable[[], None] | None) -> int | None:
+    def stop(self, request_stop: Callable[[], object] | None) -> int | None:
         """Run the stop ladder (blocking); the child ends STOPPED."""
         rc = None
         if self.proc is not None and self.state in (ChildState.STARTING, ChildState.RUNNING):
@@ -295,5 +296,3 @@ class Child:
         logger.info("[supervisor] restarting %s in %.1f s (crash %d of %d allowed)", self.name,
                     delay, self.crashes, self.cfg.start_retries)
         return []
-
-

@@ -172,20 +172,31 @@ def test_decode_exit_restarts_a_finetune_that_runs_a_job_on_its_weights(
 
 
 def _cfg(tmp_path: Path, *extra: str) -> HarliConfig:
+    # A model path of its own: the daemon makes the tiny model only when none is given.
     return load(None, [f'daemon.runtime_dir="{tmp_path / "run"}"',
                        f'daemon.state_dir="{tmp_path / "state"}"', "memory.arena=false",
-                       'decode.cpu_cores="none"', *extra])
+                       f'model.path="{tmp_path / "model"}"', 'decode.cpu_cores="none"', *extra])
+
+
+class _FinetuneInbox:
+    """Stands in for the daemon's socket to the finetune: keeps what is sent, decoded."""
+
+    def __init__(self, sent: list[Any]) -> None:
+        self.sent = sent
+        self._decoder: Decoder[DaemonToFinetune] = Decoder(DaemonToFinetune)
+
+    def send(self, data: bytes, flags: int = 0) -> None:
+        self.sent.append(self._decoder.decode(data))
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Any]:
-    from harli.daemon.server import Daemon
+    from harli.daemon.daemon import Daemon
 
     d = Daemon(_cfg(tmp_path), ops=FakeOps())
     d.weights = WeightsRelay(enabled=True)  # as on a CUDA host
     sent: list[Any] = []
-    d._send_finetune = lambda m: sent.append(m) or True  # type: ignore[method-assign]
-    d.jobs.send = d._send_finetune
+    d.resources.finetune_in = _FinetuneInbox(sent)
     d.sent = sent
     d.decode.start(0.0)
     assert d.finetune is not None
@@ -200,10 +211,10 @@ def test_daemon_relays_decodes_weights_when_the_finetune_is_ready(daemon: Any) -
     from harli.daemon.supervisor import ChildExited
 
     weights = _weights(generation=daemon.decode.incarnation, model=str(daemon.cfg.model_path))
-    daemon._on_decode_message(encode(weights))
+    daemon._from_decode.dispatch(encode(weights))
     assert daemon.sent == []  # the finetune is not ready yet
     assert not daemon._may_start_job()
-    daemon._on_finetune_message(encode(FinetuneReady(
+    daemon._from_finetune.dispatch(encode(FinetuneReady(
         incarnation=daemon.finetune.incarnation, pid=1, levels=4, quota="cpu threads+affinity")))
     assert daemon.sent[0] == weights  # before the decision and any job
     assert isinstance(daemon.sent[1], Decision)
@@ -230,14 +241,14 @@ def test_daemon_relays_decodes_weights_when_the_finetune_is_ready(daemon: Any) -
 def test_daemon_relays_at_once_to_a_running_finetune_and_ignores_stale_exports(
         daemon: Any) -> None:
     daemon.finetune.on_ready(daemon.finetune.incarnation, 0.0)
-    daemon._on_decode_message(encode(_weights(generation=daemon.decode.incarnation + 1)))
+    daemon._from_decode.dispatch(encode(_weights(generation=daemon.decode.incarnation + 1)))
     assert daemon.sent == []
-    daemon._on_decode_message(encode(_weights(generation=daemon.decode.incarnation)))
+    daemon._from_decode.dispatch(encode(_weights(generation=daemon.decode.incarnation)))
     assert daemon.sent == [_weights(generation=daemon.decode.incarnation)]
 
 
 def test_daemon_on_a_cpu_host_relays_nothing_and_gates_nothing(tmp_path: Path) -> None:
-    from harli.daemon.server import Daemon
+    from harli.daemon.daemon import Daemon
 
     d = Daemon(_cfg(tmp_path), ops=FakeOps())
     try:
@@ -250,16 +261,21 @@ def test_daemon_on_a_cpu_host_relays_nothing_and_gates_nothing(tmp_path: Path) -
 
 
 def test_job_manager_starts_no_job_while_the_gate_is_closed(tmp_path: Path) -> None:
+    from harli.daemon.disabled import NullChild
     from harli.daemon.job_manager import JobManager
+    from harli.daemon.quota import QuotaController
 
     sent: list[Any] = []
-    jm = JobManager(_cfg(tmp_path), lambda m: sent.append(m) or True, Metrics())
+    cfg = _cfg(tmp_path)
+    send = lambda m: sent.append(m) or True  # noqa: E731
+    quota = QuotaController(cfg.finetune, send, NullChild("finetune"), None, Metrics())
+    gate = [False]
+    jm = JobManager(cfg, send, Metrics(), quota, may_start_job=lambda: gate[0])
     try:
         (tmp_path / "state").mkdir(exist_ok=True)
         jm.store.add(JobSpec(name="j", dataset=str(SAMPLE_DATASET),
                              output_dir=str(tmp_path / "out")), {})
-        gate = [False]
-        jm.may_start_job = lambda: gate[0]
+        quota.on_finetune_ready()
         jm.on_ready()
         jm.tick()
         jm.tick()

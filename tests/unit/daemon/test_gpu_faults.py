@@ -56,10 +56,12 @@ CFG = SupervisorConfig(backoff_initial_s=1, start_retries=3)
 
 def two_children(log: list[str]) -> tuple[Child, Child, FakeOps]:
     ops = FakeOps(log)
-    decode = Child("decode", lambda i: ["d"], {}, CFG, ops)
-    finetune = Child("finetune", lambda i: ["f"], {}, CFG, ops)
+    def hook(pid: int) -> None:
+        log.append(f"terminate_client {pid}")
+
+    decode = Child("decode", lambda i: ["d"], {}, CFG, ops, before_signal=hook)
+    finetune = Child("finetune", lambda i: ["f"], {}, CFG, ops, before_signal=hook)
     for c in (decode, finetune):
-        c.before_signal = lambda pid: log.append(f"terminate_client {pid}")
         c.start(0.0)
         c.on_ready(1, 1.0)
     return decode, finetune, ops

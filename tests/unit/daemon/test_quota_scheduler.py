@@ -34,17 +34,23 @@ def tele(running: int, waiting: int = 0, waiting_tokens: int = 0) -> IterationTe
                               waiting_tokens=waiting_tokens)
 
 
+class FakeQuota:
+    """The level in force, recording every level it is handed (``QuotaController``'s part)."""
+
+    def __init__(self, level: int = 2) -> None:
+        self.level = level
+        self.sent: list[int] = []
+
+    def set_level(self, level: int) -> None:
+        self.sent.append(level)
+        self.level = level
+
+
 def make(policy: str = "harli", slo_ms: float = 10.0) -> tuple[QuotaScheduler, list[int]]:
-    sent: list[int] = []
-    level = [2]
-
-    def set_level(lv: int) -> None:
-        sent.append(lv)
-        level[0] = lv
-
+    quota = FakeQuota()
     qs = QuotaScheduler(SchedulerConfig(policy=policy, tpot_slo_ms=slo_ms), 4, Linear(),
-                        set_level, lambda: level[0], Metrics(), 2048)
-    return qs, sent
+                        quota, Metrics(), 2048)
+    return qs, quota.sent
 
 
 def test_next_view_grows_context_and_admits_waiting_prompts() -> None:
@@ -236,13 +242,13 @@ def test_a_checkpoint_or_a_job_change_starts_the_next_micro_step_afresh() -> Non
 
 
 def test_level_by_rate_off_keeps_the_feasible_level() -> None:
-    sent: list[int] = []
+    quota = FakeQuota(level=0)
     qs = QuotaScheduler(SchedulerConfig(tpot_slo_ms=100.0, level_by_rate=False), 4, Linear(),
-                        sent.append, lambda: sent[-1] if sent else 0, Metrics(), 2048)
+                        quota, Metrics(), 2048)
     assert qs.rates is None
     qs.on_telemetry(tele(8), 0.0)
     qs.on_micro_step(step_report(4), 1.0)
-    assert sent == [4] and qs.rates is None
+    assert quota.sent == [4] and qs.rates is None
 
 
 def test_an_arriving_prompt_joins_the_next_iteration_within_the_token_budget() -> None:

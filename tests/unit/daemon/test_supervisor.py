@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -26,9 +27,9 @@ CFG = SupervisorConfig(start_timeout_s=10, stop_grace_s=0.01, term_timeout_s=0.0
                        stable_after_s=30)
 
 
-def make(cfg: SupervisorConfig = CFG) -> tuple[Child, FakeOps]:
+def make(cfg: SupervisorConfig = CFG, **hooks: Any) -> tuple[Child, FakeOps]:
     ops = FakeOps()
-    return Child("decode", lambda inc: ["x", str(inc)], {}, cfg, ops), ops
+    return Child("decode", lambda inc: ["x", str(inc)], {}, cfg, ops, **hooks), ops
 
 
 def test_ready_handshake_moves_starting_to_running() -> None:
@@ -58,6 +59,20 @@ def test_crash_backs_off_exponentially_then_restarts() -> None:
     assert c.state is ChildState.BACKOFF
     c.transition(9.0)
     assert c.state is ChildState.STARTING and c.incarnation == 3
+
+
+def test_a_restart_waits_while_may_start_says_no() -> None:
+    gate = [False]
+    c, ops = make(may_start=lambda: gate[0])
+    c.start(0.0)
+    c.on_ready(1, 0.5)
+    ops.procs[0].returncode = 1
+    c.transition(1.0)
+    c.transition(5.0)  # past the backoff, but the gate is closed
+    assert c.state is ChildState.BACKOFF and len(ops.procs) == 1
+    gate[0] = True
+    c.transition(5.1)
+    assert c.state is ChildState.STARTING and c.incarnation == 2 and c.restarts == 1
 
 
 def test_too_many_crashes_is_fatal() -> None:
@@ -225,13 +240,8 @@ def test_before_signal_hook_is_skipped_when_no_signal_is_needed() -> None:
 
 
 def test_child_runs_its_hook_before_kill_stop_and_start_timeout() -> None:
-    c, ops = make()
     seen: list[tuple[int, int]] = []
-
-    def hook(pid: int) -> None:
-        seen.append((pid, len(ops.signals)))
-
-    c.before_signal = hook
+    c, ops = make(before_signal=lambda pid: seen.append((pid, len(ops.signals))))
     c.start(0.0)
     c.on_ready(1, 0.5)
     c.kill("test")
@@ -247,12 +257,10 @@ def test_child_runs_its_hook_before_kill_stop_and_start_timeout() -> None:
 
 
 def test_a_failing_hook_never_keeps_the_signal_back() -> None:
-    c, ops = make()
-
     def broken(pid: int) -> None:
         raise RuntimeError("MPS control gone")
 
-    c.before_signal = broken
+    c, ops = make(before_signal=broken)
     c.start(0.0)
     c.kill("test")
     assert ops.signals == [(100, signal.SIGKILL)]

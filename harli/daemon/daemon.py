@@ -1,0 +1,391 @@
+"""``Daemon``: the supervising process. One loop: poll sockets -> handle -> tick the children.
+
+The daemon composes; its parts do the work. ``DaemonResources`` holds the arena and the seven
+sockets, ``ChildSpecs`` builds the two supervised children, the ``Frontend`` serves clients
+and keeps the request table, the ``ControlEndpoint`` answers the control API, the
+``JobManager`` runs finetune jobs, the ``QuotaScheduler`` decides the finetune's quota level
+and the ``QuotaController`` holds and sends it, the ``MemoryManager`` lends arena pages. What
+the children send is routed by one ``Dispatcher`` table per socket to the parts it concerns.
+
+Signals only set a flag; shutdown is a state machine: ``SERVING -> DRAINING`` (new work
+refused, in-flight work may finish) ``-> STOPPING`` (the rest is aborted with
+``finish_reason="shutdown"``, children stopped by the ladder) ``-> STOPPED``.
+"""
+
+from __future__ import annotations
+
+import enum
+import gc
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from harli.config import ENV, HarliConfig
+from harli.daemon.children import ChildSpecs, CorePlan
+from harli.daemon.control_endpoint import ControlEndpoint, control_handlers
+from harli.daemon.disabled import NullMemory
+from harli.daemon.dispatch import Dispatcher
+from harli.daemon.frontend import Frontend
+from harli.daemon.gpu_faults import FaultContainment
+from harli.daemon.job_manager import JobManager
+from harli.daemon.latency import LatencyTracker
+from harli.daemon.memory import MemoryManager
+from harli.daemon.metrics import Metrics
+from harli.daemon.mps import control_for, cuda_host
+from harli.daemon.quota import QuotaController
+from harli.daemon.quota_scheduler import scheduler_for
+from harli.daemon.resources import DaemonResources
+from harli.daemon.sdnotify import Notifier
+from harli.daemon.supervisor import Child, ChildExited, ChildState, PopenOps, ProcessOps
+from harli.daemon.weights_relay import WeightsRelay
+from harli.ipc.control import ChildStatus, DaemonStatus
+from harli.ipc.decode import (
+    BlocksLent,
+    BlocksReturned,
+    DecodeToDaemon,
+    Fatal,
+    IterationTelemetry,
+    Ready,
+    RuntimeInfo,
+    Shutdown,
+    StepOutputs,
+)
+from harli.ipc.finetune import (
+    CheckpointSaved,
+    FinetuneFatal,
+    FinetuneReady,
+    FinetuneShutdown,
+    FinetuneToDaemon,
+    JobEnded,
+    JobStarted,
+    LeaseReturned,
+    MicroStepReport,
+)
+from harli.ipc.inference import ErrorCode
+from harli.ipc.weights import WeightsExported
+
+logger = logging.getLogger(__name__)
+
+
+class DaemonState(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Daemon:
+    def __init__(self, cfg: HarliConfig, ops: ProcessOps | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.state = DaemonState.STARTING
+        self.exit_code = 0
+        self.runtime: RuntimeInfo | None = None  # from the running decode's Ready
+        self.finetune_quota = ""  # as the finetune reports it in FinetuneReady
+        self.iterations_seen = 0
+        self.notifier = Notifier(ENV.notify_socket)
+        self._stop_signal: str | None = None
+        self._drain_deadline = 0.0
+        _make_dirs(cfg)
+        self.cuda_host = cuda_host()
+        self.resources = DaemonResources(cfg, self.cuda_host)
+        try:
+            self._init_parts(ops or PopenOps())
+        except BaseException:
+            self.resources.close()
+            raise
+
+    def _init_parts(self, ops: ProcessOps) -> None:
+        cfg, res = self.cfg, self.resources
+        self.cores = CorePlan.for_host(cfg, self.cuda_host)
+        self.cores.pin_daemon()
+        self.metrics = Metrics()
+        self.latency = _load_latency(cfg, self.metrics)
+        # MPS (CUDA hosts, gpu.mps != off): both children become clients of one server; the
+        # control daemon starts in run(), before them.
+        self.mps = control_for(cfg.gpu, cfg.runtime_dir)
+        self.faults = FaultContainment(self.mps.new_server_log) if self.mps else None
+        specs = ChildSpecs(cfg, self.cores, res.arena.handle if res.arena else None, self.mps,
+                           ops)
+        self.finetune = specs.finetune()
+        self.quota = QuotaController(cfg.finetune, res.send_finetune, self.finetune,
+                                     self.cores.fence, self.metrics)
+        self.scheduler = scheduler_for(cfg, self.latency.model, self.quota, self.metrics,
+                                       self.cores.dominated_by(cfg, self.cuda_host))
+        # CUDA hosts: the finetune builds its model on views of decode's weights.
+        self.weights = WeightsRelay(cfg.gpu.share_weights and cfg.finetune.enabled
+                                    and self.cuda_host)
+        self.jobs = JobManager(cfg, res.send_finetune, self.metrics, self.quota,
+                               may_start_job=self._may_start_job)
+        self.memory = MemoryManager(
+            cfg.memory, res.arena.handle.num_pages, res.arena.handle.page_bytes,
+            res.send_decode, res.send_finetune, self.finetune.kill, self.metrics,
+        ) if res.arena is not None else NullMemory()
+        self.decode = specs.decode(may_start=self.memory.may_start_decode)
+        self.children = tuple(c for c in (self.decode, self.finetune) if isinstance(c, Child))
+        self.metrics.watch_children(self.children)
+        self.frontend = Frontend(
+            res.inference, cfg, self.metrics, send_decode=res.send_decode,
+            decode_running=lambda: self.decode.state is ChildState.RUNNING,
+            decode_incarnation=lambda: self.decode.incarnation,
+            runtime=lambda: self.runtime,
+            accepting=lambda: self.state in (DaemonState.STARTING, DaemonState.SERVING),
+            observer=self.scheduler, clock=self.clock)
+        self.control_endpoint = ControlEndpoint(
+            res.control, cfg.endpoints.max_message_bytes,
+            control_handlers(self.jobs, self.status, lambda spec, tpot_slo_ms:
+                             self.scheduler.set_policy(spec, self.clock(), tpot_slo_ms)))
+        self._init_dispatch()
+
+    def _init_dispatch(self) -> None:
+        now = self.clock
+        self._from_decode = Dispatcher("decode", DecodeToDaemon, {
+            StepOutputs: self.frontend.on_step_outputs,
+            Ready: self._on_decode_ready,
+            BlocksLent: lambda m: self.memory.on_blocks_lent(m, now()),
+            BlocksReturned: self.memory.on_blocks_returned,
+            WeightsExported: self._on_weights_exported,
+            Fatal: self._on_decode_fatal,
+        }, self.metrics)
+        self._from_telemetry = Dispatcher("telemetry", IterationTelemetry, {
+            IterationTelemetry: self._on_telemetry,
+        }, self.metrics)
+        self._from_finetune = Dispatcher("finetune", FinetuneToDaemon, {
+            FinetuneReady: self._on_finetune_ready,
+            LeaseReturned: lambda m: self.memory.on_lease_returned(m, now()),
+            FinetuneFatal: self._on_finetune_fatal,
+            MicroStepReport: self._on_micro_step,
+            JobStarted: self._on_job_started,
+            CheckpointSaved: self._on_checkpoint,
+            JobEnded: self._on_job_ended,
+        }, self.metrics)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """Safe from a signal handler: only records the request."""
+        self._stop_signal = reason
+
+    def run(self) -> int:
+        try:
+            if self.cfg.metrics.port:
+                self.metrics.serve(self.cfg.metrics.addr, self.cfg.metrics.port)
+            if self.mps is not None:
+                self.mps.start()  # a CUDA program looks for MPS once, at cuInit
+            for child in self.children:
+                child.start(self.clock())
+            # The start-up heap (config, profile samples, imports) lives as long as the daemon:
+            # out of the collector's reach, a full collection no longer walks it in the middle
+            # of a scheduling decision (what vLLM's engine core does with freeze_gc_heap).
+            gc.collect()
+            gc.freeze()
+            while self.state is not DaemonState.STOPPED:
+                self._poll_once()
+                self._tick(self.clock())
+        finally:
+            self._close()
+        return self.exit_code
+
+    def _poll_once(self) -> None:
+        res = self.resources
+        events = res.poll(max(1, int(self.cfg.daemon.tick_s * 1000)))
+        if res.decode_out in events:
+            self._from_decode.drain(res.decode_out)
+        if res.telemetry in events:
+            self._from_telemetry.drain(res.telemetry)
+        if res.inference in events:
+            self.frontend.drain()
+        if res.finetune_out in events:
+            self._from_finetune.drain(res.finetune_out)
+        if res.control in events:
+            self.control_endpoint.drain()
+
+    def _tick(self, now: float) -> None:
+        for fev in self.finetune.transition(now):
+            if isinstance(fev, ChildExited):
+                self._on_finetune_exit(fev, now)
+            else:
+                logger.error("[daemon] finetune process is FATAL; jobs stay queued")
+        if self.state is DaemonState.SERVING:
+            self.jobs.tick()
+        self.memory.tick(now)
+        if not self.frontend.requests:
+            self.scheduler.on_idle(now)
+        self.control_endpoint.reply_done()
+        for ev in self.decode.transition(now):
+            if isinstance(ev, ChildExited):
+                self._on_decode_exit(ev)
+            else:
+                logger.error("[daemon] decode process is FATAL; shutting down with failure")
+                self.exit_code = 1
+                self.frontend.fail_pending(ErrorCode.UNAVAILABLE,
+                                           "decode process failed to start")
+                self._begin_drain(now, "decode fatal")
+                self._drain_deadline = now
+        if self._stop_signal is not None and self.state in (DaemonState.STARTING,
+                                                            DaemonState.SERVING):
+            self._begin_drain(now, self._stop_signal)
+        if self.state is DaemonState.DRAINING and (not len(self.frontend.requests)
+                                                   or now >= self._drain_deadline):
+            self._stop_all()
+
+    def _begin_drain(self, now: float, reason: str) -> None:
+        if self.state in (DaemonState.DRAINING, DaemonState.STOPPING, DaemonState.STOPPED):
+            return
+        logger.info("[shutdown] daemon: %s; draining %d requests (up to %.1f s)", reason,
+                    len(self.frontend.requests), self.cfg.daemon.drain_timeout_s)
+        self.notifier.stopping()
+        self.state = DaemonState.DRAINING
+        self._drain_deadline = now + self.cfg.daemon.drain_timeout_s
+
+    def _stop_all(self) -> None:
+        self.state = DaemonState.STOPPING
+        self.frontend.finish_all("shutdown")
+        # Reverse dependency order: finetune before decode.
+        self.finetune.stop(lambda: self.resources.send_finetune(
+            FinetuneShutdown(reason="daemon stopping")))
+        self.decode.stop(lambda: self.resources.send_decode(Shutdown(reason="daemon stopping")))
+        self.state = DaemonState.STOPPED
+
+    def _close(self) -> None:
+        for child in (self.finetune, self.decode):  # after an exception: never leave a child
+            if child.proc is not None:
+                child.stop(None)
+        if self.mps is not None:
+            self.mps.stop()  # after its clients; only a daemon we started
+        self.jobs.close()
+        self.resources.close()  # the arena after both children, then the sockets
+        logger.info("[shutdown] daemon stopped (exit %d)", self.exit_code)
+
+    # -- decode_proc -------------------------------------------------------------------------
+
+    def _on_decode_ready(self, msg: Ready) -> None:
+        if not self.decode.on_ready(msg.incarnation, self.clock()):
+            return
+        self.runtime = msg.info
+        self.memory.on_decode_ready(msg.incarnation, msg.info, self.clock())
+        if self.state is DaemonState.STARTING:
+            self.state = DaemonState.SERVING
+            self.notifier.ready(f"serving {msg.info.model}")
+        self.frontend.dispatch_pending()
+
+    def _on_weights_exported(self, msg: WeightsExported) -> None:
+        if self.weights.on_exported(msg, self.decode.incarnation) \
+                and self.finetune.state is ChildState.RUNNING:
+            self.weights.relay(self.finetune.incarnation, self.resources.send_finetune)
+
+    def _on_decode_fatal(self, msg: Fatal) -> None:
+        logger.error("[daemon] decode[%d] reported a fatal error: %s\n%s", msg.incarnation,
+                     msg.error, msg.traceback)
+        self._check_gpu_fault(msg, "decode")
+
+    def _on_decode_exit(self, ev: ChildExited) -> None:
+        self.memory.on_decode_exit(self.clock())
+        self.frontend.on_decode_exit(ev)
+        restart = self.weights.on_decode_exit(self.finetune.incarnation,
+                                              self.jobs.running is not None)
+        if restart is not None:
+            # Forced: not counted toward the finetune's FATAL limit. The job manager requeues
+            # its job at the exit.
+            self.finetune.restart(restart)
+        self._check_gpu_fault(ev)
+
+    def _on_telemetry(self, t: IterationTelemetry) -> None:
+        self.iterations_seen += 1
+        self.metrics.on_iteration(t)
+        self.memory.on_telemetry(t)
+        self.latency.on_telemetry(t, self.quota.level_in_force(self.jobs.running is not None),
+                                  self.clock())
+        self.scheduler.on_telemetry(t, self.clock())
+
+    # -- finetune_proc -----------------------------------------------------------------------
+
+    def _on_finetune_ready(self, msg: FinetuneReady) -> None:
+        if not self.finetune.on_ready(msg.incarnation, self.clock()):
+            return
+        self.finetune_quota = msg.quota
+        logger.info("[daemon] finetune[%d] quota: %s", msg.incarnation, msg.quota or "-")
+        # In this order on one socket: decode's weights, then the decision, then any job.
+        self.weights.relay(msg.incarnation, self.resources.send_finetune)
+        self.quota.on_finetune_ready()
+        self.jobs.on_ready()
+
+    def _on_finetune_fatal(self, msg: FinetuneFatal) -> None:
+        self._check_gpu_fault(msg, "finetune")
+        self.jobs.on_fatal(msg)
+
+    def _on_micro_step(self, msg: MicroStepReport) -> None:
+        self.jobs.on_micro_step(msg)
+        self.scheduler.on_micro_step(msg, self.clock())
+        self.memory.on_micro_step(msg)
+
+    def _on_job_started(self, msg: JobStarted) -> None:
+        self.jobs.on_job_started(msg)
+        self.scheduler.on_step_gap(self.clock(), same_job=False)
+        self.memory.set_finetune_training(True, self.clock())
+
+    def _on_checkpoint(self, msg: CheckpointSaved) -> None:
+        self.jobs.on_checkpoint(msg)
+        self.scheduler.on_step_gap(self.clock(), same_job=True)
+
+    def _on_job_ended(self, msg: JobEnded) -> None:
+        self.jobs.on_job_ended(msg)
+        self.scheduler.on_step_gap(self.clock(), same_job=False)
+        self.memory.set_finetune_training(False, self.clock())
+
+    def _on_finetune_exit(self, ev: ChildExited, now: float) -> None:
+        self.jobs.on_exit(ev)
+        self.quota.on_finetune_exit()
+        self._check_gpu_fault(ev)
+        self.scheduler.on_step_gap(now, same_job=False)  # nothing in flight
+        self.memory.on_finetune_exit(now)
+
+    def _may_start_job(self) -> bool:
+        return self.weights.may_start_job(self.finetune.incarnation,
+                                          self.runtime.device if self.runtime else None)
+
+    # -- control API -------------------------------------------------------------------------
+
+    def status(self) -> DaemonStatus:
+        """What ``harli status`` shows (the control API's ``GetStatus``)."""
+        children = [ChildStatus(name=c.name, state=c.state.value, incarnation=c.incarnation,
+                                restarts=c.restarts, pid=c.proc.pid if c.proc else None,
+                                forced_restarts=c.forced_restarts) for c in self.children]
+        return DaemonStatus(state=self.state.value, pid=os.getpid(), children=children,
+                            model=self.runtime.model if self.runtime else None,
+                            decode_iterations=self.iterations_seen,
+                            memory=self.memory.status(), job_running=self.jobs.running,
+                            jobs_queued=self.jobs.queued(), level=self.quota.level,
+                            predictor=self.latency.status(), scheduler=self.scheduler.status(),
+                            finetune_quota=self.finetune_quota)
+
+    # -- MPS ---------------------------------------------------------------------------------
+
+    def _check_gpu_fault(self, what: ChildExited | Fatal | FinetuneFatal, name: str = "") -> None:
+        """Under MPS a GPU fault ends every client: restart the other child too (the normal
+        crash path; a finetune job resumes from its checkpoint)."""
+        if self.faults is None:
+            return
+        decision = self.faults.on_exit(what, self.children) if isinstance(what, ChildExited) \
+            else self.faults.on_fatal(name, what.incarnation, f"{what.error}\n{what.traceback}",
+                                      self.children)
+        if decision is not None:
+            decision.apply()
+
+
+def _make_dirs(cfg: HarliConfig) -> None:
+    # File permissions on the runtime dir are the access control of the ipc:// sockets.
+    cfg.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _load_latency(cfg: HarliConfig, metrics: Metrics) -> LatencyTracker:
+    if not cfg.model.path:
+        from harli.model.tiny import ensure_tiny
+
+        ensure_tiny(cfg.model_path, cfg.model.tiny_seed)
+    # After the model exists: the profile's key names the model's config digest.
+    return LatencyTracker.load(cfg, metrics)
