@@ -66,12 +66,6 @@ class OfflineRunner:
         return result
 
 
-def run_offline(cfg: HarliConfig, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    """One-shot convenience: load, generate once, unload."""
-    with OfflineRunner(cfg) as r:
-        return r.generate(prompts, max_tokens)
-
-
 def _serve(cfg: HarliConfig, max_lora_rank: int) -> None:
     # Results go to the original stdout; everything else (vLLM logs to stdout) to stderr.
     results = os.fdopen(os.dup(1), "w")

@@ -382,10 +382,6 @@ class DecodeEngine:
         return zeroed
 
     @property
-    def lent_groups(self) -> list[int]:
-        return sorted(self._lent)
-
-    @property
     def kv_blocks_lent(self) -> int:
         return sum(len(b) for b in self._lent.values())
 

@@ -51,10 +51,6 @@ def write_report(path: Path, report: GpuCheckReport) -> None:
     tmp.replace(path)
 
 
-def read_report(path: Path) -> GpuCheckReport:
-    return msgspec.json.decode(path.read_bytes(), type=GpuCheckReport)
-
-
 def percentile(samples: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile ``q`` in [0, 100] (numpy's default method)."""
     if not samples:

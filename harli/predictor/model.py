@@ -202,14 +202,6 @@ class LatencyModel:
         from live level-0 iterations."""
         return cls(None, {}, config=config, prior_latency_s=prior_latency_s)
 
-    @classmethod
-    def from_samples(cls, samples: list[Sample], *, config: ModelConfig | None = None,
-                     quantile: float = 0.99) -> LatencyModel:
-        alpha = (config if config is not None else ModelConfig()).ewma_alpha
-        solo = fit_solo(samples, quantile=quantile, bias_alpha=alpha)
-        return cls(solo, fit_levels(samples, solo, quantile=quantile, bias_alpha=alpha),
-                   config=config)
-
     # -- hot path ---------------------------------------------------------------------------
 
     def predict(self, shape: BatchShape, level: int,

@@ -84,8 +84,3 @@ class SloCounter:
     def per_request(self) -> float | None:
         """Share of counted requests with mean TPOT within the bound; None before any."""
         return self.requests_ok / self.requests if self.requests else None
-
-    def meets_target(self) -> bool | None:
-        """Whether per-token attainment reaches ``slo.attainment``; None before any gap."""
-        share = self.per_token()
-        return None if share is None else share >= self._slo.attainment

@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from harli.bench.local_daemon import LocalDaemon
-from harli.bench.offline import run_offline
+from harli.bench.offline import OfflineRunner
 from harli.client.inference import AsyncInferenceClient, Completion
 from harli.ipc.codec import Decoder
 from harli.ipc.decode import IterationTelemetry
@@ -55,7 +55,8 @@ def test_sixteen_concurrent_streams_get_exactly_the_tokens_asked_for(
 def test_greedy_output_equals_vllm_offline_generate(daemon: LocalDaemon) -> None:
     prompts = _prompts(8, seed=11)
     ours = asyncio.run(_run_concurrent(daemon.endpoint, prompts, [24] * 8))
-    ref = run_offline(daemon.cfg, prompts, max_tokens=24)
+    with OfflineRunner(daemon.cfg) as offline:
+        ref = offline.generate(prompts, max_tokens=24)
     assert [o.token_ids for o in ours] == ref["token_ids"]
 
 

@@ -77,9 +77,19 @@ def make_samples(rng: random.Random, n: int, levels: tuple[int, ...] = (0,),
     return out
 
 
+def model_from(samples: list[Sample], *, config: ModelConfig | None = None,
+               quantile: float = 0.99) -> LatencyModel:
+    """Both stages fit on ``samples`` (as a profile's are), the bias EWMA's weight from
+    ``config``."""
+    alpha = (config if config is not None else ModelConfig()).ewma_alpha
+    solo = fit_solo(samples, quantile=quantile, bias_alpha=alpha)
+    return LatencyModel(solo, fit_levels(samples, solo, quantile=quantile, bias_alpha=alpha),
+                        config=config)
+
+
 def fitted_model(seed: int = 0, **cfg: float) -> LatencyModel:
     samples = make_samples(random.Random(seed), 800, levels=(0, 1, 2, 3))
-    return LatencyModel.from_samples(samples, config=ModelConfig(**cfg))  # type: ignore[arg-type]
+    return model_from(samples, config=ModelConfig(**cfg))  # type: ignore[arg-type]
 
 
 SHAPE = BatchShape(num_seqs=16, decode_tokens=16, prefill_tokens=0, context_tokens=8000)
@@ -397,14 +407,14 @@ def test_evaluate_perfect_model_has_zero_error_and_full_bound_share() -> None:
         assert stage.within_upper_share == 1.0
         assert all(row.ape_pct == 0.0 for row in stage.rows)
     # Fit on the same noiseless data: the error is rounding only.
-    fitted = evaluate(LatencyModel.from_samples(samples), samples)
+    fitted = evaluate(model_from(samples), samples)
     assert fitted.stages["stage1"].mean_ape_pct == pytest.approx(0.0, abs=1e-6)
     assert fitted.stages["stage2"].p95_ape_pct == pytest.approx(0.0, abs=1e-6)
 
 
 def test_evaluate_noisy_model_reports_error() -> None:
     samples = make_samples(random.Random(13), 400, levels=(0, 1))
-    report = evaluate(LatencyModel.from_samples(samples, quantile=0.9), samples)
+    report = evaluate(model_from(samples, quantile=0.9), samples)
     assert 0.0 < report.stages["stage1"].mean_ape_pct < 5.0
     assert 0.85 < report.stages["stage1"].within_upper_share < 0.95
 
@@ -460,7 +470,7 @@ def test_tracked_bound_leaves_out_the_drift_the_bias_follows() -> None:
 
 def test_model_bound_covers_a_drifting_host_and_is_tighter_than_the_raw_one() -> None:
     fit_on = drifting_samples(4000, seed=2)
-    model = LatencyModel.from_samples(fit_on)
+    model = model_from(fit_on)
     solo = model.solo
     assert solo is not None and solo.tracked_ratio_q is not None
     assert solo.tracked_ratio_q < solo.ratio_q
@@ -480,7 +490,7 @@ def test_model_bound_covers_a_drifting_host_and_is_tighter_than_the_raw_one() ->
 def test_bias_is_trusted_only_after_its_warmup() -> None:
     from harli.predictor.fit import bias_warmup
 
-    model = LatencyModel.from_samples(drifting_samples(2000, seed=4))
+    model = model_from(drifting_samples(2000, seed=4))
     solo = model.solo
     assert solo is not None and solo.tracked_ratio_q is not None
     warmup = bias_warmup(ModelConfig().ewma_alpha)
@@ -539,13 +549,13 @@ def test_the_bound_follows_the_attainment_target() -> None:
     samples = drifting_samples(4000, seed=6)
     bounds = {}
     for q in (0.9, 0.99, 0.999):
-        model = LatencyModel.from_samples(samples, config=ModelConfig(quantile=0.99))
+        model = model_from(samples, config=ModelConfig(quantile=0.99))
         model = LatencyModel(model.solo, {}, config=ModelConfig(quantile=q))
         for i in range(100):
             model.observe(SHAPE, 0, true_solo_s(SHAPE), now=float(i))
         p = model.predict(SHAPE, 0)
         bounds[q] = p.upper_s / p.estimate_s
-    solo = LatencyModel.from_samples(samples).solo
+    solo = model_from(samples).solo
     assert solo is not None and solo.tracked_ratio_q is not None
     assert bounds[0.9] < bounds[0.99] < bounds[0.999]
     assert bounds[0.99] == pytest.approx(solo.tracked_ratio_q, rel=0.02)
@@ -553,7 +563,7 @@ def test_the_bound_follows_the_attainment_target() -> None:
 
 def test_an_old_profile_at_another_quantile_is_named_in_the_log(
         caplog: pytest.LogCaptureFixture) -> None:
-    solo = LatencyModel.from_samples(drifting_samples(500)).solo
+    solo = model_from(drifting_samples(500)).solo
     assert solo is not None
     old = dataclasses.replace(solo, tracked_ratio_q=None, tracked_spread_log=None,
                               tracked_tail=None)
@@ -564,7 +574,7 @@ def test_an_old_profile_at_another_quantile_is_named_in_the_log(
 
 def test_predict_at_a_quantile_reads_the_fits_tail_after_warmup() -> None:
     samples = drifting_samples(3000, seed=7)
-    model = LatencyModel.from_samples(samples)
+    model = model_from(samples)
     solo = model.solo
     assert solo is not None and solo.tracked_tail is not None
     # Before the bias has warmed up: the raw bound, whatever the quantile asked.
@@ -587,7 +597,7 @@ def test_predict_at_a_quantile_reads_the_fits_tail_after_warmup() -> None:
 
 def test_a_quantile_on_a_fit_without_a_tail_keeps_its_bound_and_is_counted(
         caplog: pytest.LogCaptureFixture) -> None:
-    solo = LatencyModel.from_samples(drifting_samples(500)).solo
+    solo = model_from(drifting_samples(500)).solo
     assert solo is not None
     old = dataclasses.replace(solo, tracked_tail=None)
     model = LatencyModel(old, {})

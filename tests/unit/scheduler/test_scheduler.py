@@ -630,15 +630,12 @@ def test_slo_target_defaults_and_frozen() -> None:
 def test_slo_counter_per_token_by_hand() -> None:
     c = SloCounter(SloTarget(50.0, attainment=0.75))
     assert c.per_token() is None
-    assert c.meets_target() is None
     c.on_token_gaps([])
     assert c.per_token() is None
     c.on_token_gaps([0.010, 0.050, 0.051, 0.200])  # 0.050 is on the bound: meets it
     assert (c.tokens, c.tokens_ok, c.per_token()) == (4, 2, 0.5)
-    assert c.meets_target() is False
     c.on_token_gaps([0.0, 0.02, 0.03, 0.04])
     assert (c.tokens, c.tokens_ok, c.per_token()) == (8, 6, 0.75)
-    assert c.meets_target() is True
     with pytest.raises(ValueError, match="gaps"):
         c.on_token_gaps([0.01, -0.001])
     with pytest.raises(ValueError, match="gaps"):
