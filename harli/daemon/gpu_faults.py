@@ -140,26 +140,26 @@ class FaultContainment:
     _killed: set[tuple[str, int]] = field(default_factory=set)
 
     def on_fatal(self, name: str, incarnation: int, text: str,
-                 children: Iterable[Child | None]) -> RestartBoth | None:
+                 children: Iterable[Child]) -> RestartBoth | None:
         """A child's Fatal report: decide at once, not at its exit, so that the siblings stop
         holding the faulted server while the reporter winds down."""
         return self._decide(name, incarnation, classify_gpu_fault(text), children)
 
-    def on_exit(self, ev: ChildExited, children: Iterable[Child | None]) -> RestartBoth | None:
+    def on_exit(self, ev: ChildExited, children: Iterable[Child]) -> RestartBoth | None:
         """A child's exit: the server log since the last look decides (a child that died by
         a signal leaves no report)."""
         return self._decide(ev.name, ev.incarnation, classify_gpu_fault(self.server_log()),
                             children)
 
     def _decide(self, name: str, incarnation: int, fault: GpuFault | None,
-                children: Iterable[Child | None]) -> RestartBoth | None:
+                children: Iterable[Child]) -> RestartBoth | None:
         key = (name, incarnation)
         if fault is None or key in self._handled:
             return None
         if key in self._killed:  # its fault report is the one we already acted on
             return None
         self._handled.add(key)
-        siblings = tuple(c for c in children if c is not None and c.name != name
+        siblings = tuple(c for c in children if c.name != name
                          and c.proc is not None
                          and c.state in (ChildState.STARTING, ChildState.RUNNING))
         if not siblings:

@@ -54,16 +54,8 @@ class KVPageMap:
                                      f"the layers overlap")
                 owner[p] = g
             self._group_pages.append(tuple(pages))
-        self._page_group = owner
 
     def pages_of(self, group: int) -> tuple[int, ...]:
         if not 0 <= group < self.num_groups:
             raise ValueError(f"KV block group {group} outside 0..{self.num_groups - 1}")
         return self._group_pages[group]
-
-    def group_of(self, page: int) -> int | None:
-        return self._page_group.get(page)
-
-    def blocks_of(self, group: int) -> range:
-        n = self.blocks_per_group
-        return range(group * n, (group + 1) * n)

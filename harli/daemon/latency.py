@@ -23,7 +23,6 @@ from harli.predictor import (
     BatchShape,
     LatencyModel,
     ModelConfig,
-    Prediction,
     Profile,
     ProfileError,
     ProfileKey,
@@ -95,9 +94,6 @@ class LatencyTracker:
     def _recent_error(self) -> float:
         err = self.model.stats()["recent_mean_abs_pct_error"]
         return float(err) if isinstance(err, float | int) else 0.0
-
-    def predict(self, t: IterationTelemetry, level: int) -> Prediction:
-        return self.model.predict(BatchShape.from_telemetry(t), level)
 
     def on_telemetry(self, t: IterationTelemetry, level: int, now: float) -> None:
         # The predictor's target is what an iteration costs a token (TPOT), not just the

@@ -10,7 +10,6 @@ not hold cannot corrupt the books.
 from __future__ import annotations
 
 import enum
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -37,14 +36,13 @@ class LedgerChange:
 
 
 class PageLedger:
-    def __init__(self, num_pages: int, history: int = 1024) -> None:
+    def __init__(self, num_pages: int) -> None:
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         self._owner = [Owner.FREE] * num_pages
         self._counts = {o: 0 for o in Owner}
         self._counts[Owner.FREE] = num_pages
         self._seq = 0
-        self.history: deque[LedgerChange] = deque(maxlen=history)
 
     @property
     def num_pages(self) -> int:
@@ -86,9 +84,7 @@ class PageLedger:
         self._counts[src] -= len(ps)
         self._counts[dst] += len(ps)
         self._seq += 1
-        change = LedgerChange(self._seq, now, op, ps, src, dst, reason)
-        self.history.append(change)
-        return change
+        return LedgerChange(self._seq, now, op, ps, src, dst, reason)
 
     def take_for_decode(self, pages: Iterable[int], reason: str, now: float) -> LedgerChange:
         return self._move("take_for_decode", pages, Owner.FREE, Owner.DECODE, reason, now)
@@ -109,11 +105,3 @@ class PageLedger:
         if not held:
             return None
         return self._move("finetune_crashed", held, Owner.FINETUNE, Owner.FREE, reason, now)
-
-    def check(self) -> None:
-        """Assert the invariants (used by tests and after recovery)."""
-        recount = {o: 0 for o in Owner}
-        for o in self._owner:
-            recount[o] += 1
-        if recount != self._counts or sum(recount.values()) != len(self._owner):
-            raise AssertionError(f"ledger counts {self._counts} != pages {recount}")

@@ -1,4 +1,4 @@
-"""``MemoryManager``: the daemon's side of the unified memory pool (issue 4).
+"""``MemoryManager``: the daemon's side of the unified memory pool.
 
 It keeps the ``PageLedger`` of the arena and moves pages between decode and the finetune:
 

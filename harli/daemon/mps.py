@@ -10,7 +10,7 @@ time-slicing (gpu-mechanisms.md §1). This module:
 - sends the legacy (v2) control commands on the control binary's stdin: ``get_server_list``,
   ``get_client_list``, ``terminate_client`` (the supervisor calls it before it signals a child,
   because a signal that lands while the client has GPU work in flight is undefined behaviour
-  for the server and every other client, §6.2), ``set_default_active_thread_percentage``;
+  for the server and every other client, §6.2);
 - gives the supervisor its ``before_signal`` hook (``terminate_hook``).
 
 Which child reports show a GPU fault that takes every client down, and the "restart both" rule
@@ -18,8 +18,8 @@ that follows, are ``daemon/gpu_faults.py``'s; this module only reads the new ser
 for it (``MpsControl.new_server_log``).
 
 No torch and no ZMQ: everything the OS does goes through one ``MpsOps`` object, so unit tests
-run against a fake that records command lines and stdin text. Nothing here has run on a GPU;
-the command syntax is from NVIDIA's MPS documentation (sources by each item).
+run against a fake that records command lines and stdin text (``mps_ops.py``). The command
+syntax is from NVIDIA's MPS documentation (sources by each item).
 """
 
 from __future__ import annotations
@@ -27,16 +27,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from harli.config import GpuConfig
+from harli.daemon.mps_ops import CommandResult, MpsOps, SubprocessOps
 
 logger = logging.getLogger(__name__)
 
@@ -57,93 +53,6 @@ _PIPE_DIR_MAX_CHARS = 80
 
 class MpsError(RuntimeError):
     """MPS could not be started or reached; the message says what failed and what to do."""
-
-
-# -- the OS, behind one object ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    returncode: int | None  # None: it ran past its timeout and was killed
-    output: str  # stdout and stderr together
-
-
-class MpsOps(Protocol):
-    """Everything ``MpsControl`` asks of the OS."""
-
-    def run(self, argv: Sequence[str], env: Mapping[str, str], stdin_text: str | None,
-            timeout_s: float) -> CommandResult:
-        """Run to completion; raise ``FileNotFoundError`` when ``argv[0]`` does not exist."""
-        ...
-
-    def which(self, name: str, search_path: str) -> str | None: ...
-
-    def make_private_dir(self, path: Path) -> None: ...
-
-    def read_from(self, path: Path, offset: int, max_bytes: int) -> tuple[str, int]:
-        """Text from ``offset`` (from 0 if the file shrank), and the offset after it; ``("",
-        0)`` for a missing file."""
-        ...
-
-    def file_size(self, path: Path) -> int: ...
-
-    def pid_alive(self, pid: int) -> bool: ...
-
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SubprocessOps:
-    """The real OS. Output goes to a temporary file, not a pipe: ``-d`` forks a daemon that may
-    keep the inherited stdout open, and reading a pipe to EOF would then wait for it to exit."""
-
-    def run(self, argv: Sequence[str], env: Mapping[str, str], stdin_text: str | None,
-            timeout_s: float) -> CommandResult:
-        with tempfile.TemporaryFile() as out:
-            try:
-                proc = subprocess.run(list(argv), env=dict(env), input=(stdin_text or "").encode(),
-                                      stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s,
-                                      check=False)
-                rc: int | None = proc.returncode
-            except subprocess.TimeoutExpired:
-                rc = None
-            out.seek(0)
-            return CommandResult(rc, out.read().decode(errors="replace"))
-
-    def which(self, name: str, search_path: str) -> str | None:
-        return shutil.which(name, path=search_path)
-
-    def make_private_dir(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.chmod(0o700)  # mkdir's mode is masked by the umask and ignored for an existing dir
-
-    def read_from(self, path: Path, offset: int, max_bytes: int) -> tuple[str, int]:
-        try:
-            with path.open("rb") as f:
-                size = f.seek(0, os.SEEK_END)
-                start = offset if 0 <= offset <= size else 0
-                start = max(start, size - max_bytes)
-                f.seek(start)
-                return f.read().decode(errors="replace"), size
-        except FileNotFoundError:
-            return "", 0
-
-    def file_size(self, path: Path) -> int:
-        try:
-            return path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def pid_alive(self, pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True  # exists, owned by someone else
-        return True
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
 
 # -- backend ----------------------------------------------------------------------------------
@@ -363,15 +272,6 @@ class MpsControl:
         except MpsError as e:
             logger.warning("[mps] cannot look up client %d: %s", client_pid, e)
         return False
-
-    def set_default_active_thread_percentage(self, pct: int) -> None:
-        """``set_default_active_thread_percentage <pct>``. It applies to servers started
-        afterwards, so to every client of them, decode included, and is lost on ``quit``
-        (§1.3). The daemon's own fallback therefore sets the finetune's percentage in its
-        environment instead (``client_env``); this is for tools and tests on a GPU."""
-        if not 1 <= pct <= 100:
-            raise ValueError(f"active thread percentage must be 1..100, got {pct}")
-        self._checked(f"set_default_active_thread_percentage {pct}")
 
     def new_server_log(self) -> str:
         """The server log written since the last call (or since ``start``): the fault lines of

@@ -30,8 +30,5 @@ class Notifier:
     def ready(self, status: str) -> None:
         self.notify(f"READY=1\nSTATUS={status}")
 
-    def status(self, status: str) -> None:
-        self.notify(f"STATUS={status}")
-
     def stopping(self) -> None:
         self.notify("STOPPING=1")

@@ -99,7 +99,7 @@ def test_the_server_log_at_an_exit_restarts_the_others() -> None:
     decode.proc.returncode = -11  # type: ignore[union-attr]  # segfault: no report at all
     (ev,) = decode.transition(2.0)
     assert isinstance(ev, ChildExited)
-    d = fc.on_exit(ev, [decode, finetune, None])
+    d = fc.on_exit(ev, [decode, finetune])
     assert d is not None and d.siblings == (finetune,) and d.fault.kind == "mps_server_fault"
     d.apply()
     assert log == ["terminate_client 101", "signal SIGKILL 101"]

@@ -13,14 +13,13 @@ import pytest
 from harli.config import ConfigError, GpuConfig, load
 from harli.daemon.mps import (
     MPS_CONTROL,
-    CommandResult,
     MpsControl,
     MpsError,
-    SubprocessOps,
     control_for,
     cuda_host,
     terminate_hook,
 )
+from harli.daemon.mps_ops import CommandResult, SubprocessOps
 
 BIN = f"/usr/bin/{MPS_CONTROL}"
 OK = CommandResult(0, "")
@@ -303,14 +302,6 @@ def test_terminate_survives_a_dead_control(tmp_path: Path) -> None:
     ops.replies["get_server_list"] = CommandResult(None, "")
     assert not mps.terminate(9)
     terminate_hook(mps)(9)  # the supervisor's hook never raises for MPS trouble
-
-
-def test_set_default_active_thread_percentage(tmp_path: Path) -> None:
-    mps, ops = control(tmp_path)
-    mps.set_default_active_thread_percentage(25)
-    assert ops.stdin_lines == ["set_default_active_thread_percentage 25"]
-    with pytest.raises(ValueError, match=r"1\.\.100"):
-        mps.set_default_active_thread_percentage(0)
 
 
 def test_new_server_log_returns_each_line_once(tmp_path: Path) -> None:
