@@ -1,4 +1,6 @@
-"""Process-level helpers shared by every child role: parent-death signal, process title."""
+"""What every process role does to itself at start, shared by the daemon and its children: the
+parent-death signal, CPU pinning (decode's cores) and scheduling class, the process title,
+logging with the role's name, and ``run_child``, the loop-and-report-fatal frame of a child."""
 
 from __future__ import annotations
 

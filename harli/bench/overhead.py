@@ -47,7 +47,7 @@ def run_bench(base_dir: Path, requests: int, max_tokens: int, rounds: int,
     from harli.runtime import decode_cores, format_cpu_list, pin_to
 
     # The finetune process is not on the serving path; it stays off so that only the path is
-    # measured (issue 6's bench measures the two together).
+    # measured (``harli bench`` measures the two together).
     daemon = LocalDaemon(base_dir, ['model.dtype="float32"', f"decode.max_num_seqs={requests}",
                                     "finetune.enabled=false"])
     # "batch": all requests at once; "single": one request at a time (one prompt per

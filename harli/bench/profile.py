@@ -165,11 +165,11 @@ def profiling_daemon(base_dir: Path, overrides: list[str],
                 ctl.cancel(job_id)
 
 
-# Interleave the levels in blocks: level 0 used to be profiled first and alone, so it alone
-# carried the host's slow stretches of those minutes (profile P: level 0's 0.99 bound after the
-# bias 2.0x its estimate, levels 1-4 1.4-1.5x; refitting stage 1 with more features left that
-# unchanged). In blocks, every level samples the host alike; changing level costs a wait for
-# a micro-step at the new one (~0.3 s), so a few blocks, not one per configuration.
+# The levels are interleaved in blocks: profiled first and alone, level 0 alone carries the
+# host's slow stretches of those minutes (measured: level 0's 0.99 bound after the bias 2.0x
+# its estimate, levels 1-4 1.4-1.5x; more stage-1 features did not change that). In blocks,
+# every level samples the host alike; changing level costs a wait for a micro-step at the new
+# one (~0.3 s), so a few blocks, not one per configuration.
 LEVEL_BLOCKS = 4
 
 

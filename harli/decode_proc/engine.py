@@ -311,7 +311,7 @@ class DecodeEngine:
     def kv_blocks_free(self) -> int:
         return int(self._block_pool.get_num_free_blocks())
 
-    # -- lending (issue 4): only between iterations, only blocks the free queue holds -----------
+    # -- KV lending: only between iterations, only blocks the free queue holds -----------------
 
     def lend_groups(self, max_groups: int, blocks_per_group: int) -> list[int]:
         """Withdraw up to ``max_groups`` aligned groups of ``blocks_per_group`` KV blocks

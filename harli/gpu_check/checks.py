@@ -1,5 +1,5 @@
 """The checks of ``harli gpu-check``: does each GPU mechanism work on this host, and what does
-it measure? (gpu-mechanisms.md §8, the test plan.)
+it measure? (``docs/gpu.md``.)
 
 Sections, each recorded as ok / error / skipped with its reason and figures:
 
@@ -123,7 +123,7 @@ class Worker:
     def close(self, before_kill: Callable[[int], None] | None = None) -> None:
         """Kill it if it still runs: after ``terminate_client`` under MPS, because a signal
         that lands on a client with GPU work in flight is undefined behaviour for every client
-        of the server (gpu-mechanisms.md §6.2)."""
+        of the server (``docs/gpu.md``)."""
         if self.proc.poll() is None:
             if before_kill is not None:
                 with contextlib.suppress(Exception):

@@ -184,8 +184,9 @@ class LatencyModel:
         # level's correction once it is warm; None where a level takes _at_level's general
         # path (no fit of its own, or a bias still warming up). A decision runs after the
         # daemon's loop has done everything else, on caches the finetune's threads share:
-        # cold, so what it costs is what it touches (b62: 29 us median in the daemon against
-        # 12 us in a warm loop), and lists by level touch less than dicts by (level, kind).
+        # cold, so what it costs is what it touches (measured: 29 us median in the daemon
+        # against 12 us in a warm loop), and lists by level touch less than dicts by (level,
+        # kind).
         top = max(self._levels, default=0)
         self._lines: list[tuple[float, float, float] | None] = [
             (1.0, 0.0, 0.0), *((lf.scale, lf.offset_s, lf.floor_s) if lf is not None else None

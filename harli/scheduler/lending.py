@@ -2,8 +2,7 @@
 
 Pure logic for the daemon's ``MemoryManager`` (no torch, no ZMQ): decode keeps free at least
 the larger of a configured floor and the KV demand predicted over a horizon; the rest is lent;
-when the free count falls under that mark, the deficit is reclaimed. The scheduler (issue 6)
-will feed it a better demand forecast; the arithmetic stays here.
+when the free count falls under that mark, the deficit is reclaimed.
 """
 
 from __future__ import annotations

@@ -271,8 +271,9 @@ class HarliPolicy:
         # corrections are noisy, so the bounds seldom come out in order. A level is allowed
         # when its own bound is within the SLO and so is the non-decreasing fit of all the
         # bounds (isotonic: pooled_bounds) at it: a lower level's bound far over the SLO still
-        # holds every level above it back, but one a little over it (seen in profile Q: level
-        # 1's fit 2-10 % over level 0's, with levels 2-4 as cheap as level 0) no longer does.
+        # holds every level above it back, but one a little over it (seen in a CPU profile:
+        # level 1's fit 2-10 % over level 0's, with levels 2-4 as cheap as level 0) no longer
+        # does.
         # Level 0 is allowed here: the isotonic fit at the first level is at most its bound.
         pooled_s = self._envelope(uppers_s)
         skipped: list[int] = []
@@ -324,9 +325,9 @@ class HarliPolicy:
         upper0_s = uppers_s[0]
         cheap = 0
         # A slowdown within the factor still pushes some tokens over an SLO this close to
-        # decode's own latency; it is spent only from a budget with misses to spare (b46: at
-        # an SLO of 1.5x decode's median, training on under this rule missed more than the
-        # static levels did).
+        # decode's own latency; it is spent only from a budget with misses to spare (at an
+        # SLO of 1.5x decode's median, training on under this rule unconditionally missed
+        # more than the static levels did).
         spent = self._budget is not None and self._budget.behind
         if self._infeasible_slowdown > 1.0 and not spent:
             slowdown = self._model.slowdown

@@ -26,9 +26,9 @@ threads on the same cores as ``l`` with a longer duty cycle (on CPU, level 1 is 
 thread idle half the time, level 3 level 4's two threads idle a quarter), so ``m`` trains at
 least as fast as ``l`` beside any decode. While ``m`` (or a level dominating it) is allowed,
 ``l`` is neither tried nor chosen; when only ``l`` is allowed, ``m``'s rate (or cap) caps it,
-so a level 3 under a measured level 2 is left once level 4 is measured, untried. (b75: the
-first harli turn tried levels 3 and 1 for ~2 s of its busy time, 1994 tok/s against ~2900 in
-the turns after.)
+so a level 3 under a measured level 2 is left once level 4 is measured, untried. (Tried, levels
+3 and 1 took ~2 s of a bench's first harli turn's busy time: 1994 tok/s against ~2900 in the
+turns after.)
 
 Rates belong to one job (a new job has other shapes); ``observe`` starts over when the job
 changes. Pure logic: no clock, no IO.
@@ -75,8 +75,9 @@ class LevelRates:
         # The lowest bound observe_unfinished or bound_running has seen per level (inf: none).
         self.cap_tok_s = [math.inf] * n
         # Levels left for this job: their cap fell under a measured level's rate once. Not
-        # tried again when that rate later dips under the cap (b69: each dip of level 2's
-        # EWMA re-opened a ~0.5-s trial of levels 1 and 3, ~20 % of harli's busy time).
+        # tried again when that rate later dips under the cap (otherwise each dip of
+        # level 2's EWMA re-opens a ~0.5-s trial of levels 1 and 3: ~20 % of harli's busy
+        # time).
         self.left = [False] * n
         self._best = list(range(n))  # _best[upto]: best(upto), kept up to date
         self._recompute()
@@ -157,8 +158,8 @@ class LevelRates:
         # and a level that never finishes a micro-step beside a busy decode gets measured
         # anyway (observe_unfinished). A level whose bound is already under a measured
         # level's rate is left (_recompute) after that one bound, not tried until
-        # min_samples: at ~270 tok/s a bound comes every ~4 s, and b65's harli spent its whole
-        # first 12-s turn at level 3 (268 tok/s) beside level 2's measured 1700.
+        # min_samples: at ~270 tok/s a bound comes every ~4 s, so a level tried until
+        # min_samples could hold a whole 12-s turn at 268 tok/s beside a measured 1700.
         # A level dominated by an allowed one (dominated_by) is neither tried nor chosen.
         excluded = [level in skipped or self._covered(level, upto, skipped)
                     for level in range(upto + 1)]

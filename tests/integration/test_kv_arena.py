@@ -1,5 +1,6 @@
-"""vLLM's KV cache placed in the shared arena (issue 4's patch point): every KV tensor views
-the arena, and greedy outputs equal those of vLLM's own private allocation."""
+"""vLLM's KV cache placed in the shared arena (the patch point of ``harli.decode_proc.kv_arena``):
+every KV tensor views the arena, and greedy outputs equal those of vLLM's own private
+allocation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Lending vLLM's free KV blocks (issue 4): withdrawn blocks are never used by decode, giving
+"""Lending vLLM's free KV blocks: withdrawn blocks are never used by decode, giving
 them back restores the pool, and greedy outputs are the same with lending on and off, even when
 the blocks come back full of NaN."""
 

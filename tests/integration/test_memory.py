@@ -1,4 +1,4 @@
-"""The unified memory pool on the real daemon, vLLM and trainer (issue 4): free KV blocks are
+"""The unified memory pool on the real daemon, vLLM and trainer: free KV blocks are
 lent while a LoRA job trains, its saved tensors land in them, a burst of long requests gets them
 back with zero vLLM preemptions, greedy outputs do not change; a finetune that cannot answer a
 reclaim (SIGSTOP) is killed at the deadline and restarted from its checkpoint, and one killed

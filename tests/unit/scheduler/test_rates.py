@@ -63,8 +63,8 @@ def test_a_level_that_never_finishes_beside_a_busy_decode_is_capped_and_left() -
 
 
 def test_a_level_left_for_a_faster_one_is_not_tried_again_when_that_one_dips() -> None:
-    """b69: each time level 2's rate dipped under the caps of levels 1 and 3, they were tried
-    again for ~0.5 s, ~20 % of harli's busy time at a few hundred tok/s."""
+    """Tried again each time level 2's rate dips under their caps, levels 1 and 3 would take
+    ~0.5 s each time, ~20 % of harli's busy time at a few hundred tok/s."""
     r = LevelRates(K, min_samples=3)
     for _ in range(3):
         r.observe(1, 2, 1900, 1.0)
@@ -124,7 +124,7 @@ def _check_fastest(r: LevelRates, best: int, allowed: list[int], min_samples: in
 
 
 def test_a_level_bounded_under_a_measured_one_is_left_after_one_bound() -> None:
-    """b65: level 4 measured at ~410 tok/s beside a busy decode, level 2 at ~1700; one
+    """Level 4 measured at ~410 tok/s beside a busy decode, level 2 at ~1700: one
     censored bound of level 3 (268 tok/s) already says it cannot beat level 2, so harli does
     not spend the minutes three such bounds take at level 3."""
     r = LevelRates(K, min_samples=3)
@@ -210,8 +210,8 @@ CPU_DOMINATION = [None, 2, None, 4, None]  # 2 cores, 4 levels: 1 idles level 2'
 
 
 def test_a_dominated_level_is_neither_tried_nor_chosen_while_its_dominator_is_allowed() -> None:
-    """b75: the first harli turn tried levels 3 and 1 beside a busy decode; each only idles
-    more than level 4 or 2 on the same threads and cores, so neither can train faster."""
+    """Levels 3 and 1 only idle more than level 4 or 2 on the same threads and cores, so
+    neither can train faster beside a busy decode: no turn spends time trying them."""
     r = LevelRates(K, min_samples=3, dominated_by=CPU_DOMINATION)
     assert [r.best(u) for u in range(K + 1)] == [0, 1, 2, 3, 4]  # plain harli at first
     for _ in range(3):
