@@ -95,8 +95,10 @@ class CpuLevels:
     def fence(self, pid: int, from_level: int, to_level: int) -> bool:
         """Called by the daemon when the level drops: take the finetune's threads off decode's
         cores *now*, as a cgroup cpuset would, instead of at its next micro-step boundary
-        (0.1-0.3 s away on CPU, a whole burst of decode iterations). The finetune re-applies
-        its level at that boundary. Returns whether the threads were moved."""
+        (0.1-0.3 s away on CPU, a whole burst of decode iterations). The finetune narrows its
+        thread pool to the fence at its model's next block (``CpuQuota.follow_fence``) and
+        applies its decided level again before its next micro-step. Returns whether the
+        threads were moved."""
         # Paused (0): the micro-step in flight finishes on the lowest level's cores.
         cores = self.cores_at(max(1, to_level))
         if not cores or cores == self.cores_at(max(1, from_level)):

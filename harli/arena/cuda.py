@@ -9,7 +9,7 @@ that torch keeps referenced (``Py_INCREF`` in ``tensor_from_cuda_array_interface
 mapping alive, so, as with ``ShmArena``, ``close()`` drops the arena's own reference and the
 memory goes when the last view does.
 
-Rules from gpu-mechanisms.md §3.1 that shape this module:
+Rules of legacy CUDA IPC that shape this module (``docs/gpu.md``):
 
 * a handle covers one whole ``cudaMalloc`` allocation, so the arena's size is a multiple of
   2 MiB (smaller allocations may be sub-allocated from a block, and IPC shares the block);

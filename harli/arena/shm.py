@@ -29,8 +29,9 @@ class ArenaError(Exception):
 
 
 class Arena(Protocol):
-    """What the daemon and the children need of an arena; the GPU backend adds a CUDA IPC
-    implementation (device memory, ``cudaIpcGetMemHandle`` in the handle)."""
+    """What the daemon and the children need of an arena: ``ShmArena`` here on CPU hosts,
+    ``harli.arena.cuda.CudaArena`` (device memory, its CUDA IPC handle in the handle) on GPU
+    hosts."""
 
     handle: ArenaHandle
 

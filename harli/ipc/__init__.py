@@ -1,5 +1,7 @@
-"""Everything that crosses a process boundary: message structs, codecs, endpoint addresses.
+"""Everything that crosses a process boundary: the wire types, one module per channel
+(``inference``, ``control``, ``jobs``, ``decode``, ``finetune``, ``weights``, ``arena``), their
+typed decoding (``codec``) and CURVE keys for tcp:// endpoints (``curve``).
 
-Depends on nothing else in harli, so every process role (and a client in another program) can
-import it alone.
+Imports nothing of harli but itself, so every process role (and a client in another program)
+can import it alone.
 """

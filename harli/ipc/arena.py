@@ -10,6 +10,9 @@ import msgspec
 
 
 class ArenaHandle(msgspec.Struct, tag=True, kw_only=True, array_like=True, frozen=True):
+    """Where the arena is and how it is cut into pages; the daemon hands it to each child as
+    JSON on its command line."""
+
     kind: str  # "shm" (CPU) or "cuda"
     name: str  # shm: the file's path
     size_bytes: int

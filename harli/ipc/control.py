@@ -22,7 +22,7 @@ class _Ctl(msgspec.Struct, tag_field="type", kw_only=True, frozen=True,
 
 JobId = Annotated[int, Meta(ge=1)]
 
-# -- tools -> daemon ------------------------------------------------------------------------
+# -- clients (the harli CLI, ControlClient) -> daemon ----------------------------------------
 
 
 class AttachJob(_Ctl, tag="attach", frozen=True):
@@ -67,7 +67,7 @@ class GetStatus(_Ctl, tag="status", frozen=True):
 ControlRequest = (AttachJob | ListJobs | ShowJob | CancelJob | JobLogs | GetStatus | SetLevel
                   | SetPolicy)
 
-# -- daemon -> tools ------------------------------------------------------------------------
+# -- daemon -> clients ----------------------------------------------------------------------
 
 
 class JobInfo(_Ctl, tag="job", frozen=True):
