@@ -1,0 +1,195 @@
+"""The ``ControlEndpoint`` on a fake ROUTER, with the control API's table (``control_handlers``)
+over a fake job manager: each request type reaches its handler, quota requests become policies,
+deferred replies go out once done, and bad requests get typed errors. No ZMQ, no process."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, get_args
+
+import msgspec
+import pytest
+
+from harli.daemon.control_endpoint import ControlEndpoint, control_handlers
+from harli.ipc.codec import encode
+from harli.ipc.control import (
+    AttachJob,
+    CancelJob,
+    ControlReply,
+    ControlRequest,
+    DaemonStatus,
+    GetStatus,
+    JobList,
+    JobLogs,
+    ListJobs,
+    SetLevel,
+    SetPolicy,
+    ShowJob,
+)
+from harli.ipc.inference import Error, ErrorCode
+from harli.ipc.jobs import JobSpec
+
+from .fake_sockets import FakeRouter
+
+LIMIT = 4096
+STATUS = DaemonStatus(state="serving", pid=1, children=[], model="m", decode_iterations=0,
+                      memory=None, job_running=None, jobs_queued=0, level=2)
+
+
+class FakeJobs:
+    """The job manager's side of the table: records each call, answers what it is told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.attached: Future[Any] = Future()
+
+    def _answer(self, name: str, msg: Any) -> Any:
+        self.calls.append((name, msg))
+        return JobList(jobs=[]) if name == "list_jobs" else \
+            Error(request_id=None, code=ErrorCode.UNKNOWN_REQUEST, message=f"{name} {msg.job_id}")
+
+    def attach(self, msg: AttachJob) -> Future[Any]:
+        self.calls.append(("attach", msg))
+        return self.attached
+
+    def list_jobs(self, msg: ListJobs) -> Any:
+        return self._answer("list_jobs", msg)
+
+    def show(self, msg: ShowJob) -> Any:
+        return self._answer("show", msg)
+
+    def logs(self, msg: JobLogs) -> Any:
+        return self._answer("logs", msg)
+
+    def cancel(self, msg: CancelJob) -> Any:
+        return self._answer("cancel", msg)
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.sock = FakeRouter(ControlReply | Error)
+        self.jobs = FakeJobs()
+        self.policies: list[tuple[str, float | None]] = []
+        self.refuse: str | None = None  # set_policy raises ValueError with this
+        handlers = control_handlers(self.jobs, lambda: STATUS,  # type: ignore[arg-type]
+                                    self._set_policy)
+        self.endpoint = ControlEndpoint(self.sock, LIMIT, handlers)
+
+    def _set_policy(self, spec: str, tpot_slo_ms: float | None) -> None:
+        if self.refuse is not None:
+            raise ValueError(self.refuse)
+        self.policies.append((spec, tpot_slo_ms))
+
+    def ask(self, msg: msgspec.Struct | bytes, client: bytes = b"tool") -> list[Any]:
+        before = len(self.sock.replies(client))
+        self.sock.feed(client, msg if isinstance(msg, bytes) else encode(msg))
+        self.endpoint.drain()
+        return self.sock.replies(client)[before:]
+
+
+def error_of(replies: list[Any]) -> Error:
+    (reply,) = replies
+    assert isinstance(reply, Error)
+    return reply
+
+
+def test_the_table_covers_every_control_request() -> None:
+    assert set(Harness().endpoint.handlers) == set(get_args(ControlRequest))
+
+
+def test_status_is_answered_with_the_daemon_status() -> None:
+    assert Harness().ask(GetStatus()) == [STATUS]
+
+
+def test_a_policy_switch_is_applied_and_answered_with_the_status() -> None:
+    h = Harness()
+    assert h.ask(SetPolicy(policy="harli:strict", tpot_slo_ms=25.0)) == [STATUS]
+    assert h.policies == [("harli:strict", 25.0)]
+
+
+def test_a_fixed_level_is_the_static_policy() -> None:
+    h = Harness()
+    assert h.ask(SetLevel(level=3)) == [STATUS]
+    assert h.policies == [("static:3", None)]
+
+
+def test_a_refused_policy_is_an_invalid_request() -> None:
+    h = Harness()
+    h.refuse = "static level must be in 0..4"
+    e = error_of(h.ask(SetLevel(level=9)))
+    assert (e.code, e.message) == (ErrorCode.INVALID, "static level must be in 0..4")
+
+
+@pytest.mark.parametrize(("msg", "handler"), [
+    (ListJobs(), "list_jobs"), (ShowJob(job_id=3), "show"), (JobLogs(job_id=3), "logs"),
+    (CancelJob(job_id=3), "cancel"),
+])
+def test_job_requests_go_to_the_job_manager(msg: msgspec.Struct, handler: str) -> None:
+    h = Harness()
+    (reply,) = h.ask(msg)
+    assert h.jobs.calls == [(handler, msg)]
+    assert isinstance(reply, JobList) if handler == "list_jobs" else \
+        reply == Error(request_id=None, code=ErrorCode.UNKNOWN_REQUEST, message=f"{handler} 3")
+
+
+def test_an_attach_is_answered_once_its_validation_is_done() -> None:
+    h = Harness()
+    spec = JobSpec(name="j", dataset="d.jsonl", output_dir="/out")
+    assert h.ask(AttachJob(spec=spec)) == []  # validation runs on the attach thread
+    assert h.jobs.calls == [("attach", AttachJob(spec=spec))]
+    h.endpoint.reply_done()
+    assert h.sock.sent == []  # not done yet: still waiting
+    assert h.ask(GetStatus()) == [STATUS]  # other requests are served meanwhile
+    h.jobs.attached.set_result(JobList(jobs=[]))
+    h.endpoint.reply_done()
+    assert h.sock.replies(b"tool")[-1] == JobList(jobs=[])
+    h.endpoint.reply_done()
+    assert len(h.sock.sent) == 2  # replied once
+
+
+def test_a_failed_attach_is_an_internal_error() -> None:
+    h = Harness()
+    h.ask(AttachJob(spec=JobSpec(name="j", dataset="d.jsonl", output_dir="/out")))
+    h.jobs.attached.set_exception(OSError("disk full"))
+    h.endpoint.reply_done()
+    e = error_of(h.sock.replies(b"tool"))
+    assert e.code == ErrorCode.INTERNAL and "disk full" in e.message
+
+
+@pytest.mark.parametrize(("payload", "code", "says"), [
+    (b"\xc1", ErrorCode.MALFORMED, "MessagePack"),
+    (msgspec.msgpack.encode({"type": "reboot"}), ErrorCode.INVALID, "reboot"),
+    (msgspec.msgpack.encode({"type": "show_job", "job_id": 0}), ErrorCode.INVALID, "job_id"),
+    (b"\x00" * (LIMIT + 1), ErrorCode.TOO_LARGE, f"limit of {LIMIT} bytes"),
+])
+def test_a_bad_request_gets_a_typed_error(payload: bytes, code: str, says: str) -> None:
+    h = Harness()
+    e = error_of(h.ask(payload))
+    assert e.code == code and says in e.message and e.request_id is None
+    assert h.jobs.calls == [] and h.policies == []
+
+
+def test_a_request_type_without_a_handler_is_refused_by_name() -> None:
+    h = Harness()
+    del h.endpoint.handlers[GetStatus]
+    e = error_of(h.ask(GetStatus()))
+    assert e.code == ErrorCode.UNKNOWN_TYPE and "GetStatus" in e.message
+
+
+def test_a_handler_that_breaks_is_an_internal_error_and_the_next_request_is_served() -> None:
+    h = Harness()
+
+    def broken(msg: Any) -> Any:
+        raise RuntimeError("boom")
+
+    h.endpoint.handlers[ListJobs] = broken
+    e = error_of(h.ask(ListJobs()))
+    assert e.code == ErrorCode.INTERNAL and "daemon log" in e.message
+    assert h.ask(GetStatus()) == [STATUS]
+
+
+def test_a_reply_to_a_client_that_has_gone_is_dropped() -> None:
+    h = Harness()
+    h.sock.gone.add(b"tool")
+    assert h.ask(GetStatus()) == []
+    assert h.ask(GetStatus(), client=b"other") == [STATUS]

@@ -1,0 +1,108 @@
+"""The ``Daemon``'s wiring, built on fake processes (no child is spawned): its dispatch tables
+cover every message a child sends, what a child's undecodable or unhandled message leads to, the
+null objects that stand in for a disabled finetune, and the release of what it opened when it
+cannot start."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import get_args
+
+import pytest
+
+from harli.config import HarliConfig, load
+from harli.daemon.daemon import Daemon
+from harli.daemon.disabled import NullChild, NullMemory, NullScheduler
+from harli.daemon.dispatch import Dispatcher
+from harli.daemon.metrics import Metrics
+from harli.ipc.codec import encode
+from harli.ipc.control import GetStatus, SetPolicy
+from harli.ipc.decode import (
+    DecodeToDaemon,
+    IterationTelemetry,
+    Ready,
+    RuntimeInfo,
+    Shutdown,
+)
+from harli.ipc.finetune import FinetuneToDaemon
+from harli.predictor import ProfileError
+
+from .fake_procs import FakeOps
+
+
+def _cfg(tmp_path: Path, *extra: str) -> HarliConfig:
+    return load(None, [f'daemon.runtime_dir="{tmp_path / "run"}"',
+                       f'daemon.state_dir="{tmp_path / "state"}"', "memory.arena=false",
+                       f'model.path="{tmp_path / "model"}"', 'decode.cpu_cores="none"', *extra])
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(_cfg(tmp_path), ops=FakeOps())
+    try:
+        yield d
+    finally:
+        d._close()
+
+
+def test_each_child_socket_has_a_handler_for_every_message_it_carries(daemon: Daemon) -> None:
+    assert set(daemon._from_decode.handlers) == set(get_args(DecodeToDaemon))
+    assert set(daemon._from_finetune.handlers) == set(get_args(FinetuneToDaemon))
+    assert set(daemon._from_telemetry.handlers) == {IterationTelemetry}
+
+
+def test_an_undecodable_or_unhandled_message_is_counted_and_dropped() -> None:
+    metrics, seen = Metrics(), []
+    d = Dispatcher("decode", DecodeToDaemon | Shutdown, {Shutdown: seen.append}, metrics)
+    d.dispatch(b"\xc1")
+    d.dispatch(encode(GetStatus()))  # a message of another channel
+    d.dispatch(encode(IterationTelemetry(
+        incarnation=1, iteration=1, start_s=0, end_s=1, num_running=0, num_waiting=0,
+        decode_tokens=0, prefill_tokens=0, context_tokens=0, kv_blocks_total=1,
+        kv_blocks_free=1)))
+    msg = Shutdown(reason="x")
+    d.dispatch(encode(msg))
+    d.dispatch(encode(Ready(incarnation=1, pid=1, info=RuntimeInfo(
+        model="m", max_model_len=8, kv_blocks_total=1, block_size=1, vllm_version="v",
+        device="cpu"))))
+    assert seen == [msg]
+
+    def dropped(reason: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "harli_daemon_dropped_messages_total", {"source": "decode", "reason": reason})
+
+    assert (dropped("undecodable"), dropped("unhandled")) == (3, 1)
+
+
+def test_a_disabled_finetune_is_a_null_child_with_nothing_to_schedule(tmp_path: Path) -> None:
+    d = Daemon(_cfg(tmp_path, "finetune.enabled=false"), ops=FakeOps())
+    try:
+        assert isinstance(d.finetune, NullChild) and isinstance(d.scheduler, NullScheduler)
+        assert isinstance(d.memory, NullMemory)
+        assert d.children == (d.decode,)
+        for child in d.children:
+            child.start(0.0)
+        d._tick(0.0)
+        status = d.status()
+        assert [c.name for c in status.children] == ["decode"] and status.scheduler is None
+        handler = d.control_endpoint.handlers[SetPolicy]
+        with pytest.raises(ValueError, match=r"finetune\.enabled = false"):
+            handler(SetPolicy(policy="naive"))
+    finally:
+        d._close()
+
+
+def test_a_daemon_that_cannot_start_releases_its_sockets(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, f'predictor.profile="{tmp_path / "missing.json"}"')
+    with pytest.raises(ProfileError, match="cannot read"):
+        Daemon(cfg, ops=FakeOps())
+    assert not list((tmp_path / "run").glob("*.sock"))  # every bound ipc:// path is gone
+
+
+def test_a_daemon_unlinks_its_ipc_paths_when_closed(tmp_path: Path) -> None:
+    d = Daemon(_cfg(tmp_path), ops=FakeOps())
+    assert list((tmp_path / "run").glob("*.sock"))
+    d._close()
+    assert not list((tmp_path / "run").glob("*.sock"))
+    d.resources.close()  # at most once: a second close does nothing
