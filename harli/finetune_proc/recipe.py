@@ -1,15 +1,16 @@
 """``LoRARecipe``: one LoRA finetune job, cut into micro-steps (torchtune's recipe shape:
-``setup / train_micro_step / save_checkpoint / finish / cleanup``).
+``setup / micro_step / save_checkpoint / finish / cleanup``).
 
 A micro-step is one micro-batch forward and backward; every ``grad_accum`` micro-steps the
 optimizer steps. The data order of an epoch is a permutation seeded by ``(seed, epoch)``, so the
 whole position in training follows from the micro-step count alone: a checkpoint (taken only at
 optimizer-step boundaries) plus that count resumes exactly where training was.
 
-Given an ``ActivationLease``, a micro-step keeps its saved activations in the arena pages the
-daemon lent: the micro-batch is cut into chunks whose activations fit the lease, each chunk runs
-forward and backward on its own, and the chunk losses are weighted so that the gradient is the
-one of the whole micro-batch.
+A micro-step runs in chunks: as many examples as ``chunk_tokens`` allows and, given an
+``ActivationLease``, as fit the arena pages the daemon lent for the saved activations. Each
+chunk runs forward and backward on its own, and the chunk losses are weighted so that the
+gradient is the one of the whole micro-batch. ``MicroStep`` yields between two chunks and
+never calls its caller: the process decides there, between two iterations, whether to go on.
 
 On a CUDA host the job trains on the GPU, and when the daemon relayed decode's weights
 (``WeightsExported``) the base model is built on views of them (``shared_base``,
@@ -22,7 +23,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,17 +58,39 @@ class MicroStepResult:
     tokens: int
     step_tokens: int
     loss: float
-    duration_s: float
+    duration_s: float  # training time: the caller's waits between chunks are left out
     stepped: bool  # an optimizer step happened
     chunks: int = 1  # forward/backward passes the micro-batch was cut into
     lease: LeaseStats | None = None  # saved activations over all chunks; None without a lease
-    waited_s: float = 0.0  # paused between chunks (left out of duration_s)
+    waited_s: float = 0.0  # the caller's waits between chunks (``MicroStep.waited_s``)
 
 
-class MicroStepAborted(Exception):
-    """Raised by a micro-step's ``between`` callback to abandon it (the job is cancelled or
-    the process stops while paused mid-step): its chunks' gradients are incomplete, so the
-    caller discards the accumulation, and a stopped job resumes from its last checkpoint."""
+class MicroStep:
+    """One micro-step in flight, made by ``LoRARecipe.micro_step``; iterate it once.
+
+    Iterating runs the micro-batch's chunks and yields at each boundary between two, where the
+    lease is empty again and the gradient of every finished chunk is accumulated. Between two
+    iterations the caller may change the lease (grant or take back pages), set the next
+    chunk's ``chunk_tokens``, wait (adding the seconds to ``waited_s``, which ``duration_s``
+    leaves out), or stop iterating and ``close()`` it, which abandons the micro-step: its
+    chunks' gradients are incomplete, so the caller discards the accumulation
+    (``LoRARecipe.discard_partial_accumulation``), and the trainer's position stays where it
+    was. When the iteration runs to its end, ``result`` holds the micro-step's result.
+    """
+
+    def __init__(self, recipe: LoRARecipe, lease: ActivationLease | None,
+                 chunk_tokens: int) -> None:
+        self.chunk_tokens = chunk_tokens  # cap on the next chunk's padded tokens (0: none)
+        self.waited_s = 0.0
+        self.result: MicroStepResult | None = None
+        self._chunks = recipe._run_micro_step(self, lease)  # runs nothing until iterated
+
+    def __iter__(self) -> Iterator[None]:
+        self.result = yield from self._chunks
+
+    def close(self) -> None:
+        """Abandon the micro-step at the boundary it stopped at (nothing if it finished)."""
+        self._chunks.close()
 
 
 def chunk_plan(n_examples: int, padded_len: int, lease_bytes: int,
@@ -212,26 +235,33 @@ class LoRARecipe:
         tensors = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         return {k: v.to(self.device) for k, v in tensors.items()}
 
-    def train_micro_step(self, lease: ActivationLease | None = None,
-                         between: Callable[[], float] | None = None,
-                         chunk_tokens: int | Callable[[], int] = 0) -> MicroStepResult:
-        """One micro-batch forward and backward (an optimizer step every ``grad_accum``).
+    def micro_step(self, lease: ActivationLease | None = None,
+                   chunk_tokens: int = 0) -> MicroStep:
+        """The next micro-step, to iterate (``MicroStep``). Its chunks hold as many examples
+        as fit ``lease``'s pages and at most ``chunk_tokens`` padded tokens (0: no cap; the
+        caller may change it between chunks)."""
+        return MicroStep(self, lease, chunk_tokens)
 
-        The micro-batch runs in chunks: as many examples as fit the lease's activation pages,
-        and at most ``chunk_tokens`` padded tokens (0: no cap; a callable is asked before each
-        chunk, so a level changed in ``between`` sizes the chunks after it). Between two chunks
-        the lease is empty again and the gradient of every finished chunk is accumulated, so
-        the caller's ``between`` may wait there (the daemon paused the finetune) or hand leased
-        pages back; it returns the seconds it waited, which the micro-step's duration leaves
-        out.
-        ``MicroStepAborted`` raised from it abandons the micro-step."""
+    def train_micro_step(self, lease: ActivationLease | None = None,
+                         chunk_tokens: int = 0) -> MicroStepResult:
+        """The next micro-step, run to its end without stopping between chunks."""
+        step = self.micro_step(lease, chunk_tokens)
+        for _ in step:
+            pass
+        assert step.result is not None  # the iteration ran to its end
+        return step.result
+
+    def _run_micro_step(self, step: MicroStep, lease: ActivationLease | None
+                        ) -> Generator[None, None, MicroStepResult]:
+        """``MicroStep``'s iteration: the chunks, then the trainer's position and, every
+        ``grad_accum`` micro-steps, the optimizer step. Abandoned at a boundary, it leaves the
+        position as it was."""
         spec = self.spec
         t0 = time.perf_counter()
         s = self.state
         batch = [self.examples[i] for i in self._batch_indices(s.micro_step)]
         inputs = self._collate(batch)
-        loss, chunks, lease_stats, waited_s = self._forward_backward(inputs, lease, between,
-                                                                     chunk_tokens)
+        loss, chunks, lease_stats = yield from self._forward_backward(inputs, lease, step)
         s.micro_step += 1
         s.epoch, s.cursor = divmod(s.micro_step, self.micro_batches_per_epoch)
         step_tokens = int(inputs["attention_mask"].sum())
@@ -247,19 +277,18 @@ class LoRARecipe:
         return MicroStepResult(micro_step=s.micro_step, step=s.step, epoch=s.epoch,
                                tokens=s.tokens, step_tokens=step_tokens,
                                loss=s.loss if s.loss is not None else float("nan"),
-                               duration_s=time.perf_counter() - t0 - waited_s, stepped=stepped,
-                               chunks=chunks, lease=lease_stats, waited_s=waited_s)
+                               duration_s=time.perf_counter() - t0 - step.waited_s,
+                               stepped=stepped, chunks=chunks, lease=lease_stats,
+                               waited_s=step.waited_s)
 
     def _forward_backward(self, inputs: dict[str, torch.Tensor], lease: ActivationLease | None,
-                          between: Callable[[], float] | None,
-                          chunk_tokens: int | Callable[[], int]
-                          ) -> tuple[float | None, int, LeaseStats | None, float]:
-        """Forward and backward of the micro-batch in chunks (see ``train_micro_step``).
+                          step: MicroStep
+                          ) -> Generator[None, None, tuple[float | None, int, LeaseStats | None]]:
+        """Forward and backward of the micro-batch in chunks, yielding between two.
 
         Returns the micro-batch's mean loss (None when it has no label tokens), the number of
-        chunks run, their combined lease stats (None without a lease) and the seconds waited in
-        ``between``. A micro-batch without label tokens still counts as a micro-step, but
-        contributes no gradient.
+        chunks run and their combined lease stats (None without a lease). A micro-batch
+        without label tokens still counts as a micro-step, but contributes no gradient.
         """
         n, width = inputs["input_ids"].shape
         counts = shifted_label_counts(inputs["labels"])
@@ -267,16 +296,15 @@ class LoRARecipe:
         skip = [*self.model.parameters(), *self.model.buffers()] if lease is not None else []
         loss: float | None = None
         stats: list[LeaseStats] = []
-        waited_s = 0.0
         chunks = 0
         start = 0
         while start < n:
-            if start and between is not None:
-                waited_s += between()
-            # Re-planned after every chunk: the first pass of a job measures the estimate, the
-            # lease may have shrunk or grown in ``between``, and the level may have changed
-            # there (on CPU a chunk holds chunk_tokens per thread of the level).
-            tokens = chunk_tokens if isinstance(chunk_tokens, int) else chunk_tokens()
+            if start:
+                yield  # a boundary: the lease is empty, the finished chunks' gradients summed
+            # Planned before every chunk: the first pass of a job measures the estimate, and
+            # at a boundary the lease may have shrunk or grown and the level, which sizes
+            # ``chunk_tokens`` (on CPU: per thread of the level), may have changed.
+            tokens = step.chunk_tokens
             cap = max(1, tokens // width) if tokens > 0 else n
             lease_bytes = lease.lease_bytes if lease is not None else 0
             size = min(cap, chunk_plan(n - start, width, lease_bytes,
@@ -299,9 +327,9 @@ class LoRARecipe:
                         self.saved_bytes_per_token = lease.last_stats.saved_bytes / (size * width)
             start = end
         if lease is None:
-            return loss, max(1, chunks), None, waited_s
+            return loss, max(1, chunks), None
         combined = combine_stats(stats) if stats else LeaseStats(lease.lease_bytes, 0, 0, 0, 0, 0)
-        return loss, max(1, chunks), combined, waited_s
+        return loss, max(1, chunks), combined
 
     def checkpoint_due(self, result: MicroStepResult) -> bool:
         return result.stepped and (result.step % self.spec.checkpoint_every == 0 or self.done)
@@ -311,8 +339,9 @@ class LoRARecipe:
                                self.state, keep=self.spec.keep_checkpoints)
 
     def discard_partial_accumulation(self) -> None:
-        """Drop gradients of an unfinished accumulation (on cancel): the next start resumes
-        from the last checkpoint, which was taken at a step boundary."""
+        """Drop the gradients of an unfinished accumulation (a cancel, an abandoned
+        micro-step): a job started again resumes from its last checkpoint, which was taken at
+        a step boundary."""
         self.optimizer.zero_grad(set_to_none=True)
 
     def finish(self) -> Path:

@@ -1,5 +1,6 @@
-"""``FinetuneProc._between_chunks``: where a micro-step in flight obeys the daemon. Real ZMQ
-sockets stand in for the daemon's ends; the finetune's own object is the real one."""
+"""``FinetuneProc._at_chunk_boundary`` and ``_between_blocks``: where a micro-step in flight
+obeys the daemon, and the ``Inbox`` they read. Real ZMQ sockets stand in for the daemon's ends;
+the finetune's own object is the real one."""
 
 from __future__ import annotations
 
@@ -15,14 +16,15 @@ import zmq
 from harli.config import load
 from harli.finetune_proc.proc import FinetuneProc
 from harli.finetune_proc.quota import CpuQuota
-from harli.finetune_proc.recipe import MicroStepAborted
 from harli.ipc.codec import Decoder, encode
 from harli.ipc.finetune import (
     Decision,
     FinetuneShutdown,
     FinetuneToDaemon,
+    GrantLease,
     LeaseReturned,
     ReclaimLease,
+    StopJob,
 )
 
 
@@ -45,15 +47,27 @@ def wired(tmp_path: Path) -> Iterator[tuple[FinetuneProc, Any, Any]]:
         from_ft.close(linger=0)
 
 
-def _paused_between_chunks(proc: FinetuneProc) -> tuple[threading.Thread, dict[str, Any]]:
-    """``_between_chunks`` called, in a thread, while the daemon has the finetune paused; it
+def _at_chunk_boundary(proc: FinetuneProc) -> float | None:
+    """What the loop does with ``_at_chunk_boundary``: emit each message it yields at once,
+    and take the value it returns (the seconds waited, or None: abandon the micro-step)."""
+    boundary = proc._at_chunk_boundary()
+    while True:
+        try:
+            msg = next(boundary)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]  # the generator's return value
+        proc._emit(msg)
+
+
+def _paused_at_chunk_boundary(proc: FinetuneProc) -> tuple[threading.Thread, dict[str, Any]]:
+    """``_at_chunk_boundary`` run, in a thread, while the daemon has the finetune paused; it
     must be waiting there once the call is under way. ``out`` gets its value or its error."""
-    proc.decision = Decision(level=0, admitted=False, seq=5)
+    proc.inbox.decision = Decision(level=0, admitted=False, seq=5)
     out: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            out["value"] = proc._between_chunks()
+            out["value"] = _at_chunk_boundary(proc)
         except BaseException as e:  # handed to the test
             out["error"] = e
 
@@ -66,11 +80,11 @@ def _paused_between_chunks(proc: FinetuneProc) -> tuple[threading.Thread, dict[s
 
 def test_running_it_returns_at_once(wired: tuple[FinetuneProc, Any, Any]) -> None:
     proc, to_ft, _ = wired
-    proc.decision = Decision(level=2, admitted=True, seq=1)
+    proc.inbox.decision = Decision(level=2, admitted=True, seq=1)
     to_ft.send(encode(Decision(level=3, admitted=True, seq=2)))
     deadline = time.monotonic() + 10
     while proc.decision.seq != 2:  # drained by the call itself, never waiting
-        assert proc._between_chunks() == 0.0
+        assert _at_chunk_boundary(proc) == 0.0
         assert time.monotonic() < deadline
     assert proc.decision.level == 3
 
@@ -78,7 +92,7 @@ def test_running_it_returns_at_once(wired: tuple[FinetuneProc, Any, Any]) -> Non
 def test_paused_it_waits_answers_a_reclaim_and_resumes(
         wired: tuple[FinetuneProc, Any, Any]) -> None:
     proc, to_ft, from_ft = wired
-    th, out = _paused_between_chunks(proc)
+    th, out = _paused_at_chunk_boundary(proc)
     # A reclaim while it waits is answered there, not at the micro-step's end (no arena in
     # this test: the finetune hands the pages back with that reason).
     to_ft.send(encode(ReclaimLease(seq=9, pages=[3, 4], deadline_s=time.monotonic() + 5)))
@@ -95,10 +109,11 @@ def test_paused_it_waits_answers_a_reclaim_and_resumes(
 def test_a_shutdown_while_paused_abandons_the_micro_step(
         wired: tuple[FinetuneProc, Any, Any]) -> None:
     proc, to_ft, _ = wired
-    th, out = _paused_between_chunks(proc)
+    th, out = _paused_at_chunk_boundary(proc)
     to_ft.send(encode(FinetuneShutdown(reason="daemon stopping")))
     th.join(10)
-    assert not th.is_alive() and isinstance(out.get("error"), MicroStepAborted)
+    assert not th.is_alive() and "error" not in out
+    assert out["value"] is None  # the micro-step is abandoned
 
 
 def test_a_level_read_between_chunks_sets_the_threads_of_the_next_chunk(
@@ -108,13 +123,13 @@ def test_a_level_read_between_chunks_sets_the_threads_of_the_next_chunk(
     proc, to_ft, _ = wired
     before = torch.get_num_threads()
     try:
-        proc.decision = Decision(level=4, admitted=True, seq=1)
+        proc.inbox.decision = Decision(level=4, admitted=True, seq=1)
         proc._apply_decision()
         assert torch.get_num_threads() == 2  # level 4 of 2 threads
         to_ft.send(encode(Decision(level=2, admitted=True, seq=2)))  # decode got busy
         deadline = time.monotonic() + 10
         while proc.decision.seq != 2:
-            proc._between_chunks()
+            _at_chunk_boundary(proc)
             assert time.monotonic() < deadline
         assert torch.get_num_threads() == 1 and proc._applied_seq == 2
     finally:
@@ -124,15 +139,15 @@ def test_a_level_read_between_chunks_sets_the_threads_of_the_next_chunk(
 def test_between_blocks_a_new_level_applies_at_once_and_other_messages_wait_for_the_chunk(
         wired: tuple[FinetuneProc, Any, Any]) -> None:
     """Inside a chunk (``_between_blocks``, called from the model's block hooks) a rise is
-    applied at once; a reclaim waits for the chunk boundary, where the lease is empty, and
-    is answered there before anything that came after it."""
+    applied at once; a reclaim waits in the inbox for the chunk boundary, where the lease is
+    empty, and is answered there before anything that came after it."""
     import torch
 
     proc, to_ft, from_ft = wired
     before = torch.get_num_threads()
     out: Decoder[FinetuneToDaemon] = Decoder(FinetuneToDaemon)
     try:
-        proc.decision = Decision(level=2, admitted=True, seq=1)
+        proc.inbox.decision = Decision(level=2, admitted=True, seq=1)
         proc._apply_decision()
         assert torch.get_num_threads() == 1
         to_ft.send(encode(ReclaimLease(seq=7, pages=[3], deadline_s=time.monotonic() + 5)))
@@ -142,7 +157,7 @@ def test_between_blocks_a_new_level_applies_at_once_and_other_messages_wait_for_
             proc._between_blocks()
             assert time.monotonic() < deadline
         assert torch.get_num_threads() == 2 and proc._applied_seq == 2  # mid-chunk
-        assert len(proc._deferred) == 1 and not from_ft.poll(200)  # the reclaim waits
+        assert len(proc.inbox) == 1 and not from_ft.poll(200)  # the reclaim waits
         to_ft.send(encode(Decision(level=0, admitted=True, seq=3)))  # a pause: waits too
         while proc.decision.seq != 3:
             proc._between_blocks()
@@ -152,11 +167,67 @@ def test_between_blocks_a_new_level_applies_at_once_and_other_messages_wait_for_
         # back), and the pause holds the micro-step between its chunks.
         to_ft.send(encode(Decision(level=2, admitted=True, seq=4)))
         while proc.decision.seq != 4:
-            proc._between_chunks()
+            _at_chunk_boundary(proc)
             assert time.monotonic() < deadline
-        assert not proc._deferred
+        assert not len(proc.inbox)
         reply = out.decode(from_ft.recv())
         assert isinstance(reply, LeaseReturned) and reply.seq == 7 and reply.pages == [3]
         assert torch.get_num_threads() == 1 and proc._applied_seq == 4
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_stop_while_running_lets_the_micro_step_finish(
+        wired: tuple[FinetuneProc, Any, Any]) -> None:
+    proc, to_ft, _ = wired
+    proc.inbox.decision = Decision(level=2, admitted=True, seq=1)
+    to_ft.send(encode(FinetuneShutdown(reason="daemon stopping")))
+    deadline = time.monotonic() + 10
+    while proc._stop_reason is None:
+        assert _at_chunk_boundary(proc) == 0.0  # not abandoned: it was running
+        assert time.monotonic() < deadline
+
+
+def test_messages_read_between_blocks_are_handled_at_the_boundary_in_their_order(
+        wired: tuple[FinetuneProc, Any, Any]) -> None:
+    proc, to_ft, from_ft = wired
+    proc.inbox.decision = Decision(level=2, admitted=True, seq=1)
+    proc._apply_decision()
+    to_ft.send(encode(ReclaimLease(seq=7, pages=[3], deadline_s=time.monotonic() + 5)))
+    to_ft.send(encode(GrantLease(seq=8, pages=[4])))
+    to_ft.send(encode(StopJob(job_id=1, reason="no such job: ignored")))
+    deadline = time.monotonic() + 10
+    while len(proc.inbox) < 3:
+        proc._between_blocks()
+        assert time.monotonic() < deadline
+    assert not from_ft.poll(200)
+    assert _at_chunk_boundary(proc) == 0.0 and not len(proc.inbox)
+    out: Decoder[FinetuneToDaemon] = Decoder(FinetuneToDaemon)
+    replies = [out.decode(from_ft.recv()) for _ in range(2)]
+    # No arena here: the finetune hands every lease message's pages straight back.
+    assert [(r.seq, r.pages) for r in replies if isinstance(r, LeaseReturned)] == [
+        (7, [3]), (8, [4])]
+
+
+def test_the_inbox_keeps_the_newest_decision_apart_and_the_rest_in_order(
+        wired: tuple[FinetuneProc, Any, Any]) -> None:
+    proc, to_ft, _ = wired
+    inbox = proc.inbox
+    to_ft.send(encode(Decision(level=3, admitted=True, seq=4)))
+    to_ft.send(encode(ReclaimLease(seq=1, pages=[2], deadline_s=0.0)))
+    to_ft.send(encode(Decision(level=1, admitted=True, seq=3)))  # overtaken: stale
+    to_ft.send(encode(GrantLease(seq=2, pages=[5])))
+    deadline = time.monotonic() + 10
+    while len(inbox) < 2:
+        inbox.drain(100)
+        assert time.monotonic() < deadline
+    assert inbox.decision == Decision(level=3, admitted=True, seq=4)
+    assert [m.seq for m in inbox.take()] == [1, 2]  # type: ignore[union-attr]
+    assert not len(inbox)
+    to_ft.send(encode(StopJob(job_id=1, reason="x")))
+    while not len(inbox):
+        inbox.drain(100)
+        assert time.monotonic() < deadline
+    t0 = time.monotonic()
+    inbox.drain(2000)  # something queued: no wait
+    assert time.monotonic() - t0 < 0.5

@@ -1,7 +1,7 @@
-"""``LoRARecipe.train_micro_step`` in chunks (``finetune.chunk_tokens``), on the real tiny model
-and PEFT: the gradient is the whole micro-batch's, the callback between chunks runs where the
-finetune may pause, its waiting is left out of the micro-step's duration, and an abort leaves
-the trainer's position where it was."""
+"""``LoRARecipe.micro_step`` in chunks (``finetune.chunk_tokens``), on the real tiny model and
+PEFT: the gradient is the whole micro-batch's, the micro-step yields between chunks where the
+finetune may pause, the caller's waiting there is left out of the micro-step's duration, and a
+micro-step abandoned there leaves the trainer's position where it was."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from harli.datasets import SAMPLE_DATASET
-from harli.finetune_proc.recipe import LoRARecipe, MicroStepAborted
+from harli.finetune_proc.recipe import LoRARecipe
 from harli.ipc.jobs import JobSpec
 
 WIDTH = 256  # max_seq_len: long enough that every digits record keeps its response
@@ -48,24 +48,25 @@ def _grads(r: LoRARecipe) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in r.model.named_parameters() if p.grad is not None}
 
 
-def test_chunks_give_the_micro_batch_gradient_and_call_between_in_between(
+def test_chunks_give_the_micro_batch_gradient_and_yield_in_between(
         recipes: tuple[LoRARecipe, LoRARecipe]) -> None:
     whole, chunked = recipes
-    calls: list[float] = []
-
-    def between() -> float:
-        time.sleep(0.05)  # as if paused by the daemon
-        calls.append(0.05)
-        return 0.05
+    waits: list[float] = []
 
     t0 = time.perf_counter()
     r_whole = whole.train_micro_step(chunk_tokens=0)
     t1 = time.perf_counter()
-    r_chunked = chunked.train_micro_step(between=between, chunk_tokens=1)  # 1 example each
+    step = chunked.micro_step(chunk_tokens=1)  # 1 example each
+    for _ in step:
+        time.sleep(0.05)  # as if paused by the daemon
+        waits.append(0.05)
+        step.waited_s += 0.05
     wall_s = time.perf_counter() - t1
+    r_chunked = step.result
+    assert r_chunked is not None
     assert r_whole.chunks == 1 and r_whole.waited_s == 0.0 and t1 - t0 >= r_whole.duration_s
-    assert r_chunked.chunks >= 2 and len(calls) >= r_chunked.chunks - 1
-    assert r_chunked.waited_s == pytest.approx(sum(calls))
+    assert r_chunked.chunks >= 2 and len(waits) >= r_chunked.chunks - 1
+    assert r_chunked.waited_s == pytest.approx(sum(waits))
     assert r_chunked.duration_s == pytest.approx(wall_s - r_chunked.waited_s, abs=0.02)
     assert r_chunked.loss == pytest.approx(r_whole.loss, rel=1e-5)
     assert r_chunked.step_tokens == r_whole.step_tokens
@@ -75,17 +76,17 @@ def test_chunks_give_the_micro_batch_gradient_and_call_between_in_between(
         torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-6)
 
 
-def test_an_abort_between_chunks_leaves_the_trainer_where_it_was(
+def test_a_micro_step_abandoned_between_chunks_leaves_the_trainer_where_it_was(
         recipes: tuple[LoRARecipe, LoRARecipe]) -> None:
     r, _ = recipes
     before = (r.state.micro_step, r.state.tokens)
-
-    def stop() -> float:
-        raise MicroStepAborted("cancelled")
-
-    with pytest.raises(MicroStepAborted):
-        r.train_micro_step(between=stop, chunk_tokens=1)
+    step = r.micro_step(chunk_tokens=1)
+    for _ in step:
+        break  # the job is cancelled while paused at the first boundary
+    step.close()
+    assert step.result is None
     assert (r.state.micro_step, r.state.tokens) == before
+    assert _grads(r)  # the first chunk's gradient: incomplete, the caller discards it
     r.discard_partial_accumulation()
     assert not _grads(r)
     again = r.train_micro_step(chunk_tokens=1)  # and it trains on from there
@@ -118,20 +119,19 @@ def test_calls_between_blocks_come_in_forward_and_backward_and_leave_the_gradien
     assert not calls
 
 
-def test_a_chunk_size_asked_before_each_chunk_follows_a_level_changed_in_between(
+def test_a_chunk_size_set_between_chunks_follows_a_level_changed_in_between(
         recipes: tuple[LoRARecipe, LoRARecipe]) -> None:
     whole, chunked = recipes
-    sizes = iter([WIDTH, 3 * WIDTH])  # one example, then three (a rise read in between)
-    asked: list[int] = []
-
-    def chunk_tokens() -> int:
-        asked.append(next(sizes, 3 * WIDTH))
-        return asked[-1]
+    sizes = [WIDTH]  # one example, then three (a rise read in between)
 
     r_whole = whole.train_micro_step(chunk_tokens=0)
-    r = chunked.train_micro_step(between=lambda: 0.0, chunk_tokens=chunk_tokens)
+    step = chunked.micro_step(chunk_tokens=sizes[0])
+    for _ in step:
+        sizes.append(3 * WIDTH)
+        step.chunk_tokens = sizes[-1]
+    r = step.result
     n = chunked.spec.micro_batch_size  # 4 examples: 1 + 3
-    assert r.chunks == 2 and asked == [WIDTH, 3 * WIDTH] and n == 4
+    assert r is not None and r.chunks == 2 and sizes == [WIDTH, 3 * WIDTH] and n == 4
     assert r.loss == pytest.approx(r_whole.loss, rel=1e-5)
     a, b = _grads(whole), _grads(chunked)
     for name in a:
