@@ -32,8 +32,8 @@ class LeaseStats:
     """What one micro-step saved for its backward, and where it went.
 
     Every saved tensor is counted once (a tensor saved twice is deduplicated), and tiny ones
-    (scalars, masks) count like any other, so ``in_lease_fraction`` is the honest share of
-    activation bytes held by the lease.
+    (scalars, masks) count like any other, so ``lease_saved_bytes / saved_bytes`` is the
+    honest share of activation bytes held by the lease.
     """
 
     lease_bytes: int  # size of the lease during the micro-step
@@ -46,10 +46,6 @@ class LeaseStats:
     @property
     def saved_bytes(self) -> int:
         return self.lease_saved_bytes + self.private_saved_bytes
-
-    @property
-    def in_lease_fraction(self) -> float:
-        return self.lease_saved_bytes / self.saved_bytes if self.saved_bytes else 1.0
 
 
 EMPTY_STATS = LeaseStats(0, 0, 0, 0, 0, 0)
@@ -122,8 +118,6 @@ class ActivationLease:
         self._active = False
         self._epoch = 0  # bumps at every micro-step end; older packed handles are stale
         self._last = EMPTY_STATS
-        self._totals = EMPTY_STATS
-        self.micro_steps = 0
 
     # -- the lease ------------------------------------------------------------------------------
 
@@ -134,10 +128,6 @@ class ActivationLease:
     @property
     def lease_bytes(self) -> int:
         return len(self._pages) * self._page_bytes
-
-    @property
-    def active(self) -> bool:
-        return self._active
 
     def grant(self, pages: list[int]) -> None:
         self._refuse_while_active("grant pages")
@@ -166,10 +156,6 @@ class ActivationLease:
         self._pages.difference_update(pages)
         self._rebuild_extents()
         return zeroed
-
-    @property
-    def dirty_pages(self) -> list[int]:
-        return sorted(self._dirty)
 
     def _zero(self, pages: list[int]) -> int:
         if not pages or self._arena is None:
@@ -200,11 +186,6 @@ class ActivationLease:
                          for start, end in consecutive_runs(self._pages)]
 
     @property
-    def extents(self) -> list[tuple[int, int]]:
-        """``(offset, nbytes)`` of each run of consecutive held pages."""
-        return [(e.start, e.end - e.start) for e in self._extents]
-
-    @property
     def used_bytes(self) -> int:
         return sum(e.top - e.start for e in self._extents)
 
@@ -228,11 +209,6 @@ class ActivationLease:
     def last_stats(self) -> LeaseStats:
         """Stats of the last finished micro-step."""
         return self._last
-
-    @property
-    def totals(self) -> LeaseStats:
-        """All micro-steps so far combined (see ``combine_stats``)."""
-        return self._totals
 
     # -- the micro-step -------------------------------------------------------------------------
 
@@ -306,5 +282,3 @@ class ActivationLease:
             self._epoch += 1
             self._active = False
             self._last = stats
-            self._totals = combine_stats([self._totals, stats])
-            self.micro_steps += 1

@@ -27,7 +27,7 @@ import random
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +65,6 @@ class TrainerState:
     cursor: int  # index of the next micro-batch within the epoch's order
     tokens: int  # tokens trained on
     loss: float | None  # last logged loss
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form, JSON-serialisable
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,9 +72,6 @@ class TrainerState:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrainerState:
         loss = d.get("loss")
-        extra = d.get("extra") or {}
-        if not isinstance(extra, dict):
-            raise ValueError(f"trainer state 'extra' must be an object, got {type(extra).__name__}")
         return cls(
             step=int(d["step"]),
             micro_step=int(d["micro_step"]),
@@ -83,7 +79,6 @@ class TrainerState:
             cursor=int(d["cursor"]),
             tokens=int(d["tokens"]),
             loss=None if loss is None else float(loss),
-            extra=dict(extra),
         )
 
 
@@ -253,11 +248,6 @@ def _scan(output_dir: Path) -> tuple[list[tuple[int, Path]], list[Path]]:
     complete.sort(key=lambda sp: sp[0])
     incomplete.sort(key=lambda p: p.name)
     return complete, incomplete
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """The complete checkpoints in ``output_dir``, sorted by step (oldest first)."""
-    return [p for _, p in _scan(output_dir)[0]]
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

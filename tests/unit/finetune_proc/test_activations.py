@@ -109,7 +109,6 @@ def test_large_lease_same_grads_and_activations_in_lease(model: Any,
     assert st.lease_bytes == 64 * MiB
     assert st.skipped_bytes > 0  # the frozen weights autograd saves are not activations
     assert st.lease_saved_bytes >= 0.9 * st.saved_bytes
-    assert st.in_lease_fraction >= 0.9
     assert st.fallback_tensors == 0
     assert st.lease_saved_bytes <= st.peak_used_bytes <= st.lease_bytes
     assert big_lease.used_bytes == 0  # empty again at the micro-step end
@@ -199,7 +198,6 @@ def test_runs_of_pages_hold_tensors_larger_than_a_page(
     lease = ActivationLease(arena, SMALL_PAGE)
     lease.grant([5, 1, 2, 3])
     assert lease.pages == [1, 2, 3, 5]
-    assert lease.extents == [(SMALL_PAGE, 3 * SMALL_PAGE), (5 * SMALL_PAGE, SMALL_PAGE)]
     assert lease.lease_bytes == 4 * SMALL_PAGE
     big = torch.randn(2 * SMALL_PAGE // 4) * 2  # two pages of float32
     small = torch.randn(SMALL_PAGE // 8) * 2
@@ -209,6 +207,8 @@ def test_runs_of_pages_hold_tensors_larger_than_a_page(
         (w * small).sum().backward()
         (w * torch.randn(SMALL_PAGE // 2)).sum().backward()  # too big for what is left
     st = lease.last_stats
+    # Pages 1-3 are one run: the two-page tensor fits there, the small one after it, and
+    # the last tensor (half a page over what is left) goes private.
     assert st.lease_saved_bytes == 2 * SMALL_PAGE + SMALL_PAGE // 2
     assert st.fallback_tensors == 1 and st.private_saved_bytes == 2 * SMALL_PAGE
 
@@ -234,7 +234,7 @@ def test_no_hook_leaks_and_the_lease_is_reset_after_an_exception(
     with pytest.raises(KeyError):
         fail_mid_forward()
     assert not our_hooks_installed()
-    assert big_lease.used_bytes == 0 and not big_lease.active
+    assert big_lease.used_bytes == 0
     assert big_lease.last_stats.lease_saved_bytes == h.numel() * 4
     big_lease.take_back([0])  # allowed again
     before = big_lease.last_stats
@@ -250,14 +250,17 @@ def test_backward_after_the_micro_step_ended_is_refused(big_lease: ActivationLea
         y.backward()
 
 
-def test_totals_add_up_over_micro_steps(big_lease: ActivationLease) -> None:
+def test_stats_of_passes_combine(big_lease: ActivationLease) -> None:
     h = torch.randn(64, 64, requires_grad=True)
+    passes = []
     for _ in range(3):
         with big_lease.micro_step():
             h.sin().sum().backward()
-    assert big_lease.micro_steps == 3
-    assert big_lease.totals.lease_saved_bytes == 3 * h.numel() * 4
-    assert big_lease.totals == combine_stats([big_lease.last_stats] * 3)
+        passes.append(big_lease.last_stats)
+    total = combine_stats(passes)
+    assert total.lease_saved_bytes == 3 * h.numel() * 4
+    assert total.lease_bytes == passes[0].lease_bytes  # the largest, not the sum
+    assert total.peak_used_bytes == max(p.peak_used_bytes for p in passes)
 
 
 def test_grant_and_take_back_errors(make_arena: Callable[[int, int], ShmArena]) -> None:
@@ -282,7 +285,7 @@ def test_grant_and_take_back_errors(make_arena: Callable[[int, int], ShmArena]) 
         with pytest.raises(RuntimeError):
             lease.micro_step().__enter__()
     lease.take_back([3, 2])
-    assert lease.pages == [] and lease.lease_bytes == 0 and lease.extents == []
+    assert lease.pages == [] and lease.lease_bytes == 0
     with pytest.raises(ValueError, match="without an arena"):
         ActivationLease(None, SMALL_PAGE).grant([0])
     with pytest.raises(ValueError, match="differs"):
@@ -339,10 +342,9 @@ def test_take_back_zeroes_the_pages_a_micro_step_wrote_and_leaves_the_others(
     lease = ActivationLease(arena, SMALL_PAGE)
     lease.grant(list(range(64)))
     lora_grads(model, make_batch([12]), lease)
-    written = lease.dirty_pages
+    written = [p for p in range(64)
+               if bool((arena.tensor(p * SMALL_PAGE, SMALL_PAGE) != 7).any())]
     assert written and len(written) < 64  # a small batch fills only the first pages
-    page = arena.tensor(written[0] * SMALL_PAGE, SMALL_PAGE)
-    assert bool((page != 7).any())  # the saved activations are there
     untouched = [p for p in range(64) if p not in written]
     half = written[: len(written) // 2 + 1] + untouched[:2]
     assert lease.take_back(half) == (len(written) // 2 + 1) * SMALL_PAGE
@@ -350,8 +352,8 @@ def test_take_back_zeroes_the_pages_a_micro_step_wrote_and_leaves_the_others(
         expect = 0 if p in written else 7
         assert bool((arena.tensor(p * SMALL_PAGE, SMALL_PAGE) == expect).all()), p
     rest = written[len(written) // 2 + 1:]
-    assert lease.dirty_pages == rest  # still held, still dirty
-    assert lease.take_back(lease.pages) == len(rest) * SMALL_PAGE
-    assert not lease.dirty_pages
+    assert lease.take_back(lease.pages) == len(rest) * SMALL_PAGE  # still held, still dirty
+    lease.grant(written)
+    assert lease.take_back(written) == 0  # zeroed once: clean since
     pages = whole.view(64, SMALL_PAGE)
     assert bool((pages[written] == 0).all()) and bool((pages[untouched] == 7).all())

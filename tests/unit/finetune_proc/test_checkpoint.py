@@ -17,7 +17,6 @@ from harli.finetune_proc import checkpoint as ckpt
 from harli.finetune_proc.checkpoint import (
     TrainerState,
     latest_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
     save_final_adapter,
@@ -78,7 +77,21 @@ def _adapter_weights(model: Any) -> dict[str, torch.Tensor]:
 
 def _state(step: int, loss: float | None = None) -> TrainerState:
     return TrainerState(step=step, micro_step=step * 2, epoch=0, cursor=step * 2,
-                        tokens=step * 64, loss=loss, extra={"note": "x", "n": [1, 2]})
+                        tokens=step * 64, loss=loss)
+
+
+def _complete_checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders with a readable trainer state of format 1, by step: what a
+    resume may start from."""
+    found = []
+    for p in output_dir.glob("checkpoint-*"):
+        try:
+            state = json.loads((p / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if state.get("format") == 1:
+            found.append(p)
+    return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")))
 
 
 def _draws() -> tuple[list[float], float, float]:
@@ -138,7 +151,7 @@ def test_keep_prunes_and_leftovers_are_ignored_then_removed(
     model, opt, sched = make_setup(0)
     save_checkpoint(tmp_path, model, opt, sched, _state(1), keep=2)
     save_checkpoint(tmp_path, model, opt, sched, _state(2), keep=2)
-    assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"]
+    assert _complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"]
 
     # Crash leftovers: a half-written tmp folder and a checkpoint folder without its marker.
     tmp_left = tmp_path / ".tmp-checkpoint-7-abc"
@@ -166,7 +179,7 @@ def test_keep_prunes_and_leftovers_are_ignored_then_removed(
     assert "checkpoint-50" in caplog.text and "incomplete" in caplog.text
 
     path3 = save_checkpoint(tmp_path, model, opt, sched, _state(3), keep=2)
-    assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-2", path3]
+    assert _complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-2", path3]
     assert latest_checkpoint(tmp_path) == path3
     assert not (tmp_path / "checkpoint-1").exists()
     for p in (tmp_left, tmp_full, incomplete, bad_marker, other_format):
@@ -174,10 +187,10 @@ def test_keep_prunes_and_leftovers_are_ignored_then_removed(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
     save_checkpoint(tmp_path, model, opt, sched, _state(4), keep=1)
-    assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-4"]
+    assert _complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-4"]
     with pytest.raises(ValueError, match="keep"):
         save_checkpoint(tmp_path, model, opt, sched, _state(5), keep=0)
-    assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-4"]
+    assert _complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-4"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -200,7 +213,7 @@ def test_saving_the_same_step_twice_replaces_it(
 
     model2, opt2, sched2 = make_setup(1)
     state = load_checkpoint(second, model2, opt2, sched2)
-    assert state.loss == 2.0 and state.extra == {"note": "x", "n": [1, 2]}
+    assert state == _state(5, loss=2.0)
     for k, v in _adapter_weights(model2).items():
         torch.testing.assert_close(v, weights[k], atol=0, rtol=0)
 
@@ -239,7 +252,7 @@ def test_final_adapter_loads_with_peft(
 
 def test_latest_of_empty_or_missing_dir_is_none(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path / "missing") is None
-    assert list_checkpoints(tmp_path / "missing") == []
+    assert _complete_checkpoints(tmp_path / "missing") == []
     assert latest_checkpoint(tmp_path) is None
     (tmp_path / "checkpoint-3").mkdir()  # incomplete only
     assert latest_checkpoint(tmp_path) is None
