@@ -6,8 +6,9 @@ daemon at once (``CpuQuota.fence`` moves every thread onto the finetune's own co
 OpenMP pool keeps its size until the training thread calls ``torch.set_num_threads``, which
 only that thread can do for its own parallel regions. Until then two threads share one core,
 and each barrier waits for the other to be scheduled: a LoRA chunk fenced that way trained
-~290 tok/s here against ~3200 for one thread on the same core (``/tmp/exp/fence.py`` in the
-issue-6 notes), so a 512-token chunk held the whole busy stretch after a drop.
+~290 tok/s on a 2-core host against ~3200 for one thread on the same core, so a 512-token
+chunk held the whole busy stretch after a drop. A rise, the other way, is worth taking at
+once: decode went idle, and the rest of the chunk can use the threads it left.
 
 The call runs at each transformer block and each of its direct submodules (attention, MLP,
 norms), before their forward and when their output's gradient arrives in backward (a tensor

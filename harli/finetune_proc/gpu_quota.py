@@ -1,13 +1,16 @@
 """The finetune's compute quota on a GPU: one CUDA green context (an SM partition) per level.
 
-MPS fixes a client's active-thread percentage when the client starts (gpu-mechanisms.md §1.4),
-so the level cannot be an MPS setting. Instead, at start, this process asks how many SMs the GPU
-has and how finely they can be partitioned, pre-creates one green context per distinct SM count
-(``sm_counts``) and, before each micro-step, makes the level's stream the current torch stream
-(§2.3, §2.6). The top level is the whole device: the ordinary stream of the primary context.
+MPS fixes a client's active-thread percentage when the client starts ("configured for a client
+process when it starts and cannot be changed for the client process afterwards", NVIDIA's MPS
+documentation), so the level cannot be an MPS setting. Instead, at start, this process asks how
+many SMs the GPU has and how finely they can be partitioned, pre-creates one green context per
+distinct SM count (``sm_counts``) and, before each micro-step, makes the level's stream the
+current torch stream (CUDA driver API, Green Contexts). The top level is the whole device: the
+ordinary stream of the primary context.
 
-Green contexts confine the finetune; they reserve nothing against decode (§2.3: "a partition
-describes a set of SMs; it does not reserve them"). Under MPS they are honoured only while the
+Green contexts confine the finetune; they reserve nothing against decode
+(``torch/cuda/green_contexts.py``: "A partition describes a set of SMs; it does not reserve
+them against other contexts"). Under MPS they are honoured only while the
 client's ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` is unset or 100 (NVIDIA forum 316336).
 
 Fallback (``mode = "mps_percentage"``): when green contexts are unavailable (no torch support

@@ -2,7 +2,7 @@
 
 A level is entered through a ``LevelTarget``: the stream of a green context (an SM partition)
 made the current torch stream, or, on torch < 2.12, the green context itself pushed
-(gpu-mechanisms.md §2.3, §2.6). A ``GreenBackend`` makes those targets, through torch's
+(CUDA driver API, Green Contexts). A ``GreenBackend`` makes those targets, through torch's
 ``torch.cuda.green_contexts`` or, when torch lacks them, cuda-python's driver API wrapped in a
 ``torch.cuda.ExternalStream``.
 
@@ -114,9 +114,9 @@ class TorchGreenBackend:
 
 
 class CudaPythonGreenBackend:
-    """cuda-python's driver API: split the device's SM resource, build a green context on the
-    group, and wrap a non-blocking stream of it in ``torch.cuda.ExternalStream`` (the fallback
-    of gpu-mechanisms.md §2.3)."""
+    """cuda-python's driver API, for a torch without green contexts: split the device's SM
+    resource, build a green context on the group, and wrap a non-blocking stream of it in
+    ``torch.cuda.ExternalStream``."""
 
     name = "cuda-python"
 

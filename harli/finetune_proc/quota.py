@@ -1,8 +1,9 @@
 """Compute quota levels for the finetune process.
 
 A level is ``0..levels``; 0 admits nothing, ``levels`` is the most the finetune may take. The
-``QuotaApplier`` interface is what the trainer obeys before each micro-step; the CPU one maps a
-level to (threads, duty cycle), the GPU one (green contexts) comes with the GPU backend.
+``QuotaApplier`` interface is what the trainer obeys before each micro-step and, for a new
+level, between chunks and blocks; ``CpuQuota`` maps a level to threads, cores and a duty cycle,
+``gpu_quota.GpuQuota`` to a green context (an SM partition).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ class QuotaApplier(Protocol):
     levels: int
 
     def apply(self, level: int) -> None:
-        """Configure this process for ``level`` before a micro-step (1..levels)."""
+        """Configure this process for ``level`` (1..levels): before a micro-step, and inside
+        one when the daemon decides a new level."""
 
     def idle_after(self, level: int, busy_s: float) -> float:
         """Seconds to stay idle after a micro-step that took ``busy_s`` at ``level``."""
@@ -39,8 +41,8 @@ def openmp_start_mask(spill: frozenset[int]) -> frozenset[int]:
     libgomp counts the cores it may use once, when it loads, and from then on spins at a
     barrier only briefly (its "throttled" spin, ~1000 iterations) whenever it has more threads
     than that count. Loaded on the finetune's single own core, the top levels' two threads met
-    at every op through a futex wake-up and trained slower than one thread: measured here, a
-    LoRA micro-step at 2 threads ran 1598 tok/s started on one core against 3347 started on
+    at every op through a futex wake-up and trained slower than one thread: on a 2-core host,
+    a LoRA micro-step at 2 threads ran 1598 tok/s started on one core against 3347 started on
     both (1 thread: ~2700 either way)."""
     own = frozenset(os.sched_getaffinity(0))
     if spill - own:
@@ -72,7 +74,7 @@ class CpuQuota(CpuLevels):
     def follow_fence(self) -> bool:
         """Narrow the OpenMP pool to the cores the daemon's fence left this thread, if it has
         more threads than those: fenced onto one core, two threads of a LoRA chunk trained
-        ~290 tok/s here against ~3200 for one (see ``block_hooks``). One syscall when the mask
+        ~290 tok/s against ~3200 for one (see ``block_hooks``). One syscall when the mask
         is unchanged. The next ``apply`` sets the decided level's threads again."""
         threads = self._threads
         if threads is None or threads <= 1:
@@ -91,7 +93,7 @@ class CpuQuota(CpuLevels):
         return busy_s * (1.0 - duty) / duty
 
     def chunk_scale(self, level: int) -> int:
-        # Each thread's share of a chunk stays chunk_tokens: measured here, 2 threads on
+        # Each thread's share of a chunk stays chunk_tokens: on a 2-core host, 2 threads on
         # 256-token chunks trained 2556 tok/s against 3364 on 512 (3820 unchunked), since the
         # tiny model's ops at 128 tokens a thread are too small to split.
         return self.plan(level).threads
