@@ -246,8 +246,8 @@ def host_probe_ms(repeats: int = 5) -> float:
     """This host's speed now: the best of ``repeats`` timings of a fixed pure-Python loop
     (~10 ms), on the bench's own cores, before a round starts (the finetune paused). On a
     shared VM it moves by tens of percent within minutes; reported per round, it says how much
-    of the spread between rounds is the host's (``docs/notes/host-drift.py`` calls it once a
-    second for as long as asked)."""
+    of the spread between rounds is the host's (``docs/benchmarks.md`` calls it once a second
+    to see the host drift with nothing of Harli's running)."""
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter()
