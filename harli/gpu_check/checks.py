@@ -290,7 +290,7 @@ def check_green_contexts(run: _Run) -> dict[str, Any]:
         bad = [row["level"] for row in r["rows"] if not row["finite"]]
         if bad:
             raise WorkerError(f"GEMM gave non-finite values at levels {bad} (cuBLAS under a "
-                              f"partition, gpu-mechanisms.md §6.6); figures: {r}")
+                              f"partition, docs/gpu.md); figures: {r}")
     return r
 
 
