@@ -1,6 +1,6 @@
 """``python -m harli.finetune_proc --incarnation N --config-json JSON``: spawned by the daemon.
 
-What must hold before torch loads is set here, and ``proc`` (which imports torch) is imported
+What must hold before torch loads is set here, and ``main`` (which imports torch) is imported
 only after it: the scheduling class, which torch's thread pools inherit, and the CPU mask that
 libgomp reads once, when it loads (``quota.openmp_start_mask``).
 """
@@ -37,7 +37,7 @@ def main() -> int:
         parse_cpu_list(args.decode_cores))
     own = openmp_start_mask(spill)
 
-    from harli.finetune_proc.proc import run_finetune_proc
+    from harli.finetune_proc.main import run_finetune_proc
 
     return run_finetune_proc(cfg, args.incarnation, own, spill, args.arena)
 

@@ -39,17 +39,14 @@ import traceback
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
-import msgspec
-import torch
 import zmq
 
 from harli.config import HarliConfig
-from harli.cpu_plan import set_process_affinity
 from harli.finetune_proc.activations import ActivationLease
 from harli.finetune_proc.block_hooks import call_between_blocks
-from harli.finetune_proc.gpu_quota import GpuQuota, make_quota
+from harli.finetune_proc.gpu_quota import GpuQuota
 from harli.finetune_proc.inbox import Inbox
-from harli.finetune_proc.quota import CpuQuota, QuotaApplier, cpu_quota
+from harli.finetune_proc.quota import CpuQuota, QuotaApplier
 from harli.finetune_proc.recipe import LoRARecipe, MicroStepResult, shared_base
 from harli.ipc.codec import encode
 from harli.ipc.finetune import (
@@ -389,28 +386,3 @@ class FinetuneProc:
         self._out.close(linger=None)
         self.inbox.close()
         self._ctx.term()
-
-
-def run_finetune_proc(cfg: HarliConfig, incarnation: int, own_cores: frozenset[int],
-                      spill_cores: frozenset[int], arena_json: str = "") -> int:
-    """Entry of the finetune process (after ``__main__``'s set-up); returns its exit code.
-    ``own_cores``: where it trains up to the levels that spill onto decode's ``spill_cores``."""
-    from harli.runtime import run_child
-
-    # Off decode's cores now that libgomp has read the wide mask (openmp_start_mask).
-    if spill_cores and own_cores:
-        set_process_affinity(own_cores)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    # Before anything else touches CUDA: a fallback MPS percentage takes effect only if it is
-    # in the environment when the CUDA context is created (start_gpu_quota).
-    quota = make_quota(cfg, device, lambda: cpu_quota(
-        cfg.finetune.levels, cfg.finetune.max_threads, own_cores, spill_cores))
-    lease = None
-    if arena_json:
-        from harli.arena.cuda import open_arena
-        from harli.ipc.arena import ArenaHandle
-
-        handle = msgspec.json.decode(arena_json, type=ArenaHandle)
-        # No prefault: the pages are decode's, resident already; only leased ones are touched.
-        lease = ActivationLease(open_arena(handle, prefault=False), handle.page_bytes)
-    return run_child("finetune", FinetuneProc(cfg, incarnation, quota, lease, device))

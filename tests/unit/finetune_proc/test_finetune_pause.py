@@ -55,7 +55,7 @@ def _at_chunk_boundary(proc: FinetuneProc) -> float | None:
         try:
             msg = next(boundary)
         except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]  # the generator's return value
+            return done.value  # type: ignore[no-any-return]  # StopIteration.value is Any
         proc._emit(msg)
 
 
