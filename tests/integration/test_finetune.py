@@ -13,6 +13,7 @@ import pytest
 from harli.bench.local_daemon import LocalDaemon
 from harli.client.control import ControlClient
 from harli.client.inference import RequestError
+from harli.datasets import SAMPLE_DATASET
 from harli.ipc.control import JobInfo
 from harli.ipc.jobs import JobSpec
 
@@ -20,7 +21,7 @@ from .conftest import make_daemon
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
-DIGITS = Path(__file__).resolve().parents[2] / "harli" / "finetune_proc" / "data" / "digits.jsonl"
+DIGITS = SAMPLE_DATASET
 TASK_PROMPT = ("### Instruction:\nWrite these numbers as digits.\n\n### Input:\n{}\n\n"
                "### Response:\n")
 
