@@ -22,7 +22,7 @@ from harli.ipc.decode import IterationTelemetry
 from harli.predictor import (
     BatchShape,
     LatencyModel,
-    ModelConfig,
+    LatencyModelConfig,
     Profile,
     ProfileError,
     ProfileKey,
@@ -122,7 +122,7 @@ class LatencyTracker:
             recent_mean_abs_pct_error=float(err) if isinstance(err, float | int) else None)
 
 
-def _model_config(cfg: HarliConfig) -> ModelConfig:
+def _model_config(cfg: HarliConfig) -> LatencyModelConfig:
     # The bound stands for the SLO's attainment target: a level is feasible when at most
     # 1 - attainment of its iterations are predicted over the SLO.
-    return ModelConfig(quantile=cfg.scheduler.attainment)
+    return LatencyModelConfig(quantile=cfg.scheduler.attainment)

@@ -6,7 +6,7 @@ fits, ``evaluate`` scores them. Pure logic: imports no torch and no ZMQ."""
 from harli.predictor.evaluate import ConfigRow, EvalReport, StageReport, evaluate
 from harli.predictor.features import FEATURE_NAMES, BatchShape, token_latency_s, vector
 from harli.predictor.fit import LevelFit, Sample, SoloFit, fit_levels, fit_solo
-from harli.predictor.model import LatencyModel, ModelConfig, Prediction
+from harli.predictor.model import LatencyModel, LatencyModelConfig, Prediction
 from harli.predictor.profile import (
     PROFILE_VERSION,
     Profile,
@@ -23,7 +23,7 @@ __all__ = [
     "EvalReport",
     "LatencyModel",
     "LevelFit",
-    "ModelConfig",
+    "LatencyModelConfig",
     "Prediction",
     "Profile",
     "ProfileError",

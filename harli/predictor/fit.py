@@ -21,7 +21,7 @@ import numpy as np
 from harli.predictor.features import FEATURE_NAMES, BatchShape, vector
 
 DEFAULT_QUANTILE = 0.99
-# The weight of each new iteration in the daemon's per-level online bias (``ModelConfig``'s
+# The weight of each new iteration in the daemon's per-level online bias (``LatencyModelConfig``'s
 # ``ewma_alpha``); the fits replay that bias over their samples to measure the spread left
 # after it (``tracked_ratio_q``).
 DEFAULT_BIAS_ALPHA = 0.05

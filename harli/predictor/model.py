@@ -34,7 +34,7 @@ from harli.predictor.fit import (
 )
 from harli.predictor.online import SoloAccumulator
 
-__all__ = ["LatencyModel", "LevelFit", "ModelConfig", "Prediction", "Sample", "SoloFit",
+__all__ = ["LatencyModel", "LevelFit", "LatencyModelConfig", "Prediction", "Sample", "SoloFit",
            "fit_levels", "fit_solo"]
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class LatencyModelConfig:
     ewma_alpha: float = field(default=DEFAULT_BIAS_ALPHA, metadata=_help(
         "weight of each new iteration in the per-level bias and spread EWMAs"))
     drift_threshold_log: float = field(default=0.25, metadata=_help(
@@ -129,9 +129,9 @@ def _bounds(fit: SoloFit | LevelFit, quantile: float) -> tuple[float, float, flo
 
 class LatencyModel:
     def __init__(self, solo: SoloFit | None, levels: dict[int, LevelFit], *,
-                 config: ModelConfig | None = None,
+                 config: LatencyModelConfig | None = None,
                  prior_latency_s: float | None = None) -> None:
-        self._cfg = config if config is not None else ModelConfig()
+        self._cfg = config if config is not None else LatencyModelConfig()
         if solo is None and levels:
             raise ValueError("stage-2 level fits need the stage-1 fit they correct")
         if solo is None and (prior_latency_s is None or not prior_latency_s > 0):
@@ -198,7 +198,7 @@ class LatencyModel:
         self._tracked_by_q: dict[float | None, list[float | None]] = {}
 
     @classmethod
-    def online(cls, prior_latency_s: float, *, config: ModelConfig | None = None) -> LatencyModel:
+    def online(cls, prior_latency_s: float, *, config: LatencyModelConfig | None = None) -> LatencyModel:
         """A model with no profile: predicts the conservative prior until it has fit stage 1
         from live level-0 iterations."""
         return cls(None, {}, config=config, prior_latency_s=prior_latency_s)
@@ -209,7 +209,7 @@ class LatencyModel:
                 quantile: float | None = None) -> Prediction:
         """Latency of the next iteration with batch ``shape`` beside the finetune at quota
         ``level`` (0 = alone): (estimate_s, upper_s) with upper_s >= estimate_s > 0. The bound
-        stands for ``quantile`` of the latency (None: ``ModelConfig.quantile``), read from the
+        stands for ``quantile`` of the latency (None: ``LatencyModelConfig.quantile``), read from the
         fit's tail; while a bias warms up it is the raw bound at the fit's own quantile."""
         solo = self._solo
         if solo is None:

@@ -16,7 +16,7 @@ import msgspec
 
 from harli.predictor.features import FEATURE_NAMES
 from harli.predictor.fit import LevelFit, Sample, SoloFit, fit_levels, fit_solo
-from harli.predictor.model import LatencyModel, ModelConfig
+from harli.predictor.model import LatencyModel, LatencyModelConfig
 
 PROFILE_VERSION = 1
 
@@ -82,7 +82,7 @@ class Profile(msgspec.Struct, kw_only=True):
                        solo=solo, levels=levels, samples=self.samples,
                        meta=dict(self.meta))
 
-    def model(self, config: ModelConfig | None = None) -> LatencyModel:
+    def model(self, config: LatencyModelConfig | None = None) -> LatencyModel:
         if self.solo is None:
             raise ProfileError("profile has no stage-1 fit; use LatencyModel.online instead")
         return LatencyModel(self.solo, self.levels, config=config)

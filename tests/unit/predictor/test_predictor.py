@@ -21,7 +21,7 @@ from harli.predictor import (
     BatchShape,
     LatencyModel,
     LevelFit,
-    ModelConfig,
+    LatencyModelConfig,
     Profile,
     ProfileError,
     ProfileKey,
@@ -77,11 +77,11 @@ def make_samples(rng: random.Random, n: int, levels: tuple[int, ...] = (0,),
     return out
 
 
-def model_from(samples: list[Sample], *, config: ModelConfig | None = None,
+def model_from(samples: list[Sample], *, config: LatencyModelConfig | None = None,
                quantile: float = 0.99) -> LatencyModel:
     """Both stages fit on ``samples`` (as a profile's are), the bias EWMA's weight from
     ``config``."""
-    alpha = (config if config is not None else ModelConfig()).ewma_alpha
+    alpha = (config if config is not None else LatencyModelConfig()).ewma_alpha
     solo = fit_solo(samples, quantile=quantile, bias_alpha=alpha)
     return LatencyModel(solo, fit_levels(samples, solo, quantile=quantile, bias_alpha=alpha),
                         config=config)
@@ -89,7 +89,7 @@ def model_from(samples: list[Sample], *, config: ModelConfig | None = None,
 
 def fitted_model(seed: int = 0, **cfg: float) -> LatencyModel:
     samples = make_samples(random.Random(seed), 800, levels=(0, 1, 2, 3))
-    return model_from(samples, config=ModelConfig(**cfg))  # type: ignore[arg-type]
+    return model_from(samples, config=LatencyModelConfig(**cfg))  # type: ignore[arg-type]
 
 
 SHAPE = BatchShape(num_seqs=16, decode_tokens=16, prefill_tokens=0, context_tokens=8000)
@@ -288,9 +288,9 @@ def test_online_mode_prior_then_converges() -> None:
 
 def test_model_config_and_constructor_validate() -> None:
     with pytest.raises(ValueError, match="ewma_alpha"):
-        ModelConfig(ewma_alpha=0.0)
+        LatencyModelConfig(ewma_alpha=0.0)
     with pytest.raises(ValueError, match="conservative"):
-        ModelConfig(fallback_factor=0.9)
+        LatencyModelConfig(fallback_factor=0.9)
     with pytest.raises(ValueError, match="prior_latency_s"):
         LatencyModel(None, {})
     model = LatencyModel.online(prior_latency_s=0.1)
@@ -312,7 +312,7 @@ _FITTED = fitted_model()
 def test_upper_at_least_estimate_above_zero(shape: BatchShape, level: int,
                                             observations: list[tuple[BatchShape, int, float]],
                                             online: bool) -> None:
-    cfg = ModelConfig(online_min_samples=5, refit_every=10, level_min_samples=3)
+    cfg = LatencyModelConfig(online_min_samples=5, refit_every=10, level_min_samples=3)
     model = (LatencyModel.online(prior_latency_s=0.05, config=cfg) if online else
              LatencyModel(_FITTED.solo, _FITTED.levels, config=cfg))
     for i, (obs_shape, obs_level, measured_s) in enumerate(observations):
@@ -493,7 +493,7 @@ def test_bias_is_trusted_only_after_its_warmup() -> None:
     model = model_from(drifting_samples(2000, seed=4))
     solo = model.solo
     assert solo is not None and solo.tracked_ratio_q is not None
-    warmup = bias_warmup(ModelConfig().ewma_alpha)
+    warmup = bias_warmup(LatencyModelConfig().ewma_alpha)
     for i in range(warmup - 1):
         model.observe(SHAPE, 0, true_solo_s(SHAPE), now=float(i))
         p = model.predict(SHAPE, 0)
@@ -549,8 +549,8 @@ def test_the_bound_follows_the_attainment_target() -> None:
     samples = drifting_samples(4000, seed=6)
     bounds = {}
     for q in (0.9, 0.99, 0.999):
-        model = model_from(samples, config=ModelConfig(quantile=0.99))
-        model = LatencyModel(model.solo, {}, config=ModelConfig(quantile=q))
+        model = model_from(samples, config=LatencyModelConfig(quantile=0.99))
+        model = LatencyModel(model.solo, {}, config=LatencyModelConfig(quantile=q))
         for i in range(100):
             model.observe(SHAPE, 0, true_solo_s(SHAPE), now=float(i))
         p = model.predict(SHAPE, 0)
@@ -568,7 +568,7 @@ def test_an_old_profile_at_another_quantile_is_named_in_the_log(
     old = dataclasses.replace(solo, tracked_ratio_q=None, tracked_spread_log=None,
                               tracked_tail=None)
     with caplog.at_level(logging.WARNING):
-        LatencyModel(old, {}, config=ModelConfig(quantile=0.95))
+        LatencyModel(old, {}, config=LatencyModelConfig(quantile=0.95))
     assert "harli profile --refit" in caplog.text
 
 
@@ -618,7 +618,7 @@ def test_predict_memo_follows_the_shape_and_the_fit() -> None:
     alone = {s: LatencyModel(model.solo, model.levels).predict(s, 2) for s in (small, big)}
     for s in (small, big, small, small, big):  # the memo holds the last shape only
         assert model.predict(s, 2) == alone[s]
-    online = LatencyModel.online(prior_latency_s=0.01, config=ModelConfig(online_min_samples=5,
+    online = LatencyModel.online(prior_latency_s=0.01, config=LatencyModelConfig(online_min_samples=5,
                                                                           refit_every=5))
     rng = random.Random(3)
     shape = random_shape(rng, prefill=False)
@@ -698,7 +698,7 @@ def test_upper_bounds_are_predict_of_every_level(seed: int, observed: int,
     its own and falls back to the one below it, and in online mode across stage-1 refits
     (levels above 0 on their online ratios)."""
     rng = random.Random(seed)
-    model = LatencyModel.online(0.01, config=ModelConfig(online_min_samples=30, refit_every=40)) \
+    model = LatencyModel.online(0.01, config=LatencyModelConfig(online_min_samples=30, refit_every=40)) \
         if online else fitted_model()
     for i in range(observed):
         s = random_shape(rng)
