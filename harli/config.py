@@ -436,6 +436,11 @@ class HarliConfig:
         return Path(self.daemon.state_dir or ENV.default_state_dir())
 
     @property
+    def dataset_cache_dir(self) -> Path:
+        """Tokenized datasets: written by the daemon at attach, read by the finetune."""
+        return self.state_dir / "datasets"
+
+    @property
     def inference_endpoint(self) -> str:
         return self.endpoints.inference or f"ipc://{self.runtime_dir / 'inference.sock'}"
 

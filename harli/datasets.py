@@ -1,6 +1,10 @@
 """Finetune datasets: read a JSONL file, check it, and tokenize it into labelled examples.
 
 Shared by the daemon (which checks a job's file at attach) and the finetune (which trains on it).
+The daemon's tokenization is the only one: it goes into a :class:`TokenizedCache` keyed by the
+file's bytes, the tokenizer and ``max_seq_len``, and the finetune reads it from there. A file
+changed since attach (or a cache entry gone) is a miss: tokenized again, logged, and reported as
+``source: "file"`` in the job's dataset report.
 
 A finetune job names one JSONL file: one JSON object per line, blank lines skipped, lines
 numbered from 1. Every record of a file must be in the same one of four formats, told apart by
@@ -50,12 +54,16 @@ such records are counted in :class:`DatasetReport` and logged once per file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -94,6 +102,15 @@ class DatasetReport:
     truncated: int  # records cut to max_seq_len
     tokens: int  # total tokens after truncation
     loss_tokens: int  # tokens with a label
+    cache_key: str = ""  # the TokenizedCache entry that holds the examples
+    source: str = "file"  # "file": tokenized here; "cache": read from the TokenizedCache
+
+    def as_dict(self) -> dict[str, int | str]:
+        """The report as the job store and the wire carry it."""
+        return {"path": self.path, "format": self.format, "records": self.records,
+                "truncated": self.truncated, "tokens": self.tokens,
+                "loss_tokens": self.loss_tokens, "cache_key": self.cache_key,
+                "source": self.source}
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,9 +205,9 @@ def _read_bytes(path: Path) -> bytes:
         raise DatasetError(f"{path}: cannot be read ({e.strerror or e})") from e
 
 
-def _read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line; raises on the first bad line."""
-    data = _read_bytes(path)
+def _read_records(path: Path, data: bytes) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-blank line of ``data`` (the bytes of ``path``);
+    raises on the first bad line."""
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark some editors write
         data = data[3:]
     out: list[tuple[int, dict[str, Any]]] = []
@@ -243,8 +260,8 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
-def _read_checked(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], str]:
-    numbered = _read_records(path)
+def _read_checked(path: Path, data: bytes) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    numbered = _read_records(path, data)
     fmt = ""
     first_line = 0
     for lineno, record in numbered:
@@ -261,7 +278,8 @@ def _read_checked(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], str]:
 
 def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], str]:
     """The records of a JSONL dataset and their single format (see the module docstring)."""
-    numbered, fmt = _read_checked(Path(path))
+    path = Path(path)
+    numbered, fmt = _read_checked(path, _read_bytes(path))
     return [record for _, record in numbered], fmt
 
 
@@ -429,14 +447,111 @@ def tokenize_record(
     return example, truncated
 
 
+# --------------------------------------------------------------------------------------------
+# The tokenized cache
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A digest of what decides how a tokenizer turns records into ids: its vocabulary and
+    merges (the fast tokenizer's serialized state), chat template and eos token."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # a slow tokenizer: its vocabulary is what we can see of it
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([type(tokenizer).__name__, getattr(tokenizer, "chat_template", None),
+                         tokenizer.eos_token, tokenizer.eos_token_id],
+                        default=str).encode())
+    return h.hexdigest()
+
+
+def cache_key(data: bytes, tokenizer_digest: str, max_seq_len: int) -> str:
+    h = hashlib.sha256(data)
+    h.update(f"|{tokenizer_digest}|{max_seq_len}".encode())
+    return h.hexdigest()[:32]
+
+
+class _CachedDataset(msgspec.Struct, array_like=True):
+    format: str
+    truncated: int
+    tokens: int
+    loss_tokens: int
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+
+
+class TokenizedCache:
+    """Tokenized datasets on disk, one msgpack file per key (``<root>/<key>.msgpack``).
+
+    Entries are written whole (to a temporary name, then renamed) so a reader never sees half
+    of one; an entry that cannot be read is a miss, logged."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._decoder = msgspec.msgpack.Decoder(_CachedDataset)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.msgpack"
+
+    def get(self, key: str, path: Path) -> tuple[list[Example], DatasetReport] | None:
+        try:
+            entry = self._decoder.decode(self.path(key).read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, msgspec.DecodeError) as e:
+            logger.warning("%s: tokenized cache entry %s unreadable (%s); tokenizing again",
+                           path, self.path(key), e)
+            return None
+        examples = [Example(ids, labels) for ids, labels in zip(entry.input_ids, entry.labels,
+                                                                 strict=True)]
+        report = DatasetReport(path=str(path), format=entry.format, records=len(examples),
+                               truncated=entry.truncated, tokens=entry.tokens,
+                               loss_tokens=entry.loss_tokens, cache_key=key, source="cache")
+        return examples, report
+
+    def put(self, key: str, examples: Sequence[Example], report: DatasetReport) -> None:
+        entry = _CachedDataset(format=report.format, truncated=report.truncated,
+                               tokens=report.tokens, loss_tokens=report.loss_tokens,
+                               input_ids=[e.input_ids for e in examples],
+                               labels=[e.labels for e in examples])
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.path(key).with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(msgspec.msgpack.encode(entry))
+            os.replace(tmp, self.path(key))
+        except OSError as e:  # the job still runs: the finetune tokenizes the file itself
+            logger.warning("%s: cannot write the tokenized cache entry %s (%s)",
+                           report.path, self.path(key), e)
+
+    def prune(self, keep: set[str]) -> int:
+        """Remove the entries whose key is not in ``keep``; returns how many went."""
+        removed = 0
+        for f in self.root.glob("*.msgpack"):
+            if f.stem not in keep:
+                f.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
 def load_dataset(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: int
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
+    cache: TokenizedCache | None = None,
 ) -> tuple[list[Example], DatasetReport]:
-    """Read, check and tokenize a JSONL dataset; raises :class:`DatasetError` on a bad file."""
+    """Read, check and tokenize a JSONL dataset; raises :class:`DatasetError` on a bad file.
+
+    With a ``cache``, the examples come from it when this file (its bytes), tokenizer and
+    ``max_seq_len`` were tokenized before, and go into it when they were not."""
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be at least 1, got {max_seq_len}")
     path = Path(path)
-    numbered, fmt = _read_checked(path)
+    data = _read_bytes(path)
+    key = cache_key(data, tokenizer_fingerprint(tokenizer), max_seq_len)
+    if cache is not None:
+        hit = cache.get(key, path)
+        if hit is not None:
+            return hit
+    numbered, fmt = _read_checked(path, data)
     examples: list[Example] = []
     truncated = tokens = loss_tokens = 0
     for lineno, record in numbered:
@@ -454,8 +569,10 @@ def load_dataset(
         )
     report = DatasetReport(
         path=str(path), format=fmt, records=len(examples), truncated=truncated,
-        tokens=tokens, loss_tokens=loss_tokens,
+        tokens=tokens, loss_tokens=loss_tokens, cache_key=key,
     )
+    if cache is not None:
+        cache.put(key, examples, report)
     logger.info(
         "%s: %d %s records, %d tokens (%d with loss)",
         path, report.records, fmt, tokens, loss_tokens,

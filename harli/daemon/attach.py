@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from harli.datasets import TokenizedCache
 from harli.ipc.jobs import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ def check_output_dir(path: Path, taken: dict[str, str]) -> None:
 class AttachValidator:
     """Validates jobs against the served model; holds its tokenizer and module names."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, dataset_cache: TokenizedCache) -> None:
         self.model_dir = model_dir
+        self.dataset_cache = dataset_cache
         self._tokenizer: Any = None
         self._modules: set[str] | None = None
 
@@ -71,7 +73,8 @@ class AttachValidator:
             self._modules = module_names(self.model_dir)
 
     def validate(self, spec: JobSpec, taken_output_dirs: dict[str, str]) -> dict[str, Any]:
-        """Raise ``AttachRefused`` naming the problem, or return the dataset report."""
+        """Raise ``AttachRefused`` naming the problem, or return the dataset report. The
+        dataset is tokenized here, once: the finetune reads the examples from the cache."""
         from harli.datasets import DatasetError, load_dataset
 
         if spec.base_model and os.path.realpath(spec.base_model) != os.path.realpath(
@@ -85,12 +88,11 @@ class AttachValidator:
         assert self._modules is not None
         check_target_modules(list(spec.lora.target_modules), self._modules)
         try:
-            _, report = load_dataset(spec.dataset, self._tokenizer, spec.max_seq_len)
+            _, report = load_dataset(spec.dataset, self._tokenizer, spec.max_seq_len,
+                                     self.dataset_cache)
         except DatasetError as e:
             raise AttachRefused(str(e)) from None
         if report.loss_tokens == 0:
             raise AttachRefused(f"dataset {spec.dataset}: no response tokens left to learn from "
                                 f"at max_seq_len {spec.max_seq_len}")
-        return {"path": report.path, "format": report.format, "records": report.records,
-                "truncated": report.truncated, "tokens": report.tokens,
-                "loss_tokens": report.loss_tokens}
+        return report.as_dict()

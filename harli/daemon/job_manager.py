@@ -21,6 +21,7 @@ from harli.daemon.jobstore import JobStore
 from harli.daemon.metrics import Metrics
 from harli.daemon.quota import QuotaController
 from harli.daemon.supervisor import ChildExited, describe_returncode
+from harli.datasets import TokenizedCache
 from harli.ipc.control import (
     AttachJob,
     CancelJob,
@@ -59,7 +60,8 @@ class JobManager:
         self.send = send
         self.quota = quota
         self.store = JobStore(cfg.state_dir / "jobs.sqlite")
-        self.validator = AttachValidator(cfg.model_path)
+        self.dataset_cache = TokenizedCache(cfg.dataset_cache_dir)
+        self.validator = AttachValidator(cfg.model_path, self.dataset_cache)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attach")
         self.finetune_ready = False
         self.running: int | None = None  # job id handed to the finetune process
@@ -73,6 +75,7 @@ class JobManager:
         for job_id in self.store.requeue_active("daemon restarted; resumes from its last "
                                                 "checkpoint"):
             logger.info("[jobs] job %d was running when the daemon stopped; requeued", job_id)
+        self._prune_dataset_cache()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -168,6 +171,10 @@ class JobManager:
         self.metrics.on_micro_step(msg)
 
     def on_job_started(self, msg: JobStarted) -> None:
+        if msg.dataset_report.get("source") != "cache":
+            logger.warning("[jobs] job %d: the finetune tokenized its dataset again (not in the "
+                           "cache the attach filled)", msg.job_id)
+            self.metrics.dataset_retokenized.inc()
         self.store.record_start(msg.job_id, msg.total_steps, msg.resumed_from_step,
                                 dict(msg.dataset_report))
 
@@ -183,6 +190,15 @@ class JobManager:
                 "failed": f"failed: {msg.error}"}.get(msg.status, msg.status)
         self.store.set_status(msg.job_id, msg.status, msg.status, text, error=msg.error,
                               adapter_path=msg.adapter_path)
+        self._prune_dataset_cache()
+
+    def _prune_dataset_cache(self) -> None:
+        """Keep the tokenized datasets of the jobs that may still run, drop the rest."""
+        keep = {str(j.dataset_report.get("cache_key")) for j in self.store.all_jobs()
+                if j.status not in js.TERMINAL and j.dataset_report}
+        removed = self.dataset_cache.prune(keep)
+        if removed:
+            logger.info("[jobs] removed %d tokenized dataset(s) no job needs", removed)
 
     def on_fatal(self, msg: FinetuneFatal) -> None:
         logger.error("[jobs] finetune[%d] fatal: %s\n%s", msg.incarnation, msg.error,

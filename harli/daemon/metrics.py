@@ -49,6 +49,10 @@ class Metrics:
             ["child"], registry=r)
         self.finetune_level = Gauge("harli_finetune_level",
                                     "Quota level of the last finetune micro-step.", registry=r)
+        self.dataset_retokenized = Counter(
+            "harli_dataset_retokenized_total",
+            "Jobs whose dataset the finetune tokenized again instead of reading the cache "
+            "the attach filled (file changed since attach, or the entry gone).", registry=r)
         self.finetune_tokens = Counter("harli_finetune_tokens_total",
                                        "Tokens trained (all jobs, redone steps included).",
                                        registry=r)

@@ -42,6 +42,7 @@ from typing import Any
 import zmq
 
 from harli.config import HarliConfig
+from harli.datasets import TokenizedCache
 from harli.finetune_proc.activations import ActivationLease
 from harli.finetune_proc.block_hooks import call_between_blocks
 from harli.finetune_proc.gpu_quota import GpuQuota
@@ -238,7 +239,8 @@ class FinetuneProc:
 
     def _set_up(self, job: StartJob) -> Iterator[FinetuneToDaemon]:
         recipe = LoRARecipe(job.spec, job.model_path, self.device,
-                            shared_base(self.device, self.weights, job.model_path))
+                            shared_base(self.device, self.weights, job.model_path),
+                            TokenizedCache(self.cfg.dataset_cache_dir))
         try:
             recipe.setup()
         except Exception as e:

@@ -26,13 +26,12 @@ import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from harli.arena.shm import ArenaError
 from harli.arena.weights import WeightShareError, import_weights
-from harli.datasets import IGNORE_INDEX, Example, load_dataset
+from harli.datasets import IGNORE_INDEX, Example, TokenizedCache, load_dataset
 from harli.finetune_proc.activations import ActivationLease, LeaseStats, combine_stats
 from harli.finetune_proc.checkpoint import (
     TrainerState,
@@ -139,8 +138,10 @@ def shared_base(device: str, weights: WeightsExported | None,
 
 class LoRARecipe:
     def __init__(self, spec: JobSpec, model_path: str, device: str = "cpu",
-                 shared: Sequence[WeightExport] | None = None) -> None:
+                 shared: Sequence[WeightExport] | None = None,
+                 dataset_cache: TokenizedCache | None = None) -> None:
         self.spec = spec
+        self.dataset_cache = dataset_cache  # where the daemon left the tokenized dataset
         self.model_path = model_path
         self.device = torch.device(device)
         self.shared = shared  # decode's weights to build the base model on (see shared_base)
@@ -163,7 +164,12 @@ class LoRARecipe:
         spec = self.spec
         torch.manual_seed(spec.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.examples, self.report = load_dataset(spec.dataset, self.tokenizer, spec.max_seq_len)
+        self.examples, self.report = load_dataset(spec.dataset, self.tokenizer, spec.max_seq_len,
+                                                  self.dataset_cache)
+        if self.dataset_cache is not None and self.report.source != "cache":
+            logger.warning("[finetune] %s: %s was not in the tokenized cache (changed since "
+                           "attach, or the entry is gone); tokenized it again", spec.name,
+                           spec.dataset)
         self.pad_id = self.tokenizer.pad_token_id or 0
         base = self._base_model()
         lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha,
@@ -347,10 +353,8 @@ class LoRARecipe:
     def finish(self) -> Path:
         return save_final_adapter(self.model, self.output_dir)
 
-    def dataset_report(self) -> dict[str, Any]:
-        r = self.report
-        return {"path": r.path, "format": r.format, "records": r.records,
-                "truncated": r.truncated, "tokens": r.tokens, "loss_tokens": r.loss_tokens}
+    def dataset_report(self) -> dict[str, int | str]:
+        return self.report.as_dict()
 
     def cleanup(self) -> None:
         for name in ("model", "optimizer", "scheduler"):

@@ -34,8 +34,16 @@ from harli.predictor.fit import (
 )
 from harli.predictor.online import SoloAccumulator
 
-__all__ = ["LatencyModel", "LevelFit", "LatencyModelConfig", "Prediction", "Sample", "SoloFit",
-           "fit_levels", "fit_solo"]
+__all__ = [
+    "LatencyModel",
+    "LatencyModelConfig",
+    "LevelFit",
+    "Prediction",
+    "Sample",
+    "SoloFit",
+    "fit_levels",
+    "fit_solo",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +206,8 @@ class LatencyModel:
         self._tracked_by_q: dict[float | None, list[float | None]] = {}
 
     @classmethod
-    def online(cls, prior_latency_s: float, *, config: LatencyModelConfig | None = None) -> LatencyModel:
+    def online(cls, prior_latency_s: float, *,
+               config: LatencyModelConfig | None = None) -> LatencyModel:
         """A model with no profile: predicts the conservative prior until it has fit stage 1
         from live level-0 iterations."""
         return cls(None, {}, config=config, prior_latency_s=prior_latency_s)
@@ -209,8 +218,8 @@ class LatencyModel:
                 quantile: float | None = None) -> Prediction:
         """Latency of the next iteration with batch ``shape`` beside the finetune at quota
         ``level`` (0 = alone): (estimate_s, upper_s) with upper_s >= estimate_s > 0. The bound
-        stands for ``quantile`` of the latency (None: ``LatencyModelConfig.quantile``), read from the
-        fit's tail; while a bias warms up it is the raw bound at the fit's own quantile."""
+        stands for ``quantile`` of the latency (None: ``LatencyModelConfig.quantile``), read from
+        the fit's tail; while a bias warms up it is the raw bound at the fit's own quantile."""
         solo = self._solo
         if solo is None:
             return self._prior

@@ -141,6 +141,9 @@ def test_prometheus_metrics_for_decode_and_jobs(ft: LocalDaemon, ctl: ControlCli
     assert values["harli_decode_iterations_total"] >= 4
     assert values['harli_requests_total{outcome="length"}'] >= 1
     assert values['harli_child_restarts{child="decode"}'] == 0
+    # The attach tokenized the dataset; the finetune read it from the cache, not the file.
+    assert ctl.show(job.job_id).job.dataset_report["source"] == "cache"
+    assert values["harli_dataset_retokenized_total"] == 0
 
 
 def test_cancel_in_every_state_and_priority_order(ft: LocalDaemon, ctl: ControlClient,

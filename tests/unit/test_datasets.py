@@ -381,3 +381,83 @@ def test_sample_dataset_loads(tok: Any) -> None:
     assert len(examples) == 400 and max(len(e.input_ids) for e in examples) <= 128
     for r, ex in zip(records[:20], examples[:20], strict=True):
         assert labelled_runs(tok, ex) == [r["output"] + EOS]
+
+
+# --------------------------------------------------------------------------------------------
+# The tokenized cache: the daemon tokenizes at attach, the finetune reads the result
+
+
+def test_cache_hit_gives_the_same_examples_and_does_not_tokenize(
+        tok: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = datasets.TokenizedCache(tmp_path / "cache")
+    first, report = load_dataset(SAMPLE, tok, 64, cache)
+    assert report.source == "file" and cache.path(report.cache_key).exists()
+
+    def no_tokenizing(*a: Any, **k: Any) -> Any:
+        raise AssertionError("a cache hit must not tokenize")
+
+    monkeypatch.setattr(datasets, "tokenize_record", no_tokenizing)
+    again, cached = load_dataset(SAMPLE, tok, 64, cache)
+    assert again == first
+    assert cached.source == "cache" and cached.cache_key == report.cache_key
+    assert (cached.records, cached.tokens, cached.loss_tokens, cached.truncated, cached.format) \
+        == (report.records, report.tokens, report.loss_tokens, report.truncated, report.format)
+
+
+def test_cache_key_follows_the_bytes_the_tokenizer_and_max_seq_len(
+        tok: Any, tmp_path: Path) -> None:
+    cache = datasets.TokenizedCache(tmp_path / "cache")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "one two"}])
+    _, a = load_dataset(path, tok, 64, cache)
+    _, b = load_dataset(path, tok, 32, cache)
+    assert a.cache_key != b.cache_key and b.source == "file"
+    write_jsonl(path, [{"text": "one two three"}])  # changed since it was cached
+    examples, c = load_dataset(path, tok, 64, cache)
+    assert c.source == "file" and c.cache_key not in (a.cache_key, b.cache_key)
+    assert examples[0].input_ids[-1] == tok.eos_token_id and c.tokens > a.tokens
+    digest = datasets.tokenizer_fingerprint(tok)
+    assert datasets.cache_key(b"x", digest, 8) != datasets.cache_key(b"x", digest + "0", 8)
+
+
+def test_an_unreadable_cache_entry_is_a_miss_that_is_rewritten(
+        tok: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = datasets.TokenizedCache(tmp_path / "cache")
+    first, report = load_dataset(SAMPLE, tok, 64, cache)
+    cache.path(report.cache_key).write_bytes(b"\x93not msgpack of a dataset")
+    with caplog.at_level(logging.WARNING, logger="harli.datasets"):
+        again, r = load_dataset(SAMPLE, tok, 64, cache)
+    assert again == first and r.source == "file"
+    assert "unreadable" in caplog.text
+    assert load_dataset(SAMPLE, tok, 64, cache)[1].source == "cache"
+
+
+def test_a_bad_file_is_refused_before_any_cache_lookup(tok: Any, tmp_path: Path) -> None:
+    cache = datasets.TokenizedCache(tmp_path / "cache")
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset(tmp_path / "missing.jsonl", tok, 64, cache)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(DatasetError, match=r"bad\.jsonl:1: not valid JSON"):
+        load_dataset(bad, tok, 64, cache)
+    assert not list((tmp_path / "cache").glob("*.msgpack"))
+
+
+def test_prune_keeps_only_the_named_entries(tok: Any, tmp_path: Path) -> None:
+    cache = datasets.TokenizedCache(tmp_path / "cache")
+    _, a = load_dataset(SAMPLE, tok, 64, cache)
+    _, b = load_dataset(SAMPLE, tok, 32, cache)
+    assert cache.prune({a.cache_key}) == 1
+    assert cache.path(a.cache_key).exists() and not cache.path(b.cache_key).exists()
+    assert datasets.TokenizedCache(tmp_path / "none").prune(set()) == 0
+
+
+def test_report_as_dict_round_trips_the_wire_type(tok: Any, tmp_path: Path) -> None:
+    import msgspec
+
+    from harli.ipc.finetune import JobStarted
+
+    _, report = load_dataset(SAMPLE, tok, 64, datasets.TokenizedCache(tmp_path / "c"))
+    msg = JobStarted(job_id=1, resumed_from_step=None, total_steps=3,
+                     dataset_report=report.as_dict())
+    back = msgspec.msgpack.decode(msgspec.msgpack.encode(msg), type=JobStarted)
+    assert back.dataset_report == report.as_dict()

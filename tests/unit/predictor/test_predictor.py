@@ -20,8 +20,8 @@ from harli.predictor import (
     PROFILE_VERSION,
     BatchShape,
     LatencyModel,
-    LevelFit,
     LatencyModelConfig,
+    LevelFit,
     Profile,
     ProfileError,
     ProfileKey,
@@ -618,8 +618,8 @@ def test_predict_memo_follows_the_shape_and_the_fit() -> None:
     alone = {s: LatencyModel(model.solo, model.levels).predict(s, 2) for s in (small, big)}
     for s in (small, big, small, small, big):  # the memo holds the last shape only
         assert model.predict(s, 2) == alone[s]
-    online = LatencyModel.online(prior_latency_s=0.01, config=LatencyModelConfig(online_min_samples=5,
-                                                                          refit_every=5))
+    online = LatencyModel.online(
+        prior_latency_s=0.01, config=LatencyModelConfig(online_min_samples=5, refit_every=5))
     rng = random.Random(3)
     shape = random_shape(rng, prefill=False)
     for i in range(10):  # the first fit
@@ -698,7 +698,8 @@ def test_upper_bounds_are_predict_of_every_level(seed: int, observed: int,
     its own and falls back to the one below it, and in online mode across stage-1 refits
     (levels above 0 on their online ratios)."""
     rng = random.Random(seed)
-    model = LatencyModel.online(0.01, config=LatencyModelConfig(online_min_samples=30, refit_every=40)) \
+    model = LatencyModel.online(
+        0.01, config=LatencyModelConfig(online_min_samples=30, refit_every=40)) \
         if online else fitted_model()
     for i in range(observed):
         s = random_shape(rng)

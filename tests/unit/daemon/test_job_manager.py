@@ -1,0 +1,98 @@
+"""JobManager's side of the dataset: tokenized once at attach into the cache the finetune
+reads, a finetune that had to tokenize again counted, entries no job needs removed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from harli.config import HarliConfig, load
+from harli.daemon.disabled import NullChild
+from harli.daemon.job_manager import JobManager
+from harli.daemon.metrics import Metrics
+from harli.daemon.quota import QuotaController
+from harli.datasets import SAMPLE_DATASET
+from harli.ipc.control import AttachJob, JobInfo
+from harli.ipc.finetune import JobEnded, JobStarted
+from harli.ipc.inference import Error
+from harli.ipc.jobs import JobSpec
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from harli.model.tiny import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("tiny") / "m", seed=0)
+
+
+@pytest.fixture
+def jm(tmp_path: Path, tiny: Path) -> JobManager:
+    cfg: HarliConfig = load(None, [f'daemon.runtime_dir="{tmp_path / "run"}"',
+                                   f'daemon.state_dir="{tmp_path / "state"}"',
+                                   f'model.path="{tiny}"', "memory.arena=false"])
+    (tmp_path / "state").mkdir()
+    send = lambda m: True  # noqa: E731
+    metrics = Metrics()
+    quota = QuotaController(cfg.finetune, send, NullChild("finetune"), None, metrics)
+    manager = JobManager(cfg, send, metrics, quota)
+    yield manager
+    manager.close()
+
+
+def attach(jm: JobManager, tmp_path: Path, name: str, **kw: object) -> JobInfo:
+    spec = JobSpec(name=name, dataset=str(SAMPLE_DATASET), output_dir=str(tmp_path / name),
+                   **kw)  # type: ignore[arg-type]
+    reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
+    assert isinstance(reply, JobInfo), reply
+    return reply
+
+
+def counter(jm: JobManager) -> float:
+    return jm.metrics.dataset_retokenized._value.get()
+
+
+def test_attach_tokenizes_into_the_cache_and_a_cache_hit_counts_nothing(
+        jm: JobManager, tmp_path: Path) -> None:
+    job = attach(jm, tmp_path, "a")
+    report = job.dataset_report
+    assert report is not None and report["source"] == "file" and report["records"] == 400
+    assert jm.dataset_cache.path(str(report["cache_key"])).exists()
+    jm.on_job_started(JobStarted(job_id=job.job_id, resumed_from_step=None, total_steps=10,
+                                 dataset_report={**report, "source": "cache"}))
+    assert counter(jm) == 0
+
+
+def test_a_finetune_that_tokenized_again_is_logged_and_counted(
+        jm: JobManager, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    job = attach(jm, tmp_path, "a")
+    assert job.dataset_report is not None
+    with caplog.at_level(logging.WARNING, logger="harli.daemon.job_manager"):
+        jm.on_job_started(JobStarted(job_id=job.job_id, resumed_from_step=None, total_steps=10,
+                                     dataset_report=job.dataset_report))
+    assert counter(jm) == 1 and "tokenized its dataset again" in caplog.text
+
+
+def test_an_entry_goes_when_no_job_that_may_run_needs_it(jm: JobManager, tmp_path: Path) -> None:
+    a = attach(jm, tmp_path, "a")
+    b = attach(jm, tmp_path, "b")  # the same file and settings: the same entry
+    c = attach(jm, tmp_path, "c", max_seq_len=64)
+    key_ab, key_c = (str(j.dataset_report["cache_key"]) for j in (a, c))  # type: ignore[index]
+    assert b.dataset_report is not None and b.dataset_report["cache_key"] == key_ab != key_c
+    jm.on_job_ended(JobEnded(job_id=a.job_id, status="succeeded", adapter_path="/x",
+                             error=None))
+    assert jm.dataset_cache.path(key_ab).exists()  # b still needs it
+    jm.on_job_ended(JobEnded(job_id=b.job_id, status="cancelled", adapter_path=None,
+                             error=None))
+    assert not jm.dataset_cache.path(key_ab).exists()
+    assert jm.dataset_cache.path(key_c).exists()
+
+
+def test_a_bad_dataset_is_refused_and_leaves_no_entry(jm: JobManager, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": 3}\n')
+    spec = JobSpec(name="bad", dataset=str(bad), output_dir=str(tmp_path / "bad"))
+    reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
+    assert isinstance(reply, Error) and "bad.jsonl:2" in reply.message
+    assert not list(jm.dataset_cache.root.glob("*.msgpack"))
