@@ -2,7 +2,7 @@
 
 Under Volta+ MPS a fatal fault raised by a kernel of one client (a sticky 7xx CUDA error, ECC,
 an Xid) is reported to *every* client of the server, and the server then stays in FAULT,
-refusing new clients, until all of them have exited (MPS doc §4.3.2; gpu-mechanisms.md §6.1).
+refusing new clients, until all of them have exited (NVIDIA's MPS documentation, §4.3.2).
 So when one child shows such a fault, the healthy-looking sibling must be restarted as well.
 This module holds that rule:
 

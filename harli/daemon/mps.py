@@ -2,7 +2,7 @@
 
 On a CUDA host with ``gpu.mps`` = ``start`` or ``attach`` both children are MPS clients of one
 server, so that decode and finetune kernels run on the GPU at the same time instead of
-time-slicing (gpu-mechanisms.md §1). This module:
+time-slicing (NVIDIA's MPS documentation; how to run it: docs/gpu.md). This module:
 
 - makes the private pipe and log directories and the environment both children need
   (``MpsControl.client_env``), starts ``nvidia-cuda-mps-control -d`` or checks that an existing
@@ -37,8 +37,8 @@ from harli.daemon.mps_ops import CommandResult, MpsOps, SubprocessOps
 logger = logging.getLogger(__name__)
 
 MPS_CONTROL = "nvidia-cuda-mps-control"
-# Searched after $PATH: where NVIDIA's container toolkit and CUDA installs put the binary
-# (gpu-mechanisms.md §8 expects /usr/local/nvidia/bin on the GPU test machines).
+# Searched after $PATH: where NVIDIA's container toolkit (/usr/local/nvidia/bin) and CUDA
+# installs put the binary.
 FALLBACK_BIN_DIRS = ("/usr/local/nvidia/bin", "/usr/local/cuda/bin", "/usr/bin")
 # The control daemon writes its PID here, in the pipe directory (MPS doc, nvidia-cuda-mps-control).
 PID_FILE = "nvidia-cuda-mps-control.pid"
@@ -251,7 +251,8 @@ class MpsControl:
     def terminate_client(self, server_pid: int, client_pid: int) -> bool:
         """``terminate_client <server PID> <client PID>``: ends all outstanding GPU work of the
         client; it then sees the sticky CUDA_ERROR_MPS_CLIENT_TERMINATED (810) and can be
-        killed safely. Exit status 0 on success (gpu-mechanisms.md §1.3, §6.2)."""
+        killed safely. Exit status 0 on success (NVIDIA's MPS documentation,
+        ``nvidia-cuda-mps-control``)."""
         result = self._command(f"terminate_client {server_pid} {client_pid}")
         if result.returncode != 0:
             logger.warning("[mps] terminate_client %d %d failed (%s)%s", server_pid,

@@ -208,9 +208,10 @@ def test_a_level_that_never_finishes_a_micro_step_beside_a_busy_decode_gets_meas
 
 
 def test_a_trial_of_a_slow_level_ends_before_its_micro_step_reports() -> None:
-    """b67: harli tried level 3 (~270 tok/s beside a busy decode) through a whole busy phase,
-    waiting for its micro-step to report, with level 2 measured at ~1900. The micro-step in
-    flight already bounds level 3 under that once it has had tokens / 1900 s there."""
+    """Seen in a bench: harli tried level 3 (~270 tok/s beside a busy decode) through a whole
+    busy phase, waiting for its micro-step to report, with level 2 measured at ~1900. The
+    micro-step in flight already bounds level 3 under that once it has had tokens / 1900 s
+    there."""
     qs, sent = make(slo_ms=100.0)
     assert qs.rates is not None
     for _ in range(qs.rates.min_samples):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
+
+import pytest
 
 from harli.daemon.sdnotify import Notifier
 
@@ -20,6 +23,10 @@ def test_datagrams_reach_the_notify_socket(tmp_path: Path) -> None:
         assert server.recv(1024) == b"STOPPING=1"
 
 
-def test_no_socket_is_a_no_op_and_a_dead_socket_only_warns(tmp_path: Path) -> None:
-    Notifier(None).ready("x")
-    Notifier(str(tmp_path / "missing")).ready("x")  # logs a warning, never raises
+def test_no_socket_is_a_no_op_and_a_dead_socket_only_warns(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="harli.daemon.sdnotify"):
+        Notifier(None).ready("x")
+        assert not caplog.records  # not under systemd: nothing to say
+        Notifier(str(tmp_path / "missing")).ready("x")  # never raises
+    assert len(caplog.records) == 1 and "sd_notify('READY=1\\nSTATUS=x') failed" in caplog.text
