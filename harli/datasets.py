@@ -101,7 +101,7 @@ class DatasetReport:
     records: int
     truncated: int  # records cut to max_seq_len
     tokens: int  # total tokens after truncation
-    loss_tokens: int  # tokens with a label
+    loss_tokens: int  # tokens the loss is taken over (labelled, after the first token)
     cache_key: str = ""  # the TokenizedCache entry that holds the examples
     source: str = "file"  # "file": tokenized here; "cache": read from the TokenizedCache
 
@@ -227,6 +227,10 @@ def _read_records(path: Path, data: bytes) -> list[tuple[int, dict[str, Any]]]:
             raise DatasetError(
                 f"{where}: not valid JSON: {e.msg} (column {e.colno})"
             ) from e
+        except RecursionError:
+            raise DatasetError(f"{where}: JSON nested too deeply to read") from None
+        except ValueError as e:  # an integer past Python's digit limit for str -> int
+            raise DatasetError(f"{where}: not usable JSON: {e}") from None
         if not isinstance(record, dict):
             raise DatasetError(
                 f"{where}: a record must be a JSON object, got {_json_type(record)}"
@@ -561,7 +565,9 @@ def load_dataset(
         examples.append(example)
         truncated += cut
         tokens += len(example.input_ids)
-        loss_tokens += sum(1 for label in example.labels if label != IGNORE_INDEX)
+        # Only labels after the first token count: a causal LM predicts token i from the ones
+        # before it, so a label on the first token is never trained on.
+        loss_tokens += sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
     if truncated:
         logger.warning(
             "%s: %d of %d records are longer than max_seq_len=%d tokens and were truncated",

@@ -57,7 +57,12 @@ class Dispatcher:
                          self.source)
             self._dropped("unhandled")
             return
-        handler(msg)
+        try:
+            handler(msg)
+        except Exception:  # a handler's bug must not end the daemon's loop
+            logger.exception("[daemon] handling %s from %s failed; dropped",
+                             type(msg).__name__, self.source)
+            self._dropped("handler_error")
 
     def _dropped(self, reason: str) -> None:
         self._metrics.dropped_messages.labels(self.source, reason).inc()

@@ -14,6 +14,11 @@ from harli.ipc.inference import ClientMessage, ErrorCode
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
+# msgspec decodes nested containers recursively and raises RecursionError past the
+# interpreter's limit (a 2 KB frame of nested one-element arrays reaches it): that is a
+# malformed message like any other, never an exception for the caller's loop.
+_TOO_DEEP = "nested too deeply to decode"
+
 
 class DecodeFailure(Exception):
     """A message that could not be decoded; ``code`` is an ``ErrorCode`` value."""
@@ -37,6 +42,8 @@ class Decoder(Generic[T]):
             raise DecodeFailure(ErrorCode.INVALID, str(e)) from None
         except msgspec.DecodeError as e:
             raise DecodeFailure(ErrorCode.MALFORMED, f"not valid MessagePack: {e}") from None
+        except RecursionError:
+            raise DecodeFailure(ErrorCode.MALFORMED, _TOO_DEEP) from None
 
 
 _ANY = msgspec.msgpack.Decoder()
@@ -55,7 +62,13 @@ class ClientDecoder(Decoder[ClientMessage]):
         except DecodeFailure as e:
             if e.code != ErrorCode.INVALID:
                 raise
-            raw = _ANY.decode(data)
+            try:
+                raw = _ANY.decode(data)
+            except msgspec.DecodeError as err:
+                raise DecodeFailure(ErrorCode.MALFORMED,
+                                    f"not valid MessagePack: {err}") from None
+            except RecursionError:
+                raise DecodeFailure(ErrorCode.MALFORMED, _TOO_DEEP) from None
             if not isinstance(raw, dict):
                 raise DecodeFailure(
                     ErrorCode.MALFORMED,
@@ -105,7 +118,7 @@ def request_id_of(data: bytes | memoryview) -> str | None:
     """Best-effort request id of an undecodable message, so its error can be attributed."""
     try:
         raw = _ANY.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     if isinstance(raw, dict):
         rid = raw.get("request_id")

@@ -20,7 +20,8 @@ class _Ctl(msgspec.Struct, tag_field="type", kw_only=True, frozen=True,
     pass
 
 
-JobId = Annotated[int, Meta(ge=1)]
+# Ids and event ids are SQLite rowids: 64-bit signed.
+JobId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 
 # -- clients (the harli CLI, ControlClient) -> daemon ----------------------------------------
 
@@ -43,7 +44,7 @@ class CancelJob(_Ctl, tag="cancel_job", frozen=True):
 
 class JobLogs(_Ctl, tag="job_logs", frozen=True):
     job_id: JobId
-    after_event: Annotated[int, Meta(ge=0)] = 0  # only events with a larger id
+    after_event: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0  # only events with a larger id
 
 
 class SetLevel(_Ctl, tag="set_level", frozen=True):

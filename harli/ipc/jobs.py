@@ -19,11 +19,18 @@ DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
                           "down_proj"]
 
 
+# Upper bounds for the integers of a job: an out-of-range value is an ``invalid`` reply that names
+# the field at decode, never an overflow in the job store's SQLite (64-bit signed INTEGER) or in
+# the trainer.
+MAX_COUNT = 10**9
+MAX_PRIORITY = 10**6
+
+
 class LoraSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """PEFT ``LoraConfig`` fields a job may set."""
 
     r: Annotated[int, Meta(ge=1, le=1024)] = 8
-    alpha: Annotated[int, Meta(ge=1)] = 16
+    alpha: Annotated[int, Meta(ge=1, le=1_000_000)] = 16
     dropout: Annotated[float, Meta(ge=0, lt=1)] = 0.0
     target_modules: Annotated[list[str], Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES))
@@ -41,13 +48,14 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=T
     lora: LoraSettings = msgspec.field(default_factory=LoraSettings)
     learning_rate: Annotated[float, Meta(gt=0, le=1)] = 3e-3
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: Annotated[int, Meta(ge=0)] = 0
-    epochs: Annotated[int, Meta(ge=1)] = 1
-    max_steps: Annotated[int, Meta(ge=1)] | None = None  # overrides epochs when set
+    warmup_steps: Annotated[int, Meta(ge=0, le=MAX_COUNT)] = 0
+    epochs: Annotated[int, Meta(ge=1, le=MAX_COUNT)] = 1
+    max_steps: Annotated[int, Meta(ge=1, le=MAX_COUNT)] | None = None  # overrides epochs when set
     micro_batch_size: Annotated[int, Meta(ge=1, le=4096)] = 8
     grad_accum: Annotated[int, Meta(ge=1, le=4096)] = 1
-    max_seq_len: Annotated[int, Meta(ge=8)] = 256
-    seed: int = 0
-    checkpoint_every: Annotated[int, Meta(ge=1)] = 50
-    keep_checkpoints: Annotated[int, Meta(ge=1)] = 2
-    priority: int = 0  # higher runs first; ties by arrival
+    max_seq_len: Annotated[int, Meta(ge=8, le=MAX_COUNT)] = 256
+    seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] = 0  # torch.manual_seed's range
+    checkpoint_every: Annotated[int, Meta(ge=1, le=MAX_COUNT)] = 50
+    keep_checkpoints: Annotated[int, Meta(ge=1, le=MAX_COUNT)] = 2
+    # higher runs first; ties by arrival
+    priority: Annotated[int, Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] = 0

@@ -218,7 +218,7 @@ def test_truncation_is_counted_and_logged_once(tok: Any, tmp_path: Path,
     assert all(label == IGNORE_INDEX for label in examples[0].labels)
     assert report.tokens == sum(len(e.input_ids) for e in examples)
     assert report.loss_tokens == sum(
-        1 for e in examples for label in e.labels if label != IGNORE_INDEX)
+        1 for e in examples for label in e.labels[1:] if label != IGNORE_INDEX)
     assert report.loss_tokens == 15 + len(tok("b", add_special_tokens=False)["input_ids"]) + 1
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -461,3 +461,23 @@ def test_report_as_dict_round_trips_the_wire_type(tok: Any, tmp_path: Path) -> N
                      dataset_report=report.as_dict())
     back = msgspec.msgpack.decode(msgspec.msgpack.encode(msg), type=JobStarted)
     assert back.dataset_report == report.as_dict()
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
+    ('{"text": ' + "9" * 5000 + "}", "not usable JSON"),
+])
+def test_a_pathological_json_line_is_refused_with_file_and_line(
+        tok: Any, tmp_path: Path, line: str, problem: str) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(DatasetError, match=rf"p\.jsonl:2: {problem}"):
+        load_dataset(path, tok, 64)
+
+
+def test_records_with_nothing_to_train_on_count_no_loss_tokens(tok: Any, tmp_path: Path) -> None:
+    # An empty text is its eos alone: the first token is never predicted, so no loss.
+    path = write_jsonl(tmp_path / "e.jsonl", [{"text": ""}, {"text": ""}])
+    examples, report = load_dataset(path, tok, 64)
+    assert [e.input_ids for e in examples] == [[tok.eos_token_id]] * 2
+    assert report.loss_tokens == 0

@@ -193,3 +193,22 @@ def test_a_reply_to_a_client_that_has_gone_is_dropped() -> None:
     h.sock.gone.add(b"tool")
     assert h.ask(GetStatus()) == []
     assert h.ask(GetStatus(), client=b"other") == [STATUS]
+
+
+@pytest.mark.parametrize(("payload", "code", "says"), [
+    (b"\x91" * 1020 + b"\xc0", ErrorCode.INVALID, "Expected `object`, got `array`"),
+    (b"\xc1", ErrorCode.MALFORMED, "MessagePack"),
+    (msgspec.msgpack.encode({"type": "show_job", "job_id": 2**63}), ErrorCode.INVALID,
+     "job_id"),
+    (msgspec.msgpack.encode({"type": "job_logs", "job_id": 1, "after_event": 2**64 - 1}),
+     ErrorCode.INVALID, "after_event"),
+    (msgspec.msgpack.encode({"type": "attach", "spec": {
+        "name": "j", "dataset": "/d", "output_dir": "/o", "priority": 2**63}}),
+     ErrorCode.INVALID, "priority"),
+])
+def test_a_hostile_frame_gets_a_typed_error_and_the_endpoint_still_serves(
+        payload: bytes, code: str, says: str) -> None:
+    h = Harness()
+    e = error_of(h.ask(payload))
+    assert e.code == code and says in e.message
+    assert h.ask(GetStatus()) == [STATUS]

@@ -75,6 +75,24 @@ def test_an_undecodable_or_unhandled_message_is_counted_and_dropped() -> None:
     assert (dropped("undecodable"), dropped("unhandled")) == (3, 1)
 
 
+def test_a_handler_that_raises_is_counted_and_the_next_message_still_handled() -> None:
+    metrics, seen = Metrics(), []
+
+    def handler(msg: Shutdown) -> None:
+        if msg.reason == "bad":
+            raise RuntimeError("a bug in a handler")
+        seen.append(msg)
+
+    d = Dispatcher("decode", DecodeToDaemon | Shutdown, {Shutdown: handler}, metrics)
+    d.dispatch(b"\x91" * 5000 + b"\xc0")  # nested past the decoder's recursion limit
+    d.dispatch(encode(Shutdown(reason="bad")))
+    d.dispatch(encode(Shutdown(reason="ok")))
+    assert seen == [Shutdown(reason="ok")]
+    for reason in ("undecodable", "handler_error"):
+        assert metrics.registry.get_sample_value(
+            "harli_daemon_dropped_messages_total", {"source": "decode", "reason": reason}) == 1
+
+
 def test_a_disabled_finetune_is_a_null_child_with_nothing_to_schedule(tmp_path: Path) -> None:
     d = Daemon(_cfg(tmp_path, "finetune.enabled=false"), ops=FakeOps())
     try:

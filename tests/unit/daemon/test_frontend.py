@@ -167,6 +167,9 @@ def test_hello_in_another_protocol_version_is_refused() -> None:
     (encode(Generate(request_id="x", prompt="p", prompt_token_ids=[1])), ErrorCode.INVALID,
      "x", "exactly one"),
     (encode(Generate(request_id="x", prompt_token_ids=[])), ErrorCode.INVALID, "x", "empty"),
+    (b"\x91" * 500 + b"\xc0", ErrorCode.MALFORMED, None, "expected a map"),
+    # nested past the decoder's recursion limit, inside the harness's 1024-byte limit
+    (b"\x91" * 1020 + b"\xc0", ErrorCode.MALFORMED, None, "nested too deeply"),
 ])
 def test_a_bad_message_gets_a_typed_error_and_reaches_nothing(
         payload: bytes, code: str, request_id: str | None, says: str) -> None:

@@ -96,3 +96,12 @@ def test_a_bad_dataset_is_refused_and_leaves_no_entry(jm: JobManager, tmp_path: 
     reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
     assert isinstance(reply, Error) and "bad.jsonl:2" in reply.message
     assert not list(jm.dataset_cache.root.glob("*.msgpack"))
+
+
+def test_a_dataset_with_no_trainable_token_is_refused(jm: JobManager, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n' * 3)
+    spec = JobSpec(name="empty", dataset=str(empty), output_dir=str(tmp_path / "empty"))
+    reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
+    assert isinstance(reply, Error) and "no response tokens left to learn from" in reply.message
+    assert jm.store.all_jobs() == []
