@@ -115,6 +115,11 @@ class DaemonResources:
                          (self.finetune_out, cfg.internal_endpoint("finetune-out"))):
             sock.bind(ep)
             self._paths.append(ep)
+            if ep.startswith("ipc://") and sock in (self.inference, self.control):
+                # Connecting to a Unix socket needs write permission: 0660 lets the service's
+                # group connect whatever the umask (systemd's UMask=0027 would leave 0750). The
+                # runtime dir's own mode still decides who reaches the socket at all.
+                os.chmod(ep[len("ipc://"):], 0o660)
         # decode_proc binds the telemetry PUB (so any local observer can subscribe); ZMQ
         # reconnects to the same path across decode restarts.
         self.telemetry.connect(cfg.internal_endpoint("telemetry"))
