@@ -36,7 +36,7 @@ from harli.daemon.mps import control_for, cuda_host
 from harli.daemon.quota import QuotaController
 from harli.daemon.quota_scheduler import scheduler_for
 from harli.daemon.resources import DaemonResources
-from harli.daemon.sdnotify import Notifier
+from harli.daemon.sdnotify import Notifier, Watchdog
 from harli.daemon.supervisor import Child, ChildExited, ChildState, PopenOps, ProcessOps
 from harli.daemon.weights_relay import WeightsRelay
 from harli.ipc.control import ChildStatus, DaemonStatus
@@ -87,6 +87,7 @@ class Daemon:
         self.finetune_quota = ""  # as the finetune reports it in FinetuneReady
         self.iterations_seen = 0
         self.notifier = Notifier(ENV.notify_socket)
+        self.watchdog = Watchdog.from_environ(self.notifier)
         self._stop_signal: str | None = None
         self._drain_deadline = 0.0
         _make_dirs(cfg)
@@ -184,10 +185,17 @@ class Daemon:
             gc.freeze()
             while self.state is not DaemonState.STOPPED:
                 self._poll_once()
-                self._tick(self.clock())
+                now = self.clock()
+                self._tick(now)
+                self.watchdog.kick(now, self._healthy())
         finally:
             self._close()
         return self.exit_code
+
+    def _healthy(self) -> bool:
+        # Healthy = this loop turns (a stuck loop never gets here) and decode is not FATAL
+        # (a daemon that cannot serve should be restarted by systemd, not kept alive).
+        return self.decode.state is not ChildState.FATAL
 
     def _poll_once(self) -> None:
         res = self.resources

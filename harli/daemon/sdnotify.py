@@ -1,12 +1,16 @@
-"""systemd's readiness protocol (sd_notify(3)): one datagram to ``$NOTIFY_SOCKET``.
+"""systemd's readiness protocol (sd_notify(3)): one datagram to ``$NOTIFY_SOCKET``; and its
+watchdog (sd_watchdog_enabled(3)): ``WATCHDOG=1`` at half of ``$WATCHDOG_USEC``.
 
-Optional: without ``NOTIFY_SOCKET`` (not under ``Type=notify``) every call is a no-op.
+Optional: without ``NOTIFY_SOCKET`` (not under ``Type=notify``) every call is a no-op, and
+without ``WATCHDOG_USEC`` (no ``WatchdogSec=``) the watchdog never sends.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
+from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -32,3 +36,48 @@ class Notifier:
 
     def stopping(self) -> None:
         self.notify("STOPPING=1")
+
+
+def watchdog_interval_s(environ: Mapping[str, str], pid: int) -> float | None:
+    """The watchdog interval systemd expects pings within, or None: sd_watchdog_enabled's
+    rules (``WATCHDOG_USEC`` a positive integer; ``WATCHDOG_PID``, when set, names us)."""
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    if usec <= 0:
+        return None
+    wpid = environ.get("WATCHDOG_PID")
+    if wpid:
+        try:
+            if int(wpid) != pid:
+                return None  # meant for another process (e.g. our parent)
+        except ValueError:
+            return None
+    return usec / 1e6
+
+
+class Watchdog:
+    """Sends ``WATCHDOG=1`` at most every half interval, from the daemon's loop.
+
+    The daemon calls ``kick`` once per loop turn with whether it is healthy; a loop that
+    stops turning (a handler stuck, a deadlock) or reports itself unhealthy stops the pings,
+    and systemd kills and restarts the service once the interval passes.
+    """
+
+    def __init__(self, notifier: Notifier, interval_s: float | None) -> None:
+        self._notifier = notifier
+        self.interval_s = interval_s
+        self._last = float("-inf")
+
+    @classmethod
+    def from_environ(cls, notifier: Notifier) -> Watchdog:
+        return cls(notifier, watchdog_interval_s(os.environ, os.getpid()))
+
+    def kick(self, now: float, healthy: bool) -> bool:
+        """Ping if due and healthy; returns whether a ping was sent."""
+        if self.interval_s is None or not healthy or now - self._last < self.interval_s / 2:
+            return False
+        self._last = now
+        self._notifier.notify("WATCHDOG=1")
+        return True
