@@ -174,8 +174,18 @@ class FinetuneConfig:
         "top levels' threads meet at the next op without a futex wake-up; 0 sleeps at once "
         "(OMP_WAIT_POLICY=PASSIVE), which leaves two threads slower than one on small ops.",
         default=20000)
+    max_dataset_bytes: int = _help(
+        "Largest dataset file a job may attach, in bytes; a larger one is refused at attach.",
+        default=1 << 30)
+    max_line_bytes: int = _help(
+        "Longest line (one record) of a dataset file, in bytes.", default=4 << 20)
+    max_dataset_records: int = _help("Most records a dataset file may hold.",
+                                     default=1_000_000)
 
     def __post_init__(self) -> None:
+        for key in ("max_dataset_bytes", "max_line_bytes", "max_dataset_records"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"finetune.{key}: expected >= 1, got {getattr(self, key)}")
         if self.cpu_scheduling_policy not in ("idle", "batch", "other"):
             raise ConfigError(f"finetune.cpu_scheduling_policy: expected \"idle\", \"batch\" "
                               f"or \"other\", got {self.cpu_scheduling_policy!r}")

@@ -58,6 +58,8 @@ import hashlib
 import json
 import logging
 import os
+import stat
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +80,16 @@ FORMATS = ("alpaca", "chat", "prompt_completion", "text")
 IGNORE_INDEX = -100
 CHAT_ROLES = ("system", "user", "assistant")
 DEFAULT_EOS_TEXT = "<|eos|>"
+
+
+@dataclass(frozen=True)
+class DatasetLimits:
+    """What one dataset may hold, so no file (``/dev/zero``, a runaway export) can exhaust the
+    host's memory; the defaults are ``[finetune]``'s."""
+
+    max_bytes: int = 1 << 30
+    max_line_bytes: int = 4 << 20
+    max_records: int = 1_000_000
 
 
 class DatasetError(ValueError):
@@ -192,22 +204,49 @@ def detect_format(record: Mapping[str, Any], where: str) -> str:
 # Reading the file
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, limits: DatasetLimits) -> bytes:
     if not path.exists():
         raise DatasetError(f"{path}: dataset file does not exist")
     if path.is_dir():
         raise DatasetError(f"{path}: is a directory, not a JSONL dataset file")
     try:
-        return path.read_bytes()
+        # O_NONBLOCK: opening a named pipe must not wait for a writer; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except PermissionError as e:
         raise DatasetError(f"{path}: cannot be read (permission denied)") from e
     except OSError as e:
         raise DatasetError(f"{path}: cannot be read ({e.strerror or e})") from e
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DatasetError(f"{path}: not a regular file (a pipe, socket or device); a "
+                               "dataset is a JSONL file")
+        if st.st_size > limits.max_bytes:
+            raise DatasetError(f"{path}: {st.st_size} bytes, over the limit of "
+                               f"{limits.max_bytes} (finetune.max_dataset_bytes)")
+        try:
+            data = f.read(limits.max_bytes + 1)  # the file may grow while it is read
+        except OSError as e:
+            raise DatasetError(f"{path}: cannot be read ({e.strerror or e})") from e
+    if len(data) > limits.max_bytes:
+        raise DatasetError(f"{path}: over the limit of {limits.max_bytes} bytes "
+                           "(finetune.max_dataset_bytes)")
+    return data
 
 
-def _read_records(path: Path, data: bytes) -> list[tuple[int, dict[str, Any]]]:
+class DatasetCancelled(DatasetError):
+    """Reading or tokenizing stopped because the caller asked (the daemon is stopping)."""
+
+
+def _check_cancel(cancel: threading.Event | None, path: Path) -> None:
+    if cancel is not None and cancel.is_set():
+        raise DatasetCancelled(f"{path}: reading stopped (the daemon is stopping)")
+
+
+def _read_records(path: Path, data: bytes, limits: DatasetLimits = DatasetLimits(),
+                  cancel: threading.Event | None = None) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-blank line of ``data`` (the bytes of ``path``);
-    raises on the first bad line."""
+    raises on the first bad line, or a line or record count over ``limits``."""
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark some editors write
         data = data[3:]
     out: list[tuple[int, dict[str, Any]]] = []
@@ -215,6 +254,11 @@ def _read_records(path: Path, data: bytes) -> list[tuple[int, dict[str, Any]]]:
     # str.splitlines also honours (and that may appear unescaped inside a JSON string).
     for lineno, raw in enumerate(data.splitlines(), start=1):
         where = f"{path}:{lineno}"
+        if lineno % 1024 == 0:
+            _check_cancel(cancel, path)
+        if len(raw) > limits.max_line_bytes:
+            raise DatasetError(f"{where}: line of {len(raw)} bytes, over the limit of "
+                               f"{limits.max_line_bytes} (finetune.max_line_bytes)")
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -245,6 +289,9 @@ def _read_records(path: Path, data: bytes) -> list[tuple[int, dict[str, Any]]]:
                 f"({e.object[e.start:e.end]!a}), which is not text"
             ) from e
         out.append((lineno, record))
+        if len(out) > limits.max_records:
+            raise DatasetError(f"{where}: more than {limits.max_records} records "
+                               "(finetune.max_dataset_records)")
     if not out:
         raise DatasetError(f"{path}: dataset has no records (the file is empty or blank)")
     return out
@@ -264,8 +311,10 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
-def _read_checked(path: Path, data: bytes) -> tuple[list[tuple[int, dict[str, Any]]], str]:
-    numbered = _read_records(path, data)
+def _read_checked(path: Path, data: bytes, limits: DatasetLimits = DatasetLimits(),
+                  cancel: threading.Event | None = None,
+                  ) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    numbered = _read_records(path, data, limits, cancel)
     fmt = ""
     first_line = 0
     for lineno, record in numbered:
@@ -283,7 +332,7 @@ def _read_checked(path: Path, data: bytes) -> tuple[list[tuple[int, dict[str, An
 def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], str]:
     """The records of a JSONL dataset and their single format (see the module docstring)."""
     path = Path(path)
-    numbered, fmt = _read_checked(path, _read_bytes(path))
+    numbered, fmt = _read_checked(path, _read_bytes(path, DatasetLimits()))
     return [record for _, record in numbered], fmt
 
 
@@ -540,25 +589,30 @@ class TokenizedCache:
 
 def load_dataset(
     path: str | Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
-    cache: TokenizedCache | None = None,
+    cache: TokenizedCache | None = None, limits: DatasetLimits = DatasetLimits(),
+    cancel: threading.Event | None = None,
 ) -> tuple[list[Example], DatasetReport]:
     """Read, check and tokenize a JSONL dataset; raises :class:`DatasetError` on a bad file.
 
     With a ``cache``, the examples come from it when this file (its bytes), tokenizer and
-    ``max_seq_len`` were tokenized before, and go into it when they were not."""
+    ``max_seq_len`` were tokenized before, and go into it when they were not. Only regular files
+    within ``limits`` are read; setting ``cancel`` stops a read or tokenization in progress with
+    :class:`DatasetCancelled`."""
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be at least 1, got {max_seq_len}")
     path = Path(path)
-    data = _read_bytes(path)
+    data = _read_bytes(path, limits)
     key = cache_key(data, tokenizer_fingerprint(tokenizer), max_seq_len)
     if cache is not None:
         hit = cache.get(key, path)
         if hit is not None:
             return hit
-    numbered, fmt = _read_checked(path, data)
+    numbered, fmt = _read_checked(path, data, limits, cancel)
     examples: list[Example] = []
     truncated = tokens = loss_tokens = 0
-    for lineno, record in numbered:
+    for i, (lineno, record) in enumerate(numbered):
+        if i % 256 == 0:
+            _check_cancel(cancel, path)
         example, cut = tokenize_record(
             record, fmt, tokenizer, max_seq_len, where=f"{path}:{lineno}"
         )

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
-from harli.datasets import TokenizedCache
+from harli.datasets import DatasetLimits, TokenizedCache
 from harli.ipc.jobs import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -59,9 +60,13 @@ def check_output_dir(path: Path, taken: dict[str, str]) -> None:
 class AttachValidator:
     """Validates jobs against the served model; holds its tokenizer and module names."""
 
-    def __init__(self, model_dir: Path, dataset_cache: TokenizedCache) -> None:
+    def __init__(self, model_dir: Path, dataset_cache: TokenizedCache,
+                 limits: DatasetLimits) -> None:
         self.model_dir = model_dir
         self.dataset_cache = dataset_cache
+        self.limits = limits
+        # Set when the daemon stops: a dataset being read or tokenized stops at its next line.
+        self.cancel = threading.Event()
         self._tokenizer: Any = None
         self._modules: set[str] | None = None
 
@@ -89,7 +94,7 @@ class AttachValidator:
         check_target_modules(list(spec.lora.target_modules), self._modules)
         try:
             _, report = load_dataset(spec.dataset, self._tokenizer, spec.max_seq_len,
-                                     self.dataset_cache)
+                                     self.dataset_cache, self.limits, self.cancel)
         except DatasetError as e:
             raise AttachRefused(str(e)) from None
         if report.loss_tokens == 0:

@@ -21,7 +21,7 @@ from harli.daemon.jobstore import JobStore
 from harli.daemon.metrics import Metrics
 from harli.daemon.quota import QuotaController
 from harli.daemon.supervisor import ChildExited, describe_returncode
-from harli.datasets import TokenizedCache
+from harli.datasets import DatasetLimits, TokenizedCache
 from harli.ipc.control import (
     AttachJob,
     CancelJob,
@@ -61,7 +61,11 @@ class JobManager:
         self.quota = quota
         self.store = JobStore(cfg.state_dir / "jobs.sqlite")
         self.dataset_cache = TokenizedCache(cfg.dataset_cache_dir)
-        self.validator = AttachValidator(cfg.model_path, self.dataset_cache)
+        self.validator = AttachValidator(
+            cfg.model_path, self.dataset_cache,
+            DatasetLimits(max_bytes=cfg.finetune.max_dataset_bytes,
+                          max_line_bytes=cfg.finetune.max_line_bytes,
+                          max_records=cfg.finetune.max_dataset_records))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attach")
         self.finetune_ready = False
         self.running: int | None = None  # job id handed to the finetune process
@@ -78,6 +82,7 @@ class JobManager:
         self._prune_dataset_cache()
 
     def close(self) -> None:
+        self.validator.cancel.set()  # an attach in progress stops at its next line
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.store.close()
 

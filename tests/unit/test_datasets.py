@@ -262,10 +262,14 @@ def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     path = write_jsonl(tmp_path / "secret.jsonl", [{"text": "x"}])
     path.chmod(0)
     if os.geteuid() == 0:  # root reads anything; make the read fail the way it would otherwise
-        def refuse(self: Path) -> bytes:
-            raise PermissionError(13, "Permission denied", str(self))
+        real_open = os.open
 
-        monkeypatch.setattr(Path, "read_bytes", refuse)
+        def refuse(file: Any, flags: int, *args: Any) -> int:
+            if str(file) == str(path):
+                raise PermissionError(13, "Permission denied", str(file))
+            return real_open(file, flags, *args)
+
+        monkeypatch.setattr(os, "open", refuse)
     try:
         with pytest.raises(DatasetError, match=r"secret\.jsonl.*permission denied"):
             read_jsonl(path)
@@ -481,3 +485,43 @@ def test_records_with_nothing_to_train_on_count_no_loss_tokens(tok: Any, tmp_pat
     examples, report = load_dataset(path, tok, 64)
     assert [e.input_ids for e in examples] == [[tok.eos_token_id]] * 2
     assert report.loss_tokens == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Only regular files, within limits: no file can hang the reader or exhaust the host
+
+
+def test_a_named_pipe_is_refused_at_once_without_waiting_for_a_writer(
+        tok: Any, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(DatasetError, match="not a regular file"):
+        load_dataset(fifo, tok, 64)  # before the fix: blocked forever in open()
+
+
+def test_a_device_is_refused_without_reading_it(tok: Any) -> None:
+    with pytest.raises(DatasetError, match="/dev/zero: not a regular file"):
+        load_dataset("/dev/zero", tok, 64)
+
+
+@pytest.mark.parametrize(("limits", "says"), [
+    (datasets.DatasetLimits(max_bytes=100), r"over the limit of 100 \(finetune.max_dataset_bytes"),
+    (datasets.DatasetLimits(max_line_bytes=30), r"d\.jsonl:2: line of 40 bytes, over the limit "
+                                                r"of 30 \(finetune.max_line_bytes\)"),
+    (datasets.DatasetLimits(max_records=2), r"d\.jsonl:3: more than 2 records"),
+])
+def test_a_file_over_a_limit_is_refused_naming_the_limit(
+        tok: Any, tmp_path: Path, limits: datasets.DatasetLimits, says: str) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "x" * 28}, {"text": "b"},
+                                              {"text": "c" * 60}])
+    with pytest.raises(DatasetError, match=says):
+        load_dataset(path, tok, 64, limits=limits)
+
+
+def test_a_set_cancel_event_stops_the_read(tok: Any) -> None:
+    import threading
+
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(datasets.DatasetCancelled, match="the daemon is stopping"):
+        load_dataset(SAMPLE, tok, 64, cancel=cancel)

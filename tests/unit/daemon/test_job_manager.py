@@ -4,6 +4,7 @@ reads, a finetune that had to tokenize again counted, entries no job needs remov
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -104,4 +105,24 @@ def test_a_dataset_with_no_trainable_token_is_refused(jm: JobManager, tmp_path: 
     spec = JobSpec(name="empty", dataset=str(empty), output_dir=str(tmp_path / "empty"))
     reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
     assert isinstance(reply, Error) and "no response tokens left to learn from" in reply.message
+    assert jm.store.all_jobs() == []
+
+
+def test_a_fifo_or_device_is_refused_at_once_and_blocks_no_later_attach(
+        jm: JobManager, tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    for i, dataset in enumerate((str(fifo), "/dev/zero")):
+        spec = JobSpec(name=f"bad{i}", dataset=dataset, output_dir=str(tmp_path / f"b{i}"))
+        reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
+        assert isinstance(reply, Error) and "not a regular file" in reply.message
+    assert attach(jm, tmp_path, "after").status == "queued"
+    assert [j.name for j in jm.store.all_jobs()] == ["after"]
+
+
+def test_closing_the_manager_stops_an_attach_in_progress(jm: JobManager, tmp_path: Path) -> None:
+    jm.validator.cancel.set()  # what close() does first, before it waits for the worker
+    spec = JobSpec(name="late", dataset=str(SAMPLE_DATASET), output_dir=str(tmp_path / "late"))
+    reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
+    assert isinstance(reply, Error) and "the daemon is stopping" in reply.message
     assert jm.store.all_jobs() == []
