@@ -149,3 +149,19 @@ def test_multiframe_message(client: InferenceClient, daemon: LocalDaemon) -> Non
         assert err.code == "malformed" and "frame" in err.message
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("depth", [500, 2000, 60_000])
+def test_deeply_nested_frames_are_malformed_and_the_daemon_lives(
+        client: InferenceClient, daemon: LocalDaemon, depth: int) -> None:
+    # Past the decoder's recursion limit this once escaped the frontend's error path and
+    # ended the daemon with its children.
+    err = _raw_error(client, b"\x91" * depth + b"\xc0")
+    assert err.code == "malformed", err
+    from harli.client.control import ControlClient
+
+    with ControlClient(daemon.cfg.control_endpoint, timeout_s=30) as ctl:
+        with pytest.raises(RequestError) as e:
+            ctl.request(b"\x91" * depth + b"\xc0")
+        assert e.value.code in ("malformed", "invalid")
+        assert ctl.status().state == "serving"
