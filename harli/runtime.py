@@ -1,6 +1,9 @@
 """What every process role does to itself at start, shared by the daemon and its children: the
 parent-death signal, CPU pinning (decode's cores) and scheduling class, the process title,
-logging with the role's name, and ``run_child``, the loop-and-report-fatal frame of a child."""
+logging with the role's name, and ``run_child``, the loop-and-report-fatal frame of a child.
+
+A child that fails on its configuration exits with ``EXIT_CONFIG``: restarting it cannot help,
+so the supervisor makes it FATAL at once instead of spending its restart budget."""
 
 from __future__ import annotations
 
@@ -14,6 +17,14 @@ from typing import Protocol
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+
+# sysexits.h's EX_CONFIG; systemd also knows 78 as "configuration error".
+EXIT_CONFIG = 78
+
+
+class ConfigurationError(Exception):
+    """A child cannot run with the configuration it was given (a missing model directory, a
+    setting its engine refuses): permanent, so not worth a restart."""
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -93,6 +104,10 @@ def run_child(role: str, proc: ChildLoop) -> int:
     signal.signal(signal.SIGINT, lambda *_: proc.request_stop("SIGINT"))
     try:
         proc.run()
+    except ConfigurationError as e:
+        logger.error("[%s] configuration error: %s", role, e)
+        proc.report_fatal(e)
+        return EXIT_CONFIG
     except Exception as e:
         logger.exception("[%s] fatal error", role)
         proc.report_fatal(e)

@@ -1,9 +1,9 @@
 """Entry of ``harli daemon``: the supervising daemon as a foreground process fit for systemd
 (``Type=notify``). It sets up logging and the process title, builds the ``Daemon``, turns
 SIGTERM and SIGINT into stop requests and runs the loop; a setup the daemon cannot start with
-(arena, latency profile, MPS) exits with status 2 and a message that names it. One daemon per
-runtime and state dir: a second one on the same dirs exits with status 1 naming the first's pid,
-before it touches anything.
+(model directory, arena, latency profile, MPS) exits with status 2 and a message that names
+it. One daemon per runtime and state dir: a second one on the same dirs exits with status 1
+naming the first's pid, before it touches anything.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from pathlib import Path
 
 import harli
 from harli.arena.shm import ArenaError
@@ -18,6 +19,7 @@ from harli.config import HarliConfig
 from harli.daemon.daemon import Daemon
 from harli.daemon.mps import MpsError
 from harli.daemon.pidlock import AlreadyRunning, PidLock
+from harli.model.check import ModelDirError, check_model_dir
 from harli.predictor import ProfileError
 from harli.runtime import configure_logging, set_title
 
@@ -46,6 +48,12 @@ def run_daemon(cfg: HarliConfig) -> int:
 
 
 def _run(cfg: HarliConfig) -> int:
+    try:
+        if cfg.model.path:  # unset: the daemon generates the tiny model itself
+            check_model_dir(Path(cfg.model.path))
+    except ModelDirError as e:
+        logger.error("[daemon] cannot start: %s", e)
+        return 2
     try:
         daemon = Daemon(cfg)
     except (ArenaError, ProfileError) as e:

@@ -9,7 +9,8 @@ tick at a time against fakes.
 Two ways a child ends early and comes back: a crash (it died, or never became ready), which
 counts toward ``start_retries`` and so toward FATAL; and a restart the daemon forces on a
 healthy child for a reason outside it (``Child.restart``: MPS restart-both, decode's shared
-weights gone), which is counted apart and never makes a child FATAL.
+weights gone), which is counted apart and never makes a child FATAL. A child that exits with
+``EXIT_CONFIG`` (its configuration is wrong) goes FATAL at once: no restart could succeed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from harli.config import SupervisorConfig
+from harli.runtime import EXIT_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +245,7 @@ class Child:
                 logger.error("[supervisor] %s[%d] died (%s)", self.name, self.incarnation,
                              describe_returncode(rc))
                 events.append(ChildExited(self.name, self.incarnation, rc, was_running))
-                events.extend(self._ended(now))
+                events.extend(self._ended(now, rc))
             elif self.state is ChildState.STARTING and \
                     now - self._started_at > self.cfg.start_timeout_s:
                 logger.error("[supervisor] %s[%d] not ready after %.0f s; killing it", self.name,
@@ -263,12 +265,12 @@ class Child:
             self.start(now)
         return events
 
-    def _ended(self, now: float) -> list[ChildEvent]:
+    def _ended(self, now: float, rc: int | None = None) -> list[ChildEvent]:
         # An incarnation restart() was ending is a forced restart even if it died of something
         # else just before the SIGKILL landed: the daemon had already given up on it.
         if self._forcing is not None:
             return self._forced(now, self._forcing)
-        return self._crashed(now)
+        return self._crashed(now, rc)
 
     def _forced(self, now: float, reason: str) -> list[ChildEvent]:
         self.proc = None
@@ -281,9 +283,15 @@ class Child:
                     self.crashes, self.cfg.start_retries)
         return []
 
-    def _crashed(self, now: float) -> list[ChildEvent]:
+    def _crashed(self, now: float, rc: int | None = None) -> list[ChildEvent]:
         self.proc = None
         self.crashes += 1
+        if rc == EXIT_CONFIG:
+            # The child said its configuration is wrong: every restart would fail the same way.
+            self.state = ChildState.FATAL
+            logger.error("[supervisor] %s failed on its configuration (exit code %d); not "
+                         "restarting it (FATAL)", self.name, rc)
+            return [ChildFatal(self.name, self.crashes)]
         if self.crashes > self.cfg.start_retries:
             self.state = ChildState.FATAL
             logger.error("[supervisor] %s crashed %d times in a row; giving up (FATAL)",

@@ -1,11 +1,17 @@
-"""Process-level operations of the real daemon: one daemon per dirs, socket modes."""
+"""Process-level operations of the real daemon: one daemon per dirs, socket modes, a bad
+model directory refused before any child starts."""
 
 from __future__ import annotations
 
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+
+from harli.bench.local_daemon import LocalDaemon
 
 from .conftest import make_daemon
 
@@ -15,10 +21,8 @@ def test_second_daemon_on_same_dirs_exits_and_first_still_serves(tmp_path: Path,
     first = make_daemon(tmp_path, tiny_model)
     with first:
         assert first.proc is not None
-        argv = [sys.executable, "-m", "harli.cli.main", "daemon"]
-        for o in first.overrides:
-            argv += ["--set", o]
-        second = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        second = subprocess.run(_daemon_argv(first), capture_output=True, text=True,
+                                timeout=120, check=False)
         out = second.stdout + second.stderr
         assert second.returncode != 0, out
         assert f"already running (pid {first.proc.pid})" in out, out
@@ -39,3 +43,28 @@ def test_public_ipc_sockets_are_group_writable(tmp_path: Path, tiny_model: Path)
             assert ep.startswith("ipc://")
             mode = stat.S_IMODE(Path(ep[len("ipc://"):]).stat().st_mode)
             assert mode == 0o660, oct(mode)
+
+
+def _daemon_argv(d: LocalDaemon) -> list[str]:
+    argv = [sys.executable, "-m", "harli.cli.main", "daemon"]
+    for o in d.overrides:
+        argv += ["--set", o]
+    return argv
+
+
+@pytest.mark.parametrize("make_dir", [False, True], ids=["missing", "empty"])
+def test_a_bad_model_path_is_one_line_and_exit_2(tmp_path: Path, make_dir: bool) -> None:
+    model = tmp_path / "no-model"
+    if make_dir:
+        model.mkdir()
+    d = make_daemon(tmp_path, model)
+    t0 = time.monotonic()
+    res = subprocess.run(_daemon_argv(d), capture_output=True, text=True, timeout=120,
+                         check=False)
+    took = time.monotonic() - t0
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "model.path" in out and str(model) in out, out
+    assert "Traceback" not in out, out
+    assert len([x for x in out.splitlines() if "cannot start" in x]) == 1, out
+    assert took < 60, took  # no child was started: nothing to crash through back-off

@@ -19,6 +19,7 @@ from harli.daemon.supervisor import (
     describe_returncode,
     stop_ladder,
 )
+from harli.runtime import EXIT_CONFIG
 
 from .fake_procs import FakeOps
 
@@ -91,6 +92,16 @@ def test_too_many_crashes_is_fatal() -> None:
     assert c.state is ChildState.FATAL
     assert isinstance(events[-1], ChildFatal) and c.crashes == CFG.start_retries + 1
     assert c.transition(now + 1000) == []  # FATAL stays FATAL
+
+
+def test_a_configuration_error_is_fatal_at_once() -> None:
+    c, ops = make()
+    c.start(0.0)
+    ops.procs[-1].returncode = EXIT_CONFIG  # the child said its configuration is wrong
+    events = c.transition(1.0)
+    assert events == [ChildExited("decode", 1, EXIT_CONFIG, False), ChildFatal("decode", 1)]
+    assert c.state is ChildState.FATAL and c.restarts == 0
+    assert c.transition(1000.0) == [] and len(ops.procs) == 1  # never restarted
 
 
 def test_forced_restarts_never_make_a_child_fatal() -> None:
