@@ -18,6 +18,8 @@ from typing import Any, get_type_hints
 
 import msgspec
 
+from harli.ipc import endpoints as ipc_endpoints
+
 
 class ConfigError(ValueError):
     """A configuration key or value that is wrong; the message names it."""
@@ -500,6 +502,8 @@ class Env:
     xdg_runtime_dir: str | None
     notify_socket: str | None
     uid: int
+    harli_runtime_dir: str | None = None
+    xdg_state_home: str | None = None
 
     @classmethod
     def read(cls) -> Env:
@@ -514,19 +518,23 @@ class Env:
             xdg_runtime_dir=os.environ.get("XDG_RUNTIME_DIR") or None,
             notify_socket=os.environ.get("NOTIFY_SOCKET") or None,
             uid=os.getuid(),
+            harli_runtime_dir=os.environ.get(ipc_endpoints.RUNTIME_DIR_VAR) or None,
+            xdg_state_home=os.environ.get("XDG_STATE_HOME") or None,
         )
 
     def default_runtime_dir(self) -> str:
-        if self.runtime_directory:
-            return self.runtime_directory
-        if self.xdg_runtime_dir:
-            return os.path.join(self.xdg_runtime_dir, "harli")
-        return f"/tmp/harli-{self.uid}"
+        """The daemon's default; the order is ``harli.ipc.endpoints``' (clients share it)."""
+        return ipc_endpoints.daemon_runtime_dir(self._environ(), self.uid)
 
     def default_state_dir(self) -> str:
-        if self.state_directory:
-            return self.state_directory
-        return os.path.expanduser("~/.local/state/harli")
+        return ipc_endpoints.default_state_dir(self._environ())
+
+    def _environ(self) -> dict[str, str]:
+        env = {"RUNTIME_DIRECTORY": self.runtime_directory, "STATE_DIRECTORY":
+               self.state_directory, "XDG_RUNTIME_DIR": self.xdg_runtime_dir,
+               ipc_endpoints.RUNTIME_DIR_VAR: self.harli_runtime_dir,
+               "XDG_STATE_HOME": self.xdg_state_home}
+        return {k: v for k, v in env.items() if v}
 
 
 ENV = Env.read()

@@ -17,6 +17,7 @@ from harli.cli.command import (
     add_endpoint_arguments,
     curve_kwargs,
     load_config,
+    resolve_endpoint,
 )
 from harli.ipc.jobs import JobSpec
 
@@ -126,7 +127,7 @@ class AttachCommand(Command):
 
         cfg = load_config(args)
         spec = build_spec(args, cfg.state_dir)
-        with ControlClient(args.endpoint or cfg.control_endpoint, **curve_kwargs(args)) as client:
+        with ControlClient(resolve_endpoint(args, "control"), **curve_kwargs(args)) as client:
             try:
                 job = client.attach(spec)
             except RequestError as e:

@@ -54,9 +54,30 @@ def load_config(args: argparse.Namespace, extra: list[str] | None = None):  # ty
         raise CommandError(str(e)) from None
 
 
+def resolve_endpoint(args: argparse.Namespace, kind: str) -> str:
+    """The daemon's ``kind`` ("inference" or "control") endpoint: --endpoint, then the config's
+    endpoint or runtime_dir (--config/--set), then ``harli.ipc.endpoints``' discovery (which
+    also finds the system service's /run/harli). An ipc:// socket with no daemon behind it
+    raises ``DaemonNotRunning`` at once, rather than after a request's timeout."""
+    from harli.ipc import endpoints
+
+    if args.endpoint:
+        ep = str(args.endpoint)
+    else:
+        cfg = load_config(args)
+        if getattr(cfg.endpoints, kind) or cfg.daemon.runtime_dir:
+            ep = str(getattr(cfg, f"{kind}_endpoint"))
+        elif kind == "inference":
+            ep = endpoints.default_inference_endpoint()
+        else:
+            ep = endpoints.default_control_endpoint()
+    endpoints.check_listening(ep)
+    return ep
+
+
 def control_client(args: argparse.Namespace, timeout_s: float = 120.0):  # type: ignore[no-untyped-def]
     """A ``ControlClient`` to the daemon named by --endpoint / --config / CURVE options."""
     from harli.client.control import ControlClient
 
-    return ControlClient(args.endpoint or load_config(args).control_endpoint,
-                         timeout_s=timeout_s, **curve_kwargs(args))
+    return ControlClient(resolve_endpoint(args, "control"), timeout_s=timeout_s,
+                         **curve_kwargs(args))

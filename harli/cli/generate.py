@@ -11,12 +11,12 @@ from harli.cli.command import (
     CommandError,
     add_endpoint_arguments,
     curve_kwargs,
-    load_config,
+    resolve_endpoint,
 )
 
 
 def endpoint_of(args: argparse.Namespace) -> str:
-    return str(args.endpoint or load_config(args).inference_endpoint)
+    return resolve_endpoint(args, "inference")
 
 
 class GenerateCommand(Command):

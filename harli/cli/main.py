@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from harli.cli.attach import AttachCommand
@@ -24,28 +25,70 @@ COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
                            KeysCommand(), GpuCheckCommand()]
 
 
+EXIT_USAGE = 2  # a user's mistake in arguments or config
+EXIT_REFUSED = 1  # the daemon refused or failed a request, or did not answer in time
+EXIT_NOT_RUNNING = 3  # no daemon listens on the local socket (known at once, no waiting)
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("harli")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harli", description="Harli: decode serving + LoRA "
-                                "finetuning on one accelerator, inside a TPOT SLO.")
-    sub = p.add_subparsers(dest="command", required=True)
+                                "finetuning on one accelerator, inside a TPOT SLO.",
+                                epilog="exit codes: 0 ok, 1 the daemon refused a request or "
+                                "did not answer in time, 2 a usage or config error, 3 no "
+                                "daemon is running, 130 interrupted")
+    p.add_argument("--version", action="version", version=f"harli {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS:
-        sp = sub.add_parser(cmd.name, help=cmd.help)
+        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(sp)
         sp.set_defaults(_cmd=cmd)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``harli job show 1 | head -1``): not an error of ours. Point
+        # stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
+    from harli.client.inference import RequestError
+    from harli.ipc.endpoints import DaemonNotRunning
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     cmd: Command = args._cmd
     try:
         cmd.validate(args)
         return cmd.run(args)
     except CommandError as e:
         print(f"harli {cmd.name}: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        return EXIT_USAGE
+    except DaemonNotRunning as e:
+        print(f"harli {cmd.name}: {e}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except RequestError as e:
+        print(f"harli {cmd.name}: {e.code}: {e.message}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 if __name__ == "__main__":

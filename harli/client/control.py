@@ -8,7 +8,7 @@ import msgspec
 import zmq
 
 from harli.client.inference import RequestError
-from harli.ipc import curve
+from harli.ipc import curve, endpoints
 from harli.ipc.codec import DecodeFailure, Decoder, encode
 from harli.ipc.control import (
     AttachJob,
@@ -31,8 +31,9 @@ from harli.ipc.jobs import JobSpec
 
 
 class ControlClient:
-    def __init__(self, endpoint: str, *, timeout_s: float = 120.0, server_key: str | None = None,
-                 client_key: str | None = None) -> None:
+    def __init__(self, endpoint: str | None = None, *, timeout_s: float = 120.0,
+                 server_key: str | None = None, client_key: str | None = None) -> None:
+        endpoint = endpoint or endpoints.default_control_endpoint()
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)

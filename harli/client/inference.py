@@ -20,7 +20,7 @@ from typing import Any, TypedDict
 import zmq
 import zmq.asyncio
 
-from harli.ipc import curve
+from harli.ipc import curve, endpoints
 from harli.ipc.codec import DecodeFailure, Decoder, encode
 from harli.ipc.inference import (
     PROTOCOL_VERSION,
@@ -140,11 +140,13 @@ class _Router:
 class InferenceClient:
     """Blocking client. ``generate`` returns an iterator of ``Chunk``; ``complete`` gathers it."""
 
-    def __init__(self, endpoint: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+    def __init__(self, endpoint: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  ctx: zmq.Context[Any] | None = None, server_key: str | None = None,
                  client_key: str | None = None) -> None:
-        """``server_key``: the daemon's public CURVE certificate (tcp:// endpoints);
+        """``endpoint``: None finds the local daemon as the CLI does (``harli.ipc.endpoints``);
+        ``server_key``: the daemon's public CURVE certificate (tcp:// endpoints);
         ``client_key``: this client's secret certificate when the daemon authorizes keys."""
+        endpoint = endpoint or endpoints.default_inference_endpoint()
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._ctx = ctx or zmq.Context.instance()
@@ -261,8 +263,9 @@ class InferenceClient:
 class AsyncInferenceClient:
     """asyncio client: ``async for chunk in client.generate(...)``; many requests at once."""
 
-    def __init__(self, endpoint: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+    def __init__(self, endpoint: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  server_key: str | None = None, client_key: str | None = None) -> None:
+        endpoint = endpoint or endpoints.default_inference_endpoint()
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._ctx = zmq.asyncio.Context.instance()
