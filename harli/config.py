@@ -507,14 +507,9 @@ class Env:
 
     @classmethod
     def read(cls) -> Env:
-        def first(var: str) -> str | None:
-            # systemd passes a colon-separated list when several directories are configured.
-            v = os.environ.get(var)
-            return v.split(":")[0] if v else None
-
         return cls(
-            runtime_directory=first("RUNTIME_DIRECTORY"),
-            state_directory=first("STATE_DIRECTORY"),
+            runtime_directory=ipc_endpoints.first_dir(os.environ, "RUNTIME_DIRECTORY"),
+            state_directory=ipc_endpoints.first_dir(os.environ, "STATE_DIRECTORY"),
             xdg_runtime_dir=os.environ.get("XDG_RUNTIME_DIR") or None,
             notify_socket=os.environ.get("NOTIFY_SOCKET") or None,
             uid=os.getuid(),

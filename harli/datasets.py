@@ -61,7 +61,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,10 +119,7 @@ class DatasetReport:
 
     def as_dict(self) -> dict[str, int | str]:
         """The report as the job store and the wire carry it."""
-        return {"path": self.path, "format": self.format, "records": self.records,
-                "truncated": self.truncated, "tokens": self.tokens,
-                "loss_tokens": self.loss_tokens, "cache_key": self.cache_key,
-                "source": self.source}
+        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------

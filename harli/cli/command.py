@@ -67,10 +67,8 @@ def resolve_endpoint(args: argparse.Namespace, kind: str) -> str:
         cfg = load_config(args)
         if getattr(cfg.endpoints, kind) or cfg.daemon.runtime_dir:
             ep = str(getattr(cfg, f"{kind}_endpoint"))
-        elif kind == "inference":
-            ep = endpoints.default_inference_endpoint()
         else:
-            ep = endpoints.default_control_endpoint()
+            ep = endpoints.default_endpoint(f"{kind}.sock")
     endpoints.check_listening(ep)
     return ep
 

@@ -28,7 +28,7 @@ INFERENCE_SOCKET = "inference.sock"
 CONTROL_SOCKET = "control.sock"
 
 
-def _first(environ: Mapping[str, str], var: str) -> str | None:
+def first_dir(environ: Mapping[str, str], var: str) -> str | None:
     # systemd passes a colon-separated list when several directories are configured.
     v = environ.get(var)
     return v.split(":")[0] if v else None
@@ -37,7 +37,7 @@ def _first(environ: Mapping[str, str], var: str) -> str | None:
 def daemon_runtime_dir(environ: Mapping[str, str] | None = None, uid: int | None = None) -> str:
     """The runtime directory a daemon uses when its config names none."""
     env = os.environ if environ is None else environ
-    explicit = env.get(RUNTIME_DIR_VAR) or _first(env, "RUNTIME_DIRECTORY")
+    explicit = env.get(RUNTIME_DIR_VAR) or first_dir(env, "RUNTIME_DIRECTORY")
     if explicit:
         return explicit
     if env.get("XDG_RUNTIME_DIR"):
@@ -50,7 +50,7 @@ def client_runtime_dir(socket_name: str = CONTROL_SOCKET,
                        system_dir: str = SYSTEM_RUNTIME_DIR) -> str:
     """The runtime directory a client looks in for ``socket_name`` (see the module docstring)."""
     env = os.environ if environ is None else environ
-    if env.get(RUNTIME_DIR_VAR) or _first(env, "RUNTIME_DIRECTORY"):
+    if env.get(RUNTIME_DIR_VAR) or first_dir(env, "RUNTIME_DIRECTORY"):
         return daemon_runtime_dir(env, uid)
     mine = daemon_runtime_dir(env, uid)
     if not os.path.exists(os.path.join(mine, socket_name)) and \
@@ -59,17 +59,22 @@ def client_runtime_dir(socket_name: str = CONTROL_SOCKET,
     return mine
 
 
+def default_endpoint(socket_name: str, environ: Mapping[str, str] | None = None) -> str:
+    """``ipc://`` address of the local daemon's ``socket_name`` as a client finds it."""
+    return f"ipc://{os.path.join(client_runtime_dir(socket_name, environ), socket_name)}"
+
+
 def default_inference_endpoint(environ: Mapping[str, str] | None = None) -> str:
-    return f"ipc://{os.path.join(client_runtime_dir(INFERENCE_SOCKET, environ), INFERENCE_SOCKET)}"
+    return default_endpoint(INFERENCE_SOCKET, environ)
 
 
 def default_control_endpoint(environ: Mapping[str, str] | None = None) -> str:
-    return f"ipc://{os.path.join(client_runtime_dir(CONTROL_SOCKET, environ), CONTROL_SOCKET)}"
+    return default_endpoint(CONTROL_SOCKET, environ)
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
-    state = _first(env, "STATE_DIRECTORY")
+    state = first_dir(env, "STATE_DIRECTORY")
     if state:
         return state
     if env.get("XDG_STATE_HOME"):
