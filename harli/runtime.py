@@ -118,12 +118,10 @@ def run_child(role: str, proc: ChildLoop) -> int:
 
 
 def set_title(title: str) -> None:
-    try:
-        import setproctitle
+    """Name this process in ps/top/systemctl status (``harli: decode`` and so on)."""
+    import setproctitle
 
-        setproctitle.setproctitle(title)
-    except ImportError:  # optional; only cosmetic in ps/top
-        pass
+    setproctitle.setproctitle(title)
 
 
 def configure_logging(role: str, level: str) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from harli.bench import plotting
 from harli.datasets import SAMPLE_DATASET
 
 
@@ -432,10 +433,7 @@ def print_table(res: dict[str, Any], console: Any) -> None:
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
 
     pols = list(res["policies"])
     fig, axes = plt.subplots(2, len(pols), figsize=(3.2 * len(pols), 5.5), sharex=True,

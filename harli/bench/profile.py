@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harli.bench import plotting
 from harli.datasets import SAMPLE_DATASET
 
 _MAX_TOKENS = 32  # decode iterations per configuration and repeat
@@ -224,10 +225,7 @@ def run_configs(daemon: Any, ctl: Any, job_id: int | None, configs: list[Config]
 
 
 def plot(report: Any, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
 
     fig, axes = plt.subplots(1, len(report.stages), figsize=(6 * len(report.stages), 5),
                              squeeze=False)

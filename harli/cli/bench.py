@@ -8,7 +8,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from harli.bench import bench, memory, overhead
+from harli.bench import bench, memory, overhead, plotting
 from harli.bench.workload import WORKLOAD_KINDS
 from harli.cli.command import Command, CommandError
 
@@ -101,7 +101,11 @@ class BenchCommand(Command):
         console.print(bench.verdict(res))
         args.out.write_text(json.dumps(res) + "\n")
         png = args.png or args.out.with_suffix(".png")
-        bench.plot(res, png)
+        try:
+            bench.plot(res, png)
+        except plotting.PlotsUnavailable as e:
+            console.print(f"results: {args.out}; no plot: {e}")
+            return 1 if args.png else 0  # a plot asked for by name and not drawn is a failure
         console.print(f"results: {args.out}; plot: {png}")
         return 0
 

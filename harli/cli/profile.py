@@ -46,6 +46,7 @@ class ProfileCommand(Command):
     def run(self, args: argparse.Namespace) -> int:
         from rich.console import Console
 
+        from harli.bench import plotting
         from harli.bench import profile as bench_profile
         from harli.predictor import Profile, ProfileError
 
@@ -86,11 +87,15 @@ class ProfileCommand(Command):
             return 0
         reports = bench_profile.evaluate_profile(profile, m)
         bench_profile.print_report(reports, console)
-        png = args.png or args.evaluate.with_name(args.evaluate.stem + ".eval.png")
-        bench_profile.plot(reports["profile + online"], png,
-                           f"{m.key.model}, {m.key.dtype}, {m.key.backend}: held-out "
-                           f"configurations, online correction on ({m.elapsed_s:.0f} s)")
         out = args.evaluate.with_name(args.evaluate.stem + ".eval.json")  # never the profile
         out.write_bytes(bench_profile.report_json(reports, m.samples, m.elapsed_s))
+        png = args.png or args.evaluate.with_name(args.evaluate.stem + ".eval.png")
+        try:
+            bench_profile.plot(reports["profile + online"], png,
+                               f"{m.key.model}, {m.key.dtype}, {m.key.backend}: held-out "
+                               f"configurations, online correction on ({m.elapsed_s:.0f} s)")
+        except plotting.PlotsUnavailable as e:
+            console.print(f"report and samples: {out}; no plot: {e}")
+            return 1 if args.png else 0  # a plot asked for by name and not drawn is a failure
         console.print(f"plot: {png}; report and samples: {out}")
         return 0
