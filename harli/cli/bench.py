@@ -41,10 +41,14 @@ class BenchCommand(Command):
                        help="replays per policy, in alternating order (figures are pooled)")
         p.add_argument("--max-batched-tokens", type=int, default=32,
                        help="decode's per-iteration token budget (chunked prefill)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-        p.add_argument("--out", type=Path, default=Path("bench.json"))
-        p.add_argument("--png", type=Path)
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of the workload and the prompts (default: %(default)s)")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="config override for the daemon (repeatable)")
+        p.add_argument("--out", type=Path, default=Path("bench.json"),
+                       help="results JSON (default: %(default)s)")
+        p.add_argument("--png", type=Path,
+                       help="plot (default: beside --out; needs the plots extra)")
         p.add_argument("--dir", type=Path, help="working dir (default: a temporary one); its "
                        "daemon/ and job/ are replaced")
 
@@ -115,11 +119,14 @@ class BenchMemoryCommand(Command):
     help = "KV lending and reclaim under a quiet phase then a burst, with a LoRA job training"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--quiet-s", type=float, default=30.0)
-        p.add_argument("--burst-s", type=float, default=120.0)
+        p.add_argument("--quiet-s", type=float, default=30.0,
+                       help="seconds of the quiet phase, when KV is lent (default: %(default)s)")
+        p.add_argument("--burst-s", type=float, default=120.0,
+                       help="seconds of the burst that reclaims it (default: %(default)s)")
         p.add_argument("--burst-workers", type=int, default=32,
                        help="concurrent long streams in the burst")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of the streams' prompts (default: %(default)s)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="config override for the daemon")
         p.add_argument("--out", type=Path, help="write the results JSON here")
@@ -143,8 +150,10 @@ class BenchOverheadCommand(Command):
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--requests", type=int, default=32, help="concurrent requests (batch)")
-        p.add_argument("--max-tokens", type=int, default=128)
-        p.add_argument("--rounds", type=int, default=10)
+        p.add_argument("--max-tokens", type=int, default=128,
+                       help="tokens per request (default: %(default)s)")
+        p.add_argument("--rounds", type=int, default=10,
+                       help="alternating rounds of each side (default: %(default)s)")
         p.add_argument("--out", type=Path, help="write the results JSON here")
         p.add_argument("--dir", type=Path, help="working dir (default: a temporary one)")
 

@@ -42,7 +42,27 @@ def add_endpoint_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def curve_kwargs(args: argparse.Namespace) -> CurveKeys:
+    """The CURVE options, each loaded once here so that a missing or malformed certificate is a
+    usage error naming its option, not a traceback from deep in the client."""
+    import zmq.auth
+
+    for option, path in (("--server-key", args.server_key), ("--client-key", args.client_key)):
+        if path:
+            try:
+                zmq.auth.load_certificate(path)
+            except (OSError, ValueError) as e:
+                raise CommandError(f"{option} {path}: {e}") from None
     return {"server_key": args.server_key, "client_key": args.client_key}
+
+
+def check_endpoint(ep: str) -> str:
+    """``ep`` if it is an address a client can connect to (ipc://PATH or tcp://HOST:PORT)."""
+    scheme, sep, rest = ep.partition("://")
+    ok = bool(sep and rest) and (
+        scheme == "ipc" or (scheme == "tcp" and rest.rpartition(":")[2].isdigit()))
+    if not ok:
+        raise CommandError(f"--endpoint {ep!r}: expected ipc://PATH or tcp://HOST:PORT")
+    return ep
 
 
 def load_config(args: argparse.Namespace, extra: list[str] | None = None):  # type: ignore[no-untyped-def]
@@ -62,7 +82,7 @@ def resolve_endpoint(args: argparse.Namespace, kind: str) -> str:
     from harli.ipc import endpoints
 
     if args.endpoint:
-        ep = str(args.endpoint)
+        ep = check_endpoint(str(args.endpoint))
     else:
         cfg = load_config(args)
         if getattr(cfg.endpoints, kind) or cfg.daemon.runtime_dir:

@@ -168,7 +168,8 @@ class DemoCommand(Command):
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--dir", type=Path, default=Path(".harli/demo"),
                        help="runtime and state dirs of the demo daemon (model kept here)")
-        p.add_argument("--max-tokens", type=int, default=48)
+        p.add_argument("--max-tokens", type=int, default=48,
+                       help="tokens per demo request (default: %(default)s)")
         p.add_argument("--steps", type=int, default=150, help="optimizer steps of the job")
         p.add_argument("--no-finetune", action="store_true", help="decode requests only")
         p.add_argument("--bench-s", type=float, default=10.0,

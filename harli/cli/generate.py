@@ -24,15 +24,23 @@ class GenerateCommand(Command):
     help = "generate text through the running daemon"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        d = _protocol_defaults()
         p.add_argument("prompt", help="prompt text")
-        p.add_argument("--max-tokens", type=int, default=32)
-        p.add_argument("--temperature", type=float, default=0.0)
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--seed", type=int)
+        p.add_argument("--max-tokens", type=int, default=d["max_tokens"],
+                       help="tokens to generate (default: %(default)s, the protocol's)")
+        p.add_argument("--temperature", type=float, default=d["temperature"],
+                       help="sampling temperature, 0 = greedy (default: %(default)s, the "
+                       "protocol's)")
+        p.add_argument("--top-p", type=float, default=d["top_p"],
+                       help="nucleus sampling mass in (0, 1] (default: %(default)s)")
+        p.add_argument("--seed", type=int,
+                       help="sampling seed, for a repeatable sample (default: none)")
         p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-        p.add_argument("--ignore-eos", action="store_true")
+        p.add_argument("--ignore-eos", action="store_true",
+                       help="keep generating past the end-of-sequence token")
         p.add_argument("--json", action="store_true", help="print one JSON object at the end")
-        p.add_argument("--timeout", type=float, default=120.0, help="seconds without a reply")
+        p.add_argument("--timeout", type=float, default=120.0,
+                       help="seconds to wait for a reply (default: %(default)s)")
         add_endpoint_arguments(p)
 
     def validate(self, args: argparse.Namespace) -> None:
@@ -40,6 +48,8 @@ class GenerateCommand(Command):
             raise CommandError(f"--max-tokens must be >= 1, got {args.max_tokens}")
         if args.temperature < 0:
             raise CommandError(f"--temperature must be >= 0, got {args.temperature}")
+        if not 0 < args.top_p <= 1:
+            raise CommandError(f"--top-p must be in (0, 1], got {args.top_p}")
 
     def run(self, args: argparse.Namespace) -> int:
         from harli.client.inference import Completion, InferenceClient, RequestError
@@ -66,6 +76,16 @@ class GenerateCommand(Command):
                 print(f"harli generate: {e.code}: {e.message}", file=sys.stderr)
                 return 1
         return 0
+
+
+def _protocol_defaults() -> dict[str, object]:
+    """The ``generate`` message's defaults, so the CLI cannot drift from the protocol."""
+    import msgspec
+
+    from harli.ipc.inference import Generate
+
+    return {f.name: f.default for f in msgspec.structs.fields(Generate)
+            if f.default is not msgspec.NODEFAULT}
 
 
 def _as_json(c: object) -> dict[str, object]:

@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from harli.cli.command import Command, CommandError, add_endpoint_arguments, control_client
+from harli.cli.command import Command, add_endpoint_arguments, control_client
 
 _common = add_endpoint_arguments
 
@@ -20,7 +20,7 @@ class JobsCommand(Command):
     help = "list finetune jobs"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help="print JSON, not a table")
         _common(p)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -57,53 +57,51 @@ class JobCommand(Command):
                            ("cancel", "cancel (a running job stops at its next micro-step)"),
                            ("logs", "the job's event log")):
             sp = sub.add_parser(name, help=text)
-            sp.add_argument("job_id", type=int)
-            sp.add_argument("--json", action="store_true")
+            sp.add_argument("job_id", type=int, help="the job's id (from harli attach or jobs)")
+            sp.add_argument("--json", action="store_true", help="print JSON, not a table")
             if name == "logs":
-                sp.add_argument("--follow", "-f", action="store_true")
+                sp.add_argument("--follow", "-f", action="store_true",
+                                help="keep printing new events until the job ends")
             _common(sp)
 
     def run(self, args: argparse.Namespace) -> int:
         from harli.client.control import to_jsonable
-        from harli.client.inference import RequestError
 
+        # A refusal (no such job) propagates: main prints it in one line, exit 1.
         with control_client(args) as c:
-            try:
-                if args.job_cmd == "cancel":
-                    job = c.cancel(args.job_id)
-                    print(json.dumps(to_jsonable(job)) if args.json
-                          else f"job {job.job_id}: {job.status}")
+            if args.job_cmd == "cancel":
+                job = c.cancel(args.job_id)
+                print(json.dumps(to_jsonable(job)) if args.json
+                      else f"job {job.job_id}: {job.status}")
+                return 0
+            if args.job_cmd == "show":
+                d = c.show(args.job_id)
+                if args.json:
+                    print(json.dumps(to_jsonable(d)))
                     return 0
-                if args.job_cmd == "show":
-                    d = c.show(args.job_id)
-                    if args.json:
-                        print(json.dumps(to_jsonable(d)))
-                        return 0
-                    j = d.job
-                    print(f"job {j.job_id} {j.name}: {j.status}, step {j.step}/"
-                          f"{j.total_steps or '?'}, epoch {j.epoch}, micro-steps "
-                          f"{j.micro_steps}, tokens {j.tokens}, loss {_fmt(j.loss)} (first "
-                          f"{_fmt(j.first_loss)}), level {j.level}, paused {j.paused_s:.1f} s, "
-                          f"checkpoint {j.checkpoint_step}, restarts {j.restarts}")
-                    if j.adapter_path:
-                        print(f"adapter: {j.adapter_path}")
-                    if j.error:
-                        print(f"error: {j.error}")
-                    for e in d.events:
-                        print(f"  {time.strftime('%H:%M:%S', time.localtime(e.time_s))} "
-                              f"{e.kind}: {e.message}")
+                j = d.job
+                print(f"job {j.job_id} {j.name}: {j.status}, step {j.step}/"
+                      f"{j.total_steps or '?'}, epoch {j.epoch}, micro-steps "
+                      f"{j.micro_steps}, tokens {j.tokens}, loss {_fmt(j.loss)} (first "
+                      f"{_fmt(j.first_loss)}), level {j.level}, paused {j.paused_s:.1f} s, "
+                      f"checkpoint {j.checkpoint_step}, restarts {j.restarts}")
+                if j.adapter_path:
+                    print(f"adapter: {j.adapter_path}")
+                if j.error:
+                    print(f"error: {j.error}")
+                for e in d.events:
+                    print(f"  {time.strftime('%H:%M:%S', time.localtime(e.time_s))} "
+                          f"{e.kind}: {e.message}")
+                return 0
+            after = 0
+            while True:
+                d = c.logs(args.job_id, after)
+                for e in d.events:
+                    print(json.dumps(to_jsonable(e)) if args.json else
+                          f"{time.strftime('%H:%M:%S', time.localtime(e.time_s))} "
+                          f"{e.kind}: {e.message}", flush=True)
+                    after = e.event_id
+                if not args.follow or d.job.status in ("succeeded", "failed",
+                                                        "cancelled"):
                     return 0
-                after = 0
-                while True:
-                    d = c.logs(args.job_id, after)
-                    for e in d.events:
-                        print(json.dumps(to_jsonable(e)) if args.json else
-                              f"{time.strftime('%H:%M:%S', time.localtime(e.time_s))} "
-                              f"{e.kind}: {e.message}", flush=True)
-                        after = e.event_id
-                    if not args.follow or d.job.status in ("succeeded", "failed",
-                                                            "cancelled"):
-                        return 0
-                    time.sleep(0.5)
-            except RequestError as e:
-                raise CommandError(e.message) from None
+                time.sleep(0.5)

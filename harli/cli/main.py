@@ -29,6 +29,9 @@ EXIT_USAGE = 2  # a user's mistake in arguments or config
 EXIT_REFUSED = 1  # the daemon refused or failed a request, or did not answer in time
 EXIT_NOT_RUNNING = 3  # no daemon listens on the local socket (known at once, no waiting)
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+# The reader of stdout went away (``harli jobs | head -1``): silent, and 1 as Python's
+# documentation recommends and rich's Console does for the commands that print through it.
+EXIT_BROKEN_PIPE = 1
 
 
 def _version() -> str:
@@ -44,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harli", description="Harli: decode serving + LoRA "
                                 "finetuning on one accelerator, inside a TPOT SLO.",
                                 epilog="exit codes: 0 ok, 1 the daemon refused a request or "
-                                "did not answer in time, 2 a usage or config error, 3 no "
-                                "daemon is running, 130 interrupted")
+                                "did not answer in time (or stdout was closed), 2 a usage or "
+                                "config error, 3 no daemon is running, 130 interrupted")
     p.add_argument("--version", action="version", version=f"harli {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS:
@@ -61,10 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader went away (``harli job show 1 | head -1``): not an error of ours. Point
-        # stdout at /dev/null so the interpreter's final flush does not raise again.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return EXIT_BROKEN_PIPE
 
 
 def _main(argv: list[str] | None) -> int:

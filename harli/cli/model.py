@@ -12,7 +12,7 @@ class KeysCommand(Command):
     help = "write a CURVE key pair (for tcp:// endpoints)"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("dir")
+        p.add_argument("dir", help="directory for the key files (created if missing)")
         p.add_argument("--name", default="server", help="file stem (default: server)")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -30,8 +30,9 @@ class ModelCommand(Command):
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         sub = p.add_subparsers(dest="model_cmd", required=True)
         tiny = sub.add_parser("init-tiny", help="write a tiny random Llama model + tokenizer")
-        tiny.add_argument("dir")
-        tiny.add_argument("--seed", type=int, default=0)
+        tiny.add_argument("dir", help="directory to write the model and tokenizer into")
+        tiny.add_argument("--seed", type=int, default=0,
+                          help="weight initialization seed (default: %(default)s)")
 
     def run(self, args: argparse.Namespace) -> int:
         import logging

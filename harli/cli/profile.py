@@ -29,7 +29,8 @@ class ProfileCommand(Command):
                        help="runs of each configuration, spread over the measurement in a "
                        "shuffled order, as this host drifts +-30 %% from run to run "
                        "(default 4; 3 with --quick)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed of the configuration order and prompts (default: %(default)s)")
         p.add_argument("--dir", type=Path, help="working dir (default: a temporary one)")
         add_config_arguments(p)
 

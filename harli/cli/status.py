@@ -17,7 +17,7 @@ class StatusCommand(Command):
     help = "show the daemon's state, the memory ledger and jobs"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help="print JSON, not tables")
         add_endpoint_arguments(p)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -108,7 +108,8 @@ class LevelCommand(Command):
     help = "set the finetune's quota level (0 pauses it) until changed again"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("level", type=int)
+        p.add_argument("level", type=int,
+                       help="0 pauses the finetune; 1..K are the quota levels of the config")
         add_endpoint_arguments(p)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -123,7 +124,7 @@ class PolicyCommand(Command):
     help = "switch the quota policy: harli, static:L, naive or decode-only"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("policy")
+        p.add_argument("policy", help="harli, static:L (L a level), naive or decode-only")
         add_endpoint_arguments(p)
 
     def run(self, args: argparse.Namespace) -> int:

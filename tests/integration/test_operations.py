@@ -3,6 +3,8 @@ model directory refused before any child starts."""
 
 from __future__ import annotations
 
+import json
+import os
 import stat
 import subprocess
 import sys
@@ -36,13 +38,43 @@ def test_second_daemon_on_same_dirs_exits_and_first_still_serves(tmp_path: Path,
             assert len(done.token_ids) == 4
 
 
-def test_public_ipc_sockets_are_group_writable(tmp_path: Path, tiny_model: Path) -> None:
+def test_sockets_are_group_writable_and_the_cli_finds_them_and_never_shows_a_traceback(
+        tmp_path: Path, tiny_model: Path) -> None:
     d = make_daemon(tmp_path, tiny_model)
     with d:
         for ep in (d.cfg.inference_endpoint, d.cfg.control_endpoint):
             assert ep.startswith("ipc://")
             mode = stat.S_IMODE(Path(ep[len("ipc://"):]).stat().st_mode)
             assert mode == 0o660, oct(mode)
+        env = {**os.environ, "HARLI_RUNTIME_DIR": str(d.cfg.runtime_dir)}
+
+        def harli(*argv: str, stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "harli.cli.main", *argv],
+                                  stdout=stdout, stderr=subprocess.PIPE, text=True, env=env,
+                                  timeout=120, check=False)
+
+        # Found through $HARLI_RUNTIME_DIR alone, as an operator's shell finds the service.
+        ok = harli("status", "--json")
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["pid"] == d.proc.pid  # type: ignore[union-attr]
+        # The daemon's refusals are one line and exit 1.
+        for argv, words in ((["policy", "fast"], "fast"), (["level", "9"], "9"),
+                            (["job", "show", "424242"], "424242")):
+            r = harli(*argv)
+            assert r.returncode == 1, (argv, r.stderr)
+            assert "Traceback" not in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert words in r.stderr, r.stderr
+        # A reader that went away (`harli status | head -1`) is not an error.
+        for argv in (["status"], ["status", "--json"]):  # rich's console, and print()
+            read_end, write_end = os.pipe()
+            os.close(read_end)
+            try:
+                r = harli(*argv, stdout=write_end)
+            finally:
+                os.close(write_end)
+            assert r.returncode == 1, (argv, r.stderr)  # as rich and Python's docs do
+            assert not r.stderr, argv  # silent, as `yes | head -1` is
 
 
 def _daemon_argv(d: LocalDaemon) -> list[str]:
