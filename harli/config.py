@@ -183,8 +183,20 @@ class FinetuneConfig:
         "Longest line (one record) of a dataset file, in bytes.", default=4 << 20)
     max_dataset_records: int = _help("Most records a dataset file may hold.",
                                      default=1_000_000)
+    output_root: str = _help(
+        "Every job's output_dir lies under this directory (a job that names none gets "
+        "OUTPUT_ROOT/NAME), so a job spec cannot make the daemon write elsewhere. "
+        "Default: STATE_DIR/jobs.", default="")
+    extra_output_roots: tuple[str, ...] = _help(
+        "Other directories a job's output_dir may lie under, e.g. [\"/srv/adapters\"]; any "
+        "other output_dir is refused at attach.", default=())
 
     def __post_init__(self) -> None:
+        for key, roots in (("output_root", (self.output_root,)),
+                           ("extra_output_roots", self.extra_output_roots)):
+            for root in roots:
+                if root and not root.startswith("/"):
+                    raise ConfigError(f"finetune.{key}: expected an absolute path, got {root!r}")
         for key in ("max_dataset_bytes", "max_line_bytes", "max_dataset_records"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"finetune.{key}: expected >= 1, got {getattr(self, key)}")
@@ -342,8 +354,11 @@ class PredictorConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     port: int = _help("Prometheus endpoint port; 0 turns it off.", default=9464)
-    addr: str = _help("Address it listens on (loopback: only this host scrapes).",
-                      default="127.0.0.1")
+    addr: str = _help(
+        "Address it listens on. Default 127.0.0.1 (loopback): the page is plain HTTP without "
+        "authentication and names job ids, token counts and losses, so only local processes "
+        "should read it; any other address logs a warning at start. Scrape it remotely "
+        "through a proxy or firewall that you control.", default="127.0.0.1")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -451,6 +466,12 @@ class HarliConfig:
     def dataset_cache_dir(self) -> Path:
         """Tokenized datasets: written by the daemon at attach, read by the finetune."""
         return self.state_dir / "datasets"
+
+    @property
+    def output_roots(self) -> list[Path]:
+        """Where job outputs may go: finetune.output_root (default STATE_DIR/jobs) first."""
+        root = Path(self.finetune.output_root or self.state_dir / "jobs")
+        return [root, *(Path(r) for r in self.finetune.extra_output_roots)]
 
     @property
     def inference_endpoint(self) -> str:
@@ -593,6 +614,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if typ == tuple[str, ...]:
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{key}: expected an array of strings, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {typ}")  # pragma: no cover
 
 

@@ -200,7 +200,7 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
                                "solo_s": solo_s}
         res["slo_ms"] = slo_ms
         job = ctl.attach(JobSpec(name="bench", dataset=str(SAMPLE_DATASET),
-                                 output_dir=str(base_dir / "job"), max_seq_len=128,
+                                 max_seq_len=128,
                                  micro_batch_size=8, learning_rate=1e-4,
                                  lr_schedule="constant", max_steps=10_000_000,
                                  checkpoint_every=10_000_000))

@@ -106,7 +106,7 @@ def run_bench(base_dir: Path, quiet_s: float, burst_s: float, burst_workers: int
                            "burst_workers": burst_workers}
     with daemon, ControlClient(daemon.cfg.control_endpoint) as ctl:
         job = ctl.attach(JobSpec(name="bench-memory", dataset=str(SAMPLE_DATASET),
-                                 output_dir=str(base_dir / "job"), max_seq_len=128,
+                                 max_seq_len=128,
                                  micro_batch_size=8, learning_rate=5e-3,
                                  lr_schedule="constant", max_steps=1_000_000,
                                  checkpoint_every=100))

@@ -154,7 +154,7 @@ def profiling_daemon(base_dir: Path, overrides: list[str],
         job_id = None
         if daemon.cfg.finetune.enabled:
             job = ctl.attach(JobSpec(name="profile", dataset=str(SAMPLE_DATASET),
-                                     output_dir=str(base_dir / "job"), max_seq_len=128,
+                                     max_seq_len=128,
                                      micro_batch_size=8, learning_rate=1e-4,
                                      lr_schedule="constant", max_steps=1_000_000,
                                      checkpoint_every=1_000_000))

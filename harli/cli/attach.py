@@ -16,7 +16,6 @@ from harli.cli.command import (
     CommandError,
     add_endpoint_arguments,
     curve_kwargs,
-    load_config,
     resolve_endpoint,
 )
 from harli.ipc.jobs import JobSpec
@@ -50,7 +49,7 @@ def read_spec_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def build_spec(args: argparse.Namespace, state_dir: Path) -> JobSpec:
+def build_spec(args: argparse.Namespace) -> JobSpec:
     data = read_spec_file(Path(args.spec)) if args.spec else {}
     if args.dataset:
         data["dataset"] = args.dataset
@@ -68,8 +67,8 @@ def build_spec(args: argparse.Namespace, state_dir: Path) -> JobSpec:
         data.setdefault("lora", {})["target_modules"] = args.target_modules.split(",")
     data["dataset"] = str(Path(data["dataset"]).expanduser().absolute())
     data.setdefault("name", f"{Path(data['dataset']).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    data.setdefault("output_dir", str(state_dir / "jobs" / str(data["name"])))
-    data["output_dir"] = str(Path(data["output_dir"]).expanduser().absolute())
+    if data.get("output_dir"):  # else the daemon's finetune.output_root / name
+        data["output_dir"] = str(Path(data["output_dir"]).expanduser().absolute())
     try:
         return msgspec.convert(data, JobSpec)
     except msgspec.ValidationError as e:
@@ -123,15 +122,11 @@ class AttachCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from harli.client.control import ControlClient, to_jsonable
-        from harli.client.inference import RequestError
 
-        cfg = load_config(args)
-        spec = build_spec(args, cfg.state_dir)
+        spec = build_spec(args)
+        # A refusal propagates: main prints "harli attach: invalid: ..." and exits 1.
         with ControlClient(resolve_endpoint(args, "control"), **curve_kwargs(args)) as client:
-            try:
-                job = client.attach(spec)
-            except RequestError as e:
-                raise CommandError(f"refused: {e.message}") from None
+            job = client.attach(spec)
             print(json.dumps(to_jsonable(job)) if args.json else job.job_id)
             if args.follow:
                 return 0 if follow(client, job.job_id) == "succeeded" else 1

@@ -83,7 +83,7 @@ def _finetune_phase(console: Any, daemon: Any, args: argparse.Namespace) -> None
     dataset = SAMPLE_DATASET
     name = f"demo-digits-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = JobSpec(name=name, dataset=str(dataset),
-                   output_dir=str(daemon.cfg.state_dir / "jobs" / name), max_seq_len=128,
+                   max_seq_len=128,
                    micro_batch_size=8, learning_rate=5e-3, lr_schedule="constant",
                    max_steps=args.steps, checkpoint_every=50)
     console.rule("[bold]a LoRA job beside the decode traffic")

@@ -40,11 +40,27 @@ def check_target_modules(targets: list[str], modules: set[str]) -> None:
                             f"are named {leaves}")
 
 
-def check_output_dir(path: Path, taken: dict[str, str]) -> None:
+def check_output_dir(path: Path, taken: dict[str, str], roots: list[Path]) -> None:
+    """``path`` must be absolute, lie strictly under one of ``roots`` once symlinks are
+    resolved (the daemon may run as a user that can write where a job's author cannot), be used
+    by no active job, and be new or empty (no job overwrites what it did not write)."""
     if not path.is_absolute():
         raise AttachRefused(f"output_dir {path} must be an absolute path")
-    if str(path) in taken:
-        raise AttachRefused(f"output_dir {path} is already used by job {taken[str(path)]!r}")
+    real = Path(os.path.realpath(path))
+    if not any(real != r and real.is_relative_to(r)
+               for r in (Path(os.path.realpath(root)) for root in roots)):
+        raise AttachRefused(
+            f"output_dir {path} is outside the output roots ({', '.join(map(str, roots))}); "
+            f"leave output_dir out for {roots[0]}/NAME, or have the operator add a root to "
+            f"finetune.extra_output_roots")
+    in_use = {os.path.realpath(p): name for p, name in taken.items()}
+    if str(real) in in_use:
+        raise AttachRefused(f"output_dir {path} is already used by job {in_use[str(real)]!r}")
+    if real.is_dir() and any(real.iterdir()):
+        raise AttachRefused(f"output_dir {path} is not empty; a job writes only into a new or "
+                            f"empty directory")
+    if real.exists() and not real.is_dir():
+        raise AttachRefused(f"output_dir {path} is not a directory")
     probe = path
     while not probe.exists():  # the nearest existing ancestor must let us create it
         probe = probe.parent
@@ -61,8 +77,9 @@ class AttachValidator:
     """Validates jobs against the served model; holds its tokenizer and module names."""
 
     def __init__(self, model_dir: Path, dataset_cache: TokenizedCache,
-                 limits: DatasetLimits) -> None:
+                 limits: DatasetLimits, output_roots: list[Path]) -> None:
         self.model_dir = model_dir
+        self.output_roots = output_roots
         self.dataset_cache = dataset_cache
         self.limits = limits
         # Set when the daemon stops: a dataset being read or tokenized stops at its next line.
@@ -86,7 +103,7 @@ class AttachValidator:
                 self.model_dir):
             raise AttachRefused(f"the job is for base model {spec.base_model}, but this daemon "
                                 f"serves {self.model_dir}; a job trains on the served model")
-        check_output_dir(Path(spec.output_dir), taken_output_dirs)
+        check_output_dir(Path(spec.output_dir), taken_output_dirs, self.output_roots)
         if not Path(spec.dataset).is_absolute():
             raise AttachRefused(f"dataset {spec.dataset} must be an absolute path")
         self._load()

@@ -14,6 +14,8 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import msgspec
+
 from harli.config import HarliConfig
 from harli.daemon import jobstore as js
 from harli.daemon.attach import AttachRefused, AttachValidator
@@ -65,7 +67,8 @@ class JobManager:
             cfg.model_path, self.dataset_cache,
             DatasetLimits(max_bytes=cfg.finetune.max_dataset_bytes,
                           max_line_bytes=cfg.finetune.max_line_bytes,
-                          max_records=cfg.finetune.max_dataset_records))
+                          max_records=cfg.finetune.max_dataset_records),
+            cfg.output_roots)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attach")
         self.finetune_ready = False
         self.running: int | None = None  # job id handed to the finetune process
@@ -131,6 +134,9 @@ class JobManager:
     def _attach(self, msg: AttachJob) -> Reply:
         # Runs on the attach thread: tokenizing a dataset must not stall the serving loop.
         spec = msg.spec
+        if not spec.output_dir:
+            spec = msgspec.structs.replace(spec, output_dir=str(self.cfg.output_roots[0] /
+                                                                spec.name))
         taken = {j.spec.output_dir: j.spec.name for j in self.store.all_jobs()
                  if j.status not in js.TERMINAL}
         try:

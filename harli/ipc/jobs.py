@@ -41,7 +41,9 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=T
 
     name: JobName
     dataset: Annotated[str, Meta(min_length=1)]
-    output_dir: Annotated[str, Meta(min_length=1)]
+    # Absolute; empty = the daemon's finetune.output_root / name. Must lie under one of the
+    # daemon's output roots, and be new or empty.
+    output_dir: str = ""
     # The model the job trains on; empty = the one being served. Any other model is refused:
     # the finetune shares the served model's weights.
     base_model: str = ""

@@ -42,7 +42,10 @@ def run_engine_script(script: str, *args: str) -> dict[str, object]:
 
 def make_daemon(base: Path, tiny_model: Path, *extra: str,
                 client_key: str | None = None) -> LocalDaemon:
-    return LocalDaemon(base, [f'model.path="{tiny_model}"', *BASE_OVERRIDES, *extra],
+    # Tests put each job's output under their own tmp_path, a sibling of ``base`` under
+    # pytest's base temp dir: that is the operator's extra output root here.
+    return LocalDaemon(base, [f'model.path="{tiny_model}"', *BASE_OVERRIDES,
+                              f'finetune.extra_output_roots=["{base.parent}"]', *extra],
                        client_key=client_key)
 
 

@@ -223,9 +223,21 @@ def test_job_for_another_base_model(ctl: ControlClient, tmp_path: Path) -> None:
     assert "/models/Llama-3-8B" in msg and "serves" in msg
 
 
-def test_output_dir_not_writable(ctl: ControlClient, tmp_path: Path) -> None:
-    msg = _refused(ctl, spec(tmp_path, "b7", output_dir="/proc/harli-out"))
-    assert "/proc/harli-out" in msg and "not writable" in msg
+def test_output_dir_is_confined_to_the_output_roots(ft: LocalDaemon, ctl: ControlClient,
+                                                    tmp_path: Path) -> None:
+    for outside in ("/", "/proc/harli-out", "/tmp/harli-elsewhere"):
+        msg = _refused(ctl, spec(tmp_path, "b7", output_dir=outside))
+        assert outside in msg and "outside the output roots" in msg, msg
+    assert not Path("/adapter").exists()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("someone else's")
+    msg = _refused(ctl, spec(tmp_path, "b7", output_dir=str(full)))
+    assert "not empty" in msg
+    assert (full / "notes.txt").read_text() == "someone else's"
+    # No output_dir: the daemon's output root, named for the job.
+    job = ctl.attach(spec(tmp_path, "b7-default", output_dir="", max_steps=1))
+    assert job.spec.output_dir == str(ft.cfg.output_roots[0] / "b7-default")
 
 
 def test_duplicate_job_name(ctl: ControlClient, tmp_path: Path) -> None:

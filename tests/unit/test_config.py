@@ -40,8 +40,16 @@ def test_overrides_parse_toml_values() -> None:
 
 
 def test_json_round_trip_for_children() -> None:
-    cfg = load(None, ["decode.max_num_seqs=3", "model.path=/m"])
+    cfg = load(None, ["decode.max_num_seqs=3", "model.path=/m",
+                      'finetune.extra_output_roots=["/srv/a", "/srv/b"]'])
     assert from_json(cfg.to_json()) == cfg
+
+
+def test_job_outputs_go_under_the_state_dir_unless_configured() -> None:
+    cfg = load(None, ['daemon.state_dir="/var/lib/harli"'])
+    assert cfg.output_roots == [Path("/var/lib/harli/jobs")]
+    cfg = load(None, ['finetune.output_root="/srv/jobs"', 'finetune.extra_output_roots=["/x"]'])
+    assert cfg.output_roots == [Path("/srv/jobs"), Path("/x")]
 
 
 @pytest.mark.parametrize(("override", "named"), [
@@ -67,6 +75,10 @@ def test_json_round_trip_for_children() -> None:
     ("scheduler.infeasible_slowdown=0.9", "scheduler.infeasible_slowdown"),
     ("scheduler.infeasible_slowdown=inf", "scheduler.infeasible_slowdown"),
     ('scheduler.policy="harli:loose"', "scheduler.policy"),
+    ('finetune.output_root="jobs"', "finetune.output_root"),
+    ('finetune.extra_output_roots=["rel"]', "finetune.extra_output_roots"),
+    ('finetune.extra_output_roots="/srv"', "finetune.extra_output_roots"),
+    ("finetune.extra_output_roots=[1]", "finetune.extra_output_roots"),
 ])
 def test_bad_values_name_the_key(override: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace("]", r"\]")):

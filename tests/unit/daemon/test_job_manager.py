@@ -43,7 +43,7 @@ def jm(tmp_path: Path, tiny: Path) -> JobManager:
 
 
 def attach(jm: JobManager, tmp_path: Path, name: str, **kw: object) -> JobInfo:
-    spec = JobSpec(name=name, dataset=str(SAMPLE_DATASET), output_dir=str(tmp_path / name),
+    spec = JobSpec(name=name, dataset=str(SAMPLE_DATASET),
                    **kw)  # type: ignore[arg-type]
     reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
     assert isinstance(reply, JobInfo), reply
@@ -93,7 +93,7 @@ def test_an_entry_goes_when_no_job_that_may_run_needs_it(jm: JobManager, tmp_pat
 def test_a_bad_dataset_is_refused_and_leaves_no_entry(jm: JobManager, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": 3}\n')
-    spec = JobSpec(name="bad", dataset=str(bad), output_dir=str(tmp_path / "bad"))
+    spec = JobSpec(name="bad", dataset=str(bad))
     reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
     assert isinstance(reply, Error) and "bad.jsonl:2" in reply.message
     assert not list(jm.dataset_cache.root.glob("*.msgpack"))
@@ -102,7 +102,7 @@ def test_a_bad_dataset_is_refused_and_leaves_no_entry(jm: JobManager, tmp_path: 
 def test_a_dataset_with_no_trainable_token_is_refused(jm: JobManager, tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n' * 3)
-    spec = JobSpec(name="empty", dataset=str(empty), output_dir=str(tmp_path / "empty"))
+    spec = JobSpec(name="empty", dataset=str(empty))
     reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
     assert isinstance(reply, Error) and "no response tokens left to learn from" in reply.message
     assert jm.store.all_jobs() == []
@@ -113,7 +113,7 @@ def test_a_fifo_or_device_is_refused_at_once_and_blocks_no_later_attach(
     fifo = tmp_path / "fifo.jsonl"
     os.mkfifo(fifo)
     for i, dataset in enumerate((str(fifo), "/dev/zero")):
-        spec = JobSpec(name=f"bad{i}", dataset=dataset, output_dir=str(tmp_path / f"b{i}"))
+        spec = JobSpec(name=f"bad{i}", dataset=dataset)
         reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
         assert isinstance(reply, Error) and "not a regular file" in reply.message
     assert attach(jm, tmp_path, "after").status == "queued"
@@ -122,7 +122,7 @@ def test_a_fifo_or_device_is_refused_at_once_and_blocks_no_later_attach(
 
 def test_closing_the_manager_stops_an_attach_in_progress(jm: JobManager, tmp_path: Path) -> None:
     jm.validator.cancel.set()  # what close() does first, before it waits for the worker
-    spec = JobSpec(name="late", dataset=str(SAMPLE_DATASET), output_dir=str(tmp_path / "late"))
+    spec = JobSpec(name="late", dataset=str(SAMPLE_DATASET))
     reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
     assert isinstance(reply, Error) and "the daemon is stopping" in reply.message
     assert jm.store.all_jobs() == []
