@@ -567,7 +567,8 @@ class TokenizedCache:
                                labels=[e.labels for e in examples])
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.path(key).with_suffix(f".tmp{os.getpid()}")
+            # Unique per thread: two attach workers may write the same dataset's entry.
+            tmp = self.path(key).with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
             tmp.write_bytes(msgspec.msgpack.encode(entry))
             os.replace(tmp, self.path(key))
         except OSError as e:  # the job still runs: the finetune tokenizes the file itself

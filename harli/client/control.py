@@ -36,12 +36,18 @@ class ControlClient:
         endpoint = endpoint or endpoints.default_control_endpoint()
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        if server_key:
-            curve.apply_client(self._sock, server_key, client_key)
-        self._sock.connect(endpoint)
+        self._keys = (server_key, client_key)
+        self._sock = self._connect()
         self._decoder: Decoder[ControlReply | Error] = Decoder(ControlReply | Error)
+
+    def _connect(self) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        server_key, client_key = self._keys
+        if server_key:
+            curve.apply_client(sock, server_key, client_key)
+        sock.connect(self.endpoint)
+        return sock
 
     def close(self) -> None:
         self._sock.close(linger=0)
@@ -55,8 +61,12 @@ class ControlClient:
     def request(self, msg: ControlRequest | bytes) -> Any:
         self._sock.send(msg if isinstance(msg, bytes) else encode(msg))
         if not self._sock.poll(int(self.timeout_s * 1000)):
+            # Replies carry no request id: a late one must not be read as the answer to the
+            # next request, so this connection (and any late reply to it) is dropped.
+            self._sock.close(linger=0)
+            self._sock = self._connect()
             raise RequestError("timeout", f"no reply from {self.endpoint} within "
-                               f"{self.timeout_s:.0f} s; is the daemon running?")
+                               f"{self.timeout_s:.0f} s")
         try:
             reply = self._decoder.decode(self._sock.recv())
         except DecodeFailure as e:
@@ -66,7 +76,7 @@ class ControlClient:
         return reply
 
     def attach(self, spec: JobSpec) -> JobInfo:
-        reply = self.request(AttachJob(spec=spec))
+        reply = self.request(AttachJob(spec=spec, wait_s=self.timeout_s))
         assert isinstance(reply, JobInfo)
         return reply
 

@@ -74,7 +74,10 @@ def check_output_dir(path: Path, taken: dict[str, str], roots: list[Path]) -> No
 
 
 class AttachValidator:
-    """Validates jobs against the served model; holds its tokenizer and module names."""
+    """Validates jobs against the served model; holds its tokenizer and module names.
+
+    ``validate`` runs on several attach workers at once: each thread has its own tokenizer
+    (a Hugging Face fast tokenizer is not safe to share across threads)."""
 
     def __init__(self, model_dir: Path, dataset_cache: TokenizedCache,
                  limits: DatasetLimits, output_roots: list[Path]) -> None:
@@ -84,15 +87,16 @@ class AttachValidator:
         self.limits = limits
         # Set when the daemon stops: a dataset being read or tokenized stops at its next line.
         self.cancel = threading.Event()
-        self._tokenizer: Any = None
+        self._local = threading.local()
         self._modules: set[str] | None = None
 
-    def _load(self) -> None:
-        if self._tokenizer is None:
+    def _tokenizer(self) -> Any:
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-            self._modules = module_names(self.model_dir)
+            tok = self._local.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        return tok
 
     def validate(self, spec: JobSpec, taken_output_dirs: dict[str, str]) -> dict[str, Any]:
         """Raise ``AttachRefused`` naming the problem, or return the dataset report. The
@@ -106,11 +110,11 @@ class AttachValidator:
         check_output_dir(Path(spec.output_dir), taken_output_dirs, self.output_roots)
         if not Path(spec.dataset).is_absolute():
             raise AttachRefused(f"dataset {spec.dataset} must be an absolute path")
-        self._load()
-        assert self._modules is not None
+        if self._modules is None:  # read once; a racing second read gives the same set
+            self._modules = module_names(self.model_dir)
         check_target_modules(list(spec.lora.target_modules), self._modules)
         try:
-            _, report = load_dataset(spec.dataset, self._tokenizer, spec.max_seq_len,
+            _, report = load_dataset(spec.dataset, self._tokenizer(), spec.max_seq_len,
                                      self.dataset_cache, self.limits, self.cancel)
         except DatasetError as e:
             raise AttachRefused(str(e)) from None

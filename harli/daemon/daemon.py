@@ -222,6 +222,7 @@ class Daemon:
         self.memory.tick(now)
         if not self.frontend.requests:
             self.scheduler.on_idle(now)
+        self.jobs.settle_attaches(now)
         self.control_endpoint.reply_done()
         for ev in self.decode.transition(now):
             if isinstance(ev, ChildExited):

@@ -11,8 +11,11 @@ No sockets here: the daemon passes messages in and gives it a ``send`` callable.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 
@@ -46,11 +49,28 @@ from harli.ipc.finetune import (
     StopJob,
 )
 from harli.ipc.inference import Error, ErrorCode
+from harli.ipc.jobs import JobSpec
 
 logger = logging.getLogger(__name__)
 
 Reply = ControlReply | Error
 _TPS_ALPHA = 0.2  # EWMA weight of the newest micro-step in tokens/s
+# Datasets checked at once: a large file being tokenized delays no other attach.
+ATTACH_WORKERS = 4
+# A job is stored only if its check ends within this share of the client's wait, leaving the
+# rest for the reply to reach it (and for the loop turn that sends it).
+ATTACH_REPLY_SHARE = 0.8
+
+
+@dataclass
+class _Attach:
+    """An attach being validated on a worker, stored from the loop once it is done."""
+
+    spec: JobSpec
+    deadline: float | None  # monotonic; None: the client did not say how long it waits
+    wait_s: float | None
+    work: Future[dict[str, Any]]
+    reply: Future[Reply]
 
 
 class JobManager:
@@ -69,7 +89,9 @@ class JobManager:
                           max_line_bytes=cfg.finetune.max_line_bytes,
                           max_records=cfg.finetune.max_dataset_records),
             cfg.output_roots)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attach")
+        self._executor = ThreadPoolExecutor(max_workers=ATTACH_WORKERS,
+                                            thread_name_prefix="attach")
+        self._validating: list[_Attach] = []
         self.finetune_ready = False
         self.running: int | None = None  # job id handed to the finetune process
         self._tps: dict[int, float] = {}
@@ -91,8 +113,83 @@ class JobManager:
 
     # -- control API -------------------------------------------------------------------------
 
-    def attach(self, msg: AttachJob) -> Future[Reply]:
-        return self._executor.submit(self._attach, msg)
+    def attach(self, msg: AttachJob, now: float | None = None) -> Future[Reply]:
+        """Validate ``msg``'s job on an attach worker, then store it from the daemon's loop
+        (``settle_attaches``): the reply future resolves there. Several attaches validate at
+        once, so a slow dataset delays no other. A job whose check ends after the client's
+        ``wait_s`` (less a margin for the reply's way back) is not stored: the client was told
+        the attach timed out."""
+        now = time.monotonic() if now is None else now
+        reply: Future[Reply] = Future()
+        spec = msg.spec
+        if not spec.output_dir:
+            spec = msgspec.structs.replace(spec, output_dir=str(self.cfg.output_roots[0] /
+                                                                spec.name))
+        refused = self._conflict(spec)
+        if refused is not None:
+            reply.set_result(refused)
+            return reply
+        deadline = None if msg.wait_s is None else now + ATTACH_REPLY_SHARE * msg.wait_s
+        work = self._executor.submit(self.validator.validate, spec, self._taken_output_dirs())
+        self._validating.append(_Attach(spec, deadline, msg.wait_s, work, reply))
+        return reply
+
+    def settle_attaches(self, now: float | None = None) -> None:
+        """On the daemon's loop: store the jobs whose validation finished, resolve replies."""
+        if not self._validating:
+            return
+        now = time.monotonic() if now is None else now
+        done = [a for a in self._validating if a.work.done()]
+        # Out of the in-flight list first: an attach must not conflict with itself.
+        self._validating = [a for a in self._validating if all(a is not d for d in done)]
+        for a in done:
+            a.reply.set_result(self._settle(a, now))
+
+    def _settle(self, a: _Attach, now: float) -> Reply:
+        try:
+            report = a.work.result()
+        except AttachRefused as e:
+            return Error(request_id=None, code=ErrorCode.INVALID, message=str(e))
+        if a.deadline is not None and now > a.deadline:
+            self.metrics.attach_timeouts.inc()
+            logger.warning("[jobs] job %r checked after its client's %.0f s wait; not stored",
+                           a.spec.name, a.wait_s)
+            return Error(request_id=None, code=ErrorCode.TIMEOUT,
+                         message=f"checking job {a.spec.name!r} took longer than the "
+                                 f"client's wait of {a.wait_s:.0f} s; it was not stored")
+        # Another attach may have taken the name or directory while this one was checked.
+        refused = self._conflict(a.spec)
+        if refused is not None:
+            return refused
+        try:
+            job = self.store.add(a.spec, report)
+        except js.DuplicateJobName:
+            return Error(request_id=None, code=ErrorCode.INVALID,
+                         message=f"a job named {a.spec.name!r} exists already")
+        logger.info("[jobs] attached job %d %r", job.job_id, a.spec.name)
+        self._queue_changed = True
+        return job
+
+    def _taken_output_dirs(self) -> dict[str, str]:
+        taken = {j.spec.output_dir: j.spec.name for j in self.store.all_jobs()
+                 if j.status not in js.TERMINAL}
+        taken.update((a.spec.output_dir, a.spec.name) for a in self._validating)
+        return taken
+
+    def _conflict(self, spec: JobSpec) -> Error | None:
+        """A name or output directory already held by a stored job or an attach in flight."""
+        names = {j.name for j in self.store.all_jobs()}
+        names.update(a.spec.name for a in self._validating)
+        if spec.name in names:
+            return Error(request_id=None, code=ErrorCode.INVALID,
+                         message=f"a job named {spec.name!r} exists already; choose another "
+                                 f"name")
+        holder = self._taken_output_dirs().get(spec.output_dir)
+        if holder is not None:
+            return Error(request_id=None, code=ErrorCode.INVALID,
+                         message=f"output_dir {spec.output_dir} is already used by job "
+                                 f"{holder!r}")
+        return None
 
     def list_jobs(self, msg: ListJobs) -> JobList:
         return JobList(jobs=self.store.all_jobs())
@@ -129,29 +226,6 @@ class JobManager:
         if job is None:
             return Error(request_id=None, code=ErrorCode.UNKNOWN_REQUEST,
                          message=f"no job with id {job_id}")
-        return job
-
-    def _attach(self, msg: AttachJob) -> Reply:
-        # Runs on the attach thread: tokenizing a dataset must not stall the serving loop.
-        spec = msg.spec
-        if not spec.output_dir:
-            spec = msgspec.structs.replace(spec, output_dir=str(self.cfg.output_roots[0] /
-                                                                spec.name))
-        taken = {j.spec.output_dir: j.spec.name for j in self.store.all_jobs()
-                 if j.status not in js.TERMINAL}
-        try:
-            if any(j.name == spec.name for j in self.store.all_jobs()):
-                raise AttachRefused(f"a job named {spec.name!r} exists already; choose "
-                                    f"another name")
-            report = self.validator.validate(spec, taken)
-            job = self.store.add(spec, report)
-        except AttachRefused as e:
-            return Error(request_id=None, code=ErrorCode.INVALID, message=str(e))
-        except js.DuplicateJobName:
-            return Error(request_id=None, code=ErrorCode.INVALID,
-                         message=f"a job named {spec.name!r} exists already")
-        logger.info("[jobs] attached job %d %r", job.job_id, spec.name)
-        self._queue_changed = True
         return job
 
     # -- the finetune process ------------------------------------------------------------------

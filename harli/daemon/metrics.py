@@ -1,8 +1,12 @@
 """Prometheus metrics of the daemon (decode iterations, requests, children, finetune jobs),
-served on a loopback HTTP port when ``metrics.port`` is set."""
+served over HTTP on ``metrics.addr``:``metrics.port`` (default 127.0.0.1:9464; port 0: none).
+
+The page has no authentication and names job ids, token counts and losses, so it binds loopback
+by default and ``serve`` warns when told to bind anything else."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -53,6 +57,10 @@ class Metrics:
             "harli_dataset_retokenized_total",
             "Jobs whose dataset the finetune tokenized again instead of reading the cache "
             "the attach filled (file changed since attach, or the entry gone).", registry=r)
+        self.attach_timeouts = Counter(
+            "harli_attach_timeouts_total",
+            "Attaches whose check outlasted the client's wait: refused, not stored.",
+            registry=r)
         self.finetune_tokens = Counter("harli_finetune_tokens_total",
                                        "Tokens trained (all jobs, redone steps included).",
                                        registry=r)
@@ -130,6 +138,9 @@ class Metrics:
             ["source", "reason"], registry=r)
 
     def serve(self, addr: str, port: int) -> None:
+        if not is_loopback(addr):
+            logger.warning("[metrics] metrics.addr = %s: the endpoint (job ids, counts; no "
+                           "authentication) is reachable beyond this host", addr)
         try:
             start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
@@ -170,6 +181,16 @@ class Metrics:
         saved = r.lease_saved_bytes + r.private_saved_bytes
         if saved:
             self.lease_in_share.set(r.lease_saved_bytes / saved)
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether ``addr`` (an IP address or ``localhost``) names this host's loopback only."""
+    if addr == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to
 
 
 def _reader(obj: object, attr: str) -> Callable[[], float]:

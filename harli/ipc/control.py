@@ -28,6 +28,10 @@ JobId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 
 class AttachJob(_Ctl, tag="attach", frozen=True):
     spec: JobSpec
+    # How long the client waits for the reply, in seconds. A job whose check takes longer is
+    # not stored (the reply is a ``timeout`` error), so a client that gave up never has a job
+    # it does not know of. None: no limit.
+    wait_s: Annotated[float, Meta(gt=0, le=1e6)] | None = None
 
 
 class ListJobs(_Ctl, tag="list_jobs", frozen=True):

@@ -116,3 +116,4 @@ class ErrorCode:
     SHUTTING_DOWN = "shutting_down"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    TIMEOUT = "timeout"  # the work outlasted the client's stated wait, and was not done

@@ -100,3 +100,54 @@ def test_a_bad_model_path_is_one_line_and_exit_2(tmp_path: Path, make_dir: bool)
     assert "Traceback" not in out, out
     assert len([x for x in out.splitlines() if "cannot start" in x]) == 1, out
     assert took < 60, took  # no child was started: nothing to crash through back-off
+
+
+def test_hostile_datasets_are_refused_at_once_and_sigterm_stops_an_attach_in_progress(
+        tmp_path: Path, tiny_model: Path) -> None:
+    from harli.client.control import ControlClient
+    from harli.client.inference import RequestError
+    from harli.datasets import SAMPLE_DATASET
+    from harli.ipc.jobs import JobSpec
+
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    # Large enough that tokenizing it takes the tiny model's tokenizer well over a minute here.
+    big = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "one two three four five six seven eight nine ten " * 8})
+    big.write_text((line + "\n") * 200_000)
+    d = make_daemon(tmp_path / "d", tiny_model)
+    with d, ControlClient(d.cfg.control_endpoint, timeout_s=60) as ctl:
+        for hostile in (str(fifo), "/dev/zero"):
+            t0 = time.monotonic()
+            with pytest.raises(RequestError, match="not a regular file"):
+                ctl.attach(JobSpec(name=f"h{len(hostile)}", dataset=hostile))
+            assert time.monotonic() - t0 < 30  # bounded: never a blocked worker
+        job = ctl.attach(JobSpec(name="after", dataset=str(SAMPLE_DATASET), max_steps=1))
+        assert job.status in ("queued", "running", "paused")
+        rss_before = _rss_bytes(d.proc.pid)  # type: ignore[union-attr]
+        # The big attach is in progress on a worker when SIGTERM comes.
+        slow = subprocess.Popen([sys.executable, "-c", (
+            "import sys; from harli.client.control import ControlClient;"
+            "from harli.ipc.jobs import JobSpec;"
+            f"c = ControlClient({d.cfg.control_endpoint!r}, timeout_s=600);"
+            f"c.attach(JobSpec(name='big', dataset={str(big)!r}))")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while _rss_bytes(d.proc.pid) < rss_before + 20 * 2**20:  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "the big attach never started reading"
+                time.sleep(0.2)
+            t0 = time.monotonic()
+            rc = d.stop(timeout_s=60)
+            stop_s = time.monotonic() - t0
+        finally:
+            slow.kill()
+            slow.wait()
+        assert rc == 0, d.log_tail()  # exited by itself on SIGTERM, not killed after 60 s
+        assert stop_s < 60
+
+
+def _rss_bytes(pid: int) -> int:
+    import psutil
+
+    return int(psutil.Process(pid).memory_info().rss)

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from harli.config import HarliConfig, load
 from harli.daemon.disabled import NullChild
-from harli.daemon.job_manager import JobManager
+from harli.daemon.job_manager import ATTACH_REPLY_SHARE, JobManager, Reply
 from harli.daemon.metrics import Metrics
 from harli.daemon.quota import QuotaController
 from harli.datasets import SAMPLE_DATASET
@@ -45,9 +49,20 @@ def jm(tmp_path: Path, tiny: Path) -> JobManager:
 def attach(jm: JobManager, tmp_path: Path, name: str, **kw: object) -> JobInfo:
     spec = JobSpec(name=name, dataset=str(SAMPLE_DATASET),
                    **kw)  # type: ignore[arg-type]
-    reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
+    reply = settle(jm, jm.attach(AttachJob(spec=spec)))
     assert isinstance(reply, JobInfo), reply
     return reply
+
+
+def settle(jm: JobManager, reply: Future[Reply], now: float | None = None,
+           timeout_s: float = 60) -> Reply:
+    """Turn the daemon loop's part (``settle_attaches``) until the reply is resolved."""
+    end = time.monotonic() + timeout_s
+    while not reply.done():
+        assert time.monotonic() < end, "attach never settled"
+        jm.settle_attaches(now)
+        time.sleep(0.005)
+    return reply.result()
 
 
 def counter(jm: JobManager) -> float:
@@ -94,7 +109,7 @@ def test_a_bad_dataset_is_refused_and_leaves_no_entry(jm: JobManager, tmp_path: 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": 3}\n')
     spec = JobSpec(name="bad", dataset=str(bad))
-    reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
+    reply = settle(jm, jm.attach(AttachJob(spec=spec)))
     assert isinstance(reply, Error) and "bad.jsonl:2" in reply.message
     assert not list(jm.dataset_cache.root.glob("*.msgpack"))
 
@@ -103,7 +118,7 @@ def test_a_dataset_with_no_trainable_token_is_refused(jm: JobManager, tmp_path: 
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n' * 3)
     spec = JobSpec(name="empty", dataset=str(empty))
-    reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
+    reply = settle(jm, jm.attach(AttachJob(spec=spec)))
     assert isinstance(reply, Error) and "no response tokens left to learn from" in reply.message
     assert jm.store.all_jobs() == []
 
@@ -114,7 +129,7 @@ def test_a_fifo_or_device_is_refused_at_once_and_blocks_no_later_attach(
     os.mkfifo(fifo)
     for i, dataset in enumerate((str(fifo), "/dev/zero")):
         spec = JobSpec(name=f"bad{i}", dataset=dataset)
-        reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
+        reply = settle(jm, jm.attach(AttachJob(spec=spec)))
         assert isinstance(reply, Error) and "not a regular file" in reply.message
     assert attach(jm, tmp_path, "after").status == "queued"
     assert [j.name for j in jm.store.all_jobs()] == ["after"]
@@ -123,6 +138,48 @@ def test_a_fifo_or_device_is_refused_at_once_and_blocks_no_later_attach(
 def test_closing_the_manager_stops_an_attach_in_progress(jm: JobManager, tmp_path: Path) -> None:
     jm.validator.cancel.set()  # what close() does first, before it waits for the worker
     spec = JobSpec(name="late", dataset=str(SAMPLE_DATASET))
-    reply = jm.attach(AttachJob(spec=spec)).result(timeout=60)
+    reply = settle(jm, jm.attach(AttachJob(spec=spec)))
     assert isinstance(reply, Error) and "the daemon is stopping" in reply.message
     assert jm.store.all_jobs() == []
+
+
+def test_a_slow_attach_blocks_no_other(jm: JobManager, tmp_path: Path) -> None:
+    # A dataset that takes long to read stands in as a validation held until released.
+    release = threading.Event()
+    validate = jm.validator.validate
+
+    def held(spec: JobSpec, taken: dict[str, str]) -> dict[str, Any]:
+        if spec.name == "slow":
+            assert release.wait(60)
+        return validate(spec, taken)
+
+    jm.validator.validate = held  # type: ignore[method-assign]
+    slow = jm.attach(AttachJob(spec=JobSpec(name="slow", dataset=str(SAMPLE_DATASET))))
+    quick = settle(jm, jm.attach(AttachJob(spec=JobSpec(name="quick",
+                                                        dataset=str(SAMPLE_DATASET)))))
+    assert isinstance(quick, JobInfo) and not slow.done()
+    # While "slow" is checked its name and directory are taken.
+    twin = settle(jm, jm.attach(AttachJob(spec=JobSpec(name="slow", dataset="/x.jsonl"))))
+    assert isinstance(twin, Error) and "exists already" in twin.message
+    release.set()
+    assert isinstance(settle(jm, slow), JobInfo)
+    assert sorted(j.name for j in jm.store.all_jobs()) == ["quick", "slow"]
+
+
+def test_an_attach_checked_after_its_client_gave_up_is_not_stored(jm: JobManager) -> None:
+    spec = JobSpec(name="late", dataset=str(SAMPLE_DATASET))
+    reply = jm.attach(AttachJob(spec=spec, wait_s=10.0), now=100.0)
+    late = settle(jm, reply, now=100.0 + ATTACH_REPLY_SHARE * 10.0 + 0.01)
+    assert isinstance(late, Error) and late.code == "timeout"
+    assert "not stored" in late.message and "10 s" in late.message
+    assert jm.store.all_jobs() == []
+    assert jm.metrics.attach_timeouts._value.get() == 1
+    # In time, the same job is stored.
+    ok = settle(jm, jm.attach(AttachJob(spec=spec, wait_s=10.0), now=200.0), now=205.0)
+    assert isinstance(ok, JobInfo)
+
+
+def test_a_job_without_output_dir_gets_one_under_the_output_root(jm: JobManager) -> None:
+    job = settle(jm, jm.attach(AttachJob(spec=JobSpec(name="d", dataset=str(SAMPLE_DATASET)))))
+    assert isinstance(job, JobInfo)
+    assert job.spec.output_dir == str(jm.cfg.output_roots[0] / "d")
