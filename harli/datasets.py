@@ -54,16 +54,17 @@ such records are counted in :class:`DatasetReport` and logged once per file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import stat
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import msgspec
 
@@ -201,7 +202,12 @@ def detect_format(record: Mapping[str, Any], where: str) -> str:
 # Reading the file
 
 
-def _read_bytes(path: Path, limits: DatasetLimits) -> bytes:
+_READ_CHUNK_BYTES = 1 << 20  # hashing reads the file in pieces of this size
+
+
+@contextlib.contextmanager
+def _open_regular(path: Path, limits: DatasetLimits) -> Iterator[BinaryIO]:
+    """``path`` opened for reading if it is a regular file within ``limits.max_bytes``."""
     if not path.exists():
         raise DatasetError(f"{path}: dataset file does not exist")
     if path.is_dir():
@@ -221,14 +227,35 @@ def _read_bytes(path: Path, limits: DatasetLimits) -> bytes:
         if st.st_size > limits.max_bytes:
             raise DatasetError(f"{path}: {st.st_size} bytes, over the limit of "
                                f"{limits.max_bytes} (finetune.max_dataset_bytes)")
-        try:
-            data = f.read(limits.max_bytes + 1)  # the file may grow while it is read
-        except OSError as e:
-            raise DatasetError(f"{path}: cannot be read ({e.strerror or e})") from e
-    if len(data) > limits.max_bytes:
-        raise DatasetError(f"{path}: over the limit of {limits.max_bytes} bytes "
-                           "(finetune.max_dataset_bytes)")
-    return data
+        yield f
+
+
+def _over_size(path: Path, limits: DatasetLimits) -> DatasetError:
+    # The file grew while it was read.
+    return DatasetError(f"{path}: over the limit of {limits.max_bytes} bytes "
+                        "(finetune.max_dataset_bytes)")
+
+
+def file_digest(path: Path, limits: DatasetLimits = DatasetLimits(),
+                cancel: threading.Event | None = None) -> str:
+    """sha256 of the file's bytes, read in pieces (never the whole file in memory)."""
+    h = hashlib.sha256()
+    read = 0
+    with _open_regular(path, limits) as f:
+        while chunk := _read(f, path, _READ_CHUNK_BYTES):
+            read += len(chunk)
+            if read > limits.max_bytes:
+                raise _over_size(path, limits)
+            h.update(chunk)
+            _check_cancel(cancel, path)
+    return h.hexdigest()
+
+
+def _read(f: BinaryIO, path: Path, n: int, line: bool = False) -> bytes:
+    try:
+        return f.readline(n) if line else f.read(n)
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot be read ({e.strerror or e})") from e
 
 
 class DatasetCancelled(DatasetError):
@@ -240,58 +267,69 @@ def _check_cancel(cancel: threading.Event | None, path: Path) -> None:
         raise DatasetCancelled(f"{path}: reading stopped (the daemon is stopping)")
 
 
-def _read_records(path: Path, data: bytes, limits: DatasetLimits = DatasetLimits(),
-                  cancel: threading.Event | None = None) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line of ``data`` (the bytes of ``path``);
-    raises on the first bad line, or a line or record count over ``limits``."""
-    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark some editors write
-        data = data[3:]
-    out: list[tuple[int, dict[str, Any]]] = []
-    # bytes.splitlines splits on \n, \r\n and \r only, not on the Unicode separators that
-    # str.splitlines also honours (and that may appear unescaped inside a JSON string).
-    for lineno, raw in enumerate(data.splitlines(), start=1):
-        where = f"{path}:{lineno}"
-        if lineno % 1024 == 0:
-            _check_cancel(cancel, path)
-        if len(raw) > limits.max_line_bytes:
-            raise DatasetError(f"{where}: line of {len(raw)} bytes, over the limit of "
-                               f"{limits.max_line_bytes} (finetune.max_line_bytes)")
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DatasetError(f"{where}: not valid UTF-8 (byte {e.start})") from e
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(
-                f"{where}: not valid JSON: {e.msg} (column {e.colno})"
-            ) from e
-        except RecursionError:
-            raise DatasetError(f"{where}: JSON nested too deeply to read") from None
-        except ValueError as e:  # an integer past Python's digit limit for str -> int
-            raise DatasetError(f"{where}: not usable JSON: {e}") from None
-        if not isinstance(record, dict):
-            raise DatasetError(
-                f"{where}: a record must be a JSON object, got {_json_type(record)}"
-            )
-        try:
-            # JSON may escape a lone UTF-16 surrogate ("\ud800"), which is no text: the
-            # tokenizer would fail on it later with a TypeError that names no line.
-            json.dumps(record, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise DatasetError(
-                f"{where}: a string holds a lone UTF-16 surrogate "
-                f"({e.object[e.start:e.end]!a}), which is not text"
-            ) from e
-        out.append((lineno, record))
-        if len(out) > limits.max_records:
-            raise DatasetError(f"{where}: more than {limits.max_records} records "
-                               "(finetune.max_dataset_records)")
-    if not out:
-        raise DatasetError(f"{path}: dataset has no records (the file is empty or blank)")
-    return out
+def _iter_lines(path: Path, limits: DatasetLimits, cancel: threading.Event | None,
+                digest: Any = None) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each line of ``path``, read one line at a time; a line over
+    ``limits.max_line_bytes`` or a file over ``limits.max_bytes`` raises as soon as it is seen.
+    ``digest`` (a hashlib object), if given, is fed every byte read."""
+    lineno = 0
+    read = 0
+    with _open_regular(path, limits) as f:
+        while raw := _read(f, path, limits.max_line_bytes + 2, line=True):
+            read += len(raw)
+            if read > limits.max_bytes:
+                raise _over_size(path, limits)
+            if digest is not None:
+                digest.update(raw)
+            if lineno == 0 and raw.startswith(b"\xef\xbb\xbf"):  # a BOM some editors write
+                raw = raw[3:]
+            # bytes.splitlines splits on \n, \r\n and \r only, not on the Unicode separators
+            # that str.splitlines also honours (and that may appear inside a JSON string). Lines
+            # are read up to \n, so a file whose lines end in a lone \r is read whole lines
+            # within max_line_bytes at a time.
+            if len(raw) > limits.max_line_bytes + 1 and not raw.endswith(b"\n"):
+                # readline stopped at its limit inside a line (a lone \r ends no line here).
+                raise DatasetError(f"{path}:{lineno + 1}: line over the limit of "
+                                   f"{limits.max_line_bytes} bytes (finetune.max_line_bytes)")
+            for piece in raw.splitlines() or [b""]:
+                lineno += 1
+                if len(piece) > limits.max_line_bytes:
+                    raise DatasetError(f"{path}:{lineno}: line of {len(piece)} bytes, over the "
+                                       f"limit of {limits.max_line_bytes} "
+                                       "(finetune.max_line_bytes)")
+                if lineno % 1024 == 0:
+                    _check_cancel(cancel, path)
+                yield lineno, piece
+
+
+def _parse_line(raw: bytes, where: str) -> dict[str, Any] | None:
+    """The record on one line, None for a blank line; raises naming ``where``."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{where}: not valid UTF-8 (byte {e.start})") from e
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from e
+    except RecursionError:
+        raise DatasetError(f"{where}: JSON nested too deeply to read") from None
+    except ValueError as e:  # an integer past Python's digit limit for str -> int
+        raise DatasetError(f"{where}: not usable JSON: {e}") from None
+    if not isinstance(record, dict):
+        raise DatasetError(f"{where}: a record must be a JSON object, got {_json_type(record)}")
+    try:
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"), which is no text: the
+        # tokenizer would fail on it later with a TypeError that names no line.
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DatasetError(
+            f"{where}: a string holds a lone UTF-16 surrogate "
+            f"({e.object[e.start:e.end]!a}), which is not text"
+        ) from e
+    return record
 
 
 def _json_type(value: Any) -> str:
@@ -308,29 +346,41 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
-def _read_checked(path: Path, data: bytes, limits: DatasetLimits = DatasetLimits(),
-                  cancel: threading.Event | None = None,
-                  ) -> tuple[list[tuple[int, dict[str, Any]]], str]:
-    numbered = _read_records(path, data, limits, cancel)
+def iter_records(path: Path, limits: DatasetLimits = DatasetLimits(),
+                 cancel: threading.Event | None = None, digest: Any = None,
+                 ) -> Iterator[tuple[int, dict[str, Any], str]]:
+    """(line number, record, format) for each record of ``path``, streamed: a file is read
+    one line at a time and each record checked as it comes; raises on the first bad line, a
+    record in another format than the first, or over ``limits``."""
     fmt = ""
     first_line = 0
-    for lineno, record in numbered:
-        record_fmt = detect_format(record, f"{path}:{lineno}")
+    count = 0
+    for lineno, raw in _iter_lines(path, limits, cancel, digest):
+        where = f"{path}:{lineno}"
+        record = _parse_line(raw, where)
+        if record is None:
+            continue
+        count += 1
+        if count > limits.max_records:
+            raise DatasetError(f"{where}: more than {limits.max_records} records "
+                               "(finetune.max_dataset_records)")
+        record_fmt = detect_format(record, where)
         if not fmt:
             fmt, first_line = record_fmt, lineno
         elif record_fmt != fmt:
             raise DatasetError(
-                f"{path}:{lineno}: record is in format {record_fmt!r} but the file's first "
+                f"{where}: record is in format {record_fmt!r} but the file's first "
                 f"record (line {first_line}) is in format {fmt!r}; a dataset uses one format"
             )
-    return numbered, fmt
+        yield lineno, record, fmt
+    if not count:
+        raise DatasetError(f"{path}: dataset has no records (the file is empty or blank)")
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], str]:
     """The records of a JSONL dataset and their single format (see the module docstring)."""
-    path = Path(path)
-    numbered, fmt = _read_checked(path, _read_bytes(path, DatasetLimits()))
-    return [record for _, record in numbered], fmt
+    out = [(record, fmt) for _, record, fmt in iter_records(Path(path))]
+    return [r for r, _ in out], out[0][1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,8 +566,8 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return h.hexdigest()
 
 
-def cache_key(data: bytes, tokenizer_digest: str, max_seq_len: int) -> str:
-    h = hashlib.sha256(data)
+def cache_key(file_sha256: str, tokenizer_digest: str, max_seq_len: int) -> str:
+    h = hashlib.sha256(file_sha256.encode())
     h.update(f"|{tokenizer_digest}|{max_seq_len}".encode())
     return h.hexdigest()[:32]
 
@@ -599,16 +649,19 @@ def load_dataset(
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be at least 1, got {max_seq_len}")
     path = Path(path)
-    data = _read_bytes(path, limits)
-    key = cache_key(data, tokenizer_fingerprint(tokenizer), max_seq_len)
+    tok_digest = tokenizer_fingerprint(tokenizer)
     if cache is not None:
-        hit = cache.get(key, path)
+        # A first pass only hashes the file, so a cache hit never parses it.
+        hit = cache.get(cache_key(file_digest(path, limits, cancel), tok_digest, max_seq_len),
+                        path)
         if hit is not None:
             return hit
-    numbered, fmt = _read_checked(path, data, limits, cancel)
+    # The key is what this pass read, whatever the file held at the first.
+    digest = hashlib.sha256()
     examples: list[Example] = []
     truncated = tokens = loss_tokens = 0
-    for i, (lineno, record) in enumerate(numbered):
+    fmt = ""
+    for i, (lineno, record, fmt) in enumerate(iter_records(path, limits, cancel, digest)):
         if i % 256 == 0:
             _check_cancel(cancel, path)
         example, cut = tokenize_record(
@@ -620,6 +673,7 @@ def load_dataset(
         # Only labels after the first token count: a causal LM predicts token i from the ones
         # before it, so a label on the first token is never trained on.
         loss_tokens += sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+    key = cache_key(digest.hexdigest(), tok_digest, max_seq_len)
     if truncated:
         logger.warning(
             "%s: %d of %d records are longer than max_seq_len=%d tokens and were truncated",

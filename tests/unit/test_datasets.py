@@ -420,7 +420,7 @@ def test_cache_key_follows_the_bytes_the_tokenizer_and_max_seq_len(
     assert c.source == "file" and c.cache_key not in (a.cache_key, b.cache_key)
     assert examples[0].input_ids[-1] == tok.eos_token_id and c.tokens > a.tokens
     digest = datasets.tokenizer_fingerprint(tok)
-    assert datasets.cache_key(b"x", digest, 8) != datasets.cache_key(b"x", digest + "0", 8)
+    assert datasets.cache_key("x", digest, 8) != datasets.cache_key("x", digest + "0", 8)
 
 
 def test_an_unreadable_cache_entry_is_a_miss_that_is_rewritten(
@@ -506,8 +506,8 @@ def test_a_device_is_refused_without_reading_it(tok: Any) -> None:
 
 @pytest.mark.parametrize(("limits", "says"), [
     (datasets.DatasetLimits(max_bytes=100), r"over the limit of 100 \(finetune.max_dataset_bytes"),
-    (datasets.DatasetLimits(max_line_bytes=30), r"d\.jsonl:2: line of 40 bytes, over the limit "
-                                                r"of 30 \(finetune.max_line_bytes\)"),
+    (datasets.DatasetLimits(max_line_bytes=30), r"d\.jsonl:2: line over the limit of 30 bytes "
+                                                r"\(finetune.max_line_bytes\)"),
     (datasets.DatasetLimits(max_records=2), r"d\.jsonl:3: more than 2 records"),
 ])
 def test_a_file_over_a_limit_is_refused_naming_the_limit(
@@ -525,3 +525,32 @@ def test_a_set_cancel_event_stops_the_read(tok: Any) -> None:
     cancel.set()
     with pytest.raises(datasets.DatasetCancelled, match="the daemon is stopping"):
         load_dataset(SAMPLE, tok, 64, cancel=cancel)
+
+
+@pytest.mark.parametrize("line_bytes", [31, 32, 200])
+def test_a_long_line_is_refused_when_it_is_reached_whatever_its_ending(
+        tok: Any, tmp_path: Path, line_bytes: int) -> None:
+    path = tmp_path / "d.jsonl"
+    # A good line, then one over the limit with and without a line ending at the file's end.
+    path.write_bytes(b'{"text": "a"}\r\n' + b'{"text": "' + b"x" * (line_bytes - 12) + b'"}')
+    with pytest.raises(DatasetError, match=r"d\.jsonl:2: line .*over the limit"):
+        load_dataset(path, tok, 64, limits=datasets.DatasetLimits(max_line_bytes=30))
+
+
+def test_lines_at_the_limit_with_crlf_endings_are_read(tok: Any, tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    line = b'{"text": "' + b"y" * 18 + b'"}'  # 30 bytes
+    path.write_bytes((line + b"\r\n") * 3)
+    examples, report = load_dataset(path, tok, 64,
+                                    limits=datasets.DatasetLimits(max_line_bytes=30))
+    assert report.records == 3 and len(examples) == 3
+
+
+def test_records_are_checked_as_they_stream_so_a_bad_line_stops_the_read_there(
+        tok: Any, tmp_path: Path) -> None:
+    # The bad line comes before a tail far over max_bytes: it is reported, not the size,
+    # because the file is read one line at a time (st_size is within the limit when opened).
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"text": 3}\n' + b'{"text": "b"}\n' * 1000)
+    with pytest.raises(DatasetError, match=r"d\.jsonl:2: "):
+        load_dataset(path, tok, 64)
