@@ -572,7 +572,10 @@ def child_environ(cfg: HarliConfig, role: str = "decode") -> dict[str, str]:
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.decode.kv_cache_gib),
         "PYTHONUNBUFFERED": "1",
     })
-    env.pop("NOTIFY_SOCKET", None)  # only the daemon speaks to systemd
+    # Only the daemon speaks to systemd: a child that saw these would kick (or be expected to
+    # kick) the service's watchdog on the daemon's behalf.
+    for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        env.pop(var, None)
     # Both children share cores: OpenMP threads of the normal class must sleep, not spin, at
     # barriers (measured on 2 cores, before the finetune ran in the idle class: decode went
     # from 7.8 ms to 568 ms per step beside training with spinning).

@@ -147,3 +147,13 @@ def test_arena_smaller_than_the_kv_cache_is_refused() -> None:
 def test_a_bad_scheduler_policy_is_a_config_error_naming_it(spec: str, text: str) -> None:
     with pytest.raises(ConfigError, match=rf"scheduler\.policy: .*{text}"):
         load(None, [f'scheduler.policy="{spec}"'])
+
+
+def test_children_do_not_inherit_the_service_notify_and_watchdog(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for var, value in (("NOTIFY_SOCKET", "/run/systemd/notify"), ("WATCHDOG_USEC", "60000000"),
+                       ("WATCHDOG_PID", "1234")):
+        monkeypatch.setenv(var, value)
+    for role in ("decode", "finetune"):
+        env = child_environ(load(None), role)
+        assert not {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} & set(env)
