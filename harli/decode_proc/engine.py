@@ -10,13 +10,23 @@ the child's environment before vLLM is imported.
 
 On CUDA, with ``gpu.share_weights``, it also exports the model's weights for the finetune
 (``export_weights``: CUDA IPC handles of the allocations holding them).
+
+vLLM's single worker still joins a ``torch.distributed`` world of one: its rendezvous store is a
+file, which ``_private_rendezvous`` puts in the runtime dir, and every process group is a gloo
+group whose TCP listener ``_pin_gloo_to_loopback`` keeps on the loopback interface (see "Local
+listeners" in docs/design.md).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harli.arena.shm import ArenaError, consecutive_runs
@@ -81,6 +91,87 @@ def engine_args(cfg: HarliConfig, model_path: str, kv_cache_bytes: int | None = 
     if kv_cache_bytes is not None:
         kw["kv_cache_memory_bytes"] = kv_cache_bytes
     return EngineArgs(**kw)
+
+
+# The process-group store vLLM's single-process executor rendezvouses through (a FileStore).
+_STORE_PREFIX = "vllm-dist-"
+_IFF_LOOPBACK = 0x8
+
+
+def loopback_interface() -> str:
+    """The loopback interface's name (``lo`` on Linux), read from ``/sys/class/net``."""
+    try:
+        for name in sorted(os.listdir("/sys/class/net")):
+            flags = Path("/sys/class/net", name, "flags").read_text().strip()
+            if int(flags, 16) & _IFF_LOOPBACK:
+                return name
+    except (OSError, ValueError):
+        pass
+    return "lo"
+
+
+def _pin_gloo_to_loopback() -> None:
+    """Bind gloo's listeners to loopback. vLLM makes a gloo group for the world and two (device
+    and CPU) per parallel dimension even for one worker, and each gloo group listens on a TCP
+    port of its own (gloo has no Unix-socket transport, and vLLM hard-codes gloo for its CPU
+    groups). Unset, gloo binds the address the host name resolves to: on a host whose name
+    resolves to its LAN address (the usual /etc/hosts or DNS setup) that is ~13 ports open to
+    the network. In a world of one no peer ever connects, so loopback is always right, whatever
+    the environment said."""
+    lo = loopback_interface()
+    if os.environ.get("GLOO_SOCKET_IFNAME", lo) != lo:
+        logger.info("[decode] GLOO_SOCKET_IFNAME=%s ignored: vLLM runs one worker here, its "
+                    "gloo groups listen on %s only", os.environ["GLOO_SOCKET_IFNAME"], lo)
+    os.environ["GLOO_SOCKET_IFNAME"] = lo
+
+
+def _remove_stale_stores(runtime_dir: Path) -> None:
+    """Stores left by decode processes that died without exiting (SIGKILL, a crash)."""
+    for p in runtime_dir.glob(f"{_STORE_PREFIX}*.store"):
+        try:
+            pid = int(p.name[len(_STORE_PREFIX):-len(".store")])
+            os.kill(pid, 0)
+            continue  # a live process's store
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+@contextlib.contextmanager
+def _private_rendezvous(runtime_dir: Path) -> Iterator[None]:
+    """While vLLM builds its executor, make its ``torch.distributed`` rendezvous store a file in
+    our runtime dir (0700, removed at exit) instead of vLLM's ``file:///tmp/vllm_dist_<uuid>``
+    (mode 0644 under a world-writable dir, never removed: one more per decode start). The store
+    holds the gloo listeners' addresses. vLLM 0.32's ``UniProcExecutor`` calls
+    ``get_file_store_init_method`` for it; a vLLM without that hook keeps its own. Without the
+    runtime dir (the offline baseline, tests) vLLM's default stays too."""
+    try:
+        from vllm.v1.executor import uniproc_executor
+    except ImportError:
+        yield
+        return
+    original = getattr(uniproc_executor, "get_file_store_init_method", None)
+    if original is None or not runtime_dir.is_dir():
+        yield
+        return
+    _remove_stale_stores(runtime_dir)
+    store = runtime_dir / f"{_STORE_PREFIX}{os.getpid()}.store"
+    with contextlib.suppress(FileNotFoundError):
+        store.unlink()  # a FileStore must start empty
+    atexit.register(_unlink_quietly, store)
+    setattr(uniproc_executor, "get_file_store_init_method", lambda: f"file://{store}")  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(uniproc_executor, "get_file_store_init_method", original)  # noqa: B010
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def shares_weights(cfg: HarliConfig, device: str) -> bool:
@@ -161,8 +252,10 @@ class DecodeEngine:
         self._validation_error = VLLMValidationError
         model_path = str(self.cfg.model_path)
         t0 = time.monotonic()
-        self.llm = LLMEngine.from_engine_args(engine_args(self.cfg, model_path,
-                                                          self._kv_cache_bytes))
+        _pin_gloo_to_loopback()
+        with _private_rendezvous(self.cfg.runtime_dir):
+            self.llm = LLMEngine.from_engine_args(engine_args(self.cfg, model_path,
+                                                              self._kv_cache_bytes))
         core = self.llm.engine_core
         if not hasattr(core, "engine_core"):
             raise RuntimeError(
