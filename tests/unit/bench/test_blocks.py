@@ -1,0 +1,134 @@
+"""The switchback bookkeeping on synthetic blocks with known answers."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from harli.bench import blocks as bl
+from harli.bench.blocks import Block, Estimate
+
+
+def block(policy: str, cycle: int, phase: str = "busy", tokens: int = 100, ok: int = 100,
+          trained: int = 300, start_s: float = 0.0, duration_s: float = 3.0) -> Block:
+    return Block(policy=policy, cycle=cycle, phase=phase, start_s=start_s,
+                 end_s=start_s + duration_s, tokens=tokens, tokens_ok=ok,
+                 trained_tokens=trained)
+
+
+def test_every_cycle_holds_every_policy_once_in_a_seeded_order() -> None:
+    pols = ["decode-only", "static:1", "static:2", "harli"]
+    a = bl.shuffled_cycles(pols, 20, seed=3)
+    assert a == bl.shuffled_cycles(pols, 20, seed=3)
+    assert all(sorted(c) == sorted(pols) for c in a)
+    assert len({tuple(c) for c in a}) > 1  # the order changes between cycles
+    assert a != bl.shuffled_cycles(pols, 20, seed=4)
+
+
+def test_gaps_belong_to_the_window_of_their_second_token() -> None:
+    windows = [(1.0, 2.0), (2.5, 3.5)]
+    # Gaps ending at 1.2 and 1.9 (0.7 s each: misses) are the first window's; the one ending
+    # at 2.2 is in the settling margin; 2.6 (0.4 s, within) the second's; 3.6 after the run.
+    counts = bl.count_gaps([[0.5, 1.2, 1.9, 2.2, 2.6, 3.6]], windows, slo_s=0.5)
+    assert counts == [(2, 0), (1, 1)]
+    assert bl.count_gaps([[1.0, 1.1, 1.2], [0.9, 1.95]], windows, slo_s=0.5) == \
+        [(3, 2), (0, 0)]
+
+
+def test_pooled_figures() -> None:
+    bs = [block("a", 0, tokens=100, ok=90, trained=300), block("a", 1, tokens=300, ok=300,
+                                                               trained=0)]
+    assert bl.attainment(bs) == pytest.approx(390 / 400)
+    assert bl.tok_s(bs) == pytest.approx(300 / 6.0)
+    assert bl.attainment([]) is None and bl.tok_s([]) is None
+
+
+def test_level_of() -> None:
+    assert [bl.level_of(p) for p in ("decode-only", "static:3", "harli", "static:x")] == \
+        [0, 3, None, None]
+
+
+def test_best_mix_takes_the_highest_level_that_met_the_target_in_each_phase() -> None:
+    w = bl.phase_weights([("quiet", 10.0), ("busy", 30.0)])
+    assert w == {"quiet": 0.25, "busy": 0.75}
+    bs = []
+    for c in range(2):
+        bs += [block("decode-only", c, "quiet", trained=0),
+               block("static:1", c, "quiet", trained=30),
+               block("static:2", c, "quiet", trained=60),  # 20 tok/s, meets in quiet
+               block("decode-only", c, "busy", trained=0),
+               block("static:1", c, "busy", trained=15),  # 5 tok/s, meets in busy
+               block("static:2", c, "busy", ok=90, trained=60)]  # misses in busy
+    assert bl.best_mix_tok_s(bs, w, 0.99) == pytest.approx(0.25 * 20 + 0.75 * 5)
+
+
+def test_a_phase_where_nothing_meets_the_target_trains_nothing_in_the_mix() -> None:
+    w = {"busy": 1.0}
+    bs = [block("decode-only", 0, ok=50), block("static:1", 0, ok=50, trained=30)]
+    assert bl.best_mix_tok_s(bs, w, 0.99) == 0.0
+
+
+def test_bootstrap_of_identical_cycles_has_no_spread_and_of_varied_ones_some() -> None:
+    same = [block("a", c, trained=300) for c in range(8)]
+    e = bl.bootstrap(same, bl.tok_s, resamples=200)
+    assert e.value == e.lo == e.hi == pytest.approx(100.0)
+    varied = [block("a", c, trained=300 if c % 2 else 150) for c in range(8)]
+    e = bl.bootstrap(varied, bl.tok_s, resamples=500)
+    assert e.lo is not None and e.hi is not None
+    assert 50 <= e.lo < e.value < e.hi <= 100  # type: ignore[operator]
+
+
+def test_one_cycle_gives_no_interval() -> None:
+    assert bl.bootstrap([block("a", 0)], bl.tok_s) == Estimate(100.0)
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 50), st.integers(0, 50),
+                          st.integers(0, 500)), min_size=2, max_size=30))
+def test_the_interval_holds_the_point_and_lies_within_the_blocks_range(
+        raw: list[tuple[int, int, int, int]]) -> None:
+    bs = [block("a", c, tokens=n, ok=min(ok, n), trained=t) for c, n, ok, t in raw]
+    e = bl.bootstrap(bs, bl.attainment, resamples=100, seed=1)
+    per_cycle = [bl.attainment([b for b in bs if b.cycle == c]) for c in {b.cycle for b in bs}]
+    lo, hi = min(x for x in per_cycle if x is not None), max(x for x in per_cycle
+                                                             if x is not None)
+    if e.lo is not None and e.hi is not None:
+        assert lo - 1e-9 <= e.lo <= e.hi <= hi + 1e-9
+
+
+def _run(harli_trained: int, cycles: int = 10) -> list[Block]:
+    bs = []
+    for c in range(cycles):
+        jitter = 1 + 0.05 * ((c * 7) % 5 - 2)  # the host's drift, shared within a cycle
+        for p, trained, ok in (("decode-only", 0, 100), ("static:1", 100, 100),
+                               ("static:2", 200, 100), ("static:3", 300, 80),
+                               ("harli", harli_trained, 100)):
+            bs.append(block(p, c, trained=round(trained * jitter), ok=ok))
+    return bs
+
+
+def test_verdict_names_the_best_static_level_and_the_ratio_with_its_interval() -> None:
+    v = bl.verdict(_run(260), {"busy": 1.0}, 0.99, resamples=300)
+    assert v.best_static == "static:2" and v.undecided == []
+    assert v.ratio.value == pytest.approx(1.3)
+    assert v.ratio.lo is not None and v.ratio.hi is not None
+    assert v.ratio.lo <= 1.3 <= v.ratio.hi and v.ratio.hi - v.ratio.lo < 0.1
+    # The best mix here is static:2 everywhere, so harli's fraction is the same ratio.
+    assert v.fraction_of_best_mix.value == pytest.approx(1.3)
+
+
+def test_verdict_says_which_levels_the_data_cannot_place() -> None:
+    bs = _run(200)
+    # static:3 meets the target in every cycle but one: 98 % pooled, and the interval
+    # straddles 99 % (resamples without that cycle reach 100 %).
+    bs = [b if b.policy != "static:3" or b.cycle == 0 else
+          Block(**{**b.__dict__, "tokens_ok": 100}) for b in bs]
+    v = bl.verdict(bs, {"busy": 1.0}, 0.99, resamples=300)
+    assert v.best_static == "static:2" and v.undecided == ["static:3"]
+
+
+def test_no_static_level_met_gives_no_ratio() -> None:
+    bs = [block("static:1", c, ok=50) for c in range(4)] + \
+        [block("harli", c) for c in range(4)]
+    v = bl.verdict(bs, {"busy": 1.0}, 0.99, resamples=100)
+    assert v.best_static is None and v.ratio == Estimate(None)
