@@ -219,11 +219,14 @@ def verdict(blocks: Sequence[Block], weights: dict[str, float], target: float,
     """Every policy's pooled attainment and tok/s, the best static level, and ``adaptive``'s
     ratio to it and fraction of the best mix in hindsight, each with its interval."""
     policies = list(dict.fromkeys(b.policy for b in blocks))
+    def of(policy: str, stat: Callable[[Iterable[Block]], float | None],
+           ) -> Callable[[Sequence[Block]], float | None]:
+        return lambda bs: stat(_by(bs, policy))
+
     figures = {
         p: PolicyFigures(
-            attainment=bootstrap(blocks, lambda bs, p=p: attainment(_by(bs, p)), resamples,
-                                 seed),
-            tok_s=bootstrap(blocks, lambda bs, p=p: tok_s(_by(bs, p)), resamples, seed),
+            attainment=bootstrap(blocks, of(p, attainment), resamples, seed),
+            tok_s=bootstrap(blocks, of(p, tok_s), resamples, seed),
             blocks=len(_by(blocks, p)), seconds=sum(b.duration_s for b in _by(blocks, p)))
         for p in policies}
     statics = sorted((p for p in policies if p.startswith("static:") and level_of(p)),

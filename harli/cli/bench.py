@@ -18,18 +18,29 @@ class BenchCommand(Command):
     help = "every quota policy against the same changing load, with a LoRA job training"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("--duration-s", type=float, default=60.0,
-                       help="workload length per policy")
+        p.add_argument("--quick", action="store_true",
+                       help=f"the short form, about two minutes in all: --duration-s "
+                       f"{bench.QUICK['duration_s']:g} --block-s {bench.QUICK['block_s']:g} "
+                       f"--settle-s {bench.QUICK['settle_s']:g} --calib-s "
+                       f"{bench.QUICK['calib_s']:g} (options given as well win)")
+        p.add_argument("--duration-s", type=float, default=None,
+                       help="length of the one workload the policies share, rounded to whole "
+                       "cycles (default: 240; --quick: 70)")
+        p.add_argument("--block-s", type=float, default=None,
+                       help="one policy's turn in a cycle, seconds (default: 3)")
+        p.add_argument("--settle-s", type=float, default=None,
+                       help="seconds after each switch left out of both sides' counts "
+                       "(default: 0.75)")
         p.add_argument("--slo", default="auto",
-                       help="TPOT SLO in ms, or 'auto' (1.5x the solo median TPOT at the "
-                       "workload's median batch, measured first)")
-        p.add_argument("--solo-s", type=float, default=6.0,
-                       help="--slo auto: seconds of solo decode its median is taken over (on a "
-                       "host whose speed drifts, longer is more representative)")
+                       help=f"TPOT SLO in ms, or 'auto': {bench.SLO_MARGIN:g} x the gap decode "
+                       f"alone keeps for {bench.TARGET:.0%} of its tokens, measured first at "
+                       f"the workload's load")
+        p.add_argument("--calib-s", type=float, default=None,
+                       help="--slo auto: seconds of decode alone it is measured over (default: "
+                       "20)")
         p.add_argument("--policies", default="",
-                       help="comma-separated, run in this order (default: decode-only, naive, "
-                       "static:1..K, harli; without a profile the harli policy's online "
-                       "predictor has then seen every level)")
+                       help="comma-separated (default: decode-only, static:1..K, harli); "
+                       "each cycle runs them in a shuffled order")
         p.add_argument("--workload", choices=WORKLOAD_KINDS, default="decode",
                        help="decode: a decode instance of a disaggregated service (short "
                        "prompts stand in for the KV that arrives from prefill); mixed: "
@@ -37,8 +48,6 @@ class BenchCommand(Command):
         p.add_argument("--rate-scale", type=float, default=1.0,
                        help="multiply every phase's arrival rate")
         p.add_argument("--profile", type=Path, help="latency profile for the harli policy")
-        p.add_argument("--rounds", type=int, default=2,
-                       help="replays per policy, in alternating order (figures are pooled)")
         p.add_argument("--max-batched-tokens", type=int, default=32,
                        help="decode's per-iteration token budget (chunked prefill)")
         p.add_argument("--seed", type=int, default=0,
@@ -50,7 +59,7 @@ class BenchCommand(Command):
         p.add_argument("--png", type=Path,
                        help="plot (default: beside --out; needs the plots extra)")
         p.add_argument("--dir", type=Path, help="working dir (default: a temporary one); its "
-                       "daemon/ and job/ are replaced")
+                       "daemon/ is replaced")
 
     def validate(self, args: argparse.Namespace) -> None:
         if args.slo != "auto":
@@ -61,17 +70,21 @@ class BenchCommand(Command):
                     from None
             if args.slo <= 0:
                 raise CommandError("--slo must be > 0")
-        if args.duration_s <= 0:
-            raise CommandError("--duration-s must be > 0")
-        if args.rounds < 1:
-            raise CommandError("--rounds must be >= 1")
-        if args.solo_s <= 0:
-            raise CommandError("--solo-s must be > 0")
+        defaults = bench.QUICK if args.quick else \
+            {"duration_s": 240.0, "block_s": 3.0, "settle_s": 0.75, "calib_s": 20.0}
+        for key, value in defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        for key in ("duration_s", "block_s", "calib_s"):
+            if getattr(args, key) <= 0:
+                raise CommandError(f"--{key.replace('_', '-')} must be > 0")
+        if not 0 <= args.settle_s < args.block_s:
+            raise CommandError(f"--settle-s must be in [0, --block-s), got {args.settle_s}")
         # 0 is allowed: no arrivals, every turn the finetune beside an idle decode.
         if not args.rate_scale >= 0:
             raise CommandError(f"--rate-scale must be >= 0, got {args.rate_scale}")
         if args.rate_scale == 0 and args.slo == "auto":
-            raise CommandError("--slo auto measures the workload's median batch: with "
+            raise CommandError("--slo auto measures decode alone at the workload's load: with "
                                "--rate-scale 0 there is none; give --slo MS")
         # A misspelt policy fails here, not minutes in, when its turn comes.
         from harli.config import ConfigError, load
@@ -98,9 +111,10 @@ class BenchCommand(Command):
             res = bench.run_bench(args.dir or Path(tmp), args.duration_s, policies,
                             None if args.slo == "auto" else args.slo, args.seed,
                             args.rate_scale, args.profile, args.set,
-                            progress=lambda s: console.print(f"[dim]{s}"), rounds=args.rounds,
+                            progress=lambda s: console.print(f"[dim]{s}"),
                             max_batched_tokens=args.max_batched_tokens,
-                            workload=args.workload, solo_s=args.solo_s)
+                            workload=args.workload, block_s=args.block_s,
+                            settle_s=args.settle_s, calib_s=args.calib_s)
         bench.print_table(res, console)
         console.print(bench.verdict(res))
         args.out.write_text(json.dumps(res) + "\n")

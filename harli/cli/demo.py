@@ -145,18 +145,20 @@ def _finetune_phase(console: Any, daemon: Any, args: argparse.Namespace) -> None
 
 
 def _bench_phase(console: Any, args: argparse.Namespace) -> None:
-    """``harli bench`` in short form: the same changing load under each policy while a LoRA job
-    trains; the point of the system in one table."""
-    from harli.bench.bench import print_table, run_bench, verdict
+    """``harli bench --quick``: the policies in turns over one changing load while a LoRA job
+    trains; the point of the system in one table and a ratio with its interval."""
+    from harli.bench.bench import QUICK, default_policies, print_table, run_bench, verdict
 
-    policies = ["decode-only", "naive", *[f"static:{lv}" for lv in range(1, 5)], "harli"]
+    policies = default_policies(4)
     console.rule("[bold]the point: finetune throughput inside the decode SLO")
-    console.print(f"harli bench --duration-s {args.bench_s:.0f} --rounds 1 --slo auto: one "
-                  f"workload (quiet, busy, bursty phases) replayed under {', '.join(policies)};"
-                  f" no profile, so the harli policy learns online (the full bench: "
-                  f"harli bench) ...")
-    res = run_bench(args.dir.resolve() / "bench", args.bench_s, policies, None, 0, 1.0, None,
-                    progress=lambda s: console.print(f"[dim]  {s}"), rounds=1)
+    console.print(f"harli bench --quick: one workload (quiet, busy, bursty phases) of "
+                  f"{QUICK['duration_s']:.0f} s; {', '.join(policies)} take turns in "
+                  f"{QUICK['block_s']:g} s blocks; no profile, so the harli policy learns "
+                  f"online ...")
+    res = run_bench(args.dir.resolve() / "bench", QUICK["duration_s"], policies, None, 0, 1.0,
+                    None, progress=lambda s: console.print(f"[dim]  {s}"),
+                    block_s=QUICK["block_s"], settle_s=QUICK["settle_s"],
+                    calib_s=QUICK["calib_s"])
     print_table(res, console)
     console.print(verdict(res))
 
@@ -172,8 +174,8 @@ class DemoCommand(Command):
                        help="tokens per demo request (default: %(default)s)")
         p.add_argument("--steps", type=int, default=150, help="optimizer steps of the job")
         p.add_argument("--no-finetune", action="store_true", help="decode requests only")
-        p.add_argument("--bench-s", type=float, default=10.0,
-                       help="workload seconds per policy in the closing bench (0: skip it)")
+        p.add_argument("--no-bench", action="store_true",
+                       help="skip the closing harli bench --quick (about two minutes)")
 
     def run(self, args: argparse.Namespace) -> int:
         from rich.console import Console
@@ -210,6 +212,6 @@ class DemoCommand(Command):
         console.print(f"daemon exit code {daemon.proc.returncode}; children left: "
                       f"{'none' if clean else kids}; sockets left: {socks or 'none'}")
         ok = daemon.proc.returncode == 0 and clean and not socks
-        if args.bench_s > 0 and not args.no_finetune:
+        if not args.no_bench and not args.no_finetune:
             _bench_phase(console, args)
         return 0 if ok else 1
