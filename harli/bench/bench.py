@@ -97,16 +97,21 @@ def phase_at(spec: Any, t_s: float) -> str:
     return str(spec.phases[-1].name)
 
 
+SAMPLE_S = 0.1  # how often the level and the job's token count are read
+
+
 def _sampler(ctl: Any, job_id: int, samples: list[dict[str, float | None]],
-             stop: threading.Event, t0: float) -> None:
+             stop: threading.Event, t0_wall: float) -> None:
+    """Every ``SAMPLE_S``: the level in force and the job's trained tokens, stamped in wall
+    time since ``t0_wall`` (the clock the engine stamps tokens in, and the blocks' windows)."""
     while not stop.is_set():
         st = ctl.status()
         job = ctl.show(job_id).job
         q = st.scheduler.bound_quantile if st.scheduler is not None else None
-        samples.append({"t": time.monotonic() - t0, "level": st.level, "tokens": job.tokens,
+        samples.append({"t": time.time() - t0_wall, "level": st.level, "tokens": job.tokens,
                         "bound_quantile": q,
                         "groups_lent": st.memory.groups_lent if st.memory else None})
-        stop.wait(0.25)
+        stop.wait(SAMPLE_S)
 
 
 
@@ -203,20 +208,22 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
         stop = threading.Event()
         replayed: dict[str, Any] = {}
         try:
+            _warm_up(ctl, job.job_id, say)
             say(f"{cycles} cycles of {len(policies)} blocks of {block_s:g} s ({run_s:.0f} s, "
                 f"{len(requests)} requests), the order shuffled in each cycle")
             cpu0 = cpu_times()
-            t0_wall = time.time()
-            t0 = time.monotonic() + 0.2  # the replay's clients are connected by then
+            # The schedule starts 0.2 s from now (the replay's clients are connected by then);
+            # the engine stamps tokens in wall time, so the run's origin is taken in it too.
+            t0 = time.monotonic() + 0.2
+            t0_wall = time.time() + 0.2
             replay = threading.Thread(target=lambda: replayed.update(results=asyncio.run(
                 _replay(daemon.endpoint, requests, seed * 1000 + 1, t0))), daemon=True)
             replay.start()
             sampler = threading.Thread(target=_sampler,
-                                       args=(ctl_sampler, job.job_id, samples, stop, t0),
+                                       args=(ctl_sampler, job.job_id, samples, stop, t0_wall),
                                        daemon=True)
             sampler.start()
-            raw = _run_blocks(ctl, job.job_id, order, t0, t0_wall + 0.2, block_s, settle_s,
-                              slo_ms)
+            raw = _run_blocks(ctl, order, t0, block_s, settle_s, slo_ms)
             replay.join()
             res["host_steal_pct"] = steal_pct(cpu0, cpu_times())
         finally:
@@ -224,13 +231,16 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
             ctl_sampler.close()
             ctl.cancel(job.job_id)
     results = replayed.get("results", [])
-    windows = [(b["w0"], b["w1"]) for b in raw]
-    counts = bl.count_gaps([r["times"] for r in results], windows, slo_ms / 1000)
+    windows = [(b["w0"] - t0_wall, b["w1"] - t0_wall) for b in raw]
+    counts = bl.count_gaps([[t - t0_wall for t in r["times"]] for r in results], windows,
+                           slo_ms / 1000)
+    trained = bl.trained_in_windows(
+        [(float(s["t"] or 0.0), int(s["tokens"] or 0), int(s["level"] or 0)) for s in samples],
+        windows)
     blocks = [bl.Block(policy=b["policy"], cycle=b["cycle"],
-                       phase=phase_at(spec, (b["w0"] + b["w1"]) / 2 - (t0_wall + 0.2)),
-                       start_s=b["w0"] - t0_wall, end_s=b["w1"] - t0_wall, tokens=n,
-                       tokens_ok=ok, trained_tokens=b["trained"])
-              for b, (n, ok) in zip(raw, counts, strict=True)]
+                       phase=phase_at(spec, (w0 + w1) / 2), start_s=w0, end_s=w1, tokens=n,
+                       tokens_ok=ok, trained_tokens=t)
+              for b, (w0, w1), (n, ok), t in zip(raw, windows, counts, trained, strict=True)]
     res["errors"] = sum(1 for r in results if "error" in r)
     res["blocks"] = [asdict(b) for b in blocks]
     res["decision_p99_us"] = _decision_p99(raw)
@@ -244,10 +254,22 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
     return res
 
 
-def _run_blocks(ctl: Any, job_id: int, order: list[list[str]], t0: float, t0_wall: float,
-                block_s: float, settle_s: float, slo_ms: float) -> list[dict[str, Any]]:
+def _warm_up(ctl: Any, job_id: int, say: Any, timeout_s: float = 120.0) -> None:
+    """Let the job start and train at a middle level before the first block: loading the
+    model and the first micro-step would otherwise land on whichever policy comes first."""
+    say("warming up: the job starts training")
+    ctl.set_policy("static:1")
+    deadline = time.monotonic() + timeout_s
+    while ctl.show(job_id).job.tokens == 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the bench's job trained nothing in {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def _run_blocks(ctl: Any, order: list[list[str]], t0: float, block_s: float,
+                settle_s: float, slo_ms: float) -> list[dict[str, Any]]:
     """Switch policies on the block schedule; per block its counted window (wall clock, as
-    the engine stamps tokens), trained tokens and the scheduler's decision times."""
+    the engine stamps tokens) and the scheduler's decision times."""
     out: list[dict[str, Any]] = []
     k = 0
     for cycle, policies in enumerate(order):
@@ -257,12 +279,11 @@ def _run_blocks(ctl: Any, job_id: int, order: list[list[str]], t0: float, t0_wal
             _sleep_until(start)
             ctl.set_policy(policy, tpot_slo_ms=slo_ms)
             _sleep_until(start + settle_s)
-            w0, tok0 = time.time(), ctl.show(job_id).job.tokens
+            w0 = time.time()
             _sleep_until(start + block_s)
-            w1, tok1 = time.time(), ctl.show(job_id).job.tokens
+            w1 = time.time()
             sched = ctl.status().scheduler  # decision times since this block's switch
             out.append({"policy": policy, "cycle": cycle, "w0": w0, "w1": w1,
-                        "trained": tok1 - tok0,
                         "decision_p99_us": sched.decision_p99_us if sched else None,
                         "decision_cpu_p99_us": sched.decision_cpu_p99_us if sched else None})
     return out
@@ -346,7 +367,8 @@ def print_table(res: dict[str, Any], console: Any) -> None:
     for col in ("policy", "SLO per token", "finetune tok/s", "vs best static",
                 "of best mix", "decision p99 us cpu"):
         t.add_column(col, justify="right")
-    for p, fig in v["policies"].items():
+    for p in res["policies"]:
+        fig = v["policies"][p]
         mark = " (best static)" if p == v["best_static"] else ""
         ratio = _ci(v["ratio"], ".2f") if p == "harli" else "-"
         mix = _ci(v["fraction_of_best_mix"], ".2f") if p == "harli" else "-"

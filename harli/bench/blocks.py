@@ -34,7 +34,7 @@ class Block:
     end_s: float
     tokens: int = 0  # inter-token gaps that ended in the window
     tokens_ok: int = 0  # of those, gaps within the SLO
-    trained_tokens: int = 0
+    trained_tokens: float = 0.0  # a micro-step's tokens split by the time it ran in each
 
     @property
     def duration_s(self) -> float:
@@ -97,6 +97,32 @@ def count_gaps(token_times: Iterable[Sequence[float]], windows: Sequence[tuple[f
     return [(n, ok) for n, ok in counts]
 
 
+def trained_in_windows(samples: Sequence[tuple[float, int, int]],
+                       windows: Sequence[tuple[float, float]]) -> list[float]:
+    """Trained tokens per window from samples of (time, the job's token count, level in
+    force). The count rises only when a micro-step ends, so the tokens of a rise are spread
+    evenly over the time since the previous rise during which the level was above 0 (when
+    the micro-step ran): a window gets the share of each micro-step that ran inside it, not
+    whole micro-steps by where they happened to end."""
+    out = [0.0] * len(windows)
+    since = 0  # the sample at which the previous rise was seen
+    for i in range(1, len(samples)):
+        rise = samples[i][1] - samples[i - 1][1]
+        if rise <= 0:
+            continue
+        spans = [(samples[j][0], samples[j + 1][0]) for j in range(since, i)
+                 if samples[j][2] > 0] or [(samples[i - 1][0], samples[i][0])]
+        ran_s = sum(b - a for a, b in spans)
+        since = i
+        for a, b in spans:
+            share = rise * ((b - a) / ran_s if ran_s > 0 else 1.0 / len(spans))
+            for k, (w0, w1) in enumerate(windows):
+                overlap = min(b, w1) - max(a, w0)
+                if overlap > 0:
+                    out[k] += share * overlap / (b - a)
+    return out
+
+
 def attainment(blocks: Iterable[Block]) -> float | None:
     """Share of gaps within the SLO, pooled over ``blocks``."""
     n = ok = 0
@@ -108,7 +134,7 @@ def attainment(blocks: Iterable[Block]) -> float | None:
 
 def tok_s(blocks: Iterable[Block]) -> float | None:
     """Trained tokens per second, pooled over ``blocks``."""
-    tokens = 0
+    tokens = 0.0
     seconds = 0.0
     for b in blocks:
         tokens += b.trained_tokens
@@ -144,10 +170,10 @@ def stratified_tok_s(blocks: Sequence[Block], policy: str,
 
 def best_mix_tok_s(blocks: Sequence[Block], weights: dict[str, float],
                    target: float) -> float | None:
-    """The best mix in hindsight: in each phase the highest fixed level (``decode-only`` is 0)
-    whose attainment there met ``target``, weighted by the phase's share of time. A phase in
-    which no level met it contributes nothing (the mix would have paused there). None when
-    some phase has no fixed-level block at all."""
+    """The best mix in hindsight: in each phase the fixed level (``decode-only`` is 0) that
+    trained most among those whose attainment there met ``target``, weighted by the phase's
+    share of time. A phase in which no level met it contributes nothing (the mix would have
+    paused there). None when some phase has no fixed-level block at all."""
     fixed = sorted({b.policy for b in blocks if level_of(b.policy) is not None},
                    key=lambda p: level_of(p) or 0)
     total = 0.0
@@ -157,7 +183,7 @@ def best_mix_tok_s(blocks: Sequence[Block], weights: dict[str, float],
         if not any(_by(blocks, p, phase) for p in fixed):
             return None
         if met:
-            total += w * (tok_s(_by(blocks, met[-1], phase)) or 0.0)
+            total += w * max(tok_s(_by(blocks, p, phase)) or 0.0 for p in met)
     return total
 
 
@@ -207,7 +233,9 @@ class Verdict:
 
     target: float
     policies: dict[str, PolicyFigures]
-    best_static: str | None  # the highest static level whose interval meets the target
+    # Of the static levels whose attainment interval meets the target, the one that trained
+    # the most (on a small host the top level may train less than a middle one).
+    best_static: str | None
     undecided: list[str]  # higher static levels whose interval straddles the target
     ratio: Estimate  # harli's tok/s over the best static level's
     best_mix_tok_s: Estimate
@@ -216,29 +244,39 @@ class Verdict:
 
 def verdict(blocks: Sequence[Block], weights: dict[str, float], target: float,
             adaptive: str = "harli", resamples: int = 2000, seed: int = 0) -> Verdict:
-    """Every policy's pooled attainment and tok/s, the best static level, and ``adaptive``'s
-    ratio to it and fraction of the best mix in hindsight, each with its interval."""
+    """Every policy's attainment (pooled over its blocks) and tok/s (per load phase, weighted
+    by ``weights``), the best static level, and ``adaptive``'s ratio to it and fraction of the
+    best mix in hindsight, each with its interval."""
     policies = list(dict.fromkeys(b.policy for b in blocks))
+
     def of(policy: str, stat: Callable[[Iterable[Block]], float | None],
            ) -> Callable[[Sequence[Block]], float | None]:
         return lambda bs: stat(_by(bs, policy))
 
+    def rate(policy: str) -> Callable[[Sequence[Block]], float | None]:
+        # Weighted by each load phase's share of the workload (post-stratified): a resample
+        # that drew more quiet cycles than the run had would otherwise move every rate with
+        # the load, not with the policy.
+        return lambda bs: stratified_tok_s(bs, policy, weights) if weights else \
+            tok_s(_by(bs, policy))
+
     figures = {
         p: PolicyFigures(
             attainment=bootstrap(blocks, of(p, attainment), resamples, seed),
-            tok_s=bootstrap(blocks, of(p, tok_s), resamples, seed),
+            tok_s=bootstrap(blocks, rate(p), resamples, seed),
             blocks=len(_by(blocks, p)), seconds=sum(b.duration_s for b in _by(blocks, p)))
         for p in policies}
     statics = sorted((p for p in policies if p.startswith("static:") and level_of(p)),
                      key=lambda p: level_of(p) or 0)
     met = [p for p in statics if figures[p].attainment.meets(target)]
-    best = met[-1] if met else None
-    above = statics[statics.index(best) + 1:] if best else statics
-    undecided = [p for p in above if figures[p].attainment.may_meet(target)
-                 and not figures[p].attainment.meets(target)]
+    best = max(met, key=lambda p: figures[p].tok_s.value or 0.0) if met else None
+    undecided = [p for p in statics if figures[p].attainment.may_meet(target)
+                 and not figures[p].attainment.meets(target)
+                 and (figures[p].tok_s.value or 0.0) > (figures[best].tok_s.value or 0.0
+                                                        if best else 0.0)]
 
     def ratio(bs: Sequence[Block]) -> float | None:
-        a, s = tok_s(_by(bs, adaptive)), tok_s(_by(bs, best)) if best else None
+        a, s = rate(adaptive)(bs), rate(best)(bs) if best else None
         return a / s if a is not None and s else None
 
     def mix(bs: Sequence[Block]) -> float | None:

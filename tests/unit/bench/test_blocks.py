@@ -132,3 +132,39 @@ def test_no_static_level_met_gives_no_ratio() -> None:
         [block("harli", c) for c in range(4)]
     v = bl.verdict(bs, {"busy": 1.0}, 0.99, resamples=100)
     assert v.best_static is None and v.ratio == Estimate(None)
+
+
+def test_a_micro_steps_tokens_are_split_by_the_time_it_ran_in_each_window() -> None:
+    # Level 2 from t=0; rises of 100 seen at t=1.0 and t=2.0: each micro-step ran for the
+    # second before it. Windows [0.5, 1.5) and [1.5, 2.0).
+    samples = [(0.0, 0, 2), (0.5, 0, 2), (1.0, 100, 2), (1.5, 100, 2), (2.0, 200, 2)]
+    got = bl.trained_in_windows(samples, [(0.5, 1.5), (1.5, 2.0)])
+    assert got == pytest.approx([50 + 50, 50])
+
+
+def test_paused_time_gets_none_of_a_micro_steps_tokens() -> None:
+    # Paused (level 0) from 1 to 3: the rise seen at 4 ran in [0, 1) and [3, 4).
+    samples = [(0.0, 0, 1), (1.0, 0, 0), (2.0, 0, 0), (3.0, 0, 1), (4.0, 80, 1)]
+    got = bl.trained_in_windows(samples, [(0.0, 1.0), (1.0, 3.0), (3.0, 4.0)])
+    assert got == pytest.approx([40, 0, 40])
+
+
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 4)), min_size=2, max_size=40))
+def test_every_trained_token_lands_in_some_window_when_the_windows_cover_the_run(
+        steps: list[tuple[int, int]]) -> None:
+    samples, tokens = [], 0
+    for i, (rise, level) in enumerate(steps):
+        tokens += rise
+        samples.append((float(i), tokens, level))
+    end = float(len(steps))
+    got = bl.trained_in_windows(samples, [(0.0, end / 2), (end / 2, end)])
+    assert sum(got) == pytest.approx(tokens - steps[0][0])
+
+
+def test_the_best_static_level_is_the_one_that_trained_most_among_those_that_met() -> None:
+    bs = []
+    for c in range(6):
+        bs += [block("static:2", c, trained=600), block("static:4", c, trained=400),
+               block("harli", c, trained=660)]
+    v = bl.verdict(bs, {"busy": 1.0}, 0.99, resamples=100)
+    assert v.best_static == "static:2" and v.ratio.value == pytest.approx(1.1)
