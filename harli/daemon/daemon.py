@@ -287,8 +287,11 @@ class Daemon:
             self.weights.relay(self.finetune.incarnation, self.resources.send_finetune)
 
     def _on_decode_fatal(self, msg: Fatal) -> None:
-        logger.error("[daemon] decode[%d] reported a fatal error: %s\n%s", msg.incarnation,
-                     msg.error, msg.traceback)
+        # The child logged its own traceback (none for a configuration error, which is one
+        # line): the journal need not hold it twice.
+        logger.error("[daemon] decode[%d] reported a fatal error: %s", msg.incarnation,
+                     msg.error)
+        logger.debug("[daemon] decode[%d]'s traceback:\n%s", msg.incarnation, msg.traceback)
         self._check_gpu_fault(msg, "decode")
 
     def _on_decode_exit(self, ev: ChildExited) -> None:

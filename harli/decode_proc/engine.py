@@ -40,6 +40,7 @@ from harli.ipc.decode import (
 )
 from harli.ipc.inference import Generate
 from harli.ipc.weights import WeightsExported
+from harli.runtime import ConfigurationError
 
 if TYPE_CHECKING:
     import torch
@@ -223,6 +224,13 @@ def sampling_params(req: Generate) -> SamplingParams:
     )
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # pydantic puts a header line first ("1 validation error for ModelConfig") and the cause
+    # after it: keep both, in one line.
+    return "; ".join(lines[:3]) if lines else type(e).__name__
+
+
 class DecodeEngine:
     """Owns one vLLM ``LLMEngine``; ``add`` / ``abort`` / ``step`` are its verbs."""
 
@@ -254,8 +262,15 @@ class DecodeEngine:
         t0 = time.monotonic()
         _pin_gloo_to_loopback()
         with _private_rendezvous(self.cfg.runtime_dir):
-            self.llm = LLMEngine.from_engine_args(engine_args(self.cfg, model_path,
-                                                              self._kv_cache_bytes))
+            try:
+                self.llm = LLMEngine.from_engine_args(engine_args(self.cfg, model_path,
+                                                                  self._kv_cache_bytes))
+            except ValueError as e:
+                # vLLM validates its config (pydantic's ValidationError is a ValueError) and
+                # sizes the KV cache with ValueErrors: a setting no restart can fix.
+                raise ConfigurationError(
+                    f"vLLM refused the decode configuration (model.path {model_path}, "
+                    f"model.max_model_len, decode.*): {_first_line(e)}") from e
         core = self.llm.engine_core
         if not hasattr(core, "engine_core"):
             raise RuntimeError(

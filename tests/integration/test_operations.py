@@ -151,3 +151,17 @@ def _rss_bytes(pid: int) -> int:
     import psutil
 
     return int(psutil.Process(pid).memory_info().rss)
+
+
+def test_a_setting_vllm_refuses_is_fatal_at_once_in_one_line(tmp_path: Path,
+                                                             tiny_model: Path) -> None:
+    # The tiny model has 2048 positions; vLLM refuses a longer max_model_len at engine start.
+    d = make_daemon(tmp_path, tiny_model, "model.max_model_len=100000", "metrics.port=0")
+    res = subprocess.run(_daemon_argv(d), capture_output=True, text=True, timeout=240,
+                         check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    assert "vLLM refused the decode configuration" in out and "100000" in out, out
+    assert "failed on its configuration (exit code 78); not restarting it (FATAL)" in out, out
+    assert "decode[2]" not in out, out  # started once: no back-off through restarts
+    assert "Traceback" not in out, out
