@@ -89,6 +89,11 @@ class Frontend:
     def dispatch_pending(self) -> None:
         """Hand every request still waiting for decode to it (decode has just become ready)."""
         for req in self.requests.pending():
+            # Accepted before the model's length was known (model.max_model_len = 0).
+            too_long = self._length_error(req.request, req.num_prompt_tokens)
+            if too_long is not None:
+                self._fail(req, ErrorCode.INVALID, too_long)
+                continue
             self._dispatch(req)
 
     def fail_pending(self, code: str, message: str) -> None:
@@ -128,6 +133,15 @@ class Frontend:
             req = self.requests.get(out.rid)
             if req is None or req.incarnation != msg.incarnation:
                 continue  # finished, aborted or failed already; or from a dead incarnation
+            if out.num_prompt_tokens > 0 and req.num_prompt_tokens is None:
+                # A text prompt's first output: its length is known only now.
+                req.num_prompt_tokens = out.num_prompt_tokens
+                too_long = self._length_error(req.request, out.num_prompt_tokens)
+                if too_long is not None:
+                    if out.finish_reason is None:
+                        self.send_decode(AbortRequests(rids=[req.rid]))
+                    self._fail(req, ErrorCode.INVALID, too_long)
+                    continue
             if out.token_ids:
                 self._on_tokens(req, len(out.token_ids), msg.end_wall_s, gaps_s)
             req.num_tokens += len(out.token_ids)
@@ -141,7 +155,7 @@ class Frontend:
                 request_id=req.request_id, token_ids=out.token_ids, text=out.text,
                 token_times_s=[msg.end_wall_s] * len(out.token_ids),
                 finish_reason=out.finish_reason, stop_reason=out.stop_reason,
-                num_prompt_tokens=out.num_prompt_tokens)))
+                num_prompt_tokens=req.num_prompt_tokens)))
         if gaps_s:
             self.observer.on_tokens(gaps_s)  # once per iteration: the policy's budget too
         for client, parts in frames.items():
@@ -222,6 +236,11 @@ class Frontend:
         if msg.prompt_token_ids is not None and not msg.prompt_token_ids:
             refuse(ErrorCode.INVALID, "`prompt_token_ids` is empty")
             return
+        n_prompt = len(msg.prompt_token_ids) if msg.prompt_token_ids is not None else None
+        too_long = self._length_error(msg, n_prompt)
+        if too_long is not None:
+            refuse(ErrorCode.INVALID, too_long)
+            return
         try:
             req = self.requests.add(client, msg, time.time())
         except DuplicateRequest:
@@ -254,6 +273,39 @@ class Frontend:
 
     # -- request lifecycle -------------------------------------------------------------------
 
+    def _max_model_len(self) -> int | None:
+        """Prompt + output tokens the served model takes: what the running decode reported,
+        else the configured value (decode passes it to vLLM), else unknown (0: the model's
+        own, known once decode is ready)."""
+        info = self.runtime()
+        if info is not None:
+            return info.max_model_len
+        return self.cfg.model.max_model_len or None
+
+    def _length_error(self, g: Generate, prompt_tokens: int | None) -> str | None:
+        """Why ``g.max_tokens`` does not fit beside its prompt, or None (it fits, or that is
+        not known yet). vLLM's engine would stop such a request at the model's length with
+        ``finish_reason`` "length", silently short of ``max_tokens``; vLLM's OpenAI server
+        refuses it instead, and so does the daemon, in the same words. ``prompt_tokens`` is
+        None for a text prompt before decode has tokenized it: then only ``max_tokens`` with
+        no room for even a one-token prompt is known to be too many. A prompt longer than the
+        model is left to the engine (``rejected``), which names its length."""
+        limit = self._max_model_len()
+        if limit is None:
+            return None
+        if prompt_tokens is None:
+            if g.max_tokens < limit:
+                return None
+            return (f"This model's maximum context length is {limit} tokens. However, you "
+                    f"requested {g.max_tokens} tokens in the completion (max_tokens), which "
+                    f"leaves no room for the prompt. Please reduce max_tokens.")
+        if prompt_tokens >= limit or prompt_tokens + g.max_tokens <= limit:
+            return None
+        return (f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {prompt_tokens + g.max_tokens} tokens ({prompt_tokens} in the "
+                f"prompt, {g.max_tokens} in the completion). Please reduce max_tokens to at "
+                f"most {limit - prompt_tokens}.")
+
     def _dispatch(self, req: Inflight) -> None:
         if self.send_decode(AddRequest(rid=req.rid, request=req.request,
                                        arrival_s=req.arrival_s)):
@@ -279,7 +331,8 @@ class Frontend:
     def _finish(self, req: Inflight, reason: str) -> None:
         self.requests.remove(req.rid)
         self._reply(req.client, Chunk(request_id=req.request_id, token_ids=[],
-                                      finish_reason=reason))
+                                      finish_reason=reason,
+                                      num_prompt_tokens=req.num_prompt_tokens))
 
     def _fail(self, req: Inflight, code: str, message: str) -> None:
         self.requests.remove(req.rid)

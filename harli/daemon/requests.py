@@ -26,6 +26,10 @@ class Inflight:
     arrival_s: float
     incarnation: int | None = None  # the decode incarnation serving it; None while pending
     num_tokens: int = 0
+    # Known at once for a token-id prompt; for a text prompt, from decode's first output (only
+    # decode tokenizes). Decode's own abort output carries 0, so a last chunk after an abort
+    # takes it from here.
+    num_prompt_tokens: int | None = None
     first_token_s: float | None = None  # engine wall time of the first / latest token
     last_token_s: float | None = None
 
@@ -52,6 +56,8 @@ class RequestTable:
             raise DuplicateRequest(request.request_id)
         req = Inflight(rid=f"r{next(self._ids)}", client=client, request=request,
                        arrival_s=arrival_s)
+        if request.prompt_token_ids is not None:
+            req.num_prompt_tokens = len(request.prompt_token_ids)
         self._by_rid[req.rid] = req
         self._by_key[key] = req
         return req

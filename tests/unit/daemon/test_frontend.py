@@ -330,3 +330,84 @@ def test_finish_all_aborts_at_decode_and_ends_every_request() -> None:
         (c,) = h.sock.replies(client)
         assert isinstance(c, Chunk) and (c.request_id, c.finish_reason) == (rid, "shutdown")
     assert not len(h.fe.requests)
+
+
+# -- max_tokens beside the prompt: an error, never silently capped -----------------------------
+
+
+def test_max_tokens_past_the_models_length_is_invalid_and_names_both_numbers() -> None:
+    h = Harness()
+    h.runtime = RuntimeInfo(model="served", max_model_len=100, kv_blocks_total=8,
+                            block_size=16, vllm_version="x", device="cpu")
+    e = error_of(h.send(b"c1", Generate(request_id="a", prompt_token_ids=[1] * 30,
+                                        max_tokens=71)))
+    assert (e.code, e.request_id) == (ErrorCode.INVALID, "a")
+    assert "maximum context length is 100 tokens" in e.message
+    assert "101 tokens (30 in the prompt, 71 in the completion)" in e.message
+    assert "at most 70" in e.message
+    assert h.to_decode == [] and not len(h.fe.requests)
+    assert h.generate(b"c1", "b", prompt_token_ids=[1] * 30, max_tokens=70) is not None
+
+
+def test_a_prompt_longer_than_the_model_is_left_to_the_engine() -> None:
+    h = Harness()  # the engine's "rejected" names the prompt's length; it is not max_tokens'
+    h.runtime = RuntimeInfo(model="served", max_model_len=10, kv_blocks_total=8,
+                            block_size=16, vllm_version="x", device="cpu")
+    assert h.generate(b"c1", "a", prompt_token_ids=[1] * 10) is not None
+    assert h.generate(b"c1", "b", prompt_token_ids=[1] * 12) is not None
+
+
+def test_a_text_prompts_max_tokens_is_checked_before_and_after_tokenization() -> None:
+    h = Harness()  # CFG.model.max_model_len: 2048, no runtime yet
+    e = error_of(h.send(b"c1", Generate(request_id="a", prompt="hi", max_tokens=2048)))
+    assert e.code == ErrorCode.INVALID and "2048" in e.message and h.to_decode == []
+    add = h.generate(b"c1", "b", prompt="hi", prompt_token_ids=None, max_tokens=2000)
+    assert add is not None
+    h.fe.on_step_outputs(StepOutputs(incarnation=1, iteration=1, end_wall_s=1.0, outputs=[
+        RequestOutput(rid=add.rid, token_ids=[5], text="x", finish_reason=None,
+                      stop_reason=None, num_prompt_tokens=60)]))
+    e = error_of(h.sock.replies(b"c1")[1:])  # instead of the first chunk
+    assert (e.code, e.request_id) == (ErrorCode.INVALID, "b")
+    assert "2060 tokens (60 in the prompt, 2000 in the completion)" in e.message
+    assert h.to_decode[-1] == AbortRequests(rids=[add.rid]) and not len(h.fe.requests)
+
+
+def test_a_pending_request_is_checked_once_decode_says_the_models_length() -> None:
+    h = Harness()
+    h.fe.cfg = load(None, ['model.path="/models/m"', "model.max_model_len=0"])
+    h.running = False
+    assert h.generate(b"c1", "a", max_tokens=500) is None  # the length is not known yet
+    h.running = True
+    h.runtime = RuntimeInfo(model="served", max_model_len=100, kv_blocks_total=8,
+                            block_size=16, vllm_version="x", device="cpu")
+    h.fe.dispatch_pending()
+    e = error_of(h.sock.replies(b"c1"))
+    assert e.code == ErrorCode.INVALID and "503 tokens" in e.message and h.to_decode == []
+
+
+# -- num_prompt_tokens on the last chunk --------------------------------------------------------
+
+
+def test_the_last_chunk_after_an_abort_has_the_prompts_token_count() -> None:
+    h = Harness()
+    a = h.generate(b"c1", "a", prompt="hello", prompt_token_ids=None)
+    b = h.generate(b"c1", "b", prompt_token_ids=[1, 2, 3, 4])
+    assert a is not None and b is not None
+    h.fe.on_step_outputs(StepOutputs(incarnation=1, iteration=1, end_wall_s=1.0, outputs=[
+        RequestOutput(rid=a.rid, token_ids=[5], text="x", finish_reason=None,
+                      stop_reason=None, num_prompt_tokens=2)]))
+    # decode's own abort output does not know the prompt: it says 0
+    h.fe.on_step_outputs(StepOutputs(incarnation=1, iteration=2, end_wall_s=2.0, outputs=[
+        RequestOutput(rid=r, token_ids=[], text="", finish_reason="abort", stop_reason=None,
+                      num_prompt_tokens=0) for r in (a.rid, b.rid)]))
+    last = h.sock.replies(b"c1")[-2:]
+    assert [(c.request_id, c.finish_reason, c.num_prompt_tokens) for c in last] == \
+        [("a", "abort", 2), ("b", "abort", 4)]
+
+
+def test_a_pending_request_ended_at_once_has_its_prompts_token_count() -> None:
+    h = Harness()
+    h.running = False
+    h.generate(b"c1", "a", prompt_token_ids=[1, 2, 3, 4, 5])
+    (c,) = h.send(b"c1", Abort(request_id="a"))
+    assert isinstance(c, Chunk) and (c.finish_reason, c.num_prompt_tokens) == ("abort", 5)

@@ -1,0 +1,241 @@
+"""docs/protocol.md against the wire structs, so the document cannot drift from the protocol.
+
+Conventions of the document that these tests rely on:
+
+- ```` ```json LABEL ```` blocks are messages in JSON notation; LABEL names the channel whose
+  real decoder (``harli.ipc.codec``) must accept them (``LABELS``). The daemon's own messages
+  (``server``, ``control-reply``) carry every key, so their examples must too.
+- ```` ```python ```` blocks are complete clients: each is run against a fake daemon (a ROUTER
+  that decodes what it receives with the real codec and answers with real structs).
+- ``<!-- struct: module.Name -->`` precedes the table of that struct: one row per key, in field
+  order, first cell the key in backticks; with a ``default`` column, ``required`` or the default
+  as a JSON literal in backticks (anything else: the field has a default too complex to print).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import io
+import json
+import re
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+
+from harli.ipc import control, inference, jobs
+from harli.ipc.codec import ClientDecoder, Decoder, encode
+from harli.ipc.control import ControlReply, ControlRequest, JobInfo, JobList
+from harli.ipc.decode import IterationTelemetry
+from harli.ipc.inference import Chunk, Error, ErrorCode, ServerMessage
+from harli.ipc.jobs import JobSpec
+
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+
+LABELS: dict[str, Decoder[Any]] = {
+    "client": ClientDecoder(),
+    "server": Decoder(ServerMessage),
+    "control-request": Decoder(ControlRequest),
+    "control-reply": Decoder(ControlReply | Error),
+    "job-spec": Decoder(JobSpec),
+    "telemetry": Decoder(IterationTelemetry),
+}
+# Examples of the daemon's own messages, which always carry every key.
+COMPLETE = {"server", "control-reply"}
+
+_FENCE = re.compile(r"^```(\w+)(?:[ \t]+([\w-]+))?[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+_MARKER = re.compile(r"<!-- struct: ([\w.]+) -->")
+
+
+def _blocks(lang: str) -> list[tuple[str | None, str]]:
+    return [(m.group(2), m.group(3)) for m in _FENCE.finditer(DOC) if m.group(1) == lang]
+
+
+def _fields(cls: type[msgspec.Struct]) -> tuple[msgspec.structs.FieldInfo, ...]:
+    return msgspec.structs.fields(cls)
+
+
+def _tag(cls: type[msgspec.Struct]) -> tuple[str | None, Any]:
+    cfg = cls.__struct_config__
+    return cfg.tag_field, cfg.tag
+
+
+# -- examples ----------------------------------------------------------------------------------
+
+
+def test_the_document_has_examples_of_every_kind() -> None:
+    labels = {label for label, _ in _blocks("json")}
+    assert labels == set(LABELS)
+    assert len(_blocks("python")) == 2
+
+
+@pytest.mark.parametrize(("label", "text"), _blocks("json"))
+def test_every_json_example_decodes_with_the_real_codec(label: str | None, text: str) -> None:
+    assert label in LABELS, f"a ```json block needs a label, one of {sorted(LABELS)}: {text}"
+    value = json.loads(text)
+    msg = LABELS[label].decode(msgspec.msgpack.encode(value))
+    if isinstance(msg, IterationTelemetry):  # array-like: the length is the whole check
+        assert len(value) == 1 + len(_fields(IterationTelemetry))
+    if label in COMPLETE:
+        tag_field, _ = _tag(type(msg))
+        keys = {f.encode_name for f in _fields(type(msg))} | {tag_field}
+        assert set(value) == keys, f"{type(msg).__name__} example lacks {keys - set(value)}"
+
+
+# -- the Python clients, run against a fake daemon ---------------------------------------------
+
+
+def _job_example() -> JobInfo:
+    for label, text in _blocks("json"):
+        if label == "control-reply" and json.loads(text).get("type") == "job":
+            return msgspec.msgpack.decode(msgspec.msgpack.encode(json.loads(text)),
+                                          type=JobInfo)
+    raise AssertionError("no `job` example in the document")
+
+
+def _serve_one(router: zmq.Socket[bytes], got: list[Any]) -> None:
+    """Answer one request the way the daemon would; what it decoded goes into ``got``."""
+    if not router.poll(5000):
+        return
+    client, payload = router.recv_multipart()
+    if router.get(zmq.LAST_ENDPOINT).endswith(b"inference.sock"):
+        req = ClientDecoder().decode(payload)
+        got.append(req)
+        rid = getattr(req, "request_id", "?")
+        router.send_multipart([client, encode(Chunk(request_id=rid, token_ids=[9], text="Hi",
+                                                    num_prompt_tokens=1)),
+                               encode(Chunk(request_id=rid, token_ids=[], text="!",
+                                            finish_reason="length", num_prompt_tokens=1))])
+    else:
+        msg = Decoder(ControlRequest).decode(payload)
+        got.append(msg)
+        router.send_multipart([client, encode(JobList(jobs=[_job_example()]))])
+
+
+@pytest.mark.parametrize("code", [text for _, text in _blocks("python")])
+def test_every_python_example_runs_against_a_fake_daemon(code: str, tmp_path: Path) -> None:
+    (endpoint,) = re.findall(r'"(ipc://[^"]+)"', code)
+    local = f"ipc://{tmp_path}/{endpoint.rsplit('/', 1)[1]}"
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(local)
+    got: list[Any] = []
+    ns: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            exec(compile(code.replace(endpoint, local), "protocol.md", "exec"), ns)
+        except BaseException as e:  # reported by the test's thread
+            errors.append(e)
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        t = threading.Thread(target=client, daemon=True)
+        t.start()
+        _serve_one(router, got)
+        t.join(5)
+    try:
+        assert not t.is_alive(), "the example did not finish"
+        assert not errors, errors
+        assert len(got) == 1
+        if "inference" in endpoint:
+            assert out.getvalue() == "Hi!"
+        else:
+            job = _job_example()
+            assert out.getvalue() == f"{job.job_id} {job.name} {job.status}\n"
+    finally:
+        router.close(0)
+        sock = ns.get("s")
+        if sock is not None and not t.is_alive():  # a hung example's socket is its thread's
+            sock.close(0)
+            sock.context.term()
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+
+def _structs(module: ModuleType) -> list[type[msgspec.Struct]]:
+    return [c for _, c in inspect.getmembers(module, inspect.isclass)
+            if issubclass(c, msgspec.Struct) and c.__module__ == module.__name__
+            and not c.__name__.startswith("_")]
+
+
+PUBLIC = [*_structs(inference), *_structs(control), *_structs(jobs), IterationTelemetry]
+
+
+def _tables() -> dict[str, tuple[list[str], list[list[str]]]]:
+    """``{dotted struct name: (header, rows)}`` of the table after each marker."""
+    out = {}
+    for m in _MARKER.finditer(DOC):
+        lines = DOC[m.end():].splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+        table = []
+        for line in lines[start:]:
+            if not line.startswith("|"):
+                break
+            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+        header, _, *rows = table
+        out[m.group(1)] = (header, rows)
+    return out
+
+
+def _cls(dotted: str) -> type[msgspec.Struct]:
+    module, name = dotted.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    assert isinstance(cls, type) and issubclass(cls, msgspec.Struct)
+    return cls
+
+
+def test_every_public_struct_has_a_table() -> None:
+    documented = {_cls(name) for name in _tables()}
+    missing = [c.__name__ for c in PUBLIC if c not in documented]
+    assert not missing, f"structs with no table in docs/protocol.md: {missing}"
+
+
+@pytest.mark.parametrize("dotted", sorted(_tables()))
+def test_a_structs_table_has_every_field_in_order_with_its_default(dotted: str) -> None:
+    cls = _cls(dotted)
+    header, rows = _tables()[dotted]
+    keys = [row[0] for row in rows]
+    assert all(re.fullmatch(r"`\w+`", k) for k in keys), keys
+    keys = [k.strip("`") for k in keys]
+    tag_field, tag = _tag(cls)
+    fields = _fields(cls)
+    want = [f.encode_name for f in fields]
+    if tag_field is not None and isinstance(tag, str) and tag != cls.__name__:
+        want = [tag_field, *want]
+        assert rows[0][1] == f'`"{tag}"`', f"{dotted}: the tag row should say `\"{tag}\"`"
+    assert keys == want, f"{dotted}: documented {keys}, struct has {want}"
+    if "default" not in header:
+        return
+    col = header.index("default")
+    for f, row in zip(fields, rows[len(rows) - len(fields):], strict=True):
+        cell = row[col]
+        if f.required:
+            assert cell == "required", f"{dotted}.{f.name} is required, documented {cell!r}"
+            continue
+        assert cell != "required", f"{dotted}.{f.name} has a default, documented required"
+        literal = re.fullmatch(r"`([^`]*)`", cell)
+        if literal:
+            default = f.default if f.default_factory is msgspec.NODEFAULT else \
+                f.default_factory()
+            assert json.loads(literal.group(1)) == msgspec.to_builtins(default), \
+                f"{dotted}.{f.name}: default {default!r}, documented {cell}"
+
+
+def test_the_telemetry_field_count_in_the_text_is_right() -> None:
+    assert f"these {len(_fields(IterationTelemetry))} fields" in DOC
+
+
+def test_every_error_code_is_documented() -> None:
+    codes = [v for k, v in vars(ErrorCode).items() if k.isupper()]
+    missing = [c for c in codes if f"| `{c}` |" not in DOC]
+    assert not missing, missing
