@@ -25,6 +25,10 @@ from harli.daemon.supervisor import Child, ProcessOps
 from harli.ipc.arena import ArenaHandle
 from harli.runtime import decode_cores, format_cpu_list, pin_to
 
+# Read by decode_proc (proc.run_decode_proc) and finetune_proc (__main__), which may not import
+# this package, so they spell it out.
+DAEMON_PID_ENV = "HARLI_DAEMON_PID"
+
 
 @dataclass(frozen=True)
 class CorePlan:
@@ -71,6 +75,9 @@ class ChildSpecs:
         self._mps = mps
         self._config_json = cfg.to_json().decode()
         self._arena_json = msgspec.json.encode(arena).decode() if arena is not None else ""
+        # The CPU arena is an unnamed file: each child maps the daemon's descriptor of it,
+        # inherited at every (re)start under the number the handle names.
+        self._pass_fds = (arena.fd,) if arena is not None and arena.fd >= 0 else ()
         self._decode_cores = format_cpu_list(set(cores.decode))
         # Under MPS, terminate_client before any signal, so no GPU work is in flight when it
         # lands.
@@ -79,13 +86,14 @@ class ChildSpecs:
     def decode(self, may_start: Callable[[], bool]) -> Child:
         """``may_start``: a restart waits while it says no (the memory pool's say)."""
         return Child("decode", self.decode_argv, self.env("decode"), self.cfg.supervisor,
-                     self.ops, may_start=may_start, before_signal=self._before_signal)
+                     self.ops, may_start=may_start, before_signal=self._before_signal,
+                     pass_fds=self._pass_fds)
 
     def finetune(self) -> Child | NullChild:
         if not self.cfg.finetune.enabled:
             return NullChild("finetune")
         return Child("finetune", self.finetune_argv, self.env("finetune"), self.cfg.supervisor,
-                     self.ops, before_signal=self._before_signal)
+                     self.ops, before_signal=self._before_signal, pass_fds=self._pass_fds)
 
     def decode_argv(self, incarnation: int) -> list[str]:
         return [sys.executable, "-m", "harli.decode_proc", "--incarnation", str(incarnation),
@@ -99,4 +107,8 @@ class ChildSpecs:
 
     def env(self, role: str) -> dict[str, str]:
         env = child_environ(self.cfg, role)
+        # The child checks, once its parent-death signal is armed, that its parent is still
+        # this daemon: one that died before that would otherwise leave it running, holding the
+        # arena's descriptor, with nobody to end it.
+        env[DAEMON_PID_ENV] = str(os.getpid())
         return self._mps.client_env(env, role) if self._mps is not None else env

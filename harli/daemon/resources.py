@@ -44,13 +44,17 @@ def open_arena(cfg: HarliConfig, cuda_host: bool) -> Arena | None:
         # an MPS client; IPC between MPS and non-MPS contexts is supported on Volta and later
         # (MPS doc, "Application Considerations").
         return CudaArena.create(cfg.arena_bytes, cfg.memory.page_bytes)
+    # Earlier versions named the arena harli-<pid>-arena, and a SIGKILLed daemon left it.
     removed = remove_stale_arenas()
     if removed:
         logger.info("[daemon] removed arenas of dead daemons: %s", removed)
+    # Unnamed: the memory goes when the last process holding or mapping the file exits, so
+    # even a SIGKILLed daemon leaves nothing in /dev/shm. The daemon keeps the descriptor;
+    # each child inherits it at every (re)start (ChildSpecs.pass_fds).
     arena = ShmArena.create(f"harli-{os.getpid()}-arena", cfg.arena_bytes,
                             cfg.memory.page_bytes)
-    logger.info("[daemon] arena %s: %.2f GiB in %d pages", arena.handle.name,
-                cfg.arena_bytes / 2**30, arena.handle.num_pages)
+    logger.info("[daemon] arena: %.2f GiB in %d pages, an unnamed /dev/shm file (fd %d)",
+                cfg.arena_bytes / 2**30, arena.handle.num_pages, arena.handle.fd)
     return arena
 
 
@@ -158,7 +162,7 @@ def _release(arena: Arena | None, ctx: zmq.Context[Any],
     # Module-level and given only the resources, so that the finalizer does not keep the
     # owner alive.
     if arena is not None:
-        arena.close()  # the creator unlinks it
+        arena.close()  # shm: closes the daemon's descriptor; no name to unlink
     for sock, linger_ms in sockets:
         sock.close(linger=linger_ms)
     for auth in authenticators:

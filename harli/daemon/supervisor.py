@@ -51,7 +51,10 @@ class ProcHandle(Protocol):
 class ProcessOps(Protocol):
     """Everything the supervisor asks of the OS."""
 
-    def spawn(self, argv: Sequence[str], env: dict[str, str]) -> ProcHandle: ...
+    def spawn(self, argv: Sequence[str], env: dict[str, str],
+              pass_fds: Sequence[int] = ()) -> ProcHandle:
+        """Start ``argv``; the descriptors in ``pass_fds`` stay open in it, same numbers."""
+        ...
 
     def kill(self, proc: ProcHandle, sig: int) -> None: ...
 
@@ -59,8 +62,10 @@ class ProcessOps(Protocol):
 class PopenOps:
     """The real OS: each child leads its own process group, so a signal reaches its tree."""
 
-    def spawn(self, argv: Sequence[str], env: dict[str, str]) -> ProcHandle:
-        return subprocess.Popen(list(argv), env=env, start_new_session=True)
+    def spawn(self, argv: Sequence[str], env: dict[str, str],
+              pass_fds: Sequence[int] = ()) -> ProcHandle:
+        return subprocess.Popen(list(argv), env=env, start_new_session=True,
+                                pass_fds=tuple(pass_fds))
 
     def kill(self, proc: ProcHandle, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -152,10 +157,13 @@ class Child:
     def __init__(self, name: str, argv: Callable[[int], Sequence[str]], env: dict[str, str],
                  cfg: SupervisorConfig, ops: ProcessOps, *,
                  may_start: Callable[[], bool] = lambda: True,
-                 before_signal: Callable[[int], None] | None = None) -> None:
+                 before_signal: Callable[[int], None] | None = None,
+                 pass_fds: Sequence[int] = ()) -> None:
         self.name = name
         self._argv = argv
         self._env = env
+        # Inherited by every incarnation (the CPU arena's descriptor).
+        self._pass_fds = tuple(pass_fds)
         self.cfg = cfg
         self.ops = ops
         self.state = ChildState.STOPPED
@@ -185,7 +193,7 @@ class Child:
             raise RuntimeError(f"cannot start {self.name} in state {self.state.value}")
         self.incarnation += 1
         self._forcing = None
-        self.proc = self.ops.spawn(self._argv(self.incarnation), self._env)
+        self.proc = self.ops.spawn(self._argv(self.incarnation), self._env, self._pass_fds)
         self._started_at = now
         self._ready_at = None
         self.state = ChildState.STARTING

@@ -8,6 +8,7 @@ libgomp reads once, when it loads (``quota.openmp_start_mask``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from harli.config import from_json, parse_cpu_list
@@ -25,6 +26,12 @@ def main() -> int:
     args = p.parse_args()
     cfg = from_json(args.config_json)
     die_with_parent()
+    if os.environ.get("HARLI_DAEMON_PID", str(os.getppid())) != str(os.getppid()):
+        # The daemon died before the parent-death signal was armed: nothing would end us,
+        # and we would hold its arena's memory (an inherited descriptor) for good.
+        print("harli.finetune_proc: the daemon that started it is gone; exiting",
+              file=sys.stderr)
+        return 1
     set_title(f"harli::finetune[{args.incarnation}]")
     configure_logging("finetune", cfg.daemon.log_level)
     # The finetune takes only CPU time that the daemon, decode and clients leave (a training

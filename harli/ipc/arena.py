@@ -1,6 +1,7 @@
 """The arena channel's wire type: ``ArenaHandle``, how a child finds the shared arena.
 
-A /dev/shm path on CPU hosts, a hex-encoded CUDA IPC handle on GPU hosts; the mapping code is
+On CPU hosts the daemon's descriptor of an unnamed /dev/shm file, which each child inherits
+under the same number; on GPU hosts a hex-encoded CUDA IPC handle. The mapping code is
 ``harli.arena``.
 """
 
@@ -14,10 +15,15 @@ class ArenaHandle(msgspec.Struct, tag=True, kw_only=True, array_like=True, froze
     JSON on its command line."""
 
     kind: str  # "shm" (CPU) or "cuda"
-    name: str  # shm: the file's path
+    # shm: a path that opens the file while its creator lives, /proc/<creator pid>/fd/<fd>
+    # (the file itself has no name); cuda: the IPC handle, hex
+    name: str
     size_bytes: int
     page_bytes: int
     generation: int  # bumps when the daemon recreates the arena
+    # shm: the creator's descriptor of the file; the daemon's children inherit it under this
+    # number (Popen pass_fds) and map it. -1: none to inherit (cuda), open ``name`` instead.
+    fd: int = -1
 
     @property
     def num_pages(self) -> int:

@@ -52,7 +52,7 @@ def test_tensor_is_a_view_not_a_copy(arena: ShmArena) -> None:
     assert int(arena.tensor(0, 16)[0]) == 42
 
 
-def test_handle_round_trips_and_the_creator_unlinks(tmp_path: Path) -> None:
+def test_handle_round_trips_and_the_creators_close_ends_the_arena(tmp_path: Path) -> None:
     a = ShmArena.create(f"harli-test-{uuid.uuid4().hex[:8]}", 2 * PAGE, PAGE)
     h = msgspec.msgpack.decode(msgspec.msgpack.encode(a.handle), type=ArenaHandle)
     assert h == a.handle and h.num_pages == 2

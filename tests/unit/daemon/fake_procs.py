@@ -12,6 +12,7 @@ class FakeProc:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        self.pass_fds: tuple[int, ...] = ()  # what spawn was asked to let it inherit
         # What each signal does to it (None: it ignores that signal).
         self.on_signal: dict[int, int | None] = {signal.SIGTERM: -15, signal.SIGKILL: -9}
 
@@ -33,8 +34,10 @@ class FakeOps:
         self.procs: list[FakeProc] = []
         self.signals: list[tuple[int, int]] = []
 
-    def spawn(self, argv: Sequence[str], env: dict[str, str]) -> FakeProc:
+    def spawn(self, argv: Sequence[str], env: dict[str, str],
+              pass_fds: Sequence[int] = ()) -> FakeProc:
         p = FakeProc(100 + len(self.procs))
+        p.pass_fds = tuple(pass_fds)
         self.procs.append(p)
         return p
 
