@@ -207,6 +207,7 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
         samples: list[dict[str, float | None]] = []
         stop = threading.Event()
         replayed: dict[str, Any] = {}
+        sampler: threading.Thread | None = None
         try:
             _warm_up(ctl, job.job_id, say)
             say(f"{cycles} cycles of {len(policies)} blocks of {block_s:g} s ({run_s:.0f} s, "
@@ -228,6 +229,8 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
             res["host_steal_pct"] = steal_pct(cpu0, cpu_times())
         finally:
             stop.set()
+            if sampler is not None:
+                sampler.join(timeout=30)  # its client must not be closed under a request
             ctl_sampler.close()
             ctl.cancel(job.job_id)
     results = replayed.get("results", [])
