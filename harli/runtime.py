@@ -27,14 +27,20 @@ class ConfigurationError(Exception):
     setting its engine refuses): permanent, so not worth a restart."""
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
+DAEMON_PID_VAR = "HARLI_DAEMON_PID"  # set by the daemon in each child's environment
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     """Ask Linux to send ``sig`` to this process when its parent exits, so a child never
-    outlives a daemon that was SIGKILLed (SGLang/vLLM do the same)."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-        logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    outlives a daemon that was SIGKILLed (SGLang/vLLM do the same). Returns False when the
+    daemon that started this process (``$HARLI_DAEMON_PID``) is already gone: it died before
+    the signal was armed, nothing would end this process, and it would hold the daemon's arena
+    (an inherited descriptor) for good, so the caller must exit."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+            logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    return os.environ.get(DAEMON_PID_VAR, str(os.getppid())) == str(os.getppid())
 
 
 def decode_cores(cpu_cores: str, cpu_threads: int,

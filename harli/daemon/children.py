@@ -23,11 +23,11 @@ from harli.daemon.disabled import NullChild
 from harli.daemon.mps import MpsControl, terminate_hook
 from harli.daemon.supervisor import Child, ProcessOps
 from harli.ipc.arena import ArenaHandle
-from harli.runtime import decode_cores, format_cpu_list, pin_to
+from harli.runtime import DAEMON_PID_VAR, decode_cores, format_cpu_list, pin_to
 
 # Read by decode_proc (proc.run_decode_proc) and finetune_proc (__main__), which may not import
 # this package, so they spell it out.
-DAEMON_PID_ENV = "HARLI_DAEMON_PID"
+DAEMON_PID_ENV = DAEMON_PID_VAR  # read by runtime.die_with_parent in each child
 
 
 @dataclass(frozen=True)

@@ -175,10 +175,7 @@ def run_decode_proc(cfg: HarliConfig, incarnation: int, cpu_cores: str = "none",
     from harli.config import parse_cpu_list
     from harli.runtime import configure_logging, die_with_parent, pin_to, run_child, set_title
 
-    die_with_parent()
-    if os.environ.get("HARLI_DAEMON_PID", str(os.getppid())) != str(os.getppid()):
-        # The daemon died before the parent-death signal was armed: nothing would end us,
-        # and we would hold its arena's memory (an inherited descriptor) for good.
+    if not die_with_parent():
         print("harli.decode_proc: the daemon that started it is gone; exiting", file=sys.stderr)
         return 1
     set_title(f"harli::decode[{incarnation}]")

@@ -8,7 +8,6 @@ libgomp reads once, when it loads (``quota.openmp_start_mask``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from harli.config import from_json, parse_cpu_list
@@ -25,10 +24,7 @@ def main() -> int:
                    help="decode's cores, which the top quota levels may also use")
     args = p.parse_args()
     cfg = from_json(args.config_json)
-    die_with_parent()
-    if os.environ.get("HARLI_DAEMON_PID", str(os.getppid())) != str(os.getppid()):
-        # The daemon died before the parent-death signal was armed: nothing would end us,
-        # and we would hold its arena's memory (an inherited descriptor) for good.
+    if not die_with_parent():
         print("harli.finetune_proc: the daemon that started it is gone; exiting",
               file=sys.stderr)
         return 1
