@@ -331,6 +331,9 @@ def verdict(res: dict[str, Any]) -> str:
         if best is None:
             parts.append(f"; no static level's interval met {target:.0%} per token, so there "
                          f"is no ratio to report")
+        elif r["value"] is None:
+            parts.append(f"; there is no ratio to {best}: some load phase has no block of "
+                         f"harli or of {best} (run more cycles)")
         elif r["lo"] is None:
             parts.append(f"and trained {r['value']:.2f}x the tokens/s of {best}, the best "
                          f"static level meeting {target:.0%} (too few cycles for an interval)")

@@ -98,3 +98,9 @@ def test_a_negative_rate_scale_or_an_auto_slo_without_arrivals_is_refused(
     assert "--rate-scale must be >= 0" in capsys.readouterr().err
     assert main(["bench", "--rate-scale", "0"]) == 2  # --slo auto is the default
     assert "--slo auto" in capsys.readouterr().err
+
+
+def test_verdict_says_when_a_phase_lacks_blocks_for_a_ratio() -> None:
+    res = _res(260)
+    res["verdict"]["ratio"] = {"value": None, "lo": None, "hi": None}
+    assert "there is no ratio to static:2: some load phase has no block" in verdict(res)
