@@ -247,6 +247,8 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
     res["errors"] = sum(1 for r in results if "error" in r)
     res["blocks"] = [asdict(b) for b in blocks]
     res["decision_p99_us"] = _decision_p99(raw)
+    res["decisions_by_reason"] = [{"policy": b["policy"], "cycle": b["cycle"],
+                                   "by_reason": b["decisions_by_reason"]} for b in raw]
     v = bl.verdict(blocks, res["phase_weights"], target,
                    "harli" if "harli" in policies else "", resamples, seed)
     res["verdict"] = asdict(v)
@@ -288,7 +290,13 @@ def _run_blocks(ctl: Any, order: list[list[str]], t0: float, block_s: float,
             sched = ctl.status().scheduler  # decision times since this block's switch
             out.append({"policy": policy, "cycle": cycle, "w0": w0, "w1": w1,
                         "decision_p99_us": sched.decision_p99_us if sched else None,
-                        "decision_cpu_p99_us": sched.decision_cpu_p99_us if sched else None})
+                        "decision_cpu_p99_us": sched.decision_cpu_p99_us if sched else None,
+                        # Why the policy chose its levels in this block, by the reason's first
+                        # word and level (e.g. harli "infeasible" at 0 through a busy stretch).
+                        "decisions_by_reason": {
+                            kind: {str(lv): n for lv, n in sorted(by.items())}
+                            for kind, by in sorted(sched.decisions_by_reason.items())}
+                        if sched else {}})
     return out
 
 

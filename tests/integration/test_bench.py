@@ -42,6 +42,12 @@ def test_bench_runs_the_policies_in_blocks_over_one_workload(tmp_path: Path) -> 
         if fig["attainment"]["value"] is not None:
             assert 0 <= fig["attainment"]["value"] <= 1
     assert res["decision_p99_us"]["harli"]["decision_cpu_p99_us"] is not None
+    for rec in res["decisions_by_reason"]:  # every block's decisions, under a reason word
+        if rec["policy"] == "decode-only":
+            assert set(rec["by_reason"]) <= {"decode-only"}
+        if rec["policy"] == "harli":
+            assert set(rec["by_reason"]) <= {"idle", "steady", "down", "up", "hold",
+                                             "infeasible"}
     assert {s["level"] for s in res["level_samples"]} >= {0}
     png = tmp_path / "bench.png"
     plot(res, png)
