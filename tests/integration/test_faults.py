@@ -15,9 +15,9 @@ import pytest
 
 from harli.bench.local_daemon import LocalDaemon, pid_alive
 from harli.client.inference import AsyncInferenceClient, RequestError
+from tests.procfs import arena_file, holders
 
 from .conftest import make_daemon
-from .test_leftovers import arena_file, holders
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,47 +21,9 @@ from harli.arena.shm import SHM_DIR, ArenaError, ShmArena, page_range
 from harli.config import load
 from harli.daemon.children import DAEMON_PID_ENV, ChildSpecs, CorePlan
 from harli.ipc.arena import ArenaHandle
+from tests.procfs import holders, wait_gone
 
 PAGE = 64 << 10
-
-
-def holders(dev: int, ino: int) -> set[int]:
-    """Pids of the processes (ours to read) that map the file or hold a descriptor of it."""
-    want = f"{os.major(dev):02x}:{os.minor(dev):02x} {ino} "
-    found = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if any(want in line for line in (proc / "maps").read_text().splitlines()):
-                found.add(int(proc.name))
-                continue
-            for fd in (proc / "fd").iterdir():
-                st = os.stat(fd)
-                if (st.st_dev, st.st_ino) == (dev, ino):
-                    found.add(int(proc.name))
-                    break
-        except OSError:  # gone meanwhile, or not ours
-            continue
-    return found
-
-
-def gone(pid: int) -> bool:
-    """Exited (a zombie holds nothing any more: no mapping, no descriptor)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in status
-
-
-def wait_gone(pid: int, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not gone(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 @pytest.fixture
@@ -174,6 +135,7 @@ import sys, time, msgspec
 from harli.runtime import die_with_parent
 die_with_parent()
 from harli.ipc.arena import ArenaHandle
+from tests.procfs import holders, wait_gone
 from harli.arena.shm import ShmArena
 a = ShmArena.attach(msgspec.json.decode(sys.argv[1], type=ArenaHandle), prefault=False)
 assert int(a.tensor(0, 8).sum()) == 56
@@ -197,7 +159,7 @@ def test_sigkill_of_the_creator_frees_the_arena_once_its_child_is_gone() -> None
         assert {creator.pid, child} <= holders(st.st_dev, st.st_ino)
         creator.send_signal(signal.SIGKILL)
         creator.wait(timeout=30)
-        assert wait_gone(child), "the child outlived its SIGKILLed parent"
+        assert wait_gone([child]) == [], "the child outlived its SIGKILLed parent"
         assert holders(st.st_dev, st.st_ino) == set()
     finally:
         if creator.poll() is None:
