@@ -125,12 +125,19 @@ class JobManager:
         if not spec.output_dir:
             spec = msgspec.structs.replace(spec, output_dir=str(self.cfg.output_roots[0] /
                                                                 spec.name))
-        refused = self._conflict(spec)
-        if refused is not None:
-            reply.set_result(refused)
+        # Every name and active output directory, those of the attaches still being checked
+        # included: the loop is the only place jobs are added, so what passes here and in the
+        # check cannot be taken by another attach before it is stored.
+        jobs = self.store.all_jobs()
+        if spec.name in {j.name for j in jobs} | {a.spec.name for a in self._validating}:
+            reply.set_result(Error(request_id=None, code=ErrorCode.INVALID,
+                                   message=f"a job named {spec.name!r} exists already; choose "
+                                           f"another name"))
             return reply
+        taken = {j.spec.output_dir: j.spec.name for j in jobs if j.status not in js.TERMINAL}
+        taken.update((a.spec.output_dir, a.spec.name) for a in self._validating)
         deadline = None if msg.wait_s is None else now + ATTACH_REPLY_SHARE * msg.wait_s
-        work = self._executor.submit(self.validator.validate, spec, self._taken_output_dirs())
+        work = self._executor.submit(self.validator.validate, spec, taken)
         self._validating.append(_Attach(spec, deadline, msg.wait_s, work, reply))
         return reply
 
@@ -140,7 +147,6 @@ class JobManager:
             return
         now = time.monotonic() if now is None else now
         done = [a for a in self._validating if a.work.done()]
-        # Out of the in-flight list first: an attach must not conflict with itself.
         self._validating = [a for a in self._validating if all(a is not d for d in done)]
         for a in done:
             a.reply.set_result(self._settle(a, now))
@@ -157,10 +163,6 @@ class JobManager:
             return Error(request_id=None, code=ErrorCode.TIMEOUT,
                          message=f"checking job {a.spec.name!r} took longer than the "
                                  f"client's wait of {a.wait_s:.0f} s; it was not stored")
-        # Another attach may have taken the name or directory while this one was checked.
-        refused = self._conflict(a.spec)
-        if refused is not None:
-            return refused
         try:
             job = self.store.add(a.spec, report)
         except js.DuplicateJobName:
@@ -169,27 +171,6 @@ class JobManager:
         logger.info("[jobs] attached job %d %r", job.job_id, a.spec.name)
         self._queue_changed = True
         return job
-
-    def _taken_output_dirs(self) -> dict[str, str]:
-        taken = {j.spec.output_dir: j.spec.name for j in self.store.all_jobs()
-                 if j.status not in js.TERMINAL}
-        taken.update((a.spec.output_dir, a.spec.name) for a in self._validating)
-        return taken
-
-    def _conflict(self, spec: JobSpec) -> Error | None:
-        """A name or output directory already held by a stored job or an attach in flight."""
-        names = {j.name for j in self.store.all_jobs()}
-        names.update(a.spec.name for a in self._validating)
-        if spec.name in names:
-            return Error(request_id=None, code=ErrorCode.INVALID,
-                         message=f"a job named {spec.name!r} exists already; choose another "
-                                 f"name")
-        holder = self._taken_output_dirs().get(spec.output_dir)
-        if holder is not None:
-            return Error(request_id=None, code=ErrorCode.INVALID,
-                         message=f"output_dir {spec.output_dir} is already used by job "
-                                 f"{holder!r}")
-        return None
 
     def list_jobs(self, msg: ListJobs) -> JobList:
         return JobList(jobs=self.store.all_jobs())
