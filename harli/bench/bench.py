@@ -38,7 +38,9 @@ from harli.datasets import SAMPLE_DATASET
 TARGET = 0.99  # attainment per token the SLO is held to
 # --slo auto: the SLO is this many times the gap decode alone keeps at TARGET.
 SLO_MARGIN = 1.2
-# harli bench --quick: at most about two minutes, daemon start included.
+# The run's shape: `harli bench`'s defaults, and --quick's (about 3 minutes on 2 cores, daemon start
+# included).
+DEFAULTS = {"duration_s": 240.0, "block_s": 3.0, "settle_s": 0.75, "calib_s": 20.0}
 QUICK = {"duration_s": 70.0, "block_s": 2.5, "settle_s": 0.5, "calib_s": 12.0}
 
 
@@ -143,8 +145,9 @@ def _sleep_until(t: float) -> None:
 def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: float | None,
               seed: int, rate_scale: float, profile: Path | None,
               extra: list[str] | None = None, progress: Any = None,
-              max_batched_tokens: int = 32, workload: str = "decode", block_s: float = 3.0,
-              settle_s: float = 0.75, calib_s: float = 20.0, target: float = TARGET,
+              max_batched_tokens: int = 32, workload: str = "decode",
+              block_s: float = DEFAULTS["block_s"], settle_s: float = DEFAULTS["settle_s"],
+              calib_s: float = DEFAULTS["calib_s"], target: float = TARGET,
               resamples: int = 2000) -> dict[str, Any]:
     """One switchback run; returns everything as a JSON-able dict (every block kept)."""
     from harli.bench.local_daemon import LocalDaemon

@@ -19,25 +19,28 @@ class BenchCommand(Command):
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--quick", action="store_true",
-                       help=f"the short form, about two minutes in all: --duration-s "
+                       help=f"the short form (about 3 minutes on a 2-core VM, daemon start "
+                       f"included): --duration-s "
                        f"{bench.QUICK['duration_s']:g} --block-s {bench.QUICK['block_s']:g} "
                        f"--settle-s {bench.QUICK['settle_s']:g} --calib-s "
                        f"{bench.QUICK['calib_s']:g} (options given as well win)")
+        d, q = bench.DEFAULTS, bench.QUICK
         p.add_argument("--duration-s", type=float, default=None,
-                       help="length of the one workload the policies share, rounded to whole "
-                       "cycles (default: 240; --quick: 70)")
+                       help=f"length of the one workload the policies share, rounded to whole "
+                       f"cycles (default: {d['duration_s']:g}; --quick: {q['duration_s']:g})")
         p.add_argument("--block-s", type=float, default=None,
-                       help="one policy's turn in a cycle, seconds (default: 3)")
+                       help=f"one policy's turn in a cycle, seconds (default: "
+                       f"{d['block_s']:g})")
         p.add_argument("--settle-s", type=float, default=None,
-                       help="seconds after each switch left out of both sides' counts "
-                       "(default: 0.75)")
+                       help=f"seconds after each switch left out of both sides' counts "
+                       f"(default: {d['settle_s']:g})")
         p.add_argument("--slo", default="auto",
                        help=f"TPOT SLO in ms, or 'auto': {bench.SLO_MARGIN:g} x the gap decode "
-                       f"alone keeps for {bench.TARGET:.0%} of its tokens, measured first at "
-                       f"the workload's load")
+                       f"alone keeps for {100 * bench.TARGET:g} %% of its tokens, measured "
+                       f"first at the workload's load")
         p.add_argument("--calib-s", type=float, default=None,
-                       help="--slo auto: seconds of decode alone it is measured over (default: "
-                       "20)")
+                       help=f"--slo auto: seconds of decode alone it is measured over "
+                       f"(default: {d['calib_s']:g})")
         p.add_argument("--policies", default="",
                        help="comma-separated (default: decode-only, static:1..K, harli); "
                        "each cycle runs them in a shuffled order")
@@ -70,9 +73,7 @@ class BenchCommand(Command):
                     from None
             if args.slo <= 0:
                 raise CommandError("--slo must be > 0")
-        defaults = bench.QUICK if args.quick else \
-            {"duration_s": 240.0, "block_s": 3.0, "settle_s": 0.75, "calib_s": 20.0}
-        for key, value in defaults.items():
+        for key, value in (bench.QUICK if args.quick else bench.DEFAULTS).items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
         for key in ("duration_s", "block_s", "calib_s"):

@@ -50,6 +50,19 @@ def test_every_command_and_option_has_help_text() -> None:
     assert not missing
 
 
+def test_every_help_page_renders() -> None:
+    # argparse %-formats help strings: a bare "%" in one only fails when --help is asked for.
+    def pages(p: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+        yield p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sp in a.choices.values():
+                    yield from pages(sp)
+
+    for page in pages(build_parser()):
+        assert page.format_help()
+
+
 def test_generate_defaults_are_the_protocol_defaults() -> None:
     from harli.ipc.inference import Generate
 
