@@ -379,8 +379,12 @@ def iter_records(path: Path, limits: DatasetLimits = DatasetLimits(),
 
 def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], str]:
     """The records of a JSONL dataset and their single format (see the module docstring)."""
-    out = [(record, fmt) for _, record, fmt in iter_records(Path(path))]
-    return [r for r, _ in out], out[0][1]
+    records: list[dict[str, Any]] = []
+    fmt = ""
+    for _, record, record_fmt in iter_records(Path(path)):
+        records.append(record)
+        fmt = record_fmt  # one format per file: iter_records refuses a second
+    return records, fmt
 
 
 # --------------------------------------------------------------------------------------------
