@@ -7,7 +7,9 @@ for the finetune's quota level and, when the level changes, hands it to the ``Qu
 times, per token and per request, and hands the per-token counts to the policy (``harli``'s
 error budget). From the finetune's micro-step reports it measures each level's training rate
 beside a busy decode (``LevelRates``, kept across policy switches). The policy is switchable at
-run time (``harli policy SPEC``).
+run time (``harli policy SPEC``); each budgeted spelling's error budget is kept across
+switches too, so a policy that comes back (``harli bench`` turns them every few seconds) goes
+on from the tokens it served before, as it would had it run throughout.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from harli.daemon.metrics import Metrics
 from harli.ipc.control import SchedulerStatus
 from harli.ipc.decode import IterationTelemetry
 from harli.ipc.finetune import MicroStepReport
+from harli.scheduler.budget import ErrorBudget
 from harli.scheduler.policy import (
     BatchView,
     LatencyPredictor,
@@ -101,8 +104,12 @@ class QuotaScheduler:
         self._job_id = -1
         self._step_tokens = 0
         self.spec = ""
+        # Each budgeted spelling's error budget (harli, harli:max), fed only while it is in
+        # force; dropped when the SLO changes (they count misses of the old one).
+        self._budgets: dict[str, ErrorBudget] = {}
         self.policy: Policy = self._parse(cfg.policy)
-        self.spec = cfg.policy
+        self.spec = cfg.policy.strip().lower()
+        self._keep_budget(self.policy)
         self.last: PolicyDecision | None = None
         self.view = _IDLE  # what the last decision was made for
         self.decision_us: deque[float] = deque(maxlen=100_000)
@@ -115,10 +122,18 @@ class QuotaScheduler:
             lambda: self.counter.per_request() or 0.0)
 
     def _parse(self, spec: str, slo: SloTarget | None = None) -> Policy:
+        key = spec.strip().lower()
+        budgets = self._budgets if slo is None or slo == self.slo else {}
         return parse_policy(spec, self.model, self.levels, slo or self.slo,
                             budget_tokens=self.cfg.budget_tokens,
                             budget_max_factor=self.cfg.budget_max_factor, rates=self.rates,
-                            infeasible_slowdown=self.cfg.infeasible_slowdown)
+                            infeasible_slowdown=self.cfg.infeasible_slowdown,
+                            budget=budgets.get(key))
+
+    def _keep_budget(self, policy: Policy) -> None:
+        budget = getattr(policy, "budget", None)
+        if isinstance(budget, ErrorBudget):
+            self._budgets[self.spec] = budget
 
     def set_policy(self, spec: str, now: float, tpot_slo_ms: float | None = None) -> None:
         """Switch policy, and the SLO with it if given (ValueError naming the accepted forms
@@ -128,12 +143,14 @@ class QuotaScheduler:
         if slo != self.slo:
             self.slo = slo
             self.counter = SloCounter(slo)
+            self._budgets.clear()
             logger.info("[scheduler] TPOT SLO -> %.2f ms", slo.tpot_ms)
         self.policy = policy
         self.decision_us.clear()  # decision times are per policy
         self.decision_cpu_us.clear()
         self.by_reason.clear()
         self.spec = spec.strip().lower()
+        self._keep_budget(policy)
         logger.info("[scheduler] policy -> %s", self.spec)
         self.decide(_IDLE if self.last is None else None, now)
 

@@ -188,9 +188,10 @@ class LatencyModel:
         # fit.tracked_bound, which leaves the same warm-up out of its quantile).
         self._warmup = bias_warmup(self._cfg.ewma_alpha)
         # upper_bounds' fast path, by level: the stage line (scale, offset_s, floor_s) of each
-        # level with a fit of its own (level 0: the identity), and per kind of iteration the
+        # level with a stage of its own (level 0: the identity; a fitted level: its fit; an
+        # online level: its ratio, kept current as it learns), and per kind of iteration the
         # level's correction once it is warm; None where a level takes _at_level's general
-        # path (no fit of its own, or a bias still warming up). A decision runs after the
+        # path (a fallback stage, or a bias still warming up). A decision runs after the
         # daemon's loop has done everything else, on caches the finetune's threads share:
         # cold, so what it costs is what it touches (measured: 29 us median in the daemon
         # against 12 us in a warm loop), and lists by level touch less than dicts by (level,
@@ -263,13 +264,14 @@ class LatencyModel:
         """``_tracked_by_q[other_quantile]``, filled on its first use."""
         tracked: list[float | None] = []
         for level, line in enumerate(self._lines):
+            key = level if level == 0 or level in self._levels else 0  # online: stage 1's
             if line is None:
                 tracked.append(None)
             elif other_quantile is None:
-                tracked.append(self._fit_bounds[level][1])
+                tracked.append(self._fit_bounds[key][1])
             else:
-                tracked.append(self._quantile_bounds.get((level, other_quantile)) or
-                               self._tracked_at(level, other_quantile))
+                tracked.append(self._quantile_bounds.get((key, other_quantile)) or
+                               self._tracked_at(key, other_quantile))
         self._tracked_by_q[other_quantile] = tracked
         return tracked
 
@@ -393,8 +395,8 @@ class LatencyModel:
         host = self._host[key[1]]
         self._errors.append(abs(measured_s / (base_s * host.factor * corr.own_factor) - 1.0))
         log_ratio = min(_MAX_LOG_RATIO, max(-_MAX_LOG_RATIO, math.log(measured_s / base_s)))
-        if corr.n + 1 == self._warmup and fit_key == level:  # level 0 or one with a fit
-            self._warm[key[1]][level] = corr  # its bias is trusted from this update on
+        if corr.n + 1 >= self._warmup and not fallback:  # a stage of the level's own
+            self._mark_warm(level, key[1], corr)  # its bias is trusted from this update on
         if corr.update(log_ratio, fitted_spread_log, host, detect_drift=not fallback):
             self._last_drift_s[level] = now
             logger.warning("[predictor] drift at level %d: measured/predicted %+.1f%% "
@@ -407,6 +409,25 @@ class LatencyModel:
             ratio.update(measured_s / solo_s)
             if ratio.n == self._cfg.level_min_samples:
                 corr.reset_bias()  # its base moves from the fallback to its own ratio
+                self._tracked_by_q.clear()  # a new line: the lists by level grow
+            if ratio.n >= self._cfg.level_min_samples:
+                self._grow(level)
+                self._lines[level] = (ratio.ratio, 0.0, 0.0)
+
+    def _grow(self, level: int) -> None:
+        """Make the fast path's lists by level reach ``level`` (an online level past the top
+        fitted one)."""
+        while len(self._lines) <= level:
+            self._lines.append(None)
+            self._warm[False].append(None)
+            self._warm[True].append(None)
+
+    def _mark_warm(self, level: int, prefill: bool, corr: LevelCorrection) -> None:
+        """The level's own stage has a trusted bias for this kind of iteration: from now on
+        ``upper_bounds`` takes the fast path for it."""
+        self._grow(level)
+        if self._lines[level] is not None:
+            self._warm[prefill][level] = corr
 
     def _learn_solo(self, shape: BatchShape, measured_s: float) -> None:
         acc = self._accumulator

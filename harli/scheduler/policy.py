@@ -414,14 +414,17 @@ def check_policy(spec: str, levels: int) -> tuple[str, int | None]:
 def parse_policy(spec: str, model: LatencyPredictor, levels: int, slo: SloTarget, *,
                  budget_tokens: int = 1000, budget_max_factor: float = 10.0,
                  rates: LevelRates | None = None,
-                 infeasible_slowdown: float = 1.0) -> Policy:
-    """The policy named by ``spec`` (see ``check_policy``); ``harli`` and ``harli:max`` get a
-    fresh ``ErrorBudget(slo.attainment, budget_tokens, budget_max_factor)``; every harli form
-    gets ``rates`` (the daemon's, shared across policy switches) and ``infeasible_slowdown``."""
+                 infeasible_slowdown: float = 1.0,
+                 budget: ErrorBudget | None = None) -> Policy:
+    """The policy named by ``spec`` (see ``check_policy``); ``harli`` and ``harli:max`` get
+    ``budget`` (one kept by the caller across policy switches) or a fresh
+    ``ErrorBudget(slo.attainment, budget_tokens, budget_max_factor)``; every harli form gets
+    ``rates`` (the daemon's, shared across policy switches) and ``infeasible_slowdown``."""
     kind, level = check_policy(spec, levels)
     if kind in ("harli", "harli:max"):
-        return HarliPolicy(model, levels, slo, rates=rates,
-                           budget=ErrorBudget(slo.attainment, budget_tokens, budget_max_factor),
+        if budget is None or budget.attainment != slo.attainment:
+            budget = ErrorBudget(slo.attainment, budget_tokens, budget_max_factor)
+        return HarliPolicy(model, levels, slo, rates=rates, budget=budget,
                            infeasible_slowdown=infeasible_slowdown,
                            envelope="max" if kind == "harli:max" else "isotonic")
     if kind == "harli:strict":

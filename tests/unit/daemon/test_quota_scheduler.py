@@ -122,8 +122,17 @@ def test_measured_tokens_feed_harlis_error_budget_and_status_shows_its_quantile(
     qs.set_policy("harli:strict", 1.0)
     qs.on_telemetry(tele(8), 1.1)
     assert qs.status().bound_quantile is None  # the model's own quantile
-    qs.set_policy("harli", 2.0)  # a fresh budget, on target again
+    # Back to harli: its budget goes on from the tokens it served (the strict turn's tokens
+    # are not its own), as if it had run throughout.
+    qs.on_tokens([0.05] * 100)
+    qs.set_policy("harli", 2.0)
+    assert qs.policy.budget is policy.budget  # type: ignore[attr-defined]
     qs.on_telemetry(tele(8), 2.1)
+    assert (qs.status().bound_quantile or 1.0) < 0.99
+    # A new SLO: the misses counted were against the old one, so the budget starts afresh.
+    qs.set_policy("harli", 3.0, tpot_slo_ms=12.0)
+    assert qs.policy.budget is not policy.budget  # type: ignore[attr-defined]
+    qs.on_telemetry(tele(8), 3.1)
     assert qs.status().bound_quantile == 0.99
 
 
