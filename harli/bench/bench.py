@@ -2,10 +2,11 @@
 inference load while a LoRA job trains, in a switchback design, with 95 % intervals.
 
 One daemon serves the whole run (the real decode and finetune processes). The workload (Poisson
-arrivals in quiet, busy and bursty phases; ``harli.bench.workload``) is replayed once, from
-start to end; meanwhile the policies take turns in short blocks, switched live through the
-control API, each cycle of blocks in an order shuffled by the seed, so that the host's drifts
-and the load's phases fall on every policy alike. A settling margin after each switch is left
+arrivals, one load phase per cycle, quiet, busy and bursty in turn; ``harli.bench.workload``)
+is replayed once, from start to end; meanwhile the policies take turns in short blocks,
+switched live through the control API, each cycle of blocks in an order shuffled by the seed,
+so that every policy of a cycle faces the same load and the host's drifts fall on every policy
+alike. A settling margin after each switch is left
 out of both sides' counts. Per block: decode's inter-token gaps (from the engine's own token
 times) against the TPOT SLO, and the job's trained tokens. ``harli.bench.blocks`` pools them
 per policy and gives each figure a block-bootstrap interval; the verdict compares harli with
@@ -38,10 +39,14 @@ from harli.datasets import SAMPLE_DATASET
 TARGET = 0.99  # attainment per token the SLO is held to
 # --slo auto: the SLO is this many times the gap decode alone keeps at TARGET.
 SLO_MARGIN = 1.2
-# The run's shape: `harli bench`'s defaults, and --quick's (about 3 minutes on 2 cores, daemon start
-# included).
-DEFAULTS = {"duration_s": 240.0, "block_s": 3.0, "settle_s": 0.75, "calib_s": 20.0}
-QUICK = {"duration_s": 70.0, "block_s": 2.5, "settle_s": 0.5, "calib_s": 12.0}
+# The run's shape: `harli bench`'s defaults, and --quick's (under 2 minutes on 2 cores, daemon
+# start included). Cycles come in whole turns of the load phases, at least two of each.
+DEFAULTS = {"duration_s": 240.0, "block_s": 2.5, "settle_s": 0.5, "calib_s": 20.0}
+QUICK = {"duration_s": 72.0, "block_s": 2.0, "settle_s": 0.4, "calib_s": 8.0}
+# The bench's job: micro-steps of JOB_MICRO_BATCH x JOB_SEQ_LEN tokens (a fraction of a second
+# at every level), so that a block's trained tokens come from micro-steps that ran in it.
+JOB_SEQ_LEN = 128
+JOB_MICRO_BATCH = 4
 
 
 async def _replay(endpoint: str, requests: list[Any], seed: int,
@@ -151,7 +156,7 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
               resamples: int = 2000) -> dict[str, Any]:
     """One switchback run; returns everything as a JSON-able dict (every block kept)."""
     from harli.bench.local_daemon import LocalDaemon
-    from harli.bench.workload import default_spec, generate
+    from harli.bench.workload import CYCLE_PHASES, cycle_spec, default_spec, generate
     from harli.client.control import ControlClient
     from harli.ipc.jobs import JobSpec
     from harli.runtime import decode_cores
@@ -167,10 +172,13 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
                  f"decode.max_num_batched_tokens={max_batched_tokens}",
                  'scheduler.policy="decode-only"',
                  *([f'predictor.profile="{profile}"'] if profile else []), *(extra or [])]
-    # Whole cycles: every policy gets the same number of blocks.
-    cycles = max(2, round(duration_s / (block_s * len(policies))))
-    run_s = cycles * len(policies) * block_s
-    spec = default_spec(run_s, seed, rate_scale, workload)
+    # Whole cycles (every policy gets the same number of blocks) in whole turns of the load
+    # phases, at least two of each (a phase's spread is measured between its cycles).
+    turn = len(CYCLE_PHASES)
+    cycles = turn * max(2, round(duration_s / (block_s * len(policies) * turn)))
+    cycle_s = len(policies) * block_s
+    run_s = cycles * cycle_s
+    spec = cycle_spec(cycle_s, cycles, seed, rate_scale, workload)
     requests = generate(spec)
     order = bl.shuffled_cycles(policies, cycles, seed)
     res: dict[str, Any] = {
@@ -202,8 +210,9 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
                 "how": f"{SLO_MARGIN:g} x the gap decode alone kept for {target:.0%} of "
                        f"{len(gaps)} tokens over {calib_s:.0f} s of the workload"}
         res["slo_ms"] = slo_ms
-        job = ctl.attach(JobSpec(name="bench", dataset=str(SAMPLE_DATASET), max_seq_len=128,
-                                 micro_batch_size=8, learning_rate=1e-4,
+        job = ctl.attach(JobSpec(name="bench", dataset=str(SAMPLE_DATASET),
+                                 max_seq_len=JOB_SEQ_LEN, micro_batch_size=JOB_MICRO_BATCH,
+                                 learning_rate=1e-4,
                                  lr_schedule="constant", max_steps=10_000_000,
                                  checkpoint_every=10_000_000))
         ctl_sampler = ControlClient(daemon.cfg.control_endpoint)
@@ -360,8 +369,9 @@ def verdict(res: dict[str, Any]) -> str:
                          f"straddles {target:.0%})")
         fr = v["fraction_of_best_mix"]
         if fr["value"] is not None:
-            parts.append(f"; it reached {_ci(fr, '.2f')} of the best mix in hindsight (per "
-                         f"load phase the highest static level that met the target)")
+            parts.append(f"; it reached {_ci(fr, '.2f')} of the best mix in hindsight (a "
+                         f"fixed level per load phase, the mix that trained most while meeting "
+                         f"{target:.0%} per token over all phases)")
     steal = res.get("host_steal_pct")
     if steal is not None and steal >= HOST_STEAL_WARN_PCT:
         parts.append(f"; the hypervisor took {steal:.0f} % of this VM's CPU time during the run")

@@ -3,10 +3,11 @@ one continuous workload, and every figure is pooled over a policy's blocks and g
 interval from a block bootstrap that resamples whole cycles.
 
 A *cycle* is one block of every policy, in an order shuffled by the seed, so slow drifts of the
-host and the load's phases fall on every policy alike. Tokens are attributed to the block in
-which they were emitted, and only after a settling margin from the switch (counted by the
-caller: a block's window starts after it); trained tokens are the job's count at the window's
-two ends.
+host fall on every policy alike; the workload keeps one load phase through a cycle (the phases
+take turns cycle by cycle), so within a cycle every policy faces the same load. Tokens are
+attributed to the block in which they were emitted, and only after a settling margin from the
+switch (counted by the caller: a block's window starts after it); a micro-step's trained tokens
+are split between blocks by the time it ran in each.
 
 No torch, no sockets: everything here is unit tested on synthetic blocks.
 """
@@ -170,39 +171,71 @@ def stratified_tok_s(blocks: Sequence[Block], policy: str,
 
 def best_mix_tok_s(blocks: Sequence[Block], weights: dict[str, float],
                    target: float) -> float | None:
-    """The best mix in hindsight: in each phase the fixed level (``decode-only`` is 0) that
-    trained most among those whose attainment there met ``target``, weighted by the phase's
-    share of time. A phase in which no level met it contributes nothing (the mix would have
-    paused there). None when some phase has no fixed-level block at all."""
-    fixed = sorted({b.policy for b in blocks if level_of(b.policy) is not None},
-                   key=lambda p: level_of(p) or 0)
-    total = 0.0
+    """The best mix in hindsight: a fixed level per load phase (``decode-only`` is 0), the
+    combination that trains most, each phase weighted by its share of time, among those whose
+    tokens, all phases together, meet ``target``. Each phase brings the tokens per second the
+    run measured there (over every policy's blocks), kept within the SLO at the share its
+    level kept there; a level with no token in a phase missed none there. Running one level
+    throughout is one such mix, so the best mix trains at least as much as the best static
+    level; a phase whose every level missed the target may still be spent on the fastest one
+    when the quieter phases leave the misses to spare. None when some phase has no
+    fixed-level block, or no mix meets the target."""
+    fixed = [p for p in dict.fromkeys(b.policy for b in blocks) if level_of(p) is not None]
+    options: list[list[tuple[float, float, float]]] = []  # per phase: (w tok/s, ok, tokens)
     for phase, w in weights.items():
-        met = [p for p in fixed if (a := attainment(_by(blocks, p, phase))) is not None
-               and a >= target]
-        if not any(_by(blocks, p, phase) for p in fixed):
+        here = [b for b in blocks if b.phase == phase]
+        seconds = sum(b.duration_s for b in here)
+        rate = sum(b.tokens for b in here) / seconds if seconds > 0 else 0.0
+        opts = []
+        for p in fixed:
+            mine = _by(here, p)
+            if not mine:
+                continue
+            share = attainment(mine)
+            tokens = w * rate
+            opts.append((w * (tok_s(mine) or 0.0),
+                         tokens * (1.0 if share is None else share), tokens))
+        if not opts:
             return None
-        if met:
-            total += w * max(tok_s(_by(blocks, p, phase)) or 0.0 for p in met)
-    return total
+        options.append(opts)
+    best: float | None = None
+    for mix in itertools.product(*options):
+        trained = sum(m[0] for m in mix)
+        if best is not None and trained <= best:
+            continue
+        tokens = sum(m[2] for m in mix)
+        if tokens <= 0 or sum(m[1] for m in mix) >= target * tokens:
+            best = trained
+    return best
+
+
+def _stratum(cycle: Sequence[Block]) -> str:
+    """A cycle's load phase: the one most of its blocks ran in."""
+    phases = [b.phase for b in cycle]
+    return max(dict.fromkeys(phases), key=phases.count)
 
 
 def bootstrap(blocks: Sequence[Block], stat: Callable[[Sequence[Block]], float | None],
               resamples: int = 2000, seed: int = 0) -> Estimate:
     """``stat`` on all blocks, with the 2.5 and 97.5 percentiles of ``stat`` over resamples of
     whole cycles drawn with replacement (a cycle's blocks stay together, so the drift they
-    shared stays in the interval). Resamples where ``stat`` is undefined are left out."""
+    shared stays in the interval), within each load phase: a resample has as many cycles of
+    each phase as the run had, so it moves with the policies, not with how much of each load
+    it happened to draw. Resamples where ``stat`` is undefined are left out."""
     value = stat(blocks)
     cycles: dict[int, list[Block]] = {}
     for b in blocks:
         cycles.setdefault(b.cycle, []).append(b)
-    keys = sorted(cycles)
-    if value is None or len(keys) < 2:
+    strata: dict[str, list[list[Block]]] = {}
+    for key in sorted(cycles):
+        strata.setdefault(_stratum(cycles[key]), []).append(cycles[key])
+    if value is None or len(cycles) < 2:
         return Estimate(value)
     rng = random.Random(seed)
     draws: list[float] = []
     for _ in range(resamples):
-        sample = [b for _ in keys for b in cycles[rng.choice(keys)]]
+        sample = [b for group in strata.values() for _ in group
+                  for b in group[rng.randrange(len(group))]]
         v = stat(sample)
         if v is not None and math.isfinite(v):
             draws.append(v)

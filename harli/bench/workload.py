@@ -79,33 +79,52 @@ def generate(spec: WorkloadSpec) -> list[Request]:
     return out
 
 
+# Per workload kind: each phase's mean arrival rate (requests/s) and the prompt and output
+# lengths. ``"decode"`` is what a decode instance of a prefill/decode-disaggregated service
+# sees, the deployment Harli co-locates with: the prompt was prefilled elsewhere and its KV
+# cache arrives, so a request costs the instance almost no prefill. We cannot ship KV between
+# instances here; a short prompt stands in for it. ``"mixed"`` is a colocated prefill+decode
+# server (longer prompts, chunked prefill in the decode iterations).
+_KINDS: dict[str, tuple[dict[str, float], LengthDist, LengthDist]] = {
+    "decode": ({"quiet": 0.3, "busy": 2.0, "bursty": 5.0},
+               LengthDist(median=12, sigma=0.4, lo=4, hi=32),
+               LengthDist(median=128, sigma=0.5, lo=32, hi=384)),
+    "mixed": ({"quiet": 0.5, "busy": 4.0, "bursty": 10.0},
+              LengthDist(median=64, sigma=0.8, lo=8, hi=512),
+              LengthDist(median=64, sigma=0.6, lo=8, hi=256)),
+}
+WORKLOAD_KINDS = tuple(_KINDS)
+# The load phases a switchback run's cycles take in turn.
+CYCLE_PHASES = ("quiet", "busy", "bursty")
+
+
+def _kind(kind: str) -> tuple[dict[str, float], LengthDist, LengthDist]:
+    if kind not in _KINDS:
+        raise ValueError(f"workload kind must be one of {', '.join(WORKLOAD_KINDS)}, got "
+                         f"{kind!r}")
+    return _KINDS[kind]
+
+
 def default_spec(duration_s: float = 90.0, seed: int = 0, scale: float = 1.0,
                  kind: str = "decode") -> WorkloadSpec:
     """Quiet, busy, bursty, quiet: a fifth, two fifths, a fifth, a fifth of the time.
-    ``scale`` multiplies every rate (fit the load to the host).
-
-    ``kind``: ``"decode"`` is what a decode instance of a prefill/decode-disaggregated service
-    sees, the deployment Harli co-locates with: the prompt was prefilled elsewhere and its KV
-    cache arrives, so a request costs the instance almost no prefill. We cannot ship KV
-    between instances here; a short prompt stands in for it. ``"mixed"`` is a colocated
-    prefill+decode server (longer prompts, chunked prefill in the decode iterations)."""
-    if kind not in WORKLOAD_KINDS:
-        raise ValueError(f"workload kind must be one of {', '.join(WORKLOAD_KINDS)}, got "
-                         f"{kind!r}")
+    ``scale`` multiplies every rate (fit the load to the host); ``kind`` is one of
+    ``WORKLOAD_KINDS`` (see ``_KINDS``)."""
+    rates, prompt, output = _kind(kind)
     d = duration_s
-    if kind == "decode":
-        return WorkloadSpec(
-            phases=(Phase("quiet", 0.2 * d, 0.3 * scale), Phase("busy", 0.4 * d, 2.0 * scale),
-                    Phase("bursty", 0.2 * d, 5.0 * scale), Phase("quiet", 0.2 * d, 0.3 * scale)),
-            prompt=LengthDist(median=12, sigma=0.4, lo=4, hi=32),
-            output=LengthDist(median=128, sigma=0.5, lo=32, hi=384),
-            seed=seed)
     return WorkloadSpec(
-        phases=(Phase("quiet", 0.2 * d, 0.5 * scale), Phase("busy", 0.4 * d, 4.0 * scale),
-                Phase("bursty", 0.2 * d, 10.0 * scale), Phase("quiet", 0.2 * d, 0.5 * scale)),
-        prompt=LengthDist(median=64, sigma=0.8, lo=8, hi=512),
-        output=LengthDist(median=64, sigma=0.6, lo=8, hi=256),
-        seed=seed)
+        phases=tuple(Phase(name, share * d, rates[name] * scale) for name, share in
+                     (("quiet", 0.2), ("busy", 0.4), ("bursty", 0.2), ("quiet", 0.2))),
+        prompt=prompt, output=output, seed=seed)
 
 
-WORKLOAD_KINDS = ("decode", "mixed")
+def cycle_spec(cycle_s: float, cycles: int, seed: int = 0, scale: float = 1.0,
+               kind: str = "decode") -> WorkloadSpec:
+    """One phase per cycle of ``cycle_s`` seconds, ``CYCLE_PHASES`` in turn: the switchback
+    bench's workload, in which every policy of a cycle faces the same load."""
+    rates, prompt, output = _kind(kind)
+    if cycles < 1 or not cycle_s > 0:
+        raise ValueError(f"need cycles >= 1 and cycle_s > 0, got {cycles} and {cycle_s}")
+    names = [CYCLE_PHASES[i % len(CYCLE_PHASES)] for i in range(cycles)]
+    return WorkloadSpec(phases=tuple(Phase(n, cycle_s, rates[n] * scale) for n in names),
+                        prompt=prompt, output=output, seed=seed)

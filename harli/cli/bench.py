@@ -19,7 +19,7 @@ class BenchCommand(Command):
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--quick", action="store_true",
-                       help=f"the short form (about 3 minutes on a 2-core VM, daemon start "
+                       help=f"the short form (under 2 minutes on a 2-core VM, daemon start "
                        f"included): --duration-s "
                        f"{bench.QUICK['duration_s']:g} --block-s {bench.QUICK['block_s']:g} "
                        f"--settle-s {bench.QUICK['settle_s']:g} --calib-s "

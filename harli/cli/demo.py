@@ -175,7 +175,7 @@ class DemoCommand(Command):
         p.add_argument("--steps", type=int, default=150, help="optimizer steps of the job")
         p.add_argument("--no-finetune", action="store_true", help="decode requests only")
         p.add_argument("--no-bench", action="store_true",
-                       help="skip the closing harli bench --quick (about 3 minutes)")
+                       help="skip the closing harli bench --quick (about 2 minutes)")
 
     def run(self, args: argparse.Namespace) -> int:
         from rich.console import Console

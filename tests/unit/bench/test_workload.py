@@ -9,10 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harli.bench.workload import (
+    CYCLE_PHASES,
     WORKLOAD_KINDS,
     LengthDist,
     Phase,
     WorkloadSpec,
+    cycle_spec,
     default_spec,
     generate,
 )
@@ -70,3 +72,16 @@ def test_bad_phases_and_distributions_are_refused() -> None:
     empty = WorkloadSpec(phases=(Phase("idle", 5.0, 0.0),), prompt=LengthDist(8, 0, 8, 8),
                          output=LengthDist(8, 0, 8, 8))
     assert generate(empty) == []
+
+
+@pytest.mark.parametrize("kind", WORKLOAD_KINDS)
+def test_a_switchback_workload_holds_one_phase_per_cycle_in_turn(kind: str) -> None:
+    spec = cycle_spec(12.0, 7, 5, 1.0, kind)
+    assert [p.name for p in spec.phases] == [CYCLE_PHASES[i % 3] for i in range(7)]
+    assert all(p.duration_s == 12.0 for p in spec.phases) and spec.duration_s == 84.0
+    rates = {p.name: p.rate_rps for p in default_spec(60, 0, 1.0, kind).phases}
+    assert all(p.rate_rps == rates[p.name] for p in spec.phases)  # the same loads
+    for r in generate(spec):  # each request in its cycle's phase
+        assert r.phase == CYCLE_PHASES[int(r.arrival_s // 12.0) % 3]
+    with pytest.raises(ValueError, match="cycles >= 1"):
+        cycle_spec(12.0, 0)
