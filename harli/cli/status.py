@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from harli.cli.command import Command, add_endpoint_arguments, control_client
+from harli.ipc.control import PredictorStatus
 
 
 def _mib(n: int) -> str:
@@ -51,8 +53,7 @@ class StatusCommand(Command):
             err = "-" if p.recent_mean_abs_pct_error is None else \
                 f"{p.recent_mean_abs_pct_error:.1f} %"
             seen = ", ".join(f"L{k}: {v}" for k, v in sorted(p.samples_seen.items())) or "none"
-            con.print(f"finetune level {st.level}; predictor: "
-                      f"{'profile ' + p.profile if p.profile else 'no profile, learning online'}"
+            con.print(f"finetune level {st.level}; predictor: {_predictor_in_force(p)}"
                       f"; iterations seen {seen}; recent error {err}; drift events "
                       f"{p.drift_events}")
         sc = st.scheduler
@@ -132,3 +133,25 @@ class PolicyCommand(Command):
             st = c.set_policy(args.policy)
         print(f"policy {st.scheduler.policy if st.scheduler else '-'}; level {st.level}")
         return 0
+
+
+def _when(t: float) -> str:
+    ago = max(0.0, time.time() - t)
+    span = f"{ago:.0f} s" if ago < 120 else f"{ago / 60:.0f} min" if ago < 7200 else \
+        f"{ago / 3600:.1f} h"
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))} ({span} ago)"
+
+
+def _predictor_in_force(p: PredictorStatus) -> str:
+    """Which profile is in force and since when."""
+    if p.profile:
+        return f"profile {p.profile}, in force since {_when(p.since)}" if p.since else \
+            f"profile {p.profile}"
+    if p.since is None:
+        return "no profile: on the conservative prior until enough decode-alone iterations " \
+               "are seen to fit stage 1 online"
+    levels = ", ".join(f"L{lv} since {_when(t)}" for lv, t in sorted(p.levels_learnt.items()))
+    refit = f", last refit {_when(p.last_fit)}" if p.last_fit and p.online_refits > 1 else ""
+    return (f"no profile: learnt online, stage 1 since {_when(p.since)} ({p.online_refits} "
+            f"fits{refit}); levels on their own measured ratio: {levels or 'none yet'}")
+

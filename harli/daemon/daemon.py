@@ -371,7 +371,8 @@ class Daemon:
                             decode_iterations=self.iterations_seen,
                             memory=self.memory.status(), job_running=self.jobs.running,
                             jobs_queued=self.jobs.queued(), level=self.quota.level,
-                            predictor=self.latency.status(), scheduler=self.scheduler.status(),
+                            predictor=self.latency.status(self.clock()),
+                            scheduler=self.scheduler.status(),
                             finetune_quota=self.finetune_quota)
 
     # -- MPS ---------------------------------------------------------------------------------

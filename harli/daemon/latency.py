@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import harli
@@ -63,6 +64,7 @@ class LatencyTracker:
         self.model = model
         self.source = source
         self.metrics = metrics
+        self.loaded_at = time.time()  # a profile is in force from here
         self._prev: IterationTelemetry | None = None
         # Read at scrape time, not on every iteration.
         metrics.predictor_error.set_function(self._recent_error)
@@ -106,8 +108,17 @@ class LatencyTracker:
         events = self.model.stats()["drift_events"]
         return sum(events.values()) if isinstance(events, dict) else 0
 
-    def status(self) -> PredictorStatus:
+    def status(self, now: float) -> PredictorStatus:
+        """``now``: the daemon's clock, the one telemetry was observed on (its times are
+        reported as unix times)."""
         s = self.model.stats()
+        wall = time.time() - now
+
+        def unix(t: object) -> float | None:
+            return wall + t if isinstance(t, float | int) else None
+
+        learnt = s["levels_learnt_s"]
+        refits = s["online_refits"]
         seen = s["samples_seen"]
         err = s["recent_mean_abs_pct_error"]
         bias = s["bias"]
@@ -119,7 +130,12 @@ class LatencyTracker:
             bias={int(k): float(v) for k, v in bias.items()} if isinstance(bias, dict) else {},
             drift_events=self._drift_events(),
             fallback_predictions=sum(fallbacks.values()) if isinstance(fallbacks, dict) else 0,
-            recent_mean_abs_pct_error=float(err) if isinstance(err, float | int) else None)
+            recent_mean_abs_pct_error=float(err) if isinstance(err, float | int) else None,
+            since=self.loaded_at if self.source else unix(s["first_fit_s"]),
+            last_fit=unix(s["last_fit_s"]),
+            online_refits=refits if isinstance(refits, int) else 0,
+            levels_learnt={int(k): wall + float(v) for k, v in learnt.items()}
+            if isinstance(learnt, dict) else {})
 
 
 def _model_config(cfg: HarliConfig) -> LatencyModelConfig:

@@ -165,6 +165,12 @@ class PredictorStatus(_Ctl, tag="predictor", frozen=True):
     drift_events: int
     fallback_predictions: int  # predictions at a level the profile has no fit for
     recent_mean_abs_pct_error: float | None
+    # Unix times. ``since``: the profile's load, or online the first stage-1 fit from live
+    # iterations (None: still on the prior); ``last_fit``: the latest online (re)fit.
+    since: float | None = None
+    last_fit: float | None = None
+    online_refits: int = 0
+    levels_learnt: dict[int, float] = {}  # online: when each level's own stage took over
 
 
 class SchedulerStatus(_Ctl, tag="scheduler", frozen=True):

@@ -172,6 +172,11 @@ class LatencyModel:
         self._prior = Prediction(prior, prior * self._cfg.prior_upper_factor)
         self._since_fit = 0
         self._refits = 0
+        # Online mode: when (``observe``'s ``now``) stage 1 was first and last fit from live
+        # iterations, and when each level's own online stage (its ratio) took over.
+        self._first_fit_s: float | None = None
+        self._last_fit_s: float | None = None
+        self._learnt_s: dict[int, float] = {}
         self._ratios: dict[int, RatioEwma] = {}
         # One online correction per (level, iteration has prefill): a slowdown of this host
         # hits overhead-bound decode iterations and compute-bound prefill iterations
@@ -376,7 +381,7 @@ class LatencyModel:
         else:
             self._correct(shape, level, measured_s, now)
         if self._accumulator is not None and level == 0:
-            self._learn_solo(shape, measured_s)
+            self._learn_solo(shape, measured_s, now)
 
     def _correct(self, shape: BatchShape, level: int, measured_s: float, now: float) -> None:
         solo = self._solo
@@ -410,6 +415,7 @@ class LatencyModel:
             if ratio.n == self._cfg.level_min_samples:
                 corr.reset_bias()  # its base moves from the fallback to its own ratio
                 self._tracked_by_q.clear()  # a new line: the lists by level grow
+                self._learnt_s[level] = now
             if ratio.n >= self._cfg.level_min_samples:
                 self._grow(level)
                 self._lines[level] = (ratio.ratio, 0.0, 0.0)
@@ -429,7 +435,7 @@ class LatencyModel:
         if self._lines[level] is not None:
             self._warm[prefill][level] = corr
 
-    def _learn_solo(self, shape: BatchShape, measured_s: float) -> None:
+    def _learn_solo(self, shape: BatchShape, measured_s: float, now: float) -> None:
         acc = self._accumulator
         assert acc is not None
         acc.add(shape, measured_s)
@@ -443,6 +449,9 @@ class LatencyModel:
             self._tracked_by_q.clear()
             self._since_fit = 0
             self._refits += 1
+            if self._first_fit_s is None:
+                self._first_fit_s = now
+            self._last_fit_s = now
             logger.info("[predictor] online stage-1 refit %d on %d level-0 iterations",
                         self._refits, acc.n)
 
@@ -466,6 +475,9 @@ class LatencyModel:
             "profile_loaded": self._profile_loaded,
             "fitted": self._solo is not None,
             "online_refits": self._refits,
+            "first_fit_s": self._first_fit_s,
+            "last_fit_s": self._last_fit_s,
+            "levels_learnt_s": dict(self._learnt_s),
             "bound_quantile": self._cfg.quantile,
             "quantile_unsupported": self._quantile_unsupported,
             "samples_seen": dict(self._seen),

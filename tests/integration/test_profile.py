@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -29,8 +30,10 @@ def test_profile_fit_evaluate_load_and_refuse(tmp_path: Path, tiny_model: Path) 
         [Config(b, c, lv) for lv in (1, 2) for b, c in ((1, 64), (8, 256))]
     with profiling_daemon(tmp_path / "p", overrides, None) as (daemon, ctl, job_id):
         assert job_id is not None
+        started = time.time()
         st = ctl.status()
         assert st.predictor is not None and st.predictor.mode == "online"
+        assert st.predictor.since is None  # on the prior: nothing fitted yet
         with pytest.raises(RequestError, match=r"static level must be in 0\.\.4"):
             ctl.set_level(9)
         samples = run_configs(daemon, ctl, job_id, fit_grid, repeats=1, seed=0)
@@ -38,8 +41,16 @@ def test_profile_fit_evaluate_load_and_refuse(tmp_path: Path, tiny_model: Path) 
                                repeats=1, seed=1)
         key = profile_key(daemon.cfg)
         # The live predictor learned from every iteration, at the level each ran at.
-        seen = ctl.status().predictor.samples_seen  # type: ignore[union-attr]
+        pst = ctl.status().predictor
+        assert pst is not None
+        seen = pst.samples_seen
         assert seen.get(0, 0) > 0 and seen.get(1, 0) > 0 and seen.get(2, 0) > 0
+        # Online: since when stage 1 has stood on live iterations, and each level on its own.
+        assert pst.since is not None and started <= pst.since <= time.time()
+        assert pst.last_fit is not None and pst.since <= pst.last_fit <= time.time()
+        # (a level counts its iterations from stage 1's first fit on)
+        assert pst.online_refits >= 1 and set(pst.levels_learnt) <= {1, 2} and pst.levels_learnt
+        assert all(pst.since <= t <= time.time() for t in pst.levels_learnt.values())
     # Every measured iteration carries the batch vLLM really ran, at the configured level.
     assert {s.level for s in samples} == {0, 1, 2}
     decode = [s for s in samples if s.config == "b8-c64-l0-decode"]
@@ -65,6 +76,7 @@ def test_profile_fit_evaluate_load_and_refuse(tmp_path: Path, tiny_model: Path) 
             cl.complete([1, 2, 3], max_tokens=8)
         p = c.status().predictor
         assert p is not None and p.mode == "profile" and p.profile == str(path)
+        assert p.since is not None and p.since <= time.time() and p.online_refits == 0
         assert p.samples_seen.get(0, 0) >= 8
 
     # ... and refuses one measured on another setup, naming what differs.

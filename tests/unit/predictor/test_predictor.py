@@ -273,6 +273,12 @@ def test_online_mode_prior_then_converges() -> None:
     assert stats["fitted"] is True
     assert stats["online_refits"] == 1 + (1000 - 50) // 200
     assert stats["online_levels"] == [1, 2]
+    # When each stage took over (observe's clock): stage 1 at the 50th level-0 iteration
+    # (i = 97), refit every 200 more (400 iterations in all); each level at its 20th iteration
+    # measured against stage 1 (from i = 98 and 99 on, every fourth).
+    assert stats["first_fit_s"] == 97.0
+    assert stats["last_fit_s"] == 97.0 + 400 * (stats["online_refits"] - 1)  # type: ignore[operator]
+    assert stats["levels_learnt_s"] == {1: 98 + 4 * 19, 2: 99 + 4 * 19}
     assert model.solo is not None
     assert model.solo.coefficients == pytest.approx(TRUE_COEFS, rel=0.1)
     for level in (0, 1, 2):
