@@ -56,6 +56,14 @@ class WorkloadSpec:
     prompt: LengthDist
     output: LengthDist
     seed: int = 0
+    # When set, each phase's arrivals (times within the period and lengths) are drawn for one
+    # period and repeated through the phase: common random numbers for the switchback bench,
+    # whose blocks (one period each) then all face the same load within a cycle.
+    period_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.period_s is not None and not self.period_s > 0:
+            raise ValueError(f"period_s must be > 0, got {self.period_s}")
 
     @property
     def duration_s(self) -> float:
@@ -68,13 +76,19 @@ def generate(spec: WorkloadSpec) -> list[Request]:
     out: list[Request] = []
     start = 0.0
     for ph in spec.phases:
-        t = start
+        span = ph.duration_s if spec.period_s is None else min(spec.period_s, ph.duration_s)
+        drawn: list[tuple[float, int, int]] = []  # (offset in the span, prompt, output)
+        t = 0.0
         while ph.rate_rps > 0:
             t += rng.expovariate(ph.rate_rps)
-            if t >= start + ph.duration_s:
+            if t >= span:
                 break
-            out.append(Request(arrival_s=t, prompt_len=spec.prompt.sample(rng),
-                               output_len=spec.output.sample(rng), phase=ph.name))
+            drawn.append((t, spec.prompt.sample(rng), spec.output.sample(rng)))
+        repeats = max(1, math.ceil(ph.duration_s / span - 1e-9))
+        for k in range(repeats):
+            out.extend(Request(arrival_s=start + k * span + dt, prompt_len=p, output_len=o,
+                               phase=ph.name)
+                       for dt, p, o in drawn if k * span + dt < ph.duration_s)
         start += ph.duration_s
     return out
 
@@ -119,12 +133,14 @@ def default_spec(duration_s: float = 90.0, seed: int = 0, scale: float = 1.0,
 
 
 def cycle_spec(cycle_s: float, cycles: int, seed: int = 0, scale: float = 1.0,
-               kind: str = "decode") -> WorkloadSpec:
+               kind: str = "decode", block_s: float | None = None) -> WorkloadSpec:
     """One phase per cycle of ``cycle_s`` seconds, ``CYCLE_PHASES`` in turn: the switchback
-    bench's workload, in which every policy of a cycle faces the same load."""
+    bench's workload. With ``block_s`` (a cycle's blocks' length) each cycle's arrivals are
+    drawn for one block and repeated in every block of it, so that, past the first, every
+    block of a cycle faces the same load (each cycle draws afresh)."""
     rates, prompt, output = _kind(kind)
     if cycles < 1 or not cycle_s > 0:
         raise ValueError(f"need cycles >= 1 and cycle_s > 0, got {cycles} and {cycle_s}")
     names = [CYCLE_PHASES[i % len(CYCLE_PHASES)] for i in range(cycles)]
     return WorkloadSpec(phases=tuple(Phase(n, cycle_s, rates[n] * scale) for n in names),
-                        prompt=prompt, output=output, seed=seed)
+                        prompt=prompt, output=output, seed=seed, period_s=block_s)

@@ -39,6 +39,7 @@ from harli.scheduler.slo import SloCounter, SloTarget
 
 logger = logging.getLogger(__name__)
 
+_TIMES_KEPT = 20_000  # decision times per policy; status() sorts them on the daemon's loop
 _IDLE = BatchView(num_running=0, num_waiting=0, decode_tokens=0, prefill_tokens=0,
                   context_tokens=0)
 
@@ -112,8 +113,11 @@ class QuotaScheduler:
         self._keep_budget(self.policy)
         self.last: PolicyDecision | None = None
         self.view = _IDLE  # what the last decision was made for
-        self.decision_us: deque[float] = deque(maxlen=100_000)
-        self.decision_cpu_us: deque[float] = deque(maxlen=100_000)
+        # Decision times (wall and thread CPU, us) of each policy spelling, the last
+        # _TIMES_KEPT of them, kept across switches like the budgets: status() shows the
+        # percentiles of the one in force over all its turns.
+        self._times: dict[str, tuple[deque[float], deque[float]]] = {}
+        self.decision_us, self.decision_cpu_us = self._times_of(self.spec)
         self.level_changes = 0
         self.by_reason: defaultdict[str, Counter[int]] = defaultdict(Counter)
         metrics.slo_attainment.labels("token").set_function(
@@ -129,6 +133,11 @@ class QuotaScheduler:
                             budget_max_factor=self.cfg.budget_max_factor, rates=self.rates,
                             infeasible_slowdown=self.cfg.infeasible_slowdown,
                             budget=budgets.get(key))
+
+    def _times_of(self, spec: str) -> tuple[deque[float], deque[float]]:
+        if spec not in self._times:
+            self._times[spec] = (deque(maxlen=_TIMES_KEPT), deque(maxlen=_TIMES_KEPT))
+        return self._times[spec]
 
     def _keep_budget(self, policy: Policy) -> None:
         budget = getattr(policy, "budget", None)
@@ -146,10 +155,9 @@ class QuotaScheduler:
             self._budgets.clear()
             logger.info("[scheduler] TPOT SLO -> %.2f ms", slo.tpot_ms)
         self.policy = policy
-        self.decision_us.clear()  # decision times are per policy
-        self.decision_cpu_us.clear()
-        self.by_reason.clear()
+        self.by_reason.clear()  # why it decided what, since this switch
         self.spec = spec.strip().lower()
+        self.decision_us, self.decision_cpu_us = self._times_of(self.spec)
         self._keep_budget(policy)
         logger.info("[scheduler] policy -> %s", self.spec)
         self.decide(_IDLE if self.last is None else None, now)

@@ -104,3 +104,17 @@ def test_verdict_says_when_a_phase_lacks_blocks_for_a_ratio() -> None:
     res = _res(260)
     res["verdict"]["ratio"] = {"value": None, "lo": None, "hi": None}
     assert "there is no ratio to static:2: some load phase has no block" in verdict(res)
+
+
+def test_the_predictor_line_says_what_harlis_predictor_stood_on() -> None:
+    from harli.bench.bench import predictor_line
+
+    fresh = {"predictor": {"mode": "online", "profile": None, "since_s": -9.6,
+                           "online_refits": 3, "levels_learnt_s": {"1": -4.2, "2": 11.0}}}
+    assert predictor_line(fresh) == (
+        "harli's predictor: no profile, as a fresh daemon; stage 1 learnt online at -10 s "
+        "from the first block (3 fits), each level's own slowdown at L1 at -4 s, L2 at +11 s")
+    prior = {"predictor": {"mode": "online", "profile": None, "since_s": None}}
+    assert "never left the conservative prior" in predictor_line(prior)
+    assert predictor_line({"predictor": {"mode": "profile", "profile": "/p.json"}}) == \
+        "harli's predictor: profile /p.json"

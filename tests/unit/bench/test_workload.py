@@ -85,3 +85,22 @@ def test_a_switchback_workload_holds_one_phase_per_cycle_in_turn(kind: str) -> N
         assert r.phase == CYCLE_PHASES[int(r.arrival_s // 12.0) % 3]
     with pytest.raises(ValueError, match="cycles >= 1"):
         cycle_spec(12.0, 0)
+
+
+def test_with_a_block_length_every_block_of_a_cycle_gets_the_same_arrivals() -> None:
+    spec = cycle_spec(6.0, 6, 2, 1.0, "decode", block_s=1.5)  # 4 blocks a cycle
+    reqs = generate(spec)
+    assert generate(spec) == reqs  # still seeded
+    for c in range(6):
+        blocks = [[(round(r.arrival_s - 6.0 * c - 1.5 * k, 9), r.prompt_len, r.output_len)
+                   for r in reqs if 6.0 * c + 1.5 * k <= r.arrival_s < 6.0 * c + 1.5 * (k + 1)]
+                  for k in range(4)]
+        assert all(b == blocks[0] for b in blocks)
+        assert all(r.phase == CYCLE_PHASES[c % 3] for r in reqs
+                   if 6.0 * c <= r.arrival_s < 6.0 * (c + 1))
+    # Each cycle draws afresh, and the rates hold over many cycles.
+    busy = [generate(cycle_spec(6.0, 3, s, 1.0, "decode", block_s=1.5)) for s in range(200)]
+    per_s = sum(sum(1 for r in rs if r.phase == "busy") for rs in busy) / (200 * 6.0)
+    assert per_s == pytest.approx(2.0, rel=0.1)
+    with pytest.raises(ValueError, match="period_s must be > 0"):
+        cycle_spec(6.0, 3, block_s=0.0)

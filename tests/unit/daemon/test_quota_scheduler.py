@@ -291,3 +291,18 @@ def test_the_daemons_predictor_bound_stands_for_the_attainment_target(attainment
     cfg = load(None, [f"scheduler.attainment={attainment}"])
     tracker = LatencyTracker.load(cfg, Metrics())
     assert tracker.model.stats()["bound_quantile"] == attainment
+
+
+def test_each_policys_decision_times_are_kept_across_switches() -> None:
+    qs, _ = make()
+    for i in range(5):
+        qs.on_telemetry(tele(8), 0.1 * i)
+    assert qs.status().decisions == 5
+    qs.set_policy("static:2", 1.0)
+    assert qs.status().decisions == 1  # its own: the switch's decision
+    qs.set_policy("harli", 2.0)
+    qs.on_telemetry(tele(8), 2.1)
+    st = qs.status()
+    # harli's five, the switch's decision and one more; by reason only since the switch.
+    assert st.decisions == 7 and sum(sum(v.values()) for v in
+                                     st.decisions_by_reason.values()) == 2
