@@ -314,6 +314,17 @@ class LatencyModel:
         solo_s = self._solo_estimate(solo, shape)
         return self._stage(level, solo_s)[0] / solo_s
 
+    def measured(self, level: int) -> bool:
+        """Whether ``level``'s prediction stands on a stage of its own: stage 1 fitted (level
+        0), a profile's fit, or an online ratio learnt from ``level_min_samples`` iterations;
+        not the prior or a fallback from the level below."""
+        if self._solo is None:
+            return False
+        if level == 0 or level in self._levels:
+            return True
+        ratio = self._ratios.get(level)
+        return ratio is not None and ratio.n >= self._cfg.level_min_samples
+
     def _solo_estimate(self, solo: SoloFit, shape: BatchShape) -> float:
         """``solo.estimate(shape)``, once per shape: a policy asks every level (and, for a
         load over the SLO, every slowdown) of one shape in a row."""

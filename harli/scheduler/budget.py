@@ -69,6 +69,12 @@ class ErrorBudget:
         return self.missed_w / self.tokens_w
 
     @property
+    def spare(self) -> bool:
+        """The window's tokens miss at most half as often as the target allows: misses to
+        spare, which a probe of an unmeasured level may spend."""
+        return self.miss_share <= 0.5 * self._target_miss
+
+    @property
     def behind(self) -> bool:
         """The window's tokens miss more often than the target allows: the budget is spent."""
         return self.miss_share > self._target_miss * (1.0 + 1e-9)

@@ -59,6 +59,12 @@ REASON_DOWN = "down"  # the current level's bound is over the SLO: dropped at on
 REASON_UP = "up"  # a higher level has been feasible for hysteresis_iters decisions
 REASON_HOLD = "hold"  # a higher level is feasible, not yet for long enough
 REASON_INFEASIBLE = "infeasible"  # even level 0's bound is over the SLO: see HarliPolicy
+REASON_PROBE = "probe"  # a level above the allowed one, not yet measured: see HarliPolicy
+# A probe: this many decisions at the level (the predictor learns a level's own slowdown from
+# 20 iterations at it, and the first one or two after a switch may still run at the old
+# level), at most once every PROBE_EVERY decisions.
+PROBE_ITERS = 24
+PROBE_EVERY = 400
 # Appended when LevelRates picked a lower level than the feasible one it was allowed.
 REASON_RATE = "; level {level} of {allowed}: it trains faster while decode runs"
 _REASON_WORD = re.compile(r"[:; ]")
@@ -79,6 +85,11 @@ class LatencyPredictor(Protocol):
 
     def slowdown(self, shape: BatchShape, level: int) -> float:
         """How many times slower the fits say this iteration runs at ``level`` than alone."""
+        ...
+
+    def measured(self, level: int) -> bool:
+        """Whether ``level``'s prediction stands on a stage of its own (a profile's fit or
+        what it learnt online), not on a conservative fallback from the level below."""
         ...
 
 
@@ -195,6 +206,14 @@ class HarliPolicy:
     measured level up to the one the rules above allow (the hysteresis state stays the allowed
     one, so a rate choice does not count as a step down).
 
+    Probes: a level without a stage of its own is predicted from the level below it times a
+    conservative factor, which at a tight SLO keeps it out of reach, and so it is never run and
+    never learnt (a fresh daemon with no profile would hold level 1 for ever). With a budget
+    that has misses to spare (``ErrorBudget.spare``), the policy runs the unmeasured level just
+    above the allowed one for ``PROBE_ITERS`` decisions, at most once every ``PROBE_EVERY``,
+    unless its rate is known to be under a measured level's; the probe ends at once when the
+    budget stops having misses to spare. What it costs is paid from that surplus.
+
     ``infeasible_slowdown``: when even level 0's bound is over the SLO, a pause cannot bring
     this iteration inside it, only shave what the finetune adds. The target is then the
     highest level whose fitted slowdown of decode (``LatencyPredictor.slowdown``, stage 2 over
@@ -231,6 +250,10 @@ class HarliPolicy:
         self._level = levels
         self._budget = budget
         self._rates = rates
+        self._decisions = 0
+        self._probe_level = 0
+        self._probe_left = 0  # decisions of the probe in flight still to run
+        self._probe_at = -PROBE_EVERY  # the decision at which the last probe began
 
     @property
     def level(self) -> int:
@@ -284,10 +307,34 @@ class HarliPolicy:
             elif pooled * margin <= limit_s:
                 target = level
         chosen, reason = self._settle(target, skipped)
+        probe = self._probe(chosen)
+        if probe:
+            return PolicyDecision(probe, f"{REASON_PROBE}: level {probe} has no measured "
+                                  f"slowdown yet; the error budget has misses to spare",
+                                  uppers_s[probe], quantile)
         level = self._by_rate(chosen, skipped)
         if level != chosen:  # best() stays within 1..chosen, outside skipped: allowed too
             reason += REASON_RATE.format(level=level, allowed=chosen)
         return PolicyDecision(level, reason, uppers_s[level], quantile)
+
+    def _probe(self, allowed: int) -> int:
+        """The level to probe at in this decision (0: none); see the class docstring."""
+        self._decisions += 1
+        budget = self._budget
+        if budget is None or not budget.spare:
+            self._probe_left = 0
+            return 0
+        if self._probe_left > 0:
+            self._probe_left -= 1
+            return self._probe_level
+        level = allowed + 1
+        if (level > self._levels or self._decisions - self._probe_at < PROBE_EVERY
+                or self._model.measured(level)
+                or (self._rates is not None and self._rates.left[level])):
+            return 0
+        self._probe_level, self._probe_left, self._probe_at = level, PROBE_ITERS - 1, \
+            self._decisions
+        return level
 
     def _settle(self, target: int, skipped: Sequence[int] = ()) -> tuple[int, str]:
         """Record ``target`` (this decision's highest allowed level) and return the level to

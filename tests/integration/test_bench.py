@@ -50,7 +50,7 @@ def test_bench_runs_the_policies_in_blocks_over_one_workload(tmp_path: Path) -> 
             assert set(rec["by_reason"]) <= {"decode-only"}
         if rec["policy"] == "harli":
             assert set(rec["by_reason"]) <= {"idle", "steady", "down", "up", "hold",
-                                             "infeasible"}
+                                             "infeasible", "probe"}
     assert {s["level"] for s in res["level_samples"]} >= {0}
     png = tmp_path / "bench.png"
     plot(res, png)

@@ -273,6 +273,8 @@ def test_online_mode_prior_then_converges() -> None:
     assert stats["fitted"] is True
     assert stats["online_refits"] == 1 + (1000 - 50) // 200
     assert stats["online_levels"] == [1, 2]
+    assert [model.measured(lv) for lv in range(4)] == [True, True, True, False]
+    assert not LatencyModel.online(prior_latency_s=0.2).measured(0)  # on the prior
     # When each stage took over (observe's clock): stage 1 at the 50th level-0 iteration
     # (i = 97), refit every 200 more (400 iterations in all); each level at its 20th iteration
     # measured against stage 1 (from i = 98 and 99 on, every fourth).
@@ -724,3 +726,8 @@ def test_upper_bounds_are_predict_of_every_level(seed: int, observed: int,
         model.upper_bounds(shape, -1)
     prior = LatencyModel.online(prior_latency_s=0.01)
     assert prior.upper_bounds(shape, 2) == [prior.predict(shape, 0).upper_s] * 3
+
+
+def test_a_profiled_level_is_measured_and_one_on_the_fallback_is_not() -> None:
+    model = fitted_model()  # levels 0-3 profiled
+    assert [model.measured(lv) for lv in range(5)] == [True, True, True, True, False]

@@ -13,6 +13,9 @@ class BoundsFromPredict:
                 quantile: float | None = None) -> Prediction:
         raise NotImplementedError
 
+    def measured(self, level: int) -> bool:
+        return True  # every level predicted on its own: no probes
+
     def upper_bounds(self, shape: BatchShape, top_level: int,
                      quantile: float | None = None) -> list[float]:
         return [self.predict(shape, level, quantile).upper_s for level in range(top_level + 1)]

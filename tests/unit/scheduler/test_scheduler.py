@@ -750,3 +750,80 @@ def test_a_decisions_kind_is_its_reasons_first_word() -> None:
     assert DecodeOnlyPolicy().decide(HEAVY, 0.0).kind == "decode-only"
     rate = PolicyDecision(2, REASON_STEADY + REASON_RATE.format(level=2, allowed=4), None)
     assert rate.kind == REASON_STEADY
+
+
+# -- probes of unmeasured levels ---------------------------------------------------------------
+
+
+class StepBounds(BoundsFromPredict):
+    """Level L's bound is (1 + L) x 4 ms; only the levels in ``known`` are measured."""
+
+    def __init__(self, known: set[int]) -> None:
+        self.known = known
+
+    def predict(self, shape: BatchShape, level: int,
+                quantile: float | None = None) -> Prediction:
+        return Prediction(0.004 * (1 + level), 0.004 * (1 + level))
+
+    def slowdown(self, shape: BatchShape, level: int) -> float:
+        return 1.0 + level
+
+    def measured(self, level: int) -> bool:
+        return level in self.known
+
+
+def probing_policy(known: set[int], spare: bool = True,
+                   rates: object = None) -> tuple[HarliPolicy, StepBounds, ErrorBudget]:
+    model = StepBounds(known)
+    budget = ErrorBudget(0.99, 1000, 10.0)
+    if spare:
+        for _ in range(50):
+            budget.on_tokens(100, 0)  # every token within the SLO: misses to spare
+    return HarliPolicy(model, K, SloTarget(tpot_ms=9.0), hysteresis_iters=1, budget=budget,
+                       rates=rates), model, budget  # type: ignore[arg-type]
+
+
+def test_an_unmeasured_level_above_the_allowed_one_is_probed_then_left_alone() -> None:
+    from harli.scheduler.policy import PROBE_EVERY, PROBE_ITERS
+
+    # 9 ms allows level 1 (8 ms); level 2 (12 ms, a fallback's bound) is not measured.
+    policy, model, _ = probing_policy({0, 1})
+    levels = [policy.decide(view(4), 0.0) for _ in range(PROBE_EVERY + PROBE_ITERS + 5)]
+    probes = [i for i, d in enumerate(levels) if d.kind == "probe"]
+    # One probe from the first decision, the next PROBE_EVERY decisions after it began.
+    assert probes == [*range(PROBE_ITERS), *range(PROBE_EVERY, PROBE_EVERY + PROBE_ITERS)]
+    assert {levels[i].level for i in probes} == {2}
+    assert "level 2 has no measured slowdown yet" in levels[0].reason
+    assert all(d.level == 1 for d in levels[PROBE_ITERS:PROBE_EVERY])  # back to the allowed
+    model.known.add(2)  # learnt: no more probes of it; level 3 is not above the allowed one
+    assert all(policy.decide(view(4), 0.0).kind != "probe"
+               for _ in range(2 * (PROBE_EVERY + PROBE_ITERS)))
+
+
+def test_no_probe_without_misses_to_spare_and_a_probe_stops_when_they_run_out() -> None:
+    policy, _, _ = probing_policy({0, 1}, spare=False)  # a fresh budget: on target
+    assert all(policy.decide(view(4), 0.0).kind != "probe" for _ in range(50))
+    policy, _, budget = probing_policy({0, 1})
+    assert policy.decide(view(4), 0.0).kind == "probe"
+    for _ in range(20):
+        budget.on_tokens(10, 1)  # 10 % of the latest tokens missed: nothing to spare now
+    assert not budget.spare
+    d = policy.decide(view(4), 0.0)
+    assert d.kind != "probe" and d.level == 1
+    strict = HarliPolicy(StepBounds({0, 1}), K, SloTarget(tpot_ms=9.0), hysteresis_iters=1)
+    assert all(strict.decide(view(4), 0.0).kind != "probe" for _ in range(50))  # no budget
+
+
+def test_no_probe_of_a_level_whose_rate_is_under_a_measured_ones() -> None:
+    from harli.scheduler.rates import LevelRates
+
+    rates = LevelRates(K, min_samples=3)
+    for _ in range(3):
+        rates.observe(1, 1, 1000, 1.0)  # level 1: 1000 tok/s, measured
+    rates.observe_unfinished(1, 2, 1000, 5.0)  # level 2: under 200 tok/s, left
+    assert rates.left[2]
+    policy, _, _ = probing_policy({0, 1}, rates=rates)
+    assert all(policy.decide(view(4), 0.0).kind != "probe" for _ in range(50))
+    # Idle and infeasible decisions never probe.
+    policy, _, _ = probing_policy({0})
+    assert policy.decide(view(0), 0.0).kind == "idle"
