@@ -92,6 +92,11 @@ class CpuLevels:
                     break
         return out
 
+    def spills(self) -> list[bool]:
+        """Per level (index 0..levels), whether it runs threads on decode's cores."""
+        return [False, *(bool(self.cores_at(lv) & self.spill_cores)
+                         for lv in range(1, self.levels + 1))]
+
     def fence(self, pid: int, from_level: int, to_level: int) -> bool:
         """Called by the daemon when the level drops: take the finetune's threads off decode's
         cores *now*, as a cgroup cpuset would, instead of at its next micro-step boundary

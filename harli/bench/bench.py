@@ -378,7 +378,10 @@ def verdict(res: dict[str, Any]) -> str:
                       else ""))
         best = v["best_static"]
         r = v["ratio"]
-        if best is None:
+        if best is None and not any(bl.level_of(p) for p in pols):
+            parts.append(f"; no static level above 0 ran in this bench, so there is no ratio "
+                         f"to report ({h['tok_s']['value'] or 0:.0f} finetune tok/s)")
+        elif best is None:
             parts.append(f"; no static level's interval met {target:.0%} per token, so there "
                          f"is no ratio to report")
         elif r["value"] is None:

@@ -64,6 +64,13 @@ class CorePlan:
                                           self.allowed, frozenset())
         return levels.dominated_by()
 
+    def spills(self, cfg: HarliConfig, cuda_host: bool) -> list[bool]:
+        """Levels whose threads run on decode's cores (CPU hosts with decode pinned): tried
+        last by ``LevelRates``."""
+        if cuda_host or self.fence is None:
+            return []
+        return self.fence.spills()
+
 
 class ChildSpecs:
     """Command lines and environments of decode_proc and finetune_proc."""

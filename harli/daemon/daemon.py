@@ -115,7 +115,8 @@ class Daemon:
         self.quota = QuotaController(cfg.finetune, res.send_finetune, self.finetune,
                                      self.cores.fence, self.metrics)
         self.scheduler = scheduler_for(cfg, self.latency.model, self.quota, self.metrics,
-                                       self.cores.dominated_by(cfg, self.cuda_host))
+                                       self.cores.dominated_by(cfg, self.cuda_host),
+                                       self.cores.spills(cfg, self.cuda_host))
         # CUDA hosts: the finetune builds its model on views of decode's weights.
         self.weights = WeightsRelay(cfg.gpu.share_weights and cfg.finetune.enabled
                                     and self.cuda_host)

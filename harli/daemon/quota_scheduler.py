@@ -80,7 +80,8 @@ class QuotaLevel(Protocol):
 class QuotaScheduler:
     def __init__(self, cfg: SchedulerConfig, levels: int, model: LatencyPredictor,
                  quota: QuotaLevel, metrics: Metrics, max_batched_tokens: int,
-                 dominated_by: Sequence[int | None] = ()) -> None:
+                 dominated_by: Sequence[int | None] = (),
+                 spills: Sequence[bool] = ()) -> None:
         self.cfg = cfg
         self.levels = levels
         self.model = model
@@ -89,8 +90,8 @@ class QuotaScheduler:
         self._quota = quota
         self.metrics = metrics
         self.max_batched_tokens = max_batched_tokens
-        self.rates = LevelRates(levels, dominated_by=dominated_by) if cfg.level_by_rate \
-            else None
+        self.rates = LevelRates(levels, dominated_by=dominated_by, spills=spills) \
+            if cfg.level_by_rate else None
         # Since when the level in force and decode's busy/idle state have held: a micro-step
         # report counts toward a level's rate only if neither changed while it ran.
         self._level_since = -float("inf")
@@ -286,12 +287,13 @@ class QuotaScheduler:
 
 
 def scheduler_for(cfg: HarliConfig, model: LatencyPredictor, quota: QuotaLevel, metrics: Metrics,
-                  dominated_by: Sequence[int | None]) -> QuotaScheduler | NullScheduler:
+                  dominated_by: Sequence[int | None],
+                  spills: Sequence[bool] = ()) -> QuotaScheduler | NullScheduler:
     """The daemon's scheduler: a null one where finetuning is off (no quota to decide)."""
     if not cfg.finetune.enabled:
         return NullScheduler()
     scheduler = QuotaScheduler(cfg.scheduler, cfg.finetune.levels, model, quota, metrics,
-                               cfg.decode.max_num_batched_tokens or 2048, dominated_by)
+                               cfg.decode.max_num_batched_tokens or 2048, dominated_by, spills)
     logger.info("[scheduler] policy %s, TPOT SLO %.1f ms at %.1f%%", cfg.scheduler.policy,
                 cfg.scheduler.tpot_slo_ms, 100 * cfg.scheduler.attainment)
     return scheduler

@@ -9,8 +9,9 @@ OpenMP pool waits for it at every parallel region, so while decode is busy such 
 one bench). ``LevelRates`` keeps an EWMA of the finetune's tokens/s per level from micro-steps
 that ran wholly at one level while decode was busy, and ``best(upto)`` names the level in
 1..upto to run: ``upto`` itself while that has fewer than ``min_samples`` measurements (so a
-fresh daemon acts as plain harli), then each lower level in turn until it is measured too
-(or a bound puts it under a measured level: see below), then the fastest.
+fresh daemon acts as plain harli, unless ``upto`` spills onto decode's cores: see below), then
+each lower level in turn until it is measured too (or a bound puts it under a measured level:
+see below), then the fastest.
 
 A level slow enough never to finish a micro-step within a busy stretch would stay unmeasured,
 and be tried forever. ``observe_unfinished`` takes what such a micro-step does say: it had
@@ -30,6 +31,14 @@ so a level 3 under a measured level 2 is left once level 4 is measured, untried.
 3 and 1 took ~2 s of a bench's first harli turn's busy time: 1994 tok/s against ~2900 in the
 turns after.)
 
+``spills[l]`` says level ``l`` runs threads on decode's own cores (on CPU, the top levels
+spill there once the finetune's cores are used up). While decode is busy such a level competes
+with it for its core, and is measured here at a small fraction of the level below it (~270
+against ~1700 tok/s). A trial of it before any other level is measured has nothing to be
+bounded under, so it would last its whole micro-step, seconds of a fresh job's first busy
+stretch; so the levels that do not spill are tried first (from the top), and a spilling one only
+then, when ``bound_running`` ends its trial within a fraction of a second if it is slower.
+
 Rates belong to one job (a new job has other shapes); ``observe`` starts over when the job
 changes. Pure logic: no clock, no IO.
 """
@@ -45,7 +54,8 @@ __all__ = ["LevelRates"]
 class LevelRates:
     def __init__(self, levels: int, alpha: float = 0.2, min_samples: int = 3,
                  min_unfinished_s: float = 1.0,
-                 dominated_by: Sequence[int | None] = ()) -> None:
+                 dominated_by: Sequence[int | None] = (),
+                 spills: Sequence[bool] = ()) -> None:
         if levels < 1:
             raise ValueError(f"levels must be >= 1, got {levels}")
         dominated = [*dominated_by, *[None] * (levels + 1 - len(dominated_by))]
@@ -63,8 +73,16 @@ class LevelRates:
         self.alpha = alpha
         self.min_samples = min_samples
         self.min_unfinished_s = min_unfinished_s  # shorter stretches bound nothing useful
+        if len(spills) > levels + 1:
+            raise ValueError(f"spills must name at most levels 0..{levels}, got {list(spills)}")
         self.job_id: int | None = None
         self.dominated_by: list[int | None] = dominated
+        spill = [*spills, *[False] * (levels + 1 - len(spills))]
+        # The order a trial goes in: the levels that do not spill from the top, then those that
+        # do (see the module's docstring).
+        self._trial_order = [lv for lv in range(levels, 0, -1) if not spill[lv]] + \
+            [lv for lv in range(levels, 0, -1) if spill[lv]]
+        self.spills = spill
         self._reset()
 
     def _reset(self) -> None:
@@ -163,8 +181,9 @@ class LevelRates:
         # A level dominated by an allowed one (dominated_by) is neither tried nor chosen.
         excluded = [level in skipped or self._covered(level, upto, skipped)
                     for level in range(upto + 1)]
-        for level in range(upto, 0, -1):
-            if not excluded[level] and samples[level] < min_samples and not self.left[level]:
+        for level in self._trial_order:  # the levels that spill onto decode's cores last
+            if level <= upto and not excluded[level] and samples[level] < min_samples \
+                    and not self.left[level]:
                 return level
         # Every allowed level is measured or left: the fastest measured one (upto on a tie,
         # then the lowest); upto itself if none is measured (every one was left for a level

@@ -118,3 +118,12 @@ def test_the_predictor_line_says_what_harlis_predictor_stood_on() -> None:
     assert "never left the conservative prior" in predictor_line(prior)
     assert predictor_line({"predictor": {"mode": "profile", "profile": "/p.json"}}) == \
         "harli's predictor: profile /p.json"
+
+
+def test_a_bench_without_static_levels_says_so() -> None:
+    blocks = [bl.Block(p, c, "busy", 0.0, 3.0, 100, 100, 0 if p == "decode-only" else 300)
+              for c in range(4) for p in ("decode-only", "harli")]
+    v = bl.verdict(blocks, {"busy": 1.0}, 0.99, resamples=100)
+    text = verdict({"slo_ms": 6.0, "verdict": asdict(v), "host_steal_pct": 1.0})
+    assert "no static level above 0 ran in this bench, so there is no ratio to report " \
+        "(100 finetune tok/s)" in text

@@ -164,3 +164,12 @@ def test_a_level_that_only_idles_more_than_a_higher_one_is_dominated_by_it() -> 
     q = cpu_quota(8, 4, frozenset({0, 1, 2, 3}), frozenset({0, 1}))
     assert q.dominated_by() == [None, 2, None, 4, None, 6, None, 8, None]
     assert q.cores_at(4) == {2, 3} and q.cores_at(5) == {0, 1, 2, 3}
+
+
+def test_the_levels_that_spill_onto_decodes_cores() -> None:
+    # 2 cores, 4 levels, decode on core 0: levels 3 and 4 add a thread on it.
+    assert cpu_quota(4, 2, frozenset({0, 1}), frozenset({0})).spills() == \
+        [False, False, False, True, True]
+    q = cpu_quota(8, 4, frozenset({0, 1, 2, 3}), frozenset({0, 1}))
+    assert q.spills() == [False] * 5 + [True] * 4
+    assert cpu_quota(4, 1, frozenset({0}), frozenset()).spills() == [False] * 5  # unpinned

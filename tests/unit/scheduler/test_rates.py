@@ -280,3 +280,21 @@ def test_bad_observations_and_settings_are_named() -> None:
                          ({"levels": K, "min_samples": 0}, "min_samples")):
         with pytest.raises(ValueError, match=name):
             LevelRates(**kwargs)  # type: ignore[arg-type]
+
+
+def test_levels_on_decodes_cores_are_tried_last_and_a_slow_one_is_cut_short() -> None:
+    """2 cores, 4 levels: levels 3 and 4 put a thread on decode's core. A fresh table tries
+    level 2 first (1 is dominated by it), so that level 4's trial, next, has a measured rate
+    to be bounded under and ends within a fraction of its first micro-step."""
+    r = LevelRates(K, min_samples=3, dominated_by=CPU_DOMINATION,
+                   spills=[False, False, False, True, True])
+    assert [r.best(u) for u in range(K + 1)] == [0, 1, 2, 2, 2]
+    for _ in range(3):
+        r.observe(1, 2, 1700, 1.0)
+    assert r.best(K) == 4  # the spilling level's turn
+    r.bound_running(1, 4, 512, 1.0)  # its micro-step in flight: under 512 tok/s after 1 s
+    assert r.left[4] and r.best(K) == 2 and r.best(3) == 2
+    # With nothing spilling the order is plain harli's, as before.
+    assert LevelRates(K, spills=[False] * (K + 1)).best(K) == K
+    with pytest.raises(ValueError, match="spills"):
+        LevelRates(K, spills=[False] * (K + 2))
