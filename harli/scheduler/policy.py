@@ -246,7 +246,9 @@ class HarliPolicy:
         self._tpot_s = slo.tpot_s
         self._margin = margin
         self._hysteresis_iters = hysteresis_iters
-        self._targets: deque[int] = deque(maxlen=hysteresis_iters)
+        # The last hysteresis_iters decisions' targets, each with whether it was an infeasible
+        # load's (see _settle).
+        self._targets: deque[tuple[int, bool]] = deque(maxlen=hysteresis_iters)
         self._level = levels
         self._budget = budget
         self._rates = rates
@@ -279,7 +281,7 @@ class HarliPolicy:
     def decide(self, view: BatchView, now: float) -> PolicyDecision:
         del now  # the policy counts decisions, not seconds
         if view.num_running == 0 and view.num_waiting == 0:
-            self._targets.append(self._levels)
+            self._targets.append((self._levels, False))
             self._level = self._levels
             return PolicyDecision(self._levels, REASON_IDLE, None)
 
@@ -336,20 +338,28 @@ class HarliPolicy:
             self._decisions
         return level
 
-    def _settle(self, target: int, skipped: Sequence[int] = ()) -> tuple[int, str]:
+    def _settle(self, target: int, skipped: Sequence[int] = (),
+                infeasible: bool = False) -> tuple[int, str]:
         """Record ``target`` (this decision's highest allowed level) and return the level to
         hold and the reason word: down at once, up only as far as every one of the last
         ``hysteresis_iters`` targets allows. Every level up to a target is allowed but those
         in ``skipped`` (their own bound is over the SLO now): a held level among them drops
-        to the highest allowed one below it."""
+        to the highest allowed one below it.
+
+        A feasible decision's rise looks past the targets of infeasible loads among them: the
+        hysteresis keeps a load near a level's boundary from flapping that level, and a pause
+        for a burst that even decode alone could not serve says nothing about where the
+        boundary is (measured: 35-60 ``hold`` decisions at level 0 after each such burst,
+        a third of a 2-s bench block, while the static level beside it missed nothing)."""
         targets = self._targets
-        targets.append(target)
+        targets.append((target, infeasible))
         current = self._level
         if target <= current:
             chosen = target
             reason = REASON_STEADY if target == current else REASON_DOWN
         else:
-            settled = min(targets) if len(targets) == self._hysteresis_iters else current
+            counted = [t for t, inf in targets if infeasible or not inf]
+            settled = min(counted) if len(targets) == self._hysteresis_iters else current
             chosen = max(current, settled)
             reason = REASON_UP if chosen > current else REASON_HOLD
         while chosen in skipped:  # level 0 never is: its bound is within the SLO here
@@ -382,7 +392,7 @@ class HarliPolicy:
                 if slowdown(shape, level) > self._infeasible_slowdown:
                     break
                 cheap = level
-        chosen, _ = self._settle(cheap)
+        chosen, _ = self._settle(cheap, infeasible=True)
         reason = (f"{REASON_INFEASIBLE}: level 0 bound {1000.0 * upper0_s * self._margin:.2f} "
                   f"ms (margin {self._margin:g}) > SLO {self._slo.tpot_ms:g} ms; ")
         if chosen == 0:

@@ -827,3 +827,16 @@ def test_no_probe_of_a_level_whose_rate_is_under_a_measured_ones() -> None:
     # Idle and infeasible decisions never probe.
     policy, _, _ = probing_policy({0})
     assert policy.decide(view(0), 0.0).kind == "idle"
+
+
+def test_after_an_infeasible_burst_the_level_returns_without_waiting_out_the_hysteresis() -> None:
+    """The pause was for a load decode alone could not serve: once the load is feasible again
+    the level is the one feasible before it, at once. A load that only got lighter still
+    rises through the hysteresis."""
+    policy = HarliPolicy(MODEL, K, SLO, hysteresis_iters=4)
+    assert [policy.decide(MEDIUM, float(t)).level for t in range(4)] == [2] * 4
+    assert [policy.decide(HEAVY, 4.0 + t).level for t in range(3)] == [0] * 3  # paused
+    assert policy.decide(MEDIUM, 7.0).level == 2  # back at once, reason "up"
+    # A feasible drop (LIGHT -> MEDIUM -> LIGHT) still waits out the hysteresis going up.
+    light = [policy.decide(view(1), 8.0 + t).level for t in range(6)]
+    assert light[0] == 2 and light[-1] > 2
