@@ -335,6 +335,38 @@ class SchedulerConfig:
                               f"(1 = pause), got {self.infeasible_slowdown}")
 
 
+# The LoRA ranks vLLM can be built for (its LoRAConfig.max_lora_rank).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = _help(
+        "Serve LoRA adapters: decode builds vLLM with LoRA (enable_lora), and a request may "
+        "name an adapter (a finished job's, or one added with `harli adapter add`) as its "
+        "model. Off: only the base model is served.", default=True)
+    max_loras: int = _help("Distinct adapters in one decode batch (vLLM max_loras).",
+                           default=4)
+    max_lora_rank: int = _help(
+        f"Highest adapter rank served (vLLM max_lora_rank, one of "
+        f"{', '.join(map(str, VLLM_LORA_RANKS))}); a job or adapter of a higher rank is "
+        f"refused.", default=16)
+    max_cpu_loras: int = _help(
+        "Adapters kept loaded in host memory (vLLM max_cpu_loras, >= max_loras): more are "
+        "loaded again from disk when asked for.", default=8)
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ConfigError(f"lora.max_loras: expected >= 1, got {self.max_loras}")
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ConfigError(f"lora.max_lora_rank: expected one of "
+                              f"{', '.join(map(str, VLLM_LORA_RANKS))} (the ranks vLLM can be "
+                              f"built for), got {self.max_lora_rank}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ConfigError(f"lora.max_cpu_loras: expected >= lora.max_loras "
+                              f"({self.max_loras}), got {self.max_cpu_loras}")
+
+
 @dataclass(frozen=True)
 class PredictorConfig:
     profile: str = _help(
@@ -431,6 +463,7 @@ class HarliConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
 

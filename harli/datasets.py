@@ -508,7 +508,8 @@ def _tokenize_chat(
     return out
 
 
-def _alpaca_prompt(record: Mapping[str, Any]) -> str:
+def alpaca_prompt(record: Mapping[str, Any]) -> str:
+    """An alpaca record's prompt, as the job trains on it (and as a served model is asked)."""
     prompt = f"### Instruction:\n{record['instruction']}\n\n"
     if record.get("input"):
         prompt += f"### Input:\n{record['input']}\n\n"
@@ -536,7 +537,7 @@ def tokenize_record(
     else:
         out = _Builder(tokenizer)
         if fmt == "alpaca":
-            out.text(_alpaca_prompt(record), loss=False)
+            out.text(alpaca_prompt(record), loss=False)
             out.text(record["output"], loss=True)
         elif fmt == "prompt_completion":
             out.text(record["prompt"], loss=False)

@@ -65,6 +65,8 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
             data[field] = value
     if args.target_modules:
         data.setdefault("lora", {})["target_modules"] = args.target_modules.split(",")
+    if args.publish_checkpoints:
+        data["publish_checkpoints"] = True
     data["dataset"] = str(Path(data["dataset"]).expanduser().absolute())
     data.setdefault("name", f"{Path(data['dataset']).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if data.get("output_dir"):  # else the daemon's finetune.output_root / name
@@ -116,6 +118,9 @@ class AttachCommand(Command):
         for opt, (field, typ) in _OPTIONS.items():
             p.add_argument("--" + opt.replace("_", "-"), type=typ, help=f"JobSpec.{field}")
         p.add_argument("--target-modules", help="comma-separated LoRA target modules")
+        p.add_argument("--publish-checkpoints", action="store_true",
+                       help="serve each checkpoint as model NAME@step-N as it is written "
+                       "(JobSpec.publish_checkpoints)")
         p.add_argument("--follow", action="store_true", help="show progress until it ends")
         p.add_argument("--json", action="store_true", help="print the stored job as JSON")
         add_endpoint_arguments(p)

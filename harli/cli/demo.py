@@ -1,6 +1,8 @@
 """``harli demo`` (``make run``): the real daemon on the tiny model. First a few streaming
 requests served side by side, with their timings; then the sample LoRA job attached while the
-same requests keep streaming, its progress beside them, and what the adapter learned.
+same requests keep streaming, its progress beside them, and what the adapter learned; then the
+adapter asked through the running daemon, no restart, against the base model in the same
+batches.
 
 It ends with the bench in short form: every quota policy against one changing load.
 """
@@ -142,6 +144,45 @@ def _finetune_phase(console: Any, daemon: Any, args: argparse.Namespace) -> None
         console.print(f"on {ev.examples} task examples: response loss {ev.base_loss:.2f} (base)"
                       f" -> {ev.adapter_loss:.2f} (adapter), next-token accuracy "
                       f"{100 * ev.base_accuracy:.0f}% -> {100 * ev.adapter_accuracy:.0f}%")
+        _served_phase(console, daemon, ctl, j.name, dataset)
+
+
+async def _ask(endpoint: str, prompts: list[str], models: list[str | None]) -> list[str]:
+    """Each prompt under each model, all at once (the batches mix the models), greedy."""
+    from harli.client.inference import AsyncInferenceClient
+
+    async with AsyncInferenceClient(endpoint, timeout_s=120) as client:
+        done = await asyncio.gather(*(client.complete(p, max_tokens=24, temperature=0.0,
+                                                      model=m)
+                                      for m in models for p in prompts))
+    return [c.text for c in done]
+
+
+def _served_phase(console: Any, daemon: Any, ctl: Any, name: str, dataset: Path,
+                  examples: int = 60) -> None:
+    """The job's adapter asked through the running daemon, as its owner would: the task's
+    exact-match accuracy served by the base model and by the adapter, in the same batches."""
+    import json
+
+    from harli.datasets import alpaca_prompt
+
+    models = {m.name: m for m in ctl.models()}
+    if name not in models:
+        console.print(f"[red]the job's adapter is not served as {name!r}; see harli job logs")
+        return
+    records = [json.loads(line) for line in dataset.read_text().splitlines()[-examples:]]
+    prompts = [alpaca_prompt(r) for r in records]
+    base = models[next(iter(models))].name
+    texts = asyncio.run(_ask(daemon.endpoint, prompts, [None, name]))
+    right = [sum(t.strip() == r["output"].strip() for t, r in zip(part, records, strict=True))
+             for part in (texts[:examples], texts[examples:])]
+    console.print(f"served, no restart: {examples} digits tasks asked through the daemon "
+                  f"(greedy, base and adapter requests in the same batches): exact answers "
+                  f"{right[0]}/{examples} from the base model {base!r}, {right[1]}/{examples} "
+                  f"from the adapter {name!r} (harli generate --model {name})")
+    sample = records[0]
+    console.print(f"  e.g. {sample['input']!r} -> base {texts[0].strip()!r}, adapter "
+                  f"{texts[examples].strip()!r}")
 
 
 def _bench_phase(console: Any, args: argparse.Namespace) -> None:

@@ -38,6 +38,8 @@ class GenerateCommand(Command):
         p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
         p.add_argument("--ignore-eos", action="store_true",
                        help="keep generating past the end-of-sequence token")
+        p.add_argument("--model", help="the base model (default) or a registered adapter's "
+                       "name (harli models lists them)")
         p.add_argument("--json", action="store_true", help="print one JSON object at the end")
         p.add_argument("--timeout", type=float, default=120.0,
                        help="seconds to wait for a reply (default: %(default)s)")
@@ -58,7 +60,7 @@ class GenerateCommand(Command):
         with InferenceClient(endpoint, timeout_s=args.timeout, **curve_kwargs(args)) as client:
             kw = dict(max_tokens=args.max_tokens, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, stop=args.stop,
-                      ignore_eos=args.ignore_eos)
+                      ignore_eos=args.ignore_eos, model=args.model)
             try:
                 if args.json:
                     c = client.complete(args.prompt, **kw)

@@ -87,6 +87,9 @@ class JobCommand(Command):
                       f"checkpoint {j.checkpoint_step}, restarts {j.restarts}")
                 if j.adapter_path:
                     print(f"adapter: {j.adapter_path}")
+                if j.fine_tuned_model:
+                    print(f"served as model: {j.fine_tuned_model} (harli generate --model "
+                          f"{j.fine_tuned_model})")
                 if j.error:
                     print(f"error: {j.error}")
                 for e in d.events:

@@ -15,6 +15,7 @@ from harli.cli.generate import GenerateCommand
 from harli.cli.gpu_check import GpuCheckCommand
 from harli.cli.jobs import JobCommand, JobsCommand
 from harli.cli.model import KeysCommand, ModelCommand
+from harli.cli.models import AdapterCommand, ModelsCommand
 from harli.cli.profile import ProfileCommand
 from harli.cli.status import LevelCommand, PolicyCommand, StatusCommand
 
@@ -22,7 +23,7 @@ COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
                            AttachCommand(), JobsCommand(), JobCommand(), StatusCommand(),
                            LevelCommand(), PolicyCommand(), ProfileCommand(), BenchCommand(),
                            BenchOverheadCommand(), BenchMemoryCommand(), DemoCommand(),
-                           KeysCommand(), GpuCheckCommand()]
+                           KeysCommand(), GpuCheckCommand(), ModelsCommand(), AdapterCommand()]
 
 
 EXIT_USAGE = 2  # a user's mistake in arguments or config

@@ -1,4 +1,5 @@
-"""``ControlClient``: request/reply to the daemon's control endpoint (jobs)."""
+"""``ControlClient``: request/reply to the daemon's control endpoint (jobs, status, policy,
+models and adapters)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from harli.client.inference import RequestError
 from harli.ipc import curve, endpoints
 from harli.ipc.codec import DecodeFailure, Decoder, encode
 from harli.ipc.control import (
+    AddAdapter,
     AttachJob,
     CancelJob,
     ControlReply,
@@ -22,6 +24,10 @@ from harli.ipc.control import (
     JobList,
     JobLogs,
     ListJobs,
+    ListModels,
+    ModelInfo,
+    ModelList,
+    RemoveAdapter,
     SetLevel,
     SetPolicy,
     ShowJob,
@@ -114,6 +120,21 @@ class ControlClient:
     def status(self) -> DaemonStatus:
         reply = self.request(GetStatus())
         assert isinstance(reply, DaemonStatus)
+        return reply
+
+    def models(self) -> list[ModelInfo]:
+        reply = self.request(ListModels())
+        assert isinstance(reply, ModelList)
+        return reply.models
+
+    def add_adapter(self, name: str, path: str) -> ModelInfo:
+        reply = self.request(AddAdapter(name=name, path=path))
+        assert isinstance(reply, ModelInfo)
+        return reply
+
+    def remove_adapter(self, name: str, force: bool = False) -> ModelInfo:
+        reply = self.request(RemoveAdapter(name=name, force=force))
+        assert isinstance(reply, ModelInfo)
         return reply
 
 

@@ -80,8 +80,12 @@ class AttachValidator:
     (a Hugging Face fast tokenizer is not safe to share across threads)."""
 
     def __init__(self, model_dir: Path, dataset_cache: TokenizedCache,
-                 limits: DatasetLimits, output_roots: list[Path]) -> None:
+                 limits: DatasetLimits, output_roots: list[Path],
+                 max_serving_rank: int | None = None) -> None:
         self.model_dir = model_dir
+        # The highest LoRA rank decode serves (None: adapters are not served): a job of a
+        # higher rank would train an adapter that can never be called.
+        self.max_serving_rank = max_serving_rank
         self.output_roots = output_roots
         self.dataset_cache = dataset_cache
         self.limits = limits
@@ -107,6 +111,11 @@ class AttachValidator:
                 self.model_dir):
             raise AttachRefused(f"the job is for base model {spec.base_model}, but this daemon "
                                 f"serves {self.model_dir}; a job trains on the served model")
+        if self.max_serving_rank is not None and spec.lora.r > self.max_serving_rank:
+            raise AttachRefused(f"lora.r {spec.lora.r} is above the highest rank decode serves "
+                                f"({self.max_serving_rank}, lora.max_lora_rank): the adapter "
+                                f"could never be called; train at rank {self.max_serving_rank} "
+                                f"or less, or raise lora.max_lora_rank")
         check_output_dir(Path(spec.output_dir), taken_output_dirs, self.output_roots)
         if not Path(spec.dataset).is_absolute():
             raise AttachRefused(f"dataset {spec.dataset} must be an absolute path")

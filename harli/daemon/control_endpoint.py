@@ -41,9 +41,11 @@ ControlHandler = Callable[[Any], Reply | Future[Reply]]
 
 def control_handlers(jobs: JobManager, status: Callable[[], DaemonStatus],
                      set_policy: Callable[[str, float | None], None],
+                     models: Mapping[type[Any], ControlHandler] | None = None,
                      ) -> dict[type[Any], ControlHandler]:
     """The control API's table. ``set_policy(spec, tpot_slo_ms)`` raises ``ValueError`` for a
-    policy or SLO it refuses."""
+    policy or SLO it refuses; ``models``: the handlers of ``ListModels``, ``AddAdapter`` and
+    ``RemoveAdapter`` (the daemon's ``ModelCatalog``)."""
 
     def policy(msg: SetPolicy) -> DaemonStatus:
         set_policy(msg.policy, msg.tpot_slo_ms)
@@ -56,7 +58,7 @@ def control_handlers(jobs: JobManager, status: Callable[[], DaemonStatus],
 
     return {GetStatus: lambda _: status(), SetPolicy: policy, SetLevel: level,
             AttachJob: jobs.attach, ListJobs: jobs.list_jobs, ShowJob: jobs.show,
-            JobLogs: jobs.logs, CancelJob: jobs.cancel}
+            JobLogs: jobs.logs, CancelJob: jobs.cancel, **(models or {})}
 
 
 class ControlEndpoint:

@@ -20,10 +20,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from harli.config import ENV, HarliConfig
+from harli.daemon.adapter_registry import AdapterRegistry
 from harli.daemon.children import ChildSpecs, CorePlan
-from harli.daemon.control_endpoint import ControlEndpoint, control_handlers
+from harli.daemon.control_endpoint import ControlEndpoint, ControlHandler, control_handlers
 from harli.daemon.disabled import NullMemory
 from harli.daemon.dispatch import Dispatcher
 from harli.daemon.frontend import Frontend
@@ -32,6 +34,7 @@ from harli.daemon.job_manager import JobManager
 from harli.daemon.latency import LatencyTracker
 from harli.daemon.memory import MemoryManager
 from harli.daemon.metrics import Metrics
+from harli.daemon.models import ModelCatalog
 from harli.daemon.mps import control_for, cuda_host
 from harli.daemon.quota import QuotaController
 from harli.daemon.quota_scheduler import scheduler_for
@@ -39,7 +42,13 @@ from harli.daemon.resources import DaemonResources
 from harli.daemon.sdnotify import Notifier, Watchdog
 from harli.daemon.supervisor import Child, ChildExited, ChildState, PopenOps, ProcessOps
 from harli.daemon.weights_relay import WeightsRelay
-from harli.ipc.control import ChildStatus, DaemonStatus
+from harli.ipc.control import (
+    AddAdapter,
+    ChildStatus,
+    DaemonStatus,
+    ListModels,
+    RemoveAdapter,
+)
 from harli.ipc.decode import (
     BlocksLent,
     BlocksReturned,
@@ -122,6 +131,9 @@ class Daemon:
                                     and self.cuda_host)
         self.jobs = JobManager(cfg, res.send_finetune, self.metrics, self.quota,
                                may_start_job=self._may_start_job)
+        # The servable models: the base model and the adapters registered in the job store.
+        self.models = ModelCatalog(cfg, AdapterRegistry(self.jobs.store.db), res.send_decode,
+                                   self.jobs.store.add_event, self.jobs.store.set_fine_tuned_model)
         self.memory = MemoryManager(
             cfg.memory, res.arena.handle.num_pages, res.arena.handle.page_bytes,
             res.send_decode, res.send_finetune, self.finetune.kill, self.metrics,
@@ -135,11 +147,13 @@ class Daemon:
             decode_incarnation=lambda: self.decode.incarnation,
             runtime=lambda: self.runtime,
             accepting=lambda: self.state in (DaemonState.STARTING, DaemonState.SERVING),
-            observer=self.scheduler, clock=self.clock)
+            observer=self.scheduler, clock=self.clock, resolve_model=self.models.resolve,
+            on_loras_loaded=self.models.on_loaded)
         self.control_endpoint = ControlEndpoint(
             res.control, cfg.endpoints.max_message_bytes,
             control_handlers(self.jobs, self.status, lambda spec, tpot_slo_ms:
-                             self.scheduler.set_policy(spec, self.clock(), tpot_slo_ms)))
+                             self.scheduler.set_policy(spec, self.clock(), tpot_slo_ms),
+                             models=self._model_handlers()))
         self._init_dispatch()
 
     def _init_dispatch(self) -> None:
@@ -297,6 +311,7 @@ class Daemon:
 
     def _on_decode_exit(self, ev: ChildExited) -> None:
         self.memory.on_decode_exit(self.clock())
+        self.models.on_decode_exit()
         self.frontend.on_decode_exit(ev)
         restart = self.weights.on_decode_exit(self.finetune.incarnation,
                                               self.jobs.running is not None)
@@ -343,9 +358,15 @@ class Daemon:
     def _on_checkpoint(self, msg: CheckpointSaved) -> None:
         self.jobs.on_checkpoint(msg)
         self.scheduler.on_step_gap(self.clock(), same_job=True)
+        job = self.jobs.store.get(msg.job_id)
+        if job is not None and job.spec.publish_checkpoints:
+            self.models.on_checkpoint(job.job_id, job.name, msg.step, msg.path)
 
     def _on_job_ended(self, msg: JobEnded) -> None:
         self.jobs.on_job_ended(msg)
+        job = self.jobs.store.get(msg.job_id)
+        if job is not None and msg.status == "succeeded":
+            self.models.on_job_succeeded(job.job_id, job.name, msg.adapter_path)
         self.scheduler.on_step_gap(self.clock(), same_job=False)
         self.memory.set_finetune_training(False, self.clock())
 
@@ -355,6 +376,18 @@ class Daemon:
         self._check_gpu_fault(ev)
         self.scheduler.on_step_gap(now, same_job=False)  # nothing in flight
         self.memory.on_finetune_exit(now)
+
+    def _model_handlers(self) -> dict[type[Any], ControlHandler]:
+        """``harli models`` and ``harli adapter add / rm``: the catalog, with the requests in
+        flight per model (the frontend's)."""
+        def in_use() -> dict[str, int]:
+            return {name or self.models.base_name: n
+                    for name, n in self.frontend.requests.by_model().items()}
+
+        return {ListModels: lambda m: self.models.list_models(m, in_use()),
+                AddAdapter: self.models.add,
+                RemoveAdapter: lambda m: self.models.remove(
+                    m, in_use(), self.frontend.end_adapter_requests)}
 
     def _may_start_job(self) -> bool:
         return self.weights.may_start_job(self.finetune.incarnation,

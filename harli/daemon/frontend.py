@@ -21,10 +21,18 @@ import zmq
 import harli
 from harli.config import HarliConfig
 from harli.daemon.metrics import Metrics
+from harli.daemon.models import UnknownModel
 from harli.daemon.requests import DuplicateRequest, Inflight, RequestTable
 from harli.daemon.supervisor import ChildExited, describe_returncode
 from harli.ipc.codec import ClientDecoder, DecodeFailure, encode, request_id_of, router_batch
-from harli.ipc.decode import AbortRequests, AddRequest, DaemonToDecode, RuntimeInfo, StepOutputs
+from harli.ipc.decode import (
+    AbortRequests,
+    AddRequest,
+    DaemonToDecode,
+    LoraTarget,
+    RuntimeInfo,
+    StepOutputs,
+)
 from harli.ipc.inference import (
     PROTOCOL_VERSION,
     Abort,
@@ -58,7 +66,9 @@ class Frontend:
                  runtime: Callable[[], RuntimeInfo | None],
                  accepting: Callable[[], bool],
                  observer: RequestObserver,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float],
+                 resolve_model: Callable[[str | None], LoraTarget | None] = lambda _: None,
+                 on_loras_loaded: Callable[[list[int]], None] = lambda _: None) -> None:
         self.sock = sock
         self.cfg = cfg
         self.metrics = metrics
@@ -69,6 +79,9 @@ class Frontend:
         self.accepting = accepting  # False once the daemon drains: new requests are refused
         self.observer = observer
         self.clock = clock
+        # A request's model -> the adapter decode serves it with (UnknownModel: refused).
+        self.resolve_model = resolve_model
+        self.on_loras_loaded = on_loras_loaded  # decode's loaded adapters, when they change
         self.requests = RequestTable()
         self._client_decoder = ClientDecoder()
         self._handlers: dict[type[Any], Callable[[bytes, Any], None]] = {
@@ -120,7 +133,20 @@ class Frontend:
             for req in leftover:
                 self._finish(req, reason)
 
+    def end_adapter_requests(self, name: str) -> int:
+        """End every request served with adapter ``name`` (it is being removed with
+        ``--force``): decode aborts those it has; each client gets a last chunk with
+        ``finish_reason == "adapter_removed"``. Returns how many ended."""
+        ended = self.requests.of_adapter(name)
+        if ended:
+            self.send_decode(AbortRequests(rids=[r.rid for r in ended if r.incarnation]))
+            for req in ended:
+                self._finish(req, "adapter_removed")
+        return len(ended)
+
     def on_step_outputs(self, msg: StepOutputs) -> None:
+        if msg.loras_loaded is not None:
+            self.on_loras_loaded(msg.loras_loaded)
         for rej in msg.rejected:
             req = self.requests.get(rej.rid)
             if req is not None and req.incarnation == msg.incarnation:
@@ -242,11 +268,17 @@ class Frontend:
             refuse(ErrorCode.INVALID, too_long)
             return
         try:
+            lora = self.resolve_model(msg.model)
+        except UnknownModel as e:
+            refuse(ErrorCode.UNKNOWN_MODEL, str(e))
+            return
+        try:
             req = self.requests.add(client, msg, time.time())
         except DuplicateRequest:
             refuse(ErrorCode.DUPLICATE_REQUEST,
                    f"request_id {msg.request_id!r} is already in flight for this client")
             return
+        req.lora = lora
         if self.decode_running():
             self._dispatch(req)
         # else: pending until decode_proc is READY (first start or restart)
@@ -308,7 +340,7 @@ class Frontend:
 
     def _dispatch(self, req: Inflight) -> None:
         if self.send_decode(AddRequest(rid=req.rid, request=req.request,
-                                       arrival_s=req.arrival_s)):
+                                       arrival_s=req.arrival_s, lora=req.lora)):
             req.incarnation = self.decode_incarnation()
             # A text prompt is not tokenized here; its length in characters bounds its tokens
             # from above, and the iteration's token budget caps both.

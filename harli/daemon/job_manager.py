@@ -88,7 +88,7 @@ class JobManager:
             DatasetLimits(max_bytes=cfg.finetune.max_dataset_bytes,
                           max_line_bytes=cfg.finetune.max_line_bytes,
                           max_records=cfg.finetune.max_dataset_records),
-            cfg.output_roots)
+            cfg.output_roots, cfg.lora.max_lora_rank if cfg.lora.enabled else None)
         self._executor = ThreadPoolExecutor(max_workers=ATTACH_WORKERS,
                                             thread_name_prefix="attach")
         self._validating: list[_Attach] = []

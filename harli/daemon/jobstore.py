@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     restarts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     adapter_path TEXT,
-    dataset_report TEXT
+    dataset_report TEXT,
+    fine_tuned_model TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     event_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -65,7 +66,9 @@ CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, event_id);
 _COLUMNS = ("job_id", "name", "status", "priority", "created_s", "started_s", "finished_s",
             "step", "total_steps", "epoch", "micro_steps", "tokens", "loss", "first_loss",
             "level", "paused_s", "tokens_per_s", "checkpoint_step", "restarts", "error",
-            "adapter_path", "dataset_report", "spec")
+            "adapter_path", "dataset_report", "spec", "fine_tuned_model")
+# Columns added since the first schema, with their types: added to an older database at open.
+_ADDED_COLUMNS = {"fine_tuned_model": "TEXT"}
 
 
 class DuplicateJobName(Exception):
@@ -84,6 +87,10 @@ class JobStore:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(_SCHEMA)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in have:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -188,6 +195,11 @@ class JobStore:
             "paused_s = paused_s + ?, tokens_per_s = ? WHERE job_id = ?",
             (r.step, r.total_steps, r.epoch, r.micro_step, r.tokens, r.loss, r.loss, r.level,
              r.paused_s, tokens_per_s, r.job_id))
+
+    def set_fine_tuned_model(self, job_id: int, model: str) -> None:
+        """The model name under which the job's adapter is served."""
+        self.db.execute("UPDATE jobs SET fine_tuned_model = ? WHERE job_id = ?",
+                        (model, job_id))
 
     def record_checkpoint(self, job_id: int, step: int, path: str) -> None:
         with self.db:

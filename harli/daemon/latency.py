@@ -47,13 +47,16 @@ def backend_name() -> str:
 
 def profile_key(cfg: HarliConfig) -> ProfileKey:
     """What a profile must have been measured on to be valid here. The decode settings that
-    change an iteration's cost (threads, batch cap, quota levels) are part of the hardware."""
+    change an iteration's cost (threads, batch cap, quota levels, LoRA) are part of the
+    hardware."""
     model_dir = Path(cfg.model_path)
     conf = model_dir / "config.json"
     digest = hashlib.sha256(conf.read_bytes()).hexdigest()[:12] if conf.exists() else "absent"
+    # A LoRA-enabled engine runs its LoRA layers in every iteration: another cost.
+    lora = [cfg.lora.max_loras, cfg.lora.max_lora_rank] if cfg.lora.enabled else None
     setup = json.dumps({"decode_threads": cfg.decode.cpu_threads,
                         "max_num_seqs": cfg.decode.max_num_seqs,
-                        "levels": cfg.finetune.levels}, sort_keys=True)
+                        "levels": cfg.finetune.levels, "lora": lora}, sort_keys=True)
     return ProfileKey(model=f"{model_dir.name}@{digest}", backend=backend_name(),
                       dtype=cfg.model.dtype, hardware=f"{hardware_fingerprint()} {setup}",
                       harli_version=harli.__version__)

@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from harli.ipc.decode import LoraTarget
 from harli.ipc.inference import Generate
 
 
@@ -32,6 +33,7 @@ class Inflight:
     num_prompt_tokens: int | None = None
     first_token_s: float | None = None  # engine wall time of the first / latest token
     last_token_s: float | None = None
+    lora: LoraTarget | None = None  # the adapter serving it (None: the base model)
 
     @property
     def request_id(self) -> str:
@@ -76,6 +78,17 @@ class RequestTable:
 
     def of_client(self, client: bytes) -> list[Inflight]:
         return [r for r in self._by_rid.values() if r.client == client]
+
+    def of_adapter(self, name: str) -> list[Inflight]:
+        return [r for r in self._by_rid.values() if r.lora is not None and r.lora.name == name]
+
+    def by_model(self) -> dict[str | None, int]:
+        """Requests in flight per adapter name (None: the base model)."""
+        counts: dict[str | None, int] = {}
+        for r in self._by_rid.values():
+            key = r.lora.name if r.lora is not None else None
+            counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def remove(self, rid: str) -> Inflight | None:
         req = self._by_rid.pop(rid, None)

@@ -34,6 +34,7 @@ from harli.config import HarliConfig
 from harli.ipc.decode import (
     IterationTelemetry,
     KVLayout,
+    LoraTarget,
     RequestOutput,
     RequestRejected,
     RuntimeInfo,
@@ -62,6 +63,8 @@ class BatchStats:
     waiting_tokens: int = 0
     preempted: int = 0
     prefill_attn_tokens: int = 0
+    lora_requests: int = 0
+    lora_adapters: int = 0
 
 
 @dataclass
@@ -91,6 +94,9 @@ def engine_args(cfg: HarliConfig, model_path: str, kv_cache_bytes: int | None = 
         kw["max_num_batched_tokens"] = cfg.decode.max_num_batched_tokens
     if kv_cache_bytes is not None:
         kw["kv_cache_memory_bytes"] = kv_cache_bytes
+    if cfg.lora.enabled:
+        kw.update(enable_lora=True, max_loras=cfg.lora.max_loras,
+                  max_lora_rank=cfg.lora.max_lora_rank, max_cpu_loras=cfg.lora.max_cpu_loras)
     return EngineArgs(**kw)
 
 
@@ -249,6 +255,7 @@ class DecodeEngine:
         self.scrubbed_bytes = 0  # zeroed on return from the finetune (``_zero_blocks``)
         self._aborted: list[str] = []
         self._batch: BatchStats | None = None
+        self.loras_changed = False  # vLLM's set of loaded adapters changed since last asked
         self._init_engine()
         self._init_batch_capture()
 
@@ -363,10 +370,14 @@ class DecodeEngine:
         stats = BatchStats(num_running=len(sched.running), num_waiting=len(sched.waiting),
                            waiting_tokens=sum(r.num_prompt_tokens for r in sched.waiting),
                            preempted=len(out.preempted_req_ids or ()))
+        adapters: set[int] = set()
         for req_id, n in out.num_scheduled_tokens.items():
             req = sched.requests.get(req_id)
             if req is None:
                 continue
+            if req.lora_request is not None:
+                stats.lora_requests += 1
+                adapters.add(req.lora_request.lora_int_id)
             # schedule() has already advanced num_computed_tokens by the scheduled count.
             computed_before = req.num_computed_tokens - n
             prefill = max(0, min(n, req.num_prompt_tokens - computed_before))
@@ -374,21 +385,29 @@ class DecodeEngine:
             stats.prefill_attn_tokens += prefill * (computed_before + prefill)
             stats.decode_tokens += n - prefill
             stats.context_tokens += req.num_computed_tokens
+        stats.lora_adapters = len(adapters)
         return stats
 
     # -- verbs ------------------------------------------------------------------------------
 
-    def add(self, rid: str, req: Generate,
-            arrival_s: float | None = None) -> RequestRejected | None:
-        """Admit a request; vLLM's own validation (prompt length, params) may refuse it."""
+    def add(self, rid: str, req: Generate, arrival_s: float | None = None,
+            lora: LoraTarget | None = None) -> RequestRejected | None:
+        """Admit a request, served with ``lora`` when given; vLLM's own validation (prompt
+        length, params) may refuse it, and so may an adapter that does not load."""
         prompt: dict[str, Any]
         if req.prompt_token_ids is not None:
             prompt = {"prompt_token_ids": list(req.prompt_token_ids)}
         else:
             prompt = {"prompt": req.prompt or ""}
+        lora_request = None
+        if lora is not None:
+            lora_request, error = self._lora(lora)
+            if error is not None:
+                return RequestRejected(rid=rid, message=error)
         try:
             self.llm.add_request(rid, prompt,  # type: ignore[arg-type]  # a TokensPrompt dict
-                                 sampling_params(req), arrival_time=arrival_s)
+                                 sampling_params(req), arrival_time=arrival_s,
+                                 lora_request=lora_request)
         except Exception as e:
             # vLLM validates the request here (VLLMValidationError names the problem, e.g. the
             # prompt length); whatever it raises concerns this request only, never the loop.
@@ -397,6 +416,44 @@ class DecodeEngine:
             return RequestRejected(rid=rid, message=str(e))
         self._live.add(rid)
         return None
+
+    def _lora(self, lora: LoraTarget) -> tuple[Any, str | None]:
+        """vLLM's ``LoRARequest`` for ``lora``, loaded now if vLLM does not hold it: an
+        adapter that fails to load (its directory deleted or damaged since it was registered)
+        is this request's error, here, not an exception in the middle of an engine step."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.cfg.lora.enabled:
+            return None, f"adapter {lora.name!r}: LoRA serving is off (lora.enabled = false)"
+        request = LoRARequest(lora_name=lora.name, lora_int_id=lora.lora_id,
+                              lora_path=lora.path)
+        if lora.lora_id in self.llm.list_loras():
+            return request, None
+        try:
+            self.llm.add_lora(request)
+        except Exception as e:  # whatever vLLM raises concerns this adapter only
+            logger.warning("[decode] adapter %s (%s) failed to load: %s", lora.name, lora.path,
+                           _first_line(e))
+            return None, (f"adapter {lora.name!r} could not be loaded from {lora.path}: "
+                          f"{_first_line(e)}")
+        self.loras_changed = True
+        logger.info("[decode] adapter %s loaded (lora id %d)", lora.name, lora.lora_id)
+        return request, None
+
+    def unload_adapter(self, lora_id: int) -> None:
+        """Drop an adapter from vLLM's cache (it was unregistered). Requests still using it
+        were aborted first; vLLM refuses to remove one that a running request holds."""
+        if not self.cfg.lora.enabled or lora_id not in self.llm.list_loras():
+            return
+        try:
+            self.llm.remove_lora(lora_id)
+        except Exception as e:
+            logger.warning("[decode] could not unload adapter %d: %s", lora_id, _first_line(e))
+            return
+        self.loras_changed = True
+
+    def loaded_loras(self) -> list[int]:
+        return sorted(self.llm.list_loras()) if self.cfg.lora.enabled else []
 
     def abort(self, rids: list[str]) -> None:
         live = [r for r in rids if r in self._live]
@@ -544,6 +601,8 @@ class DecodeEngine:
                 preempted=batch.preempted,
                 lend_seq=self.lend_seq,
                 prefill_attn_tokens=batch.prefill_attn_tokens,
+                lora_requests=batch.lora_requests,
+                lora_adapters=batch.lora_adapters,
             )
             self.preemptions += batch.preempted
         return StepResult(outputs, telemetry, end_wall_s)

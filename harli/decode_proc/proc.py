@@ -3,7 +3,7 @@
 Sockets (all ipc:// in the runtime dir, bound by the daemon except telemetry):
 
 * ``decode-in``  PULL  <- daemon PUSH: ``AddRequest`` / ``AbortRequests`` / ``Shutdown`` /
-  ``LendBlocks`` / ``ReturnBlocks``
+  ``LendBlocks`` / ``ReturnBlocks`` / ``UnloadAdapter``
 * ``decode-out`` PUSH  -> daemon PULL: ``Ready``, one ``StepOutputs`` per iteration, ``Fatal``,
   ``BlocksLent`` / ``BlocksReturned``; on CUDA with ``gpu.share_weights``, ``WeightsExported``
   just before ``Ready``
@@ -43,6 +43,7 @@ from harli.ipc.decode import (
     ReturnBlocks,
     Shutdown,
     StepOutputs,
+    UnloadAdapter,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,9 +108,11 @@ class DecodeProc:
     def _handle(self, msg: DaemonToDecode) -> None:
         assert self.engine is not None
         if isinstance(msg, AddRequest):
-            rejected = self.engine.add(msg.rid, msg.request, msg.arrival_s)
+            rejected = self.engine.add(msg.rid, msg.request, msg.arrival_s, msg.lora)
             if rejected is not None:
                 self._emit_step([], rejected=[rejected], end_wall_s=0.0)
+        elif isinstance(msg, UnloadAdapter):
+            self.engine.unload_adapter(msg.lora_id)
         elif isinstance(msg, AbortRequests):
             self.engine.abort(msg.rids)
         elif isinstance(msg, Shutdown):
@@ -146,9 +149,13 @@ class DecodeProc:
     def _emit_step(self, outputs: list[RequestOutput], rejected: list[RequestRejected],
                    end_wall_s: float) -> None:
         assert self.engine is not None
+        loaded = None
+        if self.engine.loras_changed:
+            self.engine.loras_changed = False
+            loaded = self.engine.loaded_loras()
         self._send(self._out, StepOutputs(
             incarnation=self.incarnation, iteration=self.engine.iteration,
-            end_wall_s=end_wall_s, outputs=outputs, rejected=rejected))
+            end_wall_s=end_wall_s, outputs=outputs, rejected=rejected, loras_loaded=loaded))
 
     def _send(self, sock: zmq.Socket[bytes], msg: msgspec.Struct) -> None:
         # A send only queues the bytes for libzmq's own I/O thread; it never waits on the

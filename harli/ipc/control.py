@@ -69,8 +69,33 @@ class GetStatus(_Ctl, tag="status", frozen=True):
     """What ``harli status`` shows: children, decode, the arena ledger, jobs."""
 
 
+# An adapter's name: a job name, or a published checkpoint's ``NAME@step-N``.
+AdapterName = Annotated[str, Meta(min_length=1, max_length=160,
+                                  pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")]
+
+
+class AddAdapter(_Ctl, tag="add_adapter", frozen=True):
+    """Register a PEFT LoRA adapter directory of the served base model under ``name``;
+    answered with its ``ModelInfo``."""
+
+    name: AdapterName
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]  # absolute
+
+
+class RemoveAdapter(_Ctl, tag="remove_adapter", frozen=True):
+    """Unregister an adapter. Refused while requests use it unless ``force``, which ends them
+    with ``finish_reason == "adapter_removed"``; answered with its ``ModelInfo``."""
+
+    name: AdapterName
+    force: bool = False
+
+
+class ListModels(_Ctl, tag="list_models", frozen=True):
+    """The servable models: the base model and every registered adapter."""
+
+
 ControlRequest = (AttachJob | ListJobs | ShowJob | CancelJob | JobLogs | GetStatus | SetLevel
-                  | SetPolicy)
+                  | SetPolicy | AddAdapter | RemoveAdapter | ListModels)
 
 # -- daemon -> clients ----------------------------------------------------------------------
 
@@ -101,6 +126,8 @@ class JobInfo(_Ctl, tag="job", frozen=True):
     adapter_path: str | None
     dataset_report: dict[str, int | str] | None
     spec: JobSpec
+    # The model name its adapter is served under, once it succeeded (the job's name).
+    fine_tuned_model: str | None = None
 
 
 class JobEvent(_Ctl, tag="event", frozen=True):
@@ -216,4 +243,23 @@ class DaemonStatus(_Ctl, tag="daemon_status", frozen=True):
     finetune_quota: str = ""  # how the finetune's quota is enforced (its FinetuneReady.quota)
 
 
-ControlReply = JobInfo | JobList | JobDetail | DaemonStatus
+class ModelInfo(_Ctl, tag="model", frozen=True):
+    """One servable model."""
+
+    name: str  # what a request's ``model`` names
+    kind: str  # "base" or "adapter"
+    path: str  # the base model's directory, or the adapter's
+    source: str  # "model" (the base), "job", "checkpoint" (NAME@step-N) or "path"
+    job_id: int | None = None  # the job that trained it
+    step: int | None = None  # a published checkpoint's optimizer step
+    rank: int | None = None
+    created_s: float | None = None  # registered at (unix time)
+    loaded: bool = False  # held by vLLM now (an adapter not loaded is read from disk first)
+    requests: int = 0  # requests being served with it now
+
+
+class ModelList(_Ctl, tag="model_list", frozen=True):
+    models: list[ModelInfo]
+
+
+ControlReply = JobInfo | JobList | JobDetail | DaemonStatus | ModelInfo | ModelList

@@ -20,12 +20,28 @@ class _Internal(msgspec.Struct, tag=True, kw_only=True, array_like=True, frozen=
     pass
 
 
+class LoraTarget(_Internal, frozen=True):
+    """The adapter a request is served with: vLLM's ``LoRARequest`` fields."""
+
+    name: str
+    lora_id: int  # vLLM's lora_int_id: one per registered adapter, never reused
+    path: str
+
+
 class AddRequest(_Internal, frozen=True):
-    """Daemon -> decode_proc: admit ``request`` under the engine-wide id ``rid``."""
+    """Daemon -> decode_proc: admit ``request`` under the engine-wide id ``rid``, served by
+    the base model or, with ``lora``, by that adapter."""
 
     rid: str
     request: Generate
     arrival_s: float
+    lora: LoraTarget | None = None
+
+
+class UnloadAdapter(_Internal, frozen=True):
+    """Daemon -> decode_proc: drop an unregistered adapter from vLLM's cache."""
+
+    lora_id: int
 
 
 class AbortRequests(_Internal, frozen=True):
@@ -59,7 +75,7 @@ class ReturnBlocks(_Internal, frozen=True):
     scrub: bool = True
 
 
-DaemonToDecode = AddRequest | AbortRequests | Shutdown | LendBlocks | ReturnBlocks
+DaemonToDecode = AddRequest | AbortRequests | Shutdown | LendBlocks | ReturnBlocks | UnloadAdapter
 
 
 class KVLayout(_Internal, frozen=True):
@@ -111,6 +127,9 @@ class StepOutputs(_Internal, frozen=True):
     end_wall_s: float
     outputs: list[RequestOutput]
     rejected: list[RequestRejected] = []
+    # The adapters vLLM holds loaded now (lora ids), when that set changed since the last
+    # StepOutputs; None: unchanged.
+    loras_loaded: list[int] | None = None
 
 
 class Fatal(_Internal, frozen=True):
@@ -172,3 +191,5 @@ class IterationTelemetry(_Internal, frozen=True):
     # sum over prefill requests of n * (c + n): n prompt tokens run now after c cached ones,
     # the quadratic attention work of prefill (a predictor feature)
     prefill_attn_tokens: int = 0
+    lora_requests: int = 0  # requests of the batch served with a LoRA adapter
+    lora_adapters: int = 0  # distinct adapters in the batch

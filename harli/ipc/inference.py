@@ -34,6 +34,9 @@ class Hello(_Public, tag="hello", frozen=True):
     client: str = ""
 
 
+ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
 class Generate(_Public, tag="generate", frozen=True):
     """Start one streaming generation. Exactly one of ``prompt`` / ``prompt_token_ids``."""
 
@@ -49,6 +52,9 @@ class Generate(_Public, tag="generate", frozen=True):
     stop_token_ids: list[TokenId] = []
     ignore_eos: bool = False
     detokenize: bool = True
+    # The model to serve it: the base model (None, or its name) or a registered LoRA
+    # adapter's name (a finished job's, ``NAME@step-N``, or one ``harli adapter add`` named).
+    model: ModelName | None = None
 
 
 class Abort(_Public, tag="abort", frozen=True):
@@ -82,7 +88,8 @@ class Chunk(_Public, tag="chunk", frozen=True):
     text: str = ""
     # Wall-clock (Unix) time at which each token in ``token_ids`` was produced.
     token_times_s: list[float] = []
-    # None while streaming; "length", "stop", "abort", "error" or "shutdown" on the last chunk.
+    # None while streaming; "length", "stop", "abort", "error", "shutdown" or "adapter_removed"
+    # (``harli adapter rm --force`` of the request's adapter) on the last chunk.
     finish_reason: str | None = None
     # The stop string or token id that ended the request, when finish_reason == "stop".
     stop_reason: str | int | None = None
@@ -117,3 +124,6 @@ class ErrorCode:
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
     TIMEOUT = "timeout"  # the work outlasted the client's stated wait, and was not done
+    UNKNOWN_MODEL = "unknown_model"  # neither the base model nor a registered adapter
+    NOT_FOUND = "not_found"  # a control request names something the daemon does not have
+    CONFLICT = "conflict"  # a name already taken, or an adapter in use

@@ -61,3 +61,6 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=T
     keep_checkpoints: Annotated[int, Meta(ge=1, le=MAX_COUNT)] = 2
     # higher runs first; ties by arrival
     priority: Annotated[int, Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] = 0
+    # Register each checkpoint for serving as it is written, as ``NAME@step-N``, so the job's
+    # progress can be tried while it trains (the finished adapter is always served as NAME).
+    publish_checkpoints: bool = False

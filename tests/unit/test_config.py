@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,17 @@ def test_children_do_not_inherit_the_service_notify_and_watchdog(
     for role in ("decode", "finetune"):
         env = child_environ(load(None), role)
         assert not {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} & set(env)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("lora.max_lora_rank=12", "lora.max_lora_rank: expected one of 1, 8, 16, 32, 64, 128, 256, "
+                              "320, 512 (the ranks vLLM can be built for), got 12"),
+    ("lora.max_loras=0", "lora.max_loras: expected >= 1, got 0"),
+    ("lora.max_cpu_loras=2", "lora.max_cpu_loras: expected >= lora.max_loras (4), got 2"),
+    ("lora.rank=8", "lora.rank"),
+])
+def test_lora_settings_are_checked(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(None, [override])
+    cfg = load(None, ["lora.max_lora_rank=64", "lora.max_cpu_loras=4"])
+    assert (cfg.lora.enabled, cfg.lora.max_lora_rank, cfg.lora.max_loras) == (True, 64, 4)

@@ -13,6 +13,7 @@ import pytest
 from harli.daemon.control_endpoint import ControlEndpoint, control_handlers
 from harli.ipc.codec import encode
 from harli.ipc.control import (
+    AddAdapter,
     AttachJob,
     CancelJob,
     ControlReply,
@@ -22,6 +23,9 @@ from harli.ipc.control import (
     JobList,
     JobLogs,
     ListJobs,
+    ListModels,
+    ModelList,
+    RemoveAdapter,
     SetLevel,
     SetPolicy,
     ShowJob,
@@ -72,7 +76,12 @@ class Harness:
         self.policies: list[tuple[str, float | None]] = []
         self.refuse: str | None = None  # set_policy raises ValueError with this
         handlers = control_handlers(self.jobs, lambda: STATUS,  # type: ignore[arg-type]
-                                    self._set_policy)
+                                    self._set_policy, models={
+                                        ListModels: lambda m: ModelList(models=[]),
+                                        AddAdapter: lambda m: Error(
+                                            request_id=None, code="invalid", message=m.name),
+                                        RemoveAdapter: lambda m: Error(
+                                            request_id=None, code="not_found", message=m.name)})
         self.endpoint = ControlEndpoint(self.sock, LIMIT, handlers)
 
     def _set_policy(self, spec: str, tpot_slo_ms: float | None) -> None:

@@ -183,3 +183,14 @@ def test_a_job_without_output_dir_gets_one_under_the_output_root(jm: JobManager)
     job = settle(jm, jm.attach(AttachJob(spec=JobSpec(name="d", dataset=str(SAMPLE_DATASET)))))
     assert isinstance(job, JobInfo)
     assert job.spec.output_dir == str(jm.cfg.output_roots[0] / "d")
+
+
+def test_a_job_of_a_rank_decode_cannot_serve_is_refused_naming_both(jm: JobManager) -> None:
+    from harli.ipc.jobs import LoraSettings
+
+    spec = JobSpec(name="wide", dataset=str(SAMPLE_DATASET), lora=LoraSettings(r=32))
+    reply = settle(jm, jm.attach(AttachJob(spec=spec)))
+    assert isinstance(reply, Error) and reply.code == "invalid"
+    assert "lora.r 32 is above the highest rank decode serves (16, lora.max_lora_rank)" in \
+        reply.message
+    assert jm.store.all_jobs() == []

@@ -91,3 +91,22 @@ def test_terminal_status_sets_finished_time(store: JobStore) -> None:
     j = store.get(a.job_id)
     assert j is not None and j.started_s == 100.0 and j.finished_s == 100.0
     assert j.adapter_path == "/o/a/adapter"
+
+
+def test_a_store_written_before_fine_tuned_model_gets_the_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    from harli.daemon import jobstore
+
+    old = jobstore._SCHEMA.replace(",\n    fine_tuned_model TEXT", "")
+    assert "fine_tuned_model" not in old
+    db = sqlite3.connect(tmp_path / "old.sqlite")
+    db.executescript(old)
+    db.close()
+    s = JobStore(tmp_path / "old.sqlite")
+    job = s.add(spec("a"), {})
+    assert job.fine_tuned_model is None
+    s.set_fine_tuned_model(job.job_id, "a")
+    assert s.get(job.job_id).fine_tuned_model == "a"  # type: ignore[union-attr]
+    s.close()
+    assert JobStore(tmp_path / "old.sqlite").get(job.job_id).fine_tuned_model == "a"  # type: ignore[union-attr]
