@@ -147,6 +147,17 @@ def _finetune_phase(console: Any, daemon: Any, args: argparse.Namespace) -> None
         _served_phase(console, daemon, ctl, j.name, dataset)
 
 
+def _digits_score(texts: list[str], records: list[dict[str, str]]) -> tuple[float, int]:
+    """(share of the expected digits answered in their place, whole answers right)."""
+    right = total = whole = 0
+    for text, r in zip(texts, records, strict=True):
+        want, got = r["output"].split(), text.split()
+        right += sum(g == w for g, w in zip(got, want, strict=False))
+        total += len(want)
+        whole += got == want
+    return right / max(total, 1), whole
+
+
 async def _ask(endpoint: str, prompts: list[str], models: list[str | None]) -> list[str]:
     """Each prompt under each model, all at once (the batches mix the models), greedy."""
     from harli.client.inference import AsyncInferenceClient
@@ -174,12 +185,12 @@ def _served_phase(console: Any, daemon: Any, ctl: Any, name: str, dataset: Path,
     prompts = [alpaca_prompt(r) for r in records]
     base = models[next(iter(models))].name
     texts = asyncio.run(_ask(daemon.endpoint, prompts, [None, name]))
-    right = [sum(t.strip() == r["output"].strip() for t, r in zip(part, records, strict=True))
-             for part in (texts[:examples], texts[examples:])]
+    scores = [_digits_score(part, records) for part in (texts[:examples], texts[examples:])]
     console.print(f"served, no restart: {examples} digits tasks asked through the daemon "
-                  f"(greedy, base and adapter requests in the same batches): exact answers "
-                  f"{right[0]}/{examples} from the base model {base!r}, {right[1]}/{examples} "
-                  f"from the adapter {name!r} (harli generate --model {name})")
+                  f"(greedy, base and adapter requests in the same batches): digits right "
+                  f"{scores[0][0]:.0%} -> {scores[1][0]:.0%}, whole answers right "
+                  f"{scores[0][1]}/{examples} -> {scores[1][1]}/{examples} (base model "
+                  f"{base!r} -> adapter {name!r}; harli generate --model {name})")
     sample = records[0]
     console.print(f"  e.g. {sample['input']!r} -> base {texts[0].strip()!r}, adapter "
                   f"{texts[examples].strip()!r}")
