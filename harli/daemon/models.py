@@ -82,6 +82,10 @@ class ModelCatalog:
                                          for a in self._by_name.values())])
 
     def add(self, msg: AddAdapter) -> ModelInfo | Error:
+        if not self.cfg.lora.enabled:
+            return Error(request_id=None, code=ErrorCode.INVALID,
+                         message="this daemon serves the base model only (lora.enabled = "
+                                 "false): an adapter added now could not be called")
         taken = self._taken(msg.name)
         if taken is not None:
             return taken

@@ -90,6 +90,8 @@ def test_with_lora_off_an_adapter_is_refused_and_jobs_are_not_registered(
         w2.resolve("digits")
     w2.on_job_succeeded(1, "job", w.adapter("j"))
     assert w2.names() == ["tiny", "digits"]
+    err = w2.add(AddAdapter(name="new", path=w.adapter("n")))
+    assert isinstance(err, Error) and "lora.enabled = false" in err.message
 
 
 def test_adding_refuses_taken_names_checkpoint_names_and_bad_directories(
