@@ -8,7 +8,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from harli.bench import bench, memory, overhead, plotting
+from harli.bench import bench, lora, memory, overhead, plotting
 from harli.bench.workload import WORKLOAD_KINDS
 from harli.cli.command import Command, CommandError
 
@@ -180,3 +180,38 @@ class BenchOverheadCommand(Command):
         if args.out:
             args.out.write_text(json.dumps(results, indent=2) + "\n")
         return 0
+
+
+class BenchLoraCommand(Command):
+    name = "bench-lora"
+    help = "decode's TPOT and tokens/s with 0, 1 and 4 distinct LoRA adapters in the batch"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--batch", type=int, default=8,
+                       help="concurrent requests in each round (default: %(default)s)")
+        p.add_argument("--max-tokens", type=int, default=64,
+                       help="tokens per request (default: %(default)s)")
+        p.add_argument("--rounds", type=int, default=5,
+                       help="rounds of every mix, interleaved (default: %(default)s)")
+        p.add_argument("--rank", type=int, default=8,
+                       help="the adapters' LoRA rank (default: %(default)s)")
+        p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+        p.add_argument("--out", type=Path, help="write the results JSON here")
+        p.add_argument("--dir", type=Path, help="working dir (default: a temporary one)")
+
+    def validate(self, args: argparse.Namespace) -> None:
+        for key in ("batch", "max_tokens", "rounds", "rank"):
+            if getattr(args, key) < 1:
+                raise CommandError(f"--{key.replace('_', '-')} must be >= 1")
+        if args.batch < 4:
+            raise CommandError("--batch must be >= 4 (a round spreads over 4 adapters)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        with tempfile.TemporaryDirectory(prefix="harli-bench-") as tmp:
+            res = lora.run_bench(args.dir or Path(tmp), args.batch, args.max_tokens,
+                                 args.rounds, args.rank, args.seed)
+        lora.print_table(res)
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=2) + "\n")
+        return 0
+

@@ -7,7 +7,12 @@ import os
 import sys
 
 from harli.cli.attach import AttachCommand
-from harli.cli.bench import BenchCommand, BenchMemoryCommand, BenchOverheadCommand
+from harli.cli.bench import (
+    BenchCommand,
+    BenchLoraCommand,
+    BenchMemoryCommand,
+    BenchOverheadCommand,
+)
 from harli.cli.command import Command, CommandError
 from harli.cli.daemon import DaemonCommand
 from harli.cli.demo import DemoCommand
@@ -23,7 +28,8 @@ COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
                            AttachCommand(), JobsCommand(), JobCommand(), StatusCommand(),
                            LevelCommand(), PolicyCommand(), ProfileCommand(), BenchCommand(),
                            BenchOverheadCommand(), BenchMemoryCommand(), DemoCommand(),
-                           KeysCommand(), GpuCheckCommand(), ModelsCommand(), AdapterCommand()]
+                           KeysCommand(), GpuCheckCommand(), ModelsCommand(), AdapterCommand(),
+                           BenchLoraCommand()]
 
 
 EXIT_USAGE = 2  # a user's mistake in arguments or config

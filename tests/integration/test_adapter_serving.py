@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from harli.bench.lora import make_adapter
 from harli.client.control import ControlClient
 from harli.client.inference import AsyncInferenceClient, RequestError
 
@@ -21,22 +22,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
 PROMPTS = [[5, 17, 42, 99, 7], [300, 301, 302], [11, 12, 13, 14, 15, 16, 17, 18]]
 MAX_TOKENS = 12
-
-
-def make_adapter(tiny_model: Path, out: Path, seed: int, r: int = 8,
-                 targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj")) -> Path:
-    """A LoRA adapter of random weights (B not zero, so it changes the outputs), saved by
-    PEFT as any training run would save it."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
-                                            init_lora_weights=False))
-    peft.save_pretrained(out)
-    return out
 
 
 def peft_greedy(tiny_model: Path, adapter: Path | None, prompt: list[int], n: int) -> list[int]:

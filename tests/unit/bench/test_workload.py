@@ -104,3 +104,16 @@ def test_with_a_block_length_every_block_of_a_cycle_gets_the_same_arrivals() -> 
     assert per_s == pytest.approx(2.0, rel=0.1)
     with pytest.raises(ValueError, match="period_s must be > 0"):
         cycle_spec(6.0, 3, block_s=0.0)
+
+
+def test_the_lora_benchs_mixes_name_each_requests_model() -> None:
+    from harli.bench.lora import MIXES, models_of
+
+    ads = ["a", "b", "c", "d"]
+    assert models_of("base", 3, ads) == [None] * 3
+    assert models_of("1 adapter", 3, ads) == ["a"] * 3
+    assert models_of("4 adapters", 6, ads) == ["a", "b", "c", "d", "a", "b"]
+    assert models_of("half base", 8, ads) == [None, "a", None, "b", None, "c", None, "d"]
+    assert len(MIXES) == 4
+    with pytest.raises(ValueError, match="unknown mix"):
+        models_of("all", 2, ads)
