@@ -7,6 +7,7 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from harli.bench import bench, lora, memory, overhead, plotting
 from harli.bench.workload import WORKLOAD_KINDS
@@ -144,16 +145,14 @@ class BenchMemoryCommand(Command):
                        help="seed of the streams' prompts (default: %(default)s)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="config override for the daemon")
-        p.add_argument("--out", type=Path, help="write the results JSON here")
-        p.add_argument("--dir", type=Path, help="working dir (default: a temporary one)")
+        _add_out_and_dir(p)
 
     def run(self, args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="harli-bench-mem-") as tmp:
             res = memory.run_bench(args.dir or Path(tmp), args.quiet_s, args.burst_s,
                             args.burst_workers, args.seed, args.set)
         memory.print_table(res)
-        if args.out:
-            args.out.write_text(json.dumps(res, indent=2) + "\n")
+        _write_results(args.out, res)
         ok = (res["vllm_preemptions"] == 0 and res["greedy_ok"]
               and not res["burst"]["errors"] and not res["burst"]["incomplete"])
         return 0 if ok else 1
@@ -169,16 +168,14 @@ class BenchOverheadCommand(Command):
                        help="tokens per request (default: %(default)s)")
         p.add_argument("--rounds", type=int, default=10,
                        help="alternating rounds of each side (default: %(default)s)")
-        p.add_argument("--out", type=Path, help="write the results JSON here")
-        p.add_argument("--dir", type=Path, help="working dir (default: a temporary one)")
+        _add_out_and_dir(p)
 
     def run(self, args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="harli-bench-") as tmp:
             results = overhead.run_bench(args.dir or Path(tmp), args.requests, args.max_tokens,
                                 args.rounds)
         overhead.print_table(results)
-        if args.out:
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
+        _write_results(args.out, results)
         return 0
 
 
@@ -196,8 +193,7 @@ class BenchLoraCommand(Command):
         p.add_argument("--rank", type=int, default=8,
                        help="the adapters' LoRA rank (default: %(default)s)")
         p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-        p.add_argument("--out", type=Path, help="write the results JSON here")
-        p.add_argument("--dir", type=Path, help="working dir (default: a temporary one)")
+        _add_out_and_dir(p)
 
     def validate(self, args: argparse.Namespace) -> None:
         for key in ("batch", "max_tokens", "rounds", "rank"):
@@ -211,7 +207,17 @@ class BenchLoraCommand(Command):
             res = lora.run_bench(args.dir or Path(tmp), args.batch, args.max_tokens,
                                  args.rounds, args.rank, args.seed)
         lora.print_table(res)
-        if args.out:
-            args.out.write_text(json.dumps(res, indent=2) + "\n")
+        _write_results(args.out, res)
         return 0
+
+
+def _add_out_and_dir(p: argparse.ArgumentParser) -> None:
+    """The results file and working dir options of the one-table benches."""
+    p.add_argument("--out", type=Path, help="write the results JSON here")
+    p.add_argument("--dir", type=Path, help="working dir (default: a temporary one)")
+
+
+def _write_results(out: Path | None, res: dict[str, Any]) -> None:
+    if out:
+        out.write_text(json.dumps(res, indent=2) + "\n")
 
