@@ -49,10 +49,11 @@ JOB_SEQ_LEN = 128
 JOB_MICRO_BATCH = 4
 
 
-async def _replay(endpoint: str, requests: list[Any], seed: int,
-                  t0: float | None = None) -> list[dict[str, Any]]:
-    """Send each request at its arrival time (from ``t0``, monotonic; default: now); return
-    per request its token times (the engine's wall-clock stamps)."""
+async def _replay(endpoint: str, requests: list[Any], seed: int, t0: float | None = None,
+                  adapters: list[str] | None = None) -> list[dict[str, Any]]:
+    """Send each request at its arrival time (from ``t0``, monotonic; default: now), those
+    marked ``adapter`` for one of ``adapters`` in turn; return per request its token times
+    (the engine's wall-clock stamps)."""
     from harli.client.inference import AsyncInferenceClient, RequestError
 
     rng = random.Random(seed)
@@ -65,9 +66,11 @@ async def _replay(endpoint: str, requests: list[Any], seed: int,
             r = requests[i]
             await asyncio.sleep(max(0.0, start + r.arrival_s - time.monotonic()))
             times: list[float] = []
+            model = adapters[i % len(adapters)] if adapters and r.adapter else None
             try:
                 async for chunk in client.generate(prompts[i], max_tokens=r.output_len,
-                                                   temperature=0.0, ignore_eos=True):
+                                                   temperature=0.0, ignore_eos=True,
+                                                   model=model):
                     times.extend(chunk.token_times_s)
             except RequestError as e:
                 out.append({"i": i, "error": str(e), "times": times, "phase": r.phase})
@@ -153,8 +156,10 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
               max_batched_tokens: int = 32, workload: str = "decode",
               block_s: float = DEFAULTS["block_s"], settle_s: float = DEFAULTS["settle_s"],
               calib_s: float = DEFAULTS["calib_s"], target: float = TARGET,
-              resamples: int = 2000) -> dict[str, Any]:
-    """One switchback run; returns everything as a JSON-able dict (every block kept)."""
+              resamples: int = 2000, adapter_share: float = 0.0) -> dict[str, Any]:
+    """One switchback run; returns everything as a JSON-able dict (every block kept).
+    ``adapter_share`` of the requests (calibration's too) name one of ``ADAPTERS`` random
+    LoRA adapters registered for the run."""
     from harli.bench.local_daemon import LocalDaemon
     from harli.bench.workload import CYCLE_PHASES, cycle_spec, default_spec, generate
     from harli.client.control import ControlClient
@@ -180,13 +185,16 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
     run_s = cycles * cycle_s
     # Common random numbers: a cycle's arrivals are drawn for one block and repeated in each,
     # so its blocks differ by the policy, not by how many requests happened to land in them.
-    spec = cycle_spec(cycle_s, cycles, seed, rate_scale, workload, block_s=block_s)
+    spec = cycle_spec(cycle_s, cycles, seed, rate_scale, workload, block_s=block_s,
+                      adapter_share=adapter_share)
     requests = generate(spec)
     order = bl.shuffled_cycles(policies, cycles, seed)
     res: dict[str, Any] = {
         "duration_s": run_s, "block_s": block_s, "settle_s": settle_s, "cycles": cycles,
         "seed": seed, "rate_scale": rate_scale, "target": target, "policies": policies,
         "order": order, "requests": len(requests), "profile": str(profile) if profile else None,
+        "adapter_share": adapter_share,
+        "adapter_requests": sum(1 for r in requests if r.adapter),
         "workload": {"kind": workload, "phases": [vars(p) for p in spec.phases],
                      "prompt": vars(spec.prompt), "output": vars(spec.output),
                      "max_batched_tokens": max_batched_tokens},
@@ -199,11 +207,13 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
     with daemon, ControlClient(daemon.cfg.control_endpoint) as ctl, \
             _off_cores(decode_cores(daemon.cfg.decode.cpu_cores, daemon.cfg.decode.cpu_threads)):
         res["levels"] = daemon.cfg.finetune.levels
+        adapters = _register_adapters(daemon, ctl, base_dir, seed) if adapter_share else []
         if slo_ms is None:
             ctl.set_policy("decode-only")
-            calib = default_spec(calib_s, seed + 7919, rate_scale, workload)
+            calib = default_spec(calib_s, seed + 7919, rate_scale, workload, adapter_share)
             say(f"--slo auto: decode alone for {calib_s:.0f} s of the workload's phases")
-            gaps = _gaps(asyncio.run(_replay(daemon.endpoint, generate(calib), seed + 1)))
+            gaps = _gaps(asyncio.run(_replay(daemon.endpoint, generate(calib), seed + 1,
+                                             adapters=adapters)))
             slo_ms = calibrate_slo_ms(gaps, target)
             res["slo_auto"] = {
                 "seconds": calib_s, "tokens": len(gaps), "margin": SLO_MARGIN,
@@ -232,7 +242,8 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
             t0 = time.monotonic() + 0.2
             t0_wall = time.time() + 0.2
             replay = threading.Thread(target=lambda: replayed.update(results=asyncio.run(
-                _replay(daemon.endpoint, requests, seed * 1000 + 1, t0))), daemon=True)
+                _replay(daemon.endpoint, requests, seed * 1000 + 1, t0, adapters))),
+                daemon=True)
             replay.start()
             sampler = threading.Thread(target=_sampler,
                                        args=(ctl_sampler, job.job_id, samples, stop, t0_wall),
@@ -272,6 +283,21 @@ def run_bench(base_dir: Path, duration_s: float, policies: list[str], slo_ms: fl
     res["tpot_series"] = [(b - t0_wall, b - a) for r in results
                           for a, b in zip(r["times"], r["times"][1:], strict=False)]
     return res
+
+
+ADAPTERS = 2  # distinct adapters the requests that name one are spread over
+
+
+def _register_adapters(daemon: Any, ctl: Any, base_dir: Path, seed: int) -> list[str]:
+    """``ADAPTERS`` random adapters, registered and asked once each, so that the run
+    measures them served, not loaded."""
+    from harli.bench.lora import register_adapters
+    from harli.bench.workload import Request
+
+    names = register_adapters(daemon, ctl, base_dir, ADAPTERS, "bench", seed)
+    warm = [Request(0.0, 8, 4, "warm-up", adapter=True) for _ in names]
+    asyncio.run(_replay(daemon.endpoint, warm, seed, adapters=names))
+    return names
 
 
 def _warm_up(ctl: Any, job_id: int, say: Any, timeout_s: float = 120.0) -> None:
@@ -423,6 +449,8 @@ def print_table(res: dict[str, Any], console: Any) -> None:
     t = Table(title=f"harli bench: {res['cycles']} cycles of {len(res['policies'])} blocks of "
                     f"{res['block_s']:g} s over one {res['duration_s']:.0f} s workload, TPOT "
                     f"SLO {res['slo_ms']:.1f} ms" + (f" ({how})" if how else "") +
+                    (f"; {res['adapter_requests']} of {res['requests']} requests name an "
+                     f"adapter" if res.get("adapter_share") else "") +
                     "; 95 % intervals from a block bootstrap", title_justify="left")
     for col in ("policy", "SLO per token", "finetune tok/s", "vs best static",
                 "of best mix", "decision p99 us cpu"):

@@ -23,8 +23,9 @@ from harli.scheduler.slo import SloTarget
 LEVELS = 4
 SLO = SloTarget(tpot_ms=25.0)
 # Seconds: intercept, per seq, per decode token, per prefill token, per 1k context tokens,
-# per 1M prefill attention token-pairs (the order of FEATURE_NAMES).
-SOLO_COEFS = (5e-3, 1e-4, 5e-5, 2e-5, 3e-4, 1e-3)
+# per 1M prefill attention token-pairs, per LoRA batch, per LoRA batch token (the order of
+# FEATURE_NAMES).
+SOLO_COEFS = (5e-3, 1e-4, 5e-5, 2e-5, 3e-4, 1e-3, 4e-3, 2e-4)
 LEVEL_LINES = ((1.15, 5e-4), (1.3, 1e-3), (1.45, 1.5e-3), (1.6, 2e-3))  # (scale, offset_s)
 
 

@@ -42,6 +42,19 @@ def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 8,
     return out
 
 
+def register_adapters(daemon: Any, ctl: Any, base_dir: Path, n: int, prefix: str,
+                      seed: int, rank: int = 8) -> list[str]:
+    """``n`` random adapters (``make_adapter``, rank capped at the daemon's
+    ``lora.max_lora_rank``) registered on ``daemon`` as PREFIX-0, PREFIX-1, ...; their
+    names. ValueError with LoRA serving off."""
+    if not daemon.cfg.lora.enabled:
+        raise ValueError("requests that name adapters need LoRA serving on (lora.enabled)")
+    rank = min(rank, daemon.cfg.lora.max_lora_rank)
+    return [ctl.add_adapter(f"{prefix}-{i}", str(make_adapter(
+        daemon.cfg.model_path, base_dir / f"{prefix}-adapter-{i}", seed + i, rank))).name
+        for i in range(n)]
+
+
 def models_of(mix: str, n: int, adapters: list[str]) -> list[str | None]:
     """The model of each of ``n`` requests under ``mix``."""
     if mix == "base":
@@ -96,10 +109,7 @@ def run_bench(base_dir: Path, batch: int, max_tokens: int, rounds: int, rank: in
         allowed = os.sched_getaffinity(0)
         engine = decode_cores(daemon.cfg.decode.cpu_cores, daemon.cfg.decode.cpu_threads)
         pin_to((allowed - engine) if engine else None, "bench client")
-        adapters = []
-        for i in range(4):
-            path = make_adapter(daemon.cfg.model_path, base_dir / f"adapter-{i}", seed + i, rank)
-            adapters.append(ctl.add_adapter(f"bench-{i}", str(path)).name)
+        adapters = register_adapters(daemon, ctl, base_dir, 4, "bench", seed, rank)
         for mix in MIXES:  # warm-up: every adapter loaded, nothing timed
             asyncio.run(_round(daemon.endpoint, prompts, models_of(mix, batch, adapters), 4))
         for _ in range(rounds):

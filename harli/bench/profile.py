@@ -6,7 +6,10 @@ batches of a chosen size and prompt length through the inference client, and rea
 iteration's ``IterationTelemetry`` from decode_proc's telemetry socket: the batch vLLM actually
 scheduled and the iteration's wall time. Stage 1 sweeps batch size x context with the finetune
 idle; stage 2 repeats a subset while a representative LoRA job trains at each quota level (set
-through the control API). Configurations run in a shuffled order, each ``repeats`` times, and
+through the control API). With LoRA serving on, both stages also measure batches whose requests
+name adapters (random PEFT adapters registered for the run: one for all requests, four
+distinct, or half the batch on the base model), since any adapter in a batch puts all of it on
+vLLM's slower LoRA path. Configurations run in a shuffled order, each ``repeats`` times, and
 the levels in interleaved blocks (``level_blocks``), so that this VM's slow drift (+-25 % over
 seconds) spreads over all configurations and levels instead of biasing a few.
 """
@@ -31,43 +34,68 @@ _MAX_TOKENS = 32  # decode iterations per configuration and repeat
 MIN_CONFIG_ITERATIONS = 5
 
 
+# Which requests of a batch name an adapter (``harli.bench.lora.models_of``'s mixes).
+_MIX_SUFFIX = {"base": "", "1 adapter": "-a1", "4 adapters": "-a4", "half base": "-half"}
+ADAPTERS = 4  # registered for a profiling run with LoRA serving on
+
+
 @dataclass(frozen=True)
 class Config:
     batch: int
     context: int
     level: int
+    mix: str = "base"
+
+    def __post_init__(self) -> None:
+        if self.mix not in _MIX_SUFFIX:
+            raise ValueError(f"unknown mix {self.mix!r}; one of {', '.join(_MIX_SUFFIX)}")
 
     @property
     def name(self) -> str:
-        return f"b{self.batch}-c{self.context}-l{self.level}"
+        return f"b{self.batch}-c{self.context}-l{self.level}{_MIX_SUFFIX[self.mix]}"
 
 
-def grid(quick: bool, levels: int, held_out: bool = False) -> list[Config]:
+def grid(quick: bool, levels: int, held_out: bool = False,
+         adapters: bool = False) -> list[Config]:
     """Fit grid (stage 1 all shapes at level 0, stage 2 a subset at each level), or the
-    held-out grid: shapes never in the fit."""
+    held-out grid: shapes never in the fit. ``adapters``: also batches naming adapters (the
+    held-out ones in a mix the fit never saw, half the batch on the base model)."""
     if held_out:
         s1 = [(b, c) for b in (3, 12, 24) for c in (128, 1024)]
         s2 = [(b, c) for b in (3, 24) for c in (384,)]
+        a1 = [(b, c, "half base" if b > 3 else "4 adapters") for b in (3, 12, 24)
+              for c in (128, 1024)]
+        a2 = [(24, 384, "half base")]
     elif quick:
         s1 = [(b, c) for b in (1, 4, 16, 32) for c in (16, 512, 1536)]
         s2 = [(b, c) for b in (1, 16) for c in (256, 1536)]
+        a1 = [(b, c, "1 adapter" if b < 16 else "4 adapters") for b in (1, 4, 16, 32)
+              for c in (16, 1536)]
+        a2 = [(16, 256, "1 adapter")]
     else:
         s1 = [(b, c) for b in (1, 2, 4, 8, 16, 32) for c in (16, 256, 768, 1536)]
         s2 = [(b, c) for b in (1, 8, 32) for c in (16, 768, 1536)]
-    return ([Config(b, c, 0) for b, c in s1]
-            + [Config(b, c, lv) for lv in range(1, levels + 1) for b, c in s2])
+        a1 = [(b, c, "1 adapter" if b < 8 else "4 adapters") for b in (1, 4, 8, 16, 32)
+              for c in (16, 768, 1536)]
+        a2 = [(8, 768, "4 adapters"), (32, 16, "1 adapter")]
+    if not adapters:
+        a1, a2 = [], []
+    return ([Config(b, c, 0) for b, c in s1] + [Config(b, c, 0, m) for b, c, m in a1]
+            + [Config(b, c, lv) for lv in range(1, levels + 1) for b, c in s2]
+            + [Config(b, c, lv, m) for lv in range(1, levels + 1) for b, c, m in a2])
 
 
 class Profiler:
     """Drives one daemon and collects the telemetry of the iterations each batch produced."""
 
-    def __init__(self, daemon: Any, seed: int) -> None:
+    def __init__(self, daemon: Any, seed: int, adapters: list[str] | None = None) -> None:
         import zmq
 
         from harli.ipc.codec import Decoder
         from harli.ipc.decode import IterationTelemetry
 
         self.daemon = daemon
+        self.adapters = adapters or []
         self.rng = random.Random(seed)
         self._ctx = zmq.Context()
         self._sub = self._ctx.socket(zmq.SUB)
@@ -94,13 +122,19 @@ class Profiler:
                 return out
 
     async def _batch(self, cfg: Config) -> None:
+        from harli.bench.lora import models_of
         from harli.client.inference import AsyncInferenceClient
 
+        if cfg.mix != "base" and len(self.adapters) < ADAPTERS:
+            raise ValueError(f"{cfg.name}: batches with adapters need LoRA serving on "
+                             f"(lora.enabled) and {ADAPTERS} adapters registered")
         prompts = [[self.rng.randrange(10, 500) for _ in range(cfg.context)]
                    for _ in range(cfg.batch)]
+        models = models_of(cfg.mix, cfg.batch, self.adapters)
         async with AsyncInferenceClient(self.daemon.endpoint, timeout_s=300) as client:
             await asyncio.gather(*(client.complete(p, max_tokens=_MAX_TOKENS, temperature=0.0,
-                                                   ignore_eos=True) for p in prompts))
+                                                   ignore_eos=True, model=m)
+                                   for p, m in zip(prompts, models, strict=True)))
 
     def measure(self, cfg: Config) -> list[Any]:
         """One batch of ``cfg``; returns a ``Sample`` per iteration it ran."""
@@ -139,10 +173,23 @@ def _set_level(ctl: Any, level: int, job_id: int | None) -> None:
         time.sleep(0.1)
 
 
+@dataclass
+class ProfilingRun:
+    """The profiling daemon, its control client, the job training beside decode (None with
+    the finetune off) and the adapters registered for batches that name them (none with LoRA
+    serving off)."""
+
+    daemon: Any
+    ctl: Any
+    job_id: int | None
+    adapters: list[str]
+
+
 @contextmanager
-def profiling_daemon(base_dir: Path, overrides: list[str],
-                     config_file: Path | None) -> Iterator[tuple[Any, Any, int | None]]:
+def profiling_daemon(base_dir: Path, overrides: list[str], config_file: Path | None,
+                     seed: int = 0) -> Iterator[ProfilingRun]:
     from harli.bench.local_daemon import LocalDaemon
+    from harli.bench.lora import register_adapters
     from harli.client.control import ControlClient
     from harli.ipc.jobs import JobSpec
 
@@ -159,8 +206,10 @@ def profiling_daemon(base_dir: Path, overrides: list[str],
                                      lr_schedule="constant", max_steps=1_000_000,
                                      checkpoint_every=1_000_000))
             job_id = job.job_id
+        adapters = (register_adapters(daemon, ctl, base_dir, ADAPTERS, "profile", seed)
+                    if daemon.cfg.lora.enabled else [])
         try:
-            yield daemon, ctl, job_id
+            yield ProfilingRun(daemon, ctl, job_id, adapters)
         finally:
             if job_id is not None:
                 ctl.cancel(job_id)
@@ -197,9 +246,10 @@ def level_blocks(configs: list[Config], repeats: int, seed: int,
     return order
 
 
-def run_configs(daemon: Any, ctl: Any, job_id: int | None, configs: list[Config],
-                repeats: int, seed: int, progress: Any = None) -> list[Any]:
-    prof = Profiler(daemon, seed)
+def run_configs(run: ProfilingRun, configs: list[Config], repeats: int, seed: int,
+                progress: Any = None) -> list[Any]:
+    ctl, job_id = run.ctl, run.job_id
+    prof = Profiler(run.daemon, seed, run.adapters)
     samples: list[Any] = []
     try:
         order = level_blocks(configs, repeats, seed)
@@ -214,7 +264,7 @@ def run_configs(daemon: Any, ctl: Any, job_id: int | None, configs: list[Config]
             for c in todo:
                 if progress is not None:
                     progress.update(task, description=f"level {level}: batch {c.batch:>2} x "
-                                    f"{c.context:>4} tokens of context")
+                                    f"{c.context:>4} tokens of context, {c.mix}")
                 samples.extend(prof.measure(c))
                 if progress is not None:
                     progress.advance(task)
@@ -244,7 +294,7 @@ def plot(report: Any, path: Path, title: str) -> None:
         ax.set_ylabel("predicted median (ms)")
         ax.set_title(f"{stage}: mean APE {rep.mean_ape_pct:.1f} %, P95 {rep.p95_ape_pct:.1f} %, "
                      f"{rep.within_upper_share:.1%} under bound", fontsize=9)
-        if stage == "stage2":
+        if stage.startswith("stage2"):
             fig.colorbar(sc, ax=ax, label="quota level")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -301,19 +351,20 @@ def measure(base_dir: Path, overrides: list[str], config_file: Path | None, *, q
     from harli.predictor import ProfileError
 
     t0 = time.monotonic()
-    with profiling_daemon(base_dir, overrides, config_file) as (daemon, ctl, job_id), \
+    with profiling_daemon(base_dir, overrides, config_file, seed) as run, \
             Progress(TextColumn("{task.description}"), BarColumn(),
                      TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                      console=console) as progress:
-        key = profile_key(daemon.cfg)  # the key the daemon will check
+        key = profile_key(run.daemon.cfg)  # the key the daemon will check
         if reference is not None:
             bad = reference.mismatches(key)
             if bad:
                 raise ProfileError(f"{reference_name} does not fit this daemon: "
                                    + "; ".join(bad))
-        levels = daemon.cfg.finetune.levels if job_id is not None else 0
-        configs = grid(quick, levels, held_out=reference is not None)
-        samples = run_configs(daemon, ctl, job_id, configs, repeats, seed, progress)
+        levels = run.daemon.cfg.finetune.levels if run.job_id is not None else 0
+        configs = grid(quick, levels, held_out=reference is not None,
+                       adapters=bool(run.adapters))
+        samples = run_configs(run, configs, repeats, seed, progress)
     return Measurement(key=key, configs=configs, samples=samples,
                        elapsed_s=time.monotonic() - t0)
 

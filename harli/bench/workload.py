@@ -48,6 +48,7 @@ class Request:
     prompt_len: int
     output_len: int
     phase: str
+    adapter: bool = False  # it names an adapter, not the base model
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,15 @@ class WorkloadSpec:
     # period and repeated through the phase: common random numbers for the switchback bench,
     # whose blocks (one period each) then all face the same load within a cycle.
     period_s: float | None = None
+    # The share of requests that name an adapter. Drawn from a stream of their own, so a
+    # workload's arrivals and lengths are the same whatever the share.
+    adapter_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.period_s is not None and not self.period_s > 0:
             raise ValueError(f"period_s must be > 0, got {self.period_s}")
+        if not 0.0 <= self.adapter_share <= 1.0:
+            raise ValueError(f"adapter_share must be in [0, 1], got {self.adapter_share}")
 
     @property
     def duration_s(self) -> float:
@@ -73,22 +79,25 @@ class WorkloadSpec:
 def generate(spec: WorkloadSpec) -> list[Request]:
     """The workload's requests in arrival order."""
     rng = random.Random(spec.seed)
+    adapter_rng = random.Random(spec.seed + 1)
     out: list[Request] = []
     start = 0.0
     for ph in spec.phases:
         span = ph.duration_s if spec.period_s is None else min(spec.period_s, ph.duration_s)
-        drawn: list[tuple[float, int, int]] = []  # (offset in the span, prompt, output)
+        # (offset in the span, prompt, output, adapter)
+        drawn: list[tuple[float, int, int, bool]] = []
         t = 0.0
         while ph.rate_rps > 0:
             t += rng.expovariate(ph.rate_rps)
             if t >= span:
                 break
-            drawn.append((t, spec.prompt.sample(rng), spec.output.sample(rng)))
+            drawn.append((t, spec.prompt.sample(rng), spec.output.sample(rng),
+                          adapter_rng.random() < spec.adapter_share))
         repeats = max(1, math.ceil(ph.duration_s / span - 1e-9))
         for k in range(repeats):
             out.extend(Request(arrival_s=start + k * span + dt, prompt_len=p, output_len=o,
-                               phase=ph.name)
-                       for dt, p, o in drawn if k * span + dt < ph.duration_s)
+                               phase=ph.name, adapter=a)
+                       for dt, p, o, a in drawn if k * span + dt < ph.duration_s)
         start += ph.duration_s
     return out
 
@@ -120,20 +129,21 @@ def _kind(kind: str) -> tuple[dict[str, float], LengthDist, LengthDist]:
 
 
 def default_spec(duration_s: float = 90.0, seed: int = 0, scale: float = 1.0,
-                 kind: str = "decode") -> WorkloadSpec:
+                 kind: str = "decode", adapter_share: float = 0.0) -> WorkloadSpec:
     """Quiet, busy, bursty, quiet: a fifth, two fifths, a fifth, a fifth of the time.
     ``scale`` multiplies every rate (fit the load to the host); ``kind`` is one of
-    ``WORKLOAD_KINDS`` (see ``_KINDS``)."""
+    ``WORKLOAD_KINDS`` (see ``_KINDS``); ``adapter_share`` of the requests name an adapter."""
     rates, prompt, output = _kind(kind)
     d = duration_s
     return WorkloadSpec(
         phases=tuple(Phase(name, share * d, rates[name] * scale) for name, share in
                      (("quiet", 0.2), ("busy", 0.4), ("bursty", 0.2), ("quiet", 0.2))),
-        prompt=prompt, output=output, seed=seed)
+        prompt=prompt, output=output, seed=seed, adapter_share=adapter_share)
 
 
 def cycle_spec(cycle_s: float, cycles: int, seed: int = 0, scale: float = 1.0,
-               kind: str = "decode", block_s: float | None = None) -> WorkloadSpec:
+               kind: str = "decode", block_s: float | None = None,
+               adapter_share: float = 0.0) -> WorkloadSpec:
     """One phase per cycle of ``cycle_s`` seconds, ``CYCLE_PHASES`` in turn: the switchback
     bench's workload. With ``block_s`` (a cycle's blocks' length) each cycle's arrivals are
     drawn for one block and repeated in every block of it, so that, past the first, every
@@ -143,4 +153,5 @@ def cycle_spec(cycle_s: float, cycles: int, seed: int = 0, scale: float = 1.0,
         raise ValueError(f"need cycles >= 1 and cycle_s > 0, got {cycles} and {cycle_s}")
     names = [CYCLE_PHASES[i % len(CYCLE_PHASES)] for i in range(cycles)]
     return WorkloadSpec(phases=tuple(Phase(n, cycle_s, rates[n] * scale) for n in names),
-                        prompt=prompt, output=output, seed=seed, period_s=block_s)
+                        prompt=prompt, output=output, seed=seed, period_s=block_s,
+                        adapter_share=adapter_share)

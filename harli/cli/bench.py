@@ -51,6 +51,9 @@ class BenchCommand(Command):
                        "prefill and decode on one instance")
         p.add_argument("--rate-scale", type=float, default=1.0,
                        help="multiply every phase's arrival rate")
+        p.add_argument("--adapter-share", type=float, default=0.0, metavar="FRACTION",
+                       help="share of requests that name a LoRA adapter (random adapters "
+                       "registered for the run; default: %(default)s, all on the base model)")
         p.add_argument("--profile", type=Path, help="latency profile for the harli policy")
         p.add_argument("--max-batched-tokens", type=int, default=32,
                        help="decode's per-iteration token budget (chunked prefill)")
@@ -85,6 +88,8 @@ class BenchCommand(Command):
         # 0 is allowed: no arrivals, every turn the finetune beside an idle decode.
         if not args.rate_scale >= 0:
             raise CommandError(f"--rate-scale must be >= 0, got {args.rate_scale}")
+        if not 0 <= args.adapter_share <= 1:
+            raise CommandError(f"--adapter-share must be in [0, 1], got {args.adapter_share}")
         if args.rate_scale == 0 and args.slo == "auto":
             raise CommandError("--slo auto measures decode alone at the workload's load: with "
                                "--rate-scale 0 there is none; give --slo MS")
@@ -93,9 +98,13 @@ class BenchCommand(Command):
         from harli.scheduler.policy import check_policy
 
         try:
-            levels = load(None, list(args.set)).finetune.levels
+            cfg = load(None, list(args.set))
         except ConfigError as e:
             raise CommandError(str(e)) from None
+        levels = cfg.finetune.levels
+        if args.adapter_share and not cfg.lora.enabled:
+            raise CommandError("--adapter-share needs LoRA serving on; drop "
+                               "--set lora.enabled=false")
         args.policies = [p.strip() for p in args.policies.split(",") if p.strip()] or \
             bench.default_policies(levels)
         for policy in args.policies:
@@ -116,7 +125,8 @@ class BenchCommand(Command):
                             progress=lambda s: console.print(f"[dim]{s}"),
                             max_batched_tokens=args.max_batched_tokens,
                             workload=args.workload, block_s=args.block_s,
-                            settle_s=args.settle_s, calib_s=args.calib_s)
+                            settle_s=args.settle_s, calib_s=args.calib_s,
+                            adapter_share=args.adapter_share)
         bench.print_table(res, console)
         console.print(bench.verdict(res))
         args.out.write_text(json.dumps(res) + "\n")

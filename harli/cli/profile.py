@@ -56,7 +56,8 @@ class ProfileCommand(Command):
         source = args.evaluate if args.evaluate is not None else args.refit
         if source is not None:
             try:
-                profile = Profile.from_json(source.read_bytes(), source=str(source))
+                profile = Profile.from_json(source.read_bytes(), source=str(source),
+                                            any_features=args.refit is not None)
             except OSError as e:
                 raise CommandError(f"cannot read {source}: {e.strerror}") from None
             except ProfileError as e:

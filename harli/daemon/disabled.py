@@ -58,7 +58,7 @@ class NullScheduler:
     def on_idle(self, now: float) -> None:
         pass
 
-    def on_arrival(self, prompt_tokens: int, now: float) -> None:
+    def on_arrival(self, prompt_tokens: int, now: float, lora: bool = False) -> None:
         pass
 
     def on_tokens(self, gaps_s: list[float]) -> None:

@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 class RequestObserver(Protocol):
     """What the frontend tells the scheduler (``QuotaScheduler``) about the inference load."""
 
-    def on_arrival(self, prompt_tokens: int, now: float) -> None: ...
+    def on_arrival(self, prompt_tokens: int, now: float, lora: bool = False) -> None: ...
 
     def on_tokens(self, gaps_s: list[float]) -> None: ...
 
@@ -347,7 +347,7 @@ class Frontend:
             g = req.request
             n = len(g.prompt_token_ids) if g.prompt_token_ids is not None else \
                 len(g.prompt or "")
-            self.observer.on_arrival(n, self.clock())
+            self.observer.on_arrival(n, self.clock(), req.lora is not None)
 
     def _on_tokens(self, req: Inflight, n: int, end_wall_s: float,
                    gaps_s: list[float]) -> None:

@@ -44,28 +44,32 @@ _IDLE = BatchView(num_running=0, num_waiting=0, decode_tokens=0, prefill_tokens=
                   context_tokens=0)
 
 
-def with_arrival(view: BatchView, prompt_tokens: int, max_batched_tokens: int) -> BatchView:
-    """``view`` once a new prompt of ``prompt_tokens`` joins the queue: it prefills in the next
-    iteration as far as the token budget left by the running requests allows."""
+def with_arrival(view: BatchView, prompt_tokens: int, max_batched_tokens: int,
+                 lora: bool = False) -> BatchView:
+    """``view`` once a new prompt of ``prompt_tokens`` (for an adapter when ``lora``) joins
+    the queue: it prefills in the next iteration as far as the token budget left by the
+    running requests allows."""
     room = max(0, max_batched_tokens - view.decode_tokens - view.prefill_tokens)
     take = min(prompt_tokens, room)
     if not take:
         return dataclasses.replace(view, num_waiting=view.num_waiting + 1)
     return dataclasses.replace(view, num_running=view.num_running + 1,
                                prefill_tokens=view.prefill_tokens + take,
-                               prefill_attn_tokens=view.prefill_attn_tokens + take * take)
+                               prefill_attn_tokens=view.prefill_attn_tokens + take * take,
+                               lora_requests=view.lora_requests + int(lora))
 
 
 def next_view(t: IterationTelemetry, max_batched_tokens: int) -> BatchView:
     """The next iteration as far as the daemon can tell from this one's telemetry: the running
     requests decode one more token each, and waiting prompts start prefilling (vLLM admits at
-    most ``max_batched_tokens`` per iteration)."""
+    most ``max_batched_tokens`` per iteration). Which model a waiting prompt names is not in
+    the telemetry: the adapter requests counted are those running."""
     prefill = min(t.waiting_tokens, max(0, max_batched_tokens - t.num_running))
     return BatchView(num_running=t.num_running + (1 if prefill else 0),
                      num_waiting=t.num_waiting, decode_tokens=t.num_running,
                      prefill_tokens=prefill,
                      context_tokens=t.context_tokens + t.decode_tokens + t.prefill_tokens,
-                     prefill_attn_tokens=prefill * prefill)
+                     prefill_attn_tokens=prefill * prefill, lora_requests=t.lora_requests)
 
 
 class QuotaLevel(Protocol):
@@ -202,12 +206,12 @@ class QuotaScheduler:
         state, the level in force and the micro-step itself last changed."""
         return now - max(self._busy_since, self._level_since, self._step_since)
 
-    def on_arrival(self, prompt_tokens: int, now: float) -> None:
+    def on_arrival(self, prompt_tokens: int, now: float, lora: bool = False) -> None:
         """A request was handed to decode: decide now, not after its first iteration's
         telemetry. From an idle decode this is the moment the finetune must step back (the
         highest level is taken when nothing runs), and the prefill is the iteration that
         would otherwise run beside it."""
-        self.decide(with_arrival(self.view, prompt_tokens, self.max_batched_tokens), now)
+        self.decide(with_arrival(self.view, prompt_tokens, self.max_batched_tokens, lora), now)
 
     def _note_busy(self, busy: bool, now: float) -> None:
         if busy != self._busy:

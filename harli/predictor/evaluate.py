@@ -3,8 +3,10 @@
 Accuracy is judged on per-configuration medians (the median measured vs the median predicted
 estimate of each measured configuration at each level), so a configuration with many samples
 does not dominate; the bound is judged per single sample (share with measured <= upper).
-"Stage1" is the level-0 samples, "stage2" those beside the finetune (level > 0). Pure: the
-model is only asked to predict, never to observe.
+"Stage1" is the level-0 samples, "stage2" those beside the finetune (level > 0); iterations
+whose batch had requests for an adapter are reported apart ("stage1 adapters", "stage2
+adapters"), as they run vLLM's slower LoRA path. Pure: the model is only asked to predict,
+never to observe.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from harli.predictor.model import LatencyModel
 class ConfigRow:
     config: str
     level: int
+    adapters: bool  # its iterations' batches had requests for an adapter
     n: int
     median_measured_s: float
     median_estimate_s: float
@@ -42,7 +45,8 @@ class StageReport:
 
 @dataclass(frozen=True, slots=True)
 class EvalReport:
-    stages: dict[str, StageReport]  # "stage1", "stage2"; a stage without samples is absent
+    # "stage1", "stage2", "stage1 adapters", "stage2 adapters"; one without samples is absent
+    stages: dict[str, StageReport]
 
 
 def evaluate(model: LatencyModel, samples: Iterable[Sample], min_config_samples: int = 1,
@@ -54,26 +58,29 @@ def evaluate(model: LatencyModel, samples: Iterable[Sample], min_config_samples:
     ``online``: the predictor as the daemon runs it - samples in the order they were
     measured, each predicted first and then fed back as a residual (``observe``), so a
     prediction only ever uses iterations before it. The model is changed by this."""
-    groups: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    groups: dict[tuple[str, int, bool], list[tuple[float, float, float]]] = {}
     for i, s in enumerate(samples):
         p = model.predict(s.shape, s.level)
-        groups.setdefault((s.config, s.level), []).append((s.latency_s, p.estimate_s, p.upper_s))
+        key = (s.config, s.level, s.shape.lora_requests > 0)
+        groups.setdefault(key, []).append((s.latency_s, p.estimate_s, p.upper_s))
         if online:
             model.observe(s.shape, s.level, s.latency_s, float(i))
     stages: dict[str, StageReport] = {}
-    for name, solo in (("stage1", True), ("stage2", False)):
-        rows = tuple(_row(config, level, groups[config, level])
-                     for config, level in sorted(groups) if (level == 0) == solo)
-        if rows:
-            stages[name] = _stage(rows, min_config_samples)
+    for adapters in (False, True):
+        for name, solo in (("stage1", True), ("stage2", False)):
+            rows = tuple(_row(*key, groups[key]) for key in sorted(groups)
+                         if (key[1] == 0) == solo and key[2] == adapters)
+            if rows:
+                stages[name + " adapters" * adapters] = _stage(rows, min_config_samples)
     return EvalReport(stages)
 
 
-def _row(config: str, level: int, points: list[tuple[float, float, float]]) -> ConfigRow:
+def _row(config: str, level: int, adapters: bool,
+         points: list[tuple[float, float, float]]) -> ConfigRow:
     measured_s = statistics.median(m for m, _, _ in points)
     estimate_s = statistics.median(e for _, e, _ in points)
     within = sum(1 for m, _, u in points if m <= u)
-    return ConfigRow(config, level, len(points), measured_s, estimate_s,
+    return ConfigRow(config, level, adapters, len(points), measured_s, estimate_s,
                      100.0 * abs(estimate_s - measured_s) / measured_s, within / len(points))
 
 

@@ -22,6 +22,11 @@ FEATURE_NAMES: tuple[str, ...] = (
     "prefill_tokens",
     "context_ktokens",
     "prefill_attn_mtokens",
+    # A batch with any LoRA request runs vLLM's LoRA path for all of it (measured on CPU: one
+    # adapter request makes the whole batch's iteration ~2.2x slower, the same with 1 or 4
+    # distinct adapters): a fixed cost and a cost per token, both 0 in a base-only batch.
+    "lora_batch",
+    "lora_tokens",
 )
 
 
@@ -36,28 +41,32 @@ class BatchShape:
     # Sum over prefill requests of n_i * (c_i + n_i), with n_i this iteration's prefill tokens
     # and c_i the context before them: the quadratic attention work of prefill.
     prefill_attn_tokens: int = 0
+    lora_requests: int = 0  # requests of the batch served with an adapter
 
     def __post_init__(self) -> None:
         if min(self.num_seqs, self.decode_tokens, self.prefill_tokens, self.context_tokens,
-               self.prefill_attn_tokens) < 0:
+               self.prefill_attn_tokens, self.lora_requests) < 0:
             raise ValueError(f"batch shape counts must be >= 0, got {self}")
 
     @classmethod
     def from_telemetry(cls, t: Any) -> BatchShape:
         """Read a shape from any object with the telemetry attribute names (duck typing:
         ``IterationTelemetry``, a test fake, a row of a profiling log). ``num_running`` is the
-        batch size; records older than ``prefill_attn_tokens`` count it as 0."""
+        batch size; records older than ``prefill_attn_tokens`` or ``lora_requests`` count
+        them as 0."""
         return cls(
             num_seqs=int(t.num_running),
             decode_tokens=int(t.decode_tokens),
             prefill_tokens=int(t.prefill_tokens),
             context_tokens=int(t.context_tokens),
             prefill_attn_tokens=int(getattr(t, "prefill_attn_tokens", 0)),
+            lora_requests=int(getattr(t, "lora_requests", 0)),
         )
 
 
 def vector(shape: BatchShape) -> tuple[float, ...]:
     """The feature vector of ``shape``, in the order of ``FEATURE_NAMES``."""
+    lora = 1.0 if shape.lora_requests else 0.0
     return (
         1.0,
         float(shape.num_seqs),
@@ -65,6 +74,8 @@ def vector(shape: BatchShape) -> tuple[float, ...]:
         float(shape.prefill_tokens),
         shape.context_tokens * _CONTEXT_SCALE,
         shape.prefill_attn_tokens * _PREFILL_ATTN_SCALE,
+        lora,
+        lora * (shape.decode_tokens + shape.prefill_tokens),
     )
 
 

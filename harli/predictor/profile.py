@@ -46,8 +46,10 @@ class Profile(msgspec.Struct, kw_only=True):
         return msgspec.json.encode(self)
 
     @classmethod
-    def from_json(cls, data: bytes, *, source: str = "profile") -> Profile:
-        """Decode a profile; ``source`` (e.g. the file path) names it in errors."""
+    def from_json(cls, data: bytes, *, source: str = "profile",
+                  any_features: bool = False) -> Profile:
+        """Decode a profile; ``source`` (e.g. the file path) names it in errors.
+        ``any_features``: accept fits on another feature set (to ``refit`` its samples)."""
         try:
             header = msgspec.json.decode(data, type=_Header)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -59,9 +61,12 @@ class Profile(msgspec.Struct, kw_only=True):
             profile = msgspec.json.decode(data, type=cls)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise ProfileError(f"{source}: malformed profile: {e}") from e
-        if profile.solo is not None and profile.solo.feature_names != FEATURE_NAMES:
+        if (not any_features and profile.solo is not None
+                and profile.solo.feature_names != FEATURE_NAMES):
             raise ProfileError(f"{source}: fit on features {list(profile.solo.feature_names)}, "
-                               f"this harli uses {list(FEATURE_NAMES)}; re-run profiling")
+                               f"this harli uses {list(FEATURE_NAMES)}; re-run profiling, or "
+                               f"fit its iterations again: harli profile --refit {source} "
+                               f"--out NEW")
         bad = [level for level, fit in profile.levels.items() if fit.level != level]
         if bad or (profile.levels and profile.solo is None):
             raise ProfileError(f"{source}: malformed profile: inconsistent level fits")

@@ -104,10 +104,11 @@ class BatchView:
     prefill_tokens: int
     context_tokens: int  # tokens already in the KV cache of the scheduled requests
     prefill_attn_tokens: int = 0  # see BatchShape.prefill_attn_tokens
+    lora_requests: int = 0  # of the batch, served with an adapter
 
     def __post_init__(self) -> None:
         if min(self.num_running, self.num_waiting, self.decode_tokens, self.prefill_tokens,
-               self.context_tokens, self.prefill_attn_tokens) < 0:
+               self.context_tokens, self.prefill_attn_tokens, self.lora_requests) < 0:
             raise ValueError(f"batch view counts must be >= 0, got {self}")
 
     @property
@@ -116,7 +117,7 @@ class BatchView:
 
     def shape(self) -> BatchShape:
         return BatchShape(self.num_running, self.decode_tokens, self.prefill_tokens,
-                          self.context_tokens, self.prefill_attn_tokens)
+                          self.context_tokens, self.prefill_attn_tokens, self.lora_requests)
 
 
 class PolicyDecision(NamedTuple):

@@ -100,6 +100,16 @@ def test_a_negative_rate_scale_or_an_auto_slo_without_arrivals_is_refused(
     assert "--slo auto" in capsys.readouterr().err
 
 
+def test_an_adapter_share_outside_0_1_or_without_lora_serving_is_refused(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from harli.cli.main import main
+
+    assert main(["bench", "--adapter-share", "1.5"]) == 2
+    assert "--adapter-share must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert main(["bench", "--adapter-share", "0.5", "--set", "lora.enabled=false"]) == 2
+    assert "--adapter-share needs LoRA serving on" in capsys.readouterr().err
+
+
 def test_verdict_says_when_a_phase_lacks_blocks_for_a_ratio() -> None:
     res = _res(260)
     res["verdict"]["ratio"] = {"value": None, "lo": None, "hi": None}

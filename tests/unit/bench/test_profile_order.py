@@ -44,3 +44,20 @@ def test_bad_blocks_or_repeats_are_refused() -> None:
         level_blocks(grid(quick=True, levels=4), repeats=2, seed=0, blocks=0)
     with pytest.raises(ValueError, match="blocks and repeats"):
         level_blocks(grid(quick=True, levels=4), repeats=0, seed=0)
+
+
+@pytest.mark.parametrize("held_out", [False, True])
+@pytest.mark.parametrize("quick", [False, True])
+def test_with_lora_serving_on_both_stages_measure_batches_naming_adapters(
+        quick: bool, held_out: bool) -> None:
+    plain = grid(quick, levels=4, held_out=held_out)
+    both = grid(quick, levels=4, held_out=held_out, adapters=True)
+    assert all(c.mix == "base" for c in plain)
+    extra = [c for c in both if c not in plain]
+    assert {c.level for c in extra} == {0, 1, 2, 3, 4}
+    assert {c.mix for c in extra} <= {"1 adapter", "4 adapters", "half base"}
+    # The held-out batches mix base and adapter requests, a mix the fit never measured.
+    assert ("half base" in {c.mix for c in extra}) == held_out
+    assert len({c.name for c in both}) == len(both)
+    with pytest.raises(ValueError, match="unknown mix"):
+        Config(1, 16, 0, "all")

@@ -117,3 +117,21 @@ def test_the_lora_benchs_mixes_name_each_requests_model() -> None:
     assert len(MIXES) == 4
     with pytest.raises(ValueError, match="unknown mix"):
         models_of("all", 2, ads)
+
+
+def test_adapter_share_marks_that_share_and_leaves_the_load_unchanged() -> None:
+    base = generate(cycle_spec(6.0, 30, 4, 1.0, "decode", block_s=1.5))
+    half = generate(cycle_spec(6.0, 30, 4, 1.0, "decode", block_s=1.5, adapter_share=0.5))
+    # Same arrivals and lengths: the share is drawn from a stream of its own.
+    assert [(r.arrival_s, r.prompt_len, r.output_len) for r in half] == \
+        [(r.arrival_s, r.prompt_len, r.output_len) for r in base]
+    assert not any(r.adapter for r in base)
+    # Drawn per block's arrivals, so each block of a cycle repeats the same adapter requests.
+    drawn = [r for r in half if r.arrival_s < 1.5]
+    again = [r for r in half if 1.5 <= r.arrival_s < 3.0]
+    assert [r.adapter for r in drawn] == [r.adapter for r in again]
+    assert 0.4 < sum(r.adapter for r in half) / len(half) < 0.6
+    every = generate(default_spec(30.0, 1, adapter_share=1.0))
+    assert every and all(r.adapter for r in every)
+    with pytest.raises(ValueError, match=r"adapter_share must be in \[0, 1\]"):
+        default_spec(10.0, adapter_share=1.5)

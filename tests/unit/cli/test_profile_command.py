@@ -90,10 +90,10 @@ def test_evaluate_refuses_a_profile_of_another_setup_before_measuring(
     started: list[list[str]] = []
 
     @contextlib.contextmanager
-    def fake_daemon(base_dir: Path, overrides: list[str],
-                    config_file: Path | None) -> Iterator[tuple[Any, Any, int | None]]:
+    def fake_daemon(base_dir: Path, overrides: list[str], config_file: Path | None,
+                    seed: int = 0) -> Iterator[Any]:
         started.append(overrides)
-        yield SimpleNamespace(cfg=cfg), None, None
+        yield bench_profile.ProfilingRun(SimpleNamespace(cfg=cfg), None, None, [])
 
     def no_measuring(*args: Any, **kwargs: Any) -> list[Any]:
         raise AssertionError("measured against a profile that does not fit")

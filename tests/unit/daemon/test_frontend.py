@@ -48,7 +48,7 @@ class Observer:
         self.gaps: list[list[float]] = []
         self.done: list[tuple[float, float, int]] = []
 
-    def on_arrival(self, prompt_tokens: int, now: float) -> None:
+    def on_arrival(self, prompt_tokens: int, now: float, lora: bool = False) -> None:
         self.arrivals.append((prompt_tokens, now))
 
     def on_tokens(self, gaps_s: list[float]) -> None:

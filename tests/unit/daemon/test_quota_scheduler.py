@@ -3,6 +3,7 @@ only when the level changes, idle -> highest level, policy switch, SLO counting.
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from harli.config import SchedulerConfig
@@ -270,6 +271,16 @@ def test_an_arriving_prompt_joins_the_next_iteration_within_the_token_budget() -
     assert with_arrival(busy, 100, 32).prefill_tokens == 2
     full = with_arrival(with_arrival(busy, 100, 32), 50, 32)
     assert (full.num_waiting, full.prefill_tokens) == (1, 2)  # no room left: it waits
+
+
+def test_adapter_requests_are_counted_in_the_view_the_predictor_sees() -> None:
+    t = msgspec.structs.replace(tele(6), lora_requests=2, lora_adapters=2)
+    v = next_view(t, 2048)
+    assert v.lora_requests == 2 and v.shape().lora_requests == 2
+    assert with_arrival(v, 10, 2048, lora=True).lora_requests == 3
+    assert with_arrival(v, 10, 2048).lora_requests == 2
+    # An arrival that must wait is not in the next batch, adapter or not.
+    assert with_arrival(next_view(tele(32), 32), 10, 32, lora=True).lora_requests == 0
 
 
 def test_an_arrival_on_an_idle_decode_lowers_the_level_before_any_telemetry() -> None:

@@ -35,7 +35,7 @@ from harli.predictor import (
 )
 from harli.predictor.fit import TAIL_QUANTILES, tail_ratio
 
-TRUE_COEFS = (8e-3, 2e-4, 5e-5, 3e-5, 4e-4, 2e-3)  # in FEATURE_NAMES order
+TRUE_COEFS = (8e-3, 2e-4, 5e-5, 3e-5, 4e-4, 2e-3, 6e-3, 5e-5)  # in FEATURE_NAMES order
 TRUE_LEVELS = {1: (1.10, 1e-3), 2: (1.25, 2e-3), 3: (1.60, 3e-3)}  # level: (scale, offset_s)
 KEY = ProfileKey(model="qwen-0.5b", backend="vllm-0.9", dtype="bfloat16", hardware="h100 x16",
                  harli_version="0.1.0")
@@ -53,24 +53,25 @@ def true_latency_s(shape: BatchShape, level: int) -> float:
     return scale * solo_s + offset_s
 
 
-def random_shape(rng: random.Random, *, prefill: bool = True) -> BatchShape:
+def random_shape(rng: random.Random, *, prefill: bool = True, lora: bool = True) -> BatchShape:
     num_seqs = rng.randint(1, 64)
     n = rng.randint(0, 2048) if prefill and rng.random() < 0.7 else 0
     c = rng.randint(0, 4096)
+    lora_requests = rng.randint(1, num_seqs) if lora and rng.random() < 0.4 else 0
     return BatchShape(num_seqs=num_seqs, decode_tokens=rng.randint(0, num_seqs),
                       prefill_tokens=n, context_tokens=rng.randint(0, 65536),
-                      prefill_attn_tokens=n * (c + n))
+                      prefill_attn_tokens=n * (c + n), lora_requests=lora_requests)
 
 
 def make_samples(rng: random.Random, n: int, levels: tuple[int, ...] = (0,),
-                 noise: float = 0.02, prefill: bool = True) -> list[Sample]:
-    configs = [random_shape(rng, prefill=prefill) for _ in range(25)]
+                 noise: float = 0.02, prefill: bool = True, lora: bool = True) -> list[Sample]:
+    configs = [random_shape(rng, prefill=prefill, lora=lora) for _ in range(25)]
     out = []
     for i in range(n):
         # Half repeat a named configuration (for medians), half are one-off shapes.
         idx = i % len(configs)
         shape, config = ((configs[idx], f"cfg{idx}") if i % 2 else
-                         (random_shape(rng, prefill=prefill), f"rand{i % 7}"))
+                         (random_shape(rng, prefill=prefill, lora=lora), f"rand{i % 7}"))
         for level in levels:
             latency_s = true_latency_s(shape, level) * math.exp(rng.gauss(0.0, noise))
             out.append(Sample(shape, level, latency_s, config))
@@ -102,14 +103,20 @@ def test_feature_vector_matches_names_and_scales() -> None:
     shape = BatchShape(num_seqs=4, decode_tokens=3, prefill_tokens=100, context_tokens=2500,
                        prefill_attn_tokens=2_000_000)
     assert len(vector(shape)) == len(FEATURE_NAMES)
-    assert vector(shape) == (1.0, 4.0, 3.0, 100.0, 2.5, 2.0)
+    assert vector(shape) == (1.0, 4.0, 3.0, 100.0, 2.5, 2.0, 0.0, 0.0)
+    # Any adapter request puts the whole batch on the LoRA path: the indicator and all of
+    # its tokens, however many of its requests name an adapter.
+    for lora_requests in (1, 4):
+        lora = dataclasses.replace(shape, lora_requests=lora_requests)
+        assert vector(lora)[-2:] == (1.0, 103.0)
 
 
 def test_shape_from_telemetry_duck_typed_and_old_records() -> None:
     old = SimpleNamespace(num_running=5, decode_tokens=4, prefill_tokens=7, context_tokens=90)
     assert BatchShape.from_telemetry(old) == BatchShape(5, 4, 7, 90, 0)
-    new = SimpleNamespace(**vars(old), prefill_attn_tokens=11)
+    new = SimpleNamespace(**vars(old), prefill_attn_tokens=11, lora_requests=2)
     assert BatchShape.from_telemetry(new).prefill_attn_tokens == 11
+    assert BatchShape.from_telemetry(new).lora_requests == 2
     with pytest.raises(ValueError, match=">= 0"):
         BatchShape(num_seqs=-1, decode_tokens=0, prefill_tokens=0, context_tokens=0)
 
@@ -118,28 +125,29 @@ def test_shape_from_telemetry_duck_typed_and_old_records() -> None:
 
 
 def test_fit_solo_recovers_known_coefficients() -> None:
-    fit = fit_solo(make_samples(random.Random(1), 2000))
+    # decode_tokens moves the latency least (a few % of it): 4000 samples pin it within 5 %.
+    fit = fit_solo(make_samples(random.Random(1), 4000))
     assert fit.coefficients == pytest.approx(TRUE_COEFS, rel=0.05)
-    assert fit.n == 2000
+    assert fit.n == 4000
     assert fit.feature_names == FEATURE_NAMES
     # 2% lognormal noise: the 99th percentile ratio is about exp(2.33 * 0.02).
     assert 1.0 < fit.ratio_q < 1.08
 
 
 def test_fit_solo_drops_all_zero_features() -> None:
-    fit = fit_solo(make_samples(random.Random(2), 2000, prefill=False))
-    prefill = FEATURE_NAMES.index("prefill_tokens")
-    attn = FEATURE_NAMES.index("prefill_attn_mtokens")
-    assert fit.coefficients[prefill] == 0.0
-    assert fit.coefficients[attn] == 0.0
-    kept = [i for i in range(len(FEATURE_NAMES)) if i not in (prefill, attn)]
+    # No prefill and no adapter (a profile of a daemon serving the base model only).
+    fit = fit_solo(make_samples(random.Random(2), 2000, prefill=False, lora=False))
+    absent = [FEATURE_NAMES.index(name) for name in ("prefill_tokens", "prefill_attn_mtokens",
+                                                      "lora_batch", "lora_tokens")]
+    assert [fit.coefficients[i] for i in absent] == [0.0] * len(absent)
+    kept = [i for i in range(len(FEATURE_NAMES)) if i not in absent]
     assert [fit.coefficients[i] for i in kept] == pytest.approx([TRUE_COEFS[i] for i in kept],
                                                                 rel=0.05)
 
 
 def test_fit_solo_refuses_too_few_samples() -> None:
     samples = make_samples(random.Random(3), 4)
-    with pytest.raises(ValueError, match="4 level-0 samples for 6 features"):
+    with pytest.raises(ValueError, match="4 level-0 samples for 8 features"):
         fit_solo(samples)
     with pytest.raises(ValueError, match="quantile"):
         fit_solo(make_samples(random.Random(3), 100), quantile=1.5)
@@ -380,8 +388,26 @@ def test_bad_profiles_raise_profile_error(data: bytes, match: str) -> None:
 
 def test_profile_with_other_feature_set_is_refused() -> None:
     data = make_profile().to_json().replace(b'"intercept"', b'"bias"')
-    with pytest.raises(ProfileError, match="re-run profiling"):
+    with pytest.raises(ProfileError, match="re-run profiling, or fit its iterations again"):
         Profile.from_json(data)
+
+
+def test_profile_of_an_older_feature_set_refits_on_its_samples() -> None:
+    """A profile fit before the adapter features (its samples carry no ``lora_requests``)
+    loads for a refit, and the refit leaves the adapter coefficients at 0."""
+    old_names = [n for n in FEATURE_NAMES if not n.startswith("lora_")]
+    old = msgspec.json.decode(make_profile().to_json())
+    old["solo"]["feature_names"] = old_names
+    old["solo"]["coefficients"] = old["solo"]["coefficients"][:len(old_names)]
+    for s in old["samples"]:
+        del s["shape"]["lora_requests"]
+    data = msgspec.json.encode(old)
+    with pytest.raises(ProfileError):
+        Profile.from_json(data)
+    refit = Profile.from_json(data, any_features=True).refit()
+    assert refit.solo is not None and refit.solo.feature_names == FEATURE_NAMES
+    lora = [FEATURE_NAMES.index(n) for n in ("lora_batch", "lora_tokens")]
+    assert [refit.solo.coefficients[i] for i in lora] == [0.0, 0.0]
 
 
 def test_hardware_fingerprint_names_cpu_and_cores() -> None:
@@ -403,13 +429,19 @@ def perfect_model() -> LatencyModel:
 def test_evaluate_perfect_model_has_zero_error_and_full_bound_share() -> None:
     samples = make_samples(random.Random(12), 400, levels=(0, 1, 2, 3), noise=0.0)
     report = evaluate(perfect_model(), samples)
-    assert sorted(report.stages) == ["stage1", "stage2"]
+    # Batches with adapters are reported apart from the base model's.
+    assert sorted(report.stages) == ["stage1", "stage1 adapters", "stage2", "stage2 adapters"]
     stage1, stage2 = report.stages["stage1"], report.stages["stage2"]
-    assert stage1.n_samples == 400
-    assert stage2.n_samples == 1200
-    assert stage1.n_configs == len({s.config for s in samples})
-    assert stage2.n_configs == 3 * stage1.n_configs
-    for stage in (stage1, stage2):
+    lora1, lora2 = report.stages["stage1 adapters"], report.stages["stage2 adapters"]
+    n_lora = sum(1 for s in samples if s.level == 0 and s.shape.lora_requests)
+    assert 0 < n_lora < 400
+    assert (stage1.n_samples, lora1.n_samples) == (400 - n_lora, n_lora)
+    assert (stage2.n_samples, lora2.n_samples) == (3 * (400 - n_lora), 3 * n_lora)
+    assert all(not r.adapters for r in stage1.rows) and all(r.adapters for r in lora1.rows)
+    keys = {(s.config, s.shape.lora_requests > 0) for s in samples}
+    assert stage1.n_configs + lora1.n_configs == len(keys)
+    assert stage2.n_configs + lora2.n_configs == 3 * len(keys)
+    for stage in (stage1, stage2, lora1, lora2):
         assert stage.mean_ape_pct == 0.0
         assert stage.p95_ape_pct == 0.0
         assert stage.within_upper_share == 1.0

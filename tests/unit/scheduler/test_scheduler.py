@@ -39,8 +39,9 @@ from .fake_predictors import BoundsFromPredict
 
 K = 4
 # Seconds: intercept, per seq, per decode token, per prefill token, per 1k context tokens,
-# per 1M prefill attention token-pairs (the order of FEATURE_NAMES).
-SOLO_COEFS = (5e-3, 1e-4, 5e-5, 2e-5, 3e-4, 1e-3)
+# per 1M prefill attention token-pairs, per LoRA batch, per LoRA batch token (the order of
+# FEATURE_NAMES).
+SOLO_COEFS = (5e-3, 1e-4, 5e-5, 2e-5, 3e-4, 1e-3, 4e-3, 2e-4)
 
 
 def make_model(coefs: Sequence[float] = SOLO_COEFS,
@@ -104,7 +105,8 @@ slos = st.floats(4.0, 80.0).map(lambda ms: SloTarget(tpot_ms=ms))
 def models(draw: st.DrawFn) -> LatencyModel:
     """Random fits whose bound grows with the batch (non-negative coefficients) and with the
     level (increasing scales and offsets)."""
-    coefs = [draw(st.floats(1e-3, 1e-2))] + [draw(st.floats(0.0, 1e-3)) for _ in range(5)]
+    coefs = [draw(st.floats(1e-3, 1e-2))] + [draw(st.floats(0.0, 1e-3))
+                                             for _ in range(len(FEATURE_NAMES) - 1)]
     steps = [draw(st.floats(0.0, 0.5)) for _ in range(K)]
     scales = [1.0 + sum(steps[: i + 1]) for i in range(K)]
     offsets = [sum(draw(st.floats(0.0, 2e-3)) for _ in range(i + 1)) for i in range(K)]
