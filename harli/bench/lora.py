@@ -35,7 +35,7 @@ def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 8,
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
                                             init_lora_weights=False))
     peft.save_pretrained(str(out))
