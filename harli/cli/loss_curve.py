@@ -33,6 +33,7 @@ def plot_loss_curve(metrics: list[JobMetric], out: Path, title: str) -> None:
         for step, loss, accuracy in valid:
             ax.annotate(f"{100 * accuracy:.0f} %", (step, loss), textcoords="offset points",
                         xytext=(0, 8), ha="center", fontsize=8)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # steps: no 2.5
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean token cross-entropy)")
     ax.set_title(title + ("; labels: valid next-token accuracy" if valid else ""))
