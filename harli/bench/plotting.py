@@ -1,7 +1,7 @@
 """matplotlib, loaded only when a plot is drawn: it is the optional ``plots`` extra.
 
 The daemon and the CLI run without it; ``harli bench`` and ``harli profile --evaluate`` still
-write their JSON results and say how to get the picture.
+write their JSON results and say how to get the picture, and ``harli job plot`` says so.
 """
 
 from __future__ import annotations

@@ -30,7 +30,14 @@ _OPTIONS: dict[str, tuple[str, type]] = {
     "seed": ("seed", int), "checkpoint_every": ("checkpoint_every", int),
     "keep_checkpoints": ("keep_checkpoints", int), "base_model": ("base_model", str),
     "lora_r": ("lora.r", int), "lora_alpha": ("lora.alpha", int),
-    "lora_dropout": ("lora.dropout", float),
+    "lora_dropout": ("lora.dropout", float), "log_every": ("log_every", int),
+    "validation_file": ("validation_file", str),
+}
+# Help beyond the field's name.
+_HELP = {
+    "validation_file": "JSONL file in a dataset format, scored at every checkpoint: "
+                       "valid_loss and next-token accuracy (JobSpec.validation_file)",
+    "log_every": "optimizer steps between two logged steps (metric events); JobSpec.log_every",
 }
 
 
@@ -68,6 +75,8 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
     if args.publish_checkpoints:
         data["publish_checkpoints"] = True
     data["dataset"] = str(Path(data["dataset"]).expanduser().absolute())
+    if isinstance(data.get("validation_file"), str) and data["validation_file"]:
+        data["validation_file"] = str(Path(data["validation_file"]).expanduser().absolute())
     data.setdefault("name", f"{Path(data['dataset']).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     if data.get("output_dir"):  # else the daemon's finetune.output_root / name
         data["output_dir"] = str(Path(data["output_dir"]).expanduser().absolute())
@@ -116,7 +125,8 @@ class AttachCommand(Command):
         p.add_argument("--spec", metavar="FILE", help="job spec as TOML or JSON; options "
                        "given here override it")
         for opt, (field, typ) in _OPTIONS.items():
-            p.add_argument("--" + opt.replace("_", "-"), type=typ, help=f"JobSpec.{field}")
+            p.add_argument("--" + opt.replace("_", "-"), type=typ,
+                           help=_HELP.get(opt, f"JobSpec.{field}"))
         p.add_argument("--target-modules", help="comma-separated LoRA target modules")
         p.add_argument("--publish-checkpoints", action="store_true",
                        help="serve each checkpoint as model NAME@step-N as it is written "

@@ -20,9 +20,11 @@ from harli.ipc.control import (
     DaemonStatus,
     GetStatus,
     JobDetail,
+    JobEvent,
     JobInfo,
     JobList,
     JobLogs,
+    JobMetric,
     ListJobs,
     ListModels,
     ModelInfo,
@@ -96,16 +98,36 @@ class ControlClient:
         assert isinstance(reply, JobDetail)
         return reply
 
-    def logs(self, job_id: int, after_event: int = 0) -> JobDetail:
-        reply = self.request(JobLogs(job_id=job_id, after_event=after_event))
+    def logs(self, job_id: int, after_event: int = 0, after_metric: int = 0,
+             limit: int = 10_000) -> JobDetail:
+        """One page of a job's events and metric events after the ids given (``truncated``:
+        there are more)."""
+        reply = self.request(JobLogs(job_id=job_id, after_event=after_event,
+                                     after_metric=after_metric, limit=limit))
         assert isinstance(reply, JobDetail)
         return reply
+
+    def all_logs(self, job_id: int, after_event: int = 0, after_metric: int = 0,
+                 limit: int = 10_000) -> JobDetail:
+        """Every event and metric event of a job after the ids given: ``logs`` page by page,
+        in one ``JobDetail`` (its ``job`` as of the last page)."""
+        events: list[JobEvent] = []
+        metrics: list[JobMetric] = []
+        while True:
+            page = self.logs(job_id, after_event, after_metric, limit)
+            events += page.events
+            metrics += page.metrics
+            if events:
+                after_event = events[-1].event_id
+            if metrics:
+                after_metric = metrics[-1].metric_id
+            if not page.truncated:
+                return JobDetail(job=page.job, events=events, metrics=metrics)
 
     def cancel(self, job_id: int) -> JobInfo:
         reply = self.request(CancelJob(job_id=job_id))
         assert isinstance(reply, JobInfo)
         return reply
-
 
     def set_level(self, level: int) -> DaemonStatus:
         reply = self.request(SetLevel(level=level))

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from harli.datasets import DatasetLimits, TokenizedCache
+from harli.datasets import DatasetLimits, DatasetReport, TokenizedCache
 from harli.ipc.jobs import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -105,8 +105,6 @@ class AttachValidator:
     def validate(self, spec: JobSpec, taken_output_dirs: dict[str, str]) -> dict[str, Any]:
         """Raise ``AttachRefused`` naming the problem, or return the dataset report. The
         dataset is tokenized here, once: the finetune reads the examples from the cache."""
-        from harli.datasets import DatasetError, load_dataset
-
         if spec.base_model and os.path.realpath(spec.base_model) != os.path.realpath(
                 self.model_dir):
             raise AttachRefused(f"the job is for base model {spec.base_model}, but this daemon "
@@ -117,17 +115,32 @@ class AttachValidator:
                                 f"could never be called; train at rank {self.max_serving_rank} "
                                 f"or less, or raise lora.max_lora_rank")
         check_output_dir(Path(spec.output_dir), taken_output_dirs, self.output_roots)
-        if not Path(spec.dataset).is_absolute():
-            raise AttachRefused(f"dataset {spec.dataset} must be an absolute path")
+        for key, path in (("dataset", spec.dataset), ("validation_file", spec.validation_file)):
+            if path and not Path(path).is_absolute():
+                raise AttachRefused(f"{key} {path} must be an absolute path")
         if self._modules is None:  # read once; a racing second read gives the same set
             self._modules = module_names(self.model_dir)
         check_target_modules(list(spec.lora.target_modules), self._modules)
+        report = self._check_dataset(spec.dataset, spec.max_seq_len, "dataset",
+                                     "to learn from").as_dict()
+        if spec.validation_file:
+            # The same checks as the training set's, and tokenized into the same cache.
+            valid = self._check_dataset(spec.validation_file, spec.max_seq_len,
+                                        "validation_file", "to score")
+            report.update({f"validation_{k}": v for k, v in valid.as_dict().items()
+                           if k != "source"})
+        return report
+
+    def _check_dataset(self, path: str, max_seq_len: int, key: str,
+                       purpose: str) -> DatasetReport:
+        from harli.datasets import DatasetError, load_dataset
+
         try:
-            _, report = load_dataset(spec.dataset, self._tokenizer(), spec.max_seq_len,
-                                     self.dataset_cache, self.limits, self.cancel)
+            _, report = load_dataset(path, self._tokenizer(), max_seq_len, self.dataset_cache,
+                                     self.limits, self.cancel)
         except DatasetError as e:
-            raise AttachRefused(str(e)) from None
+            raise AttachRefused(str(e) if key == "dataset" else f"{key}: {e}") from None
         if report.loss_tokens == 0:
-            raise AttachRefused(f"dataset {spec.dataset}: no response tokens left to learn from "
-                                f"at max_seq_len {spec.max_seq_len}")
-        return report.as_dict()
+            raise AttachRefused(f"{key} {path}: no response tokens left {purpose} at "
+                                f"max_seq_len {max_seq_len}")
+        return report

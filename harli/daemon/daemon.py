@@ -70,6 +70,7 @@ from harli.ipc.finetune import (
     JobStarted,
     LeaseReturned,
     MicroStepReport,
+    StepLogged,
 )
 from harli.ipc.inference import ErrorCode
 from harli.ipc.weights import WeightsExported
@@ -175,6 +176,7 @@ class Daemon:
             FinetuneFatal: self._on_finetune_fatal,
             MicroStepReport: self._on_micro_step,
             JobStarted: self._on_job_started,
+            StepLogged: self.jobs.on_step_logged,
             CheckpointSaved: self._on_checkpoint,
             JobEnded: self._on_job_ended,
         }, self.metrics)

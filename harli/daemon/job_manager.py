@@ -46,6 +46,7 @@ from harli.ipc.finetune import (
     JobStarted,
     MicroStepReport,
     StartJob,
+    StepLogged,
     StopJob,
 )
 from harli.ipc.inference import Error, ErrorCode
@@ -55,6 +56,10 @@ logger = logging.getLogger(__name__)
 
 Reply = ControlReply | Error
 _TPS_ALPHA = 0.2  # EWMA weight of the newest micro-step in tokens/s
+# What ``show_job`` returns of a job's log: its newest events and metric events (``job_logs``
+# pages through all of them).
+SHOW_EVENTS = 20
+SHOW_METRICS = 100
 # Datasets checked at once: a large file being tokenized delays no other attach.
 ATTACH_WORKERS = 4
 # A job is stored only if its check ends within this share of the client's wait, leaving the
@@ -179,13 +184,18 @@ class JobManager:
         job = self._job(msg.job_id)
         if isinstance(job, Error):
             return job
-        return JobDetail(job=job, events=self.store.events(job.job_id)[-20:])
+        return JobDetail(job=job, events=self.store.events(job.job_id)[-SHOW_EVENTS:],
+                         metrics=self.store.last_metrics(job.job_id, SHOW_METRICS))
 
     def logs(self, msg: JobLogs) -> Reply:
         job = self._job(msg.job_id)
         if isinstance(job, Error):
             return job
-        return JobDetail(job=job, events=self.store.events(job.job_id, msg.after_event))
+        # One more than asked for tells whether there is more, without another query.
+        events = self.store.events(job.job_id, msg.after_event, msg.limit + 1)
+        metrics = self.store.metrics(job.job_id, msg.after_metric, msg.limit + 1)
+        return JobDetail(job=job, events=events[:msg.limit], metrics=metrics[:msg.limit],
+                         truncated=len(events) > msg.limit or len(metrics) > msg.limit)
 
     def cancel(self, msg: CancelJob) -> Reply:
         job = self._job(msg.job_id)
@@ -244,8 +254,18 @@ class JobManager:
         self.store.record_start(msg.job_id, msg.total_steps, msg.resumed_from_step,
                                 dict(msg.dataset_report))
 
+    def on_step_logged(self, msg: StepLogged) -> None:
+        if msg.job_id != self.running:
+            return
+        self.store.record_step(msg)
+
     def on_checkpoint(self, msg: CheckpointSaved) -> None:
-        self.store.record_checkpoint(msg.job_id, msg.step, msg.path)
+        self.store.record_checkpoint(msg)
+        if msg.validation is not None:
+            self.metrics.on_validation(msg.job_id, msg.validation)
+        elif msg.validation_error:
+            logger.warning("[jobs] job %d: checkpoint-%d not validated: %s", msg.job_id,
+                           msg.step, msg.validation_error)
 
     def on_job_ended(self, msg: JobEnded) -> None:
         if msg.job_id == self.running:
@@ -260,8 +280,9 @@ class JobManager:
 
     def _prune_dataset_cache(self) -> None:
         """Keep the tokenized datasets of the jobs that may still run, drop the rest."""
-        keep = {str(j.dataset_report.get("cache_key")) for j in self.store.all_jobs()
-                if j.status not in js.TERMINAL and j.dataset_report}
+        keep = {str(j.dataset_report.get(key)) for j in self.store.all_jobs()
+                if j.status not in js.TERMINAL and j.dataset_report
+                for key in ("cache_key", "validation_cache_key")}
         removed = self.dataset_cache.prune(keep)
         if removed:
             logger.info("[jobs] removed %d tokenized dataset(s) no job needs", removed)

@@ -1,9 +1,16 @@
-"""The job store: finetune jobs, their progress and an event log, in SQLite (WAL mode) in the
-state dir, so that jobs survive daemon restarts.
+"""The job store: finetune jobs, their progress, an event log and metric events, in SQLite
+(WAL mode) in the state dir, so that jobs survive daemon restarts.
 
 Progress is stored as absolute values reported by the trainer (step, micro-steps, tokens), never
 as increments: a report replayed after a restart cannot count a step twice, and a resume sets
 the step back to the checkpoint's, never further.
+
+Metric events (a logged step's loss, tokens/s and level; a checkpoint's validation score) have
+their own table, one typed column per number, rather than text in the event log: a loss curve is
+a query, not a parse. A job resumed from checkpoint N drops its metric events past step N,
+since the steps after it are trained (and logged) again: the curve is the one of the training
+its adapter holds. One row per logged step is stored (``JobSpec.log_every`` thins them); reads
+are paged by id.
 """
 
 from __future__ import annotations
@@ -17,8 +24,8 @@ from typing import Any
 
 import msgspec
 
-from harli.ipc.control import JobEvent, JobInfo
-from harli.ipc.finetune import MicroStepReport
+from harli.ipc.control import JobEvent, JobInfo, JobMetric, TrainMetric, ValidMetric
+from harli.ipc.finetune import CheckpointSaved, MicroStepReport, StepLogged
 from harli.ipc.jobs import JobSpec
 
 QUEUED, RUNNING, PAUSED = "queued", "running", "paused"
@@ -61,7 +68,27 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, event_id);
+CREATE TABLE IF NOT EXISTS metrics (
+    metric_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(job_id),
+    time_s REAL NOT NULL,
+    kind TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    epoch REAL NOT NULL,
+    tokens INTEGER NOT NULL,
+    train_loss REAL,
+    learning_rate REAL,
+    grad_norm REAL,
+    tokens_per_s REAL,
+    level INTEGER,
+    valid_loss REAL,
+    valid_accuracy REAL,
+    examples INTEGER
+);
+CREATE INDEX IF NOT EXISTS metrics_by_job ON metrics(job_id, metric_id);
+CREATE INDEX IF NOT EXISTS metrics_by_kind ON metrics(job_id, kind, metric_id);
 """
+TRAIN, VALID = "train", "valid"  # metrics.kind
 
 _COLUMNS = ("job_id", "name", "status", "priority", "created_s", "started_s", "finished_s",
             "step", "total_steps", "epoch", "micro_steps", "tokens", "loss", "first_loss",
@@ -69,6 +96,26 @@ _COLUMNS = ("job_id", "name", "status", "priority", "created_s", "started_s", "f
             "adapter_path", "dataset_report", "spec", "fine_tuned_model")
 # Columns added since the first schema, with their types: added to an older database at open.
 _ADDED_COLUMNS = {"fine_tuned_model": "TEXT"}
+# JobInfo's latest validation score, read from the metric events (so a resume that drops some
+# never leaves a stale copy behind).
+_LATEST_VALID = {
+    name: f"(SELECT m.{name} FROM metrics m WHERE m.job_id = jobs.job_id AND m.kind = "
+          f"'{VALID}' ORDER BY m.metric_id DESC LIMIT 1)"
+    for name in ("valid_loss", "valid_accuracy")}
+_METRIC_COLUMNS = ("metric_id", "job_id", "time_s", "kind", "step", "epoch", "tokens",
+                   "train_loss", "learning_rate", "grad_norm", "tokens_per_s", "level",
+                   "valid_loss", "valid_accuracy", "examples")
+
+
+def _metric(row: tuple[Any, ...]) -> JobMetric:
+    d = dict(zip(_METRIC_COLUMNS, row, strict=True))
+    common = {k: d[k] for k in ("metric_id", "job_id", "time_s", "step", "epoch", "tokens")}
+    if d["kind"] == VALID:
+        return ValidMetric(**common, valid_loss=d["valid_loss"],
+                           valid_accuracy=d["valid_accuracy"], examples=d["examples"])
+    return TrainMetric(**common, train_loss=d["train_loss"], learning_rate=d["learning_rate"],
+                       grad_norm=d["grad_norm"], tokens_per_s=d["tokens_per_s"],
+                       level=d["level"])
 
 
 class DuplicateJobName(Exception):
@@ -98,13 +145,14 @@ class JobStore:
     # -- reads -------------------------------------------------------------------------------
 
     def _row(self, row: tuple[Any, ...]) -> JobInfo:
-        d = dict(zip(_COLUMNS, row, strict=True))
+        d = dict(zip((*_COLUMNS, *_LATEST_VALID), row, strict=True))
         d["spec"] = msgspec.json.decode(d["spec"], type=JobSpec)
         d["dataset_report"] = json.loads(d["dataset_report"]) if d["dataset_report"] else None
         return JobInfo(**d)
 
     def _select(self, where: str = "", args: tuple[Any, ...] = ()) -> list[JobInfo]:
-        rows = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs {where}", args)
+        columns = ", ".join((*_COLUMNS, *_LATEST_VALID.values()))
+        rows = self.db.execute(f"SELECT {columns} FROM jobs {where}", args)
         return [self._row(r) for r in rows]
 
     def get(self, job_id: int) -> JobInfo | None:
@@ -122,12 +170,30 @@ class JobStore:
     def active(self) -> list[JobInfo]:
         return self._select("WHERE status IN (?, ?) ORDER BY job_id", ACTIVE)
 
-    def events(self, job_id: int, after: int = 0) -> list[JobEvent]:
+    def events(self, job_id: int, after: int = 0, limit: int = -1) -> list[JobEvent]:
+        """The job's events with an id above ``after``, oldest first, at most ``limit``
+        (-1: all)."""
         rows = self.db.execute(
             "SELECT event_id, job_id, time_s, kind, message FROM events "
-            "WHERE job_id = ? AND event_id > ? ORDER BY event_id", (job_id, after))
+            "WHERE job_id = ? AND event_id > ? ORDER BY event_id LIMIT ?", (job_id, after, limit))
         return [JobEvent(event_id=r[0], job_id=r[1], time_s=r[2], kind=r[3], message=r[4])
                 for r in rows]
+
+    def metrics(self, job_id: int, after: int = 0, limit: int = -1) -> list[JobMetric]:
+        """The job's metric events with an id above ``after``, oldest first, at most
+        ``limit`` (-1: all)."""
+        rows = self.db.execute(
+            f"SELECT {', '.join(_METRIC_COLUMNS)} FROM metrics "
+            "WHERE job_id = ? AND metric_id > ? ORDER BY metric_id LIMIT ?",
+            (job_id, after, limit))
+        return [_metric(r) for r in rows]
+
+    def last_metrics(self, job_id: int, n: int) -> list[JobMetric]:
+        """The job's newest ``n`` metric events, oldest first."""
+        rows = self.db.execute(
+            f"SELECT {', '.join(_METRIC_COLUMNS)} FROM metrics "
+            "WHERE job_id = ? ORDER BY metric_id DESC LIMIT ?", (job_id, n)).fetchall()
+        return [_metric(r) for r in reversed(rows)]
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -149,12 +215,15 @@ class JobStore:
                     (spec.name, msgspec.json.encode(spec).decode(), QUEUED, spec.priority,
                      self.clock(), json.dumps(dataset_report)))
                 job_id = int(cur.lastrowid or 0)
-                self._event(job_id, "attached",
-                            f"queued with priority {spec.priority}; dataset "
-                            f"{dataset_report.get('path')}: {dataset_report.get('records')} "
-                            f"records ({dataset_report.get('format')}), "
-                            f"{dataset_report.get('truncated')} truncated to "
-                            f"{spec.max_seq_len} tokens")
+                message = (f"queued with priority {spec.priority}; dataset "
+                           f"{dataset_report.get('path')}: {dataset_report.get('records')} "
+                           f"records ({dataset_report.get('format')}), "
+                           f"{dataset_report.get('truncated')} truncated to "
+                           f"{spec.max_seq_len} tokens")
+                if "validation_path" in dataset_report:
+                    message += (f"; validation file {dataset_report['validation_path']}: "
+                                f"{dataset_report.get('validation_records')} records")
+                self._event(job_id, "attached", message)
         except sqlite3.IntegrityError:
             raise DuplicateJobName(spec.name) from None
         job = self.get(job_id)
@@ -184,6 +253,8 @@ class JobStore:
             self.db.execute(
                 "UPDATE jobs SET total_steps = ?, step = ?, dataset_report = ? WHERE job_id = ?",
                 (total_steps, step, json.dumps(dataset_report), job_id))
+            # The steps past the checkpoint are trained again, and logged again.
+            self.db.execute("DELETE FROM metrics WHERE job_id = ? AND step > ?", (job_id, step))
             self._event(job_id, "started",
                         f"resumed from checkpoint-{step}" if resumed_from_step
                         else f"started from scratch: {total_steps} steps")
@@ -201,12 +272,36 @@ class JobStore:
         self.db.execute("UPDATE jobs SET fine_tuned_model = ? WHERE job_id = ?",
                         (model, job_id))
 
-    def record_checkpoint(self, job_id: int, step: int, path: str) -> None:
+    def record_step(self, m: StepLogged) -> None:
+        """A logged step, as a metric event."""
+        self.db.execute(
+            "INSERT INTO metrics (job_id, time_s, kind, step, epoch, tokens, train_loss, "
+            "learning_rate, grad_norm, tokens_per_s, level) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (m.job_id, self.clock(), TRAIN, m.step, m.epoch, m.tokens, m.loss, m.learning_rate,
+             m.grad_norm, m.tokens_per_s, m.level))
+
+    def record_checkpoint(self, c: CheckpointSaved) -> None:
+        """A checkpoint: the job's latest, an event, and its validation score (if any) as a
+        metric event."""
+        message = f"saved {c.path}"
+        v = c.validation
+        if v is not None:
+            message += (f"; valid_loss {v.loss:.4f}, valid_accuracy {100 * v.accuracy:.1f} % "
+                        f"({v.examples} examples, {v.duration_s:.1f} s)")
+        elif c.validation_error:
+            message += f"; not validated: {c.validation_error}"
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute("UPDATE jobs SET checkpoint_step = ? WHERE job_id = ?",
-                            (step, job_id))
-            self._event(job_id, "checkpoint", f"saved {path}")
+                            (c.step, c.job_id))
+            self._event(c.job_id, "checkpoint", message)
+            if v is not None:
+                self.db.execute(
+                    "INSERT INTO metrics (job_id, time_s, kind, step, epoch, tokens, "
+                    "valid_loss, valid_accuracy, examples) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (c.job_id, self.clock(), VALID, c.step, c.epoch, v.tokens, v.loss,
+                     v.accuracy, v.examples))
 
     def requeue_active(self, why: str) -> list[int]:
         """Put running/paused jobs back in the queue (their process died); they resume from

@@ -14,7 +14,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from harli.ipc.decode import IterationTelemetry
-from harli.ipc.finetune import MicroStepReport
+from harli.ipc.finetune import MicroStepReport, ValidationScore
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,13 @@ class Metrics:
                                registry=r)
         self.job_loss = Gauge("harli_job_loss", "Last training loss of a job.", ["job"],
                               registry=r)
+        self.job_valid_loss = Gauge("harli_job_valid_loss",
+                                    "A job's last checkpoint's loss on its validation file.",
+                                    ["job"], registry=r)
+        self.job_valid_accuracy = Gauge(
+            "harli_job_valid_accuracy",
+            "A job's last checkpoint's next-token accuracy on its validation file (0-1).",
+            ["job"], registry=r)
         self.preemptions = Counter("harli_decode_preemptions_total",
                                    "Requests vLLM's scheduler preempted (out of KV blocks).",
                                    registry=r)
@@ -181,6 +188,11 @@ class Metrics:
         saved = r.lease_saved_bytes + r.private_saved_bytes
         if saved:
             self.lease_in_share.set(r.lease_saved_bytes / saved)
+
+
+    def on_validation(self, job_id: int, v: ValidationScore) -> None:
+        self.job_valid_loss.labels(str(job_id)).set(v.loss)
+        self.job_valid_accuracy.labels(str(job_id)).set(v.accuracy)
 
 
 def is_loopback(addr: str) -> bool:

@@ -11,6 +11,15 @@ as the completeness marker, every file and the folder are fsynced, and only then
 renamed to ``checkpoint-N``; so a ``checkpoint-N`` with a readable ``trainer_state.json`` is
 always whole, and anything else left behind by a crash is ignored and later pruned.
 
+``trainer_state.json`` follows the schema of HF Trainer's ``TrainerState`` (``global_step``,
+``epoch``, ``log_history``, ``best_metric``, ...), so ``TrainerState.load_from_json`` and the
+tools built on it read it. That loader passes every top-level key to the dataclass and refuses
+any other, so what harli needs beyond HF's fields to resume exactly (micro-step, data cursor,
+...) goes where HF keeps the state of the callbacks of a run: ``stateful_callbacks``, under
+``HarliResumeState`` (HF's Trainer, resuming from it, ignores an entry it has no callback for,
+with a warning). A checkpoint of the older flat format (``{"format": 1, "step": ...}``) is still
+read for a resume.
+
 Everything is loaded with ``torch.load(..., weights_only=True)``: the RNG states are stored as
 plain Python values and tensors (numpy's key array as a tensor) so no pickled objects are needed.
 """
@@ -27,7 +36,7 @@ import random
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +52,11 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TMP_CHECKPOINT_PREFIX = ".tmp-checkpoint-"
 TMP_ADAPTER_PREFIX = ".tmp-adapter-"
 ADAPTER_DIR = "adapter"
-STATE_FORMAT = 1
+# Harli's resume state inside trainer_state.json: 2 = HF's schema with it in
+# ``stateful_callbacks[HARLI_STATE_KEY]``; 1 = the older flat format, still read.
+STATE_FORMAT = 2
+LEGACY_STATE_FORMAT = 1
+HARLI_STATE_KEY = "HarliResumeState"
 ADAPTER_NAME = "default"
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -53,6 +66,20 @@ RNG_FILE = "rng_state.pth"
 STATE_FILE = "trainer_state.json"
 
 _CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What ``trainer_state.json`` says of the run besides where it stands: HF's fields, from
+    the job spec (the same at every checkpoint of a job)."""
+
+    max_steps: int
+    num_train_epochs: int
+    logging_steps: int
+    eval_steps: int  # evaluation runs at checkpoints (when the job has a validation file)
+    save_steps: int
+    train_batch_size: int  # micro_batch_size: the examples of one forward pass
+    micro_batches_per_epoch: int  # to write the fractional epoch
 
 
 @dataclass
@@ -65,21 +92,84 @@ class TrainerState:
     cursor: int  # index of the next micro-batch within the epoch's order
     tokens: int  # tokens trained on
     loss: float | None  # last logged loss
+    # HF's: one dict per logged step ("loss", "learning_rate", ...) and per evaluation
+    # ("eval_loss", "eval_accuracy", ...), each with its "step" and "epoch".
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    best_metric: float | None = None  # the lowest eval_loss so far
+    best_global_step: int | None = None
+    best_model_checkpoint: str | None = None  # may since have been pruned (keep_checkpoints)
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    def epoch_progress(self, micro_batches_per_epoch: int) -> float:
+        """The fractional epoch, as HF counts it: micro-steps done over those of an epoch."""
+        return self.micro_step / max(1, micro_batches_per_epoch)
+
+    def to_json(self, plan: RunPlan) -> dict[str, Any]:
+        """``trainer_state.json``'s content: HF ``TrainerState``'s fields, harli's own in
+        ``stateful_callbacks``."""
+        return {
+            "epoch": self.epoch_progress(plan.micro_batches_per_epoch),
+            "global_step": self.step,
+            "max_steps": plan.max_steps,
+            "logging_steps": plan.logging_steps,
+            "eval_steps": plan.eval_steps,
+            "save_steps": plan.save_steps,
+            "train_batch_size": plan.train_batch_size,
+            "num_train_epochs": plan.num_train_epochs,
+            "num_input_tokens_seen": self.tokens,
+            "total_flos": 0.0,  # not counted
+            "log_history": self.log_history,
+            "best_metric": self.best_metric,
+            "best_global_step": self.best_global_step,
+            "best_model_checkpoint": self.best_model_checkpoint,
+            "is_local_process_zero": True,
+            "is_world_process_zero": True,
+            "is_hyper_param_search": False,
+            "trial_name": None,
+            "trial_params": None,
+            # HF's shape for a callback's state: constructor args, then attributes to set.
+            "stateful_callbacks": {HARLI_STATE_KEY: {"args": {}, "attributes": {
+                "format": STATE_FORMAT, "micro_step": self.micro_step, "epoch": self.epoch,
+                "cursor": self.cursor, "loss": self.loss}}},
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrainerState:
-        loss = d.get("loss")
-        return cls(
-            step=int(d["step"]),
-            micro_step=int(d["micro_step"]),
-            epoch=int(d["epoch"]),
-            cursor=int(d["cursor"]),
-            tokens=int(d["tokens"]),
-            loss=None if loss is None else float(loss),
-        )
+        """Read either format (``state_format`` says which; raise ValueError for neither)."""
+        fmt = state_format(d)
+        if fmt == LEGACY_STATE_FORMAT:
+            return cls(step=int(d["step"]), micro_step=int(d["micro_step"]),
+                       epoch=int(d["epoch"]), cursor=int(d["cursor"]), tokens=int(d["tokens"]),
+                       loss=_float_or_none(d.get("loss")))
+        if fmt != STATE_FORMAT:
+            raise ValueError("not a trainer state harli wrote")
+        own = d["stateful_callbacks"][HARLI_STATE_KEY]["attributes"]
+        best_step = d.get("best_global_step")
+        return cls(step=int(d["global_step"]), micro_step=int(own["micro_step"]),
+                   epoch=int(own["epoch"]), cursor=int(own["cursor"]),
+                   tokens=int(d["num_input_tokens_seen"]), loss=_float_or_none(own.get("loss")),
+                   log_history=list(d.get("log_history") or []),
+                   best_metric=_float_or_none(d.get("best_metric")),
+                   best_global_step=None if best_step is None else int(best_step),
+                   best_model_checkpoint=d.get("best_model_checkpoint"))
+
+
+def _float_or_none(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def state_format(d: Any) -> int | None:
+    """The format of a parsed ``trainer_state.json`` harli wrote (2, or 1 for the older flat
+    one), or None: not one of harli's (another trainer's, or damaged)."""
+    if not isinstance(d, dict):
+        return None
+    if d.get("format") == LEGACY_STATE_FORMAT:
+        return LEGACY_STATE_FORMAT
+    callbacks = d.get("stateful_callbacks")
+    own = callbacks.get(HARLI_STATE_KEY) if isinstance(callbacks, dict) else None
+    attributes = own.get("attributes") if isinstance(own, dict) else None
+    if isinstance(attributes, dict) and attributes.get("format") == STATE_FORMAT:
+        return STATE_FORMAT
+    return None
 
 
 # --- filesystem helpers ---------------------------------------------------------------------
@@ -221,14 +311,13 @@ def _checkpoint_step(path: Path) -> int | None:
 
 
 def _read_state_json(path: Path) -> dict[str, Any] | None:
-    """The checkpoint's trainer_state.json if it is readable and of our format, else None."""
+    """The checkpoint's trainer_state.json if it is readable and of one of our formats, else
+    None."""
     try:
         d = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(d, dict) or d.get("format") != STATE_FORMAT:
-        return None
-    return d
+    return d if state_format(d) is not None else None
 
 
 def _scan(output_dir: Path) -> tuple[list[tuple[int, Path]], list[Path]]:
@@ -253,7 +342,7 @@ def _scan(output_dir: Path) -> tuple[list[tuple[int, Path]], list[Path]]:
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step, or None if there is none.
 
-    Folders without a readable ``trainer_state.json`` of format 1 (a crash mid-write, or a
+    Folders without a readable ``trainer_state.json`` of harli's (a crash mid-write, or a
     foreign folder) and ``.tmp-checkpoint-*`` leftovers are skipped.
     """
     complete, incomplete = _scan(output_dir)
@@ -292,6 +381,7 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainerState,
     keep: int,
+    plan: RunPlan,
 ) -> Path:
     """Write ``output_dir/checkpoint-{state.step}`` atomically, prune, return its path.
 
@@ -312,9 +402,9 @@ def save_checkpoint(
         torch.save(_rng_state(), tmp / RNG_FILE)
         _fsync_tree(tmp)
         # The completeness marker goes last, after everything else is on disk.
-        payload = {"format": STATE_FORMAT, **state.to_json()}
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
+            # As HF's TrainerState.save_to_json writes it.
+            json.dump(state.to_json(plan), f, indent=2, sort_keys=True)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())

@@ -1,7 +1,8 @@
 """Held-in evaluation of an adapter against its base model: mean response loss and
 next-token accuracy on response tokens (teacher forcing), both on the same examples.
 
-Used by the demo and the tests to show that a job learned its task; not a benchmark suite.
+Used by the demo and the tests to show that a job learned its task; not a benchmark suite. The
+scoring is ``validation.TokenScores``, the one a job's checkpoints are scored with.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from harli.datasets import IGNORE_INDEX, load_dataset
+from harli.finetune_proc.validation import TokenScores
 
 
 @dataclass(frozen=True)
@@ -24,20 +26,10 @@ class EvalResult:
 
 
 def _score(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-    total_loss = 0.0
-    correct = total = 0
-    with torch.no_grad():
-        for b in batches:
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            pred = logits[:, :-1].argmax(-1)
-            labels = b["labels"][:, 1:]
-            mask = labels != IGNORE_INDEX
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1][mask], labels[mask], reduction="sum")
-            total_loss += float(loss)
-            correct += int((pred[mask] == labels[mask]).sum())
-            total += int(mask.sum())
-    return total_loss / max(total, 1), correct / max(total, 1)
+    scores = TokenScores()
+    for b in batches:
+        scores.add(model, b)
+    return scores.loss, scores.accuracy
 
 
 def evaluate_adapter(model_dir: str | Path, adapter_dir: str | Path, dataset: str | Path,

@@ -3,10 +3,11 @@
 Sockets (ipc:// in the runtime dir, bound by the daemon): ``finetune-in`` PULL <- daemon
 (``StartJob``, ``StopJob``, ``Decision``, ``FinetuneShutdown``, ``GrantLease``, ``ReclaimLease``,
 ``LeaseRefused``), read only by the ``Inbox``, and ``finetune-out`` PUSH -> daemon
-(``FinetuneReady``, ``JobStarted``, one ``MicroStepReport`` per micro-step, ``CheckpointSaved``,
-``JobEnded``, ``FinetuneFatal``, ``LeaseReturned``). On a CUDA host with ``gpu.share_weights``
-the daemon also relays decode's ``WeightsExported`` before any ``StartJob``; the latest one is
-kept, and a job builds its base model on it (``recipe.shared_base``).
+(``FinetuneReady``, ``JobStarted``, one ``MicroStepReport`` per micro-step, ``StepLogged`` per
+logged step, ``CheckpointSaved``, ``JobEnded``, ``FinetuneFatal``, ``LeaseReturned``). On a CUDA
+host with ``gpu.share_weights`` the daemon also relays decode's ``WeightsExported`` before any
+``StartJob``; the latest one is kept, and a job builds its base model on it
+(``recipe.shared_base``).
 
 Loop: ``drain inputs -> step -> emit``. Draining reads the socket into the inbox, waiting
 (bounded) only when there is nothing to train, so that a new decision or a stop is seen at
@@ -22,7 +23,8 @@ the lease is empty:
   every queued message is handled (a lease grant or reclaim is applied, a reclaim answered),
   the level in force is applied and sizes the next chunk, and while the daemon has the
   finetune paused the process waits there rather than finish the micro-step beside a busy
-  decode;
+  decode. Scoring a checkpoint on the job's validation file stops at the same kind of point
+  between two of its batches;
 - between the model's blocks inside a chunk (CPU only, ``block_hooks``): a fence the daemon
   put on our threads is followed, and a new level (a rise: decode went idle) is applied now
   rather than at the chunk's end. Every other message waits in the inbox for the boundary.
@@ -66,7 +68,9 @@ from harli.ipc.finetune import (
     MicroStepReport,
     ReclaimLease,
     StartJob,
+    StepLogged,
     StopJob,
+    ValidationScore,
 )
 from harli.ipc.weights import WeightsExported
 
@@ -308,11 +312,64 @@ class FinetuneProc:
         self._idle_until = time.monotonic() + idle_after_s
         yield self._report(recipe, job, level, r, idle_after_s)
         self._paused_s = 0.0
+        if r.logged is not None:
+            g = r.logged
+            yield StepLogged(job_id=job.job_id, step=g.step, epoch=g.epoch, loss=g.loss,
+                             learning_rate=g.learning_rate, grad_norm=g.grad_norm,
+                             tokens=g.tokens, tokens_per_s=g.tokens_per_s, level=level)
         if recipe.checkpoint_due(r):
-            path = recipe.save_checkpoint()
-            yield CheckpointSaved(job_id=job.job_id, step=r.step, path=str(path))
+            yield from self._checkpoint(recipe, job)
         if recipe.done:
             yield self._finish()
+
+    def _checkpoint(self, recipe: LoRARecipe, job: StartJob) -> Iterator[FinetuneToDaemon]:
+        """Score the adapter on the validation file (if the job has one), then write the
+        checkpoint, whose trainer_state.json holds the score (HF's Trainer evaluates before it
+        saves, too). The checkpoint of the last step is the final adapter's score."""
+        score: ValidationScore | None = None
+        error: str | None = None
+        if recipe.validates:
+            score, error = yield from self._validate(recipe, job)
+        path = recipe.save_checkpoint()
+        yield CheckpointSaved(job_id=job.job_id, step=recipe.state.step, path=str(path),
+                              epoch=recipe.epoch_progress, validation=score,
+                              validation_error=error)
+
+    def _validate(self, recipe: LoRARecipe, job: StartJob) -> Generator[
+            FinetuneToDaemon, None, tuple[ValidationScore | None, str | None]]:
+        """``recipe.validate`` at the level in force, obeying the daemon between two batches
+        as between two chunks of a micro-step. Returns the score, or None and why not: a stop
+        while paused gives it up (the checkpoint is still written), and so does an error in
+        it, which fails no job: the training it would score is intact."""
+        t0 = time.monotonic()
+        owed_idle_s = max(0.0, self._idle_until - t0)  # the micro-step's, not yet idled
+        busy_s = 0.0
+        run = recipe.validate(self._chunk_tokens())
+        try:
+            while True:
+                t1 = time.monotonic()
+                try:
+                    next(run)
+                except StopIteration as done:
+                    busy_s += time.monotonic() - t1
+                    score: ValidationScore = done.value
+                    return score, None
+                except Exception as e:
+                    busy_s += time.monotonic() - t1
+                    logger.exception("[finetune] job %d: validation at step %d failed",
+                                     job.job_id, recipe.state.step)
+                    return None, f"validation failed: {e!r}"
+                busy_s += time.monotonic() - t1
+                waited_s = yield from self._at_chunk_boundary()
+                if waited_s is None:
+                    run.close()
+                    return None, "given up: stopped while paused"
+                self._paused_s += waited_s  # reported with the next micro-step
+        finally:
+            # The duty cycle of a CPU level holds over the scoring as over a micro-step: the
+            # idle it owes comes after it, with what the micro-step before still owed.
+            self._idle_until = time.monotonic() + owed_idle_s + self.quota.idle_after(
+                max(1, self.decision.level), busy_s)
 
     def _report(self, recipe: LoRARecipe, job: StartJob, level: int, r: MicroStepResult,
                 idle_after_s: float) -> MicroStepReport:

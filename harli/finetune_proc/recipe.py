@@ -31,9 +31,11 @@ import torch
 
 from harli.arena.shm import ArenaError
 from harli.arena.weights import WeightShareError, import_weights
-from harli.datasets import IGNORE_INDEX, Example, TokenizedCache, load_dataset
+from harli.datasets import IGNORE_INDEX, DatasetReport, Example, TokenizedCache, load_dataset
 from harli.finetune_proc.activations import ActivationLease, LeaseStats, combine_stats
 from harli.finetune_proc.checkpoint import (
+    CHECKPOINT_PREFIX,
+    RunPlan,
     TrainerState,
     latest_checkpoint,
     load_checkpoint,
@@ -41,6 +43,15 @@ from harli.finetune_proc.checkpoint import (
     save_final_adapter,
 )
 from harli.finetune_proc.shared_weights import build_shared_model
+from harli.finetune_proc.train_log import (
+    LogInterval,
+    StepLog,
+    grad_norm,
+    log_step,
+    log_validation,
+)
+from harli.finetune_proc.validation import MAX_VALIDATION_EXAMPLES, score_examples
+from harli.ipc.finetune import ValidationScore
 from harli.ipc.jobs import JobSpec
 from harli.ipc.weights import WeightExport, WeightsExported
 
@@ -62,6 +73,7 @@ class MicroStepResult:
     chunks: int = 1  # forward/backward passes the micro-batch was cut into
     lease: LeaseStats | None = None  # saved activations over all chunks; None without a lease
     waited_s: float = 0.0  # the caller's waits between chunks (``MicroStep.waited_s``)
+    logged: StepLog | None = None  # a logged step ended with this micro-step
 
 
 class MicroStep:
@@ -149,6 +161,9 @@ class LoRARecipe:
         self.output_dir = Path(spec.output_dir)
         self.state = TrainerState(step=0, micro_step=0, epoch=0, cursor=0, tokens=0, loss=None)
         self.resumed_from: int | None = None
+        self.validation_examples: list[Example] = []  # the first of the validation file
+        self.validation_report: DatasetReport | None = None
+        self._interval = LogInterval()
         self._order: list[int] = []
         self._order_epoch = -1
         # Saved activation bytes per padded token, measured on the last chunk run in a lease;
@@ -170,6 +185,10 @@ class LoRARecipe:
             logger.warning("[finetune] %s: %s was not in the tokenized cache (changed since "
                            "attach, or the entry is gone); tokenized it again", spec.name,
                            spec.dataset)
+        if spec.validation_file:
+            examples, self.validation_report = load_dataset(
+                spec.validation_file, self.tokenizer, spec.max_seq_len, self.dataset_cache)
+            self.validation_examples = examples[:MAX_VALIDATION_EXAMPLES]
         self.pad_id = self.tokenizer.pad_token_id or 0
         base = self._base_model()
         lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha,
@@ -180,6 +199,13 @@ class LoRARecipe:
         self.micro_batches_per_epoch = math.ceil(len(self.examples) / spec.micro_batch_size)
         self.total_steps = spec.max_steps or math.ceil(
             spec.epochs * self.micro_batches_per_epoch / spec.grad_accum)
+        self.plan = RunPlan(
+            max_steps=self.total_steps,
+            num_train_epochs=math.ceil(self.total_steps * spec.grad_accum /
+                                       self.micro_batches_per_epoch),
+            logging_steps=spec.log_every, eval_steps=spec.checkpoint_every,
+            save_steps=spec.checkpoint_every, train_batch_size=spec.micro_batch_size,
+            micro_batches_per_epoch=self.micro_batches_per_epoch)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=spec.learning_rate)
         self.scheduler = get_scheduler(spec.lr_schedule, self.optimizer,
@@ -275,17 +301,35 @@ class LoRARecipe:
         if loss is not None:
             s.loss = loss
         stepped = s.micro_step % spec.grad_accum == 0
+        logged: StepLog | None = None
         if stepped:
+            learning_rate = float(self.scheduler.get_last_lr()[0])  # the rate this step uses
+            norm = grad_norm(self.model.parameters()) if self._logs_next_step() else None
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             s.step += 1
+        duration_s = time.perf_counter() - t0 - step.waited_s
+        self._interval.add(loss, step_tokens, duration_s)
+        if stepped and self._logs_next_step(done=s.step):
+            logged = log_step(s, self._interval, self.epoch_progress, learning_rate, norm)
+            self._interval = LogInterval()
         return MicroStepResult(micro_step=s.micro_step, step=s.step, epoch=s.epoch,
                                tokens=s.tokens, step_tokens=step_tokens,
                                loss=s.loss if s.loss is not None else float("nan"),
-                               duration_s=time.perf_counter() - t0 - step.waited_s,
-                               stepped=stepped, chunks=chunks, lease=lease_stats,
-                               waited_s=step.waited_s)
+                               duration_s=duration_s, stepped=stepped, chunks=chunks,
+                               lease=lease_stats, waited_s=step.waited_s, logged=logged)
+
+    def _logs_next_step(self, done: int | None = None) -> bool:
+        """Whether the optimizer step that ends at ``done`` steps (default: the one under way)
+        is a logged step: every ``log_every``-th, and the last."""
+        step = self.state.step + 1 if done is None else done
+        return step % self.spec.log_every == 0 or step >= self.total_steps
+
+    @property
+    def epoch_progress(self) -> float:
+        """The fractional epoch, as HF's Trainer counts it."""
+        return self.state.epoch_progress(self.micro_batches_per_epoch)
 
     def _forward_backward(self, inputs: dict[str, torch.Tensor], lease: ActivationLease | None,
                           step: MicroStep
@@ -342,7 +386,24 @@ class LoRARecipe:
 
     def save_checkpoint(self) -> Path:
         return save_checkpoint(self.output_dir, self.model, self.optimizer, self.scheduler,
-                               self.state, keep=self.spec.keep_checkpoints)
+                               self.state, keep=self.spec.keep_checkpoints, plan=self.plan)
+
+    @property
+    def validates(self) -> bool:
+        """Whether the job's checkpoints are scored on a validation file."""
+        return bool(self.validation_examples)
+
+    def validate(self, chunk_tokens: int = 0) -> Generator[None, None, ValidationScore]:
+        """Score the adapter as it is now on the validation examples, yielding between two
+        batches (of at most ``micro_batch_size`` examples and ``chunk_tokens`` padded tokens);
+        the score goes into the log history, for the checkpoint written next."""
+        score = yield from score_examples(self.model, self.validation_examples, self._collate,
+                                          self.spec.micro_batch_size, chunk_tokens)
+        log_validation(self.state, score, self.epoch_progress,
+                       self.output_dir / f"{CHECKPOINT_PREFIX}{self.state.step}")
+        return ValidationScore(loss=score.loss, accuracy=score.accuracy,
+                               examples=score.examples, tokens=score.tokens,
+                               duration_s=score.duration_s)
 
     def discard_partial_accumulation(self) -> None:
         """Drop the gradients of an unfinished accumulation (a cancel, an abandoned
@@ -354,7 +415,13 @@ class LoRARecipe:
         return save_final_adapter(self.model, self.output_dir)
 
     def dataset_report(self) -> dict[str, int | str]:
-        return self.report.as_dict()
+        """The training set's report, and the validation file's with ``validation_`` keys (as
+        the daemon's attach check reports them)."""
+        report = self.report.as_dict()
+        if self.validation_report is not None:
+            report.update({f"validation_{k}": v
+                           for k, v in self.validation_report.as_dict().items()})
+        return report
 
     def cleanup(self) -> None:
         for name in ("model", "optimizer", "scheduler"):

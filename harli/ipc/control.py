@@ -46,9 +46,18 @@ class CancelJob(_Ctl, tag="cancel_job", frozen=True):
     job_id: JobId
 
 
+# Most events, and most metric events, one ``job_logs`` reply carries of each.
+MAX_LOG_LIMIT = 100_000
+
+
 class JobLogs(_Ctl, tag="job_logs", frozen=True):
+    """A job's events and metric events after the ids given, oldest first, at most ``limit``
+    of each; a reply with ``truncated`` set has more: ask again from its last ids."""
+
     job_id: JobId
     after_event: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0  # only events with a larger id
+    after_metric: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0  # ... metric events, likewise
+    limit: Annotated[int, Meta(ge=1, le=MAX_LOG_LIMIT)] = 10_000
 
 
 class SetLevel(_Ctl, tag="set_level", frozen=True):
@@ -128,6 +137,9 @@ class JobInfo(_Ctl, tag="job", frozen=True):
     spec: JobSpec
     # The model name its adapter is served under, once it succeeded (the job's name).
     fine_tuned_model: str | None = None
+    # Its latest checkpoint's score on the job's validation file (None: none scored yet).
+    valid_loss: float | None = None
+    valid_accuracy: float | None = None
 
 
 class JobEvent(_Ctl, tag="event", frozen=True):
@@ -138,6 +150,39 @@ class JobEvent(_Ctl, tag="event", frozen=True):
     message: str
 
 
+class TrainMetric(_Ctl, tag="train_metric", frozen=True):
+    """A logged step (every ``JobSpec.log_every`` optimizer steps, and the last)."""
+
+    metric_id: int  # increasing across all jobs and both kinds of metric event
+    job_id: int
+    time_s: float  # Unix time the daemon stored it
+    step: int  # optimizer steps done
+    epoch: float  # fractional, as HF's Trainer counts it
+    train_loss: float | None  # mean micro-step loss since the previous logged step
+    learning_rate: float
+    grad_norm: float | None
+    tokens: int  # trained so far
+    tokens_per_s: float  # over the training time since the previous logged step
+    level: int  # compute quota level
+
+
+class ValidMetric(_Ctl, tag="valid_metric", frozen=True):
+    """A checkpoint's score on the job's validation file."""
+
+    metric_id: int
+    job_id: int
+    time_s: float
+    step: int
+    epoch: float
+    valid_loss: float  # mean token cross-entropy
+    valid_accuracy: float  # next-token accuracy (argmax), 0 ... 1
+    examples: int
+    tokens: int  # label tokens scored
+
+
+JobMetric = TrainMetric | ValidMetric
+
+
 class JobList(_Ctl, tag="job_list", frozen=True):
     jobs: list[JobInfo]
 
@@ -145,6 +190,9 @@ class JobList(_Ctl, tag="job_list", frozen=True):
 class JobDetail(_Ctl, tag="job_detail", frozen=True):
     job: JobInfo
     events: list[JobEvent]
+    metrics: list[JobMetric] = []
+    # ``job_logs``: a list was cut at the request's ``limit``; ask again after the last ids.
+    truncated: bool = False
 
 
 class ChildStatus(_Ctl, tag="child", frozen=True):

@@ -112,10 +112,40 @@ class JobStarted(_Internal, frozen=True):
     dataset_report: dict[str, int | str]
 
 
+class StepLogged(_Internal, frozen=True):
+    """A logged step (every ``JobSpec.log_every`` optimizer steps, and the last): what the
+    steps since the previous one did, as HF's Trainer logs it."""
+
+    job_id: int
+    step: int  # optimizer steps done
+    epoch: float  # micro-steps done / micro-batches per epoch
+    loss: float | None  # mean of the micro-steps' losses (None: no label token in any)
+    learning_rate: float  # the scheduler's, as used by this step
+    grad_norm: float | None  # L2 norm of the adapter's gradient at this step
+    tokens: int  # trained so far in this job
+    tokens_per_s: float  # the steps' tokens over their training time (waits left out)
+    level: int  # the quota level of its last micro-step
+
+
+class ValidationScore(msgspec.Struct, kw_only=True, array_like=True, frozen=True):
+    """The adapter scored on the job's validation file (teacher forcing, no gradient)."""
+
+    loss: float  # mean token cross-entropy over the label tokens after the first
+    accuracy: float  # share of those tokens the model's argmax predicts
+    examples: int
+    tokens: int  # label tokens scored
+    duration_s: float
+
+
 class CheckpointSaved(_Internal, frozen=True):
     job_id: int
     step: int
     path: str
+    epoch: float = 0.0  # fractional, as in its trainer_state.json
+    # Scored before the checkpoint was written (its trainer_state.json holds it); None: the job
+    # has no validation file, or the scoring was given up (``validation_error`` says why).
+    validation: ValidationScore | None = None
+    validation_error: str | None = None
 
 
 class JobEnded(_Internal, frozen=True):
@@ -143,5 +173,5 @@ class LeaseReturned(_Internal, frozen=True):
     clean: bool = False
 
 
-FinetuneToDaemon = (FinetuneReady | MicroStepReport | JobStarted | CheckpointSaved | JobEnded
-                    | FinetuneFatal | LeaseReturned)
+FinetuneToDaemon = (FinetuneReady | MicroStepReport | StepLogged | JobStarted | CheckpointSaved
+                    | JobEnded | FinetuneFatal | LeaseReturned)

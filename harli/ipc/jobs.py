@@ -41,6 +41,10 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=T
 
     name: JobName
     dataset: Annotated[str, Meta(min_length=1)]
+    # A JSONL file in one of the dataset formats, absolute; "" = none. At every checkpoint the
+    # finetune scores the adapter on (up to the first 128 examples of) it: valid_loss and
+    # next-token accuracy.
+    validation_file: str = ""
     # Absolute; empty = the daemon's finetune.output_root / name. Must lie under one of the
     # daemon's output roots, and be new or empty.
     output_dir: str = ""
@@ -57,6 +61,9 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=T
     grad_accum: Annotated[int, Meta(ge=1, le=4096)] = 1
     max_seq_len: Annotated[int, Meta(ge=8, le=MAX_COUNT)] = 256
     seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] = 0  # torch.manual_seed's range
+    # Optimizer steps between two logged steps (metric events: loss, tokens/s, level); the
+    # last step is always logged. HF's ``logging_steps``.
+    log_every: Annotated[int, Meta(ge=1, le=MAX_COUNT)] = 1
     checkpoint_every: Annotated[int, Meta(ge=1, le=MAX_COUNT)] = 50
     keep_checkpoints: Annotated[int, Meta(ge=1, le=MAX_COUNT)] = 2
     # higher runs first; ties by arrival

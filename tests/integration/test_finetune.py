@@ -146,6 +146,64 @@ def test_prometheus_metrics_for_decode_and_jobs(ft: LocalDaemon, ctl: ControlCli
     assert values["harli_dataset_retokenized_total"] == 0
 
 
+def test_a_job_with_a_validation_file_logs_scores_checkpoints_and_plots(
+        ft: LocalDaemon, ctl: ControlClient, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from transformers import TrainerState
+
+    from harli.ipc.control import TrainMetric, ValidMetric
+
+    valid = tmp_path / "valid.jsonl"  # 32 records of the task (it is learnt, not memorised)
+    valid.write_text("\n".join(DIGITS.read_text().splitlines()[-32:]) + "\n")
+    job = ctl.attach(spec(tmp_path, "scored", validation_file=str(valid), max_steps=20,
+                          checkpoint_every=10))
+    assert job.dataset_report is not None and job.dataset_report["validation_records"] == 32
+    done = wait_job(ctl, job.job_id, lambda j: j.status == "succeeded")
+    logs = ctl.all_logs(job.job_id)
+    train = [m for m in logs.metrics if isinstance(m, TrainMetric)]
+    scores = [m for m in logs.metrics if isinstance(m, ValidMetric)]
+    # A metric event at every optimizer step, a score at each checkpoint.
+    assert [m.step for m in train] == list(range(1, 21))
+    assert all(m.train_loss is not None and m.tokens_per_s > 0 for m in train)
+    assert {m.level for m in train} == {ft.cfg.finetune.level}
+    assert train[-1].tokens == done.tokens and train[-1].epoch > train[0].epoch
+    assert [(m.step, m.examples) for m in scores] == [(10, 32), (20, 32)]
+    assert scores[1].valid_loss < scores[0].valid_loss < train[0].train_loss  # type: ignore[operator]
+    assert scores[1].valid_accuracy > scores[0].valid_accuracy
+    assert (done.valid_loss, done.valid_accuracy) == (scores[1].valid_loss,
+                                                      scores[1].valid_accuracy)
+    assert "valid_loss" in [e.message for e in logs.events if e.kind == "checkpoint"][-1]
+
+    # The last checkpoint's trainer_state.json, read by HF's own loader, holds the whole run.
+    ckpt = tmp_path / "scored" / "checkpoint-20"
+    hf = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+    assert hf.global_step == 20 and hf.max_steps == 20 and hf.save_steps == 10
+    assert [e["loss"] for e in hf.log_history if "loss" in e] == pytest.approx(
+        [m.train_loss for m in train])
+    evals = [e for e in hf.log_history if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [m.step for m in scores]
+    assert [e["eval_loss"] for e in evals] == pytest.approx([m.valid_loss for m in scores])
+    assert hf.best_global_step == 20 and hf.best_model_checkpoint == str(ckpt)
+
+    def harli(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "harli.cli.main", *argv, "--endpoint",
+                               ft.cfg.control_endpoint], capture_output=True, text=True,
+                              timeout=60, check=False)
+
+    png = tmp_path / "loss.png"
+    res = harli("job", "plot", str(job.job_id), "--out", str(png))
+    assert res.returncode == 0, res.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = harli("job", "logs", str(job.job_id))
+    assert res.returncode == 0, res.stderr
+    assert " step 20: valid_loss " in res.stdout and " step 1: train_loss " in res.stdout
+    res = harli("job", "plot", "999999", "--out", str(tmp_path / "none.png"))
+    assert (res.returncode, res.stderr) == (1, "harli job: unknown_request: no job with id "
+                                               "999999\n")
+
+
 def test_cancel_in_every_state_and_priority_order(ft: LocalDaemon, ctl: ControlClient,
                                                   tmp_path: Path) -> None:
     running = ctl.attach(spec(tmp_path, "long", max_steps=10_000, checkpoint_every=5))
@@ -208,6 +266,8 @@ def test_malformed_line_names_file_and_line(ctl: ControlClient, tmp_path: Path) 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n')
     assert f"{bad}:3" in _refused(ctl, spec(tmp_path, "b4", dataset=str(bad)))
+    msg = _refused(ctl, spec(tmp_path, "b4", validation_file=str(bad)))
+    assert msg.startswith(f"validation_file: {bad}:3"), msg
 
 
 def test_unknown_target_module(ctl: ControlClient, tmp_path: Path) -> None:

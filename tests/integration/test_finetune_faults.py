@@ -4,6 +4,7 @@ decode requests in flight are not affected."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -64,6 +65,12 @@ def test_kill_finetune_mid_step_resumes_from_checkpoint(tmp_path: Path,
         assert any("finetune process died (killed by SIGKILL)" in m for m in msgs), msgs
         assert "resumed from checkpoint-10" in msgs or any(
             "resumed from checkpoint-" in m for m in msgs), msgs
+        # The history from before the kill is carried on, the steps redone after it logged
+        # once: in the last checkpoint's trainer_state.json and in the metric events.
+        state = json.loads((tmp_path / "resume" / "checkpoint-60" / "trainer_state.json")
+                           .read_text())
+        assert [e["step"] for e in state["log_history"]] == list(range(1, 61))
+        assert [m.step for m in c.all_logs(job.job_id).metrics] == list(range(1, 61))
 
 
 def test_daemon_killed_and_restarted_resumes_the_running_job(tmp_path: Path,

@@ -194,3 +194,80 @@ def test_a_job_of_a_rank_decode_cannot_serve_is_refused_naming_both(jm: JobManag
     assert "lora.r 32 is above the highest rank decode serves (16, lora.max_lora_rank)" in \
         reply.message
     assert jm.store.all_jobs() == []
+
+
+# -- the validation file: checked and tokenized at attach like the dataset ---------------------
+
+
+def _validation_files(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    """name -> (validation_file, what the refusal must say)."""
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text('{"text": "fine"}\n{"text": oops}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    unlabelled.write_text('{"text": ""}\n')
+    missing = tmp_path / "nope.jsonl"
+    return {"missing": (str(missing), f"validation_file: {missing}: dataset file does not exist"),
+            "bad_line": (str(bad_line), f"validation_file: {bad_line}:2"),
+            "empty": (str(empty), "no records"),
+            "unlabelled": (str(unlabelled), f"validation_file {unlabelled}: no response tokens "
+                                            f"left to score"),
+            "relative": ("valid.jsonl", "validation_file valid.jsonl must be an absolute path"),
+            "directory": (str(tmp_path), str(tmp_path))}
+
+
+@pytest.mark.parametrize("case", ["missing", "bad_line", "empty", "unlabelled", "relative",
+                                  "directory"])
+def test_a_bad_validation_file_is_refused_naming_it(jm: JobManager, tmp_path: Path,
+                                                    case: str) -> None:
+    path, says = _validation_files(tmp_path)[case]
+    spec = JobSpec(name="v", dataset=str(SAMPLE_DATASET), validation_file=path)
+    reply = settle(jm, jm.attach(AttachJob(spec=spec)))
+    assert isinstance(reply, Error) and reply.code == "invalid"
+    assert says in reply.message, reply.message
+    assert jm.store.all_jobs() == []
+
+
+def test_a_validation_file_is_reported_and_its_cache_entry_kept_while_the_job_may_run(
+        jm: JobManager, tmp_path: Path) -> None:
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text('{"prompt": "one ->", "completion": " 1"}\n' * 5)
+    job = attach(jm, tmp_path, "v", validation_file=str(valid))
+    report = job.dataset_report
+    assert report is not None and report["validation_path"] == str(valid)
+    assert report["validation_records"] == 5 and report["validation_format"] == \
+        "prompt_completion"
+    key = str(report["validation_cache_key"])
+    assert key != report["cache_key"] and jm.dataset_cache.path(key).exists()
+    assert f"validation file {valid}: 5 records" in jm.store.events(job.job_id)[0].message
+    jm._prune_dataset_cache()
+    assert jm.dataset_cache.path(key).exists()
+    jm.on_job_ended(JobEnded(job_id=job.job_id, status="succeeded", adapter_path="/x",
+                             error=None))
+    assert not jm.dataset_cache.path(key).exists()
+
+
+def test_logs_page_through_events_and_metric_events(jm: JobManager, tmp_path: Path) -> None:
+    from harli.ipc.control import JobDetail, JobLogs, ShowJob
+    from harli.ipc.finetune import StepLogged
+
+    job = attach(jm, tmp_path, "m")
+    jm.running = job.job_id
+    for step in range(1, 131):
+        jm.on_step_logged(StepLogged(job_id=job.job_id, step=step, epoch=step / 50, loss=1.0,
+                                     learning_rate=1e-3, grad_norm=None, tokens=step,
+                                     tokens_per_s=10.0, level=2))
+    jm.on_step_logged(StepLogged(job_id=job.job_id + 1, step=1, epoch=0.0, loss=1.0,
+                                 learning_rate=1e-3, grad_norm=None, tokens=1,
+                                 tokens_per_s=10.0, level=2))  # not the running job: dropped
+    page = jm.logs(JobLogs(job_id=job.job_id, limit=100))
+    assert isinstance(page, JobDetail) and page.truncated
+    assert len(page.events) == 1 and [m.step for m in page.metrics] == list(range(1, 101))
+    rest = jm.logs(JobLogs(job_id=job.job_id, after_event=page.events[-1].event_id,
+                           after_metric=page.metrics[-1].metric_id, limit=100))
+    assert isinstance(rest, JobDetail) and not rest.truncated and rest.events == []
+    assert [m.step for m in rest.metrics] == list(range(101, 131))
+    shown = jm.show(ShowJob(job_id=job.job_id))
+    assert isinstance(shown, JobDetail) and [m.step for m in shown.metrics] == \
+        list(range(31, 131))  # the newest 100

@@ -1,4 +1,5 @@
-"""The SQLite job store: all-or-nothing adds, priority order, absolute progress, requeue."""
+"""The SQLite job store: all-or-nothing adds, priority order, absolute progress, requeue, metric
+events (paged, dropped past a resume's checkpoint), and older stores opened as they are."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from harli.daemon.jobstore import DuplicateJobName, JobStore
-from harli.ipc.finetune import MicroStepReport
+from harli.ipc.control import TrainMetric, ValidMetric
+from harli.ipc.finetune import CheckpointSaved, MicroStepReport, StepLogged, ValidationScore
 from harli.ipc.jobs import JobSpec
 
 REPORT = {"path": "/d.jsonl", "format": "text", "records": 3, "truncated": 1, "tokens": 9,
@@ -74,7 +76,8 @@ def test_requeue_active_after_a_crash(store: JobStore) -> None:
     a = store.add(spec("a"), REPORT)
     b = store.add(spec("b"), REPORT)
     store.set_status(a.job_id, "running", "scheduled", "x")
-    store.record_checkpoint(a.job_id, 20, "/o/a/checkpoint-20")
+    store.record_checkpoint(CheckpointSaved(job_id=a.job_id, step=20,
+                                            path="/o/a/checkpoint-20"))
     assert store.requeue_active("finetune died") == [a.job_id]
     j = store.get(a.job_id)
     assert j is not None and j.status == "queued" and j.restarts == 1
@@ -110,3 +113,94 @@ def test_a_store_written_before_fine_tuned_model_gets_the_column(tmp_path: Path)
     assert s.get(job.job_id).fine_tuned_model == "a"  # type: ignore[union-attr]
     s.close()
     assert JobStore(tmp_path / "old.sqlite").get(job.job_id).fine_tuned_model == "a"  # type: ignore[union-attr]
+
+
+def logged(job_id: int, step: int, loss: float | None = 1.0) -> StepLogged:
+    return StepLogged(job_id=job_id, step=step, epoch=step / 10, loss=loss,
+                      learning_rate=1e-3, grad_norm=0.5, tokens=100 * step,
+                      tokens_per_s=2000.0, level=2)
+
+
+def scored(job_id: int, step: int, loss: float) -> CheckpointSaved:
+    return CheckpointSaved(job_id=job_id, step=step, path=f"/o/checkpoint-{step}",
+                           epoch=step / 10, validation=ValidationScore(
+                               loss=loss, accuracy=0.5, examples=16, tokens=80, duration_s=0.2))
+
+
+def test_metric_events_are_typed_paged_and_give_the_latest_validation(store: JobStore) -> None:
+    a = store.add(spec("a"), REPORT)
+    b = store.add(spec("b"), REPORT)
+    for step in (1, 2):
+        store.record_step(logged(a.job_id, step, loss=1.0 / step))
+    store.record_step(logged(b.job_id, 1))
+    store.record_checkpoint(scored(a.job_id, 2, 0.75))
+    store.record_step(logged(a.job_id, 3, loss=None))  # no label token in the interval
+    got = store.metrics(a.job_id)
+    assert [type(m) for m in got] == [TrainMetric, TrainMetric, ValidMetric, TrainMetric]
+    first, _, valid, last = got
+    assert isinstance(first, TrainMetric) and isinstance(valid, ValidMetric)
+    assert (first.step, first.epoch, first.train_loss, first.learning_rate, first.grad_norm,
+            first.tokens, first.tokens_per_s, first.level, first.time_s) == (
+        1, 0.1, 1.0, 1e-3, 0.5, 100, 2000.0, 2, 100.0)
+    assert (valid.step, valid.epoch, valid.valid_loss, valid.valid_accuracy, valid.examples,
+            valid.tokens) == (2, 0.2, 0.75, 0.5, 16, 80)
+    assert isinstance(last, TrainMetric) and last.train_loss is None
+    # Paged by id, each job its own.
+    assert store.metrics(a.job_id, after=got[1].metric_id, limit=1) == [valid]
+    assert store.metrics(a.job_id, after=got[-1].metric_id) == []
+    assert store.last_metrics(a.job_id, 2) == got[2:]
+    assert [m.step for m in store.metrics(b.job_id)] == [1]
+    # The job's summary holds the latest checkpoint's score; the checkpoint event says it.
+    j = store.get(a.job_id)
+    assert j is not None and (j.valid_loss, j.valid_accuracy) == (0.75, 0.5)
+    assert store.get(b.job_id).valid_loss is None  # type: ignore[union-attr]
+    assert "valid_loss 0.7500, valid_accuracy 50.0 %" in store.events(a.job_id)[-1].message
+    assert store.events(a.job_id, limit=1)[0].kind == "attached"
+
+
+def test_a_checkpoint_not_validated_says_why_and_stores_no_score(store: JobStore) -> None:
+    a = store.add(spec("a"), REPORT)
+    store.record_checkpoint(CheckpointSaved(job_id=a.job_id, step=5, path="/o/checkpoint-5",
+                                            validation_error="given up: stopped while paused"))
+    assert store.metrics(a.job_id) == []
+    assert store.events(a.job_id)[-1].message == (
+        "saved /o/checkpoint-5; not validated: given up: stopped while paused")
+
+
+def test_a_resume_drops_the_metric_events_past_its_checkpoint(store: JobStore) -> None:
+    a = store.add(spec("a"), REPORT)
+    for step in range(1, 13):
+        store.record_step(logged(a.job_id, step))
+        if step % 5 == 0:
+            store.record_checkpoint(scored(a.job_id, step, 1.0 / step))
+    store.record_start(a.job_id, 20, 10, REPORT)  # died at step 12; resumes from 10
+    assert max(m.step for m in store.metrics(a.job_id)) == 10
+    assert store.get(a.job_id).valid_loss == pytest.approx(0.1)  # type: ignore[union-attr]
+    store.record_start(a.job_id, 20, None, REPORT)  # no checkpoint: from scratch
+    assert store.metrics(a.job_id) == []
+    assert store.get(a.job_id).valid_loss is None  # type: ignore[union-attr]
+
+
+def test_a_store_written_before_metric_events_gets_the_table(tmp_path: Path) -> None:
+    import sqlite3
+
+    from harli.daemon import jobstore
+
+    old = jobstore._SCHEMA[:jobstore._SCHEMA.index("CREATE TABLE IF NOT EXISTS metrics")]
+    old = old.replace(",\n    fine_tuned_model TEXT", "")
+    db = sqlite3.connect(tmp_path / "old.sqlite")
+    db.executescript(old)
+    db.execute("INSERT INTO jobs (name, spec, status, priority, created_s) VALUES "
+               "('a', '{\"name\": \"a\", \"dataset\": \"/d.jsonl\"}', 'succeeded', 0, 1.0)")
+    db.commit()
+    db.close()
+    s = JobStore(tmp_path / "old.sqlite")
+    (job,) = s.all_jobs()
+    assert job.valid_loss is None and s.metrics(job.job_id) == []
+    assert job.spec.validation_file == "" and job.spec.log_every == 1  # an older spec's defaults
+    s.record_step(logged(job.job_id, 1))
+    s.record_checkpoint(scored(job.job_id, 1, 0.5))
+    s.close()
+    again = JobStore(tmp_path / "old.sqlite")
+    assert [type(m) for m in again.metrics(job.job_id)] == [TrainMetric, ValidMetric]
+    assert again.get(job.job_id).valid_loss == 0.5  # type: ignore[union-attr]

@@ -15,6 +15,7 @@ import torch
 
 from harli.finetune_proc import checkpoint as ckpt
 from harli.finetune_proc.checkpoint import (
+    RunPlan,
     TrainerState,
     latest_checkpoint,
     load_checkpoint,
@@ -23,6 +24,8 @@ from harli.finetune_proc.checkpoint import (
 )
 
 Setup = tuple[Any, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]
+PLAN = RunPlan(max_steps=20, num_train_epochs=1, logging_steps=1, eval_steps=5, save_steps=5,
+               train_batch_size=2, micro_batches_per_epoch=40)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +84,7 @@ def _state(step: int, loss: float | None = None) -> TrainerState:
 
 
 def _complete_checkpoints(output_dir: Path) -> list[Path]:
-    """``checkpoint-N`` folders with a readable trainer state of format 1, by step: what a
+    """``checkpoint-N`` folders with a readable trainer state of harli's, by step: what a
     resume may start from."""
     found = []
     for p in output_dir.glob("checkpoint-*"):
@@ -89,7 +92,7 @@ def _complete_checkpoints(output_dir: Path) -> list[Path]:
             state = json.loads((p / "trainer_state.json").read_text())
         except (OSError, ValueError):
             continue
-        if state.get("format") == 1:
+        if ckpt.state_format(state) is not None:
             found.append(p)
     return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")))
 
@@ -107,12 +110,12 @@ def test_resume_continues_exactly(tmp_path: Path, make_setup: Callable[[int], Se
     for b in batches[:3]:
         _train_step(model, opt, sched, b)
     saved_state = _state(3, loss=1.25)
-    path = save_checkpoint(tmp_path, model, opt, sched, saved_state, keep=3)
+    path = save_checkpoint(tmp_path, model, opt, sched, saved_state, keep=3, plan=PLAN)
     assert path == tmp_path / "checkpoint-3"
     for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt",
                  "scheduler.pt", "rng_state.pth", "trainer_state.json"):
         assert (path / name).is_file(), name
-    assert json.loads((path / "trainer_state.json").read_text())["format"] == 1
+    assert ckpt.state_format(json.loads((path / "trainer_state.json").read_text())) == 2
     torch_rng, py_rng, np_rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
 
     losses = [_train_step(model, opt, sched, b) for b in batches[3:]]
@@ -149,8 +152,8 @@ def test_keep_prunes_and_leftovers_are_ignored_then_removed(
     tmp_path: Path, make_setup: Callable[[int], Setup], caplog: pytest.LogCaptureFixture
 ) -> None:
     model, opt, sched = make_setup(0)
-    save_checkpoint(tmp_path, model, opt, sched, _state(1), keep=2)
-    save_checkpoint(tmp_path, model, opt, sched, _state(2), keep=2)
+    save_checkpoint(tmp_path, model, opt, sched, _state(1), keep=2, plan=PLAN)
+    save_checkpoint(tmp_path, model, opt, sched, _state(2), keep=2, plan=PLAN)
     assert _complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"]
 
     # Crash leftovers: a half-written tmp folder and a checkpoint folder without its marker.
@@ -164,21 +167,21 @@ def test_keep_prunes_and_leftovers_are_ignored_then_removed(
     tmp_full = tmp_path / ".tmp-checkpoint-60-def"
     tmp_full.mkdir()
     (tmp_full / "trainer_state.json").write_text(
-        json.dumps({"format": 1, **_state(60).to_json()}))
+        json.dumps(_state(60).to_json(PLAN)))
     bad_marker = tmp_path / "checkpoint-70"
     bad_marker.mkdir()
-    (bad_marker / "trainer_state.json").write_text('{"format": 1, "ste')
-    other_format = tmp_path / "checkpoint-80"
+    (bad_marker / "trainer_state.json").write_text('{"global_step": 1, "ste')
+    other_format = tmp_path / "checkpoint-80"  # another trainer's: no state of harli's
     other_format.mkdir()
     (other_format / "trainer_state.json").write_text(
-        json.dumps({"format": 2, **_state(80).to_json()}))
+        json.dumps({"global_step": 80, "log_history": [], "stateful_callbacks": {}}))
     (tmp_path / "checkpoint-notanumber").mkdir()
 
     with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
         assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
     assert "checkpoint-50" in caplog.text and "incomplete" in caplog.text
 
-    path3 = save_checkpoint(tmp_path, model, opt, sched, _state(3), keep=2)
+    path3 = save_checkpoint(tmp_path, model, opt, sched, _state(3), keep=2, plan=PLAN)
     assert _complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-2", path3]
     assert latest_checkpoint(tmp_path) == path3
     assert not (tmp_path / "checkpoint-1").exists()
@@ -186,10 +189,10 @@ def test_keep_prunes_and_leftovers_are_ignored_then_removed(
         assert not p.exists(), p
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
-    save_checkpoint(tmp_path, model, opt, sched, _state(4), keep=1)
+    save_checkpoint(tmp_path, model, opt, sched, _state(4), keep=1, plan=PLAN)
     assert _complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-4"]
     with pytest.raises(ValueError, match="keep"):
-        save_checkpoint(tmp_path, model, opt, sched, _state(5), keep=0)
+        save_checkpoint(tmp_path, model, opt, sched, _state(5), keep=0, plan=PLAN)
     assert _complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-4"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
@@ -202,11 +205,11 @@ def test_saving_the_same_step_twice_replaces_it(
     if not exchange:
         monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
     model, opt, sched = make_setup(0)
-    first = save_checkpoint(tmp_path, model, opt, sched, _state(5, loss=1.0), keep=3)
+    first = save_checkpoint(tmp_path, model, opt, sched, _state(5, loss=1.0), keep=3, plan=PLAN)
     (first / "stale-marker").write_text("from the first save")
     _train_step(model, opt, sched, _batches(1)[0])
     weights = _adapter_weights(model)
-    second = save_checkpoint(tmp_path, model, opt, sched, _state(5, loss=2.0), keep=3)
+    second = save_checkpoint(tmp_path, model, opt, sched, _state(5, loss=2.0), keep=3, plan=PLAN)
     assert second == first
     assert not (second / "stale-marker").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5"]
@@ -260,9 +263,76 @@ def test_latest_of_empty_or_missing_dir_is_none(tmp_path: Path) -> None:
 
 def test_trainer_state_json_round_trip() -> None:
     s = TrainerState(step=3, micro_step=12, epoch=1, cursor=4, tokens=1000, loss=None)
-    assert TrainerState.from_json(json.loads(json.dumps(s.to_json()))) == s
+    assert TrainerState.from_json(json.loads(json.dumps(s.to_json(PLAN)))) == s
     s2 = _state(9, loss=0.5)
-    assert TrainerState.from_json({"format": 1, **s2.to_json()}) == s2
+    s2.log_history += [{"step": 9, "epoch": 0.45, "loss": 0.5, "learning_rate": 1e-3},
+                       {"step": 9, "epoch": 0.45, "eval_loss": 0.7, "eval_accuracy": 0.4}]
+    s2.best_metric, s2.best_global_step, s2.best_model_checkpoint = 0.7, 9, "/o/checkpoint-9"
+    assert TrainerState.from_json(json.loads(json.dumps(s2.to_json(PLAN)))) == s2
+
+
+def test_trainer_state_json_is_hf_trainer_state(
+    tmp_path: Path, make_setup: Callable[[int], Setup]
+) -> None:
+    """What HF's own loader makes of a checkpoint's trainer_state.json: every field of its
+    schema, harli's resume state among the callbacks' states."""
+    import dataclasses
+
+    from transformers import TrainerState as HFTrainerState
+
+    model, opt, sched = make_setup(0)
+    state = _state(10, loss=0.25)
+    state.log_history += [{"step": 5, "epoch": 0.25, "loss": 0.5, "learning_rate": 1e-3,
+                           "grad_norm": 0.1, "num_input_tokens_seen": 320},
+                          {"step": 10, "epoch": 0.5, "loss": 0.25, "learning_rate": 5e-4,
+                           "num_input_tokens_seen": 640},
+                          {"step": 10, "epoch": 0.5, "eval_loss": 0.3, "eval_accuracy": 0.75}]
+    state.best_metric, state.best_global_step = 0.3, 10
+    state.best_model_checkpoint = str(tmp_path / "checkpoint-10")
+    path = save_checkpoint(tmp_path, model, opt, sched, state, keep=1, plan=PLAN)
+    text = (path / "trainer_state.json").read_text()
+    assert set(json.loads(text)) == {f.name for f in dataclasses.fields(HFTrainerState)}
+
+    hf = HFTrainerState.load_from_json(str(path / "trainer_state.json"))
+    assert hf.global_step == 10 and hf.max_steps == 20 and hf.save_steps == 5
+    assert hf.epoch == pytest.approx(20 / 40)  # micro-steps over micro-batches per epoch
+    assert hf.num_input_tokens_seen == 640 and hf.train_batch_size == 2
+    assert hf.log_history == state.log_history
+    assert [e["loss"] for e in hf.log_history if "loss" in e] == [0.5, 0.25]
+    assert hf.best_metric == 0.3 and hf.best_global_step == 10
+    assert hf.best_model_checkpoint == str(path)
+    assert hf.stateful_callbacks["HarliResumeState"]["attributes"]["micro_step"] == 20
+    # HF's writer gives the same file back (its keys sorted, indent 2).
+    hf.save_to_json(str(tmp_path / "again.json"))
+    assert (tmp_path / "again.json").read_text() == text
+    # ... and harli resumes from what HF wrote.
+    again = tmp_path / "checkpoint-11"
+    again.mkdir()
+    for f in path.iterdir():
+        (again / f.name).write_bytes(f.read_bytes())
+    (again / "trainer_state.json").write_text((tmp_path / "again.json").read_text())
+    model2, opt2, sched2 = make_setup(1)
+    assert load_checkpoint(again, model2, opt2, sched2) == state
+
+
+def test_a_checkpoint_of_the_older_flat_format_still_resumes(
+    tmp_path: Path, make_setup: Callable[[int], Setup]
+) -> None:
+    model, opt, sched = make_setup(0)
+    save_checkpoint(tmp_path, model, opt, sched, _state(4, loss=0.5), keep=1, plan=PLAN)
+    old = tmp_path / "checkpoint-4"
+    (old / "trainer_state.json").write_text(json.dumps(
+        {"format": 1, "step": 4, "micro_step": 8, "epoch": 0, "cursor": 8, "tokens": 256,
+         "loss": 0.5}, indent=2))
+    assert latest_checkpoint(tmp_path) == old
+    model2, opt2, sched2 = make_setup(1)
+    state = load_checkpoint(old, model2, opt2, sched2)
+    assert state == _state(4, loss=0.5) and state.log_history == []
+    # Its next checkpoint is written in HF's schema.
+    state.step = 5
+    path = save_checkpoint(tmp_path, model2, opt2, sched2, state, keep=2, plan=PLAN)
+    assert json.loads((path / "trainer_state.json").read_text())["global_step"] == 5
+    assert latest_checkpoint(tmp_path) == path
 
 
 def test_load_refuses_an_incomplete_checkpoint(

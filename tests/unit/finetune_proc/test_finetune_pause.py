@@ -1,12 +1,13 @@
 """``FinetuneProc._at_chunk_boundary`` and ``_between_blocks``: where a micro-step in flight
-obeys the daemon, and the ``Inbox`` they read. Real ZMQ sockets stand in for the daemon's ends;
+obeys the daemon (and a checkpoint's scoring on the validation file, between two batches), and
+the ``Inbox`` they read. Real ZMQ sockets stand in for the daemon's ends;
 the finetune's own object is the real one."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,18 @@ from harli.finetune_proc.proc import FinetuneProc
 from harli.finetune_proc.quota import CpuQuota
 from harli.ipc.codec import Decoder, encode
 from harli.ipc.finetune import (
+    CheckpointSaved,
     Decision,
     FinetuneShutdown,
     FinetuneToDaemon,
     GrantLease,
     LeaseReturned,
     ReclaimLease,
+    StartJob,
     StopJob,
+    ValidationScore,
 )
+from harli.ipc.jobs import JobSpec
 
 
 @pytest.fixture
@@ -231,3 +236,90 @@ def test_the_inbox_keeps_the_newest_decision_apart_and_the_rest_in_order(
     t0 = time.monotonic()
     inbox.drain(2000)  # something queued: no wait
     assert time.monotonic() - t0 < 0.5
+
+
+# -- scoring a checkpoint on the validation file: obeys the daemon between two batches ---------
+
+
+class _ScoringRecipe:
+    """What ``FinetuneProc._checkpoint`` asks of a recipe: a scoring of three batches (the
+    second fails if told to), then the checkpoint."""
+
+    def __init__(self, fail: bool = False) -> None:
+        from types import SimpleNamespace
+
+        self.validates = True
+        self.state = SimpleNamespace(step=4)
+        self.epoch_progress = 0.5
+        self.fail = fail
+        self.batches = 0
+        self.saved = 0
+
+    def validate(self, chunk_tokens: int) -> Generator[None, None, ValidationScore]:
+        for i in range(3):
+            if i:
+                yield
+            if self.fail and i == 1:
+                raise RuntimeError("out of memory")
+            self.batches += 1
+        return ValidationScore(loss=1.5, accuracy=0.25, examples=3, tokens=30, duration_s=0.1)
+
+    def save_checkpoint(self) -> Path:
+        self.saved += 1
+        return Path("/o/checkpoint-4")
+
+
+_JOB = StartJob(job_id=1, spec=JobSpec(name="j", dataset="/d.jsonl"), model_path="/m")
+
+
+def _checkpoint(proc: FinetuneProc, recipe: _ScoringRecipe) -> list[FinetuneToDaemon]:
+    """``_checkpoint`` as the loop runs it: what it yields is sent, and returned too."""
+    sent = []
+    for msg in proc._checkpoint(recipe, _JOB):  # type: ignore[arg-type]
+        proc._emit(msg)
+        sent.append(msg)
+    return sent
+
+
+def test_a_checkpoint_is_scored_then_written(wired: tuple[FinetuneProc, Any, Any]) -> None:
+    proc, _, _ = wired
+    proc.inbox.decision = Decision(level=2, admitted=True, seq=1)
+    recipe = _ScoringRecipe()
+    (saved,) = _checkpoint(proc, recipe)
+    assert isinstance(saved, CheckpointSaved) and recipe.batches == 3 and recipe.saved == 1
+    assert (saved.step, saved.path, saved.epoch) == (4, "/o/checkpoint-4", 0.5)
+    assert saved.validation == ValidationScore(loss=1.5, accuracy=0.25, examples=3, tokens=30,
+                                               duration_s=0.1)
+    assert saved.validation_error is None
+
+
+def test_a_stop_while_paused_in_a_scoring_gives_it_up_but_writes_the_checkpoint(
+        wired: tuple[FinetuneProc, Any, Any]) -> None:
+    proc, to_ft, _ = wired
+    proc.job = _JOB
+    proc.inbox.decision = Decision(level=0, admitted=False, seq=5)
+    recipe = _ScoringRecipe()
+    out: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: out.update(sent=_checkpoint(proc, recipe)),
+                          daemon=True)
+    th.start()
+    time.sleep(0.3)
+    assert th.is_alive() and recipe.batches == 1  # paused after the first batch
+    to_ft.send(encode(StopJob(job_id=1, reason="cancelled")))
+    th.join(10)
+    assert not th.is_alive()
+    (saved,) = out["sent"]
+    assert isinstance(saved, CheckpointSaved) and recipe.saved == 1 and recipe.batches == 1
+    assert saved.validation is None
+    assert saved.validation_error == "given up: stopped while paused"
+    assert proc._paused_s == 0.0  # abandoned there: its wait is not the next report's
+
+
+def test_a_scoring_that_fails_fails_no_job(wired: tuple[FinetuneProc, Any, Any]) -> None:
+    proc, _, _ = wired
+    proc.inbox.decision = Decision(level=2, admitted=True, seq=1)
+    recipe = _ScoringRecipe(fail=True)
+    (saved,) = _checkpoint(proc, recipe)
+    assert isinstance(saved, CheckpointSaved) and recipe.saved == 1
+    assert saved.validation is None
+    assert saved.validation_error == "validation failed: RuntimeError('out of memory')"

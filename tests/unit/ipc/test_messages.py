@@ -8,6 +8,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from harli.ipc.codec import ClientDecoder, DecodeFailure, Decoder, encode, request_id_of
+from harli.ipc.control import (
+    ControlReply,
+    ControlRequest,
+    JobDetail,
+    JobInfo,
+    JobLogs,
+    TrainMetric,
+    ValidMetric,
+)
 from harli.ipc.decode import (
     AbortRequests,
     AddRequest,
@@ -22,6 +31,7 @@ from harli.ipc.decode import (
     Shutdown,
     StepOutputs,
 )
+from harli.ipc.finetune import CheckpointSaved, FinetuneToDaemon, StepLogged, ValidationScore
 from harli.ipc.inference import (
     Abort,
     Chunk,
@@ -33,7 +43,15 @@ from harli.ipc.inference import (
     ServerMessage,
     Welcome,
 )
+from harli.ipc.jobs import JobSpec
 
+JOB = JobInfo(job_id=1, name="j", status="running", priority=0, created_s=1.0, started_s=2.0,
+              finished_s=None, step=1, total_steps=4, epoch=0, micro_steps=1, tokens=64,
+              loss=2.0, first_loss=2.0, level=1, paused_s=0.0, tokens_per_s=99.5,
+              checkpoint_step=None, restarts=0, error=None, adapter_path=None,
+              dataset_report=None, spec=JobSpec(name="j", dataset="/d.jsonl",
+                                                validation_file="/v.jsonl"),
+              valid_loss=2.5, valid_accuracy=0.5)
 INFO = RuntimeInfo(model="m", max_model_len=2048, kv_blocks_total=10, block_size=128,
                    vllm_version="0.32.0", device="cpu")
 GEN = Generate(request_id="a", prompt_token_ids=[1, 2], max_tokens=3, temperature=0.5,
@@ -62,6 +80,20 @@ CASES: list[tuple[object, msgspec.Struct]] = [
         incarnation=1, iteration=2, start_s=1.0, end_s=1.5, num_running=3, num_waiting=0,
         decode_tokens=3, prefill_tokens=0, context_tokens=40, kv_blocks_total=10,
         kv_blocks_free=7)),
+    (FinetuneToDaemon, StepLogged(job_id=1, step=4, epoch=0.5, loss=None, learning_rate=1e-3,
+                                  grad_norm=0.25, tokens=640, tokens_per_s=1200.0, level=2)),
+    (FinetuneToDaemon, CheckpointSaved(job_id=1, step=4, path="/o/checkpoint-4", epoch=0.5,
+                                       validation=ValidationScore(
+                                           loss=1.5, accuracy=0.25, examples=3, tokens=30,
+                                           duration_s=0.1))),
+    (FinetuneToDaemon, CheckpointSaved(job_id=1, step=4, path="/o/checkpoint-4",
+                                       validation_error="given up")),
+    (ControlRequest, JobLogs(job_id=1, after_event=3, after_metric=9, limit=50)),
+    (ControlReply, JobDetail(job=JOB, events=[], truncated=True, metrics=[
+        TrainMetric(metric_id=1, job_id=1, time_s=5.0, step=1, epoch=0.1, train_loss=2.0,
+                    learning_rate=1e-3, grad_norm=None, tokens=64, tokens_per_s=99.5, level=1),
+        ValidMetric(metric_id=2, job_id=1, time_s=6.0, step=1, epoch=0.1, valid_loss=2.5,
+                    valid_accuracy=0.5, examples=4, tokens=20)])),
 ]
 
 
