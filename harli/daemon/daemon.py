@@ -72,6 +72,7 @@ from harli.ipc.finetune import (
     MicroStepReport,
     StepLogged,
 )
+from harli.ipc.http import HttpFatal, HttpReady, HttpToDaemon
 from harli.ipc.inference import ErrorCode
 from harli.ipc.weights import WeightsExported
 
@@ -140,7 +141,11 @@ class Daemon:
             res.send_decode, res.send_finetune, self.finetune.kill, self.metrics,
         ) if res.arena is not None else NullMemory()
         self.decode = specs.decode(may_start=self.memory.may_start_decode)
-        self.children = tuple(c for c in (self.decode, self.finetune) if isinstance(c, Child))
+        # The OpenAI HTTP API: a client of the endpoints above, in a process of its own.
+        self.http = specs.http(res.http_listener)
+        self.http_url = ""  # where it answers, once it said so
+        self.children = tuple(c for c in (self.decode, self.finetune, self.http)
+                              if isinstance(c, Child))
         self.metrics.watch_children(self.children)
         self.frontend = Frontend(
             res.inference, cfg, self.metrics, send_decode=res.send_decode,
@@ -179,6 +184,10 @@ class Daemon:
             StepLogged: self.jobs.on_step_logged,
             CheckpointSaved: self._on_checkpoint,
             JobEnded: self._on_job_ended,
+        }, self.metrics)
+        self._from_http = Dispatcher("http", HttpToDaemon, {
+            HttpReady: self._on_http_ready,
+            HttpFatal: self._on_http_fatal,
         }, self.metrics)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -227,6 +236,8 @@ class Daemon:
             self._from_finetune.drain(res.finetune_out)
         if res.control in events:
             self.control_endpoint.drain()
+        if res.http_out in events:
+            self._from_http.drain(res.http_out)
 
     def _tick(self, now: float) -> None:
         for fev in self.finetune.transition(now):
@@ -237,6 +248,10 @@ class Daemon:
         if self.state is DaemonState.SERVING:
             self.jobs.tick()
         self.memory.tick(now)
+        for hev in self.http.transition(now):
+            if not isinstance(hev, ChildExited):
+                logger.error("[daemon] the HTTP front is FATAL (see its log above); the "
+                             "ZeroMQ endpoints keep serving")
         if not self.frontend.requests:
             self.scheduler.on_idle(now)
         self.jobs.settle_attaches(now)
@@ -270,6 +285,7 @@ class Daemon:
     def _stop_all(self) -> None:
         self.state = DaemonState.STOPPING
         self.frontend.finish_all("shutdown")
+        self.http.stop(None)  # SIGTERM: uvicorn closes its connections
         # Reverse dependency order: finetune before decode.
         self.finetune.stop(lambda: self.resources.send_finetune(
             FinetuneShutdown(reason="daemon stopping")))
@@ -277,7 +293,8 @@ class Daemon:
         self.state = DaemonState.STOPPED
 
     def _close(self) -> None:
-        for child in (self.finetune, self.decode):  # after an exception: never leave a child
+        # After an exception: never leave a child.
+        for child in (self.http, self.finetune, self.decode):
             if child.proc is not None:
                 child.stop(None)
         if self.mps is not None:
@@ -330,6 +347,16 @@ class Daemon:
         self.latency.on_telemetry(t, self.quota.level_in_force(self.jobs.running is not None),
                                   self.clock())
         self.scheduler.on_telemetry(t, self.clock())
+
+    # -- http_proc ---------------------------------------------------------------------------
+
+    def _on_http_ready(self, msg: HttpReady) -> None:
+        if self.http.on_ready(msg.incarnation, self.clock()):
+            self.http_url = msg.url
+            logger.info("[daemon] OpenAI-compatible HTTP API on %s", msg.url)
+
+    def _on_http_fatal(self, msg: HttpFatal) -> None:
+        logger.error("[daemon] http[%d] cannot serve: %s", msg.incarnation, msg.error)
 
     # -- finetune_proc -----------------------------------------------------------------------
 
@@ -409,7 +436,7 @@ class Daemon:
                             jobs_queued=self.jobs.queued(), level=self.quota.level,
                             predictor=self.latency.status(self.clock()),
                             scheduler=self.scheduler.status(),
-                            finetune_quota=self.finetune_quota)
+                            finetune_quota=self.finetune_quota, http_url=self.http_url)
 
     # -- MPS ---------------------------------------------------------------------------------
 

@@ -289,6 +289,7 @@ class DaemonStatus(_Ctl, tag="daemon_status", frozen=True):
     predictor: PredictorStatus | None = None
     scheduler: SchedulerStatus | None = None
     finetune_quota: str = ""  # how the finetune's quota is enforced (its FinetuneReady.quota)
+    http_url: str = ""  # where the OpenAI-compatible HTTP API answers; "" while it does not
 
 
 class ModelInfo(_Ctl, tag="model", frozen=True):
