@@ -34,7 +34,8 @@ from .fake_procs import FakeOps
 def _cfg(tmp_path: Path, *extra: str) -> HarliConfig:
     return load(None, [f'daemon.runtime_dir="{tmp_path / "run"}"',
                        f'daemon.state_dir="{tmp_path / "state"}"', "memory.arena=false",
-                       f'model.path="{tmp_path / "model"}"', 'decode.cpu_cores="none"', *extra])
+                       f'model.path="{tmp_path / "model"}"', 'decode.cpu_cores="none"',
+                       "metrics.port=0", "http.port=0", *extra])
 
 
 @pytest.fixture
