@@ -116,11 +116,11 @@ def test_limits_check_keys_and_body_size_before_the_route() -> None:
 
 
 def test_http_config_refuses_an_open_api_without_keys() -> None:
-    with pytest.raises(ConfigError, match="http.host: 0.0.0.0 is reachable beyond this host"):
+    with pytest.raises(ConfigError, match=r"http\.host: 0\.0\.0\.0 is reachable beyond this host"):
         load(None, ['http.host="0.0.0.0"'])
     assert load(None, ['http.host="0.0.0.0"', 'http.api_keys_file="/k"']).http.port == 8000
     assert load(None, ['http.host="0.0.0.0"', "http.port=0"]).http.port == 0  # off
-    with pytest.raises(ConfigError, match="http.max_n"):
+    with pytest.raises(ConfigError, match=r"http\.max_n"):
         load(None, ["http.max_n=0"])
     with pytest.raises(ConfigError, match="ipc:// endpoints"):
         load(None, ['endpoints.inference="tcp://127.0.0.1:5555"',
