@@ -74,12 +74,18 @@ CASES: list[tuple[object, msgspec.Struct]] = [
     (DecodeToDaemon, Ready(incarnation=2, pid=3, info=INFO)),
     (DecodeToDaemon, StepOutputs(incarnation=1, iteration=4, end_wall_s=2.0, outputs=[
         RequestOutput(rid="r1", token_ids=[5], text="t", finish_reason=None, stop_reason=None,
-                      num_prompt_tokens=2)], rejected=[RequestRejected(rid="r2", message="no")])),
+                      num_prompt_tokens=2, scheduled_wall_s=1.75)],
+        rejected=[RequestRejected(rid="r2", message="no")])),
     (DecodeToDaemon, Fatal(incarnation=1, error="e", traceback="tb")),
     (IterationTelemetry, IterationTelemetry(
         incarnation=1, iteration=2, start_s=1.0, end_s=1.5, num_running=3, num_waiting=0,
         decode_tokens=3, prefill_tokens=0, context_tokens=40, kv_blocks_total=10,
         kv_blocks_free=7)),
+    (IterationTelemetry, IterationTelemetry(
+        incarnation=1, iteration=3, start_s=1.5, end_s=1.6, num_running=2, num_waiting=1,
+        decode_tokens=2, prefill_tokens=0, context_tokens=40, kv_blocks_total=10,
+        kv_blocks_free=7, lora_requests=2, lora_adapters=1, running_lora_adapters=["a"],
+        waiting_lora_adapters=["a", "b"])),
     (FinetuneToDaemon, StepLogged(job_id=1, step=4, epoch=0.5, loss=None, learning_rate=1e-3,
                                   grad_norm=0.25, tokens=640, tokens_per_s=1200.0, level=2)),
     (FinetuneToDaemon, CheckpointSaved(job_id=1, step=4, path="/o/checkpoint-4", epoch=0.5,
