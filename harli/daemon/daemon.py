@@ -157,7 +157,7 @@ class Daemon:
             res.control, cfg.endpoints.max_message_bytes,
             control_handlers(self.jobs, self.status, lambda spec, tpot_slo_ms:
                              self.scheduler.set_policy(spec, self.clock(), tpot_slo_ms),
-                             models=self._model_handlers()))
+                             self.metrics.page, models=self._model_handlers()))
         self._init_dispatch()
 
     def _init_dispatch(self) -> None:

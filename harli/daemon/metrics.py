@@ -1,7 +1,7 @@
 """Prometheus metrics of the daemon: vLLM's metric contract (``VllmMetrics``) beside Harli's
 own (decode iterations, requests, children, finetune jobs, the co-location), in one registry.
 It is served over HTTP on ``metrics.addr``:``metrics.port`` (default 127.0.0.1:9464; port 0:
-none; ``MetricsServer``).
+none; ``MetricsServer``) and over the control API (``GetMetrics``, ``page()``).
 
 The registry is the daemon's own, so it holds no ``process_*``, ``python_*`` or platform
 collectors (prometheus-client puts those in its global registry only): on a co-location host
@@ -23,11 +23,19 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from harli.daemon.metrics_server import MetricsServer
 from harli.daemon.vllm_metrics import VllmMetrics
+from harli.ipc.control import MetricsPage
 from harli.ipc.decode import IterationTelemetry
 from harli.ipc.finetune import MicroStepReport, ValidationScore
 
@@ -255,6 +263,12 @@ class Metrics:
         if self._server is not None:
             self._server.close()
             self._server = None
+
+    def page(self) -> MetricsPage:
+        """The page ``/metrics`` serves, in Prometheus' text format (the control API's
+        ``GetMetrics``)."""
+        return MetricsPage(text=generate_latest(self.registry).decode(),
+                           content_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     # -- feeding -----------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from harli.daemon.disabled import NullChild, NullMemory, NullScheduler
 from harli.daemon.dispatch import Dispatcher
 from harli.daemon.metrics import JOB_SERIES_KEEP_S, Metrics
 from harli.ipc.codec import encode
-from harli.ipc.control import GetStatus, SetPolicy
+from harli.ipc.control import GetMetrics, GetStatus, MetricsPage, SetPolicy
 from harli.ipc.decode import (
     DecodeToDaemon,
     IterationTelemetry,
@@ -127,7 +127,7 @@ def test_a_daemon_unlinks_its_ipc_paths_when_closed(tmp_path: Path) -> None:
     d.resources.close()  # at most once: a second close does nothing
 
 
-def test_the_metrics_follow_the_loop(daemon: Daemon) -> None:
+def test_the_metrics_follow_the_loop_and_the_page_is_on_the_control_api(daemon: Daemon) -> None:
     sample = daemon.metrics.registry.get_sample_value
     model = {"model_name": "model", "engine": "0"}  # model.path's directory name
     daemon._on_telemetry(IterationTelemetry(
@@ -151,3 +151,6 @@ def test_the_metrics_follow_the_loop(daemon: Daemon) -> None:
     daemon._tick(daemon.clock() + JOB_SERIES_KEEP_S + 1)
     assert sample("harli_job_steps", {"job": str(job.job_id)}) is None
 
+    page = daemon.control_endpoint.handlers[GetMetrics](GetMetrics())
+    assert isinstance(page, MetricsPage)
+    assert 'vllm:num_requests_running{engine="0",model_name="model"} 0.0' in page.text

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harli.daemon.metrics import JOB_SERIES_KEEP_S, Metrics
@@ -98,8 +97,9 @@ def test_the_page_parses_and_names_the_counters_with_total() -> None:
     m.watch_children([FakeChild("decode")])
     m.predictor_drift.read((), lambda: 0.0)
     m.on_slo_tokens(1, 1)
-    text = generate_latest(m.registry).decode()
-    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    page = m.page()
+    assert page.content_type == "text/plain; version=0.0.4; charset=utf-8"
+    names = {s.name for f in text_string_to_metric_families(page.text) for s in f.samples}
     assert {"vllm:num_preemptions_total", "vllm:prompt_tokens_total",
             "vllm:generation_tokens_total", "vllm:request_success_total",
             "harli_child_restarts_total", "harli_child_forced_restarts_total",

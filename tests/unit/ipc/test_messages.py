@@ -11,9 +11,11 @@ from harli.ipc.codec import ClientDecoder, DecodeFailure, Decoder, encode, reque
 from harli.ipc.control import (
     ControlReply,
     ControlRequest,
+    GetMetrics,
     JobDetail,
     JobInfo,
     JobLogs,
+    MetricsPage,
     TrainMetric,
     ValidMetric,
 )
@@ -95,6 +97,9 @@ CASES: list[tuple[object, msgspec.Struct]] = [
     (FinetuneToDaemon, CheckpointSaved(job_id=1, step=4, path="/o/checkpoint-4",
                                        validation_error="given up")),
     (ControlRequest, JobLogs(job_id=1, after_event=3, after_metric=9, limit=50)),
+    (ControlRequest, GetMetrics()),
+    (ControlReply, MetricsPage(text="# TYPE x gauge\nx 1.0\n",
+                               content_type="text/plain; version=0.0.4; charset=utf-8")),
     (ControlReply, JobDetail(job=JOB, events=[], truncated=True, metrics=[
         TrainMetric(metric_id=1, job_id=1, time_s=5.0, step=1, epoch=0.1, train_loss=2.0,
                     learning_rate=1e-3, grad_norm=None, tokens=64, tokens_per_s=99.5, level=1),
