@@ -374,11 +374,16 @@ class DecodeEngine:
                 for new in out.scheduled_new_reqs:
                     # The first time only: a preempted request scheduled again has waited
                     # already (vLLM's queue time ignores preemptions too).
-                    self._scheduled_wall_s.setdefault(new.req_id, now)
+                    self._scheduled_wall_s.setdefault(self._rid_of(new.req_id), now)
             self._batch = self._batch_stats(out)
             return out
 
         sched.schedule = schedule
+
+    def _rid_of(self, req_id: str) -> str:
+        """Our request id of vLLM's engine-core id: vLLM appends "-<8 random hex>" to the id
+        it is given (``InputProcessor.assign_request_id``), unless told not to."""
+        return req_id if req_id in self._live else req_id.rsplit("-", 1)[0]
 
     def _batch_stats(self, out: Any) -> BatchStats:
         sched = self._scheduler
