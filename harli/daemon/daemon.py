@@ -114,7 +114,10 @@ class Daemon:
         cfg, res = self.cfg, self.resources
         self.cores = CorePlan.for_host(cfg, self.cuda_host)
         self.cores.pin_daemon()
-        self.metrics = Metrics()
+        # vLLM's model_name label: the base model's name, as requests and `harli models` name
+        # it (ModelCatalog.base_name).
+        self.metrics = Metrics(model_name=cfg.model_path.name,
+                               max_loras=cfg.lora.max_loras if cfg.lora.enabled else None)
         self.latency = _load_latency(cfg, self.metrics)
         # MPS (CUDA hosts, gpu.mps != off): both children become clients of one server; the
         # control daemon starts in run(), before them.
@@ -159,7 +162,7 @@ class Daemon:
             res.control, cfg.endpoints.max_message_bytes,
             control_handlers(self.jobs, self.status, lambda spec, tpot_slo_ms:
                              self.scheduler.set_policy(spec, self.clock(), tpot_slo_ms),
-                             models=self._model_handlers()))
+                             self.metrics.page, models=self._model_handlers()))
         self._init_dispatch()
 
     def _init_dispatch(self) -> None:
@@ -252,8 +255,15 @@ class Daemon:
             if not isinstance(hev, ChildExited):
                 logger.error("[daemon] the HTTP front is FATAL (see its log above); the "
                              "ZeroMQ endpoints keep serving")
-        if not self.frontend.requests:
+        self.metrics.tick(now)
+        in_flight = len(self.frontend.requests)
+        if not in_flight:
             self.scheduler.on_idle(now)
+            self.metrics.on_idle()
+        elif self.decode.state is not ChildState.RUNNING:
+            # Requests wait for a decode that is starting or restarting: none runs (those of
+            # a dead incarnation failed at its exit), all of them wait.
+            self.metrics.on_idle(waiting=in_flight)
         self.jobs.settle_attaches(now)
         self.control_endpoint.reply_done()
         for ev in self.decode.transition(now):
@@ -300,6 +310,7 @@ class Daemon:
         if self.mps is not None:
             self.mps.stop()  # after its clients; only a daemon we started
         self.jobs.close()
+        self.metrics.close()
         self.resources.close()  # the arena after both children, then the sockets
         logger.info("[shutdown] daemon stopped (exit %d)", self.exit_code)
 
@@ -344,8 +355,12 @@ class Daemon:
         self.iterations_seen += 1
         self.metrics.on_iteration(t)
         self.memory.on_telemetry(t)
-        self.latency.on_telemetry(t, self.quota.level_in_force(self.jobs.running is not None),
-                                  self.clock())
+        measured_s = self.latency.on_telemetry(
+            t, self.quota.level_in_force(self.jobs.running is not None), self.clock())
+        # Before the scheduler decides for the next iteration: its last decision is the one
+        # made for this iteration.
+        self.metrics.on_token_latency(measured_s, self.scheduler.predicted_upper_s,
+                                      self.scheduler.tpot_slo_s)
         self.scheduler.on_telemetry(t, self.clock())
 
     # -- http_proc ---------------------------------------------------------------------------
@@ -393,6 +408,7 @@ class Daemon:
 
     def _on_job_ended(self, msg: JobEnded) -> None:
         self.jobs.on_job_ended(msg)
+        self.metrics.on_job_ended(msg.job_id, self.clock())
         job = self.jobs.store.get(msg.job_id)
         if job is not None and msg.status == "succeeded":
             self.models.on_job_succeeded(job.job_id, job.name, msg.adapter_path)

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API: the FastAPI application and its routes.
 
 Serving (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``, vLLM's
-``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``), ``/health`` and ``/version``.
+``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``), ``/health``, ``/version`` and
+``/metrics`` (the daemon's Prometheus page, as ``vllm serve`` has it on its API port).
 Every error is OpenAI's error object with its status (``errors.py``); API keys, the body
 limit and the in-flight limit are checked before a route runs.
 """
@@ -180,6 +181,12 @@ def build_app(cfg: HarliConfig, tokenizer: Any, keys: ApiKeys,
         if await state.link.ready():
             return PlainTextResponse("")
         raise ApiError(503, "decode is not serving (starting or restarting)")
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        """The daemon's page: vLLM's metric contract and Harli's own, as on metrics.port."""
+        page = await state.link.control("metrics_page")
+        return PlainTextResponse(page.text, media_type=page.content_type)
 
     @app.get("/version")
     async def version() -> Any:

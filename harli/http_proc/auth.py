@@ -43,9 +43,10 @@ class ApiKeys:
         missing or wrong."""
         if not self._keys:
             return NO_KEYS_OWNER
-        if not authorization or not authorization.startswith("Bearer "):
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer":
             return None
-        given = authorization[len("Bearer "):].strip().encode()
+        given = token.strip().encode()
         for key in self._keys:
             if hmac.compare_digest(given, key):
                 return hashlib.sha256(key).hexdigest()[:16]

@@ -86,6 +86,13 @@ def test_models_list_and_the_daemon_status_name_the_url(api: Api) -> None:
     assert st.http_url == api.base
     assert any(ch.name == "http" and ch.state == "running" for ch in st.children)
     assert api.http.get("/version").json()["version"]
+    page = api.http.get("/metrics")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc", "vllm:lora_requests_info",
+                 "vllm:time_to_first_token_seconds", "harli_finetune_quota_level"):
+        assert f"\n{name}" in page.text or page.text.startswith(name), name
+    assert httpx.get(f"{api.base}/metrics").status_code == 401  # behind the key
 
 
 def test_completions_equal_the_native_protocol_greedy_output(api: Api) -> None:
