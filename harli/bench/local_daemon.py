@@ -32,6 +32,7 @@ class LocalDaemon:
             f'daemon.runtime_dir="{self.base_dir / "run"}"',
             f'daemon.state_dir="{self.base_dir / "state"}"',
             "metrics.port=0",  # several local daemons may run at once; a test opts in
+            "http.port=0",
             *(overrides or []),
         ]
         self.config_file = config_file

@@ -221,6 +221,50 @@ class BenchLoraCommand(Command):
         return 0
 
 
+class BenchHttpCommand(Command):
+    name = "bench-http"
+    help = ("Harli's OpenAI HTTP front against vllm serve under vllm bench serve, side by "
+            "side; then the same load with a LoRA job training")
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--rounds", type=int, default=3,
+                       help="interleaved rounds of each server (default: %(default)s)")
+        p.add_argument("--num-prompts", type=int, default=64,
+                       help="requests per run (default: %(default)s)")
+        p.add_argument("--request-rate", type=float, default=4.0,
+                       help="Poisson arrivals per second (default: %(default)s)")
+        p.add_argument("--input-len", type=int, default=32,
+                       help="prompt tokens (default: %(default)s)")
+        p.add_argument("--output-len", type=int, default=128,
+                       help="output tokens (default: %(default)s)")
+        p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="config override for both servers' engine (repeatable)")
+        _add_out_and_dir(p)
+
+    def validate(self, args: argparse.Namespace) -> None:
+        for key in ("rounds", "num_prompts", "input_len", "output_len"):
+            if getattr(args, key) < 1:
+                raise CommandError(f"--{key.replace('_', '-')} must be >= 1")
+        if not args.request_rate > 0:
+            raise CommandError(f"--request-rate must be > 0, got {args.request_rate}")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from rich.console import Console
+
+        from harli.bench import http_serving
+
+        console = Console()
+        with tempfile.TemporaryDirectory(prefix="harli-bench-") as tmp:
+            res = http_serving.run_bench(args.dir or Path(tmp), args.rounds, args.num_prompts,
+                                         args.request_rate, args.input_len, args.output_len,
+                                         args.seed, list(args.set),
+                                         say=lambda s: console.print(f"[dim]{s}"))
+        http_serving.print_table(res, console)
+        _write_results(args.out, res)
+        return 0
+
+
 def _add_out_and_dir(p: argparse.ArgumentParser) -> None:
     """The results file and working dir options of the one-table benches."""
     p.add_argument("--out", type=Path, help="write the results JSON here")

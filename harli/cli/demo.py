@@ -147,6 +147,14 @@ def _finetune_phase(console: Any, daemon: Any, args: argparse.Namespace) -> None
         _served_phase(console, daemon, ctl, j.name, dataset)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _digits_score(texts: list[str], records: list[dict[str, str]]) -> tuple[float, int]:
     """(share of the expected digits answered in their place, whole answers right)."""
     right = total = whole = 0
@@ -194,6 +202,25 @@ def _served_phase(console: Any, daemon: Any, ctl: Any, name: str, dataset: Path,
     sample = records[0]
     console.print(f"  e.g. {sample['input']!r} -> base {texts[0].strip()!r}, adapter "
                   f"{texts[examples].strip()!r}")
+    _http_phase(console, ctl, name, prompts[0])
+
+
+def _http_phase(console: Any, ctl: Any, name: str, prompt: str) -> None:
+    """The same adapter called over the OpenAI-compatible HTTP API, with the openai SDK."""
+    from openai import OpenAI
+
+    url = ctl.status().http_url
+    if not url:
+        console.print("[red]the HTTP API is not up; see the daemon log")
+        return
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused-without-keys", max_retries=0)
+    r = client.completions.create(model=name, prompt=prompt, max_tokens=24, temperature=0)
+    console.print(f"over HTTP, as any OpenAI client:\n"
+                  f"  OpenAI(base_url={url + '/v1'!r}).completions.create(model={name!r}, "
+                  f"prompt=..., max_tokens=24, temperature=0)\n"
+                  f"  -> {r.choices[0].text.strip()!r} (finish_reason "
+                  f"{r.choices[0].finish_reason}, {r.usage.total_tokens if r.usage else '?'} "
+                  f"tokens)")
 
 
 def _bench_phase(console: Any, args: argparse.Namespace) -> None:
@@ -236,7 +263,8 @@ class DemoCommand(Command):
         from harli.bench.local_daemon import LocalDaemon, pid_alive
 
         console = Console()
-        daemon = LocalDaemon(args.dir.resolve())
+        # The OpenAI HTTP API on a free port (8000, its default, may be taken on this host).
+        daemon = LocalDaemon(args.dir.resolve(), [f"http.port={_free_port()}"])
         console.rule("[bold]harli demo")
         console.print(f"starting [bold]harli daemon[/] (log: {daemon.log_path}) ...")
         t0 = time.monotonic()

@@ -9,6 +9,7 @@ import sys
 from harli.cli.attach import AttachCommand
 from harli.cli.bench import (
     BenchCommand,
+    BenchHttpCommand,
     BenchLoraCommand,
     BenchMemoryCommand,
     BenchOverheadCommand,
@@ -29,7 +30,7 @@ COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
                            LevelCommand(), PolicyCommand(), ProfileCommand(), BenchCommand(),
                            BenchOverheadCommand(), BenchMemoryCommand(), DemoCommand(),
                            KeysCommand(), GpuCheckCommand(), ModelsCommand(), AdapterCommand(),
-                           BenchLoraCommand()]
+                           BenchLoraCommand(), BenchHttpCommand()]
 
 
 EXIT_USAGE = 2  # a user's mistake in arguments or config

@@ -46,6 +46,8 @@ class StatusCommand(Command):
                 restarts += f" ({ch.forced_restarts} forced)"
             t.add_row(ch.name, ch.state, str(ch.incarnation), restarts, str(ch.pid or "-"))
         con.print(t)
+        if st.http_url:
+            con.print(f"OpenAI-compatible HTTP API: {st.http_url}/v1")
         if st.finetune_quota:
             con.print(f"finetune quota: {st.finetune_quota}")
         p = st.predictor

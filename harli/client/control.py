@@ -18,6 +18,7 @@ from harli.ipc.control import (
     ControlReply,
     ControlRequest,
     DaemonStatus,
+    GetMetrics,
     GetStatus,
     JobDetail,
     JobEvent,
@@ -27,6 +28,7 @@ from harli.ipc.control import (
     JobMetric,
     ListJobs,
     ListModels,
+    MetricsPage,
     ModelInfo,
     ModelList,
     RemoveAdapter,
@@ -142,6 +144,13 @@ class ControlClient:
     def status(self) -> DaemonStatus:
         reply = self.request(GetStatus())
         assert isinstance(reply, DaemonStatus)
+        return reply
+
+    def metrics_page(self) -> MetricsPage:
+        """The daemon's Prometheus page (what its metrics port serves on ``/metrics``), with
+        the ``Content-Type`` to serve it with."""
+        reply = self.request(GetMetrics())
+        assert isinstance(reply, MetricsPage)
         return reply
 
     def models(self) -> list[ModelInfo]:

@@ -1,16 +1,18 @@
-"""The daemon's two children as the OS sees them: which cores they run on, their command lines
+"""The daemon's children as the OS sees them: which cores they run on, their command lines
 and their environment.
 
 ``CorePlan`` gives decode cores of its own (``decode.cpu_cores``), keeps the daemon off them,
 and describes the finetune's CPU levels on what is left, for the fence that moves the
 finetune's threads off decode's cores when its level drops. ``ChildSpecs`` turns the config,
-that plan, the arena and MPS into the two supervised ``Child`` objects; with finetuning off the
-finetune is a ``NullChild``.
+that plan, the arena and MPS into the supervised ``Child`` objects (decode, the finetune, the
+HTTP front); with finetuning off the finetune is a ``NullChild``, and so is the HTTP front with
+``http.port`` 0.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +103,18 @@ class ChildSpecs:
             return NullChild("finetune")
         return Child("finetune", self.finetune_argv, self.env("finetune"), self.cfg.supervisor,
                      self.ops, before_signal=self._before_signal, pass_fds=self._pass_fds)
+
+    def http(self, listener: socket.socket | None) -> Child | NullChild:
+        """The HTTP front, given the listening socket the daemon bound (None: http.port 0)."""
+        if listener is None:
+            return NullChild("http")
+        fd = listener.fileno()
+        return Child("http", lambda n: self.http_argv(n, fd), self.env("http"),
+                     self.cfg.supervisor, self.ops, pass_fds=(fd,))
+
+    def http_argv(self, incarnation: int, fd: int) -> list[str]:
+        return [sys.executable, "-m", "harli.http_proc", "--incarnation", str(incarnation),
+                "--config-json", self._config_json, "--listen-fd", str(fd)]
 
     def decode_argv(self, incarnation: int) -> list[str]:
         return [sys.executable, "-m", "harli.decode_proc", "--incarnation", str(incarnation),

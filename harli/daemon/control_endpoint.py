@@ -1,5 +1,5 @@
 """``ControlEndpoint``: the transport of the control API (``harli attach`` / ``jobs`` / ``job`` /
-``status`` / ``policy`` / ``level``).
+``status`` / ``policy`` / ``level``, and the metrics page).
 
 It reads requests from the daemon's control ROUTER, routes each by its type through a table
 ``{request type: handler}`` (``control_handlers``: the job requests to the ``JobManager``,
@@ -25,9 +25,11 @@ from harli.ipc.control import (
     CancelJob,
     ControlRequest,
     DaemonStatus,
+    GetMetrics,
     GetStatus,
     JobLogs,
     ListJobs,
+    MetricsPage,
     SetLevel,
     SetPolicy,
     ShowJob,
@@ -41,11 +43,13 @@ ControlHandler = Callable[[Any], Reply | Future[Reply]]
 
 def control_handlers(jobs: JobManager, status: Callable[[], DaemonStatus],
                      set_policy: Callable[[str, float | None], None],
+                     metrics_page: Callable[[], MetricsPage],
                      models: Mapping[type[Any], ControlHandler] | None = None,
                      ) -> dict[type[Any], ControlHandler]:
     """The control API's table. ``set_policy(spec, tpot_slo_ms)`` raises ``ValueError`` for a
-    policy or SLO it refuses; ``models``: the handlers of ``ListModels``, ``AddAdapter`` and
-    ``RemoveAdapter`` (the daemon's ``ModelCatalog``)."""
+    policy or SLO it refuses; ``metrics_page``: the Prometheus page (``Metrics.page``);
+    ``models``: the handlers of ``ListModels``, ``AddAdapter`` and ``RemoveAdapter`` (the
+    daemon's ``ModelCatalog``)."""
 
     def policy(msg: SetPolicy) -> DaemonStatus:
         set_policy(msg.policy, msg.tpot_slo_ms)
@@ -56,7 +60,8 @@ def control_handlers(jobs: JobManager, status: Callable[[], DaemonStatus],
         set_policy(f"static:{msg.level}", None)
         return status()
 
-    return {GetStatus: lambda _: status(), SetPolicy: policy, SetLevel: level,
+    return {GetStatus: lambda _: status(), GetMetrics: lambda _: metrics_page(),
+            SetPolicy: policy, SetLevel: level,
             AttachJob: jobs.attach, ListJobs: jobs.list_jobs, ShowJob: jobs.show,
             JobLogs: jobs.logs, CancelJob: jobs.cancel, **(models or {})}
 

@@ -72,6 +72,7 @@ from harli.ipc.finetune import (
     MicroStepReport,
     StepLogged,
 )
+from harli.ipc.http import HttpFatal, HttpReady, HttpToDaemon
 from harli.ipc.inference import ErrorCode
 from harli.ipc.weights import WeightsExported
 
@@ -113,7 +114,10 @@ class Daemon:
         cfg, res = self.cfg, self.resources
         self.cores = CorePlan.for_host(cfg, self.cuda_host)
         self.cores.pin_daemon()
-        self.metrics = Metrics()
+        # vLLM's model_name label: the base model's name, as requests and `harli models` name
+        # it (ModelCatalog.base_name).
+        self.metrics = Metrics(model_name=cfg.model_path.name,
+                               max_loras=cfg.lora.max_loras if cfg.lora.enabled else None)
         self.latency = _load_latency(cfg, self.metrics)
         # MPS (CUDA hosts, gpu.mps != off): both children become clients of one server; the
         # control daemon starts in run(), before them.
@@ -140,7 +144,11 @@ class Daemon:
             res.send_decode, res.send_finetune, self.finetune.kill, self.metrics,
         ) if res.arena is not None else NullMemory()
         self.decode = specs.decode(may_start=self.memory.may_start_decode)
-        self.children = tuple(c for c in (self.decode, self.finetune) if isinstance(c, Child))
+        # The OpenAI HTTP API: a client of the endpoints above, in a process of its own.
+        self.http = specs.http(res.http_listener)
+        self.http_url = ""  # where it answers, once it said so
+        self.children = tuple(c for c in (self.decode, self.finetune, self.http)
+                              if isinstance(c, Child))
         self.metrics.watch_children(self.children)
         self.frontend = Frontend(
             res.inference, cfg, self.metrics, send_decode=res.send_decode,
@@ -154,7 +162,7 @@ class Daemon:
             res.control, cfg.endpoints.max_message_bytes,
             control_handlers(self.jobs, self.status, lambda spec, tpot_slo_ms:
                              self.scheduler.set_policy(spec, self.clock(), tpot_slo_ms),
-                             models=self._model_handlers()))
+                             self.metrics.page, models=self._model_handlers()))
         self._init_dispatch()
 
     def _init_dispatch(self) -> None:
@@ -179,6 +187,10 @@ class Daemon:
             StepLogged: self.jobs.on_step_logged,
             CheckpointSaved: self._on_checkpoint,
             JobEnded: self._on_job_ended,
+        }, self.metrics)
+        self._from_http = Dispatcher("http", HttpToDaemon, {
+            HttpReady: self._on_http_ready,
+            HttpFatal: self._on_http_fatal,
         }, self.metrics)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -227,6 +239,8 @@ class Daemon:
             self._from_finetune.drain(res.finetune_out)
         if res.control in events:
             self.control_endpoint.drain()
+        if res.http_out in events:
+            self._from_http.drain(res.http_out)
 
     def _tick(self, now: float) -> None:
         for fev in self.finetune.transition(now):
@@ -237,8 +251,19 @@ class Daemon:
         if self.state is DaemonState.SERVING:
             self.jobs.tick()
         self.memory.tick(now)
-        if not self.frontend.requests:
+        for hev in self.http.transition(now):
+            if not isinstance(hev, ChildExited):
+                logger.error("[daemon] the HTTP front is FATAL (see its log above); the "
+                             "ZeroMQ endpoints keep serving")
+        self.metrics.tick(now)
+        in_flight = len(self.frontend.requests)
+        if not in_flight:
             self.scheduler.on_idle(now)
+            self.metrics.on_idle()
+        elif self.decode.state is not ChildState.RUNNING:
+            # Requests wait for a decode that is starting or restarting: none runs (those of
+            # a dead incarnation failed at its exit), all of them wait.
+            self.metrics.on_idle(waiting=in_flight)
         self.jobs.settle_attaches(now)
         self.control_endpoint.reply_done()
         for ev in self.decode.transition(now):
@@ -270,6 +295,7 @@ class Daemon:
     def _stop_all(self) -> None:
         self.state = DaemonState.STOPPING
         self.frontend.finish_all("shutdown")
+        self.http.stop(None)  # SIGTERM: uvicorn closes its connections
         # Reverse dependency order: finetune before decode.
         self.finetune.stop(lambda: self.resources.send_finetune(
             FinetuneShutdown(reason="daemon stopping")))
@@ -277,12 +303,14 @@ class Daemon:
         self.state = DaemonState.STOPPED
 
     def _close(self) -> None:
-        for child in (self.finetune, self.decode):  # after an exception: never leave a child
+        # After an exception: never leave a child.
+        for child in (self.http, self.finetune, self.decode):
             if child.proc is not None:
                 child.stop(None)
         if self.mps is not None:
             self.mps.stop()  # after its clients; only a daemon we started
         self.jobs.close()
+        self.metrics.close()
         self.resources.close()  # the arena after both children, then the sockets
         logger.info("[shutdown] daemon stopped (exit %d)", self.exit_code)
 
@@ -327,9 +355,23 @@ class Daemon:
         self.iterations_seen += 1
         self.metrics.on_iteration(t)
         self.memory.on_telemetry(t)
-        self.latency.on_telemetry(t, self.quota.level_in_force(self.jobs.running is not None),
-                                  self.clock())
+        measured_s = self.latency.on_telemetry(
+            t, self.quota.level_in_force(self.jobs.running is not None), self.clock())
+        # Before the scheduler decides for the next iteration: its last decision is the one
+        # made for this iteration.
+        self.metrics.on_token_latency(measured_s, self.scheduler.predicted_upper_s,
+                                      self.scheduler.tpot_slo_s)
         self.scheduler.on_telemetry(t, self.clock())
+
+    # -- http_proc ---------------------------------------------------------------------------
+
+    def _on_http_ready(self, msg: HttpReady) -> None:
+        if self.http.on_ready(msg.incarnation, self.clock()):
+            self.http_url = msg.url
+            logger.info("[daemon] OpenAI-compatible HTTP API on %s", msg.url)
+
+    def _on_http_fatal(self, msg: HttpFatal) -> None:
+        logger.error("[daemon] http[%d] cannot serve: %s", msg.incarnation, msg.error)
 
     # -- finetune_proc -----------------------------------------------------------------------
 
@@ -366,6 +408,7 @@ class Daemon:
 
     def _on_job_ended(self, msg: JobEnded) -> None:
         self.jobs.on_job_ended(msg)
+        self.metrics.on_job_ended(msg.job_id, self.clock())
         job = self.jobs.store.get(msg.job_id)
         if job is not None and msg.status == "succeeded":
             self.models.on_job_succeeded(job.job_id, job.name, msg.adapter_path)
@@ -409,7 +452,7 @@ class Daemon:
                             jobs_queued=self.jobs.queued(), level=self.quota.level,
                             predictor=self.latency.status(self.clock()),
                             scheduler=self.scheduler.status(),
-                            finetune_quota=self.finetune_quota)
+                            finetune_quota=self.finetune_quota, http_url=self.http_url)
 
     # -- MPS ---------------------------------------------------------------------------------
 

@@ -49,6 +49,9 @@ class NullChild:
 class NullScheduler:
     """No finetune, no quota: decode runs alone and nothing is decided or counted."""
 
+    predicted_upper_s: float | None = None  # no decision, no prediction
+    tpot_slo_s: float | None = None  # no SLO kept
+
     def set_policy(self, spec: str, now: float, tpot_slo_ms: float | None = None) -> None:
         raise ValueError("no finetune process (finetune.enabled = false): no quota to set")
 

@@ -4,7 +4,8 @@ It reads clients' messages from the inference ROUTER (which the daemon creates a
 answers ``Hello``, accepts or refuses ``Generate`` and ``Abort``, keeps the ``RequestTable`` of
 accepted requests, hands them to decode (at once, or when decode is ready) and routes decode's
 ``StepOutputs`` back to each client as ``Chunk``s. It tells the scheduler (its
-``RequestObserver``) of arrivals, token gaps and finished requests. It reaches the rest of the
+``RequestObserver``) of arrivals, token gaps and finished requests, and the metrics of each
+request's first token, token gaps and end (vLLM's per-request metrics). It reaches the rest of the
 daemon only through the callables it is given; a client that has gone has its requests
 aborted, and nothing a client sends stops the loop.
 """
@@ -155,10 +156,13 @@ class Frontend:
         # 32 requests wakes once per iteration, not 32 times.
         frames: dict[bytes, list[bytes]] = {}
         gaps_s: list[float] = []  # this iteration's inter-token gaps, for the SLO
+        generated = 0
         for out in msg.outputs:
             req = self.requests.get(out.rid)
             if req is None or req.incarnation != msg.incarnation:
                 continue  # finished, aborted or failed already; or from a dead incarnation
+            if out.scheduled_wall_s is not None:
+                req.scheduled_s = out.scheduled_wall_s
             if out.num_prompt_tokens > 0 and req.num_prompt_tokens is None:
                 # A text prompt's first output: its length is known only now.
                 req.num_prompt_tokens = out.num_prompt_tokens
@@ -170,10 +174,12 @@ class Frontend:
                     continue
             if out.token_ids:
                 self._on_tokens(req, len(out.token_ids), msg.end_wall_s, gaps_s)
+                generated += len(out.token_ids)
             req.num_tokens += len(out.token_ids)
             if out.finish_reason is not None:
                 self.requests.remove(req.rid)
                 self.metrics.requests.labels(out.finish_reason).inc()
+                self._finished(req, out.finish_reason, msg.end_wall_s)
                 if req.first_token_s is not None and req.last_token_s is not None:
                     self.observer.on_request_done(req.first_token_s, req.last_token_s,
                                                   req.num_tokens)
@@ -182,6 +188,8 @@ class Frontend:
                 token_times_s=[msg.end_wall_s] * len(out.token_ids),
                 finish_reason=out.finish_reason, stop_reason=out.stop_reason,
                 num_prompt_tokens=req.num_prompt_tokens)))
+        if generated:
+            self.metrics.vllm.on_generated(generated)
         if gaps_s:
             self.observer.on_tokens(gaps_s)  # once per iteration: the policy's budget too
         for client, parts in frames.items():
@@ -300,8 +308,10 @@ class Frontend:
         if gone:
             logger.info("[frontend] client went away; aborting its %d requests", len(gone))
             self.send_decode(AbortRequests(rids=[r.rid for r in gone if r.incarnation]))
+            now = time.time()
             for r in gone:
                 self.requests.remove(r.rid)
+                self._finished(r, "abort", now)  # decode's abort output finds it gone
 
     # -- request lifecycle -------------------------------------------------------------------
 
@@ -352,16 +362,27 @@ class Frontend:
     def _on_tokens(self, req: Inflight, n: int, end_wall_s: float,
                    gaps_s: list[float]) -> None:
         """Token times for the SLO: the engine's iteration end, one gap per new token (added
-        to ``gaps_s``)."""
+        to ``gaps_s``); and for vLLM's metrics, the time to the first token, then one gap per
+        output."""
         if req.first_token_s is None:
             req.first_token_s = end_wall_s
+            self.metrics.vllm.on_first_token(max(0.0, end_wall_s - req.arrival_s),
+                                             req.num_prompt_tokens or 0)
         elif req.last_token_s is not None:
-            gaps_s.append(end_wall_s - req.last_token_s)
+            gap_s = end_wall_s - req.last_token_s
+            gaps_s.append(gap_s)
             gaps_s.extend([0.0] * (n - 1))
+            self.metrics.vllm.on_token_gap(gap_s)
         req.last_token_s = end_wall_s
+
+    def _finished(self, req: Inflight, reason: str, end_wall_s: float) -> None:
+        """vLLM's metrics of a request that ended (not of one that failed with an error)."""
+        queue_s = None if req.scheduled_s is None else max(0.0, req.scheduled_s - req.arrival_s)
+        self.metrics.vllm.on_finished(reason, max(0.0, end_wall_s - req.arrival_s), queue_s)
 
     def _finish(self, req: Inflight, reason: str) -> None:
         self.requests.remove(req.rid)
+        self._finished(req, reason, time.time())
         self._reply(req.client, Chunk(request_id=req.request_id, token_ids=[],
                                       finish_reason=reason,
                                       num_prompt_tokens=req.num_prompt_tokens))

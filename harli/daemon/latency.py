@@ -70,8 +70,8 @@ class LatencyTracker:
         self.loaded_at = time.time()  # a profile is in force from here
         self._prev: IterationTelemetry | None = None
         # Read at scrape time, not on every iteration.
-        metrics.predictor_error.set_function(self._recent_error)
-        metrics.predictor_drift.set_function(lambda: float(self._drift_events()))
+        metrics.predictor_error.set_function(self._recent_error_ratio)
+        metrics.predictor_drift.read((), lambda: float(self._drift_events()))
 
     @classmethod
     def load(cls, cfg: HarliConfig, metrics: Metrics) -> LatencyTracker:
@@ -96,16 +96,19 @@ class LatencyTracker:
                     len(profile.samples), sorted(profile.levels))
         return cls(profile.model(_model_config(cfg)), path, metrics)
 
-    def _recent_error(self) -> float:
+    def _recent_error_ratio(self) -> float:
         err = self.model.stats()["recent_mean_abs_pct_error"]
-        return float(err) if isinstance(err, float | int) else 0.0
+        return float(err) / 100.0 if isinstance(err, float | int) else 0.0
 
-    def on_telemetry(self, t: IterationTelemetry, level: int, now: float) -> None:
+    def on_telemetry(self, t: IterationTelemetry, level: int, now: float) -> float:
+        """Fold in an iteration; returns what it cost each running request's token, in
+        seconds (the predictor's target)."""
         # The predictor's target is what an iteration costs a token (TPOT), not just the
         # step: see token_latency_s.
-        self.model.observe(BatchShape.from_telemetry(t), level, token_latency_s(t, self._prev),
-                           now)
+        measured_s = token_latency_s(t, self._prev)
+        self.model.observe(BatchShape.from_telemetry(t), level, measured_s, now)
         self._prev = t
+        return measured_s
 
     def _drift_events(self) -> int:
         events = self.model.stats()["drift_events"]

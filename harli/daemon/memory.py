@@ -101,6 +101,8 @@ class MemoryManager:
         self.fallback_tensors = 0
         for owner in Owner:  # read at scrape time
             metrics.arena_pages.labels(owner.value).set_function(self._counter(owner))
+        metrics.finetune_lent_bytes.set_function(
+            lambda: float(self.ledger.count(Owner.FINETUNE) * page_bytes))
 
     def _counter(self, owner: Owner) -> Callable[[], float]:
         return lambda: float(self.ledger.count(owner))

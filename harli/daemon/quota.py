@@ -37,6 +37,7 @@ class QuotaController:
         self._cpu_fence = cpu_fence
         self._metrics = metrics
         self._finetune_ready = False
+        metrics.finetune_quota_level.set_function(lambda: float(self.decision.level))
 
     @property
     def level(self) -> int:

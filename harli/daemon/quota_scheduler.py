@@ -125,10 +125,16 @@ class QuotaScheduler:
         self.decision_us, self.decision_cpu_us = self._times_of(self.spec)
         self.level_changes = 0
         self.by_reason: defaultdict[str, Counter[int]] = defaultdict(Counter)
-        metrics.slo_attainment.labels("token").set_function(
-            lambda: self.counter.per_token() or 0.0)
-        metrics.slo_attainment.labels("request").set_function(
-            lambda: self.counter.per_request() or 0.0)
+        metrics.tpot_slo_s.set_function(lambda: self.slo.tpot_s)
+
+    @property
+    def predicted_upper_s(self) -> float | None:
+        """The last decision's predicted upper bound on a token's latency (None: none)."""
+        return self.last.predicted_upper_s if self.last is not None else None
+
+    @property
+    def tpot_slo_s(self) -> float:
+        return self.slo.tpot_s
 
     def _parse(self, spec: str, slo: SloTarget | None = None) -> Policy:
         key = spec.strip().lower()
@@ -236,7 +242,9 @@ class QuotaScheduler:
 
     def on_tokens(self, gaps_s: list[float]) -> None:
         """One decode iteration's inter-token gaps, of every request that got a token."""
-        self.policy.on_tokens(len(gaps_s), self.counter.on_token_gaps(gaps_s))
+        missed = self.counter.on_token_gaps(gaps_s)
+        self.policy.on_tokens(len(gaps_s), missed)
+        self.metrics.on_slo_tokens(len(gaps_s), len(gaps_s) - missed)
         for g in gaps_s:
             self.metrics.tpot_s.observe(g)
 
@@ -271,7 +279,11 @@ class QuotaScheduler:
             self._step_tokens = 0
 
     def on_request_done(self, first_s: float, last_s: float, n_tokens: int) -> None:
-        self.counter.on_request(first_s, last_s, n_tokens)
+        c = self.counter
+        judged, within = c.requests, c.requests_ok
+        c.on_request(first_s, last_s, n_tokens)
+        if c.requests > judged:
+            self.metrics.on_slo_request(within=c.requests_ok > within)
 
     def status(self) -> SchedulerStatus:
         us = sorted(self.decision_us)

@@ -1,8 +1,9 @@
 """``DaemonResources``: what the daemon holds that the OS must get back, behind one ``close()``.
 
-That is the memory arena shared with both children, and the ZMQ context with its seven
-sockets: the public inference and control ROUTERs, decode's input PUSH and output PULL, the
-telemetry SUB, and the finetune's input PUSH and output PULL. ``close()`` (also run by a
+That is the memory arena shared with both children, the ZMQ context with its eight sockets
+(the public inference and control ROUTERs, decode's input PUSH and output PULL, the telemetry
+SUB, the finetune's input PUSH and output PULL, the HTTP front's output PULL), and the HTTP
+API's listening TCP socket. ``close()`` (also run by a
 finalizer, should the owner never call it) releases them in order, and at most once.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +21,7 @@ import zmq
 
 from harli.arena.cuda import CudaArena
 from harli.arena.shm import Arena, ShmArena, remove_stale_arenas
-from harli.config import HarliConfig
+from harli.config import ConfigError, HarliConfig
 from harli.ipc import curve
 from harli.ipc.codec import encode
 from harli.ipc.decode import DaemonToDecode
@@ -69,8 +71,9 @@ class DaemonResources:
         self._sockets: list[tuple[zmq.Socket[Any], int]] = []  # with their linger at close
         self._authenticators: list[Any] = []  # CURVE client-key checks (tcp:// endpoints)
         self._paths: list[str] = []  # bound endpoints; ipc:// ones are unlinked at close
+        self._listeners: list[socket.socket] = []  # the HTTP API's, inherited by http_proc
         self._finalizer = weakref.finalize(self, _release, self.arena, self.ctx, self._sockets,
-                                           self._authenticators, self._paths)
+                                           self._authenticators, self._paths, self._listeners)
         try:
             self._open_sockets(cfg)
         except BaseException:
@@ -103,6 +106,7 @@ class DaemonResources:
         self.finetune_in = self._socket(zmq.PUSH)
         self.finetune_in.setsockopt(zmq.LINGER, 0)
         self.finetune_out = self._socket(zmq.PULL)
+        self.http_out = self._socket(zmq.PULL)
         ep_cfg = cfg.endpoints
         for sock, ep in ((self.inference, cfg.inference_endpoint),
                          (self.control, cfg.control_endpoint)):
@@ -116,7 +120,8 @@ class DaemonResources:
                          (self.decode_in, cfg.internal_endpoint("decode-in")),
                          (self.decode_out, cfg.internal_endpoint("decode-out")),
                          (self.finetune_in, cfg.internal_endpoint("finetune-in")),
-                         (self.finetune_out, cfg.internal_endpoint("finetune-out"))):
+                         (self.finetune_out, cfg.internal_endpoint("finetune-out")),
+                         (self.http_out, cfg.internal_endpoint("http-out"))):
             sock.bind(ep)
             self._paths.append(ep)
             if ep.startswith("ipc://") and sock in (self.inference, self.control):
@@ -130,9 +135,12 @@ class DaemonResources:
         self._paths.append(cfg.internal_endpoint("telemetry"))
         self._poller = zmq.Poller()
         for s in (self.inference, self.decode_out, self.telemetry, self.control,
-                  self.finetune_out):
+                  self.finetune_out, self.http_out):
             self._poller.register(s, zmq.POLLIN)
         logger.info("[daemon] serving inference on %s", cfg.inference_endpoint)
+        self.http_listener = listen_http(cfg) if cfg.http.port else None
+        if self.http_listener is not None:
+            self._listeners.append(self.http_listener)
 
     def poll(self, timeout_ms: int) -> dict[zmq.Socket[Any], int]:
         """The sockets with input waiting, after at most ``timeout_ms``."""
@@ -156,9 +164,27 @@ class DaemonResources:
         self._finalizer()
 
 
+def listen_http(cfg: HarliConfig) -> socket.socket:
+    """The HTTP API's listening socket, bound here so that a port in use stops the daemon at
+    start (naming it) and http_proc's restarts inherit the same socket."""
+    host, port = cfg.http.host, cfg.http.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"http.port: cannot listen on {host}:{port} ({e.strerror}); choose "
+                          f"another port or set http.port = 0") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def _release(arena: Arena | None, ctx: zmq.Context[Any],
              sockets: Sequence[tuple[zmq.Socket[Any], int]], authenticators: Sequence[Any],
-             paths: Sequence[str]) -> None:
+             paths: Sequence[str], listeners: Sequence[socket.socket] = ()) -> None:
     # Module-level and given only the resources, so that the finalizer does not keep the
     # owner alive.
     if arena is not None:
@@ -167,6 +193,8 @@ def _release(arena: Arena | None, ctx: zmq.Context[Any],
         sock.close(linger=linger_ms)
     for auth in authenticators:
         auth.stop()
+    for listener in listeners:
+        listener.close()
     ctx.term()
     for ep in paths:
         if ep.startswith("ipc://"):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import harli
 from harli.arena.shm import ArenaError
-from harli.config import HarliConfig
+from harli.config import ConfigError, HarliConfig
 from harli.daemon.daemon import Daemon
 from harli.daemon.mps import MpsError
 from harli.daemon.pidlock import AlreadyRunning, PidLock
@@ -56,7 +56,7 @@ def _run(cfg: HarliConfig) -> int:
         return 2
     try:
         daemon = Daemon(cfg)
-    except (ArenaError, ProfileError) as e:
+    except (ArenaError, ProfileError, ConfigError) as e:
         logger.error("[daemon] cannot start: %s", e)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop("SIGTERM"))

@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +65,8 @@ class BatchStats:
     prefill_attn_tokens: int = 0
     lora_requests: int = 0
     lora_adapters: int = 0
+    running_lora_adapters: list[str] = field(default_factory=list)
+    waiting_lora_adapters: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -230,6 +232,11 @@ def sampling_params(req: Generate) -> SamplingParams:
     )
 
 
+def _lora_names(requests: Any) -> list[str]:
+    """The adapter names of vLLM ``Request``s, distinct and sorted."""
+    return sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None})
+
+
 def _first_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     # pydantic puts a header line first ("1 validation error for ModelConfig") and the cause
@@ -255,6 +262,8 @@ class DecodeEngine:
         self.scrubbed_bytes = 0  # zeroed on return from the finetune (``_zero_blocks``)
         self._aborted: list[str] = []
         self._batch: BatchStats | None = None
+        # rid -> unix time vLLM first scheduled it; None once its first output carried it.
+        self._scheduled_wall_s: dict[str, float | None] = {}
         self.loras_changed = False  # vLLM's set of loaded adapters changed since last asked
         self._init_engine()
         self._init_batch_capture()
@@ -360,10 +369,21 @@ class DecodeEngine:
 
         def schedule(*args: Any, **kwargs: Any) -> Any:
             out = inner(*args, **kwargs)
+            if out.scheduled_new_reqs:
+                now = time.time()
+                for new in out.scheduled_new_reqs:
+                    # The first time only: a preempted request scheduled again has waited
+                    # already (vLLM's queue time ignores preemptions too).
+                    self._scheduled_wall_s.setdefault(self._rid_of(new.req_id), now)
             self._batch = self._batch_stats(out)
             return out
 
         sched.schedule = schedule
+
+    def _rid_of(self, req_id: str) -> str:
+        """Our request id of vLLM's engine-core id: vLLM appends "-<8 random hex>" to the id
+        it is given (``InputProcessor.assign_request_id``), unless told not to."""
+        return req_id if req_id in self._live else req_id.rsplit("-", 1)[0]
 
     def _batch_stats(self, out: Any) -> BatchStats:
         sched = self._scheduler
@@ -386,6 +406,9 @@ class DecodeEngine:
             stats.decode_tokens += n - prefill
             stats.context_tokens += req.num_computed_tokens
         stats.lora_adapters = len(adapters)
+        if self.cfg.lora.enabled:
+            stats.running_lora_adapters = _lora_names(sched.running)
+            stats.waiting_lora_adapters = _lora_names(sched.waiting)
         return stats
 
     # -- verbs ------------------------------------------------------------------------------
@@ -461,6 +484,7 @@ class DecodeEngine:
             self.llm.abort_request(live)
             for r in live:
                 self._live.discard(r)
+                self._scheduled_wall_s.pop(r, None)
             self._aborted.extend(live)
 
     def abort_all(self) -> None:
@@ -570,8 +594,12 @@ class DecodeEngine:
             # A generation model: always a RequestOutput, never a pooling output.
             comp = res.outputs[0]  # type: ignore[index]
             finish = comp.finish_reason if res.finished else None
+            scheduled = self._scheduled_wall_s.get(res.request_id)
             if res.finished:
                 self._live.discard(res.request_id)
+                self._scheduled_wall_s.pop(res.request_id, None)
+            elif scheduled is not None:
+                self._scheduled_wall_s[res.request_id] = None  # told once
             outputs.append(RequestOutput(
                 rid=res.request_id,
                 token_ids=list(comp.token_ids),
@@ -579,6 +607,7 @@ class DecodeEngine:
                 finish_reason=finish,
                 stop_reason=comp.stop_reason if res.finished else None,
                 num_prompt_tokens=len(res.prompt_token_ids or ()),
+                scheduled_wall_s=scheduled,
             ))
         telemetry = None
         batch = self._batch
@@ -603,6 +632,8 @@ class DecodeEngine:
                 prefill_attn_tokens=batch.prefill_attn_tokens,
                 lora_requests=batch.lora_requests,
                 lora_adapters=batch.lora_adapters,
+                running_lora_adapters=batch.running_lora_adapters,
+                waiting_lora_adapters=batch.waiting_lora_adapters,
             )
             self.preemptions += batch.preempted
         return StepResult(outputs, telemetry, end_wall_s)

@@ -103,8 +103,13 @@ class ListModels(_Ctl, tag="list_models", frozen=True):
     """The servable models: the base model and every registered adapter."""
 
 
+class GetMetrics(_Ctl, tag="get_metrics", frozen=True):
+    """The daemon's Prometheus page, the one its metrics port serves on ``/metrics``; for a
+    process that serves it on its own HTTP endpoint."""
+
+
 ControlRequest = (AttachJob | ListJobs | ShowJob | CancelJob | JobLogs | GetStatus | SetLevel
-                  | SetPolicy | AddAdapter | RemoveAdapter | ListModels)
+                  | SetPolicy | AddAdapter | RemoveAdapter | ListModels | GetMetrics)
 
 # -- daemon -> clients ----------------------------------------------------------------------
 
@@ -289,6 +294,7 @@ class DaemonStatus(_Ctl, tag="daemon_status", frozen=True):
     predictor: PredictorStatus | None = None
     scheduler: SchedulerStatus | None = None
     finetune_quota: str = ""  # how the finetune's quota is enforced (its FinetuneReady.quota)
+    http_url: str = ""  # where the OpenAI-compatible HTTP API answers; "" while it does not
 
 
 class ModelInfo(_Ctl, tag="model", frozen=True):
@@ -310,4 +316,13 @@ class ModelList(_Ctl, tag="model_list", frozen=True):
     models: list[ModelInfo]
 
 
-ControlReply = JobInfo | JobList | JobDetail | DaemonStatus | ModelInfo | ModelList
+class MetricsPage(_Ctl, tag="metrics_page", frozen=True):
+    """The answer to ``get_metrics``: the page and the HTTP ``Content-Type`` to serve it
+    with."""
+
+    text: str  # Prometheus' text exposition format
+    content_type: str  # "text/plain; version=0.0.4; charset=utf-8"
+
+
+ControlReply = (JobInfo | JobList | JobDetail | DaemonStatus | ModelInfo | ModelList
+                | MetricsPage)

@@ -112,6 +112,10 @@ class RequestOutput(_Internal, frozen=True):
     finish_reason: str | None
     stop_reason: str | int | None
     num_prompt_tokens: int
+    # Unix time vLLM's scheduler first put the request into a batch (its SCHEDULED event),
+    # carried by the request's first output only (None on the others): the end of its wait
+    # in the queue, which the daemon cannot see.
+    scheduled_wall_s: float | None = None
 
 
 class RequestRejected(_Internal, frozen=True):
@@ -193,3 +197,7 @@ class IterationTelemetry(_Internal, frozen=True):
     prefill_attn_tokens: int = 0
     lora_requests: int = 0  # requests of the batch served with a LoRA adapter
     lora_adapters: int = 0  # distinct adapters in the batch
+    # Names of the adapters of the requests vLLM's scheduler holds running / waiting, sorted
+    # (vLLM's running_lora_adapters / waiting_lora_adapters); empty with LoRA off.
+    running_lora_adapters: list[str] = []
+    waiting_lora_adapters: list[str] = []

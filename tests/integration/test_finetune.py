@@ -120,27 +120,62 @@ def test_sample_job_learns_while_decode_serves(ft: LocalDaemon, ctl: ControlClie
     assert digit_share(tuned) >= 0.8 > digit_share(base) + 0.5, (base, tuned)
 
 
+def _scrape(url: str) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
 def test_prometheus_metrics_for_decode_and_jobs(ft: LocalDaemon, ctl: ControlClient,
                                                 tmp_path: Path) -> None:
+    import urllib.error
     import urllib.request
 
     job = ctl.attach(spec(tmp_path, "metrics", max_steps=5))
     wait_job(ctl, job.job_id, lambda j: j.status == "succeeded")
     with ft.client() as c:
         c.complete([1, 2, 3], max_tokens=4, ignore_eos=True)
+        c.complete([4, 5, 6], max_tokens=4, ignore_eos=True, model="metrics")  # its adapter
     url = f"http://127.0.0.1:{ft.cfg.metrics.port}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
+    values = _scrape(url)
+    deadline = time.monotonic() + 10
+    m = 'engine="0",model_name="tiny"'  # the base model's directory name
+    while values[f"vllm:num_requests_running{{{m}}}"] != 0:  # the next loop turn resets it
+        assert time.monotonic() < deadline, "running requests never went back to 0"
+        time.sleep(0.1)
+        values = _scrape(url)
     j = str(job.job_id)
+    # The job's series stay a while after it ends: a scrape sees its final values.
     assert values[f'harli_job_steps{{job="{j}"}}'] == 5
     assert values[f'harli_job_micro_steps{{job="{j}"}}'] == 5
     assert values[f'harli_job_tokens_trained{{job="{j}"}}'] > 0
     assert f'harli_job_loss{{job="{j}"}}' in values
-    assert values["harli_finetune_level"] == ft.cfg.finetune.level
+    assert values["harli_finetune_quota_level"] == ft.cfg.finetune.level
     assert values["harli_decode_iterations_total"] >= 4
-    assert values['harli_requests_total{outcome="length"}'] >= 1
-    assert values['harli_child_restarts{child="decode"}'] == 0
+    assert values['harli_requests_total{outcome="length"}'] >= 2
+    assert values['harli_child_restarts_total{child="decode"}'] == 0
+    assert values["harli_tpot_slo_seconds"] == ft.cfg.scheduler.tpot_slo_ms / 1000
+    assert values["harli_slo_tokens_total"] >= values["harli_slo_tokens_within_total"] > 0
+    # vLLM's contract, as a router reads it.
+    assert values[f"vllm:num_requests_waiting{{{m}}}"] == 0
+    assert values[f"vllm:kv_cache_usage_perc{{{m}}}"] == 0
+    assert values['vllm:request_success_total{engine="0",finished_reason="length",'
+                  'model_name="tiny"}'] >= 2
+    assert values[f"vllm:prompt_tokens_total{{{m}}}"] >= 6
+    assert values[f"vllm:generation_tokens_total{{{m}}}"] >= 8
+    for hist in ("time_to_first_token", "e2e_request_latency", "request_queue_time"):
+        assert values[f"vllm:{hist}_seconds_count{{{m}}}"] >= 2, hist
+    assert values[f"vllm:inter_token_latency_seconds_count{{{m}}}"] >= 6
+    (lora,) = [k for k in values if k.startswith("vllm:lora_requests_info{")]
+    assert 'max_lora="4"' in lora and values[lora] > 1e9
+    assert not [k for k in values if k.startswith(("process_", "python_"))]
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url.replace("/metrics", "/"), timeout=10)
+    assert e.value.code == 404
+    page = ctl.metrics_page()  # the same page over the control API
+    assert f"vllm:num_requests_running{{{m}}} 0.0" in page.text
     # The attach tokenized the dataset; the finetune read it from the cache, not the file.
     assert ctl.show(job.job_id).job.dataset_report["source"] == "cache"
     assert values["harli_dataset_retokenized_total"] == 0

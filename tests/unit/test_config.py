@@ -132,7 +132,7 @@ def test_tcp_endpoint_requires_a_curve_key() -> None:
     with pytest.raises(ConfigError, match=r"endpoints\.curve_server_key"):
         load(None, ['endpoints.inference="tcp://127.0.0.1:5555"'])
     cfg = load(None, ['endpoints.inference="tcp://127.0.0.1:5555"',
-                      'endpoints.curve_server_key="/etc/harli/server.key_secret"'])
+                      'endpoints.curve_server_key="/etc/harli/server.key_secret"', "http.port=0"])
     assert cfg.inference_endpoint == "tcp://127.0.0.1:5555"
 
 

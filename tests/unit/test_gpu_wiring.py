@@ -234,8 +234,8 @@ def test_daemon_relays_decodes_weights_when_the_finetune_is_ready(daemon: Any) -
     (fs,) = [c for c in daemon.status().children if c.name == "finetune"]
     assert fs.restarts == 1 and fs.forced_restarts == 1
     sample = daemon.metrics.registry.get_sample_value
-    assert sample("harli_child_forced_restarts", {"child": "finetune"}) == 1
-    assert sample("harli_child_restarts", {"child": "finetune"}) == 1
+    assert sample("harli_child_forced_restarts_total", {"child": "finetune"}) == 1
+    assert sample("harli_child_restarts_total", {"child": "finetune"}) == 1
 
 
 def test_daemon_relays_at_once_to_a_running_finetune_and_ignores_stale_exports(

@@ -19,11 +19,13 @@ from harli.ipc.control import (
     ControlReply,
     ControlRequest,
     DaemonStatus,
+    GetMetrics,
     GetStatus,
     JobList,
     JobLogs,
     ListJobs,
     ListModels,
+    MetricsPage,
     ModelList,
     RemoveAdapter,
     SetLevel,
@@ -36,6 +38,8 @@ from harli.ipc.jobs import JobSpec
 from .fake_sockets import FakeRouter
 
 LIMIT = 4096
+PAGE = MetricsPage(text="# HELP x An example.\n# TYPE x gauge\nx 1.0\n",
+                   content_type="text/plain; version=0.0.4; charset=utf-8")
 STATUS = DaemonStatus(state="serving", pid=1, children=[], model="m", decode_iterations=0,
                       memory=None, job_running=None, jobs_queued=0, level=2)
 
@@ -76,7 +80,7 @@ class Harness:
         self.policies: list[tuple[str, float | None]] = []
         self.refuse: str | None = None  # set_policy raises ValueError with this
         handlers = control_handlers(self.jobs, lambda: STATUS,  # type: ignore[arg-type]
-                                    self._set_policy, models={
+                                    self._set_policy, lambda: PAGE, models={
                                         ListModels: lambda m: ModelList(models=[]),
                                         AddAdapter: lambda m: Error(
                                             request_id=None, code="invalid", message=m.name),
@@ -108,6 +112,10 @@ def test_the_table_covers_every_control_request() -> None:
 
 def test_status_is_answered_with_the_daemon_status() -> None:
     assert Harness().ask(GetStatus()) == [STATUS]
+
+
+def test_the_metrics_page_is_answered_with_the_page() -> None:
+    assert Harness().ask(GetMetrics()) == [PAGE]
 
 
 def test_a_policy_switch_is_applied_and_answered_with_the_status() -> None:
@@ -221,3 +229,40 @@ def test_a_hostile_frame_gets_a_typed_error_and_the_endpoint_still_serves(
     e = error_of(h.ask(payload))
     assert e.code == code and says in e.message
     assert h.ask(GetStatus()) == [STATUS]
+
+
+def test_the_metrics_page_round_trips_from_the_client_over_zmq(tmp_path: Any) -> None:
+    """``ControlClient.metrics_page`` against the endpoint on a real ROUTER: what an HTTP front
+    in another process does to serve the daemon's page on its own ``/metrics``."""
+    import threading
+
+    import zmq
+
+    from harli.client.control import ControlClient
+    from harli.daemon.metrics import Metrics
+
+    metrics = Metrics("tiny")
+    endpoint_url = f"ipc://{tmp_path}/control.sock"
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint_url)
+    handlers = control_handlers(FakeJobs(), lambda: STATUS,  # type: ignore[arg-type]
+                                lambda spec, slo: None, metrics.page)
+    endpoint = ControlEndpoint(router, LIMIT, handlers)
+    got: list[MetricsPage] = []
+
+    def client() -> None:
+        with ControlClient(endpoint_url, timeout_s=10) as c:
+            got.append(c.metrics_page())
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        assert router.poll(10_000)
+        endpoint.drain()
+        t.join(10)
+    finally:
+        router.close(0)
+    (page,) = got
+    assert page.content_type == "text/plain; version=0.0.4; charset=utf-8"
+    assert 'vllm:num_requests_running{engine="0",model_name="tiny"} 0.0' in page.text

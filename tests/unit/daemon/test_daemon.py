@@ -15,9 +15,9 @@ from harli.config import HarliConfig, load
 from harli.daemon.daemon import Daemon
 from harli.daemon.disabled import NullChild, NullMemory, NullScheduler
 from harli.daemon.dispatch import Dispatcher
-from harli.daemon.metrics import Metrics
+from harli.daemon.metrics import JOB_SERIES_KEEP_S, Metrics
 from harli.ipc.codec import encode
-from harli.ipc.control import GetStatus, SetPolicy
+from harli.ipc.control import GetMetrics, GetStatus, MetricsPage, SetPolicy
 from harli.ipc.decode import (
     DecodeToDaemon,
     IterationTelemetry,
@@ -25,7 +25,8 @@ from harli.ipc.decode import (
     RuntimeInfo,
     Shutdown,
 )
-from harli.ipc.finetune import FinetuneToDaemon
+from harli.ipc.finetune import FinetuneToDaemon, JobEnded, MicroStepReport
+from harli.ipc.jobs import JobSpec
 from harli.predictor import ProfileError
 
 from .fake_procs import FakeOps
@@ -34,7 +35,8 @@ from .fake_procs import FakeOps
 def _cfg(tmp_path: Path, *extra: str) -> HarliConfig:
     return load(None, [f'daemon.runtime_dir="{tmp_path / "run"}"',
                        f'daemon.state_dir="{tmp_path / "state"}"', "memory.arena=false",
-                       f'model.path="{tmp_path / "model"}"', 'decode.cpu_cores="none"', *extra])
+                       f'model.path="{tmp_path / "model"}"', 'decode.cpu_cores="none"',
+                       "metrics.port=0", "http.port=0", *extra])
 
 
 @pytest.fixture
@@ -124,3 +126,32 @@ def test_a_daemon_unlinks_its_ipc_paths_when_closed(tmp_path: Path) -> None:
     d._close()
     assert not list((tmp_path / "run").glob("*.sock"))
     d.resources.close()  # at most once: a second close does nothing
+
+
+def test_the_metrics_follow_the_loop_and_the_page_is_on_the_control_api(daemon: Daemon) -> None:
+    sample = daemon.metrics.registry.get_sample_value
+    model = {"model_name": "model", "engine": "0"}  # model.path's directory name
+    daemon._on_telemetry(IterationTelemetry(
+        incarnation=1, iteration=1, start_s=0.0, end_s=0.01, num_running=4, num_waiting=1,
+        decode_tokens=4, prefill_tokens=0, context_tokens=40, kv_blocks_total=9,
+        kv_blocks_free=4))
+    assert sample("vllm:num_requests_running", model) == 4
+    assert sample("harli_tpot_measured_seconds") == 0.01
+    assert sample("harli_finetune_quota_level") == daemon.quota.level
+    daemon._tick(1.0)  # no request in flight: decode is idle
+    assert sample("vllm:num_requests_running", model) == 0
+    assert sample("vllm:num_requests_waiting", model) == 0
+
+    job = daemon.jobs.store.add(JobSpec(name="j", dataset="/d.jsonl", output_dir="/o/j"), {})
+    daemon.metrics.on_micro_step(MicroStepReport(
+        job_id=job.job_id, micro_step=1, step=1, epoch=0, tokens=64, step_tokens=64,
+        duration_s=0.1, level=2, loss=1.0, paused_s=0, total_steps=9))
+    daemon._on_job_ended(JobEnded(job_id=job.job_id, status="failed", error="x",
+                                  adapter_path=None))
+    assert sample("harli_job_steps", {"job": str(job.job_id)}) == 1
+    daemon._tick(daemon.clock() + JOB_SERIES_KEEP_S + 1)
+    assert sample("harli_job_steps", {"job": str(job.job_id)}) is None
+
+    page = daemon.control_endpoint.handlers[GetMetrics](GetMetrics())
+    assert isinstance(page, MetricsPage)
+    assert 'vllm:num_requests_running{engine="0",model_name="model"} 0.0' in page.text

@@ -286,6 +286,8 @@ def test_ledger_and_lease_figures_are_in_the_metrics() -> None:
     leased = len(h.leased())
     assert f'harli_arena_pages{{owner="finetune"}} {float(leased)}' in text
     assert f'harli_arena_pages{{owner="decode"}} {float(32 - leased)}' in text
+    assert h.mm.metrics.registry.get_sample_value("harli_finetune_lent_bytes") == \
+        leased * 2 * MIB
     assert 'harli_lease_saved_bytes_total{placement="lease"} 900.0' in text
     assert "harli_lease_saved_share 0.9" in text
     st = h.mm.status()

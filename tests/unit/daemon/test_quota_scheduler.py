@@ -101,8 +101,24 @@ def test_slo_is_counted_per_token_and_per_request() -> None:
     qs.on_tokens([0.005, 0.012, 0.009, 0.0])
     qs.on_request_done(0.0, 0.026, 4)  # mean TPOT 8.7 ms
     qs.on_request_done(0.0, 0.060, 4)  # 20 ms
+    qs.on_request_done(0.0, 0.0, 1)  # one token: no TPOT to judge
     st = qs.status()
     assert st.per_token == pytest.approx(0.75) and st.per_request == pytest.approx(0.5)
+    # The metrics are counters, so attainment can be taken over any window.
+    sample = qs.metrics.registry.get_sample_value
+    assert (sample("harli_slo_tokens_total"), sample("harli_slo_tokens_within_total")) == (4, 3)
+    assert (sample("harli_slo_requests_total"),
+            sample("harli_slo_requests_within_total")) == (2, 1)
+
+
+def test_the_slo_and_the_last_decisions_bound_are_exported() -> None:
+    qs, _ = make(slo_ms=10.0)
+    assert qs.predicted_upper_s is None
+    assert qs.metrics.registry.get_sample_value("harli_tpot_slo_seconds") == 0.010
+    qs.on_telemetry(tele(8), 0.2)
+    assert qs.last is not None and qs.predicted_upper_s == qs.last.predicted_upper_s
+    qs.set_policy("harli", 0.3, tpot_slo_ms=25.0)
+    assert qs.metrics.registry.get_sample_value("harli_tpot_slo_seconds") == 0.025
 
 
 def test_measured_tokens_feed_harlis_error_budget_and_status_shows_its_quantile() -> None:

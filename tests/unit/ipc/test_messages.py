@@ -11,9 +11,11 @@ from harli.ipc.codec import ClientDecoder, DecodeFailure, Decoder, encode, reque
 from harli.ipc.control import (
     ControlReply,
     ControlRequest,
+    GetMetrics,
     JobDetail,
     JobInfo,
     JobLogs,
+    MetricsPage,
     TrainMetric,
     ValidMetric,
 )
@@ -74,12 +76,18 @@ CASES: list[tuple[object, msgspec.Struct]] = [
     (DecodeToDaemon, Ready(incarnation=2, pid=3, info=INFO)),
     (DecodeToDaemon, StepOutputs(incarnation=1, iteration=4, end_wall_s=2.0, outputs=[
         RequestOutput(rid="r1", token_ids=[5], text="t", finish_reason=None, stop_reason=None,
-                      num_prompt_tokens=2)], rejected=[RequestRejected(rid="r2", message="no")])),
+                      num_prompt_tokens=2, scheduled_wall_s=1.75)],
+        rejected=[RequestRejected(rid="r2", message="no")])),
     (DecodeToDaemon, Fatal(incarnation=1, error="e", traceback="tb")),
     (IterationTelemetry, IterationTelemetry(
         incarnation=1, iteration=2, start_s=1.0, end_s=1.5, num_running=3, num_waiting=0,
         decode_tokens=3, prefill_tokens=0, context_tokens=40, kv_blocks_total=10,
         kv_blocks_free=7)),
+    (IterationTelemetry, IterationTelemetry(
+        incarnation=1, iteration=3, start_s=1.5, end_s=1.6, num_running=2, num_waiting=1,
+        decode_tokens=2, prefill_tokens=0, context_tokens=40, kv_blocks_total=10,
+        kv_blocks_free=7, lora_requests=2, lora_adapters=1, running_lora_adapters=["a"],
+        waiting_lora_adapters=["a", "b"])),
     (FinetuneToDaemon, StepLogged(job_id=1, step=4, epoch=0.5, loss=None, learning_rate=1e-3,
                                   grad_norm=0.25, tokens=640, tokens_per_s=1200.0, level=2)),
     (FinetuneToDaemon, CheckpointSaved(job_id=1, step=4, path="/o/checkpoint-4", epoch=0.5,
@@ -89,6 +97,9 @@ CASES: list[tuple[object, msgspec.Struct]] = [
     (FinetuneToDaemon, CheckpointSaved(job_id=1, step=4, path="/o/checkpoint-4",
                                        validation_error="given up")),
     (ControlRequest, JobLogs(job_id=1, after_event=3, after_metric=9, limit=50)),
+    (ControlRequest, GetMetrics()),
+    (ControlReply, MetricsPage(text="# TYPE x gauge\nx 1.0\n",
+                               content_type="text/plain; version=0.0.4; charset=utf-8")),
     (ControlReply, JobDetail(job=JOB, events=[], truncated=True, metrics=[
         TrainMetric(metric_id=1, job_id=1, time_s=5.0, step=1, epoch=0.1, train_loss=2.0,
                     learning_rate=1e-3, grad_norm=None, tokens=64, tokens_per_s=99.5, level=1),
