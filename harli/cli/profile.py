@@ -17,7 +17,9 @@ class ProfileCommand(Command):
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", type=Path, help="write the profile here")
-        p.add_argument("--quick", action="store_true", help="a smaller grid (about 12 minutes on 2 cores with LoRA serving on, 5 without)")
+        p.add_argument("--quick", action="store_true",
+                       help="a smaller grid (about 12 minutes on 2 cores with LoRA serving "
+                            "on, 5 without)")
         p.add_argument("--evaluate", type=Path, metavar="PROFILE",
                        help="measure held-out configurations against this profile")
         p.add_argument("--refit", type=Path, metavar="PROFILE",
