@@ -96,13 +96,15 @@ def build_generate(prompt: str | list[int], *, request_id: str | None = None,
                    max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
                    top_k: int = -1, seed: int | None = None, stop: list[str] | None = None,
                    stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
-                   detokenize: bool = True, model: str | None = None) -> Generate:
+                   detokenize: bool = True, model: str | None = None,
+                   logprobs: int | None = None) -> Generate:
     rid = request_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{next(_ids)}"
     text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
     return Generate(request_id=rid, prompt=text, prompt_token_ids=ids, max_tokens=max_tokens,
                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                     stop=list(stop or []), stop_token_ids=list(stop_token_ids or []),
-                    ignore_eos=ignore_eos, detokenize=detokenize, model=model)
+                    ignore_eos=ignore_eos, detokenize=detokenize, model=model,
+                    logprobs=logprobs)
 
 
 def _error(msg: Error) -> RequestError:

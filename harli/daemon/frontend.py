@@ -187,7 +187,7 @@ class Frontend:
                 request_id=req.request_id, token_ids=out.token_ids, text=out.text,
                 token_times_s=[msg.end_wall_s] * len(out.token_ids),
                 finish_reason=out.finish_reason, stop_reason=out.stop_reason,
-                num_prompt_tokens=req.num_prompt_tokens)))
+                num_prompt_tokens=req.num_prompt_tokens, logprobs=out.logprobs)))
         if generated:
             self.metrics.vllm.on_generated(generated)
         if gaps_s:

@@ -39,7 +39,7 @@ from harli.ipc.decode import (
     RequestRejected,
     RuntimeInfo,
 )
-from harli.ipc.inference import Generate
+from harli.ipc.inference import Generate, TokenLogprob
 from harli.ipc.weights import WeightsExported
 from harli.runtime import ConfigurationError
 
@@ -228,8 +228,27 @@ def sampling_params(req: Generate) -> SamplingParams:
         stop_token_ids=list(req.stop_token_ids) or None,
         ignore_eos=req.ignore_eos,
         detokenize=req.detokenize,
+        logprobs=req.logprobs,
         output_kind=RequestOutputKind.DELTA,
     )
+
+
+def token_logprobs(token_ids: list[int], logprobs: Any,
+                   top_k: int | None) -> list[TokenLogprob] | None:
+    """vLLM's per-token ``{token_id: Logprob}`` maps (the sampled token, whatever its rank,
+    and the ``top_k`` most likely) as one ``TokenLogprob`` per token; None when the request
+    asked for none."""
+    if logprobs is None or top_k is None:
+        return None
+    out = []
+    for tid, by_id in zip(token_ids, logprobs, strict=False):
+        top = sorted(((lp.rank, i, lp.logprob) for i, lp in by_id.items()
+                      if lp.rank is not None and lp.rank <= top_k), key=lambda x: x[0])
+        own = by_id.get(tid)
+        out.append(TokenLogprob(token_id=tid, logprob=float(own.logprob) if own else float("nan"),
+                                top_ids=[i for _, i, _ in top],
+                                top_logprobs=[float(x) for _, _, x in top]))
+    return out
 
 
 def _lora_names(requests: Any) -> list[str]:
@@ -257,6 +276,8 @@ class DecodeEngine:
         self.lend_seq = 0  # the last lend / return applied (echoed in telemetry)
         self._arena_base = arena_base
         self._live: set[str] = set()
+        # Per live request that asked for log-probabilities: how many alternatives.
+        self._top_logprobs: dict[str, int] = {}
         # group id -> the vLLM KVCacheBlocks withdrawn from the free queue for it
         self._lent: dict[int, list[Any]] = {}
         self.scrubbed_bytes = 0  # zeroed on return from the finetune (``_zero_blocks``)
@@ -438,6 +459,8 @@ class DecodeEngine:
                 logger.exception("[decode] unexpected error admitting request %s", rid)
             return RequestRejected(rid=rid, message=str(e))
         self._live.add(rid)
+        if req.logprobs is not None:
+            self._top_logprobs[rid] = req.logprobs
         return None
 
     def _lora(self, lora: LoraTarget) -> tuple[Any, str | None]:
@@ -485,6 +508,7 @@ class DecodeEngine:
             for r in live:
                 self._live.discard(r)
                 self._scheduled_wall_s.pop(r, None)
+                self._top_logprobs.pop(r, None)
             self._aborted.extend(live)
 
     def abort_all(self) -> None:
@@ -595,9 +619,11 @@ class DecodeEngine:
             comp = res.outputs[0]  # type: ignore[index]
             finish = comp.finish_reason if res.finished else None
             scheduled = self._scheduled_wall_s.get(res.request_id)
+            top_k = self._top_logprobs.get(res.request_id)
             if res.finished:
                 self._live.discard(res.request_id)
                 self._scheduled_wall_s.pop(res.request_id, None)
+                self._top_logprobs.pop(res.request_id, None)
             elif scheduled is not None:
                 self._scheduled_wall_s[res.request_id] = None  # told once
             outputs.append(RequestOutput(
@@ -608,6 +634,7 @@ class DecodeEngine:
                 stop_reason=comp.stop_reason if res.finished else None,
                 num_prompt_tokens=len(res.prompt_token_ids or ()),
                 scheduled_wall_s=scheduled,
+                logprobs=token_logprobs(list(comp.token_ids), comp.logprobs, top_k),
             ))
         telemetry = None
         batch = self._batch

@@ -35,6 +35,7 @@ from harli.http_proc.protocol import (
 )
 from harli.http_proc.serving import (
     Generation,
+    LogprobFormat,
     chat_prompt,
     chat_response,
     chat_stream,
@@ -213,10 +214,11 @@ def build_app(cfg: HarliConfig, tokenizer: Any, keys: ApiKeys,
                                     "max_tokens")
         texts = ([state.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
                  if req.echo else None)
-        gen = Generation(state.link, req, prompts, max_tokens, lora)
+        gen = Generation(state.link, req, prompts, max_tokens, lora, req.logprobs)
+        fmt = LogprobFormat(state.tokenizer) if req.logprobs is not None else None
         if req.stream:
-            return _stream(state, completion_stream(gen, req, texts))
-        return await _complete(state, raw, completion_response(gen, req, texts))
+            return _stream(state, completion_stream(gen, req, texts, fmt))
+        return await _complete(state, raw, completion_response(gen, req, texts, fmt))
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request) -> Any:
@@ -227,10 +229,12 @@ def build_app(cfg: HarliConfig, tokenizer: Any, keys: ApiKeys,
                         if req.max_completion_tokens is not None
                         else (req.max_tokens, "max_tokens"))
         max_tokens = max_tokens_for(asked, [len(prompt)], state.link.max_model_len, param)
-        gen = Generation(state.link, req, [prompt], max_tokens, lora)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        gen = Generation(state.link, req, [prompt], max_tokens, lora, top)
+        fmt = LogprobFormat(state.tokenizer) if top is not None else None
         if req.stream:
-            return _stream(state, chat_stream(gen, req))
-        return await _complete(state, raw, chat_response(gen, req))
+            return _stream(state, chat_stream(gen, req, fmt))
+        return await _complete(state, raw, chat_response(gen, req, fmt))
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(req: LoadLoraAdapterRequest) -> Any:

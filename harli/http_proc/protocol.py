@@ -4,7 +4,7 @@ them; a wrong type or a field OpenAI does not know is a 400 naming it).
 The fields are OpenAI's, plus the sampling extras vLLM's OpenAI server takes (``top_k``,
 ``ignore_eos``, ``stop_token_ids``, ...), so that clients written for ``vllm serve`` (its
 ``vllm bench serve`` load generator among them) work unchanged. A field whose feature the
-daemon does not serve (``logprobs``, penalties, tools, ...) is refused by name rather than
+daemon does not serve (penalties, tools, ...) is refused by name rather than
 ignored: a client must not get an answer computed differently from what it asked.
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from harli.ipc.inference import MAX_LOGPROBS
 
 
 class _Strict(BaseModel):
@@ -72,14 +74,12 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     best_of: int | None = None
     suffix: str | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if self.logprobs is not None:
-            out.append(("logprobs", "logprobs are not supported by this server"))
         if self.best_of not in (None, 1):
             out.append(("best_of", "best_of > 1 is not supported by this server"))
         if self.suffix:
@@ -106,7 +106,7 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -118,8 +118,8 @@ class ChatCompletionRequest(_Sampling):
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if self.logprobs or self.top_logprobs:
-            out.append(("logprobs", "logprobs are not supported by this server"))
+        if self.top_logprobs and not self.logprobs:
+            out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
         if self.tools:
             out.append(("tools", "tool calling is not supported by this server"))
         if self.tool_choice not in (None, "none", "auto"):

@@ -23,7 +23,7 @@ from harli.client.inference import RequestError
 from harli.http_proc.daemon_link import DaemonLink
 from harli.http_proc.errors import ApiError, bad_field
 from harli.http_proc.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
-from harli.ipc.inference import Chunk
+from harli.ipc.inference import Chunk, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +43,17 @@ class Choice:
     tokens: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Generation:
     """The choices of one OpenAI request, sent to the daemon and streamed back."""
 
     def __init__(self, link: DaemonLink, req: _Sampling, prompts: Sequence[list[int]],
-                 max_tokens: int, lora_model: str | None) -> None:
+                 max_tokens: int, lora_model: str | None, logprobs: int | None = None) -> None:
         self.link = link
         self.req = req
+        self.logprobs = logprobs  # alternatives per token; None: no log-probabilities
         self.max_tokens = max_tokens
         self.model = lora_model
         self.created = int(time.time())
@@ -70,7 +72,7 @@ class Generation:
                 "top_p": 1.0 if r.top_p is None else r.top_p,
                 "top_k": -1 if r.top_k is None else r.top_k, "seed": seed, "stop": stop,
                 "stop_token_ids": list(r.stop_token_ids or []), "ignore_eos": r.ignore_eos,
-                "model": self.model}
+                "model": self.model, "logprobs": self.logprobs}
 
     async def stream(self) -> AsyncIterator[tuple[Choice, Chunk]]:
         """Every choice's chunks as they come, in arrival order; the first error ends all
@@ -102,6 +104,8 @@ class Generation:
                     raise item
                 c.text.append(item.text)
                 c.tokens += len(item.token_ids)
+                if item.logprobs:
+                    c.logprobs.extend(item.logprobs)
                 if item.finish_reason is not None:
                     c.finish_reason = _FINISH.get(item.finish_reason, item.finish_reason)
                     c.stop_reason = item.stop_reason
@@ -132,6 +136,41 @@ class Generation:
         completion = sum(c.tokens for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
+
+
+class LogprobFormat:
+    """Log-probabilities in OpenAI's shapes, with each token as the tokenizer decodes it."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def text(self, token_id: int) -> str:
+        return str(self.tokenizer.decode([token_id]))
+
+    def completion(self, lps: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+        """``choices[].logprobs`` of a completion: tokens, their log-probabilities, the top
+        alternatives as {token: logprob}, and each token's offset in the text."""
+        tokens = [self.text(lp.token_id) for lp in lps]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{self.text(i): x for i, x in
+                                  zip(lp.top_ids, lp.top_logprobs, strict=True)}
+                                 for lp in lps],
+                "text_offset": offsets}
+
+    def chat(self, lps: Sequence[TokenLogprob]) -> dict[str, Any]:
+        """``choices[].logprobs`` of a chat completion: ``content``, one entry per token."""
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            t = self.text(token_id)
+            return {"token": t, "logprob": logprob, "bytes": list(t.encode())}
+
+        return {"content": [{**entry(lp.token_id, lp.logprob),
+                             "top_logprobs": [entry(i, x) for i, x in
+                                              zip(lp.top_ids, lp.top_logprobs, strict=True)]}
+                            for lp in lps]}
 
 
 def sse(obj: dict[str, Any]) -> str:
@@ -216,15 +255,16 @@ def chat_prompt(req: ChatCompletionRequest, tokenizer: Any) -> list[int]:
 
 
 async def completion_response(gen: Generation, req: CompletionRequest,
-                              prompt_texts: list[str] | None) -> dict[str, Any]:
+                              prompt_texts: list[str] | None,
+                              fmt: LogprobFormat | None) -> dict[str, Any]:
     async for _ in gen.stream():
         pass
     choices = []
     for c in gen.choices:
         text = "".join(c.text)
-        if req.echo and prompt_texts is not None:
-            text = prompt_texts[c.index // req.n] + text
-        choices.append({"index": c.index, "text": text, "logprobs": None,
+        echoed = prompt_texts[c.index // req.n] if req.echo and prompt_texts else ""
+        choices.append({"index": c.index, "text": echoed + text,
+                        "logprobs": fmt.completion(c.logprobs, len(echoed)) if fmt else None,
                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": gen.created, "model": req.model, "choices": choices,
@@ -232,20 +272,25 @@ async def completion_response(gen: Generation, req: CompletionRequest,
 
 
 async def completion_stream(gen: Generation, req: CompletionRequest,
-                            prompt_texts: list[str] | None) -> AsyncIterator[str]:
+                            prompt_texts: list[str] | None,
+                            fmt: LogprobFormat | None) -> AsyncIterator[str]:
     rid, include_usage = f"cmpl-{uuid.uuid4().hex}", _include_usage(req)
     head = {"id": rid, "object": "text_completion", "created": gen.created, "model": req.model}
+    offsets = {c.index: 0 for c in gen.choices}  # each choice's text so far, for text_offset
     try:
         if req.echo and prompt_texts is not None:
             for c in gen.choices:
+                echoed = prompt_texts[c.index // req.n]
+                offsets[c.index] = len(echoed)
                 yield sse({**head, "choices": [{"index": c.index, "logprobs": None,
-                                                "text": prompt_texts[c.index // req.n],
-                                                "finish_reason": None}]})
+                                                "text": echoed, "finish_reason": None}]})
         async for c, chunk in gen.stream():
-            if not chunk.text and chunk.finish_reason is None:
-                continue
+            if not chunk.token_ids and chunk.finish_reason is None:
+                continue  # an event per token, as vLLM's server: text may be held back
+            lps = (fmt.completion(chunk.logprobs or [], offsets[c.index]) if fmt else None)
+            offsets[c.index] += len(chunk.text)
             yield sse({**head, "choices": [{"index": c.index, "text": chunk.text,
-                                            "logprobs": None,
+                                            "logprobs": lps,
                                             "finish_reason": c.finish_reason,
                                             "stop_reason": c.stop_reason}],
                        **({"usage": None} if include_usage else {})})
@@ -256,18 +301,21 @@ async def completion_stream(gen: Generation, req: CompletionRequest,
     yield DONE
 
 
-async def chat_response(gen: Generation, req: ChatCompletionRequest) -> dict[str, Any]:
+async def chat_response(gen: Generation, req: ChatCompletionRequest,
+                        fmt: LogprobFormat | None) -> dict[str, Any]:
     async for _ in gen.stream():
         pass
     choices = [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
-                "logprobs": None, "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason} for c in gen.choices]
+                "logprobs": fmt.chat(c.logprobs) if fmt else None,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+               for c in gen.choices]
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
             "created": gen.created, "model": req.model, "choices": choices,
             "usage": gen.usage()}
 
 
-async def chat_stream(gen: Generation, req: ChatCompletionRequest) -> AsyncIterator[str]:
+async def chat_stream(gen: Generation, req: ChatCompletionRequest,
+                      fmt: LogprobFormat | None) -> AsyncIterator[str]:
     rid, include_usage = f"chatcmpl-{uuid.uuid4().hex}", _include_usage(req)
     head = {"id": rid, "object": "chat.completion.chunk", "created": gen.created,
             "model": req.model}
@@ -279,11 +327,12 @@ async def chat_stream(gen: Generation, req: ChatCompletionRequest) -> AsyncItera
                                             "logprobs": None, "finish_reason": None}],
                        **extra})
         async for c, chunk in gen.stream():
-            if not chunk.text and chunk.finish_reason is None:
-                continue
-            delta = {"content": chunk.text} if chunk.text else {}
+            if not chunk.token_ids and chunk.finish_reason is None:
+                continue  # an event per token, as vLLM's server: text may be held back
+            delta = {"content": chunk.text} if chunk.token_ids or chunk.text else {}
             yield sse({**head, "choices": [{"index": c.index, "delta": delta,
-                                            "logprobs": None,
+                                            "logprobs": (fmt.chat(chunk.logprobs or [])
+                                                         if fmt else None),
                                             "finish_reason": c.finish_reason,
                                             "stop_reason": c.stop_reason}], **extra})
         if include_usage:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from harli.ipc.inference import Generate
+from harli.ipc.inference import Generate, TokenLogprob
 from harli.ipc.weights import WeightsExported
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +116,7 @@ class RequestOutput(_Internal, frozen=True):
     # carried by the request's first output only (None on the others): the end of its wait
     # in the queue, which the daemon cannot see.
     scheduled_wall_s: float | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
 
 
 class RequestRejected(_Internal, frozen=True):

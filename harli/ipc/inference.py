@@ -19,6 +19,7 @@ PROTOCOL_VERSION = 1
 # ---------------------------------------------------------------------------------------------
 
 RequestId = Annotated[str, Meta(min_length=1, max_length=256)]
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 TokenId = Annotated[int, Meta(ge=0)]
 
 
@@ -55,6 +56,9 @@ class Generate(_Public, tag="generate", frozen=True):
     # The model to serve it: the base model (None, or its name) or a registered LoRA
     # adapter's name (a finished job's, ``NAME@step-N``, or one ``harli adapter add`` named).
     model: ModelName | None = None
+    # Log-probabilities of each generated token and of its ``logprobs`` most likely
+    # alternatives (0: the token's own only); None: none (vLLM computes them only when asked).
+    logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
 
 
 class Abort(_Public, tag="abort", frozen=True):
@@ -80,6 +84,16 @@ class Welcome(_Public, tag="welcome", frozen=True):
     max_message_bytes: int
 
 
+class TokenLogprob(msgspec.Struct, kw_only=True, frozen=True):
+    """One generated token's log-probability and the most likely alternatives at its place
+    (``Generate.logprobs`` of them, most likely first; they may include the token itself)."""
+
+    token_id: int
+    logprob: float
+    top_ids: list[int] = []
+    top_logprobs: list[float] = []
+
+
 class Chunk(_Public, tag="chunk", frozen=True):
     """New tokens of one request from one decode iteration (or the final, empty one)."""
 
@@ -94,6 +108,8 @@ class Chunk(_Public, tag="chunk", frozen=True):
     # The stop string or token id that ended the request, when finish_reason == "stop".
     stop_reason: str | int | None = None
     num_prompt_tokens: int | None = None
+    # One per token of ``token_ids`` when the request asked for ``logprobs``; else None.
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Error(_Public, tag="error", frozen=True):

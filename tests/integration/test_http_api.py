@@ -128,6 +128,45 @@ def test_completions_equal_the_native_protocol_greedy_output(api: Api) -> None:
     assert echo.choices[0].text.startswith(prompt)
 
 
+def test_logprobs_are_the_models_own(api: Api, tiny_model: Path) -> None:
+    """Greedy tokens' log-probabilities over HTTP equal the native protocol's, which equal
+    transformers' log-softmax of the same logits; the top alternatives come most likely
+    first, the greedy token first of all."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = base_model(api)
+    prompt = [5, 17, 42, 99, 7]
+    with api.daemon.client() as c:
+        native = [lp for chunk in c.generate(prompt, max_tokens=5, temperature=0.0,
+                                             ignore_eos=True, logprobs=3)
+                  for lp in chunk.logprobs or []]
+    assert len(native) == 5
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt + [lp.token_id for lp in native]])
+    with torch.no_grad():
+        logsm = torch.log_softmax(hf(ids).logits[0].float(), dim=-1)
+    for i, lp in enumerate(native):
+        row = logsm[len(prompt) - 1 + i]
+        assert lp.logprob == pytest.approx(float(row[lp.token_id]), abs=2e-3)
+        assert lp.top_ids[0] == lp.token_id == int(row.argmax())  # greedy
+        assert len(lp.top_ids) == 3 and lp.top_logprobs == sorted(lp.top_logprobs, reverse=True)
+    r = api.client.completions.create(model=model, prompt=prompt, max_tokens=5,
+                                      temperature=0.0, logprobs=3,
+                                      extra_body={"ignore_eos": True})
+    got = r.choices[0].logprobs
+    assert got is not None and got.token_logprobs is not None and got.top_logprobs is not None
+    assert got.token_logprobs == pytest.approx([lp.logprob for lp in native], abs=1e-6)
+    assert [len(t) for t in got.top_logprobs] == [3] * 5 or all(len(t) <= 3
+                                                                for t in got.top_logprobs)
+    chat = api.client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "2 + 2 ="}], max_tokens=4,
+        temperature=0.0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 4
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0.0 for t in content)
+
+
 def test_chat_sync_async_streaming_and_not(api: Api) -> None:
     model = base_model(api)
     msgs = [{"role": "system", "content": "You add numbers."},
@@ -198,7 +237,8 @@ def test_api_keys(api: Api) -> None:
     ({"model": "M", "prompt": "hi", "max_tokens": 100000}, 400, "maximum context length"),
     ({"model": "M", "prompt": [[5] * 5000]}, 400, "maximum context length"),
     ({"model": "M", "prompt": [999999]}, 400, "vocabulary"),
-    ({"model": "M", "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ({"model": "M", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"model": "M", "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"model": "M", "prompt": "hi", "temperature": -1}, 400, "temperature"),
 ])
 def test_bad_completions_get_openai_errors(api: Api, body: dict[str, object], status: int,
@@ -251,3 +291,47 @@ def test_a_client_that_vanishes_mid_stream_leaves_nothing_in_decode(api: Api) ->
     # and it still serves
     assert api.client.completions.create(model=base_model(api), prompt="hi",
                                          max_tokens=2).choices[0].text is not None
+
+
+def test_500_concurrent_streams_are_served_and_leave_nothing_behind(api: Api) -> None:
+    """500 streams at once (a few vanishing mid-way): each ends with [DONE] or is refused
+    with an OpenAI error; afterwards no request is left in decode and the front holds no more
+    sockets than before."""
+    model = base_model(api)
+    with ControlClient(api.daemon.cfg.control_endpoint) as c:
+        pid = next(ch.pid for ch in c.status().children if ch.name == "http")
+    assert pid is not None
+    fds_before = len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+    async def one(client: httpx.AsyncClient, i: int) -> str:
+        body = {"model": model, "prompt": f"Stream {i}", "max_tokens": 4, "stream": True,
+                "ignore_eos": True}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return f"status {r.status_code}: {(await r.aread())[:200]!r}"
+            last = ""
+            async for line in r.aiter_lines():
+                if line:
+                    last = line
+                if i % 50 == 0 and line.startswith("data: {"):
+                    return "vanished"  # closes the stream mid-way
+            return last
+
+    async def run() -> list[str]:
+        limits = httpx.Limits(max_connections=500, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=api.base, timeout=300, limits=limits,
+                                     headers={"Authorization": f"Bearer {KEY}"}) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(500)))
+
+    ends = asyncio.run(run())
+    assert ends.count("vanished") == 10
+    assert ends.count("data: [DONE]") == 490, [e for e in ends if e != "data: [DONE]"][:5]
+    deadline = time.monotonic() + 30
+    while api.in_flight() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert api.in_flight() == 0
+    while len(list(Path(f"/proc/{pid}/fd").iterdir())) > fds_before + 5 \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(list(Path(f"/proc/{pid}/fd").iterdir())) <= fds_before + 5
+    assert api.client.completions.create(model=model, prompt="hi", max_tokens=2).choices
