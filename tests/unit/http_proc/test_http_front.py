@@ -59,7 +59,7 @@ def test_request_models_refuse_unknown_fields_and_name_unserved_features() -> No
     ok = CompletionRequest.model_validate({"model": "m", "prompt": "x", "ignore_eos": True,
                                            "top_k": 5, "stream_options": {"include_usage": True}})
     check_supported(ok, max_n=4)
-    for body, field in (({"logprobs": 1}, "logprobs"), ({"presence_penalty": 0.5},
+    for body, field in (({"min_p": 0.1}, "min_p"), ({"presence_penalty": 0.5},
                         "presence_penalty"), ({"best_of": 3}, "best_of"), ({"n": 5}, "n")):
         req = CompletionRequest.model_validate({"model": "m", "prompt": "x", **body})
         with pytest.raises(ApiError) as e:
@@ -70,6 +70,12 @@ def test_request_models_refuse_unknown_fields_and_name_unserved_features() -> No
          "tools": [{"type": "function"}]})
     with pytest.raises(ApiError, match="tool calling"):
         check_supported(chat, max_n=4)
+    top_alone = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
+    with pytest.raises(ApiError, match="needs logprobs: true"):
+        check_supported(top_alone, max_n=4)
+    with pytest.raises(ValidationError, match="logprobs"):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "logprobs": 21})
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate({"model": "m", "messages": []})
 
