@@ -377,6 +377,17 @@ def iter_records(path: Path, limits: DatasetLimits = DatasetLimits(),
         raise DatasetError(f"{path}: dataset has no records (the file is empty or blank)")
 
 
+# Datasets uploaded through the HTTP API live in one directory (``HarliConfig.files_dir``) as
+# ``<file_id>.jsonl``; an upload is written under ``.upload-*`` there first. The HTTP front
+# writes them, the daemon records them: both name them here.
+UPLOAD_SUFFIX = ".jsonl"
+UPLOAD_TEMP_PREFIX = ".upload-"
+
+
+def upload_path(files_dir: Path, file_id: str) -> Path:
+    return files_dir / f"{file_id}{UPLOAD_SUFFIX}"
+
+
 @dataclass(frozen=True)
 class JsonlSummary:
     """What :func:`check_jsonl` found in a file."""

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harli.datasets import UPLOAD_SUFFIX, UPLOAD_TEMP_PREFIX, upload_path
 from harli.ipc.control import AddFile, FileInfo
 
 logger = logging.getLogger(__name__)
@@ -40,9 +41,6 @@ CREATE INDEX IF NOT EXISTS files_by_owner ON files(owner, created_s);
 """
 _COLUMNS = ("file_id", "filename", "purpose", "owner", "size_bytes", "created_s", "records",
             "format")
-SUFFIX = ".jsonl"
-# The HTTP front's uploads in progress: ``.upload-*`` in the files directory.
-UPLOAD_PREFIX = ".upload-"
 
 
 class FileRefused(Exception):
@@ -59,7 +57,7 @@ class FileStore:
         db.executescript(_SCHEMA)
 
     def path(self, file_id: str) -> Path:
-        return self.files_dir / f"{file_id}{SUFFIX}"
+        return upload_path(self.files_dir, file_id)
 
     def _info(self, row: tuple[Any, ...]) -> FileInfo:
         d = dict(zip(_COLUMNS, row, strict=True))
@@ -122,8 +120,9 @@ class FileStore:
         known = {f.file_id for f in self.all()}
         removed = 0
         for entry in self.files_dir.iterdir():
-            stray = entry.name.startswith(UPLOAD_PREFIX) or (
-                entry.name.endswith(SUFFIX) and entry.name[:-len(SUFFIX)] not in known)
+            stray = entry.name.startswith(UPLOAD_TEMP_PREFIX) or (
+                entry.name.endswith(UPLOAD_SUFFIX)
+                and entry.name[:-len(UPLOAD_SUFFIX)] not in known)
             if stray and entry.is_file():
                 entry.unlink(missing_ok=True)
                 removed += 1
