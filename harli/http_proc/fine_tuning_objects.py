@@ -162,19 +162,23 @@ def build_spec(req: FineTuningJobRequest, name: str, dataset: str,
     try:
         return msgspec.convert(fields, JobSpec)
     except msgspec.ValidationError as e:
-        raise bad_field(_param_of(str(e), req.harli or {}, from_openai),
-                        f"Invalid job option: {e}") from None
+        param = _param_of(str(e), req.harli or {}, from_openai)
+        if "unknown field" in str(e):
+            raise bad_field(param, f"Unrecognized job option: {param}") from None
+        why = re.sub(r" - at `\$[^`]*`$", "", str(e))
+        raise bad_field(param, f"Invalid value for '{param}': {why}") from None
 
 
 def _param_of(message: str, harli: dict[str, Any], from_openai: dict[str, str]) -> str:
     """The request's field a msgspec error is about (``... - at `$.lora.r` ``, or ``Object
     contains unknown field `x` ``)."""
-    m = re.search(r"`\$\.([A-Za-z_]\w*)", message) or re.search(r"unknown field `(\w+)`",
-                                                                 message)
-    key = m.group(1) if m else ""
+    m = re.search(r"`\$\.([\w.\[\]]+)`", message) or re.search(r"unknown field `(\w+)`",
+                                                                message)
+    path = m.group(1) if m else ""
+    key = path.split(".")[0].split("[")[0]
     if key in from_openai:
         return from_openai[key]
-    return f"{HARLI_KEY}.{key}" if key in harli or not key else key
+    return f"{HARLI_KEY}.{path}" if key in harli or not key else path
 
 
 def file_ref(path: str, files_dir: Path) -> str | None:
