@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 router = APIRouter()
 
 MAX_LIMIT = 100  # the most objects one page of jobs, events or checkpoints holds
+_LAST_ID = 2**63 - 1
 FINE_TUNE = "fine-tune"
 
 
@@ -52,7 +53,8 @@ async def owned_job(state: HttpState, owner: str, public_id: str) -> JobInfo:
     if job_id is None:
         raise no_such_job(public_id)
     try:
-        detail: JobDetail = await state.link.control("show", job_id)
+        # A page of its log after the last possible ids: the job alone, no events.
+        detail: JobDetail = await state.link.control("logs", job_id, _LAST_ID, _LAST_ID, 1)
     except ApiError as e:
         if e.status == 404:
             raise no_such_job(public_id) from None

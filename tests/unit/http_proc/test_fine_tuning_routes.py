@@ -76,7 +76,7 @@ class FakeLink:
             dataset_report=None, spec=spec, owner=owner)
         return self.jobs[job_id]
 
-    def _show(self, job_id: int) -> JobDetail:
+    def _logs(self, job_id: int, after_event: int, after_metric: int, limit: int) -> JobDetail:
         if job_id not in self.jobs:
             raise ApiError.from_daemon("unknown_request", f"no job with id {job_id}")
         return JobDetail(job=self.jobs[job_id], events=[])
