@@ -550,6 +550,11 @@ class HarliConfig:
         return self.state_dir / "datasets"
 
     @property
+    def files_dir(self) -> Path:
+        """Datasets uploaded through the HTTP API: written by it, recorded by the daemon."""
+        return self.state_dir / "files"
+
+    @property
     def output_roots(self) -> list[Path]:
         """Where job outputs may go: finetune.output_root (default STATE_DIR/jobs) first."""
         root = Path(self.finetune.output_root or self.state_dir / "jobs")

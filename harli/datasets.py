@@ -377,6 +377,46 @@ def iter_records(path: Path, limits: DatasetLimits = DatasetLimits(),
         raise DatasetError(f"{path}: dataset has no records (the file is empty or blank)")
 
 
+# Datasets uploaded through the HTTP API live in one directory (``HarliConfig.files_dir``) as
+# ``<file_id>.jsonl``; an upload is written under ``.upload-*`` there first. The HTTP front
+# writes them, the daemon records them: both name them here.
+UPLOAD_SUFFIX = ".jsonl"
+UPLOAD_TEMP_PREFIX = ".upload-"
+
+
+def upload_path(files_dir: Path, file_id: str) -> Path:
+    return files_dir / f"{file_id}{UPLOAD_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class JsonlSummary:
+    """What :func:`check_jsonl` found in a file."""
+
+    format: str
+    records: int
+
+
+def check_jsonl(path: Path, limits: DatasetLimits = DatasetLimits(),
+                shown_as: str | None = None) -> JsonlSummary:
+    """Every check :func:`load_dataset` makes before it tokenizes (JSON lines, one format,
+    the fields' types, ``limits``), streamed, without a tokenizer: what an uploaded file is
+    checked with before it is kept. A :class:`DatasetError`'s message names ``shown_as``
+    (the name the file was uploaded under) in place of ``path``, as ``train.jsonl:12: ...``."""
+    fmt, count = "", 0
+    try:
+        for _, _, record_fmt in iter_records(path, limits):
+            fmt = record_fmt  # one format per file: iter_records refuses a second
+            count += 1
+    except DatasetError as e:
+        if shown_as is None:
+            raise
+        message = str(e)
+        if message.startswith(str(path)):
+            message = shown_as + message[len(str(path)):]
+        raise DatasetError(message) from None
+    return JsonlSummary(format=fmt, records=count)
+
+
 def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], str]:
     """The records of a JSONL dataset and their single format (see the module docstring)."""
     records: list[dict[str, Any]] = []

@@ -1,4 +1,5 @@
-"""``harli jobs [--json]`` and ``harli job show|cancel|logs|plot ID``: look at and steer jobs."""
+"""``harli jobs [--json]`` and ``harli job show|cancel|pause|resume|logs|plot ID``: look at and
+steer jobs (the HTTP API's fine-tuning jobs among them: one job store)."""
 
 from __future__ import annotations
 
@@ -55,12 +56,16 @@ class JobsCommand(Command):
 
 class JobCommand(Command):
     name = "job"
-    help = "show, cancel, read the log of, or plot the loss curve of one job"
+    help = "show, cancel, pause, resume, read the log of, or plot the loss curve of one job"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         sub = p.add_subparsers(dest="job_cmd", required=True)
         for name, text in (("show", "status, progress, recent events; --json: all metrics"),
                            ("cancel", "cancel (a running job stops at its next micro-step)"),
+                           ("pause", "hold it until resumed (a running job stops after a "
+                                     "checkpoint at its next step boundary)"),
+                           ("resume", "queue a held job again; it continues from its last "
+                                      "checkpoint"),
                            ("logs", "the job's events and metric events, in time order"),
                            ("plot", "the job's loss curve as a PNG")):
             sp = sub.add_parser(name, help=text, description=text)
@@ -82,10 +87,12 @@ class JobCommand(Command):
 
         # A refusal (no such job) propagates: main prints it in one line, exit 1.
         with control_client(args) as c:
-            if args.job_cmd == "cancel":
-                job = c.cancel(args.job_id)
+            if args.job_cmd in ("cancel", "pause", "resume"):
+                job = getattr(c, args.job_cmd)(args.job_id)
                 print(json.dumps(to_jsonable(job)) if args.json
-                      else f"job {job.job_id}: {job.status}")
+                      else f"job {job.job_id}: {job.status}"
+                      + (" (pausing: stops after a checkpoint)"
+                         if args.job_cmd == "pause" and job.status != "held" else ""))
                 return 0
             if args.job_cmd == "show":
                 return _show(c, args.job_id, args.json)

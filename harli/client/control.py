@@ -1,5 +1,5 @@
-"""``ControlClient``: request/reply to the daemon's control endpoint (jobs, status, policy,
-models and adapters)."""
+"""``ControlClient``: request/reply to the daemon's control endpoint (jobs, uploaded files,
+status, policy, models and adapters)."""
 
 from __future__ import annotations
 
@@ -13,27 +13,38 @@ from harli.ipc import curve, endpoints
 from harli.ipc.codec import DecodeFailure, Decoder, encode
 from harli.ipc.control import (
     AddAdapter,
+    AddFile,
     AttachJob,
     CancelJob,
+    CheckpointInfo,
+    CheckpointList,
     ControlReply,
     ControlRequest,
     DaemonStatus,
+    DeleteFile,
+    FileInfo,
+    FileList,
     GetMetrics,
     GetStatus,
+    JobCheckpoints,
     JobDetail,
     JobEvent,
     JobInfo,
     JobList,
     JobLogs,
     JobMetric,
+    ListFiles,
     ListJobs,
     ListModels,
     MetricsPage,
     ModelInfo,
     ModelList,
+    PauseJob,
     RemoveAdapter,
+    ResumeJob,
     SetLevel,
     SetPolicy,
+    ShowFile,
     ShowJob,
 )
 from harli.ipc.inference import Error
@@ -85,13 +96,14 @@ class ControlClient:
             raise RequestError(reply.code, reply.message)
         return reply
 
-    def attach(self, spec: JobSpec) -> JobInfo:
-        reply = self.request(AttachJob(spec=spec, wait_s=self.timeout_s))
+    def attach(self, spec: JobSpec, owner: str = "") -> JobInfo:
+        reply = self.request(AttachJob(spec=spec, wait_s=self.timeout_s, owner=owner))
         assert isinstance(reply, JobInfo)
         return reply
 
-    def jobs(self) -> list[JobInfo]:
-        reply = self.request(ListJobs())
+    def jobs(self, owner: str | None = None) -> list[JobInfo]:
+        """Every job, oldest first (``owner``: only the jobs it made)."""
+        reply = self.request(ListJobs(owner=owner))
         assert isinstance(reply, JobList)
         return reply.jobs
 
@@ -129,6 +141,43 @@ class ControlClient:
     def cancel(self, job_id: int) -> JobInfo:
         reply = self.request(CancelJob(job_id=job_id))
         assert isinstance(reply, JobInfo)
+        return reply
+
+    def pause(self, job_id: int) -> JobInfo:
+        reply = self.request(PauseJob(job_id=job_id))
+        assert isinstance(reply, JobInfo)
+        return reply
+
+    def resume(self, job_id: int) -> JobInfo:
+        reply = self.request(ResumeJob(job_id=job_id))
+        assert isinstance(reply, JobInfo)
+        return reply
+
+    def checkpoints(self, job_id: int) -> list[CheckpointInfo]:
+        reply = self.request(JobCheckpoints(job_id=job_id))
+        assert isinstance(reply, CheckpointList)
+        return reply.checkpoints
+
+    def add_file(self, file_id: str, filename: str, purpose: str, owner: str = "",
+                 records: int = 0, fmt: str = "") -> FileInfo:
+        reply = self.request(AddFile(file_id=file_id, filename=filename, purpose=purpose,
+                                     owner=owner, records=records, format=fmt))
+        assert isinstance(reply, FileInfo)
+        return reply
+
+    def files(self, owner: str | None = None) -> list[FileInfo]:
+        reply = self.request(ListFiles(owner=owner))
+        assert isinstance(reply, FileList)
+        return reply.files
+
+    def file(self, file_id: str) -> FileInfo:
+        reply = self.request(ShowFile(file_id=file_id))
+        assert isinstance(reply, FileInfo)
+        return reply
+
+    def delete_file(self, file_id: str) -> FileInfo:
+        reply = self.request(DeleteFile(file_id=file_id))
+        assert isinstance(reply, FileInfo)
         return reply
 
     def set_level(self, level: int) -> DaemonStatus:

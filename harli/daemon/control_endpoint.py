@@ -1,5 +1,5 @@
 """``ControlEndpoint``: the transport of the control API (``harli attach`` / ``jobs`` / ``job`` /
-``status`` / ``policy`` / ``level``, and the metrics page).
+``status`` / ``policy`` / ``level``, the metrics page, and the HTTP front's jobs and files).
 
 It reads requests from the daemon's control ROUTER, routes each by its type through a table
 ``{request type: handler}`` (``control_handlers``: the job requests to the ``JobManager``,
@@ -21,17 +21,24 @@ import zmq
 from harli.daemon.job_manager import JobManager, Reply
 from harli.ipc.codec import DecodeFailure, Decoder, encode, router_batch
 from harli.ipc.control import (
+    AddFile,
     AttachJob,
     CancelJob,
     ControlRequest,
     DaemonStatus,
+    DeleteFile,
     GetMetrics,
     GetStatus,
+    JobCheckpoints,
     JobLogs,
+    ListFiles,
     ListJobs,
     MetricsPage,
+    PauseJob,
+    ResumeJob,
     SetLevel,
     SetPolicy,
+    ShowFile,
     ShowJob,
 )
 from harli.ipc.inference import Error, ErrorCode
@@ -63,7 +70,10 @@ def control_handlers(jobs: JobManager, status: Callable[[], DaemonStatus],
     return {GetStatus: lambda _: status(), GetMetrics: lambda _: metrics_page(),
             SetPolicy: policy, SetLevel: level,
             AttachJob: jobs.attach, ListJobs: jobs.list_jobs, ShowJob: jobs.show,
-            JobLogs: jobs.logs, CancelJob: jobs.cancel, **(models or {})}
+            JobLogs: jobs.logs, CancelJob: jobs.cancel, PauseJob: jobs.pause,
+            ResumeJob: jobs.resume, JobCheckpoints: jobs.checkpoints, AddFile: jobs.add_file,
+            ListFiles: jobs.list_files, ShowFile: jobs.show_file, DeleteFile: jobs.delete_file,
+            **(models or {})}
 
 
 class ControlEndpoint:

@@ -139,6 +139,7 @@ class Daemon:
         # The servable models: the base model and the adapters registered in the job store.
         self.models = ModelCatalog(cfg, AdapterRegistry(self.jobs.store.db), res.send_decode,
                                    self.jobs.store.add_event, self.jobs.store.set_fine_tuned_model)
+        self.jobs.served_names = self.models.names  # a job's published checkpoints
         self.memory = MemoryManager(
             cfg.memory, res.arena.handle.num_pages, res.arena.handle.page_bytes,
             res.send_decode, res.send_finetune, self.finetune.kill, self.metrics,

@@ -1,9 +1,14 @@
 """``JobManager``: the daemon's finetune jobs. It answers the job requests of the control API
-(attach, list, show, cancel, logs), keeps the job store, feeds the finetune process one job at
-a time (highest priority, then oldest), records what the process reports of each job, and
-requeues the running job when the process dies so that it resumes from its last checkpoint.
-The quota decision is the ``QuotaController``'s; a job is handed over running or paused as it
-says.
+(attach, list, show, cancel, pause, resume, logs, checkpoints) and the uploaded files' (add,
+list, show, delete), keeps the job store, feeds the finetune process one job at a time
+(highest priority, then oldest), records what the process reports of each job, and requeues
+the running job when the process dies so that it resumes from its last checkpoint. The quota
+decision is the ``QuotaController``'s; a job is handed over running or paused as it says.
+
+A user's pause holds a job (``held``) until it is resumed: a queued one is simply not
+scheduled; a running one is told to stop after writing a checkpoint at a step boundary
+(``StopJob(keep_progress=True)``), ends ``stopped``, and is held then, or queued again when a
+resume came meanwhile.
 
 No sockets here: the daemon passes messages in and gives it a ``send`` callable.
 """
@@ -12,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -22,23 +27,35 @@ import msgspec
 from harli.config import HarliConfig
 from harli.daemon import jobstore as js
 from harli.daemon.attach import AttachRefused, AttachValidator
+from harli.daemon.file_store import FileRefused, FileStore
 from harli.daemon.jobstore import JobStore
 from harli.daemon.metrics import Metrics
 from harli.daemon.quota import QuotaController
 from harli.daemon.supervisor import ChildExited, describe_returncode
 from harli.datasets import DatasetLimits, TokenizedCache
 from harli.ipc.control import (
+    AddFile,
     AttachJob,
     CancelJob,
+    CheckpointList,
     ControlReply,
+    DeleteFile,
+    FileInfo,
+    FileList,
+    JobCheckpoints,
     JobDetail,
     JobInfo,
     JobList,
     JobLogs,
+    ListFiles,
     ListJobs,
+    PauseJob,
+    ResumeJob,
+    ShowFile,
     ShowJob,
 )
 from harli.ipc.finetune import (
+    STOPPED,
     CheckpointSaved,
     DaemonToFinetune,
     FinetuneFatal,
@@ -76,6 +93,7 @@ class _Attach:
     wait_s: float | None
     work: Future[dict[str, Any]]
     reply: Future[Reply]
+    owner: str = ""
 
 
 class JobManager:
@@ -87,6 +105,8 @@ class JobManager:
         self.send = send
         self.quota = quota
         self.store = JobStore(cfg.state_dir / "jobs.sqlite")
+        self.files = FileStore(self.store.db, cfg.files_dir)
+        self.files.sweep()  # before the HTTP front runs: nothing of it is in flight
         self.dataset_cache = TokenizedCache(cfg.dataset_cache_dir)
         self.validator = AttachValidator(
             cfg.model_path, self.dataset_cache,
@@ -99,6 +119,11 @@ class JobManager:
         self._validating: list[_Attach] = []
         self.finetune_ready = False
         self.running: int | None = None  # job id handed to the finetune process
+        # Running jobs told to stop for a pause, until they end: held then (or queued again,
+        # for one resumed meanwhile, which leaves this set).
+        self._pausing: set[int] = set()
+        # The names served now (the daemon's model catalog): a published checkpoint's.
+        self.served_names: Callable[[], Collection[str]] = lambda: ()
         self._tps: dict[int, float] = {}
         # Set when the queue or the finetune's readiness may have changed, so the daemon loop
         # looks at SQLite only then, not on every turn.
@@ -143,7 +168,7 @@ class JobManager:
         taken.update((a.spec.output_dir, a.spec.name) for a in self._validating)
         deadline = None if msg.wait_s is None else now + ATTACH_REPLY_SHARE * msg.wait_s
         work = self._executor.submit(self.validator.validate, spec, taken)
-        self._validating.append(_Attach(spec, deadline, msg.wait_s, work, reply))
+        self._validating.append(_Attach(spec, deadline, msg.wait_s, work, reply, msg.owner))
         return reply
 
     def settle_attaches(self, now: float | None = None) -> None:
@@ -169,7 +194,7 @@ class JobManager:
                          message=f"checking job {a.spec.name!r} took longer than the "
                                  f"client's wait of {a.wait_s:.0f} s; it was not stored")
         try:
-            job = self.store.add(a.spec, report)
+            job = self.store.add(a.spec, report, a.owner)
         except js.DuplicateJobName:
             return Error(request_id=None, code=ErrorCode.INVALID,
                          message=f"a job named {a.spec.name!r} exists already")
@@ -178,7 +203,7 @@ class JobManager:
         return job
 
     def list_jobs(self, msg: ListJobs) -> JobList:
-        return JobList(jobs=self.store.all_jobs())
+        return JobList(jobs=self.store.all_jobs(msg.owner))
 
     def show(self, msg: ShowJob) -> Reply:
         job = self._job(msg.job_id)
@@ -202,6 +227,7 @@ class JobManager:
         if isinstance(job, Error) or job.status in js.TERMINAL:
             return job
         if job.job_id == self.running:
+            self._pausing.discard(job.job_id)  # a cancel outranks a pause under way
             self.send(StopJob(job_id=job.job_id, reason="cancelled"))
             self.store.add_event(job.job_id, "cancel", "cancel requested; stops at the next "
                                  "micro-step boundary")
@@ -211,6 +237,95 @@ class JobManager:
         updated = self.store.get(job.job_id)
         assert updated is not None
         return updated
+
+    def pause(self, msg: PauseJob) -> Reply:
+        """Hold the job: a queued one at once, a running one once it has stopped after a
+        checkpoint (its reply still says ``running``). A held job is returned unchanged; one
+        that has ended is refused."""
+        job = self._job(msg.job_id)
+        if isinstance(job, Error) or job.status == js.HELD:
+            return job
+        if job.status in js.TERMINAL:
+            return _conflict(f"job {job.job_id} has {job.status}; only a queued or running "
+                             f"job can be paused")
+        if job.job_id == self.running:
+            if job.job_id not in self._pausing:
+                self._pausing.add(job.job_id)
+                self.send(StopJob(job_id=job.job_id, reason="paused", keep_progress=True))
+                self.store.add_event(job.job_id, "pause", "pause requested; stops after a "
+                                     "checkpoint at its next step boundary")
+        else:
+            self.store.set_status(job.job_id, js.HELD, "paused",
+                                  "paused; not scheduled until resumed")
+        return self._job(job.job_id)
+
+    def resume(self, msg: ResumeJob) -> Reply:
+        """Queue a held job again (it resumes from its last checkpoint); a running job whose
+        pause has not taken effect yet is queued again as soon as it stops. A queued or
+        running job is returned unchanged; one that has ended is refused."""
+        job = self._job(msg.job_id)
+        if isinstance(job, Error):
+            return job
+        if job.status in js.TERMINAL:
+            return _conflict(f"job {job.job_id} has {job.status}; only a paused job can be "
+                             f"resumed")
+        if job.job_id in self._pausing:
+            self._pausing.discard(job.job_id)
+            self.store.add_event(job.job_id, "resume", "resumed before its pause took "
+                                 "effect; queued again once it has stopped")
+        elif job.status == js.HELD:
+            self.store.set_status(job.job_id, js.QUEUED, "resumed",
+                                  "resumed; queued" + (f", continues from checkpoint-"
+                                                       f"{job.checkpoint_step}"
+                                                       if job.checkpoint_step else ""))
+            self._queue_changed = True
+        return self._job(job.job_id)
+
+    def checkpoints(self, msg: JobCheckpoints) -> Reply:
+        job = self._job(msg.job_id)
+        if isinstance(job, Error):
+            return job
+        served = set(self.served_names())
+        found = [msgspec.structs.replace(c, served_as=name)
+                 if (name := f"{job.name}@step-{c.step}") in served else c
+                 for c in self.store.checkpoints(job.job_id)]
+        return CheckpointList(job_id=job.job_id, checkpoints=found)
+
+    # -- uploaded files ----------------------------------------------------------------------
+
+    def add_file(self, msg: AddFile) -> Reply:
+        try:
+            return self.files.add(msg)
+        except FileRefused as e:
+            return Error(request_id=None, code=ErrorCode.INVALID, message=str(e))
+
+    def list_files(self, msg: ListFiles) -> FileList:
+        return FileList(files=self.files.all(msg.owner))
+
+    def show_file(self, msg: ShowFile) -> Reply:
+        return self._file(msg.file_id)
+
+    def delete_file(self, msg: DeleteFile) -> Reply:
+        """Remove the file, unless a job that has not ended names it (it reads the file
+        again when it starts or resumes)."""
+        found = self._file(msg.file_id)
+        if isinstance(found, Error):
+            return found
+        users = [j for j in self.store.all_jobs() if j.status not in js.TERMINAL
+                 and found.path in (j.spec.dataset, j.spec.validation_file)]
+        if users:
+            return _conflict(f"file {msg.file_id} is used by job "
+                             f"{', '.join(str(j.job_id) for j in users)}, which has not "
+                             f"ended; cancel it first, or wait for it to end")
+        gone = self.files.remove(msg.file_id)
+        return gone if gone is not None else self._file(msg.file_id)
+
+    def _file(self, file_id: str) -> FileInfo | Error:
+        found = self.files.get(file_id)
+        if found is None:
+            return Error(request_id=None, code=ErrorCode.NOT_FOUND,
+                         message=f"no file with id {file_id}")
+        return found
 
     def _job(self, job_id: int) -> JobInfo | Error:
         job = self.store.get(job_id)
@@ -234,6 +349,11 @@ class JobManager:
             self.store.requeue_active(
                 f"finetune process died ({describe_returncode(ev.returncode)}); resumes from "
                 + (f"checkpoint-{ckpt}" if ckpt else "the start"))
+            if self.running in self._pausing:  # the pause asked for still holds it
+                self._pausing.discard(self.running)
+                self.store.set_status(self.running, js.HELD, "paused",
+                                      "paused; resumes from " + (f"checkpoint-{ckpt}" if ckpt
+                                                                 else "the start"))
             self.running = None
 
     def on_micro_step(self, msg: MicroStepReport) -> None:
@@ -271,12 +391,31 @@ class JobManager:
         if msg.job_id == self.running:
             self.running = None
         self._queue_changed = True
+        if msg.status == STOPPED:
+            self._on_stopped(msg.job_id, msg.error)
+            return
+        self._pausing.discard(msg.job_id)
         text = {"succeeded": f"finished; adapter in {msg.adapter_path}",
                 "cancelled": "cancelled; checkpoints kept",
                 "failed": f"failed: {msg.error}"}.get(msg.status, msg.status)
         self.store.set_status(msg.job_id, msg.status, msg.status, text, error=msg.error,
                               adapter_path=msg.adapter_path)
         self._prune_dataset_cache()
+
+    def _on_stopped(self, job_id: int, error: str | None) -> None:
+        """A job stopped with its progress in a checkpoint, for a pause: held, or queued
+        again when it was resumed meanwhile. ``error``: why progress since its last
+        checkpoint was lost, if it was."""
+        job = self.store.get(job_id)
+        where = f"checkpoint-{job.checkpoint_step}" if job and job.checkpoint_step else "the start"
+        note = f" ({error})" if error else ""
+        if job_id in self._pausing:
+            self._pausing.discard(job_id)
+            self.store.set_status(job_id, js.HELD, "paused",
+                                  f"paused; resumes from {where} when resumed{note}")
+        else:
+            self.store.set_status(job_id, js.QUEUED, "requeued",
+                                  f"stopped and queued again; resumes from {where}{note}")
 
     def _prune_dataset_cache(self) -> None:
         """Keep the tokenized datasets of the jobs that may still run, drop the rest."""
@@ -314,3 +453,7 @@ class JobManager:
 
     def queued(self) -> int:
         return sum(1 for j in self.store.all_jobs() if j.status == js.QUEUED)
+
+
+def _conflict(message: str) -> Error:
+    return Error(request_id=None, code=ErrorCode.CONFLICT, message=message)

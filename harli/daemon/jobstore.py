@@ -11,11 +11,16 @@ a query, not a parse. A job resumed from checkpoint N drops its metric events pa
 since the steps after it are trained (and logged) again: the curve is the one of the training
 its adapter holds. One row per logged step is stored (``JobSpec.log_every`` thins them); reads
 are paged by id.
+
+Each checkpoint written is a row too (its step and directory), listed while the directory is
+there. A job's ``owner`` is whoever attached it: the HTTP API's digest of an API key, "" for
+the CLI.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -24,12 +29,22 @@ from typing import Any
 
 import msgspec
 
-from harli.ipc.control import JobEvent, JobInfo, JobMetric, TrainMetric, ValidMetric
+from harli.ipc.control import (
+    CheckpointInfo,
+    JobEvent,
+    JobInfo,
+    JobMetric,
+    TrainMetric,
+    ValidMetric,
+)
 from harli.ipc.finetune import CheckpointSaved, MicroStepReport, StepLogged
 from harli.ipc.jobs import JobSpec
 
 QUEUED, RUNNING, PAUSED = "queued", "running", "paused"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+# Paused by a user (``harli job pause``, the HTTP API's pause) until resumed: not scheduled.
+# Not ``paused``, which is a running job that the quota gives no compute now.
+HELD = "held"
 ACTIVE = (RUNNING, PAUSED)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
@@ -58,7 +73,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     adapter_path TEXT,
     dataset_report TEXT,
-    fine_tuned_model TEXT
+    fine_tuned_model TEXT,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS events (
     event_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -87,15 +103,22 @@ CREATE TABLE IF NOT EXISTS metrics (
 );
 CREATE INDEX IF NOT EXISTS metrics_by_job ON metrics(job_id, metric_id);
 CREATE INDEX IF NOT EXISTS metrics_by_kind ON metrics(job_id, kind, metric_id);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    job_id INTEGER NOT NULL REFERENCES jobs(job_id),
+    step INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    time_s REAL NOT NULL,
+    PRIMARY KEY (job_id, step)
+);
 """
 TRAIN, VALID = "train", "valid"  # metrics.kind
 
 _COLUMNS = ("job_id", "name", "status", "priority", "created_s", "started_s", "finished_s",
             "step", "total_steps", "epoch", "micro_steps", "tokens", "loss", "first_loss",
             "level", "paused_s", "tokens_per_s", "checkpoint_step", "restarts", "error",
-            "adapter_path", "dataset_report", "spec", "fine_tuned_model")
+            "adapter_path", "dataset_report", "spec", "fine_tuned_model", "owner")
 # Columns added since the first schema, with their types: added to an older database at open.
-_ADDED_COLUMNS = {"fine_tuned_model": "TEXT"}
+_ADDED_COLUMNS = {"fine_tuned_model": "TEXT", "owner": "TEXT NOT NULL DEFAULT ''"}
 # JobInfo's latest validation score, read from the metric events (so a resume that drops some
 # never leaves a stale copy behind).
 _LATEST_VALID = {
@@ -159,8 +182,11 @@ class JobStore:
         jobs = self._select("WHERE job_id = ?", (job_id,))
         return jobs[0] if jobs else None
 
-    def all_jobs(self) -> list[JobInfo]:
-        return self._select("ORDER BY job_id")
+    def all_jobs(self, owner: str | None = None) -> list[JobInfo]:
+        """Every job, oldest first; ``owner``: only the jobs it made."""
+        if owner is None:
+            return self._select("ORDER BY job_id")
+        return self._select("WHERE owner = ? ORDER BY job_id", (owner,))
 
     def next_queued(self) -> JobInfo | None:
         jobs = self._select("WHERE status = ? ORDER BY priority DESC, job_id ASC LIMIT 1",
@@ -188,6 +214,22 @@ class JobStore:
             (job_id, after, limit))
         return [_metric(r) for r in rows]
 
+    def checkpoints(self, job_id: int) -> list[CheckpointInfo]:
+        """The job's checkpoints whose directory is still there (a job keeps its newest
+        ``keep_checkpoints``), oldest first, with the metric events of their steps."""
+        rows = self.db.execute(
+            "SELECT c.step, c.path, c.time_s, "
+            "(SELECT m.train_loss FROM metrics m WHERE m.job_id = c.job_id AND m.kind = ? "
+            " AND m.step = c.step ORDER BY m.metric_id DESC LIMIT 1), "
+            "(SELECT m.valid_loss FROM metrics m WHERE m.job_id = c.job_id AND m.kind = ? "
+            " AND m.step = c.step ORDER BY m.metric_id DESC LIMIT 1), "
+            "(SELECT m.valid_accuracy FROM metrics m WHERE m.job_id = c.job_id AND m.kind = ? "
+            " AND m.step = c.step ORDER BY m.metric_id DESC LIMIT 1) "
+            "FROM checkpoints c WHERE c.job_id = ? ORDER BY c.step", (TRAIN, VALID, VALID, job_id))
+        return [CheckpointInfo(step=r[0], path=r[1], created_s=r[2], train_loss=r[3],
+                               valid_loss=r[4], valid_accuracy=r[5])
+                for r in rows if os.path.isdir(r[1])]
+
     def last_metrics(self, job_id: int, n: int) -> list[JobMetric]:
         """The job's newest ``n`` metric events, oldest first."""
         rows = self.db.execute(
@@ -204,16 +246,16 @@ class JobStore:
     def add_event(self, job_id: int, kind: str, message: str) -> None:
         self._event(job_id, kind, message)
 
-    def add(self, spec: JobSpec, dataset_report: dict[str, Any]) -> JobInfo:
+    def add(self, spec: JobSpec, dataset_report: dict[str, Any], owner: str = "") -> JobInfo:
         """Store a validated job as queued, with its first event, in one transaction."""
         try:
             with self.db:
                 self.db.execute("BEGIN")
                 cur = self.db.execute(
-                    "INSERT INTO jobs (name, spec, status, priority, created_s, dataset_report) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO jobs (name, spec, status, priority, created_s, dataset_report, "
+                    "owner) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (spec.name, msgspec.json.encode(spec).decode(), QUEUED, spec.priority,
-                     self.clock(), json.dumps(dataset_report)))
+                     self.clock(), json.dumps(dataset_report), owner))
                 job_id = int(cur.lastrowid or 0)
                 message = (f"queued with priority {spec.priority}; dataset "
                            f"{dataset_report.get('path')}: {dataset_report.get('records')} "
@@ -255,6 +297,8 @@ class JobStore:
                 (total_steps, step, json.dumps(dataset_report), job_id))
             # The steps past the checkpoint are trained again, and logged again.
             self.db.execute("DELETE FROM metrics WHERE job_id = ? AND step > ?", (job_id, step))
+            self.db.execute("DELETE FROM checkpoints WHERE job_id = ? AND step > ?",
+                            (job_id, step))
             self._event(job_id, "started",
                         f"resumed from checkpoint-{step}" if resumed_from_step
                         else f"started from scratch: {total_steps} steps")
@@ -295,6 +339,8 @@ class JobStore:
             self.db.execute("BEGIN")
             self.db.execute("UPDATE jobs SET checkpoint_step = ? WHERE job_id = ?",
                             (c.step, c.job_id))
+            self.db.execute("INSERT OR REPLACE INTO checkpoints (job_id, step, path, time_s) "
+                            "VALUES (?, ?, ?, ?)", (c.job_id, c.step, c.path, self.clock()))
             self._event(c.job_id, "checkpoint", message)
             if v is not None:
                 self.db.execute(

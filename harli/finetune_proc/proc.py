@@ -53,6 +53,7 @@ from harli.finetune_proc.quota import CpuQuota, QuotaApplier
 from harli.finetune_proc.recipe import LoRARecipe, MicroStepResult, shared_base
 from harli.ipc.codec import encode
 from harli.ipc.finetune import (
+    STOPPED,
     CheckpointSaved,
     DaemonToFinetune,
     Decision,
@@ -101,6 +102,11 @@ class FinetuneProc:
         self.job: StartJob | None = None
         self.recipe: LoRARecipe | None = None  # None while the job is not set up yet
         self._stop_job: str | None = None
+        # The stop asked for is a pause (StopJob.keep_progress): checkpoint, end ``stopped``.
+        self._stop_keeps_progress = False
+        # A micro-step was abandoned after such a stop, and with it the gradients of the
+        # accumulation under way: that accumulation cannot be finished any more.
+        self._accumulation_dropped = False
         self._stop_reason: str | None = None
         self._paused_since: float | None = None
         self._paused_s = 0.0
@@ -163,9 +169,8 @@ class FinetuneProc:
         if self.recipe is None:
             yield from self._set_up(self.job)
             return
-        if self._stop_job is not None:
-            self.recipe.discard_partial_accumulation()
-            yield self._end("cancelled", None)
+        if self._stop_job is not None and not self._finishes_accumulation(self.recipe):
+            yield from self._stop(self.recipe, self.job)
             return
         now = time.monotonic()
         if not self._admitted():
@@ -196,8 +201,12 @@ class FinetuneProc:
         return handler(msg)
 
     def _on_stop_job(self, msg: StopJob) -> None:
-        if self.job is not None and msg.job_id == self.job.job_id:
-            self._stop_job = msg.reason
+        if self.job is None or msg.job_id != self.job.job_id:
+            return
+        if not msg.keep_progress:  # a cancel outranks a pause asked for before it
+            self._stop_job, self._stop_keeps_progress = msg.reason, False
+        elif self._stop_job is None:
+            self._stop_job, self._stop_keeps_progress = msg.reason, True
 
     def _on_shutdown(self, msg: FinetuneShutdown) -> None:
         self.request_stop(msg.reason)
@@ -236,6 +245,8 @@ class FinetuneProc:
             return
         self.job = msg
         self._stop_job = None
+        self._stop_keeps_progress = False
+        self._accumulation_dropped = False
         self._paused_s = 0.0
         self._paused_since = None
 
@@ -259,6 +270,40 @@ class FinetuneProc:
                          total_steps=recipe.total_steps, dataset_report=recipe.dataset_report())
         if recipe.done:  # resumed after its last step: only the adapter is left to write
             yield self._finish()
+
+    def _finishes_accumulation(self, recipe: LoRARecipe) -> bool:
+        """Whether a pause asked for waits for the optimizer step under way: while the job
+        may train, a pause loses no gradient accumulation (a cancel never waits)."""
+        return (self._stop_keeps_progress and not recipe.at_step_boundary
+                and not self._accumulation_dropped and self._admitted())
+
+    def _stop(self, recipe: LoRARecipe, job: StartJob) -> Iterator[FinetuneToDaemon]:
+        """End the job for a stop: a cancel at once; a pause after a checkpoint of its last
+        optimizer step (none when one of that step exists already, or none is done), so that
+        it resumes where it stopped. Partway through an accumulation (the quota gives it
+        nothing now), the partial accumulation is dropped: it resumes from its last
+        checkpoint."""
+        if not self._stop_keeps_progress:
+            recipe.discard_partial_accumulation()
+            yield self._end("cancelled", None)
+            return
+        error = None
+        if not recipe.at_step_boundary:
+            recipe.discard_partial_accumulation()
+            error = (f"paused partway through step {recipe.state.step + 1} with no compute "
+                     f"to finish it; resumes from its last checkpoint")
+        elif recipe.state.step > 0 and not recipe.has_checkpoint(recipe.state.step):
+            try:
+                path = recipe.save_checkpoint()
+            except Exception as e:
+                logger.exception("[finetune] job %d: the pause's checkpoint failed", job.job_id)
+                error = f"the pause's checkpoint failed ({e!r}); resumes from its last one"
+            else:
+                yield CheckpointSaved(job_id=job.job_id, step=recipe.state.step,
+                                      path=str(path), epoch=recipe.epoch_progress)
+        logger.info("[finetune] job %d stopped at step %d (%s)", job.job_id, recipe.state.step,
+                    self._stop_job)
+        yield self._end(STOPPED, error)
 
     def _end(self, status: str, error: str | None, adapter: str | None = None) -> JobEnded:
         assert self.job is not None
@@ -307,6 +352,7 @@ class FinetuneProc:
                         job.job_id, recipe.state.micro_step + 1,
                         self._stop_reason or self._stop_job)
             recipe.discard_partial_accumulation()
+            self._accumulation_dropped = True
             return
         idle_after_s = self.quota.idle_after(level, r.duration_s)
         self._idle_until = time.monotonic() + idle_after_s

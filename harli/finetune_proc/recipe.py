@@ -384,6 +384,14 @@ class LoRARecipe:
     def checkpoint_due(self, result: MicroStepResult) -> bool:
         return result.stepped and (result.step % self.spec.checkpoint_every == 0 or self.done)
 
+    @property
+    def at_step_boundary(self) -> bool:
+        """No gradient accumulation under way: the state is one a checkpoint can hold."""
+        return self.state.micro_step % self.spec.grad_accum == 0
+
+    def has_checkpoint(self, step: int) -> bool:
+        return (self.output_dir / f"{CHECKPOINT_PREFIX}{step}").is_dir()
+
     def save_checkpoint(self) -> Path:
         return save_checkpoint(self.output_dir, self.model, self.optimizer, self.scheduler,
                                self.state, keep=self.spec.keep_checkpoints, plan=self.plan)

@@ -27,6 +27,8 @@ from harli.config import HarliConfig
 from harli.http_proc.auth import ApiKeys
 from harli.http_proc.daemon_link import DaemonLink
 from harli.http_proc.errors import ApiError, error_body
+from harli.http_proc.files import router as files_router
+from harli.http_proc.fine_tuning import router as fine_tuning_router
 from harli.http_proc.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -176,6 +178,8 @@ def build_app(cfg: HarliConfig, tokenizer: Any, keys: ApiKeys,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.harli = state
     _error_handlers(app)
+    app.include_router(files_router)
+    app.include_router(fine_tuning_router)
 
     @app.get("/health")
     async def health() -> Any:

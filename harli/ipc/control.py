@@ -22,6 +22,11 @@ class _Ctl(msgspec.Struct, tag_field="type", kw_only=True, frozen=True,
 
 # Ids and event ids are SQLite rowids: 64-bit signed.
 JobId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+# Who made a job or an uploaded file: the HTTP front's digest of an API key ("" for the CLI,
+# and for the HTTP front without keys configured).
+Owner = Annotated[str, Meta(max_length=64)]
+# An uploaded file's id, as OpenAI's files API names them; also its name in the files dir.
+FileId = Annotated[str, Meta(min_length=6, max_length=69, pattern=r"^file-[A-Za-z0-9]+$")]
 
 # -- clients (the harli CLI, ControlClient) -> daemon ----------------------------------------
 
@@ -32,10 +37,11 @@ class AttachJob(_Ctl, tag="attach", frozen=True):
     # not stored (the reply is a ``timeout`` error), so a client that gave up never has a job
     # it does not know of. None: no limit.
     wait_s: Annotated[float, Meta(gt=0, le=1e6)] | None = None
+    owner: Owner = ""  # stored with the job (JobInfo.owner)
 
 
 class ListJobs(_Ctl, tag="list_jobs", frozen=True):
-    pass
+    owner: Owner | None = None  # only this owner's jobs (None: every job)
 
 
 class ShowJob(_Ctl, tag="show_job", frozen=True):
@@ -44,6 +50,52 @@ class ShowJob(_Ctl, tag="show_job", frozen=True):
 
 class CancelJob(_Ctl, tag="cancel_job", frozen=True):
     job_id: JobId
+
+
+class PauseJob(_Ctl, tag="pause_job", frozen=True):
+    """Hold a job: a queued one is not scheduled, a running one stops after a checkpoint at
+    its next step boundary; it stays ``held`` until resumed."""
+
+    job_id: JobId
+
+
+class ResumeJob(_Ctl, tag="resume_job", frozen=True):
+    """Queue a held job again; it resumes from its last checkpoint."""
+
+    job_id: JobId
+
+
+class JobCheckpoints(_Ctl, tag="job_checkpoints", frozen=True):
+    """A job's checkpoints still on disk, with the metrics of their steps."""
+
+    job_id: JobId
+
+
+class AddFile(_Ctl, tag="add_file", frozen=True):
+    """Register an uploaded dataset file that the HTTP front has written (checked, fsynced)
+    as ``<state_dir>/files/<file_id>.jsonl``; answered with its ``FileInfo``."""
+
+    file_id: FileId
+    filename: Annotated[str, Meta(min_length=1, max_length=255)]  # as uploaded
+    purpose: Annotated[str, Meta(min_length=1, max_length=64)]
+    owner: Owner = ""
+    records: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
+    format: Annotated[str, Meta(max_length=64)] = ""
+
+
+class ListFiles(_Ctl, tag="list_files", frozen=True):
+    owner: Owner | None = None  # only this owner's files (None: every file)
+
+
+class ShowFile(_Ctl, tag="show_file", frozen=True):
+    file_id: FileId
+
+
+class DeleteFile(_Ctl, tag="delete_file", frozen=True):
+    """Remove an uploaded file and its record; refused while a job that has not ended uses
+    it."""
+
+    file_id: FileId
 
 
 # Most events, and most metric events, one ``job_logs`` reply carries of each.
@@ -108,8 +160,10 @@ class GetMetrics(_Ctl, tag="get_metrics", frozen=True):
     process that serves it on its own HTTP endpoint."""
 
 
-ControlRequest = (AttachJob | ListJobs | ShowJob | CancelJob | JobLogs | GetStatus | SetLevel
-                  | SetPolicy | AddAdapter | RemoveAdapter | ListModels | GetMetrics)
+ControlRequest = (AttachJob | ListJobs | ShowJob | CancelJob | PauseJob | ResumeJob | JobLogs
+                  | JobCheckpoints | GetStatus | SetLevel | SetPolicy | AddAdapter
+                  | RemoveAdapter | ListModels | AddFile | ListFiles | ShowFile | DeleteFile
+                  | GetMetrics)
 
 # -- daemon -> clients ----------------------------------------------------------------------
 
@@ -119,7 +173,9 @@ class JobInfo(_Ctl, tag="job", frozen=True):
 
     job_id: int
     name: str
-    status: str  # queued, running, paused, succeeded, failed, cancelled
+    # queued, running, paused (running at quota level 0), held (paused by a user until
+    # resumed), succeeded, failed, cancelled
+    status: str
     priority: int
     created_s: float
     started_s: float | None
@@ -145,6 +201,7 @@ class JobInfo(_Ctl, tag="job", frozen=True):
     # Its latest checkpoint's score on the job's validation file (None: none scored yet).
     valid_loss: float | None = None
     valid_accuracy: float | None = None
+    owner: str = ""  # who made it (AttachJob.owner)
 
 
 class JobEvent(_Ctl, tag="event", frozen=True):
@@ -198,6 +255,42 @@ class JobDetail(_Ctl, tag="job_detail", frozen=True):
     metrics: list[JobMetric] = []
     # ``job_logs``: a list was cut at the request's ``limit``; ask again after the last ids.
     truncated: bool = False
+
+
+class CheckpointInfo(_Ctl, tag="checkpoint", frozen=True):
+    """One checkpoint of a job, as written (its directory still exists)."""
+
+    step: int  # optimizer steps done
+    path: str  # its directory: a PEFT adapter directory
+    created_s: float  # Unix time the daemon recorded it
+    # Its model name when published (``NAME@step-N``, JobSpec.publish_checkpoints).
+    served_as: str | None = None
+    train_loss: float | None = None  # the logged step's, when that step was logged
+    valid_loss: float | None = None  # its score on the validation file, when it has one
+    valid_accuracy: float | None = None
+
+
+class CheckpointList(_Ctl, tag="checkpoint_list", frozen=True):
+    job_id: int
+    checkpoints: list[CheckpointInfo]  # oldest first
+
+
+class FileInfo(_Ctl, tag="file", frozen=True):
+    """An uploaded dataset file."""
+
+    file_id: str
+    filename: str
+    purpose: str
+    owner: str
+    size_bytes: int
+    created_s: float
+    path: str  # where the daemon keeps it: a job's ``dataset`` names it
+    records: int
+    format: str  # the dataset format its records are in
+
+
+class FileList(_Ctl, tag="file_list", frozen=True):
+    files: list[FileInfo]  # oldest first
 
 
 class ChildStatus(_Ctl, tag="child", frozen=True):
@@ -325,4 +418,4 @@ class MetricsPage(_Ctl, tag="metrics_page", frozen=True):
 
 
 ControlReply = (JobInfo | JobList | JobDetail | DaemonStatus | ModelInfo | ModelList
-                | MetricsPage)
+                | CheckpointList | FileInfo | FileList | MetricsPage)

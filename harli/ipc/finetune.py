@@ -24,10 +24,16 @@ class StartJob(_Internal, frozen=True):
 
 
 class StopJob(_Internal, frozen=True):
-    """Stop the running job at its next micro-step boundary (cancel), keeping checkpoints."""
+    """Stop the running job at its next micro-step boundary, keeping checkpoints: a cancel
+    (ends ``cancelled``), or with ``keep_progress`` a pause, which ends ``stopped`` after a
+    checkpoint of its last optimizer step, so that it resumes where it stopped. One partway
+    through a gradient accumulation finishes it first while it may train; while the quota
+    gives it nothing, it drops the partial accumulation and resumes from its last
+    checkpoint."""
 
     job_id: int
     reason: str
+    keep_progress: bool = False
 
 
 class Decision(_Internal, frozen=True):
@@ -148,9 +154,13 @@ class CheckpointSaved(_Internal, frozen=True):
     validation_error: str | None = None
 
 
+# JobEnded.status of a job stopped by StopJob(keep_progress=True): not over, resumable.
+STOPPED = "stopped"
+
+
 class JobEnded(_Internal, frozen=True):
     job_id: int
-    status: str  # succeeded, failed, cancelled
+    status: str  # succeeded, failed, cancelled, stopped
     error: str | None
     adapter_path: str | None
 

@@ -17,7 +17,9 @@ from harli.datasets import (
     FORMATS,
     IGNORE_INDEX,
     DatasetError,
+    DatasetLimits,
     Example,
+    check_jsonl,
     default_chat_render,
     detect_format,
     load_dataset,
@@ -290,6 +292,20 @@ def test_invalid_json_names_file_and_line(tmp_path: Path) -> None:
     path.write_text('{"text": "a"}\n\n{"text": "b",}\n')
     with pytest.raises(DatasetError, match=r"d\.jsonl:3: not valid JSON: .+"):
         read_jsonl(path)
+
+
+def test_check_jsonl_counts_records_and_names_the_upload_in_errors(tmp_path: Path) -> None:
+    path = tmp_path / ".upload-1.tmp"
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": "d"}\n')
+    summary = check_jsonl(path, shown_as="train.jsonl")
+    assert (summary.format, summary.records) == ("prompt_completion", 2)
+    path.write_text('{"text": "a"}\nnot json\n')
+    with pytest.raises(DatasetError, match=r"^train\.jsonl:2: not valid JSON") as e:
+        check_jsonl(path, shown_as="train.jsonl")
+    assert ".upload-1" not in str(e.value)
+    path.write_text('{"text": "a"}\n{"text": "b"}\n')
+    with pytest.raises(DatasetError, match=r"^train\.jsonl:2: more than 1 records"):
+        check_jsonl(path, DatasetLimits(max_records=1), shown_as="train.jsonl")
 
 
 def test_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:

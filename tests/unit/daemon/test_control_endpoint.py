@@ -14,22 +14,30 @@ from harli.daemon.control_endpoint import ControlEndpoint, control_handlers
 from harli.ipc.codec import encode
 from harli.ipc.control import (
     AddAdapter,
+    AddFile,
     AttachJob,
     CancelJob,
     ControlReply,
     ControlRequest,
     DaemonStatus,
+    DeleteFile,
+    FileList,
     GetMetrics,
     GetStatus,
+    JobCheckpoints,
     JobList,
     JobLogs,
+    ListFiles,
     ListJobs,
     ListModels,
     MetricsPage,
     ModelList,
+    PauseJob,
     RemoveAdapter,
+    ResumeJob,
     SetLevel,
     SetPolicy,
+    ShowFile,
     ShowJob,
 )
 from harli.ipc.inference import Error, ErrorCode
@@ -53,8 +61,10 @@ class FakeJobs:
 
     def _answer(self, name: str, msg: Any) -> Any:
         self.calls.append((name, msg))
-        return JobList(jobs=[]) if name == "list_jobs" else \
-            Error(request_id=None, code=ErrorCode.UNKNOWN_REQUEST, message=f"{name} {msg.job_id}")
+        if name in ("list_jobs", "list_files"):
+            return JobList(jobs=[]) if name == "list_jobs" else FileList(files=[])
+        return Error(request_id=None, code=ErrorCode.UNKNOWN_REQUEST,
+                     message=f"{name} {getattr(msg, 'job_id', None) or msg.file_id}")
 
     def attach(self, msg: AttachJob) -> Future[Any]:
         self.calls.append(("attach", msg))
@@ -71,6 +81,27 @@ class FakeJobs:
 
     def cancel(self, msg: CancelJob) -> Any:
         return self._answer("cancel", msg)
+
+    def pause(self, msg: PauseJob) -> Any:
+        return self._answer("pause", msg)
+
+    def resume(self, msg: ResumeJob) -> Any:
+        return self._answer("resume", msg)
+
+    def checkpoints(self, msg: JobCheckpoints) -> Any:
+        return self._answer("checkpoints", msg)
+
+    def add_file(self, msg: AddFile) -> Any:
+        return self._answer("add_file", msg)
+
+    def list_files(self, msg: ListFiles) -> Any:
+        return self._answer("list_files", msg)
+
+    def show_file(self, msg: ShowFile) -> Any:
+        return self._answer("show_file", msg)
+
+    def delete_file(self, msg: DeleteFile) -> Any:
+        return self._answer("delete_file", msg)
 
 
 class Harness:
@@ -139,14 +170,24 @@ def test_a_refused_policy_is_an_invalid_request() -> None:
 
 @pytest.mark.parametrize(("msg", "handler"), [
     (ListJobs(), "list_jobs"), (ShowJob(job_id=3), "show"), (JobLogs(job_id=3), "logs"),
-    (CancelJob(job_id=3), "cancel"),
+    (CancelJob(job_id=3), "cancel"), (PauseJob(job_id=3), "pause"),
+    (ResumeJob(job_id=3), "resume"), (JobCheckpoints(job_id=3), "checkpoints"),
+    (ListJobs(owner="k1"), "list_jobs"), (ListFiles(owner=None), "list_files"),
+    (AddFile(file_id="file-3", filename="t.jsonl", purpose="fine-tune"), "add_file"),
+    (ShowFile(file_id="file-3"), "show_file"), (DeleteFile(file_id="file-3"), "delete_file"),
 ])
 def test_job_requests_go_to_the_job_manager(msg: msgspec.Struct, handler: str) -> None:
     h = Harness()
     (reply,) = h.ask(msg)
     assert h.jobs.calls == [(handler, msg)]
-    assert isinstance(reply, JobList) if handler == "list_jobs" else \
-        reply == Error(request_id=None, code=ErrorCode.UNKNOWN_REQUEST, message=f"{handler} 3")
+    if handler == "list_jobs":
+        assert isinstance(reply, JobList)
+    elif handler == "list_files":
+        assert isinstance(reply, FileList)
+    else:
+        assert reply == Error(request_id=None, code=ErrorCode.UNKNOWN_REQUEST,
+                              message=f"{handler} 3" if "file" not in handler
+                              else f"{handler} file-3")
 
 
 def test_an_attach_is_answered_once_its_validation_is_done() -> None:

@@ -204,3 +204,43 @@ def test_a_store_written_before_metric_events_gets_the_table(tmp_path: Path) -> 
     again = JobStore(tmp_path / "old.sqlite")
     assert [type(m) for m in again.metrics(job.job_id)] == [TrainMetric, ValidMetric]
     assert again.get(job.job_id).valid_loss == 0.5  # type: ignore[union-attr]
+
+
+def test_a_store_written_before_owners_gets_the_column_and_old_jobs_belong_to_no_key(
+        tmp_path: Path) -> None:
+    import sqlite3
+
+    from harli.daemon import jobstore
+
+    old = jobstore._SCHEMA.replace(",\n    owner TEXT NOT NULL DEFAULT ''", "")
+    assert "owner" not in old
+    db = sqlite3.connect(tmp_path / "old.sqlite")
+    db.executescript(old)
+    db.execute("INSERT INTO jobs (name, spec, status, priority, created_s) VALUES "
+               "('a', '{\"name\": \"a\", \"dataset\": \"/d.jsonl\"}', 'queued', 0, 1.0)")
+    db.commit()
+    db.close()
+    s = JobStore(tmp_path / "old.sqlite")
+    (job,) = s.all_jobs()
+    assert job.owner == ""
+    b = s.add(spec("b"), {}, owner="k1")
+    assert [j.name for j in s.all_jobs("k1")] == ["b"] and b.owner == "k1"
+    assert [j.name for j in s.all_jobs("")] == ["a"]
+
+
+def test_checkpoints_are_those_still_on_disk_with_their_steps_metrics(
+        store: JobStore, tmp_path: Path) -> None:
+    a = store.add(spec("a"), REPORT)
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        store.record_step(logged(a.job_id, step, loss=1.0 / step))
+        store.record_checkpoint(CheckpointSaved(
+            job_id=a.job_id, step=step, path=str(tmp_path / f"checkpoint-{step}"),
+            validation=ValidationScore(loss=2.0 / step, accuracy=0.5, examples=4, tokens=8,
+                                       duration_s=0.1) if step == 4 else None))
+    (tmp_path / "checkpoint-2").rmdir()  # pruned (keep_checkpoints)
+    got = store.checkpoints(a.job_id)
+    assert [(c.step, c.train_loss, c.valid_loss, c.created_s) for c in got] == [
+        (4, 0.25, 0.5, 100.0), (6, 1 / 6, None, 100.0)]
+    store.record_start(a.job_id, 10, 4, REPORT)  # resumed from checkpoint-4
+    assert [c.step for c in store.checkpoints(a.job_id)] == [4]
