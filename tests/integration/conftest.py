@@ -56,3 +56,29 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterat
                     "endpoints.max_message_bytes=65536")
     with d:
         yield d
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a daemon's http.port)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(base: str, daemon: LocalDaemon, timeout_s: float = 90) -> None:
+    """Until the daemon's HTTP front answers /health with 200."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"no /health at {base}; log:\n{daemon.log_tail()}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,17 +19,11 @@ from harli.bench.local_daemon import LocalDaemon
 from harli.bench.lora import make_adapter
 from harli.client.control import ControlClient
 
-from .conftest import make_daemon
+from .conftest import free_port, make_daemon, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
 KEY = "sk-test-harli"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Api:
@@ -41,16 +34,8 @@ class Api:
         self.http = httpx.Client(base_url=self.base, timeout=60,
                                  headers={"Authorization": f"Bearer {KEY}"})
 
-    def wait(self, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"no /health at {self.base}; log:\n{self.daemon.log_tail()}")
+    def wait(self) -> None:
+        wait_http(self.base, self.daemon)
 
     def in_flight(self) -> int:
         with ControlClient(self.daemon.cfg.control_endpoint) as c:

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from openai.types.fine_tuning import FineTuningJob
@@ -20,8 +19,7 @@ from harli.bench.local_daemon import LocalDaemon
 from harli.client.control import ControlClient
 from harli.datasets import SAMPLE_DATASET
 
-from .conftest import make_daemon
-from .test_http_api import free_port
+from .conftest import free_port, make_daemon, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
@@ -40,16 +38,8 @@ class Api:
         self.other = openai.OpenAI(base_url=f"{self.base}/v1", api_key=OTHER_KEY,
                                    max_retries=0)
 
-    def wait(self, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"no /health at {self.base}; log:\n{self.daemon.log_tail()}")
+    def wait(self) -> None:
+        wait_http(self.base, self.daemon)
 
     def upload(self, tmp_path: Path, name: str = "digits.jsonl",
                body: bytes = b"".join(LINES)) -> str:

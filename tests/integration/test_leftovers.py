@@ -17,7 +17,7 @@ from .conftest import make_daemon
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
 SOCKETS = {"inference.sock", "control.sock", "decode-in.sock", "decode-out.sock",
-           "finetune-in.sock", "finetune-out.sock", "telemetry.sock"}
+           "finetune-in.sock", "finetune-out.sock", "http-out.sock", "telemetry.sock"}
 
 
 def test_sigkill_leaves_no_arena_and_the_next_daemon_replaces_the_sockets(
