@@ -54,19 +54,48 @@ such records are counted in :class:`DatasetReport` and logged once per file.
 
 from __future__ import annotations
 
-import contextlib
+import array
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import stat
+import struct
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, overload
 
-import msgspec
+# What reads and checks a file, record by record; here too for the modules that tokenize.
+from harli.dataset_records import (
+    CHAT_ROLES,
+    FORMATS,
+    UPLOAD_SUFFIX,
+    UPLOAD_TEMP_PREFIX,
+    DatasetCancelled,
+    DatasetError,
+    DatasetLimits,
+    JsonlSummary,
+    Progress,
+    _check_cancel,
+    check_jsonl,
+    detect_format,
+    file_digest,
+    iter_records,
+    read_jsonl,
+    scan_jsonl,
+    upload_path,
+)
+
+__all__ = [
+    "CHAT_ROLES", "FORMATS", "IGNORE_INDEX", "SAMPLE_DATASET", "UPLOAD_SUFFIX",
+    "UPLOAD_TEMP_PREFIX", "DatasetCancelled", "DatasetError", "DatasetLimits", "DatasetReport",
+    "Example", "JsonlSummary", "MappedExamples", "TokenizedCache", "alpaca_prompt", "cache_key",
+    "check_jsonl", "default_chat_render", "detect_format", "file_digest", "iter_records",
+    "load_dataset", "read_jsonl", "scan_jsonl", "tokenize_record", "tokenize_to_cache",
+    "tokenizer_fingerprint", "upload_path",
+]
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -77,24 +106,8 @@ logger = logging.getLogger(__name__)
 # demo, the benchmarks and the profiler as the representative job.
 SAMPLE_DATASET = Path(__file__).resolve().parent / "data" / "digits.jsonl"
 
-FORMATS = ("alpaca", "chat", "prompt_completion", "text")
 IGNORE_INDEX = -100
-CHAT_ROLES = ("system", "user", "assistant")
 DEFAULT_EOS_TEXT = "<|eos|>"
-
-
-@dataclass(frozen=True)
-class DatasetLimits:
-    """What one dataset may hold, so no file (``/dev/zero``, a runaway export) can exhaust the
-    host's memory; the defaults are ``[finetune]``'s."""
-
-    max_bytes: int = 1 << 30
-    max_line_bytes: int = 4 << 20
-    max_records: int = 1_000_000
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used; the message names the file (and line when one is at fault)."""
 
 
 @dataclass(frozen=True)
@@ -121,310 +134,6 @@ class DatasetReport:
     def as_dict(self) -> dict[str, int | str]:
         """The report as the job store and the wire carry it."""
         return asdict(self)
-
-
-# --------------------------------------------------------------------------------------------
-# Format detection and record validation
-
-
-def _expect_str(record: Mapping[str, Any], key: str, where: str, fmt: str) -> None:
-    value = record[key]
-    if not isinstance(value, str):
-        raise DatasetError(
-            f"{where}: field {key!r} of a {fmt} record must be a string, "
-            f"got {type(value).__name__}"
-        )
-
-
-def _check_messages(messages: Any, where: str) -> None:
-    if not isinstance(messages, list):
-        raise DatasetError(
-            f"{where}: field 'messages' must be a list of messages, got {type(messages).__name__}"
-        )
-    if not messages:
-        raise DatasetError(f"{where}: field 'messages' is an empty list")
-    for i, message in enumerate(messages):
-        field = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise DatasetError(
-                f"{where}: field {field!r} must be an object with 'role' and 'content', "
-                f"got {type(message).__name__}"
-            )
-        for key in ("role", "content"):
-            if key not in message:
-                raise DatasetError(f"{where}: field '{field}.{key}' is missing")
-            if not isinstance(message[key], str):
-                raise DatasetError(
-                    f"{where}: field '{field}.{key}' must be a string, "
-                    f"got {type(message[key]).__name__}"
-                )
-        if message["role"] not in CHAT_ROLES:
-            raise DatasetError(
-                f"{where}: field '{field}.role' is {message['role']!r}; "
-                f"expected one of {', '.join(CHAT_ROLES)}"
-            )
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DatasetError(
-            f"{where}: chat record has no assistant message, so nothing to learn from"
-        )
-
-
-def detect_format(record: Mapping[str, Any], where: str) -> str:
-    """The format of one record (one of ``FORMATS``), after checking its fields' types.
-
-    ``where`` (such as ``"data.jsonl:12"``) starts every error message.
-    """
-    if "messages" in record:
-        _check_messages(record["messages"], where)
-        return "chat"
-    if "instruction" in record and "output" in record:
-        _expect_str(record, "instruction", where, "alpaca")
-        _expect_str(record, "output", where, "alpaca")
-        if "input" in record:
-            _expect_str(record, "input", where, "alpaca")
-        return "alpaca"
-    if "prompt" in record and "completion" in record:
-        _expect_str(record, "prompt", where, "prompt_completion")
-        _expect_str(record, "completion", where, "prompt_completion")
-        return "prompt_completion"
-    if "text" in record:
-        _expect_str(record, "text", where, "text")
-        return "text"
-    keys = ", ".join(repr(k) for k in record) or "none"
-    raise DatasetError(
-        f"{where}: cannot tell the record's format from its keys ({keys}); expected 'messages' "
-        "(chat), 'instruction' and 'output' (alpaca), 'prompt' and 'completion' "
-        "(prompt_completion), or 'text' (text)"
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Reading the file
-
-
-_READ_CHUNK_BYTES = 1 << 20  # hashing reads the file in pieces of this size
-
-
-@contextlib.contextmanager
-def _open_regular(path: Path, limits: DatasetLimits) -> Iterator[BinaryIO]:
-    """``path`` opened for reading if it is a regular file within ``limits.max_bytes``."""
-    if not path.exists():
-        raise DatasetError(f"{path}: dataset file does not exist")
-    if path.is_dir():
-        raise DatasetError(f"{path}: is a directory, not a JSONL dataset file")
-    try:
-        # O_NONBLOCK: opening a named pipe must not wait for a writer; fstat then refuses it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except PermissionError as e:
-        raise DatasetError(f"{path}: cannot be read (permission denied)") from e
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot be read ({e.strerror or e})") from e
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise DatasetError(f"{path}: not a regular file (a pipe, socket or device); a "
-                               "dataset is a JSONL file")
-        if st.st_size > limits.max_bytes:
-            raise DatasetError(f"{path}: {st.st_size} bytes, over the limit of "
-                               f"{limits.max_bytes} (finetune.max_dataset_bytes)")
-        yield f
-
-
-def _over_size(path: Path, limits: DatasetLimits) -> DatasetError:
-    # The file grew while it was read.
-    return DatasetError(f"{path}: over the limit of {limits.max_bytes} bytes "
-                        "(finetune.max_dataset_bytes)")
-
-
-def file_digest(path: Path, limits: DatasetLimits = DatasetLimits(),
-                cancel: threading.Event | None = None) -> str:
-    """sha256 of the file's bytes, read in pieces (never the whole file in memory)."""
-    h = hashlib.sha256()
-    read = 0
-    with _open_regular(path, limits) as f:
-        while chunk := _read(f, path, _READ_CHUNK_BYTES):
-            read += len(chunk)
-            if read > limits.max_bytes:
-                raise _over_size(path, limits)
-            h.update(chunk)
-            _check_cancel(cancel, path)
-    return h.hexdigest()
-
-
-def _read(f: BinaryIO, path: Path, n: int, line: bool = False) -> bytes:
-    try:
-        return f.readline(n) if line else f.read(n)
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot be read ({e.strerror or e})") from e
-
-
-class DatasetCancelled(DatasetError):
-    """Reading or tokenizing stopped because the caller asked (the daemon is stopping)."""
-
-
-def _check_cancel(cancel: threading.Event | None, path: Path) -> None:
-    if cancel is not None and cancel.is_set():
-        raise DatasetCancelled(f"{path}: reading stopped (the daemon is stopping)")
-
-
-def _iter_lines(path: Path, limits: DatasetLimits, cancel: threading.Event | None,
-                digest: Any = None) -> Iterator[tuple[int, bytes]]:
-    """(line number, bytes) of each line of ``path``, read one line at a time; a line over
-    ``limits.max_line_bytes`` or a file over ``limits.max_bytes`` raises as soon as it is seen.
-    ``digest`` (a hashlib object), if given, is fed every byte read."""
-    lineno = 0
-    read = 0
-    with _open_regular(path, limits) as f:
-        while raw := _read(f, path, limits.max_line_bytes + 2, line=True):
-            read += len(raw)
-            if read > limits.max_bytes:
-                raise _over_size(path, limits)
-            if digest is not None:
-                digest.update(raw)
-            if lineno == 0 and raw.startswith(b"\xef\xbb\xbf"):  # a BOM some editors write
-                raw = raw[3:]
-            # bytes.splitlines splits on \n, \r\n and \r only, not on the Unicode separators
-            # that str.splitlines also honours (and that may appear inside a JSON string). Lines
-            # are read up to \n, so a file whose lines end in a lone \r is read whole lines
-            # within max_line_bytes at a time.
-            if len(raw) > limits.max_line_bytes + 1 and not raw.endswith(b"\n"):
-                # readline stopped at its limit inside a line (a lone \r ends no line here).
-                raise DatasetError(f"{path}:{lineno + 1}: line over the limit of "
-                                   f"{limits.max_line_bytes} bytes (finetune.max_line_bytes)")
-            for piece in raw.splitlines() or [b""]:
-                lineno += 1
-                if len(piece) > limits.max_line_bytes:
-                    raise DatasetError(f"{path}:{lineno}: line of {len(piece)} bytes, over the "
-                                       f"limit of {limits.max_line_bytes} "
-                                       "(finetune.max_line_bytes)")
-                if lineno % 1024 == 0:
-                    _check_cancel(cancel, path)
-                yield lineno, piece
-
-
-def _parse_line(raw: bytes, where: str) -> dict[str, Any] | None:
-    """The record on one line, None for a blank line; raises naming ``where``."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{where}: not valid UTF-8 (byte {e.start})") from e
-    if not line.strip():
-        return None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from e
-    except RecursionError:
-        raise DatasetError(f"{where}: JSON nested too deeply to read") from None
-    except ValueError as e:  # an integer past Python's digit limit for str -> int
-        raise DatasetError(f"{where}: not usable JSON: {e}") from None
-    if not isinstance(record, dict):
-        raise DatasetError(f"{where}: a record must be a JSON object, got {_json_type(record)}")
-    try:
-        # JSON may escape a lone UTF-16 surrogate ("\ud800"), which is no text: the
-        # tokenizer would fail on it later with a TypeError that names no line.
-        json.dumps(record, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DatasetError(
-            f"{where}: a string holds a lone UTF-16 surrogate "
-            f"({e.object[e.start:e.end]!a}), which is not text"
-        ) from e
-    return record
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if value is None:
-        return "null"
-    return type(value).__name__
-
-
-def iter_records(path: Path, limits: DatasetLimits = DatasetLimits(),
-                 cancel: threading.Event | None = None, digest: Any = None,
-                 ) -> Iterator[tuple[int, dict[str, Any], str]]:
-    """(line number, record, format) for each record of ``path``, streamed: a file is read
-    one line at a time and each record checked as it comes; raises on the first bad line, a
-    record in another format than the first, or over ``limits``."""
-    fmt = ""
-    first_line = 0
-    count = 0
-    for lineno, raw in _iter_lines(path, limits, cancel, digest):
-        where = f"{path}:{lineno}"
-        record = _parse_line(raw, where)
-        if record is None:
-            continue
-        count += 1
-        if count > limits.max_records:
-            raise DatasetError(f"{where}: more than {limits.max_records} records "
-                               "(finetune.max_dataset_records)")
-        record_fmt = detect_format(record, where)
-        if not fmt:
-            fmt, first_line = record_fmt, lineno
-        elif record_fmt != fmt:
-            raise DatasetError(
-                f"{where}: record is in format {record_fmt!r} but the file's first "
-                f"record (line {first_line}) is in format {fmt!r}; a dataset uses one format"
-            )
-        yield lineno, record, fmt
-    if not count:
-        raise DatasetError(f"{path}: dataset has no records (the file is empty or blank)")
-
-
-# Datasets uploaded through the HTTP API live in one directory (``HarliConfig.files_dir``) as
-# ``<file_id>.jsonl``; an upload is written under ``.upload-*`` there first. The HTTP front
-# writes them, the daemon records them: both name them here.
-UPLOAD_SUFFIX = ".jsonl"
-UPLOAD_TEMP_PREFIX = ".upload-"
-
-
-def upload_path(files_dir: Path, file_id: str) -> Path:
-    return files_dir / f"{file_id}{UPLOAD_SUFFIX}"
-
-
-@dataclass(frozen=True)
-class JsonlSummary:
-    """What :func:`check_jsonl` found in a file."""
-
-    format: str
-    records: int
-
-
-def check_jsonl(path: Path, limits: DatasetLimits = DatasetLimits(),
-                shown_as: str | None = None) -> JsonlSummary:
-    """Every check :func:`load_dataset` makes before it tokenizes (JSON lines, one format,
-    the fields' types, ``limits``), streamed, without a tokenizer: what an uploaded file is
-    checked with before it is kept. A :class:`DatasetError`'s message names ``shown_as``
-    (the name the file was uploaded under) in place of ``path``, as ``train.jsonl:12: ...``."""
-    fmt, count = "", 0
-    try:
-        for _, _, record_fmt in iter_records(path, limits):
-            fmt = record_fmt  # one format per file: iter_records refuses a second
-            count += 1
-    except DatasetError as e:
-        if shown_as is None:
-            raise
-        message = str(e)
-        if message.startswith(str(path)):
-            message = shown_as + message[len(str(path)):]
-        raise DatasetError(message) from None
-    return JsonlSummary(format=fmt, records=count)
-
-
-def read_jsonl(path: str | Path) -> tuple[list[dict[str, Any]], str]:
-    """The records of a JSONL dataset and their single format (see the module docstring)."""
-    records: list[dict[str, Any]] = []
-    fmt = ""
-    for _, record, record_fmt in iter_records(Path(path)):
-        records.append(record)
-        fmt = record_fmt  # one format per file: iter_records refuses a second
-    return records, fmt
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,80 +326,253 @@ def cache_key(file_sha256: str, tokenizer_digest: str, max_seq_len: int) -> str:
     return h.hexdigest()[:32]
 
 
-class _CachedDataset(msgspec.Struct, array_like=True):
-    format: str
-    truncated: int
-    tokens: int
-    loss_tokens: int
-    input_ids: list[list[int]]
-    labels: list[list[int]]
+# An entry's file: a header, then every example's input ids and labels (int32, the ids of
+# example i then its labels), then n + 1 offsets (int64, in tokens: example i has
+# offsets[i + 1] - offsets[i] of each), then the report's numbers as JSON.
+_MAGIC = b"HARLITOK"
+_VERSION = 1
+_HEADER = struct.Struct("<8sIIQQQ")  # magic, version, reserved, examples, offsets at, meta at
+_SUFFIX = ".tokens"
+
+
+class _CacheWriter:
+    """One entry being written, an example at a time; it becomes visible only at ``commit``
+    (written to a temporary name, then renamed), so a reader never sees half of one. A write
+    that fails (a full disk) is logged once and the entry dropped: the finetune then tokenizes
+    the file itself."""
+
+    def __init__(self, cache: TokenizedCache, source: Path) -> None:
+        self.cache = cache
+        self.source = source
+        self.offsets = array.array("q", [0])
+        # Unique per process and thread: two validations may write the same dataset's entry.
+        self.tmp = cache.root / f".tmp-{os.getpid()}-{threading.get_ident()}{_SUFFIX}"
+        self._f: BinaryIO | None = None
+        try:
+            cache.root.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+            self._f.write(bytes(_HEADER.size))
+        except OSError as e:
+            self._failed(e)
+
+    def add(self, example: Example) -> None:
+        self.offsets.append(self.offsets[-1] + len(example.input_ids))
+        if self._f is None:
+            return
+        tokens = array.array("i", example.input_ids)
+        tokens.extend(example.labels)
+        try:
+            self._f.write(tokens.tobytes())
+        except OSError as e:
+            self._failed(e)
+
+    def commit(self, key: str, report: DatasetReport) -> bool:
+        """Make the entry ``key`` visible; False if it could not be written."""
+        if self._f is None:
+            return False
+        f = self._f
+        try:
+            offsets_at = f.tell()
+            f.write(self.offsets.tobytes())
+            meta_at = f.tell()
+            f.write(json.dumps({"format": report.format, "truncated": report.truncated,
+                                "tokens": report.tokens,
+                                "loss_tokens": report.loss_tokens}).encode())
+            f.seek(0)
+            f.write(_HEADER.pack(_MAGIC, _VERSION, 0, len(self.offsets) - 1, offsets_at,
+                                 meta_at))
+            f.close()
+            self._f = None
+            os.replace(self.tmp, self.cache.path(key))
+            return True
+        except OSError as e:
+            self._failed(e)
+            return False
+
+    def abort(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self.tmp.unlink(missing_ok=True)
+
+    def _failed(self, e: OSError) -> None:
+        logger.warning("%s: cannot write the tokenized cache entry in %s (%s); the finetune "
+                       "will tokenize the file itself", self.source, self.cache.root, e)
+        self.abort()
+
+
+class MappedExamples(Sequence[Example]):
+    """The examples of a cache entry, read from its memory-mapped file as they are indexed:
+    a dataset of any size costs the reader the pages it touches."""
+
+    def __init__(self, tokens: Any, offsets: Any) -> None:
+        self._tokens = tokens  # numpy int32 memmap: ids then labels of each example
+        self._offsets = offsets  # numpy int64, n + 1
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    @overload
+    def __getitem__(self, i: int) -> Example: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Example]: ...
+
+    def __getitem__(self, i: int | slice) -> Example | list[Example]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        start, end = int(self._offsets[i]), int(self._offsets[i + 1])
+        n = end - start
+        row = self._tokens[2 * start:2 * end]
+        return Example(row[:n].tolist(), row[n:].tolist())
 
 
 class TokenizedCache:
-    """Tokenized datasets on disk, one msgpack file per key (``<root>/<key>.msgpack``).
-
-    Entries are written whole (to a temporary name, then renamed) so a reader never sees half
-    of one; an entry that cannot be read is a miss, logged."""
+    """Tokenized datasets on disk, one file per key (``<root>/<key>.tokens``), written an
+    example at a time and read through a memory map: neither the validation that writes an
+    entry nor the finetune that reads it holds the dataset's tokens in memory. An entry that
+    cannot be read is a miss, logged."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._decoder = msgspec.msgpack.Decoder(_CachedDataset)
 
     def path(self, key: str) -> Path:
-        return self.root / f"{key}.msgpack"
+        return self.root / f"{key}{_SUFFIX}"
 
-    def get(self, key: str, path: Path) -> tuple[list[Example], DatasetReport] | None:
+    def writer(self, source: Path) -> _CacheWriter:
+        return _CacheWriter(self, source)
+
+    def _open(self, key: str, path: Path) -> tuple[tuple[int, int, int], dict[str, Any]] | None:
+        """The entry's (examples, offsets at, meta at) and its report numbers; None: a miss."""
         try:
-            entry = self._decoder.decode(self.path(key).read_bytes())
+            with open(self.path(key), "rb") as f:
+                magic, version, _, n, offsets_at, meta_at = _HEADER.unpack(f.read(_HEADER.size))
+                if magic != _MAGIC or version != _VERSION:
+                    raise ValueError(f"not a version-{_VERSION} entry")
+                f.seek(meta_at)
+                meta = json.loads(f.read())
+            return (n, offsets_at, meta_at), meta
         except FileNotFoundError:
             return None
-        except (OSError, msgspec.DecodeError) as e:
+        except (OSError, ValueError, struct.error) as e:
             logger.warning("%s: tokenized cache entry %s unreadable (%s); tokenizing again",
                            path, self.path(key), e)
             return None
-        examples = [Example(ids, labels) for ids, labels in zip(entry.input_ids, entry.labels,
-                                                                 strict=True)]
-        report = DatasetReport(path=str(path), format=entry.format, records=len(examples),
-                               truncated=entry.truncated, tokens=entry.tokens,
-                               loss_tokens=entry.loss_tokens, cache_key=key, source="cache")
-        return examples, report
 
-    def put(self, key: str, examples: Sequence[Example], report: DatasetReport) -> None:
-        entry = _CachedDataset(format=report.format, truncated=report.truncated,
-                               tokens=report.tokens, loss_tokens=report.loss_tokens,
-                               input_ids=[e.input_ids for e in examples],
-                               labels=[e.labels for e in examples])
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            # Unique per thread: two attach workers may write the same dataset's entry.
-            tmp = self.path(key).with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-            tmp.write_bytes(msgspec.msgpack.encode(entry))
-            os.replace(tmp, self.path(key))
-        except OSError as e:  # the job still runs: the finetune tokenizes the file itself
-            logger.warning("%s: cannot write the tokenized cache entry %s (%s)",
-                           report.path, self.path(key), e)
+    def report(self, key: str, path: Path) -> DatasetReport | None:
+        """The entry's report (its examples left on disk); None: a miss."""
+        found = self._open(key, path)
+        if found is None:
+            return None
+        (n, _, _), meta = found
+        return DatasetReport(path=str(path), format=meta["format"], records=n,
+                             truncated=meta["truncated"], tokens=meta["tokens"],
+                             loss_tokens=meta["loss_tokens"], cache_key=key, source="cache")
+
+    def get(self, key: str, path: Path) -> tuple[MappedExamples, DatasetReport] | None:
+        import numpy as np
+
+        report = self.report(key, path)
+        found = self._open(key, path)
+        if report is None or found is None:
+            return None
+        (n, offsets_at, _), _ = found
+        offsets = np.fromfile(self.path(key), dtype="<i8", count=n + 1, offset=offsets_at)
+        total = int(offsets[-1])
+        tokens = np.memmap(self.path(key), dtype="<i4", mode="r", offset=_HEADER.size,
+                           shape=(2 * total,)) if total else np.zeros(0, dtype="<i4")
+        return MappedExamples(tokens, offsets), report
 
     def prune(self, keep: set[str]) -> int:
-        """Remove the entries whose key is not in ``keep``; returns how many went."""
+        """Remove the entries whose key is not in ``keep`` (and those of an older layout);
+        returns how many went."""
         removed = 0
-        for f in self.root.glob("*.msgpack"):
-            if f.stem not in keep:
+        for f in self.root.glob("*"):
+            if f.is_file() and not f.name.startswith(".tmp-") and (
+                    f.suffix != _SUFFIX or f.stem not in keep):
                 f.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def _tokenize(path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
+              limits: DatasetLimits, cancel: threading.Event | None, emit: Callable[[Example],
+                                                                                   None],
+              progress: Progress | None = None) -> tuple[DatasetReport, str]:
+    """Tokenize every record of ``path``, handing each example to ``emit``; returns the report
+    (no cache key yet) and the sha256 of the bytes read."""
+    digest = hashlib.sha256()
+    records = truncated = tokens = loss_tokens = 0
+    fmt = ""
+    for lineno, record, fmt in iter_records(path, limits, cancel, digest, progress):
+        if records % 256 == 0:
+            _check_cancel(cancel, path)
+        example, cut = tokenize_record(
+            record, fmt, tokenizer, max_seq_len, where=f"{path}:{lineno}"
+        )
+        emit(example)
+        records += 1
+        truncated += cut
+        tokens += len(example.input_ids)
+        # Only labels after the first token count: a causal LM predicts token i from the ones
+        # before it, so a label on the first token is never trained on.
+        loss_tokens += sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
+    if truncated:
+        logger.warning(
+            "%s: %d of %d records are longer than max_seq_len=%d tokens and were truncated",
+            path, truncated, records, max_seq_len,
+        )
+    report = DatasetReport(path=str(path), format=fmt, records=records, truncated=truncated,
+                           tokens=tokens, loss_tokens=loss_tokens)
+    logger.info("%s: %d %s records, %d tokens (%d with loss)", path, records, fmt, tokens,
+                loss_tokens)
+    return report, digest.hexdigest()
+
+
+def tokenize_to_cache(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
+    cache: TokenizedCache, limits: DatasetLimits = DatasetLimits(),
+    cancel: threading.Event | None = None, progress: Progress | None = None,
+) -> DatasetReport:
+    """Read, check and tokenize a JSONL dataset into ``cache``, an example at a time, holding
+    none of them in memory; raises :class:`DatasetError` on a bad file. An entry already
+    there for these bytes, tokenizer and ``max_seq_len`` is used as it is."""
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be at least 1, got {max_seq_len}")
+    path = Path(path)
+    tok_digest = tokenizer_fingerprint(tokenizer)
+    hit = cache.report(cache_key(file_digest(path, limits, cancel), tok_digest, max_seq_len),
+                       path)
+    if hit is not None:
+        return hit
+    writer = cache.writer(path)
+    try:
+        report, file_sha = _tokenize(path, tokenizer, max_seq_len, limits, cancel, writer.add,
+                                     progress)
+    except BaseException:
+        writer.abort()
+        raise
+    key = cache_key(file_sha, tok_digest, max_seq_len)
+    report = dataclasses.replace(report, cache_key=key)
+    writer.commit(key, report)
+    return report
 
 
 def load_dataset(
     path: str | Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
     cache: TokenizedCache | None = None, limits: DatasetLimits = DatasetLimits(),
     cancel: threading.Event | None = None,
-) -> tuple[list[Example], DatasetReport]:
+) -> tuple[Sequence[Example], DatasetReport]:
     """Read, check and tokenize a JSONL dataset; raises :class:`DatasetError` on a bad file.
 
-    With a ``cache``, the examples come from it when this file (its bytes), tokenizer and
-    ``max_seq_len`` were tokenized before, and go into it when they were not. Only regular files
-    within ``limits`` are read; setting ``cancel`` stops a read or tokenization in progress with
-    :class:`DatasetCancelled`."""
+    With a ``cache``, the examples come from it (memory-mapped) when this file (its bytes),
+    tokenizer and ``max_seq_len`` were tokenized before, and go into it when they were not.
+    Only regular files within ``limits`` are read; setting ``cancel`` stops a read or
+    tokenization in progress with :class:`DatasetCancelled`."""
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be at least 1, got {max_seq_len}")
     path = Path(path)
@@ -701,37 +583,23 @@ def load_dataset(
                         path)
         if hit is not None:
             return hit
-    # The key is what this pass read, whatever the file held at the first.
-    digest = hashlib.sha256()
     examples: list[Example] = []
-    truncated = tokens = loss_tokens = 0
-    fmt = ""
-    for i, (lineno, record, fmt) in enumerate(iter_records(path, limits, cancel, digest)):
-        if i % 256 == 0:
-            _check_cancel(cancel, path)
-        example, cut = tokenize_record(
-            record, fmt, tokenizer, max_seq_len, where=f"{path}:{lineno}"
-        )
+    writer = cache.writer(path) if cache is not None else None
+
+    def emit(example: Example) -> None:
         examples.append(example)
-        truncated += cut
-        tokens += len(example.input_ids)
-        # Only labels after the first token count: a causal LM predicts token i from the ones
-        # before it, so a label on the first token is never trained on.
-        loss_tokens += sum(1 for label in example.labels[1:] if label != IGNORE_INDEX)
-    key = cache_key(digest.hexdigest(), tok_digest, max_seq_len)
-    if truncated:
-        logger.warning(
-            "%s: %d of %d records are longer than max_seq_len=%d tokens and were truncated",
-            path, truncated, len(examples), max_seq_len,
-        )
-    report = DatasetReport(
-        path=str(path), format=fmt, records=len(examples), truncated=truncated,
-        tokens=tokens, loss_tokens=loss_tokens, cache_key=key,
-    )
-    if cache is not None:
-        cache.put(key, examples, report)
-    logger.info(
-        "%s: %d %s records, %d tokens (%d with loss)",
-        path, report.records, fmt, tokens, loss_tokens,
-    )
+        if writer is not None:
+            writer.add(example)
+
+    try:
+        report, file_sha = _tokenize(path, tokenizer, max_seq_len, limits, cancel, emit)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    # The key is what this pass read, whatever the file held at the first.
+    key = cache_key(file_sha, tok_digest, max_seq_len)
+    report = dataclasses.replace(report, cache_key=key)
+    if writer is not None:
+        writer.commit(key, report)
     return examples, report
