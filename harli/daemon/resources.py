@@ -25,6 +25,7 @@ from harli.config import ConfigError, HarliConfig
 from harli.ipc import curve
 from harli.ipc.codec import encode
 from harli.ipc.decode import DaemonToDecode
+from harli.ipc.endpoints import INTERNAL_SOCKET_MODE, PUBLIC_SOCKET_MODE, set_socket_mode
 from harli.ipc.finetune import DaemonToFinetune
 
 logger = logging.getLogger(__name__)
@@ -115,22 +116,25 @@ class DaemonResources:
                 if ep_cfg.curve_authorized_keys and not self._authenticators:
                     self._authenticators.append(
                         curve.start_authenticator(self.ctx, ep_cfg.curve_authorized_keys))
-        for sock, ep in ((self.inference, cfg.inference_endpoint),
-                         (self.control, cfg.control_endpoint),
-                         (self.decode_in, cfg.internal_endpoint("decode-in")),
-                         (self.decode_out, cfg.internal_endpoint("decode-out")),
-                         (self.finetune_in, cfg.internal_endpoint("finetune-in")),
-                         (self.finetune_out, cfg.internal_endpoint("finetune-out")),
-                         (self.http_out, cfg.internal_endpoint("http-out"))):
+        for sock, ep, mode in (
+                (self.inference, cfg.inference_endpoint, PUBLIC_SOCKET_MODE),
+                (self.control, cfg.control_endpoint, PUBLIC_SOCKET_MODE),
+                (self.decode_in, cfg.internal_endpoint("decode-in"), INTERNAL_SOCKET_MODE),
+                (self.decode_out, cfg.internal_endpoint("decode-out"), INTERNAL_SOCKET_MODE),
+                (self.finetune_in, cfg.internal_endpoint("finetune-in"), INTERNAL_SOCKET_MODE),
+                (self.finetune_out, cfg.internal_endpoint("finetune-out"),
+                 INTERNAL_SOCKET_MODE),
+                (self.http_out, cfg.internal_endpoint("http-out"), INTERNAL_SOCKET_MODE)):
             sock.bind(ep)
             self._paths.append(ep)
-            if ep.startswith("ipc://") and sock in (self.inference, self.control):
-                # Connecting to a Unix socket needs write permission: 0660 lets the service's
-                # group connect whatever the umask (systemd's UMask=0027 would leave 0750). The
-                # runtime dir's own mode still decides who reaches the socket at all.
-                os.chmod(ep[len("ipc://"):], 0o660)
-        # decode_proc binds the telemetry PUB (so any local observer can subscribe); ZMQ
-        # reconnects to the same path across decode restarts.
+            # Whatever the umask: the public sockets 0660, so the service's group can connect
+            # (systemd's UMask=0027 would leave 0750, and connecting needs write permission);
+            # the internal ones 0600, the daemon's user only. The runtime dir's own mode still
+            # decides who reaches them at all; this is defence in depth.
+            set_socket_mode(ep, mode)
+        # decode_proc binds the telemetry PUB (so any local observer running as the daemon's
+        # user can subscribe; it makes the socket 0600 too); ZMQ reconnects to the same path
+        # across decode restarts.
         self.telemetry.connect(cfg.internal_endpoint("telemetry"))
         self._paths.append(cfg.internal_endpoint("telemetry"))
         self._poller = zmq.Poller()

@@ -7,8 +7,9 @@ Sockets (all ipc:// in the runtime dir, bound by the daemon except telemetry):
 * ``decode-out`` PUSH  -> daemon PULL: ``Ready``, one ``StepOutputs`` per iteration, ``Fatal``,
   ``BlocksLent`` / ``BlocksReturned``; on CUDA with ``gpu.share_weights``, ``WeightsExported``
   just before ``Ready``
-* ``telemetry``  PUB (bound here): one ``IterationTelemetry`` per iteration, for the daemon and
-  any local observer (bench, profiler)
+* ``telemetry``  PUB (bound here, mode 0600 like the daemon's internal sockets): one
+  ``IterationTelemetry`` per iteration, for the daemon and any local observer (bench,
+  profiler) running as the daemon's user
 
 One loop, ``drain inputs -> step -> emit``, like vLLM's ``EngineCoreProc`` but without its
 Python IO threads: libzmq already moves bytes on its own I/O thread, and on a CPU host every
@@ -45,6 +46,7 @@ from harli.ipc.decode import (
     StepOutputs,
     UnloadAdapter,
 )
+from harli.ipc.endpoints import INTERNAL_SOCKET_MODE, set_socket_mode
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class DecodeProc:
         self._pub.setsockopt(zmq.SNDHWM, self.cfg.decode.telemetry_hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.bind(self.cfg.internal_endpoint("telemetry"))
+        # Like the daemon's internal sockets: the daemon's user only, whatever the umask.
+        set_socket_mode(self.cfg.internal_endpoint("telemetry"), INTERNAL_SOCKET_MODE)
 
     def request_stop(self, reason: str) -> None:
         """Safe from a signal handler: only records the request."""

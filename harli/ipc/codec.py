@@ -39,11 +39,25 @@ class Decoder(Generic[T]):
         try:
             return self._decoder.decode(data)
         except msgspec.ValidationError as e:
-            raise DecodeFailure(ErrorCode.INVALID, str(e)) from None
+            invalid = e
         except msgspec.DecodeError as e:
             raise DecodeFailure(ErrorCode.MALFORMED, f"not valid MessagePack: {e}") from None
         except RecursionError:
             raise DecodeFailure(ErrorCode.MALFORMED, _TOO_DEEP) from None
+        # The typed decoder stops at the first value of a wrong type, before reading the rest:
+        # bytes that are not MessagePack at all (b"hello" starts with a valid fixint) would be
+        # "invalid" then. Reading them untyped tells the two apart.
+        try:
+            raw = _ANY.decode(data)
+        except msgspec.DecodeError as err:
+            raise DecodeFailure(ErrorCode.MALFORMED, f"not valid MessagePack: {err}") from None
+        except RecursionError:
+            raise DecodeFailure(ErrorCode.MALFORMED, _TOO_DEEP) from None
+        raise self._refused(raw, invalid)
+
+    def _refused(self, raw: Any, e: msgspec.ValidationError) -> DecodeFailure:
+        """The failure of well-formed MessagePack ``raw`` that is no valid message."""
+        return DecodeFailure(ErrorCode.INVALID, str(e))
 
 
 _ANY = msgspec.msgpack.Decoder()
@@ -51,36 +65,22 @@ _CLIENT_TAGS = frozenset({"hello", "generate", "abort"})
 
 
 class ClientDecoder(Decoder[ClientMessage]):
-    """Decoder for client messages that tells an unknown ``type`` from a bad field."""
+    """Decoder for client messages that tells a non-map or an unknown ``type`` from a bad
+    field."""
 
     def __init__(self) -> None:
         super().__init__(ClientMessage)
 
-    def decode(self, data: bytes | memoryview) -> ClientMessage:
-        try:
-            return super().decode(data)
-        except DecodeFailure as e:
-            if e.code != ErrorCode.INVALID:
-                raise
-            try:
-                raw = _ANY.decode(data)
-            except msgspec.DecodeError as err:
-                raise DecodeFailure(ErrorCode.MALFORMED,
-                                    f"not valid MessagePack: {err}") from None
-            except RecursionError:
-                raise DecodeFailure(ErrorCode.MALFORMED, _TOO_DEEP) from None
-            if not isinstance(raw, dict):
-                raise DecodeFailure(
-                    ErrorCode.MALFORMED,
-                    f"expected a map with a 'type' field, got {type(raw).__name__}",
-                ) from None
-            tag = raw.get("type")
-            if tag not in _CLIENT_TAGS:
-                raise DecodeFailure(
-                    ErrorCode.UNKNOWN_TYPE,
-                    f"unknown message type {tag!r}; expected one of {sorted(_CLIENT_TAGS)}",
-                ) from None
-            raise
+    def _refused(self, raw: Any, e: msgspec.ValidationError) -> DecodeFailure:
+        if not isinstance(raw, dict):
+            return DecodeFailure(ErrorCode.MALFORMED,
+                                 f"expected a map with a 'type' field, got {type(raw).__name__}")
+        tag = raw.get("type")
+        if tag not in _CLIENT_TAGS:
+            return DecodeFailure(
+                ErrorCode.UNKNOWN_TYPE,
+                f"unknown message type {tag!r}; expected one of {sorted(_CLIENT_TAGS)}")
+        return super()._refused(raw, e)
 
 
 def drain(sock: Any, decoder: Decoder[T], timeout_ms: int, role: str) -> Iterator[T]:

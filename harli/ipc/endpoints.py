@@ -82,6 +82,18 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> str:
     return os.path.expanduser("~/.local/state/harli")
 
 
+# Modes of the daemon's Unix socket files, set right after each bind (a bound socket file takes
+# the umask's mode). Connecting to a Unix socket needs write permission on it.
+PUBLIC_SOCKET_MODE = 0o660  # inference, control: the service's group may connect
+INTERNAL_SOCKET_MODE = 0o600  # daemon <-> child channels: the daemon's user only
+
+
+def set_socket_mode(endpoint: str, mode: int) -> None:
+    """Give an ``ipc://`` endpoint's socket file ``mode``; nothing for any other transport."""
+    if endpoint.startswith("ipc://"):
+        os.chmod(endpoint[len("ipc://"):], mode)
+
+
 class DaemonNotRunning(Exception):
     """An ipc:// endpoint has no listening daemon behind it; known at once, without waiting."""
 

@@ -10,6 +10,9 @@ Conventions of the document that these tests rely on:
 - ``<!-- struct: module.Name -->`` precedes the table of that struct: one row per key, in field
   order, first cell the key in backticks; with a ``default`` column, ``required`` or the default
   as a JSON literal in backticks (anything else: the field has a default too complex to print).
+- The inference error codes (the ``| code | when |`` table after the ``Error`` struct's) and
+  ``### Control errors``: each bad message below is fed to the real endpoint (``Frontend``,
+  ``ControlEndpoint``), and the row of the code it answers must name the case.
 """
 
 from __future__ import annotations
@@ -29,12 +32,17 @@ import msgspec
 import pytest
 import zmq
 
+from harli.config import load
+from harli.daemon.control_endpoint import ControlEndpoint
+from harli.daemon.frontend import Frontend
+from harli.daemon.metrics import Metrics
 from harli.ipc import control, inference, jobs
 from harli.ipc.codec import ClientDecoder, Decoder, encode
-from harli.ipc.control import ControlReply, ControlRequest, JobInfo, JobList
+from harli.ipc.control import ControlReply, ControlRequest, JobInfo, JobList, ListJobs, ShowJob
 from harli.ipc.decode import IterationTelemetry
 from harli.ipc.inference import Chunk, Error, ErrorCode, ServerMessage
 from harli.ipc.jobs import JobSpec
+from tests.unit.daemon.fake_sockets import FakeRouter
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
 
@@ -239,3 +247,119 @@ def test_every_error_code_is_documented() -> None:
     codes = [v for k, v in vars(ErrorCode).items() if k.isupper()]
     missing = [c for c in codes if f"| `{c}` |" not in DOC]
     assert not missing, missing
+
+
+# -- error codes: what each endpoint answers to a bad message is what the tables say -------------
+
+_LIMIT = 1024
+_CFG = load(None, ['model.path="/models/m"', f"endpoints.max_message_bytes={_LIMIT}"])
+_enc = msgspec.msgpack.encode
+_DEEP = b"\x91" * 1020 + b"\xc0"  # valid MessagePack, nested past the decoder's limit
+
+
+def _code_table(heading: str) -> dict[str, str]:
+    """``{code: its "when" cell}`` of the first ``| code | when |`` table after ``heading``."""
+    lines = DOC[DOC.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| code | when |"))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        code, when = [c.strip() for c in line.strip().strip("|").split("|")][:2]
+        rows[code.strip("`")] = when
+    return rows
+
+
+class _Observer:
+    def on_arrival(self, prompt_tokens: int, now: float, lora: bool = False) -> None: ...
+
+    def on_tokens(self, gaps_s: list[float]) -> None: ...
+
+    def on_request_done(self, first_s: float, last_s: float, n_tokens: int) -> None: ...
+
+
+def _inference_answer(*frames: bytes) -> Any:
+    """The real ``Frontend``'s one reply to one client message of ``frames``."""
+    sock = FakeRouter(ServerMessage)
+    fe = Frontend(sock, _CFG, Metrics(), send_decode=lambda _: True,
+                  decode_running=lambda: True, decode_incarnation=lambda: 1,
+                  runtime=lambda: None, accepting=lambda: True, observer=_Observer(),
+                  clock=lambda: 0.0)
+    sock.feed(b"c", *frames)
+    fe.drain()
+    (reply,) = sock.replies(b"c")
+    return reply
+
+
+def _control_answer(*frames: bytes) -> Any:
+    """The real ``ControlEndpoint``'s one reply; it serves ``list_jobs`` and nothing else."""
+    sock = FakeRouter(ControlReply | Error)
+    endpoint = ControlEndpoint(sock, _LIMIT, {ListJobs: lambda _: JobList(jobs=[])})
+    sock.feed(b"c", *frames)
+    endpoint.drain()
+    (reply,) = sock.replies(b"c")
+    return reply
+
+
+_GENERATE = {"type": "generate", "request_id": "1", "prompt_token_ids": [1]}
+_NOT_MSGPACK = [b"\xc1", b"hello", b"", b"\x81\xa4type"]  # bad opcode, text, empty, truncated
+
+# (frames, code, words of the table's row for that code that name the case)
+INFERENCE_CASES: list[tuple[list[bytes], str, str]] = [
+    *[([p], "malformed", "not MessagePack") for p in _NOT_MSGPACK],
+    ([_enc(_GENERATE) + b"\x00"], "malformed", "bytes after a complete message"),
+    *[([_enc(v)], "malformed", "not a map") for v in (5, [1, 2], "generate", None)],
+    ([_DEEP], "malformed", "nested too deeply"),
+    ([_enc(_GENERATE), b"more"], "malformed", "not one frame"),
+    ([_enc({"request_id": "1"})], "unknown_type", "`type` missing"),
+    ([_enc({"type": "reboot"})], "unknown_type", "not one of the above"),
+    ([_enc({"type": 3})], "unknown_type", "not one of the above"),
+    ([_enc({**_GENERATE, "max_tokens": "8"})], "invalid", "of the wrong type"),
+    ([_enc({**_GENERATE, "max_tokenz": 8})], "invalid", "unknown"),
+    ([_enc({"type": "generate", "prompt": "x"})], "invalid", "a field missing"),
+    ([_enc({**_GENERATE, "max_tokens": 0})], "invalid", "out of range"),
+    ([b"\x00" * (_LIMIT + 1)], "too_large", "over `max_message_bytes`"),
+]
+CONTROL_CASES: list[tuple[list[bytes], str, str]] = [
+    *[([p], "malformed", "not MessagePack") for p in _NOT_MSGPACK],
+    ([_enc({"type": "list_jobs"}) + b"\x00"], "malformed", "bytes after a complete message"),
+    ([_DEEP], "malformed", "nested too deeply"),
+    *[([_enc(v)], "invalid", "not a map") for v in (5, [1, 2], "list_jobs", None)],
+    ([_enc({"job_id": 1})], "invalid", "`type` missing or unknown"),
+    ([_enc({"type": "reboot"})], "invalid", "`type` missing or unknown"),
+    ([_enc({"type": "show_job", "job_id": "1"})], "invalid", "of the wrong type"),
+    ([_enc({"type": "show_job"})], "invalid", "a key missing"),
+    ([_enc({"type": "list_jobs", "bogus": 1})], "invalid", "out of range or unknown"),
+    ([_enc({"type": "show_job", "job_id": 0})], "invalid", "out of range"),
+    ([b"\x00" * (_LIMIT + 1)], "too_large", "over `max_message_bytes`"),
+    ([encode(ShowJob(job_id=1))], "unknown_type", "has no handler"),
+]
+
+
+@pytest.mark.parametrize(("frames", "code", "says"), INFERENCE_CASES)
+def test_the_inference_error_table_says_what_the_frontend_answers(
+        frames: list[bytes], code: str, says: str) -> None:
+    reply = _inference_answer(*frames)
+    assert isinstance(reply, Error) and reply.code == code, reply
+    table = _code_table("<!-- struct: harli.ipc.inference.Error -->")
+    assert says in table[code], f"the `{code}` row should say {says!r}: {table[code]!r}"
+
+
+@pytest.mark.parametrize(("frames", "code", "says"), CONTROL_CASES)
+def test_the_control_error_table_says_what_the_control_endpoint_answers(
+        frames: list[bytes], code: str, says: str) -> None:
+    reply = _control_answer(*frames)
+    assert isinstance(reply, Error) and reply.code == code and reply.request_id is None, reply
+    table = _code_table("### Control errors")
+    assert says in table[code], f"the `{code}` row should say {says!r}: {table[code]!r}"
+
+
+def test_a_control_request_of_several_frames_is_read_by_its_last_as_documented() -> None:
+    assert "of several frames is not refused: only its last frame is read" in " ".join(DOC.split())
+    assert _control_answer(b"junk", encode(ListJobs())) == JobList(jobs=[])
+
+
+def test_both_error_tables_have_a_row_for_every_code_a_bad_message_gets() -> None:
+    assert {c for _, c, _ in INFERENCE_CASES} <= set(
+        _code_table("<!-- struct: harli.ipc.inference.Error -->"))
+    assert {c for _, c, _ in CONTROL_CASES} <= set(_code_table("### Control errors"))

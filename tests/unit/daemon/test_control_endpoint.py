@@ -254,7 +254,9 @@ def test_a_reply_to_a_client_that_has_gone_is_dropped() -> None:
 
 
 @pytest.mark.parametrize(("payload", "code", "says"), [
-    (b"\x91" * 1020 + b"\xc0", ErrorCode.INVALID, "Expected `object`, got `array`"),
+    (b"\x91" * 500 + b"\xc0", ErrorCode.INVALID, "Expected `object`, got `array`"),
+    (b"\x91" * 1020 + b"\xc0", ErrorCode.MALFORMED, "nested too deeply"),
+    (b"hello", ErrorCode.MALFORMED, "MessagePack"),  # its first byte alone is a valid int
     (b"\xc1", ErrorCode.MALFORMED, "MessagePack"),
     (msgspec.msgpack.encode({"type": "show_job", "job_id": 2**63}), ErrorCode.INVALID,
      "job_id"),
