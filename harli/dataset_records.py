@@ -147,6 +147,8 @@ def _open_regular(path: Path, limits: DatasetLimits) -> Iterator[BinaryIO]:
             raise DatasetError(f"{path}: is a directory, not a JSONL dataset file")
         # O_NONBLOCK: opening a named pipe must not wait for a writer; fstat then refuses it.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except DatasetError:
+        raise
     except PermissionError as e:
         raise DatasetError(f"{path}: cannot be read (permission denied)") from e
     except (OSError, ValueError) as e:  # ValueError: a NUL in the path

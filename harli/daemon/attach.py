@@ -1,17 +1,17 @@
-"""Checks a job must pass before it is stored: everything that can be refused at attach time
-is refused here, with a message that says what to change, so nothing is half-stored."""
+"""Checks a job must pass before it is stored: everything that can be refused at once, before
+its files are read, is refused here with a message that says what to change. Its files'
+contents are checked in the background once it is stored (``validation.py``)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
-import threading
 from pathlib import Path
-from typing import Any
 
-from harli.datasets import DatasetLimits, DatasetReport, TokenizedCache
 from harli.ipc.jobs import JobSpec
+from harli.paths import BadPath, check_path
 
 logger = logging.getLogger(__name__)
 
@@ -74,37 +74,30 @@ def check_output_dir(path: Path, taken: dict[str, str], roots: list[Path]) -> No
 
 
 class AttachValidator:
-    """Validates jobs against the served model; holds its tokenizer and module names.
+    """The checks a job passes before it is stored, against the served model: everything but
+    its files' contents, which ``DatasetValidations`` checks in the background once it is
+    stored. Runs on the daemon's loop: it reads the model's config and module names once, and
+    makes only a few system calls per job, on paths already checked as paths."""
 
-    ``validate`` runs on several attach workers at once: each thread has its own tokenizer
-    (a Hugging Face fast tokenizer is not safe to share across threads)."""
-
-    def __init__(self, model_dir: Path, dataset_cache: TokenizedCache,
-                 limits: DatasetLimits, output_roots: list[Path],
+    def __init__(self, model_dir: Path, output_roots: list[Path],
                  max_serving_rank: int | None = None) -> None:
         self.model_dir = model_dir
         # The highest LoRA rank decode serves (None: adapters are not served): a job of a
         # higher rank would train an adapter that can never be called.
         self.max_serving_rank = max_serving_rank
         self.output_roots = output_roots
-        self.dataset_cache = dataset_cache
-        self.limits = limits
-        # Set when the daemon stops: a dataset being read or tokenized stops at its next line.
-        self.cancel = threading.Event()
-        self._local = threading.local()
         self._modules: set[str] | None = None
+        self._context: int | None = None
 
-    def _tokenizer(self) -> Any:
-        tok = getattr(self._local, "tokenizer", None)
-        if tok is None:
-            from transformers import AutoTokenizer
-
-            tok = self._local.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        return tok
-
-    def validate(self, spec: JobSpec, taken_output_dirs: dict[str, str]) -> dict[str, Any]:
-        """Raise ``AttachRefused`` naming the problem, or return the dataset report. The
-        dataset is tokenized here, once: the finetune reads the examples from the cache."""
+    def check(self, spec: JobSpec, taken_output_dirs: dict[str, str]) -> None:
+        """Raise ``AttachRefused`` naming the problem and what to change."""
+        try:
+            for key in ("output_dir", "dataset", "validation_file", "base_model"):
+                value = getattr(spec, key)
+                if value:
+                    check_path(value, key, absolute=key != "base_model")
+        except BadPath as e:
+            raise AttachRefused(str(e)) from None
         if spec.base_model and os.path.realpath(spec.base_model) != os.path.realpath(
                 self.model_dir):
             raise AttachRefused(f"the job is for base model {spec.base_model}, but this daemon "
@@ -114,33 +107,32 @@ class AttachValidator:
                                 f"({self.max_serving_rank}, lora.max_lora_rank): the adapter "
                                 f"could never be called; train at rank {self.max_serving_rank} "
                                 f"or less, or raise lora.max_lora_rank")
-        check_output_dir(Path(spec.output_dir), taken_output_dirs, self.output_roots)
-        for key, path in (("dataset", spec.dataset), ("validation_file", spec.validation_file)):
-            if path and not Path(path).is_absolute():
-                raise AttachRefused(f"{key} {path} must be an absolute path")
-        if self._modules is None:  # read once; a racing second read gives the same set
+        context = self.context_tokens()
+        if context is not None and spec.max_seq_len > context:
+            raise AttachRefused(f"max_seq_len {spec.max_seq_len} is above the model's context of "
+                                f"{context} tokens (max_position_embeddings); use "
+                                f"{context} or less")
+        try:
+            check_output_dir(Path(spec.output_dir), taken_output_dirs, self.output_roots)
+        except OSError as e:  # a directory on the way that cannot be read, a dead mount
+            raise AttachRefused(f"output_dir {spec.output_dir}: cannot be checked "
+                                f"({e.strerror or e})") from None
+        if self._modules is None:
             self._modules = module_names(self.model_dir)
         check_target_modules(list(spec.lora.target_modules), self._modules)
-        report = self._check_dataset(spec.dataset, spec.max_seq_len, "dataset",
-                                     "to learn from").as_dict()
-        if spec.validation_file:
-            # The same checks as the training set's, and tokenized into the same cache.
-            valid = self._check_dataset(spec.validation_file, spec.max_seq_len,
-                                        "validation_file", "to score")
-            report.update({f"validation_{k}": v for k, v in valid.as_dict().items()
-                           if k != "source"})
-        return report
 
-    def _check_dataset(self, path: str, max_seq_len: int, key: str,
-                       purpose: str) -> DatasetReport:
-        from harli.datasets import DatasetError, load_dataset
-
-        try:
-            _, report = load_dataset(path, self._tokenizer(), max_seq_len, self.dataset_cache,
-                                     self.limits, self.cancel)
-        except DatasetError as e:
-            raise AttachRefused(str(e) if key == "dataset" else f"{key}: {e}") from None
-        if report.loss_tokens == 0:
-            raise AttachRefused(f"{key} {path}: no response tokens left {purpose} at "
-                                f"max_seq_len {max_seq_len}")
-        return report
+    def context_tokens(self) -> int | None:
+        """The model's context length (its config's ``max_position_embeddings``), read once;
+        None when the config does not say."""
+        if self._context is None:
+            try:
+                config = json.loads((self.model_dir / "config.json").read_text())
+            except (OSError, ValueError) as e:
+                logger.warning("[attach] cannot read %s/config.json (%s); max_seq_len is not "
+                               "checked against the model's context", self.model_dir, e)
+                return None
+            value = config.get("max_position_embeddings")
+            if not isinstance(value, int) or value < 1:
+                return None
+            self._context = value
+        return self._context

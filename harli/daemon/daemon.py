@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from harli.config import ENV, HarliConfig
@@ -230,43 +231,38 @@ class Daemon:
     def _poll_once(self) -> None:
         res = self.resources
         events = res.poll(max(1, int(self.cfg.daemon.tick_s * 1000)))
+        # Each drain contains its messages' failures; this guard keeps a socket's failure
+        # (a bug in a drain itself) from ending the loop or starving the sockets after it.
         if res.decode_out in events:
-            self._from_decode.drain(res.decode_out)
+            self._contained("decode messages", lambda: self._from_decode.drain(res.decode_out))
         if res.telemetry in events:
-            self._from_telemetry.drain(res.telemetry)
+            self._contained("telemetry", lambda: self._from_telemetry.drain(res.telemetry))
         if res.inference in events:
-            self.frontend.drain()
+            self._contained("inference", self.frontend.drain)
         if res.finetune_out in events:
-            self._from_finetune.drain(res.finetune_out)
+            self._contained("finetune messages",
+                            lambda: self._from_finetune.drain(res.finetune_out))
         if res.control in events:
-            self.control_endpoint.drain()
+            self._contained("control", self.control_endpoint.drain)
         if res.http_out in events:
-            self._from_http.drain(res.http_out)
+            self._contained("http messages", lambda: self._from_http.drain(res.http_out))
 
     def _tick(self, now: float) -> None:
         for fev in self.finetune.transition(now):
             if isinstance(fev, ChildExited):
-                self._on_finetune_exit(fev, now)
+                self._contained("finetune exit", partial(self._on_finetune_exit, fev, now))
             else:
                 logger.error("[daemon] finetune process is FATAL; jobs stay queued")
         if self.state is DaemonState.SERVING:
-            self.jobs.tick()
-        self.memory.tick(now)
+            self._contained("jobs", self.jobs.tick)
+        self._contained("memory", lambda: self.memory.tick(now))
         for hev in self.http.transition(now):
             if not isinstance(hev, ChildExited):
                 logger.error("[daemon] the HTTP front is FATAL (see its log above); the "
                              "ZeroMQ endpoints keep serving")
-        self.metrics.tick(now)
-        in_flight = len(self.frontend.requests)
-        if not in_flight:
-            self.scheduler.on_idle(now)
-            self.metrics.on_idle()
-        elif self.decode.state is not ChildState.RUNNING:
-            # Requests wait for a decode that is starting or restarting: none runs (those of
-            # a dead incarnation failed at its exit), all of them wait.
-            self.metrics.on_idle(waiting=in_flight)
-        self.jobs.settle_attaches(now)
-        self.control_endpoint.reply_done()
+        self._contained("metrics", lambda: self._tick_metrics(now))
+        self._contained("validation", lambda: self.jobs.poll_validations(now))
+        self._contained("control", self.control_endpoint.reply_done)
         for ev in self.decode.transition(now):
             if isinstance(ev, ChildExited):
                 self._on_decode_exit(ev)
@@ -284,9 +280,31 @@ class Daemon:
                                                    or now >= self._drain_deadline):
             self._stop_all()
 
+    def _tick_metrics(self, now: float) -> None:
+        self.metrics.tick(now)
+        in_flight = len(self.frontend.requests)
+        if not in_flight:
+            self.scheduler.on_idle(now)
+            self.metrics.on_idle()
+        elif self.decode.state is not ChildState.RUNNING:
+            # Requests wait for a decode that is starting or restarting: none runs (those of
+            # a dead incarnation failed at its exit), all of them wait.
+            self.metrics.on_idle(waiting=in_flight)
+
+    def _contained(self, part: str, work: Callable[[], object]) -> None:
+        """Run one part of a loop turn; a failure (a bug, or a system call that failed on
+        what a client named) is logged and counted, and the loop turns on: the daemon's
+        other work, and every other client, must not end with it."""
+        try:
+            work()
+        except Exception:
+            logger.exception("[daemon] %s failed; the daemon serves on", part)
+            self.metrics.contained_errors.labels(part).inc()
+
     def _begin_drain(self, now: float, reason: str) -> None:
         if self.state in (DaemonState.DRAINING, DaemonState.STOPPING, DaemonState.STOPPED):
             return
+        self.jobs.stop_accepting()
         logger.info("[shutdown] daemon: %s; draining %d requests (up to %.1f s)", reason,
                     len(self.frontend.requests), self.cfg.daemon.drain_timeout_s)
         self.notifier.stopping()

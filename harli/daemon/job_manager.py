@@ -18,9 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import msgspec
 
@@ -32,7 +30,8 @@ from harli.daemon.jobstore import JobStore
 from harli.daemon.metrics import Metrics
 from harli.daemon.quota import QuotaController
 from harli.daemon.supervisor import ChildExited, describe_returncode
-from harli.datasets import DatasetLimits, TokenizedCache
+from harli.daemon.validation import DatasetValidations
+from harli.datasets import TokenizedCache
 from harli.ipc.control import (
     AddFile,
     AttachJob,
@@ -53,6 +52,7 @@ from harli.ipc.control import (
     ResumeJob,
     ShowFile,
     ShowJob,
+    ValidationStatus,
 )
 from harli.ipc.finetune import (
     STOPPED,
@@ -68,6 +68,13 @@ from harli.ipc.finetune import (
 )
 from harli.ipc.inference import Error, ErrorCode
 from harli.ipc.jobs import JobSpec
+from harli.ipc.validation import (
+    CheckFile,
+    ValidateJob,
+    ValidationDone,
+    ValidationFailed,
+    ValidationProgress,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,23 +84,9 @@ _TPS_ALPHA = 0.2  # EWMA weight of the newest micro-step in tokens/s
 # pages through all of them).
 SHOW_EVENTS = 20
 SHOW_METRICS = 100
-# Datasets checked at once: a large file being tokenized delays no other attach.
-ATTACH_WORKERS = 4
-# A job is stored only if its check ends within this share of the client's wait, leaving the
-# rest for the reply to reach it (and for the loop turn that sends it).
-ATTACH_REPLY_SHARE = 0.8
-
-
-@dataclass
-class _Attach:
-    """An attach being validated on a worker, stored from the loop once it is done."""
-
-    spec: JobSpec
-    deadline: float | None  # monotonic; None: the client did not say how long it waits
-    wait_s: float | None
-    work: Future[dict[str, Any]]
-    reply: Future[Reply]
-    owner: str = ""
+# Jobs whose files are checked at once, each in a worker process: a large file being checked
+# delays no other job's.
+VALIDATION_WORKERS = 4
 
 
 class JobManager:
@@ -109,14 +102,12 @@ class JobManager:
         self.files.sweep()  # before the HTTP front runs: nothing of it is in flight
         self.dataset_cache = TokenizedCache(cfg.dataset_cache_dir)
         self.validator = AttachValidator(
-            cfg.model_path, self.dataset_cache,
-            DatasetLimits(max_bytes=cfg.finetune.max_dataset_bytes,
-                          max_line_bytes=cfg.finetune.max_line_bytes,
-                          max_records=cfg.finetune.max_dataset_records),
-            cfg.output_roots, cfg.lora.max_lora_rank if cfg.lora.enabled else None)
-        self._executor = ThreadPoolExecutor(max_workers=ATTACH_WORKERS,
-                                            thread_name_prefix="attach")
-        self._validating: list[_Attach] = []
+            cfg.model_path, cfg.output_roots,
+            cfg.lora.max_lora_rank if cfg.lora.enabled else None)
+        self.validations = DatasetValidations(VALIDATION_WORKERS)
+        # Where each job's validation stands: (file, stage) and when it began, for its events.
+        self._stages: dict[int, tuple[tuple[str, str], float]] = {}
+        self.accepting = True  # False once the daemon drains: attaches are refused
         self.finetune_ready = False
         self.running: int | None = None  # job id handed to the finetune process
         # Running jobs told to stop for a pause, until they end: held then (or queued again,
@@ -134,76 +125,135 @@ class JobManager:
         for job_id in self.store.requeue_active("daemon restarted; resumes from its last "
                                                 "checkpoint"):
             logger.info("[jobs] job %d was running when the daemon stopped; requeued", job_id)
+        for job in self.store.validating():
+            self.store.add_event(job.job_id, "validating", "the daemon restarted while its "
+                                 "files were checked; checking them again")
+            self._validate(job.job_id, job.spec)
         self._prune_dataset_cache()
 
     def close(self) -> None:
-        self.validator.cancel.set()  # an attach in progress stops at its next line
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.validations.close()  # jobs being checked stay validating_files: checked again
         self.store.close()
+
+    def stop_accepting(self) -> None:
+        """The daemon drains: attaches are refused (``shutting_down``) from now on."""
+        self.accepting = False
 
     # -- control API -------------------------------------------------------------------------
 
-    def attach(self, msg: AttachJob, now: float | None = None) -> Future[Reply]:
-        """Validate ``msg``'s job on an attach worker, then store it from the daemon's loop
-        (``settle_attaches``): the reply future resolves there. Several attaches validate at
-        once, so a slow dataset delays no other. A job whose check ends after the client's
-        ``wait_s`` (less a margin for the reply's way back) is not stored: the client was told
-        the attach timed out."""
-        now = time.monotonic() if now is None else now
-        reply: Future[Reply] = Future()
+    def attach(self, msg: AttachJob) -> Reply:
+        """Store ``msg``'s job at once, ``validating_files``, after the checks that need no
+        file read (``AttachValidator``); its files are checked in the background
+        (``DatasetValidations``), and it becomes ``queued``, or ``failed`` naming the file and
+        line at fault, in ``poll_validations``."""
+        if not self.accepting:
+            return Error(request_id=None, code=ErrorCode.SHUTTING_DOWN,
+                         message="the daemon is shutting down; attach the job again once it "
+                                 "has restarted")
         spec = msg.spec
         if not spec.output_dir:
             spec = msgspec.structs.replace(spec, output_dir=str(self.cfg.output_roots[0] /
                                                                 spec.name))
-        # Every name and active output directory, those of the attaches still being checked
-        # included: the loop is the only place jobs are added, so what passes here and in the
-        # check cannot be taken by another attach before it is stored.
         jobs = self.store.all_jobs()
-        if spec.name in {j.name for j in jobs} | {a.spec.name for a in self._validating}:
-            reply.set_result(Error(request_id=None, code=ErrorCode.INVALID,
-                                   message=f"a job named {spec.name!r} exists already; choose "
-                                           f"another name"))
-            return reply
+        if spec.name in {j.name for j in jobs}:
+            return Error(request_id=None, code=ErrorCode.INVALID,
+                         message=f"a job named {spec.name!r} exists already; choose another "
+                                 f"name")
         taken = {j.spec.output_dir: j.spec.name for j in jobs if j.status not in js.TERMINAL}
-        taken.update((a.spec.output_dir, a.spec.name) for a in self._validating)
-        deadline = None if msg.wait_s is None else now + ATTACH_REPLY_SHARE * msg.wait_s
-        work = self._executor.submit(self.validator.validate, spec, taken)
-        self._validating.append(_Attach(spec, deadline, msg.wait_s, work, reply, msg.owner))
-        return reply
-
-    def settle_attaches(self, now: float | None = None) -> None:
-        """On the daemon's loop: store the jobs whose validation finished, resolve replies."""
-        if not self._validating:
-            return
-        now = time.monotonic() if now is None else now
-        done = [a for a in self._validating if a.work.done()]
-        self._validating = [a for a in self._validating if all(a is not d for d in done)]
-        for a in done:
-            a.reply.set_result(self._settle(a, now))
-
-    def _settle(self, a: _Attach, now: float) -> Reply:
         try:
-            report = a.work.result()
+            self.validator.check(spec, taken)
         except AttachRefused as e:
             return Error(request_id=None, code=ErrorCode.INVALID, message=str(e))
-        if a.deadline is not None and now > a.deadline:
-            self.metrics.attach_timeouts.inc()
-            logger.warning("[jobs] job %r checked after its client's %.0f s wait; not stored",
-                           a.spec.name, a.wait_s)
-            return Error(request_id=None, code=ErrorCode.TIMEOUT,
-                         message=f"checking job {a.spec.name!r} took longer than the "
-                                 f"client's wait of {a.wait_s:.0f} s; it was not stored")
         try:
-            job = self.store.add(a.spec, report, a.owner)
+            job = self.store.add(spec, None, msg.owner)
         except js.DuplicateJobName:
             return Error(request_id=None, code=ErrorCode.INVALID,
-                         message=f"a job named {a.spec.name!r} exists already")
-        logger.info("[jobs] attached job %d %r", job.job_id, a.spec.name)
+                         message=f"a job named {spec.name!r} exists already")
+        logger.info("[jobs] attached job %d %r; validating its files", job.job_id, spec.name)
+        self._validate(job.job_id, spec)
+        return self._with_validation(job)
+
+    def _validate(self, job_id: int, spec: JobSpec) -> None:
+        limits = self.cfg.finetune
+        files = [CheckFile(key="dataset", path=spec.dataset)]
+        if spec.validation_file:
+            files.append(CheckFile(key="validation_file", path=spec.validation_file))
+        self.validations.submit(ValidateJob(
+            job_id=job_id, files=files, max_seq_len=spec.max_seq_len,
+            model_dir=str(self.cfg.model_path), cache_dir=str(self.cfg.dataset_cache_dir),
+            max_bytes=limits.max_dataset_bytes, max_line_bytes=limits.max_line_bytes,
+            max_records=limits.max_dataset_records))
+
+    def poll_validations(self, now: float | None = None) -> None:
+        """On the daemon's loop: the validations' progress (an event when a file's stage
+        changes) and outcomes (the job queued or failed). A failure handling one job's report
+        is logged and counted, and fails that job alone."""
+        if not len(self.validations):
+            return
+        now = time.monotonic() if now is None else now
+        for job_id, report in self.validations.poll():
+            try:
+                self._on_validation(job_id, report, now)
+            except Exception as e:
+                logger.exception("[jobs] job %d: recording its validation failed", job_id)
+                self.metrics.contained_errors.labels("validation").inc()
+                self._stages.pop(job_id, None)
+                self.store.set_status(job_id, js.FAILED, "failed",
+                                      f"failed: recording its validation failed: {e!r}",
+                                      error=f"internal error: {e!r}")
+
+    def _on_validation(self, job_id: int,
+                       report: ValidationProgress | ValidationDone | ValidationFailed,
+                       now: float) -> None:
+        if isinstance(report, ValidationProgress):
+            stage = (report.key, report.stage)
+            before = self._stages.get(job_id)
+            if before is None or before[0] != stage:
+                if before is not None and before[0][1] == "checking":
+                    self._checked(job_id, before, now)
+                self._stages[job_id] = (stage, now)
+                self.store.add_event(job_id, "validating",
+                                     f"{report.stage} {report.key} "
+                                     f"({_megabytes(report.bytes_total)})")
+            return
+        before = self._stages.pop(job_id, None)
+        job = self.store.get(job_id)
+        if job is None or job.status != js.VALIDATING:
+            return  # cancelled meanwhile
+        if isinstance(report, ValidationFailed):
+            logger.info("[jobs] job %d %r failed validation: %s", job_id, job.name, report.error)
+            self.store.set_status(job_id, js.FAILED, "failed",
+                                  f"failed validation: {report.error}", error=report.error)
+            return
+        if before is not None and before[0][1] == "checking":
+            self._checked(job_id, before, now)
+        self.store.set_validated(job_id, job.spec, dict(report.report))
+        logger.info("[jobs] job %d %r validated; queued", job_id, job.name)
         self._queue_changed = True
-        return job
+
+    def _checked(self, job_id: int, stage: tuple[tuple[str, str], float], now: float) -> None:
+        """The event that ends a file's structural check, with its speed."""
+        (key, _), since = stage
+        job = self.store.get(job_id)
+        path = getattr(job.spec, key) if job is not None else ""
+        size = _file_size(path)
+        took = max(now - since, 1e-9)
+        self.store.add_event(job_id, "validating",
+                             f"checked {key} {path}: {_megabytes(size)} in {took:.1f} s "
+                             f"({size / took / 1e6:.0f} MB/s)")
+
+    def _with_validation(self, job: JobInfo) -> JobInfo:
+        """``job`` with where its files' check stands, while it is ``validating_files``."""
+        if job.status != js.VALIDATING:
+            return job
+        p = self.validations.progress(job.job_id)
+        state = ValidationStatus(stage="waiting") if p is None else ValidationStatus(
+            file=p.key, stage=p.stage, bytes_done=p.bytes_done, bytes_total=p.bytes_total,
+            records=p.records)
+        return msgspec.structs.replace(job, validation=state)
 
     def list_jobs(self, msg: ListJobs) -> JobList:
-        return JobList(jobs=self.store.all_jobs(msg.owner))
+        return JobList(jobs=[self._with_validation(j) for j in self.store.all_jobs(msg.owner)])
 
     def show(self, msg: ShowJob) -> Reply:
         job = self._job(msg.job_id)
@@ -226,7 +276,12 @@ class JobManager:
         job = self._job(msg.job_id)
         if isinstance(job, Error) or job.status in js.TERMINAL:
             return job
-        if job.job_id == self.running:
+        if job.status == js.VALIDATING:
+            self.validations.cancel(job.job_id)
+            self._stages.pop(job.job_id, None)
+            self.store.set_status(job.job_id, js.CANCELLED, "cancelled",
+                                  "cancelled while its files were checked")
+        elif job.job_id == self.running:
             self._pausing.discard(job.job_id)  # a cancel outranks a pause under way
             self.send(StopJob(job_id=job.job_id, reason="cancelled"))
             self.store.add_event(job.job_id, "cancel", "cancel requested; stops at the next "
@@ -248,6 +303,9 @@ class JobManager:
         if job.status in js.TERMINAL:
             return _conflict(f"job {job.job_id} has {job.status}; only a queued or running "
                              f"job can be paused")
+        if job.status == js.VALIDATING:
+            return _conflict(f"job {job.job_id}'s files are being checked; pause it once it is "
+                             f"queued")
         if job.job_id == self.running:
             if job.job_id not in self._pausing:
                 self._pausing.add(job.job_id)
@@ -332,7 +390,7 @@ class JobManager:
         if job is None:
             return Error(request_id=None, code=ErrorCode.UNKNOWN_REQUEST,
                          message=f"no job with id {job_id}")
-        return job
+        return self._with_validation(job)
 
     # -- the finetune process ------------------------------------------------------------------
 
@@ -457,3 +515,14 @@ class JobManager:
 
 def _conflict(message: str) -> Error:
     return Error(request_id=None, code=ErrorCode.CONFLICT, message=message)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _file_size(path: str) -> int:
+    try:
+        return Path(path).stat().st_size
+    except (OSError, ValueError):
+        return 0

@@ -41,6 +41,9 @@ from harli.ipc.finetune import CheckpointSaved, MicroStepReport, StepLogged
 from harli.ipc.jobs import JobSpec
 
 QUEUED, RUNNING, PAUSED = "queued", "running", "paused"
+# Stored at once, its files checked in the background (OpenAI's name for it); queued or failed
+# once they have been.
+VALIDATING = "validating_files"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 # Paused by a user (``harli job pause``, the HTTP API's pause) until resumed: not scheduled.
 # Not ``paused``, which is a running job that the quota gives no compute now.
@@ -246,31 +249,44 @@ class JobStore:
     def add_event(self, job_id: int, kind: str, message: str) -> None:
         self._event(job_id, kind, message)
 
-    def add(self, spec: JobSpec, dataset_report: dict[str, Any], owner: str = "") -> JobInfo:
-        """Store a validated job as queued, with its first event, in one transaction."""
+    def add(self, spec: JobSpec, dataset_report: dict[str, Any] | None = None,
+            owner: str = "") -> JobInfo:
+        """Store a job, with its first event, in one transaction: queued with its dataset's
+        report, or ``validating_files`` without one (``set_validated`` queues it)."""
         try:
             with self.db:
                 self.db.execute("BEGIN")
                 cur = self.db.execute(
                     "INSERT INTO jobs (name, spec, status, priority, created_s, dataset_report, "
                     "owner) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (spec.name, msgspec.json.encode(spec).decode(), QUEUED, spec.priority,
-                     self.clock(), json.dumps(dataset_report), owner))
+                    (spec.name, msgspec.json.encode(spec).decode(),
+                     VALIDATING if dataset_report is None else QUEUED, spec.priority,
+                     self.clock(), None if dataset_report is None else json.dumps(dataset_report),
+                     owner))
                 job_id = int(cur.lastrowid or 0)
-                message = (f"queued with priority {spec.priority}; dataset "
-                           f"{dataset_report.get('path')}: {dataset_report.get('records')} "
-                           f"records ({dataset_report.get('format')}), "
-                           f"{dataset_report.get('truncated')} truncated to "
-                           f"{spec.max_seq_len} tokens")
-                if "validation_path" in dataset_report:
-                    message += (f"; validation file {dataset_report['validation_path']}: "
-                                f"{dataset_report.get('validation_records')} records")
-                self._event(job_id, "attached", message)
+                if dataset_report is None:
+                    self._event(job_id, "attached", f"attached with priority {spec.priority}; "
+                                f"validating its files")
+                else:
+                    self._event(job_id, "attached", _queued_message(spec, dataset_report))
         except sqlite3.IntegrityError:
             raise DuplicateJobName(spec.name) from None
         job = self.get(job_id)
         assert job is not None
         return job
+
+    def set_validated(self, job_id: int, spec: JobSpec, dataset_report: dict[str, Any]) -> None:
+        """A job whose files passed their checks: queued, with its dataset's report."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("UPDATE jobs SET status = ?, dataset_report = ? WHERE job_id = ? "
+                            "AND status = ?", (QUEUED, json.dumps(dataset_report), job_id,
+                                               VALIDATING))
+            self._event(job_id, "validated", _queued_message(spec, dataset_report))
+
+    def validating(self) -> list[JobInfo]:
+        """The jobs whose files are still to be checked, oldest first."""
+        return self._select("WHERE status = ? ORDER BY job_id", (VALIDATING,))
 
     def set_status(self, job_id: int, status: str, kind: str, message: str,
                    error: str | None = None, adapter_path: str | None = None) -> None:
@@ -360,3 +376,13 @@ class JobStore:
                                 "WHERE job_id = ?", (QUEUED, job_id))
                 self._event(job_id, "requeued", why)
         return ids
+
+
+def _queued_message(spec: JobSpec, report: dict[str, Any]) -> str:
+    message = (f"queued with priority {spec.priority}; dataset {report.get('path')}: "
+               f"{report.get('records')} records ({report.get('format')}), "
+               f"{report.get('truncated')} truncated to {spec.max_seq_len} tokens")
+    if "validation_path" in report:
+        message += (f"; validation file {report['validation_path']}: "
+                    f"{report.get('validation_records')} records")
+    return message

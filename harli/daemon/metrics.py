@@ -106,10 +106,11 @@ class Metrics:
             "harli_dataset_retokenized_total",
             "Jobs whose dataset the finetune tokenized again instead of reading the cache "
             "the attach filled (file changed since attach, or the entry gone).", registry=r)
-        self.attach_timeouts = Counter(
-            "harli_attach_timeouts_total",
-            "Attaches whose check outlasted the client's wait: refused, not stored.",
-            registry=r)
+        self.contained_errors = Counter(
+            "harli_daemon_contained_errors_total",
+            "Failures of the daemon's work for one request or job (a bug, or a system call "
+            "that failed): that request or job got an error, the daemon served on.",
+            ["part"], registry=r)
         self.dropped_messages = Counter(
             "harli_daemon_dropped_messages_total",
             "Messages from a child the daemon could not decode or has no handler for.",

@@ -188,7 +188,7 @@ class LoRARecipe:
         if spec.validation_file:
             examples, self.validation_report = load_dataset(
                 spec.validation_file, self.tokenizer, spec.max_seq_len, self.dataset_cache)
-            self.validation_examples = examples[:MAX_VALIDATION_EXAMPLES]
+            self.validation_examples = list(examples[:MAX_VALIDATION_EXAMPLES])
         self.pad_id = self.tokenizer.pad_token_id or 0
         base = self._base_model()
         lora = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha,

@@ -32,10 +32,12 @@ FileId = Annotated[str, Meta(min_length=6, max_length=69, pattern=r"^file-[A-Za-
 
 
 class AttachJob(_Ctl, tag="attach", frozen=True):
+    """Store a job; the reply (``JobInfo``, status ``validating_files``) comes at once, and its
+    files are checked in the background: it becomes ``queued``, or ``failed`` with the file
+    and line at fault."""
+
     spec: JobSpec
-    # How long the client waits for the reply, in seconds. A job whose check takes longer is
-    # not stored (the reply is a ``timeout`` error), so a client that gave up never has a job
-    # it does not know of. None: no limit.
+    # Accepted from older clients and unused: the reply no longer waits for the files' check.
     wait_s: Annotated[float, Meta(gt=0, le=1e6)] | None = None
     owner: Owner = ""  # stored with the job (JobInfo.owner)
 
@@ -168,13 +170,25 @@ ControlRequest = (AttachJob | ListJobs | ShowJob | CancelJob | PauseJob | Resume
 # -- daemon -> clients ----------------------------------------------------------------------
 
 
+class ValidationStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Where the check of a ``validating_files`` job's files stands."""
+
+    # waiting (for a worker), checking (JSON, format, fields, limits: at disk speed),
+    # tokenizing (into the cache the finetune reads)
+    stage: str
+    file: str = ""  # the job spec's field naming the file: dataset or validation_file
+    bytes_done: int = 0
+    bytes_total: int = 0
+    records: int = 0
+
+
 class JobInfo(_Ctl, tag="job", frozen=True):
     """A job's spec, status and progress, as the job store holds them."""
 
     job_id: int
     name: str
-    # queued, running, paused (running at quota level 0), held (paused by a user until
-    # resumed), succeeded, failed, cancelled
+    # validating_files (its files being checked), queued, running, paused (running at quota
+    # level 0), held (paused by a user until resumed), succeeded, failed, cancelled
     status: str
     priority: int
     created_s: float
@@ -202,6 +216,7 @@ class JobInfo(_Ctl, tag="job", frozen=True):
     valid_loss: float | None = None
     valid_accuracy: float | None = None
     owner: str = ""  # who made it (AttachJob.owner)
+    validation: ValidationStatus | None = None  # while validating_files
 
 
 class JobEvent(_Ctl, tag="event", frozen=True):

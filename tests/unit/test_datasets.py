@@ -522,8 +522,8 @@ def test_a_device_is_refused_without_reading_it(tok: Any) -> None:
 
 @pytest.mark.parametrize(("limits", "says"), [
     (datasets.DatasetLimits(max_bytes=100), r"over the limit of 100 \(finetune.max_dataset_bytes"),
-    (datasets.DatasetLimits(max_line_bytes=30), r"d\.jsonl:2: line (of 40 bytes, )?over the limit of 30 bytes "
-                                                r"\(finetune.max_line_bytes\)"),
+    (datasets.DatasetLimits(max_line_bytes=30), r"d\.jsonl:2: line of 40 bytes, over the limit "
+                                                r"of 30 bytes \(finetune.max_line_bytes\)"),
     (datasets.DatasetLimits(max_records=2), r"d\.jsonl:3: more than 2 records"),
 ])
 def test_a_file_over_a_limit_is_refused_naming_the_limit(

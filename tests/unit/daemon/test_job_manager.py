@@ -1,25 +1,25 @@
-"""JobManager's side of the dataset: tokenized once at attach into the cache the finetune
-reads, a finetune that had to tokenize again counted, entries no job needs removed."""
+"""JobManager's side of the dataset: a job stored at once (``validating_files``) and its files
+checked in a worker process, then queued or failed naming the file and line; tokenized once
+into the cache the finetune reads, a finetune that had to tokenize again counted, entries no
+job needs removed."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from harli.config import HarliConfig, load
 from harli.daemon.disabled import NullChild
-from harli.daemon.job_manager import ATTACH_REPLY_SHARE, JobManager, Reply
+from harli.daemon.job_manager import JobManager, Reply
 from harli.daemon.metrics import Metrics
 from harli.daemon.quota import QuotaController
 from harli.datasets import SAMPLE_DATASET
-from harli.ipc.control import AttachJob, JobInfo
+from harli.ipc.control import AttachJob, CancelJob, JobDetail, JobInfo, ShowJob
 from harli.ipc.finetune import JobEnded, JobStarted
 from harli.ipc.inference import Error
 from harli.ipc.jobs import JobSpec
@@ -54,15 +54,29 @@ def attach(jm: JobManager, tmp_path: Path, name: str, **kw: object) -> JobInfo:
     return reply
 
 
-def settle(jm: JobManager, reply: Future[Reply], now: float | None = None,
-           timeout_s: float = 60) -> Reply:
-    """Turn the daemon loop's part (``settle_attaches``) until the reply is resolved."""
+def settle(jm: JobManager, reply: Reply, timeout_s: float = 120) -> Reply:
+    """The attach's outcome: its refusal, or the job once the daemon loop's part
+    (``poll_validations``) recorded the end of its files' check (queued or failed)."""
+    if not isinstance(reply, JobInfo):
+        return reply
+    assert reply.status == "validating_files"
     end = time.monotonic() + timeout_s
-    while not reply.done():
-        assert time.monotonic() < end, "attach never settled"
-        jm.settle_attaches(now)
-        time.sleep(0.005)
-    return reply.result()
+    while True:
+        jm.poll_validations()
+        job = jm.show(ShowJob(job_id=reply.job_id))
+        assert isinstance(job, JobDetail)
+        if job.job.status != "validating_files":
+            return job.job
+        assert time.monotonic() < end, "validation never ended"
+        time.sleep(0.01)
+
+
+def failed(jm: JobManager, spec: JobSpec) -> str:
+    """The error of a job whose files failed their check (stored, then failed)."""
+    job = settle(jm, jm.attach(AttachJob(spec=spec)))
+    assert isinstance(job, JobInfo) and job.status == "failed", job
+    assert job.error is not None and job.error in jm.store.events(job.job_id)[-1].message
+    return job.error
 
 
 def counter(jm: JobManager) -> float:
@@ -105,91 +119,125 @@ def test_an_entry_goes_when_no_job_that_may_run_needs_it(jm: JobManager, tmp_pat
     assert jm.dataset_cache.path(key_c).exists()
 
 
-def test_a_bad_dataset_is_refused_and_leaves_no_entry(jm: JobManager, tmp_path: Path) -> None:
+def test_a_bad_dataset_fails_the_job_naming_the_line_and_leaves_no_entry(
+        jm: JobManager, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": 3}\n')
-    spec = JobSpec(name="bad", dataset=str(bad))
-    reply = settle(jm, jm.attach(AttachJob(spec=spec)))
-    assert isinstance(reply, Error) and "bad.jsonl:2" in reply.message
-    assert not list(jm.dataset_cache.root.glob("*.msgpack"))
+    assert "bad.jsonl:2" in failed(jm, JobSpec(name="bad", dataset=str(bad)))
+    assert not [f for f in jm.dataset_cache.root.glob("*") if f.is_file()]
 
 
-def test_a_dataset_with_no_trainable_token_is_refused(jm: JobManager, tmp_path: Path) -> None:
+def test_a_dataset_with_no_trainable_token_fails_the_job(jm: JobManager, tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n' * 3)
-    spec = JobSpec(name="empty", dataset=str(empty))
-    reply = settle(jm, jm.attach(AttachJob(spec=spec)))
-    assert isinstance(reply, Error) and "no response tokens left to learn from" in reply.message
-    assert jm.store.all_jobs() == []
+    assert "no response tokens left to learn from" in failed(
+        jm, JobSpec(name="empty", dataset=str(empty)))
 
 
-def test_a_fifo_or_device_is_refused_at_once_and_blocks_no_later_attach(
+def test_a_fifo_or_device_fails_at_once_and_blocks_no_later_attach(
         jm: JobManager, tmp_path: Path) -> None:
     fifo = tmp_path / "fifo.jsonl"
     os.mkfifo(fifo)
     for i, dataset in enumerate((str(fifo), "/dev/zero")):
-        spec = JobSpec(name=f"bad{i}", dataset=dataset)
-        reply = settle(jm, jm.attach(AttachJob(spec=spec)))
-        assert isinstance(reply, Error) and "not a regular file" in reply.message
+        assert "not a regular file" in failed(jm, JobSpec(name=f"bad{i}", dataset=dataset))
     assert attach(jm, tmp_path, "after").status == "queued"
-    assert [j.name for j in jm.store.all_jobs()] == ["after"]
 
 
-def test_closing_the_manager_stops_an_attach_in_progress(jm: JobManager, tmp_path: Path) -> None:
-    jm.validator.cancel.set()  # what close() does first, before it waits for the worker
-    spec = JobSpec(name="late", dataset=str(SAMPLE_DATASET))
-    reply = settle(jm, jm.attach(AttachJob(spec=spec)))
-    assert isinstance(reply, Error) and "the daemon is stopping" in reply.message
-    assert jm.store.all_jobs() == []
+def _big_file(path: Path, megabytes: int) -> Path:
+    lines = SAMPLE_DATASET.read_bytes().splitlines(keepends=True)
+    with path.open("wb") as f:
+        written = 0
+        for line in itertools.cycle(lines):
+            if written >= megabytes * 1_000_000:
+                break
+            written += f.write(line)
+    return path
 
 
-def test_a_slow_attach_blocks_no_other(jm: JobManager, tmp_path: Path) -> None:
-    # A dataset that takes long to read stands in as a validation held until released.
-    release = threading.Event()
-    validate = jm.validator.validate
-
-    def held(spec: JobSpec, taken: dict[str, str]) -> dict[str, Any]:
-        if spec.name == "slow":
-            assert release.wait(60)
-        return validate(spec, taken)
-
-    jm.validator.validate = held  # type: ignore[method-assign]
-    slow = jm.attach(AttachJob(spec=JobSpec(name="slow", dataset=str(SAMPLE_DATASET))))
+def test_the_attach_replies_at_once_and_a_long_check_blocks_no_other_job(
+        jm: JobManager, tmp_path: Path) -> None:
+    big = _big_file(tmp_path / "big.jsonl", 40)  # minutes to tokenize on this host
+    slow = jm.attach(AttachJob(spec=JobSpec(name="slow", dataset=str(big))))
+    assert isinstance(slow, JobInfo) and slow.status == "validating_files"
+    assert slow.validation is not None
     quick = settle(jm, jm.attach(AttachJob(spec=JobSpec(name="quick",
                                                         dataset=str(SAMPLE_DATASET)))))
-    assert isinstance(quick, JobInfo) and not slow.done()
-    # While "slow" is checked its name and directory are taken.
-    twin = settle(jm, jm.attach(AttachJob(spec=JobSpec(name="slow", dataset="/x.jsonl"))))
+    assert isinstance(quick, JobInfo) and quick.status == "queued"
+    # While "slow" is checked its name is taken, and where its check stands is shown.
+    twin = jm.attach(AttachJob(spec=JobSpec(name="slow", dataset="/x.jsonl")))
     assert isinstance(twin, Error) and "exists already" in twin.message
-    release.set()
-    assert isinstance(settle(jm, slow), JobInfo)
-    assert sorted(j.name for j in jm.store.all_jobs()) == ["quick", "slow"]
+    shown = jm.show(ShowJob(job_id=slow.job_id))
+    assert isinstance(shown, JobDetail) and shown.job.status == "validating_files"
+    assert shown.job.validation is not None and shown.job.validation.stage in (
+        "waiting", "checking", "tokenizing")
+    # Cancelled mid-check: its worker is killed, the job ends cancelled.
+    cancelled = jm.cancel(CancelJob(job_id=slow.job_id))
+    assert isinstance(cancelled, JobInfo) and cancelled.status == "cancelled"
+    assert not len(jm.validations)
 
 
-def test_an_attach_checked_after_its_client_gave_up_is_not_stored(jm: JobManager) -> None:
-    spec = JobSpec(name="late", dataset=str(SAMPLE_DATASET))
-    reply = jm.attach(AttachJob(spec=spec, wait_s=10.0), now=100.0)
-    late = settle(jm, reply, now=100.0 + ATTACH_REPLY_SHARE * 10.0 + 0.01)
-    assert isinstance(late, Error) and late.code == "timeout"
-    assert "not stored" in late.message and "10 s" in late.message
-    assert jm.store.all_jobs() == []
-    assert jm.metrics.attach_timeouts._value.get() == 1
-    # In time, the same job is stored.
-    ok = settle(jm, jm.attach(AttachJob(spec=spec, wait_s=10.0), now=200.0), now=205.0)
-    assert isinstance(ok, JobInfo)
+def test_a_check_cut_by_the_daemon_stopping_runs_again_when_it_starts(
+        jm: JobManager, tmp_path: Path) -> None:
+    big = _big_file(tmp_path / "big.jsonl", 40)
+    job = jm.attach(AttachJob(spec=JobSpec(name="cut", dataset=str(big))))
+    assert isinstance(job, JobInfo)
+    jm.stop_accepting()
+    refused = jm.attach(AttachJob(spec=JobSpec(name="late", dataset=str(SAMPLE_DATASET))))
+    assert isinstance(refused, Error) and refused.code == "shutting_down"
+    started = time.monotonic()
+    jm.close()  # what the daemon's stop does: the worker is killed
+    assert time.monotonic() - started < 5
+    again = JobManager(jm.cfg, jm.send, Metrics(), jm.quota)
+    try:
+        stored = again.store.get(job.job_id)
+        assert stored is not None and stored.status == "validating_files"
+        assert job.job_id in again.validations
+        assert "checking them again" in again.store.events(job.job_id)[-1].message
+    finally:
+        again.close()
+    jm.store = type(jm.store)(jm.cfg.state_dir / "jobs.sqlite")  # the fixture closes it again
 
 
 def test_a_job_without_output_dir_gets_one_under_the_output_root(jm: JobManager) -> None:
-    job = settle(jm, jm.attach(AttachJob(spec=JobSpec(name="d", dataset=str(SAMPLE_DATASET)))))
+    job = jm.attach(AttachJob(spec=JobSpec(name="d", dataset=str(SAMPLE_DATASET))))
     assert isinstance(job, JobInfo)
     assert job.spec.output_dir == str(jm.cfg.output_roots[0] / "d")
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("output_dir", "/tmp/a\x00b", "output_dir holds a NUL character"),
+    ("output_dir", "/tmp/" + "x" * 300, "output_dir has a component of 300 bytes"),
+    ("output_dir", "/tmp/\ud800", "output_dir holds '\\ud800', which is not text"),
+    ("output_dir", "/" + "a/" * 2100, "over the limit of 4095 bytes"),
+    ("dataset", "/tmp/d\x00.jsonl", "dataset holds a NUL character"),
+    ("dataset", "/tmp/" + "y" * 256 + ".jsonl", "dataset has a component of 262 bytes"),
+    ("validation_file", "/tmp/\x00", "validation_file holds a NUL character"),
+    ("base_model", "m\x00", "base_model holds a NUL character"),
+])
+def test_a_path_that_is_no_path_is_refused_naming_the_field(
+        jm: JobManager, field: str, value: str, says: str) -> None:
+    fields: dict[str, str] = {"dataset": str(SAMPLE_DATASET), field: value}
+    spec = JobSpec(name="p", **fields)  # type: ignore[arg-type]
+    reply = jm.attach(AttachJob(spec=spec))
+    assert isinstance(reply, Error) and reply.code == "invalid", reply
+    assert says in reply.message, reply.message
+    assert jm.store.all_jobs() == []
+
+
+def test_max_seq_len_over_the_model_context_is_refused_naming_both(jm: JobManager) -> None:
+    reply = jm.attach(AttachJob(spec=JobSpec(name="long", dataset=str(SAMPLE_DATASET),
+                                             max_seq_len=10**7)))
+    assert isinstance(reply, Error) and reply.code == "invalid"
+    assert "max_seq_len 10000000 is above the model's context of 2048 tokens" in reply.message
+    assert isinstance(jm.attach(AttachJob(spec=JobSpec(name="fits", dataset=str(SAMPLE_DATASET),
+                                                       max_seq_len=2048))), JobInfo)
 
 
 def test_a_job_of_a_rank_decode_cannot_serve_is_refused_naming_both(jm: JobManager) -> None:
     from harli.ipc.jobs import LoraSettings
 
     spec = JobSpec(name="wide", dataset=str(SAMPLE_DATASET), lora=LoraSettings(r=32))
-    reply = settle(jm, jm.attach(AttachJob(spec=spec)))
+    reply = jm.attach(AttachJob(spec=spec))
     assert isinstance(reply, Error) and reply.code == "invalid"
     assert "lora.r 32 is above the highest rank decode serves (16, lora.max_lora_rank)" in \
         reply.message
@@ -223,10 +271,13 @@ def test_a_bad_validation_file_is_refused_naming_it(jm: JobManager, tmp_path: Pa
                                                     case: str) -> None:
     path, says = _validation_files(tmp_path)[case]
     spec = JobSpec(name="v", dataset=str(SAMPLE_DATASET), validation_file=path)
-    reply = settle(jm, jm.attach(AttachJob(spec=spec)))
-    assert isinstance(reply, Error) and reply.code == "invalid"
-    assert says in reply.message, reply.message
-    assert jm.store.all_jobs() == []
+    if case == "relative":  # refused before it is stored
+        reply = jm.attach(AttachJob(spec=spec))
+        assert isinstance(reply, Error) and reply.code == "invalid"
+        assert says in reply.message, reply.message
+        assert jm.store.all_jobs() == []
+    else:
+        assert says in failed(jm, spec)
 
 
 def test_a_validation_file_is_reported_and_its_cache_entry_kept_while_the_job_may_run(
@@ -240,7 +291,7 @@ def test_a_validation_file_is_reported_and_its_cache_entry_kept_while_the_job_ma
         "prompt_completion"
     key = str(report["validation_cache_key"])
     assert key != report["cache_key"] and jm.dataset_cache.path(key).exists()
-    assert f"validation file {valid}: 5 records" in jm.store.events(job.job_id)[0].message
+    assert f"validation file {valid}: 5 records" in jm.store.events(job.job_id)[-1].message
     jm._prune_dataset_cache()
     assert jm.dataset_cache.path(key).exists()
     jm.on_job_ended(JobEnded(job_id=job.job_id, status="succeeded", adapter_path="/x",
@@ -263,7 +314,8 @@ def test_logs_page_through_events_and_metric_events(jm: JobManager, tmp_path: Pa
                                  tokens_per_s=10.0, level=2))  # not the running job: dropped
     page = jm.logs(JobLogs(job_id=job.job_id, limit=100))
     assert isinstance(page, JobDetail) and page.truncated
-    assert len(page.events) == 1 and [m.step for m in page.metrics] == list(range(1, 101))
+    assert len(page.events) == len(jm.store.events(job.job_id))
+    assert [m.step for m in page.metrics] == list(range(1, 101))
     rest = jm.logs(JobLogs(job_id=job.job_id, after_event=page.events[-1].event_id,
                            after_metric=page.metrics[-1].metric_id, limit=100))
     assert isinstance(rest, JobDetail) and not rest.truncated and rest.events == []

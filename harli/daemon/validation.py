@@ -1,0 +1,168 @@
+"""``DatasetValidations``: the jobs whose files are being checked, each in a worker process of
+its own (``validation_worker.py``), so that a file of any size costs the daemon's loop and
+memory nothing: the loop only reads the workers' progress and outcomes between its other work.
+
+Workers are forked from a ``multiprocessing`` fork server started with the tokenizer's
+libraries already imported (a worker is ready in milliseconds instead of the seconds an import
+takes), and single-threaded when it forks (the daemon is not: forking it would copy its ZeroMQ
+threads' locks). At most ``max_workers`` run at once; the rest wait their turn. A validation is
+cancelled by killing its worker, so a cancel or the daemon's stop takes effect at once, however
+far a worker is into a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import msgspec
+
+from harli.daemon.supervisor import describe_returncode
+from harli.daemon.validation_worker import run_validation
+from harli.ipc.validation import (
+    ValidateJob,
+    ValidationDone,
+    ValidationFailed,
+    ValidationProgress,
+    WorkerToDaemon,
+)
+
+logger = logging.getLogger(__name__)
+
+# What the fork server imports once, so that a worker forked from it starts with them loaded.
+_PRELOAD = ["harli.daemon.validation_worker", "harli.datasets",
+            "transformers.models.auto.tokenization_auto"]
+# Messages read from one worker per call of ``poll``: a fast worker never holds the loop.
+_READ_BATCH = 64
+# How long ``close`` waits for killed workers to be reaped.
+_REAP_S = 2.0
+
+Outcome = ValidationDone | ValidationFailed
+
+
+@dataclass
+class _Worker:
+    request: ValidateJob
+    proc: BaseProcess
+    conn: Connection
+    started_s: float
+    progress: ValidationProgress | None = None
+
+
+@dataclass
+class _Waiting:
+    request: ValidateJob
+    queued_s: float = field(default=0.0)
+
+
+class DatasetValidations:
+    def __init__(self, max_workers: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_workers = max_workers
+        self.clock = clock
+        self._ctx: Any = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(_PRELOAD)
+        self._decoder = msgspec.msgpack.Decoder(WorkerToDaemon)
+        self._running: dict[int, _Worker] = {}
+        self._waiting: deque[_Waiting] = deque()
+
+    def __contains__(self, job_id: int) -> bool:
+        return job_id in self._running or any(w.request.job_id == job_id for w in self._waiting)
+
+    def __len__(self) -> int:
+        return len(self._running) + len(self._waiting)
+
+    def submit(self, request: ValidateJob) -> None:
+        self._waiting.append(_Waiting(request, self.clock()))
+        self._start_waiting()
+
+    def progress(self, job_id: int) -> ValidationProgress | None:
+        """The worker's last report of ``job_id`` (None: waiting for a worker, or none yet)."""
+        worker = self._running.get(job_id)
+        return worker.progress if worker is not None else None
+
+    def cancel(self, job_id: int) -> bool:
+        """Stop checking ``job_id``'s files; False if they were not being checked."""
+        before = len(self._waiting)
+        self._waiting = deque(w for w in self._waiting if w.request.job_id != job_id)
+        worker = self._running.pop(job_id, None)
+        if worker is not None:
+            _kill(worker)
+        self._start_waiting()
+        return worker is not None or len(self._waiting) < before
+
+    def poll(self) -> list[tuple[int, ValidationProgress | Outcome]]:
+        """What the workers reported since the last call: progress and outcomes, by job id. A
+        worker that ended without an outcome (killed, crashed) is reported as failed."""
+        reports: list[tuple[int, ValidationProgress | Outcome]] = []
+        for job_id, worker in list(self._running.items()):
+            outcome = self._read(worker, reports)
+            if outcome is None and not worker.proc.is_alive():
+                outcome = self._read(worker, reports) or ValidationFailed(
+                    error=f"the validation worker ended without a verdict "
+                          f"({describe_returncode(worker.proc.exitcode or 0)}); attach the job "
+                          f"again")
+            if outcome is not None:
+                del self._running[job_id]
+                _kill(worker)
+                reports.append((job_id, outcome))
+        self._start_waiting()
+        return reports
+
+    def close(self) -> None:
+        """Kill every worker (the daemon is stopping); their jobs stay ``validating_files``
+        and are checked again when it starts."""
+        self._waiting.clear()
+        for worker in self._running.values():
+            worker.proc.kill()
+        deadline = time.monotonic() + _REAP_S
+        for worker in self._running.values():
+            worker.proc.join(max(0.0, deadline - time.monotonic()))
+            worker.conn.close()
+        self._running.clear()
+
+    def _read(self, worker: _Worker,
+              reports: list[tuple[int, ValidationProgress | Outcome]]) -> Outcome | None:
+        job_id = worker.request.job_id
+        for _ in range(_READ_BATCH):
+            try:
+                if not worker.conn.poll():
+                    return None
+                msg = self._decoder.decode(worker.conn.recv_bytes())
+            except (EOFError, OSError):
+                return None  # the worker is gone; its exit says how
+            except msgspec.DecodeError as e:  # our own worker: a bug to report
+                logger.error("[validation] job %d: undecodable message from its worker: %s",
+                             job_id, e)
+                continue
+            if isinstance(msg, ValidationProgress):
+                worker.progress = msg
+                reports.append((job_id, msg))
+            else:
+                return msg
+        return None
+
+    def _start_waiting(self) -> None:
+        while self._waiting and len(self._running) < self.max_workers:
+            waiting = self._waiting.popleft()
+            request = waiting.request
+            recv, send = self._ctx.Pipe(duplex=False)
+            proc = self._ctx.Process(target=run_validation,
+                                     args=(send, msgspec.msgpack.encode(request)),
+                                     name=f"harli-validate-{request.job_id}", daemon=True)
+            proc.start()
+            send.close()  # the worker's end: EOF here once it exits
+            self._running[request.job_id] = _Worker(request, proc, recv, self.clock())
+
+
+def _kill(worker: _Worker) -> None:
+    if worker.proc.is_alive():
+        worker.proc.kill()
+    worker.proc.join(_REAP_S)
+    worker.conn.close()

@@ -1,0 +1,114 @@
+"""The dataset validation worker: one process per job whose files are being checked, forked
+from a fork server that has the tokenizer's libraries loaded (``DatasetValidations``).
+
+For each file it runs the structural check first (``scan_jsonl``: JSON, format, fields and
+limits, at disk speed), so a bad line anywhere is reported within seconds, then tokenizes the
+file into the ``TokenizedCache`` an example at a time. It reports progress after every block it
+reads and ends with ``ValidationDone`` or ``ValidationFailed``. It runs at a lower CPU priority
+than the daemon and dies with it; a worker that is no longer wanted is killed, which is how a
+validation is cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from harli.dataset_records import DatasetError, DatasetLimits, file_size, scan_jsonl
+from harli.ipc.validation import (
+    CheckFile,
+    ValidateJob,
+    ValidationDone,
+    ValidationFailed,
+    ValidationProgress,
+)
+
+logger = logging.getLogger(__name__)
+
+# Below the daemon (0) and the finetune: a validation takes the CPU time they leave.
+WORKER_NICE = 10
+# At most this many progress messages a second: a fast check sends its blocks' progress
+# without flooding the daemon's loop.
+PROGRESS_EVERY_S = 0.2
+_PURPOSE = {"dataset": "to learn from", "validation_file": "to score"}
+
+
+class _Reporter:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._last = 0.0
+
+    def send(self, msg: ValidationProgress | ValidationDone | ValidationFailed) -> None:
+        self.conn.send_bytes(msgspec.msgpack.encode(msg))
+
+    def progress(self, f: CheckFile, stage: Any, total: int) -> Any:
+        def report(done: int, records: int) -> None:
+            now = time.monotonic()
+            if now - self._last >= PROGRESS_EVERY_S:
+                self._last = now
+                self.send(ValidationProgress(key=f.key, stage=stage, bytes_done=done,
+                                             bytes_total=total, records=records))
+        return report
+
+
+def run_validation(conn: Connection, request: bytes) -> None:
+    """The worker's entry (a ``multiprocessing`` target): check ``request``'s files, report on
+    ``conn``."""
+    from harli.runtime import die_with_parent
+
+    die_with_parent()  # the fork server's child: it ends when the daemon does
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICE)
+    out = _Reporter(conn)
+    try:
+        job = msgspec.msgpack.decode(request, type=ValidateJob)
+        out.send(ValidationDone(report=validate(job, out)))
+    except DatasetError as e:
+        out.send(ValidationFailed(error=str(e)))
+    except Exception as e:  # a bug here fails this job, named, not the daemon
+        logger.exception("[validation] checking job files failed")
+        out.send(ValidationFailed(error=f"checking the job's files failed: {e!r}"))
+    finally:
+        conn.close()
+
+
+def validate(job: ValidateJob, out: _Reporter) -> dict[str, int | str]:
+    from transformers import AutoTokenizer
+
+    from harli.datasets import TokenizedCache, tokenize_to_cache
+
+    limits = DatasetLimits(max_bytes=job.max_bytes, max_line_bytes=job.max_line_bytes,
+                           max_records=job.max_records)
+    report: dict[str, int | str] = {}
+    tokenizer = None
+    for f in job.files:
+        path = Path(f.path)
+        total = file_size(path)
+        prefix = "" if f.key == "dataset" else f"{f.key}: "
+        try:
+            out.send(ValidationProgress(key=f.key, stage="checking", bytes_done=0,
+                                        bytes_total=total, records=0))
+            scan_jsonl(path, limits, progress=out.progress(f, "checking", total))
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
+            got = tokenize_to_cache(path, tokenizer, job.max_seq_len,
+                                    TokenizedCache(Path(job.cache_dir)), limits,
+                                    progress=out.progress(f, "tokenizing", total))
+        except DatasetError as e:
+            raise DatasetError(f"{prefix}{e}") from None
+        if got.loss_tokens == 0:
+            raise DatasetError(f"{f.key} {path}: no response tokens left {_PURPOSE[f.key]} at "
+                               f"max_seq_len {job.max_seq_len}")
+        if f.key == "dataset":
+            report.update(got.as_dict())
+        else:
+            report.update({f"validation_{k}": v for k, v in got.as_dict().items()
+                           if k != "source"})
+    return report
