@@ -416,6 +416,23 @@ class HttpConfig:
     max_concurrent_requests: int = _help(
         "Generation requests in flight over HTTP at once; more get 429 until some finish.",
         default=1024)
+    header_timeout_s: float = _help(
+        "A connection that has not sent a complete request head (request line and headers) "
+        "within this long is closed: from when it opened, or on a keep-alive connection from "
+        "the first byte of its next request. Bounds slow-header (slowloris) clients; 0 turns "
+        "it off.", default=10.0)
+    max_header_bytes: int = _help(
+        "Largest request head (request line and headers); a larger one gets 431 and the "
+        "connection is closed.", default=65536)
+    keep_alive_timeout_s: int = _help(
+        "An idle keep-alive connection is closed after this long without a new request "
+        "(uvicorn's timeout_keep_alive). A proxy in front should close idle connections to "
+        "us sooner than this.", default=5)
+    max_connections: int = _help(
+        "Open connections at most. One more closes the connection that has waited longest "
+        "for a request head (idle keep-alive, or a head not complete yet); when every "
+        "connection is in a request, the new one gets 503. The front raises its open-files "
+        "limit to fit.", default=2048)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -425,7 +442,11 @@ class HttpConfig:
         if self.port and not _loopback(self.host) and not self.api_keys_file:
             raise ConfigError(f"http.host: {self.host} is reachable beyond this host; set "
                               f"http.api_keys_file (API keys, one per line) or bind 127.0.0.1")
-        for key in ("max_body_bytes", "max_n", "max_concurrent_requests"):
+        if not 0 <= self.header_timeout_s < math.inf:  # NaN fails too
+            raise ConfigError(f"http.header_timeout_s: expected seconds >= 0 (0: off), got "
+                              f"{self.header_timeout_s}")
+        for key in ("max_body_bytes", "max_n", "max_concurrent_requests",
+                    "max_header_bytes", "keep_alive_timeout_s", "max_connections"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"http.{key}: expected >= 1, got {getattr(self, key)}")
 

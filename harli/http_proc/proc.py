@@ -42,12 +42,18 @@ class HttpProc:
             from transformers import AutoTokenizer
 
             from harli.http_proc.app import Limits, build_app
+            from harli.http_proc.server_limits import ServerLimits, fit_open_files, server_config
 
             keys = ApiKeys.from_file(self.cfg.http.api_keys_file)
             tokenizer = AutoTokenizer.from_pretrained(self.cfg.model_path)
             app: Any = build_app(self.cfg, tokenizer, keys, on_ready=self._ready)
-            server = uvicorn.Server(uvicorn.Config(
-                Limits(app, keys, self.cfg.http.max_body_bytes), fd=self.listen_fd,
+            limits = ServerLimits.from_config(self.cfg.http)
+            fit_open_files(limits.max_connections)
+            # Connection limits (head timeout and size, open connections) are the protocol's
+            # (server_limits.py); uvicorn's limit_concurrency stays unset, as it counts
+            # connections still sending their head.
+            server = uvicorn.Server(server_config(
+                Limits(app, keys, self.cfg.http.max_body_bytes), limits, fd=self.listen_fd,
                 log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                 lifespan="on"))
             server.run()
