@@ -1,4 +1,9 @@
-"""``harli attach DATASET [options] [--follow]``: queue a LoRA finetune job on the daemon."""
+"""``harli attach DATASET [options] [--follow]``: queue a LoRA finetune job on the daemon.
+
+The daemon stores the job at once (``validating_files``) and checks its files in the
+background; the command shows that check's progress and waits for its outcome (queued, or
+failed naming the file and line at fault), for as long as it takes: each request to the daemon
+has its own timeout, the wait none."""
 
 from __future__ import annotations
 
@@ -86,6 +91,45 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
         raise CommandError(f"invalid job: {e}") from None
 
 
+def follow_validation(client: Any, job: Any, poll_s: float = 0.25) -> Any:
+    """Show the check of ``job``'s files until it ends; return the job then (queued or
+    failed). A daemon that stops meanwhile keeps the job and checks it again when it starts."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from harli.client.inference import RequestError
+
+    cols = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+            TransferSpeedColumn(), TextColumn("{task.fields[records]} records"),
+            TimeRemainingColumn())
+    with Progress(*cols, transient=True) as progress:
+        task = progress.add_task(f"job {job.job_id}: waiting for a worker", total=None,
+                                 records=0)
+        while job.status == "validating_files":
+            v = job.validation
+            if v is not None and v.stage != "waiting":
+                progress.update(task, description=f"job {job.job_id}: {v.stage} {v.file}",
+                                total=v.bytes_total or None, completed=v.bytes_done,
+                                records=v.records)
+            time.sleep(poll_s)
+            try:
+                job = client.show(job.job_id).job
+            except RequestError as e:
+                if e.code in ("timeout", "shutting_down"):
+                    raise CommandError(
+                        f"the daemon stopped answering while job {job.job_id}'s files were "
+                        f"checked ({e.message}); it keeps the job and checks them again when "
+                        f"it starts: see `harli job show {job.job_id}`") from None
+                raise
+    return job
+
+
 def follow(client: Any, job_id: int, poll_s: float = 0.5) -> str:
     """Show a live progress bar until the job ends; return its final status."""
     from rich.progress import (
@@ -132,6 +176,9 @@ class AttachCommand(Command):
                        help="serve each checkpoint as model NAME@step-N as it is written "
                        "(JobSpec.publish_checkpoints)")
         p.add_argument("--follow", action="store_true", help="show progress until it ends")
+        p.add_argument("--no-wait", action="store_true",
+                       help="return once the job is stored (validating_files), without "
+                       "waiting for the check of its files")
         p.add_argument("--json", action="store_true", help="print the stored job as JSON")
         add_endpoint_arguments(p)
 
@@ -142,7 +189,12 @@ class AttachCommand(Command):
         # A refusal propagates: main prints "harli attach: invalid: ..." and exits 1.
         with ControlClient(resolve_endpoint(args, "control"), **curve_kwargs(args)) as client:
             job = client.attach(spec)
+            if not args.no_wait:
+                job = follow_validation(client, job)
             print(json.dumps(to_jsonable(job)) if args.json else job.job_id)
+            if job.status == "failed":
+                raise CommandError(f"job {job.job_id} failed the check of its files: "
+                                   f"{job.error}")
             if args.follow:
                 return 0 if follow(client, job.job_id) == "succeeded" else 1
         return 0

@@ -265,6 +265,37 @@ class BenchHttpCommand(Command):
         return 0
 
 
+class BenchValidationCommand(Command):
+    name = "bench-validation"
+    help = ("how fast a real daemon refuses large datasets with a bad last line (seconds, MB/s, "
+            "RSS), its neighbours' latency meanwhile, and SIGTERM to exit mid-validation")
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--sizes-mb", default="50,300,1024",
+                       help="comma-separated file sizes in MB; 1024 = the 1 GiB default "
+                       "finetune.max_dataset_bytes (default: %(default)s)")
+        _add_out_and_dir(p)
+
+    def validate(self, args: argparse.Namespace) -> None:
+        try:
+            sizes = tuple(int(x) for x in args.sizes_mb.split(","))
+        except ValueError:
+            raise CommandError(f"--sizes-mb {args.sizes_mb!r}: expected integers separated "
+                               f"by commas") from None
+        if not sizes or min(sizes) < 1:
+            raise CommandError("--sizes-mb: each size must be >= 1")
+        args.sizes = sizes
+
+    def run(self, args: argparse.Namespace) -> int:
+        from harli.bench import validation
+
+        with tempfile.TemporaryDirectory(prefix="harli-bench-") as tmp:
+            res = validation.run_bench(args.dir or Path(tmp), args.sizes)
+        validation.print_table(res)
+        _write_results(args.out, res)
+        return 0
+
+
 def _add_out_and_dir(p: argparse.ArgumentParser) -> None:
     """The results file and working dir options of the one-table benches."""
     p.add_argument("--out", type=Path, help="write the results JSON here")

@@ -22,6 +22,15 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _status(job: Any) -> str:
+    """The job's status; while its files are checked, how far that has come."""
+    v = job.validation
+    if job.status != "validating_files" or v is None or v.stage == "waiting" \
+            or not v.bytes_total:
+        return str(job.status)
+    return f"{job.status} ({v.stage} {v.file} {100 * v.bytes_done / v.bytes_total:.0f} %)"
+
+
 class JobsCommand(Command):
     name = "jobs"
     help = "list finetune jobs"
@@ -46,7 +55,7 @@ class JobsCommand(Command):
                     "level", "paused s", "ckpt"):
             t.add_column(col)
         for j in jobs:
-            t.add_row(str(j.job_id), j.name, j.status, str(j.priority),
+            t.add_row(str(j.job_id), j.name, _status(j), str(j.priority),
                       f"{j.step}/{j.total_steps or '?'}", _fmt(j.loss), _fmt(j.valid_loss),
                       _fmt(j.tokens_per_s, ".0f"), str(j.level if j.level is not None else "-"),
                       f"{j.paused_s:.1f}", str(j.checkpoint_step or "-"))

@@ -13,6 +13,7 @@ from harli.cli.bench import (
     BenchLoraCommand,
     BenchMemoryCommand,
     BenchOverheadCommand,
+    BenchValidationCommand,
 )
 from harli.cli.command import Command, CommandError
 from harli.cli.daemon import DaemonCommand
@@ -30,7 +31,8 @@ COMMANDS: list[Command] = [DaemonCommand(), GenerateCommand(), ModelCommand(),
                            LevelCommand(), PolicyCommand(), ProfileCommand(), BenchCommand(),
                            BenchOverheadCommand(), BenchMemoryCommand(), DemoCommand(),
                            KeysCommand(), GpuCheckCommand(), ModelsCommand(), AdapterCommand(),
-                           BenchLoraCommand(), BenchHttpCommand()]
+                           BenchLoraCommand(), BenchHttpCommand(),
+                           BenchValidationCommand()]
 
 
 EXIT_USAGE = 2  # a user's mistake in arguments or config

@@ -97,7 +97,7 @@ class ControlClient:
         return reply
 
     def attach(self, spec: JobSpec, owner: str = "") -> JobInfo:
-        reply = self.request(AttachJob(spec=spec, wait_s=self.timeout_s, owner=owner))
+        reply = self.request(AttachJob(spec=spec, owner=owner))
         assert isinstance(reply, JobInfo)
         return reply
 

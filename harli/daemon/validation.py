@@ -72,6 +72,13 @@ class DatasetValidations:
         self._running: dict[int, _Worker] = {}
         self._waiting: deque[_Waiting] = deque()
 
+    def warm(self) -> None:
+        """Start the fork server now (its imports take seconds), so that the first job's
+        worker does not make the daemon's loop wait for them."""
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
     def __contains__(self, job_id: int) -> bool:
         return job_id in self._running or any(w.request.job_id == job_id for w in self._waiting)
 

@@ -4,16 +4,16 @@ from a fork server that has the tokenizer's libraries loaded (``DatasetValidatio
 For each file it runs the structural check first (``scan_jsonl``: JSON, format, fields and
 limits, at disk speed), so a bad line anywhere is reported within seconds, then tokenizes the
 file into the ``TokenizedCache`` an example at a time. It reports progress after every block it
-reads and ends with ``ValidationDone`` or ``ValidationFailed``. It runs at a lower CPU priority
-than the daemon and dies with it; a worker that is no longer wanted is killed, which is how a
-validation is cancelled.
+reads and ends with ``ValidationDone`` or ``ValidationFailed``. It runs in the finetune's CPU
+scheduling class (``idle`` by default: on CPU time nothing else wants, so decode, the daemon and
+their clients preempt it at once) and dies with the daemon; a worker that is no longer wanted is
+killed, which is how a validation is cancelled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -32,8 +32,6 @@ from harli.ipc.validation import (
 
 logger = logging.getLogger(__name__)
 
-# Below the daemon (0) and the finetune: a validation takes the CPU time they leave.
-WORKER_NICE = 10
 # At most this many progress messages a second: a fast check sends its blocks' progress
 # without flooding the daemon's loop.
 PROGRESS_EVERY_S = 0.2
@@ -61,14 +59,14 @@ class _Reporter:
 def run_validation(conn: Connection, request: bytes) -> None:
     """The worker's entry (a ``multiprocessing`` target): check ``request``'s files, report on
     ``conn``."""
-    from harli.runtime import die_with_parent
+    from harli.runtime import die_with_parent, set_cpu_scheduling
 
     die_with_parent()  # the fork server's child: it ends when the daemon does
-    with contextlib.suppress(OSError):
-        os.nice(WORKER_NICE)
     out = _Reporter(conn)
     try:
         job = msgspec.msgpack.decode(request, type=ValidateJob)
+        with contextlib.suppress(OSError):
+            set_cpu_scheduling(job.cpu_scheduling_policy, job.nice, "validation")
         out.send(ValidationDone(report=validate(job, out)))
     except DatasetError as e:
         out.send(ValidationFailed(error=str(e)))

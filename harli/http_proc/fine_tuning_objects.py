@@ -7,9 +7,10 @@ daemon serves its adapter once it succeeds (OpenAI's ``ft:model:org:suffix:id`` 
 which no served model name may). Harli's own job options travel under the ``harli`` key of
 the body (``extra_body={"harli": {...}}`` in the SDK): any ``JobSpec`` field but those the
 OpenAI fields set. Statuses are OpenAI's; a held job (paused by a user) is ``paused``, and a
-running job that the quota gives no compute for now is ``running``. A job's files are checked
-when it is created (the upload checked every line; the attach tokenizes them), so no job is
-ever seen ``validating_files``.
+running job that the quota gives no compute for now is ``running``. A job is created
+``validating_files`` while the daemon checks and tokenizes its files in the background (where
+that stands is under ``harli.validation``), then ``queued``, or ``failed`` with OpenAI's
+``invalid_training_file`` / ``invalid_validation_file`` error naming the file and line.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ JOB_PREFIX = "ftjob-"
 HARLI_KEY = "harli"
 ORGANIZATION = "harli"
 # Harli's status -> OpenAI's.
-_STATUS = {"queued": "queued", "running": "running", "paused": "running", "held": "paused",
-           "succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled"}
+_STATUS = {"validating_files": "validating_files", "queued": "queued", "running": "running",
+           "paused": "running", "held": "paused", "succeeded": "succeeded", "failed": "failed",
+           "cancelled": "cancelled"}
 _ENDED = ("succeeded", "failed", "cancelled")
 # JobSpec fields the OpenAI fields set, so the ``harli`` key may not: -> the field that does.
 _SET_BY = {"name": "suffix", "dataset": "training_file", "validation_file": "validation_file",
@@ -224,8 +226,7 @@ def job_object(job: JobInfo, base_model: str, files_dir: Path, now: float) -> di
         "validation_file": file_ref(spec.validation_file, files_dir),
         "result_files": [],
         "trained_tokens": job.tokens if job.status in _ENDED else None,
-        "error": ({"code": "job_failed", "message": job.error or "failed", "param": None}
-                  if job.status == "failed" else None),
+        "error": _error(job),
         "seed": spec.seed, "estimated_finish": _estimated_finish(job, now),
         "integrations": [], "metadata": None,
         HARLI_KEY: {"name": job.name, "status": job.status, "step": job.step,
@@ -233,8 +234,22 @@ def job_object(job: JobInfo, base_model: str, files_dir: Path, now: float) -> di
                     "valid_loss": job.valid_loss, "valid_accuracy": job.valid_accuracy,
                     "checkpoint_step": job.checkpoint_step, "tokens": job.tokens,
                     "tokens_per_s": job.tokens_per_s, "level": job.level,
-                    "restarts": job.restarts, "spec": msgspec.to_builtins(spec)},
+                    "restarts": job.restarts, "spec": msgspec.to_builtins(spec),
+                    "validation": msgspec.to_builtins(job.validation)
+                    if job.validation is not None else None},
     }
+
+
+def _error(job: JobInfo) -> dict[str, Any] | None:
+    """OpenAI's error of a failed job: a job that failed before it ever ran failed the check
+    of its files, and names the one at fault."""
+    if job.status != "failed":
+        return None
+    message = job.error or "failed"
+    if job.started_s is None:
+        param = "validation_file" if message.startswith("validation_file") else "training_file"
+        return {"code": f"invalid_{param}", "message": message, "param": param}
+    return {"code": "job_failed", "message": message, "param": None}
 
 
 def _level(e: JobEvent) -> str:

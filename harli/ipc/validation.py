@@ -28,6 +28,10 @@ class ValidateJob(_Msg, frozen=True):
     max_bytes: int
     max_line_bytes: int
     max_records: int
+    # The finetune's CPU scheduling (finetune.cpu_scheduling_policy, finetune.nice): a
+    # validation is background work like training, and must never delay decode or the daemon.
+    cpu_scheduling_policy: Literal["other", "batch", "idle"] = "idle"
+    nice: int = 0
 
 
 class ValidationProgress(_Msg, frozen=True):
