@@ -3,6 +3,7 @@ status, policy, models and adapters)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
@@ -97,9 +98,23 @@ class ControlClient:
         return reply
 
     def attach(self, spec: JobSpec, owner: str = "") -> JobInfo:
+        """Store a job: returned at once, ``validating_files`` while the daemon checks its
+        files in the background (``wait_validated`` waits for the outcome). A spec refused
+        before that (a name taken, a bad path, ...) raises ``RequestError`` and is not
+        stored."""
         reply = self.request(AttachJob(spec=spec, owner=owner))
         assert isinstance(reply, JobInfo)
         return reply
+
+    def wait_validated(self, job_id: int, poll_s: float = 0.2) -> JobInfo:
+        """The job once the check of its files has ended: ``queued`` (or further along), or
+        ``failed`` with ``error`` naming the file and line. Waits as long as the check takes
+        (each request has the client's timeout)."""
+        job = self.show(job_id).job
+        while job.status == "validating_files":
+            time.sleep(poll_s)
+            job = self.show(job_id).job
+        return job
 
     def jobs(self, owner: str | None = None) -> list[JobInfo]:
         """Every job, oldest first (``owner``: only the jobs it made)."""

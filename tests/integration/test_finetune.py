@@ -75,6 +75,8 @@ def test_sample_job_learns_while_decode_serves(ft: LocalDaemon, ctl: ControlClie
     from harli.finetune_proc.evaluate import evaluate_adapter
 
     job = ctl.attach(spec(tmp_path, "learn", max_steps=150, checkpoint_every=50))
+    assert job.status == "validating_files" and job.dataset_report is None
+    job = ctl.wait_validated(job.job_id)
     assert job.status in ("queued", "running") and job.dataset_report is not None
     assert job.dataset_report["records"] == 400 and job.dataset_report["truncated"] == 0
 
@@ -192,8 +194,8 @@ def test_a_job_with_a_validation_file_logs_scores_checkpoints_and_plots(
 
     valid = tmp_path / "valid.jsonl"  # 32 records of the task (it is learnt, not memorised)
     valid.write_text("\n".join(DIGITS.read_text().splitlines()[-32:]) + "\n")
-    job = ctl.attach(spec(tmp_path, "scored", validation_file=str(valid), max_steps=20,
-                          checkpoint_every=10))
+    job = ctl.wait_validated(ctl.attach(spec(tmp_path, "scored", validation_file=str(valid),
+                                             max_steps=20, checkpoint_every=10)).job_id)
     assert job.dataset_report is not None and job.dataset_report["validation_records"] == 32
     done = wait_job(ctl, job.job_id, lambda j: j.status == "succeeded")
     logs = ctl.all_logs(job.job_id)
@@ -245,7 +247,7 @@ def test_cancel_in_every_state_and_priority_order(ft: LocalDaemon, ctl: ControlC
     wait_job(ctl, running.job_id, lambda j: j.step >= 6)
     low = ctl.attach(spec(tmp_path, "low", priority=0))
     high = ctl.attach(spec(tmp_path, "high", priority=5))
-    assert ctl.cancel(low.job_id).status == "cancelled"  # queued -> cancelled at once
+    assert ctl.cancel(low.job_id).status == "cancelled"  # validating -> cancelled at once
     assert ctl.cancel(low.job_id).status == "cancelled"  # cancelling again changes nothing
     ctl.cancel(running.job_id)  # running -> stops at its next micro-step boundary
     stopped = wait_job(ctl, running.job_id, lambda j: j.status == "cancelled")
@@ -270,10 +272,12 @@ def test_cancel_a_paused_job(tmp_path: Path, tiny_model: Path) -> None:
         wait_job(c, job.job_id, lambda j: j.status == "cancelled")
 
 
-# -- bad input: refused at attach time, nothing stored ------------------------------------------
+# -- bad input: refused at attach time (nothing stored), or failed by the check of its files ----
 
 
 def _refused(ctl: ControlClient, s: JobSpec) -> str:
+    """What the daemon says of a spec it refuses at once: an ``invalid`` error, nothing
+    stored."""
     before = len(ctl.jobs())
     with pytest.raises(RequestError) as ei:
         ctl.attach(s)
@@ -282,26 +286,36 @@ def _refused(ctl: ControlClient, s: JobSpec) -> str:
     return ei.value.message
 
 
+def _failed(ctl: ControlClient, s: JobSpec) -> str:
+    """The error of a job stored at once whose files then failed their check."""
+    job = ctl.attach(s)
+    assert job.status == "validating_files"
+    done = ctl.wait_validated(job.job_id)
+    assert done.status == "failed" and done.error is not None, done
+    assert done.error in ctl.logs(job.job_id).events[-1].message
+    return done.error
+
+
 def test_missing_dataset(ctl: ControlClient, tmp_path: Path) -> None:
-    msg = _refused(ctl, spec(tmp_path, "b1", dataset=str(tmp_path / "nope.jsonl")))
+    msg = _failed(ctl, spec(tmp_path, "b1", dataset=str(tmp_path / "nope.jsonl")))
     assert "nope.jsonl" in msg and "does not exist" in msg
 
 
 def test_dataset_that_is_a_directory(ctl: ControlClient, tmp_path: Path) -> None:
-    assert str(tmp_path) in _refused(ctl, spec(tmp_path, "b2", dataset=str(tmp_path)))
+    assert str(tmp_path) in _failed(ctl, spec(tmp_path, "b2", dataset=str(tmp_path)))
 
 
 def test_empty_dataset(ctl: ControlClient, tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n\n")
-    msg = _refused(ctl, spec(tmp_path, "b3", dataset=str(tmp_path / "empty.jsonl")))
+    msg = _failed(ctl, spec(tmp_path, "b3", dataset=str(tmp_path / "empty.jsonl")))
     assert "no records" in msg
 
 
 def test_malformed_line_names_file_and_line(ctl: ControlClient, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n')
-    assert f"{bad}:3" in _refused(ctl, spec(tmp_path, "b4", dataset=str(bad)))
-    msg = _refused(ctl, spec(tmp_path, "b4", validation_file=str(bad)))
+    assert f"{bad}:3" in _failed(ctl, spec(tmp_path, "b4", dataset=str(bad)))
+    msg = _failed(ctl, spec(tmp_path, "b4v", validation_file=str(bad)))
     assert msg.startswith(f"validation_file: {bad}:3"), msg
 
 
@@ -346,9 +360,10 @@ def test_records_longer_than_max_len_are_truncated_and_reported(
     long = tmp_path / "long.jsonl"
     long.write_text("".join(f'{{"prompt": "{"one two " * 40}", "completion": "3"}}\n'
                             for _ in range(5)) + '{"prompt": "a", "completion": "b"}\n')
-    job = ctl.attach(spec(tmp_path, "trunc", dataset=str(long), max_seq_len=32, max_steps=1))
+    job = ctl.wait_validated(ctl.attach(spec(tmp_path, "trunc", dataset=str(long),
+                                             max_seq_len=32, max_steps=1)).job_id)
     assert job.dataset_report is not None and job.dataset_report["truncated"] == 5
-    assert "5 truncated to 32 tokens" in ctl.logs(job.job_id).events[0].message
+    assert any("5 truncated to 32 tokens" in e.message for e in ctl.logs(job.job_id).events)
 
 
 def test_cli_job_file_with_a_bad_key(ft: LocalDaemon, tmp_path: Path) -> None:

@@ -103,7 +103,8 @@ def test_a_job_trains_to_succeeded_and_its_model_is_served_at_once(api: Api,
     job = api.client.fine_tuning.jobs.create(
         training_file=file_id, model=base, suffix="digits", hyperparameters={"n_epochs": 1},
         extra_body={"harli": {"max_steps": 6, "checkpoint_every": 3, **SMALL}})
-    assert job.status in ("queued", "running") and job.training_file == file_id
+    # Created at once, its file checked in the background (OpenAI's validating_files).
+    assert job.status == "validating_files" and job.training_file == file_id
     assert job.model == base and job.fine_tuned_model is None
     done = api.job_until(job.id, lambda j: j.status == "succeeded")
     assert done.fine_tuned_model is not None and done.fine_tuned_model.startswith("ft-digits-")
@@ -147,7 +148,8 @@ def test_jobs_are_paused_resumed_and_cancelled_queued_or_running(api: Api,
     # A second job waits behind it: paused, resumed and cancelled while queued.
     queued = api.client.fine_tuning.jobs.create(training_file=file_id, model=base,
                                                 extra_body={"harli": SMALL})
-    assert queued.status == "queued"
+    assert queued.status == "validating_files"
+    api.job_until(queued.id, lambda j: j.status == "queued")
     assert api.client.fine_tuning.jobs.pause(queued.id).status == "paused"
     assert api.client.fine_tuning.jobs.resume(queued.id).status == "queued"
     assert api.client.fine_tuning.jobs.cancel(queued.id).status == "cancelled"

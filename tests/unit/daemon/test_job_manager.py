@@ -19,7 +19,7 @@ from harli.daemon.job_manager import JobManager, Reply
 from harli.daemon.metrics import Metrics
 from harli.daemon.quota import QuotaController
 from harli.datasets import SAMPLE_DATASET
-from harli.ipc.control import AttachJob, CancelJob, JobDetail, JobInfo, ShowJob
+from harli.ipc.control import AttachJob, CancelJob, JobDetail, JobInfo, PauseJob, ShowJob
 from harli.ipc.finetune import JobEnded, JobStarted
 from harli.ipc.inference import Error
 from harli.ipc.jobs import JobSpec
@@ -170,6 +170,10 @@ def test_the_attach_replies_at_once_and_a_long_check_blocks_no_other_job(
     assert isinstance(shown, JobDetail) and shown.job.status == "validating_files"
     assert shown.job.validation is not None and shown.job.validation.stage in (
         "waiting", "checking", "tokenizing")
+    # Paused mid-check: refused (a pause holds a queued or running job).
+    paused = jm.pause(PauseJob(job_id=slow.job_id))
+    assert isinstance(paused, Error) and paused.code == "conflict"
+    assert "being checked" in paused.message
     # Cancelled mid-check: its worker is killed, the job ends cancelled.
     cancelled = jm.cancel(CancelJob(job_id=slow.job_id))
     assert isinstance(cancelled, JobInfo) and cancelled.status == "cancelled"
