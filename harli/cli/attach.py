@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -94,6 +95,7 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
 def follow_validation(client: Any, job: Any, poll_s: float = 0.25) -> Any:
     """Show the check of ``job``'s files until it ends; return the job then (queued or
     failed). A daemon that stops meanwhile keeps the job and checks it again when it starts."""
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -108,7 +110,8 @@ def follow_validation(client: Any, job: Any, poll_s: float = 0.25) -> Any:
     cols = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
             TransferSpeedColumn(), TextColumn("{task.fields[records]} records"),
             TimeRemainingColumn())
-    with Progress(*cols, transient=True) as progress:
+    # On stderr, and only on a terminal: stdout is the job's id (or JSON), for scripts.
+    with Progress(*cols, transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task(f"job {job.job_id}: waiting for a worker", total=None,
                                  records=0)
         while job.status == "validating_files":
@@ -122,10 +125,11 @@ def follow_validation(client: Any, job: Any, poll_s: float = 0.25) -> Any:
                 job = client.show(job.job_id).job
             except RequestError as e:
                 if e.code in ("timeout", "shutting_down"):
-                    raise CommandError(
-                        f"the daemon stopped answering while job {job.job_id}'s files were "
-                        f"checked ({e.message}); it keeps the job and checks them again when "
-                        f"it starts: see `harli job show {job.job_id}`") from None
+                    raise RequestError(
+                        e.code, f"the daemon stopped answering while job {job.job_id}'s files "
+                                f"were checked ({e.message}); it keeps the job and checks them "
+                                f"again when it starts: see `harli job show {job.job_id}`"
+                    ) from None
                 raise
     return job
 
@@ -193,8 +197,9 @@ class AttachCommand(Command):
                 job = follow_validation(client, job)
             print(json.dumps(to_jsonable(job)) if args.json else job.job_id)
             if job.status == "failed":
-                raise CommandError(f"job {job.job_id} failed the check of its files: "
-                                   f"{job.error}")
+                print(f"harli attach: job {job.job_id} failed the check of its files: "
+                      f"{job.error}", file=sys.stderr)
+                return 1
             if args.follow:
                 return 0 if follow(client, job.job_id) == "succeeded" else 1
         return 0
