@@ -366,6 +366,28 @@ def test_records_longer_than_max_len_are_truncated_and_reported(
     assert any("5 truncated to 32 tokens" in e.message for e in ctl.logs(job.job_id).events)
 
 
+def test_cli_attach_waits_for_the_check_and_prints_the_id_or_the_line_at_fault(
+        ft: LocalDaemon, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def attach(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "harli.cli.main", "attach", *args,
+                               "--endpoint", ft.cfg.control_endpoint], capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 3}\n')
+    res = attach(str(bad), "--name", "cli-bad")
+    assert res.returncode == 1 and res.stdout.strip().isdigit(), res
+    assert f"failed the check of its files: {bad}:2: field 'text'" in res.stderr
+    res = attach(str(DIGITS), "--name", "cli-good", "--max-steps", "1",
+                 "--output-dir", str(tmp_path / "cli-good"))
+    assert res.returncode == 0 and res.stdout.strip().isdigit(), res  # the id alone
+    with ControlClient(ft.cfg.control_endpoint) as c:
+        assert c.show(int(res.stdout)).job.status != "validating_files"
+
+
 def test_cli_job_file_with_a_bad_key(ft: LocalDaemon, tmp_path: Path) -> None:
     import subprocess
     import sys
