@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harli.cli.command import Command
+from harli.cli.command import Command, CommandError
 from harli.datasets import SAMPLE_DATASET
 
 PROMPTS = [
@@ -90,7 +90,9 @@ def _finetune_phase(console: Any, daemon: Any, args: argparse.Namespace) -> None
                    max_steps=args.steps, checkpoint_every=50)
     console.rule("[bold]a LoRA job beside the decode traffic")
     with ControlClient(daemon.cfg.control_endpoint) as ctl:
-        job = ctl.attach(spec)
+        job = ctl.wait_validated(ctl.attach(spec).job_id)
+        if job.status == "failed":
+            raise CommandError(f"the demo's job failed the check of its files: {job.error}")
         report = job.dataset_report or {}
         console.print(f"harli attach {dataset.name}: job {job.job_id} ({report.get('records')} "
                       f"{report.get('format')} records: number words -> digits), "
