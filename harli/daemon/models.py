@@ -23,6 +23,7 @@ from harli.daemon.adapter_registry import Adapter, AdapterRegistry, DuplicateAda
 from harli.ipc.control import AddAdapter, ListModels, ModelInfo, ModelList, RemoveAdapter
 from harli.ipc.decode import DaemonToDecode, LoraTarget, UnloadAdapter
 from harli.ipc.inference import Error, ErrorCode
+from harli.paths import BadPath, check_path
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +95,15 @@ class ModelCatalog:
                          message=f"adapter name {msg.name!r}: names ending in @step-N are "
                                  f"those of published job checkpoints")
         try:
+            # A client's path: one that names no file (a NUL, a component over NAME_MAX) is
+            # refused before any system call raises on it.
+            check_path(msg.path, "path")
             adapter = self._register(msg.name, msg.path, "path")
-        except AdapterError as e:
+        except (AdapterError, BadPath) as e:
             return Error(request_id=None, code=ErrorCode.INVALID, message=str(e))
+        except OSError as e:  # a directory the daemon may not look into, ...
+            return Error(request_id=None, code=ErrorCode.INVALID,
+                         message=f"adapter path {msg.path!r}: {e.strerror or e}")
         return self._info(adapter, 0)
 
     def remove(self, msg: RemoveAdapter, in_use: Mapping[str, int],

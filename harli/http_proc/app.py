@@ -33,6 +33,7 @@ from harli.http_proc.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     LoadLoraAdapterRequest,
+    TextJsonRoute,
     UnloadLoraAdapterRequest,
 )
 from harli.http_proc.serving import (
@@ -177,6 +178,7 @@ def build_app(cfg: HarliConfig, tokenizer: Any, keys: ApiKeys,
     app = FastAPI(title="harli", version=harli.__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.harli = state
+    app.router.route_class = TextJsonRoute
     _error_handlers(app)
     app.include_router(files_router)
     app.include_router(fine_tuning_router)

@@ -37,17 +37,18 @@ from harli.datasets import (
 from harli.http_proc.errors import ApiError, bad_field
 from harli.http_proc.fine_tuning_objects import public_job_id
 from harli.http_proc.pages import check_limit, page
+from harli.http_proc.protocol import TextJsonRoute
 from harli.ipc.control import FileInfo
 from harli.ipc.inference import ErrorCode
 
 if TYPE_CHECKING:
     from harli.http_proc.app import HttpState
 
-router = APIRouter()
+router = APIRouter(route_class=TextJsonRoute)
 
 PURPOSE = "fine-tune"  # the only purpose this server keeps files for
 MAX_FILES_LIMIT = 10_000  # OpenAI's default and most for GET /v1/files
-_FILE_ID = re.compile(r"^file-[A-Za-z0-9]{1,64}$")
+_FILE_ID = re.compile(r"file-[A-Za-z0-9]{1,64}")  # fullmatch: no trailing newline
 _COPY_CHUNK_BYTES = 1 << 20
 
 
@@ -76,7 +77,7 @@ async def owned_file(state: HttpState, owner: str, file_id: str,
                      param: str | None = None) -> FileInfo:
     """The file, if ``owner`` uploaded it; 404 otherwise (another key's file is not told
     apart from one that does not exist)."""
-    if not _FILE_ID.match(file_id):
+    if not _FILE_ID.fullmatch(file_id):
         raise no_such_file(file_id, param)
     try:
         found: FileInfo = await state.link.control("file", file_id)

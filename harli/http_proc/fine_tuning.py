@@ -30,12 +30,13 @@ from harli.http_proc.fine_tuning_objects import (
     public_job_id,
 )
 from harli.http_proc.pages import check_limit, page
+from harli.http_proc.protocol import TextJsonRoute
 from harli.ipc.control import CheckpointInfo, FileInfo, JobDetail, JobInfo
 
 if TYPE_CHECKING:
     from harli.http_proc.app import HttpState
 
-router = APIRouter()
+router = APIRouter(route_class=TextJsonRoute)
 
 MAX_LIMIT = 100  # the most objects one page of jobs, events or checkpoints holds
 _LAST_ID = 2**63 - 1

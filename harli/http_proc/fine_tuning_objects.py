@@ -47,6 +47,7 @@ _ENDED = ("succeeded", "failed", "cancelled")
 _SET_BY = {"name": "suffix", "dataset": "training_file", "validation_file": "validation_file",
            "base_model": "model"}
 _DEFAULTS = JobSpec(name="x", dataset="/x")
+_JOB_ID = re.compile(rf"{re.escape(JOB_PREFIX)}([1-9][0-9]{{0,17}})")  # job ids are int64
 _FILE_NAME = re.compile(rf"^file-[A-Za-z0-9]+{re.escape(UPLOAD_SUFFIX)}$")
 
 
@@ -117,12 +118,11 @@ def public_job_id(job_id: int) -> str:
 
 
 def job_id_of(public: str) -> int | None:
-    """``ftjob-12`` -> 12; None for anything else."""
-    digits = public[len(JOB_PREFIX):]
-    if not public.startswith(JOB_PREFIX) or not digits.isdigit() or len(digits) > 18:
-        return None
-    job_id = int(digits)
-    return job_id if job_id >= 1 else None
+    """``ftjob-12`` -> 12; None for anything else: only the id as ``public_job_id`` writes
+    it (ASCII digits, no leading zero), so no other string names the same job (``str.isdigit``
+    takes "²", on which ``int`` raises, and "١٢", which ``int`` reads as 12)."""
+    m = _JOB_ID.fullmatch(public)
+    return int(m.group(1)) if m else None
 
 
 def openai_status(status: str) -> str:

@@ -6,15 +6,73 @@ The fields are OpenAI's, plus the sampling extras vLLM's OpenAI server takes (``
 ``vllm bench serve`` load generator among them) work unchanged. A field whose feature the
 daemon does not serve (penalties, tools, ...) is refused by name rather than
 ignored: a client must not get an answer computed differently from what it asked.
+
+A JSON body is read as text: a string in it that holds a lone UTF-16 surrogate (the escape
+``"\\ud800"``, which Python's ``json`` reads) is refused as malformed JSON, since it could be
+neither tokenized nor sent to the daemon nor written back in a reply. Integers the daemon's
+protocol carries are bounded to 64 bits here, so a larger one is a 400 naming it.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from harli.ipc.inference import MAX_LOGPROBS
+
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # vLLM's range for ``seed``
+TokenId = Annotated[int, Field(ge=0, le=2**63 - 1)]
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """Where the first string of a parsed JSON value (a key or a value) that holds a lone
+    UTF-16 surrogate is (``messages.0.content``); None when none does."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return f"`{path}`" if path else "the body"
+        elif isinstance(v, dict):
+            for key, item in v.items():
+                if _SURROGATE.search(key):
+                    return f"a key of `{path}`" if path else "a key of the body"
+                stack.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(v, list):
+            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(v))
+    return None
+
+
+class TextJsonRequest(Request):
+    """A request whose JSON body must be text: a lone surrogate is a ``JSONDecodeError``,
+    which FastAPI answers as malformed JSON (400)."""
+
+    async def json(self) -> Any:
+        value = await super().json()
+        where = lone_surrogate(value)
+        if where is not None:
+            raise json.JSONDecodeError(f"{where} holds a lone UTF-16 surrogate (\\ud800 to "
+                                       f"\\udfff), which is not text", "", 0)
+        return value
+
+
+class TextJsonRoute(APIRoute):
+    """The route class of every router of the front: its handlers read ``TextJsonRequest``."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(TextJsonRequest(request.scope, request.receive))
+
+        return route
 
 
 class _Strict(BaseModel):
@@ -37,17 +95,17 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     # vLLM's extras
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=2**63 - 1)] | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     min_tokens: Annotated[int, Field(ge=0)] = 0
     skip_special_tokens: bool = True
     request_id: str | None = None

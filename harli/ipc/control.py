@@ -26,7 +26,9 @@ JobId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 # and for the HTTP front without keys configured).
 Owner = Annotated[str, Meta(max_length=64)]
 # An uploaded file's id, as OpenAI's files API names them; also its name in the files dir.
-FileId = Annotated[str, Meta(min_length=6, max_length=69, pattern=r"^file-[A-Za-z0-9]+$")]
+# (Patterns end in ``\Z``: Python's ``$``, which msgspec uses, also matches before a trailing
+# newline.)
+FileId = Annotated[str, Meta(min_length=6, max_length=69, pattern=r"^file-[A-Za-z0-9]+\Z")]
 
 # -- clients (the harli CLI, ControlClient) -> daemon ----------------------------------------
 
@@ -134,7 +136,7 @@ class GetStatus(_Ctl, tag="status", frozen=True):
 
 # An adapter's name: a job name, or a published checkpoint's ``NAME@step-N``.
 AdapterName = Annotated[str, Meta(min_length=1, max_length=160,
-                                  pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")]
+                                  pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*\Z")]
 
 
 class AddAdapter(_Ctl, tag="add_adapter", frozen=True):

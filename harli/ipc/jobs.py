@@ -12,8 +12,10 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+# ``\Z``, not ``$``: msgspec matches with Python's ``re``, where ``$`` also matches before a
+# trailing newline ("name\n" would pass).
 JobName = Annotated[str, Meta(min_length=1, max_length=128,
-                              pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+                              pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")]
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                           "down_proj"]

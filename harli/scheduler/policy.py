@@ -457,11 +457,12 @@ def check_policy(spec: str, levels: int) -> tuple[str, int | None]:
         return text, None
     kind, sep, arg = text.partition(":")
     if kind == "static" and sep:
-        try:
-            level = int(arg)
-        except ValueError:
+        # ASCII digits only: int() also reads other scripts' digits ("١"), which would then
+        # be echoed back as the policy's name.
+        if not (arg.isascii() and arg.strip().isdigit()):
             raise ValueError(f"policy {spec!r}: the level in 'static:L' must be an integer in "
-                             f"0..{levels}; accepted forms: {POLICY_FORMS}") from None
+                             f"0..{levels}; accepted forms: {POLICY_FORMS}")
+        level = int(arg)
         if not 0 <= level <= levels:
             raise ValueError(f"policy {spec!r}: static level must be in 0..{levels} "
                              f"(finetune.levels), got {level}")

@@ -111,6 +111,33 @@ def test_adding_refuses_taken_names_checkpoint_names_and_bad_directories(
     assert w.catalog.names() == ["tiny", "digits"]  # nothing registered lost or added
 
 
+@pytest.mark.parametrize(("path", "words"), [
+    ("/tmp/a\x00b", "NUL"), ("/tmp/" + "a" * 300, "component of 300 bytes"),
+    ("/" + "a/" * 2100, "over the limit of 4095 bytes")])
+def test_a_path_that_names_no_file_is_invalid_not_an_internal_error(
+        tmp_path: Path, path: str, words: str) -> None:
+    # A component over NAME_MAX once escaped as OSError (ENAMETOOLONG) from the directory
+    # check, an internal error to the client (a 500 over HTTP).
+    w = World(tmp_path)
+    err = w.catalog.add(AddAdapter(name="odd", path=path))
+    assert isinstance(err, Error) and err.code == ErrorCode.INVALID, err
+    assert words in err.message
+    assert w.catalog.names() == ["tiny"]
+
+
+def test_an_unreadable_adapter_directory_is_invalid(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    w = World(tmp_path)
+
+    def denied(*_: object, **__: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("harli.daemon.models.inspect_adapter", denied)
+    err = w.catalog.add(AddAdapter(name="odd", path=w.adapter()))
+    assert isinstance(err, Error) and err.code == ErrorCode.INVALID, err
+    assert "Permission denied" in err.message
+
+
 def test_an_adapter_in_use_is_removed_only_by_force_which_ends_its_requests(
         tmp_path: Path) -> None:
     w = World(tmp_path)

@@ -97,7 +97,10 @@ def test_unsupported_fields_are_named() -> None:
 
 def test_ids_names_and_statuses() -> None:
     assert job_id_of("ftjob-12") == 12
-    for bad in ("ftjob-", "ftjob-0", "ftjob-x", "12", "ftjob--1", "ftjob-" + "9" * 30):
+    # Only the id as written: "ftjob-²" once raised (a 500), "ftjob-١٢" named job 12.
+    for bad in ("ftjob-", "ftjob-0", "ftjob-x", "12", "ftjob--1", "ftjob-" + "9" * 30,
+                "ftjob-²", "ftjob-١٢", "ftjob-012", "ftjob-12\n", " ftjob-12", "ftjob-+12",
+                "ftjob-1_2"):
         assert job_id_of(bad) is None
     assert job_name("my-model", "tiny", "ab12") == "ft-my-model-ab12"
     assert job_name(None, "Qwen/Qwen2.5 0.5B", "ab12") == "ft-Qwen-Qwen2.5-0.5B-ab12"

@@ -5,6 +5,7 @@ use not deleted."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from harli.config import load
 from harli.http_proc.app import Limits, build_app
 from harli.http_proc.auth import ApiKeys
 from harli.http_proc.errors import ApiError
+from harli.http_proc.protocol import lone_surrogate
 from harli.ipc.control import FileInfo, JobDetail, JobInfo, ModelInfo
 from harli.ipc.jobs import JobSpec
 
@@ -246,3 +248,55 @@ def test_jobs_are_listed_newest_first_in_pages(api: Api) -> None:
                  400)["param"] == "limit"
     assert error(api.call("GET", "/v1/fine_tuning/jobs", params={"after": "x"}),
                  400)["param"] == "after"
+
+
+def _raw(api: Api, path: str, body: str) -> Any:
+    """POST ``body``, JSON text as a client wrote it (``json=`` would escape it again)."""
+    return api.client.post(path, content=body.encode(),
+                           headers={"Authorization": f"Bearer {KEY_A}",
+                                    "Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize(("path", "body", "where"), [
+    ("/v1/fine_tuning/jobs", '{"model": "tiny", "training_file": "file-1", '
+     '"harli": {"output_dir": "/tmp/\\ud800"}}', "`harli.output_dir`"),
+    ("/v1/fine_tuning/jobs", '{"model": "tiny", "training_file": "file-1", '
+     '"harli": {"\\udfff": 1}}', "a key of `harli`"),
+    ("/v1/completions", '{"model": "\\ud800", "prompt": "hi"}', "`model`"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", '
+     '"content": "a\\ud800b"}]}', "`messages.0.content`"),
+    ("/v1/load_lora_adapter", '{"lora_name": "a", "lora_path": "/\\ud800"}', "`lora_path`"),
+])
+def test_a_lone_surrogate_in_a_json_body_is_a_400_naming_where(
+        api: Api, path: str, body: str, where: str) -> None:
+    # Python's json reads "\ud800"; such a string once reached the tokenizer, the daemon's
+    # encoder or the error reply that echoed it, each a 500.
+    err = error(_raw(api, path, body), 400)
+    assert err["message"].startswith("the body is not valid JSON: ")
+    assert where in err["message"] and "lone UTF-16 surrogate" in err["message"]
+    assert api.link.jobs == {}
+    # A surrogate pair is one character, as any JSON reader takes it.
+    assert lone_surrogate(json.loads('{"a": ["\\ud83d\\ude00"]}')) is None
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("seed", 2**70), ("seed", -(2**63) - 1), ("top_k", 2**64), ("stop_token_ids", [2**70]),
+    ("stop_token_ids", [-1])])
+def test_integers_beyond_64_bits_are_a_400_naming_the_field(
+        api: Api, field: str, value: object) -> None:
+    # msgspec cannot encode them for the daemon: once a 500.
+    err = error(api.call("POST", "/v1/completions",
+                         json={"model": "tiny", "prompt": "hi", field: value}), 400)
+    assert err["param"] is not None and err["param"].startswith(field)
+
+
+@pytest.mark.parametrize("public_id", ["ftjob-²", "ftjob-١", "ftjob-01", "ftjob-1%0A"])
+def test_a_job_id_not_as_written_is_no_job(api: Api, public_id: str) -> None:
+    # "ftjob-²" once raised in int() (a 500); "ftjob-١" named job 1.
+    file_id = api.upload().json()["id"]
+    assert api.call("POST", "/v1/fine_tuning/jobs",
+                    json={"model": "tiny", "training_file": file_id}).status_code == 200
+    for suffix in ("", "/cancel", "/events"):
+        method = "POST" if suffix == "/cancel" else "GET"
+        error(api.call(method, f"/v1/fine_tuning/jobs/{public_id}{suffix}"), 404)
+    assert api.link.jobs[1].status == "queued"

@@ -165,3 +165,17 @@ def test_request_id_of_undecodable_messages() -> None:
     assert request_id_of(msgspec.msgpack.encode({"request_id": "q", "max_tokens": "x"})) == "q"
     assert request_id_of(b"\xc1") is None
     assert request_id_of(msgspec.msgpack.encode([1])) is None
+
+
+@pytest.mark.parametrize("msg", [
+    {"type": "attach", "spec": {"name": "digits\n", "dataset": "/d.jsonl"}},
+    {"type": "add_adapter", "name": "digits\n", "path": "/a"},
+    {"type": "remove_adapter", "name": "digits\n"},
+    {"type": "show_file", "file_id": "file-abc\n"},
+])
+def test_names_and_ids_with_a_trailing_newline_are_invalid(msg: dict[str, object]) -> None:
+    # Python's ``$`` matches before a trailing newline: such a name once became a job, a
+    # directory and a served model's name with a newline in it.
+    with pytest.raises(DecodeFailure) as e:
+        Decoder(ControlRequest).decode(msgspec.msgpack.encode(msg))
+    assert e.value.code == ErrorCode.INVALID and "matching regex" in e.value.message

@@ -464,6 +464,7 @@ def test_parse_policy_accepts_each_form(spec: str, kind: type, level: int | None
     ("static:", "must be an integer"),
     ("static:x", "must be an integer"),
     ("static:1.5", "must be an integer"),
+    ("static:\u0661", "must be an integer"),  # an Arabic-Indic 1, which int() reads
     ("static:-1", r"0\.\.4"),
     (f"static:{K + 1}", r"0\.\.4"),
     ("naive:2", "accepted forms"),
