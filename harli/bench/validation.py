@@ -208,12 +208,6 @@ def run_bench(base: Path, sizes_mb: tuple[int, ...] = DEFAULT_SIZES_MB) -> dict[
     daemon = LocalDaemon(base / "daemon", overrides)
     res: dict[str, Any] = {"sizes_mb": list(sizes_mb), "cpus": os.cpu_count()}
     with daemon:
-        assert daemon.proc is not None
-        import psutil
-
-        res["fork_server_rss_mb"] = max(
-            (p.memory_info().rss for p in psutil.Process(daemon.proc.pid).children()
-             if "forkserver" in " ".join(p.cmdline())), default=0) / 1e6
         idle = _timed(daemon, 10.0)
         res["idle"] = {f"{k}_p50": _p50(v) for k, v in idle.items()}
         res["idle_n"] = len(idle["generate_ms"])
@@ -256,7 +250,6 @@ def print_table(res: dict[str, Any]) -> None:
         Console().print(t)
     s = res["sigterm"]
     busy = s["tokenizing"]
-    print(f"the fork server's RSS: {res['fork_server_rss_mb']:.0f} MB")
     print(f"while a {max(res['sizes_mb'])} MB file is tokenized: control "
           f"{busy['control_ms_p50']:.1f} ms, 16-token generate {busy['generate_ms_p50']:.0f} ms "
           f"(p50 of {s['tokenizing_n']}; idle: {idle['control_ms_p50']:.1f} ms, "

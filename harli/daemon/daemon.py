@@ -205,7 +205,6 @@ class Daemon:
         try:
             if self.cfg.metrics.port:
                 self.metrics.serve(self.cfg.metrics.addr, self.cfg.metrics.port)
-            self.jobs.validations.warm()
             if self.mps is not None:
                 self.mps.start()  # a CUDA program looks for MPS once, at cuInit
             for child in self.children:

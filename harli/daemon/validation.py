@@ -1,31 +1,31 @@
 """``DatasetValidations``: the jobs whose files are being checked, each in a worker process of
-its own (``validation_worker.py``), so that a file of any size costs the daemon's loop and
-memory nothing: the loop only reads the workers' progress and outcomes between its other work.
+its own (``python -m harli.daemon.validation_worker``), so that a file of any size costs the
+daemon's loop and memory nothing: the loop only reads the workers' progress and outcomes
+between its other work.
 
-Workers are forked from a ``multiprocessing`` fork server started with the tokenizer's
-libraries already imported (a worker is ready in milliseconds instead of the seconds an import
-takes), and single-threaded when it forks (the daemon is not: forking it would copy its ZeroMQ
-threads' locks). At most ``max_workers`` run at once; the rest wait their turn. A validation is
-cancelled by killing its worker, so a cancel or the daemon's stop takes effect at once, however
-far a worker is into a file.
+A worker starts in about a tenth of a second (it imports msgspec and the record reader; the
+tokenizer's libraries only once the structure check has passed), so a bad line is reported
+without waiting for them. It talks to the daemon over a socket pair in ``multiprocessing``'s
+framing (``Connection.send_bytes``) with msgspec messages. At most ``max_workers`` run at once;
+the rest wait their turn. A validation is cancelled by killing its worker, so a cancel or the
+daemon's stop takes effect at once, however far a worker is into a file.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
+import socket
+import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
-from typing import Any
 
 import msgspec
 
 from harli.daemon.supervisor import describe_returncode
-from harli.daemon.validation_worker import run_validation
 from harli.ipc.validation import (
     ValidateJob,
     ValidationDone,
@@ -36,9 +36,6 @@ from harli.ipc.validation import (
 
 logger = logging.getLogger(__name__)
 
-# What the fork server imports once, so that a worker forked from it starts with them loaded.
-_PRELOAD = ["harli.daemon.validation_worker", "harli.datasets",
-            "transformers.models.auto.tokenization_auto"]
 # Messages read from one worker per call of ``poll``: a fast worker never holds the loop.
 _READ_BATCH = 64
 # How long ``close`` waits for killed workers to be reaped.
@@ -50,7 +47,7 @@ Outcome = ValidationDone | ValidationFailed
 @dataclass
 class _Worker:
     request: ValidateJob
-    proc: BaseProcess
+    proc: subprocess.Popen[bytes]
     conn: Connection
     started_s: float
     progress: ValidationProgress | None = None
@@ -66,18 +63,9 @@ class DatasetValidations:
     def __init__(self, max_workers: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_workers = max_workers
         self.clock = clock
-        self._ctx: Any = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(_PRELOAD)
         self._decoder = msgspec.msgpack.Decoder(WorkerToDaemon)
         self._running: dict[int, _Worker] = {}
         self._waiting: deque[_Waiting] = deque()
-
-    def warm(self) -> None:
-        """Start the fork server now (its imports take seconds), so that the first job's
-        worker does not make the daemon's loop wait for them."""
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
 
     def __contains__(self, job_id: int) -> bool:
         return job_id in self._running or any(w.request.job_id == job_id for w in self._waiting)
@@ -110,10 +98,10 @@ class DatasetValidations:
         reports: list[tuple[int, ValidationProgress | Outcome]] = []
         for job_id, worker in list(self._running.items()):
             outcome = self._read(worker, reports)
-            if outcome is None and not worker.proc.is_alive():
+            if outcome is None and worker.proc.poll() is not None:
                 outcome = self._read(worker, reports) or ValidationFailed(
                     error=f"the validation worker ended without a verdict "
-                          f"({describe_returncode(worker.proc.exitcode or 0)}); attach the job "
+                          f"({describe_returncode(worker.proc.returncode)}); attach the job "
                           f"again")
             if outcome is not None:
                 del self._running[job_id]
@@ -130,7 +118,10 @@ class DatasetValidations:
             worker.proc.kill()
         deadline = time.monotonic() + _REAP_S
         for worker in self._running.values():
-            worker.proc.join(max(0.0, deadline - time.monotonic()))
+            try:
+                worker.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("[validation] worker %d not reaped", worker.proc.pid)
             worker.conn.close()
         self._running.clear()
 
@@ -157,19 +148,25 @@ class DatasetValidations:
 
     def _start_waiting(self) -> None:
         while self._waiting and len(self._running) < self.max_workers:
-            waiting = self._waiting.popleft()
-            request = waiting.request
-            recv, send = self._ctx.Pipe(duplex=False)
-            proc = self._ctx.Process(target=run_validation,
-                                     args=(send, msgspec.msgpack.encode(request)),
-                                     name=f"harli-validate-{request.job_id}", daemon=True)
-            proc.start()
-            send.close()  # the worker's end: EOF here once it exits
-            self._running[request.job_id] = _Worker(request, proc, recv, self.clock())
+            request = self._waiting.popleft().request
+            ours, theirs = socket.socketpair()
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "harli.daemon.validation_worker",
+                     str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL)
+            finally:
+                theirs.close()  # the worker's end: EOF here once it exits
+            conn = Connection(ours.detach())
+            conn.send_bytes(msgspec.msgpack.encode(request))
+            self._running[request.job_id] = _Worker(request, proc, conn, self.clock())
 
 
 def _kill(worker: _Worker) -> None:
-    if worker.proc.is_alive():
+    if worker.proc.poll() is None:
         worker.proc.kill()
-    worker.proc.join(_REAP_S)
+    try:
+        worker.proc.wait(_REAP_S)
+    except subprocess.TimeoutExpired:
+        logger.warning("[validation] worker %d not reaped", worker.proc.pid)
     worker.conn.close()

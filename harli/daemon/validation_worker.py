@@ -1,5 +1,6 @@
-"""The dataset validation worker: one process per job whose files are being checked, forked
-from a fork server that has the tokenizer's libraries loaded (``DatasetValidations``).
+"""The dataset validation worker: one process per job whose files are being checked
+(``python -m harli.daemon.validation_worker FD``, started by ``DatasetValidations``; ``FD`` is
+its end of a socket pair: the job comes in, progress and the outcome go out).
 
 For each file it runs the structural check first (``scan_jsonl``: JSON, format, fields and
 limits, at disk speed), so a bad line anywhere is reported within seconds, then tokenizes the
@@ -7,13 +8,16 @@ file into the ``TokenizedCache`` an example at a time. It reports progress after
 reads and ends with ``ValidationDone`` or ``ValidationFailed``. It runs in the finetune's CPU
 scheduling class (``idle`` by default: on CPU time nothing else wants, so decode, the daemon and
 their clients preempt it at once) and dies with the daemon; a worker that is no longer wanted is
-killed, which is how a validation is cancelled.
+killed, which is how a validation is cancelled. It imports the tokenizer's libraries (seconds)
+only once the structural check has passed, so a bad line is reported without them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -56,15 +60,30 @@ class _Reporter:
         return report
 
 
-def run_validation(conn: Connection, request: bytes) -> None:
-    """The worker's entry (a ``multiprocessing`` target): check ``request``'s files, report on
-    ``conn``."""
-    from harli.runtime import die_with_parent, set_cpu_scheduling
+def main(argv: list[str] | None = None) -> int:
+    """The worker's entry: the job from the socket pair's end ``argv[0]``, its report back."""
+    from harli.runtime import configure_logging, die_with_parent
 
-    die_with_parent()  # the fork server's child: it ends when the daemon does
+    die_with_parent()  # it ends when the daemon does
+    configure_logging("validate", "INFO")
+    args = sys.argv[1:] if argv is None else argv
+    conn = Connection(int(args[0]))
+    try:
+        request = conn.recv_bytes()
+    except (EOFError, OSError):  # the daemon went away before it sent the job
+        return 1
+    run_validation(conn, request)
+    return 0
+
+
+def run_validation(conn: Connection, request: bytes) -> None:
+    """Check ``request``'s files, report on ``conn``."""
+    from harli.runtime import set_cpu_scheduling, set_title
+
     out = _Reporter(conn)
     try:
         job = msgspec.msgpack.decode(request, type=ValidateJob)
+        set_title(f"harli::validate[{job.job_id}]")
         with contextlib.suppress(OSError):
             set_cpu_scheduling(job.cpu_scheduling_policy, job.nice, "validation")
         out.send(ValidationDone(report=validate(job, out)))
@@ -77,9 +96,19 @@ def run_validation(conn: Connection, request: bytes) -> None:
         conn.close()
 
 
-def validate(job: ValidateJob, out: _Reporter) -> dict[str, int | str]:
+def _tokenizer(model_dir: str) -> Any:
+    """The model's tokenizer, loaded without torch: transformers imports torch whenever it can
+    (seconds, and ~300 MB) though tokenizing never uses it, and reads a None in ``sys.modules``
+    as "not installed". The ids and the tokenizer's fingerprint are the same as with torch, so
+    the finetune finds the entry this worker writes."""
+    sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # not "PyTorch was not found"
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def validate(job: ValidateJob, out: _Reporter) -> dict[str, int | str]:
     from harli.datasets import TokenizedCache, tokenize_to_cache
 
     limits = DatasetLimits(max_bytes=job.max_bytes, max_line_bytes=job.max_line_bytes,
@@ -95,7 +124,7 @@ def validate(job: ValidateJob, out: _Reporter) -> dict[str, int | str]:
                                         bytes_total=total, records=0))
             scan_jsonl(path, limits, progress=out.progress(f, "checking", total))
             if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(job.model_dir)
+                tokenizer = _tokenizer(job.model_dir)
             got = tokenize_to_cache(path, tokenizer, job.max_seq_len,
                                     TokenizedCache(Path(job.cache_dir)), limits,
                                     progress=out.progress(f, "tokenizing", total))
@@ -110,3 +139,7 @@ def validate(job: ValidateJob, out: _Reporter) -> dict[str, int | str]:
             report.update({f"validation_{k}": v for k, v in got.as_dict().items()
                            if k != "source"})
     return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -94,6 +94,20 @@ def test_attach_tokenizes_into_the_cache_and_a_cache_hit_counts_nothing(
     assert counter(jm) == 0
 
 
+def test_the_finetune_finds_the_entry_the_worker_wrote(jm: JobManager, tmp_path: Path) -> None:
+    # The worker loads the tokenizer without torch, the finetune with it: the same key.
+    from transformers import AutoTokenizer
+
+    from harli.datasets import load_dataset
+
+    job = attach(jm, tmp_path, "a")
+    assert job.dataset_report is not None
+    tok = AutoTokenizer.from_pretrained(str(jm.cfg.model_path))
+    examples, report = load_dataset(SAMPLE_DATASET, tok, job.spec.max_seq_len, jm.dataset_cache)
+    assert report.source == "cache" and report.cache_key == job.dataset_report["cache_key"]
+    assert len(examples) == 400
+
+
 def test_a_finetune_that_tokenized_again_is_logged_and_counted(
         jm: JobManager, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     job = attach(jm, tmp_path, "a")
