@@ -16,6 +16,7 @@ its exit is measured; a restart finds the job still ``validating_files`` and che
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -100,17 +101,19 @@ def _neighbours(d: LocalDaemon, until: threading.Event) -> dict[str, list[float]
     """Control round trips and greedy 16-token generations, timed until ``until`` is set."""
     from harli.client.control import ControlClient
 
-    out: dict[str, list[float]] = {"control_ms": [], "generate_ms": []}
+    out: dict[str, list[float]] = {"control_ms": [], "generate_ms": [], "tpot_ms": []}
     with ControlClient(d.cfg.control_endpoint) as c, d.client() as gen:
         while not until.is_set():
             t = time.perf_counter()
             c.status()
             out["control_ms"].append((time.perf_counter() - t) * 1e3)
             t = time.perf_counter()
-            for _ in gen.generate("The river ran", max_tokens=16, temperature=0.0,
-                                  ignore_eos=True):
-                pass
+            times = [s for chunk in gen.generate("The river ran", max_tokens=16,
+                                                 temperature=0.0, ignore_eos=True)
+                     for s in chunk.token_times_s]
             out["generate_ms"].append((time.perf_counter() - t) * 1e3)
+            # Decode's own pace: the engine's token times, whatever the client's scheduling.
+            out["tpot_ms"].extend((b - a) * 1e3 for a, b in itertools.pairwise(times))
             time.sleep(0.05)
     return out
 
@@ -236,9 +239,10 @@ def print_table(res: dict[str, Any]) -> None:
     for title, rows in (("one at a time", res["one_at_a_time"]),
                         ("side by side", res["side_by_side"])):
         t = Table(title=f"a bad last line, {title} (idle: control {idle['control_ms_p50']:.1f} "
-                        f"ms, 16-token generate {idle['generate_ms_p50']:.0f} ms, p50)")
+                        f"ms, 16-token generate {idle['generate_ms_p50']:.0f} ms, TPOT "
+                        f"{idle['tpot_ms_p50']:.2f} ms, p50)")
         for col in ("file", "MB", "reply ms", "to refusal s", "MB/s", "daemon RSS +MB",
-                    "worker RSS (own) MB", "control ms", "generate ms"):
+                    "worker RSS (own) MB", "control ms", "generate ms", "TPOT ms"):
             t.add_column(col, justify="right")
         for r in rows:
             t.add_row(r["file"], f"{r['size_mb']:.0f}", f"{r['attach_reply_ms']:.0f}",
@@ -246,14 +250,16 @@ def print_table(res: dict[str, Any]) -> None:
                       f"{r['daemon_rss_growth_mb']:.1f}",
                       f"{r['worker_peak_rss_mb']:.0f} ({r['worker_peak_uss_mb']:.0f})",
                       _fmt(r.get("busy_control_ms_p50"), ".1f"),
-                      _fmt(r.get("busy_generate_ms_p50"), ".0f"))
+                      _fmt(r.get("busy_generate_ms_p50"), ".0f"),
+                      _fmt(r.get("busy_tpot_ms_p50"), ".2f"))
         Console().print(t)
     s = res["sigterm"]
     busy = s["tokenizing"]
     print(f"while a {max(res['sizes_mb'])} MB file is tokenized: control "
-          f"{busy['control_ms_p50']:.1f} ms, 16-token generate {busy['generate_ms_p50']:.0f} ms "
-          f"(p50 of {s['tokenizing_n']}; idle: {idle['control_ms_p50']:.1f} ms, "
-          f"{idle['generate_ms_p50']:.0f} ms, p50 of {res['idle_n']})")
+          f"{busy['control_ms_p50']:.1f} ms, 16-token generate {busy['generate_ms_p50']:.0f} ms, "
+          f"TPOT {busy['tpot_ms_p50']:.2f} ms (p50 of {s['tokenizing_n']} generations; idle: "
+          f"{idle['control_ms_p50']:.1f} ms, {idle['generate_ms_p50']:.0f} ms, "
+          f"{idle['tpot_ms_p50']:.2f} ms, p50 of {res['idle_n']})")
     print(f"SIGTERM while tokenizing it ({s['validated_bytes_at_sigterm'] / 1e6:.0f} MB in): "
           f"exit {s['exit_code']} after {s['sigterm_to_exit_s']:.1f} s; after a restart the job "
           f"is {s['status_after_restart']}: {' / '.join(s['events_after_restart'])}")
