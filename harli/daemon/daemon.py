@@ -261,7 +261,7 @@ class Daemon:
                 logger.error("[daemon] the HTTP front is FATAL (see its log above); the "
                              "ZeroMQ endpoints keep serving")
         self._contained("metrics", lambda: self._tick_metrics(now))
-        self._contained("validation", lambda: self.jobs.poll_validations(now))
+        self._contained("validation", lambda: self._tick_validations(now))
         self._contained("control", self.control_endpoint.reply_done)
         for ev in self.decode.transition(now):
             if isinstance(ev, ChildExited):
@@ -290,6 +290,12 @@ class Daemon:
             # Requests wait for a decode that is starting or restarting: none runs (those of
             # a dead incarnation failed at its exit), all of them wait.
             self.metrics.on_idle(waiting=in_flight)
+
+    def _tick_validations(self, now: float) -> None:
+        # Checking files is finetune-class work: it yields while decode serves at level 0.
+        self.jobs.validations.hold(self.quota.level == 0 and len(self.frontend.requests) > 0,
+                                   now)
+        self.jobs.poll_validations(now)
 
     def _contained(self, part: str, work: Callable[[], object]) -> None:
         """Run one part of a loop turn; a failure (a bug, or a system call that failed on

@@ -252,6 +252,8 @@ class JobManager:
         state = ValidationStatus(stage="waiting") if p is None else ValidationStatus(
             file=p.key, stage=p.stage, bytes_done=p.bytes_done, bytes_total=p.bytes_total,
             records=p.records)
+        if self.validations.held:  # stopped while decode is busy and the quota at level 0
+            state = msgspec.structs.replace(state, stage="held")
         return msgspec.structs.replace(job, validation=state)
 
     def list_jobs(self, msg: ListJobs) -> JobList:

@@ -194,6 +194,35 @@ def test_the_attach_replies_at_once_and_a_long_check_blocks_no_other_job(
     assert not len(jm.validations)
 
 
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_checks_yield_while_decode_needs_the_machine(jm: JobManager, tmp_path: Path) -> None:
+    from harli.daemon.validation import RELEASE_S
+
+    big = _big_file(tmp_path / "big.jsonl", 40)
+    job = jm.attach(AttachJob(spec=JobSpec(name="held", dataset=str(big))))
+    assert isinstance(job, JobInfo)
+    pid = jm.validations._running[job.job_id].proc.pid
+    jm.validations.hold(True, 100.0)  # decode serves, the finetune's level is 0
+    deadline = time.monotonic() + 10
+    while _state(pid) != "T":
+        assert time.monotonic() < deadline, "the worker was not stopped"
+        time.sleep(0.01)
+    shown = jm.show(ShowJob(job_id=job.job_id))
+    assert isinstance(shown, JobDetail) and shown.job.validation is not None
+    assert shown.job.validation.stage == "held"
+    jm.validations.hold(False, 100.0 + RELEASE_S / 2)  # not yet: the level may flip back
+    assert _state(pid) == "T"
+    jm.validations.hold(False, 100.0 + RELEASE_S)
+    while _state(pid) == "T":
+        assert time.monotonic() < deadline, "the worker was not continued"
+        time.sleep(0.01)
+    cancelled = jm.cancel(CancelJob(job_id=job.job_id))
+    assert isinstance(cancelled, JobInfo) and cancelled.status == "cancelled"
+
+
 def test_a_check_cut_by_the_daemon_stopping_runs_again_when_it_starts(
         jm: JobManager, tmp_path: Path) -> None:
     big = _big_file(tmp_path / "big.jsonl", 40)
