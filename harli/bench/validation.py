@@ -9,8 +9,10 @@ bad is attached through the control API, and measured from the attach's reply to
 and the validation worker's peak RSS. While each validation runs, a control request
 (``GetStatus``) and a short greedy generation are timed, and the same requests are timed on
 the idle daemon right before it, so the delay a validation causes its neighbours is measured
-in the same run. Then all the sizes at once, side by side. Last, a valid file of the largest
-size is attached, the daemon gets SIGTERM once the file is being tokenized, and the time to
+in the same run. Then all the sizes at once, side by side. Then decode's TPOT (the engine's
+token times) and a control round trip, with two checks of a valid file of the largest size
+running side by side against nothing, in interleaved 4-s windows, as per-round ratios. Last, a
+valid file of the largest size is attached, the daemon gets SIGTERM once the file is being tokenized, and the time to
 its exit is measured; a restart finds the job still ``validating_files`` and checks it again.
 """
 
@@ -201,6 +203,34 @@ def _sigterm_during_tokenizing(d: LocalDaemon, f: Path, busy_s: float) -> dict[s
             "tokenizing_n": len(busy["generate_ms"])}
 
 
+def _interleaved(d: LocalDaemon, f: Path, rounds: int, window_s: float) -> dict[str, Any]:
+    """Decode's TPOT and a control round trip with nothing beside them, then with two checks
+    of ``f`` running side by side, window after window: per round the ratio busy / idle."""
+    from harli.client.control import ControlClient
+    from harli.ipc.jobs import JobSpec
+
+    out: dict[str, Any] = {"rounds": []}
+    with ControlClient(d.cfg.control_endpoint) as c:
+        for r in range(rounds):
+            idle = _timed(d, window_s)
+            jobs = [c.attach(JobSpec(name=f"beside-{r}-{k}", dataset=str(f))) for k in range(2)]
+            busy = _timed(d, window_s)
+            stages = [c.show(j.job_id).job.validation for j in jobs]
+            for j in jobs:
+                c.cancel(j.job_id)
+            out["rounds"].append({
+                "idle_tpot_ms": _p50(idle["tpot_ms"]), "busy_tpot_ms": _p50(busy["tpot_ms"]),
+                "idle_control_ms": _p50(idle["control_ms"]),
+                "busy_control_ms": _p50(busy["control_ms"]),
+                "stages_at_end": [v.stage if v is not None else None for v in stages]})
+    for key in ("tpot", "control"):
+        ratios = [x[f"busy_{key}_ms"] / x[f"idle_{key}_ms"] for x in out["rounds"]
+                  if x[f"busy_{key}_ms"] and x[f"idle_{key}_ms"]]
+        out[f"{key}_ratio_median"] = statistics.median(ratios) if ratios else None
+        out[f"{key}_ratio_range"] = [min(ratios), max(ratios)] if ratios else None
+    return out
+
+
 def run_bench(base: Path, sizes_mb: tuple[int, ...] = DEFAULT_SIZES_MB) -> dict[str, Any]:
     base.mkdir(parents=True, exist_ok=True)
     data = base / "data"
@@ -218,6 +248,7 @@ def run_bench(base: Path, sizes_mb: tuple[int, ...] = DEFAULT_SIZES_MB) -> dict[
                                 for i, f in enumerate(files)]
         res["side_by_side"] = _refusals(daemon, files, "all")
         valid = make_file(data / "valid.jsonl", _bytes(max(sizes_mb)), False)
+        res["interleaved"] = _interleaved(daemon, valid, rounds=4, window_s=4.0)
         res["sigterm"] = _sigterm_during_tokenizing(daemon, valid, 10.0)
     again = LocalDaemon(base / "daemon", overrides)
     with again:
@@ -253,6 +284,13 @@ def print_table(res: dict[str, Any]) -> None:
                       _fmt(r.get("busy_generate_ms_p50"), ".0f"),
                       _fmt(r.get("busy_tpot_ms_p50"), ".2f"))
         Console().print(t)
+    il = res["interleaved"]
+    print(f"two checks of a {max(res['sizes_mb'])} MB file side by side against none, "
+          f"{len(il['rounds'])} interleaved rounds of 4 s: decode's TPOT p50 x"
+          f"{il['tpot_ratio_median']:.3f} ({il['tpot_ratio_range'][0]:.3f}-"
+          f"{il['tpot_ratio_range'][1]:.3f}), control round trip p50 x"
+          f"{il['control_ratio_median']:.2f} ({il['control_ratio_range'][0]:.2f}-"
+          f"{il['control_ratio_range'][1]:.2f})")
     s = res["sigterm"]
     busy = s["tokenizing"]
     print(f"while a {max(res['sizes_mb'])} MB file is tokenized: control "
