@@ -12,8 +12,9 @@ the idle daemon right before it, so the delay a validation causes its neighbours
 in the same run. Then all the sizes at once, side by side. Then decode's TPOT (the engine's
 token times) and a control round trip, with two checks of a valid file of the largest size
 running side by side against nothing, in interleaved 4-s windows, as per-round ratios. Last, a
-valid file of the largest size is attached, the daemon gets SIGTERM once the file is being tokenized, and the time to
-its exit is measured; a restart finds the job still ``validating_files`` and checks it again.
+valid file of the largest size is attached, the daemon gets SIGTERM once the file is being
+tokenized, and the time to its exit is measured; a restart finds the job still
+``validating_files`` and checks it again.
 """
 
 from __future__ import annotations
