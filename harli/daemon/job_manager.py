@@ -480,7 +480,11 @@ class JobManager:
                                   f"stopped and queued again; resumes from {where}{note}")
 
     def _prune_dataset_cache(self) -> None:
-        """Keep the tokenized datasets of the jobs that may still run, drop the rest."""
+        """Keep the tokenized datasets of the jobs that may still run, drop the rest. Not
+        while files are being checked: a worker's entry is in place a moment before the job's
+        report names it."""
+        if len(self.validations):
+            return
         keep = {str(j.dataset_report.get(key)) for j in self.store.all_jobs()
                 if j.status not in js.TERMINAL and j.dataset_report
                 for key in ("cache_key", "validation_cache_key")}
