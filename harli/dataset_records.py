@@ -311,29 +311,48 @@ def iter_records(path: Path, limits: DatasetLimits = DatasetLimits(),
     block at a time and each record checked as it comes; raises on the first bad line, a
     record in another format than the first, or over ``limits``. ``progress(bytes, records)``
     is called before each block's records are handed out."""
-    fmt = ""
-    first_line = 0
-    count = 0
+    reader = _ExactReader(path, limits)
     for start, lines, read in iter_line_blocks(path, limits, cancel, digest):
         if progress is not None:
-            progress(read, count)
+            progress(read, reader.count)
         for i, raw in enumerate(lines):
-            lineno = start + i
-            where = f"{path}:{lineno}"
-            record = _parse_line(raw, where)
-            if record is None:
-                continue
-            count += 1
-            if count > limits.max_records:
-                raise _too_many(where, limits)
-            record_fmt = detect_format(record, where)
-            if not fmt:
-                fmt, first_line = record_fmt, lineno
-            elif record_fmt != fmt:
-                raise _other_format(where, record_fmt, fmt, first_line)
-            yield lineno, record, fmt
-    if not count:
-        raise DatasetError(f"{path}: dataset has no records (the file is empty or blank)")
+            record = reader.read(raw, start + i)
+            if record is not None:
+                yield start + i, record, reader.fmt
+    reader.finish()
+
+
+class _ExactReader:
+    """The record on each line, checked: JSON, its format told from its keys, the file's one
+    format, ``max_records``; the readers' shared per-line rule."""
+
+    def __init__(self, path: Path, limits: DatasetLimits) -> None:
+        self.path = path
+        self.limits = limits
+        self.fmt = ""
+        self.first_line = 0
+        self.count = 0
+
+    def read(self, raw: bytes, lineno: int) -> dict[str, Any] | None:
+        """The record on line ``lineno`` (None for a blank line); raises naming it."""
+        where = f"{self.path}:{lineno}"
+        record = _parse_line(raw, where)
+        if record is None:
+            return None
+        self.count += 1
+        if self.count > self.limits.max_records:
+            raise _too_many(where, self.limits)
+        record_fmt = detect_format(record, where)
+        if not self.fmt:
+            self.fmt, self.first_line = record_fmt, lineno
+        elif record_fmt != self.fmt:
+            raise _other_format(where, record_fmt, self.fmt, self.first_line)
+        return record
+
+    def finish(self) -> None:
+        if not self.count:
+            raise DatasetError(f"{self.path}: dataset has no records (the file is empty or "
+                               "blank)")
 
 
 def _too_many(where: str, limits: DatasetLimits) -> DatasetError:
@@ -418,9 +437,7 @@ def scan_jsonl(path: Path, limits: DatasetLimits = DatasetLimits(),
     """Every check :func:`iter_records` makes (JSON lines, one format, the fields' types,
     ``limits``), streamed at disk speed; raises the same :class:`DatasetError` on the same
     first bad line. ``progress(bytes, records)`` is called after every block."""
-    fmt = ""
-    first_line = 0
-    count = 0
+    reader = _ExactReader(path, limits)
     typed: Any = None
     holds: Callable[[Any], bool] = _is_chat
     for start, lines, read in iter_line_blocks(path, limits, cancel, digest):
@@ -428,32 +445,20 @@ def scan_jsonl(path: Path, limits: DatasetLimits = DatasetLimits(),
             if typed is not None:
                 try:
                     if holds(typed.decode(raw)):
-                        count += 1
-                        if count > limits.max_records:
+                        reader.count += 1
+                        if reader.count > limits.max_records:
                             raise _too_many(f"{path}:{start + i}", limits)
                         continue
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     pass
             # The first record, a blank line, or one the typed decoder refused: the exact
             # reader decides, and names the fault.
-            where = f"{path}:{start + i}"
-            record = _parse_line(raw, where)
-            if record is None:
-                continue
-            count += 1
-            if count > limits.max_records:
-                raise _too_many(where, limits)
-            record_fmt = detect_format(record, where)
-            if not fmt:
-                fmt, first_line = record_fmt, start + i
-                typed, holds = _TYPED[fmt]
-            elif record_fmt != fmt:
-                raise _other_format(where, record_fmt, fmt, first_line)
+            if reader.read(raw, start + i) is not None and typed is None:
+                typed, holds = _TYPED[reader.fmt]
         if progress is not None:
-            progress(read, count)
-    if not count:
-        raise DatasetError(f"{path}: dataset has no records (the file is empty or blank)")
-    return JsonlSummary(format=fmt, records=count)
+            progress(read, reader.count)
+    reader.finish()
+    return JsonlSummary(format=reader.fmt, records=reader.count)
 
 # Datasets uploaded through the HTTP API live in one directory (``HarliConfig.files_dir``) as
 # ``<file_id>.jsonl``; an upload is written under ``.upload-*`` there first. The HTTP front
