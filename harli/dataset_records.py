@@ -195,15 +195,26 @@ def file_digest(path: Path, limits: DatasetLimits = DatasetLimits(),
                 cancel: threading.Event | None = None) -> str:
     """sha256 of the file's bytes, read in blocks (never the whole file in memory)."""
     h = hashlib.sha256()
+    for block, _ in _blocks(path, limits, cancel):
+        h.update(block)
+    return h.hexdigest()
+
+
+def _blocks(path: Path, limits: DatasetLimits, cancel: threading.Event | None,
+            ) -> Iterator[tuple[bytes, int]]:
+    """(block, bytes read so far) of ``path``, ``BLOCK_BYTES`` at a time, then one empty
+    block; refused past ``limits.max_bytes`` (a file that grew) or once ``cancel`` is set."""
     read = 0
     with _open_regular(path, limits) as f:
-        while block := _read(f, path, BLOCK_BYTES):
+        while True:
+            block = _read(f, path, BLOCK_BYTES)
             read += len(block)
             if read > limits.max_bytes:
                 raise _over_size(path, limits)
-            h.update(block)
+            yield block, read
+            if not block:
+                return
             _check_cancel(cancel, path)
-    return h.hexdigest()
 
 
 # Called after every block with (bytes read so far, records so far).
@@ -226,38 +237,29 @@ def iter_line_blocks(path: Path, limits: DatasetLimits = DatasetLimits(),
     string); a UTF-8 byte-order mark that opens the file is dropped. ``digest`` (a hashlib
     object), if given, is fed every byte read."""
     lineno = 1
-    read = 0
     rest = b""
-    first = True
-    with _open_regular(path, limits) as f:
-        while True:
-            block = _read(f, path, BLOCK_BYTES)
-            read += len(block)
-            if read > limits.max_bytes:
-                raise _over_size(path, limits)
-            if digest is not None and block:
-                digest.update(block)
-            data = rest + block if rest else block
-            if first and data.startswith(b"\xef\xbb\xbf"):  # a BOM some editors write
-                data = data[3:]
-            first = False
-            # Cut after the last \n: a \r\n never falls across two blocks.
-            cut = data.rfind(b"\n") + 1 if block else len(data)
-            rest = data[cut:]
-            lines = data[:cut].splitlines()
-            if len(rest) > limits.max_line_bytes + 1:
-                # No \n within the limit: a line too long (lines ended by a lone \r are read
-                # up to a \n too, so they count as one here).
-                raise _line_too_long(path, lineno + len(lines), limits)
-            if lines:
-                if max(map(len, lines)) > limits.max_line_bytes:
-                    i = next(i for i, x in enumerate(lines) if len(x) > limits.max_line_bytes)
-                    raise _line_too_long(path, lineno + i, limits, len(lines[i]))
-                yield lineno, lines, read
-                lineno += len(lines)
-            _check_cancel(cancel, path)
-            if not block:
-                return
+    for block, read in _blocks(path, limits, cancel):
+        if digest is not None:
+            digest.update(block)
+        data = rest + block if rest else block
+        if read == len(block) and data.startswith(b"\xef\xbb\xbf"):  # a BOM, in the first
+            data = data[3:]
+        # Cut after the last \n: a \r\n never falls across two blocks.
+        cut = data.rfind(b"\n") + 1 if block else len(data)
+        rest = data[cut:]
+        lines = data[:cut].splitlines()
+        if len(rest) > limits.max_line_bytes + 1:
+            # No \n within the limit: a line too long (lines ended by a lone \r are read up
+            # to a \n too, so they count as one here).
+            raise _line_too_long(path, lineno + len(lines), limits)
+        if lines:
+            if max(map(len, lines)) > limits.max_line_bytes:
+                i = next(i for i, x in enumerate(lines) if len(x) > limits.max_line_bytes)
+                raise _line_too_long(path, lineno + i, limits, len(lines[i]))
+            yield lineno, lines, read
+            lineno += len(lines)
+
+
 
 def _parse_line(raw: bytes, where: str) -> dict[str, Any] | None:
     """The record on one line, None for a blank line; raises naming ``where``."""

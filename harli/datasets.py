@@ -366,10 +366,10 @@ class _CacheWriter:
         except OSError as e:
             self._failed(e)
 
-    def commit(self, key: str, report: DatasetReport) -> bool:
-        """Make the entry ``key`` visible; False if it could not be written."""
+    def commit(self, key: str, report: DatasetReport) -> None:
+        """Make the entry ``key`` visible (unless writing it failed: logged)."""
         if self._f is None:
-            return False
+            return
         f = self._f
         try:
             offsets_at = f.tell()
@@ -384,10 +384,8 @@ class _CacheWriter:
             f.close()
             self._f = None
             os.replace(self.tmp, self.cache.path(key))
-            return True
         except OSError as e:
             self._failed(e)
-            return False
 
     def abort(self) -> None:
         if self._f is not None:
@@ -446,8 +444,8 @@ class TokenizedCache:
     def writer(self, source: Path) -> _CacheWriter:
         return _CacheWriter(self, source)
 
-    def _open(self, key: str, path: Path) -> tuple[tuple[int, int, int], dict[str, Any]] | None:
-        """The entry's (examples, offsets at, meta at) and its report numbers; None: a miss."""
+    def _open(self, key: str, path: Path) -> tuple[tuple[int, int], DatasetReport] | None:
+        """The entry's (examples, where its offsets start) and its report; None: a miss."""
         try:
             with open(self.path(key), "rb") as f:
                 magic, version, _, n, offsets_at, meta_at = _HEADER.unpack(f.read(_HEADER.size))
@@ -455,10 +453,14 @@ class TokenizedCache:
                     raise ValueError(f"not a version-{_VERSION} entry")
                 f.seek(meta_at)
                 meta = json.loads(f.read())
-            return (n, offsets_at, meta_at), meta
+            report = DatasetReport(path=str(path), format=meta["format"], records=n,
+                                   truncated=meta["truncated"], tokens=meta["tokens"],
+                                   loss_tokens=meta["loss_tokens"], cache_key=key,
+                                   source="cache")
+            return (n, offsets_at), report
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, struct.error) as e:
+        except (OSError, ValueError, KeyError, struct.error) as e:
             logger.warning("%s: tokenized cache entry %s unreadable (%s); tokenizing again",
                            path, self.path(key), e)
             return None
@@ -466,21 +468,15 @@ class TokenizedCache:
     def report(self, key: str, path: Path) -> DatasetReport | None:
         """The entry's report (its examples left on disk); None: a miss."""
         found = self._open(key, path)
-        if found is None:
-            return None
-        (n, _, _), meta = found
-        return DatasetReport(path=str(path), format=meta["format"], records=n,
-                             truncated=meta["truncated"], tokens=meta["tokens"],
-                             loss_tokens=meta["loss_tokens"], cache_key=key, source="cache")
+        return None if found is None else found[1]
 
     def get(self, key: str, path: Path) -> tuple[MappedExamples, DatasetReport] | None:
         import numpy as np
 
-        report = self.report(key, path)
         found = self._open(key, path)
-        if report is None or found is None:
+        if found is None:
             return None
-        (n, offsets_at, _), _ = found
+        (n, offsets_at), report = found
         offsets = np.fromfile(self.path(key), dtype="<i8", count=n + 1, offset=offsets_at)
         total = int(offsets[-1])
         tokens = np.memmap(self.path(key), dtype="<i4", mode="r", offset=_HEADER.size,
@@ -537,16 +533,18 @@ def tokenize_to_cache(
     path: str | Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: int,
     cache: TokenizedCache, limits: DatasetLimits = DatasetLimits(),
     cancel: threading.Event | None = None, progress: Progress | None = None,
+    file_sha256: str | None = None,
 ) -> DatasetReport:
     """Read, check and tokenize a JSONL dataset into ``cache``, an example at a time, holding
     none of them in memory; raises :class:`DatasetError` on a bad file. An entry already
-    there for these bytes, tokenizer and ``max_seq_len`` is used as it is."""
+    there for these bytes, tokenizer and ``max_seq_len`` is used as it is (``file_sha256``:
+    the bytes' hash, when the caller has just read them)."""
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be at least 1, got {max_seq_len}")
     path = Path(path)
     tok_digest = tokenizer_fingerprint(tokenizer)
-    hit = cache.report(cache_key(file_digest(path, limits, cancel), tok_digest, max_seq_len),
-                       path)
+    sha = file_sha256 or file_digest(path, limits, cancel)
+    hit = cache.report(cache_key(sha, tok_digest, max_seq_len), path)
     if hit is not None:
         return hit
     writer = cache.writer(path)

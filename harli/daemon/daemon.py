@@ -295,7 +295,7 @@ class Daemon:
         # Checking files is finetune-class work: it yields while decode serves at level 0.
         self.jobs.validations.hold(self.quota.level == 0 and len(self.frontend.requests) > 0,
                                    now)
-        self.jobs.poll_validations(now)
+        self.jobs.poll_validations()
 
     def _contained(self, part: str, work: Callable[[], object]) -> None:
         """Run one part of a loop turn; a failure (a bug, or a system call that failed on

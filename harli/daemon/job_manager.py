@@ -16,9 +16,7 @@ No sockets here: the daemon passes messages in and gives it a ``send`` callable.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Collection
-from pathlib import Path
 
 import msgspec
 
@@ -30,7 +28,7 @@ from harli.daemon.jobstore import JobStore
 from harli.daemon.metrics import Metrics
 from harli.daemon.quota import QuotaController
 from harli.daemon.supervisor import ChildExited, describe_returncode
-from harli.daemon.validation import DatasetValidations
+from harli.daemon.validation import DatasetValidations, StageEnded
 from harli.datasets import TokenizedCache
 from harli.ipc.control import (
     AddFile,
@@ -105,8 +103,6 @@ class JobManager:
             cfg.model_path, cfg.output_roots,
             cfg.lora.max_lora_rank if cfg.lora.enabled else None)
         self.validations = DatasetValidations(VALIDATION_WORKERS)
-        # Where each job's validation stands: (file, stage) and when it began, for its events.
-        self._stages: dict[int, tuple[tuple[str, str], float]] = {}
         self.accepting = True  # False once the daemon drains: attaches are refused
         self.finetune_ready = False
         self.running: int | None = None  # job id handed to the finetune process
@@ -186,39 +182,37 @@ class JobManager:
             cpu_scheduling_policy=limits.cpu_scheduling_policy,  # type: ignore[arg-type]
             nice=limits.nice))
 
-    def poll_validations(self, now: float | None = None) -> None:
-        """On the daemon's loop: the validations' progress (an event when a file's stage
-        changes) and outcomes (the job queued or failed). A failure handling one job's report
-        is logged and counted, and fails that job alone."""
+    def poll_validations(self) -> None:
+        """On the daemon's loop: the validations' stages (an event when one begins, and one
+        with its speed when a file's structure has been checked) and outcomes (the job queued
+        or failed). A failure handling one job's report is logged and counted, and fails that
+        job alone."""
         if not len(self.validations):
             return
-        now = time.monotonic() if now is None else now
-        for job_id, report in self.validations.poll():
+        for job_id, report, ended in self.validations.poll():
             try:
-                self._on_validation(job_id, report, now)
+                self._on_validation(job_id, report, ended)
             except Exception as e:
                 logger.exception("[jobs] job %d: recording its validation failed", job_id)
                 self.metrics.contained_errors.labels("validation").inc()
-                self._stages.pop(job_id, None)
                 self.store.set_status(job_id, js.FAILED, "failed",
                                       f"failed: recording its validation failed: {e!r}",
                                       error=f"internal error: {e!r}")
 
     def _on_validation(self, job_id: int,
                        report: ValidationProgress | ValidationDone | ValidationFailed,
-                       now: float) -> None:
+                       ended: StageEnded | None) -> None:
+        if ended is not None and ended.progress.stage == "checking" \
+                and not isinstance(report, ValidationFailed):
+            p = ended.progress
+            self.store.add_event(job_id, "validating",
+                                 f"checked {p.key}: {_megabytes(p.bytes_total)} in "
+                                 f"{ended.seconds:.1f} s "
+                                 f"({p.bytes_total / max(ended.seconds, 1e-9) / 1e6:.0f} MB/s)")
         if isinstance(report, ValidationProgress):
-            stage = (report.key, report.stage)
-            before = self._stages.get(job_id)
-            if before is None or before[0] != stage:
-                if before is not None and before[0][1] == "checking":
-                    self._checked(job_id, before, now)
-                self._stages[job_id] = (stage, now)
-                self.store.add_event(job_id, "validating",
-                                     f"{report.stage} {report.key} "
-                                     f"({_megabytes(report.bytes_total)})")
+            self.store.add_event(job_id, "validating", f"{report.stage} {report.key} "
+                                 f"({_megabytes(report.bytes_total)})")
             return
-        before = self._stages.pop(job_id, None)
         job = self.store.get(job_id)
         if job is None or job.status != js.VALIDATING:
             return  # cancelled meanwhile
@@ -227,22 +221,9 @@ class JobManager:
             self.store.set_status(job_id, js.FAILED, "failed",
                                   f"failed validation: {report.error}", error=report.error)
             return
-        if before is not None and before[0][1] == "checking":
-            self._checked(job_id, before, now)
         self.store.set_validated(job_id, job.spec, dict(report.report))
         logger.info("[jobs] job %d %r validated; queued", job_id, job.name)
         self._queue_changed = True
-
-    def _checked(self, job_id: int, stage: tuple[tuple[str, str], float], now: float) -> None:
-        """The event that ends a file's structural check, with its speed."""
-        (key, _), since = stage
-        job = self.store.get(job_id)
-        path = getattr(job.spec, key) if job is not None else ""
-        size = _file_size(path)
-        took = max(now - since, 1e-9)
-        self.store.add_event(job_id, "validating",
-                             f"checked {key} {path}: {_megabytes(size)} in {took:.1f} s "
-                             f"({size / took / 1e6:.0f} MB/s)")
 
     def _with_validation(self, job: JobInfo) -> JobInfo:
         """``job`` with where its files' check stands, while it is ``validating_files``."""
@@ -282,7 +263,6 @@ class JobManager:
             return job
         if job.status == js.VALIDATING:
             self.validations.cancel(job.job_id)
-            self._stages.pop(job.job_id, None)
             self.store.set_status(job.job_id, js.CANCELLED, "cancelled",
                                   "cancelled while its files were checked")
         elif job.job_id == self.running:
@@ -527,10 +507,3 @@ def _conflict(message: str) -> Error:
 
 def _megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
-
-
-def _file_size(path: str) -> int:
-    try:
-        return Path(path).stat().st_size
-    except (OSError, ValueError):
-        return 0

@@ -29,7 +29,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import msgspec
@@ -56,19 +56,27 @@ RELEASE_S = 0.25
 Outcome = ValidationDone | ValidationFailed
 
 
+@dataclass(frozen=True)
+class StageEnded:
+    """A stage of a file's check that has just ended: its last progress and how long it
+    took."""
+
+    progress: ValidationProgress
+    seconds: float
+
+
 @dataclass
 class _Worker:
     request: ValidateJob
     proc: subprocess.Popen[bytes]
     conn: Connection
-    started_s: float
     progress: ValidationProgress | None = None
+    stage_began_s: float = 0.0
 
 
-@dataclass
-class _Waiting:
-    request: ValidateJob
-    queued_s: float = field(default=0.0)
+# What ``poll`` reports of a job: a stage that began (its first progress) or the outcome, and
+# the stage that ended with it, if any.
+Report = tuple[int, ValidationProgress | Outcome, StageEnded | None]
 
 
 class DatasetValidations:
@@ -77,18 +85,18 @@ class DatasetValidations:
         self.clock = clock
         self._decoder = msgspec.msgpack.Decoder(WorkerToDaemon)
         self._running: dict[int, _Worker] = {}
-        self._waiting: deque[_Waiting] = deque()
+        self._waiting: deque[ValidateJob] = deque()
         self.held = False  # decode needs the machine: every worker stopped
         self._hold_until = 0.0
 
     def __contains__(self, job_id: int) -> bool:
-        return job_id in self._running or any(w.request.job_id == job_id for w in self._waiting)
+        return job_id in self._running or any(r.job_id == job_id for r in self._waiting)
 
     def __len__(self) -> int:
         return len(self._running) + len(self._waiting)
 
     def submit(self, request: ValidateJob) -> None:
-        self._waiting.append(_Waiting(request, self.clock()))
+        self._waiting.append(request)
         self._start_waiting()
 
     def hold(self, needed: bool, now: float) -> None:
@@ -108,20 +116,19 @@ class DatasetValidations:
         worker = self._running.get(job_id)
         return worker.progress if worker is not None else None
 
-    def cancel(self, job_id: int) -> bool:
-        """Stop checking ``job_id``'s files; False if they were not being checked."""
-        before = len(self._waiting)
-        self._waiting = deque(w for w in self._waiting if w.request.job_id != job_id)
+    def cancel(self, job_id: int) -> None:
+        """Stop checking ``job_id``'s files."""
+        self._waiting = deque(r for r in self._waiting if r.job_id != job_id)
         worker = self._running.pop(job_id, None)
         if worker is not None:
             _kill(worker)
         self._start_waiting()
-        return worker is not None or len(self._waiting) < before
 
-    def poll(self) -> list[tuple[int, ValidationProgress | Outcome]]:
-        """What the workers reported since the last call: progress and outcomes, by job id. A
+    def poll(self) -> list[Report]:
+        """What the workers reported since the last call that the job's log keeps: each stage
+        that began, and the outcome; progress within a stage is only kept (``progress``). A
         worker that ended without an outcome (killed, crashed) is reported as failed."""
-        reports: list[tuple[int, ValidationProgress | Outcome]] = []
+        reports: list[Report] = []
         for job_id, worker in list(self._running.items()):
             outcome = self._read(worker, reports)
             if outcome is None and worker.proc.poll() is not None:
@@ -132,7 +139,7 @@ class DatasetValidations:
             if outcome is not None:
                 del self._running[job_id]
                 _kill(worker)
-                reports.append((job_id, outcome))
+                reports.append((job_id, outcome, self._stage_ended(worker)))
         self._start_waiting()
         return reports
 
@@ -151,8 +158,12 @@ class DatasetValidations:
             worker.conn.close()
         self._running.clear()
 
-    def _read(self, worker: _Worker,
-              reports: list[tuple[int, ValidationProgress | Outcome]]) -> Outcome | None:
+    def _stage_ended(self, worker: _Worker) -> StageEnded | None:
+        if worker.progress is None:
+            return None
+        return StageEnded(worker.progress, self.clock() - worker.stage_began_s)
+
+    def _read(self, worker: _Worker, reports: list[Report]) -> Outcome | None:
         job_id = worker.request.job_id
         for _ in range(_READ_BATCH):
             try:
@@ -166,15 +177,18 @@ class DatasetValidations:
                              job_id, e)
                 continue
             if isinstance(msg, ValidationProgress):
+                before = worker.progress
+                if before is None or (before.key, before.stage) != (msg.key, msg.stage):
+                    reports.append((job_id, msg, self._stage_ended(worker)))
+                    worker.stage_began_s = self.clock()
                 worker.progress = msg
-                reports.append((job_id, msg))
             else:
                 return msg
         return None
 
     def _start_waiting(self) -> None:
         while self._waiting and len(self._running) < self.max_workers:
-            request = self._waiting.popleft().request
+            request = self._waiting.popleft()
             ours, theirs = socket.socketpair()
             try:
                 proc = subprocess.Popen(
@@ -185,7 +199,7 @@ class DatasetValidations:
                 theirs.close()  # the worker's end: EOF here once it exits
             conn = Connection(ours.detach())
             conn.send_bytes(msgspec.msgpack.encode(request))
-            worker = _Worker(request, proc, conn, self.clock())
+            worker = _Worker(request, proc, conn)
             if self.held:
                 _signal(worker, signal.SIGSTOP)
             self._running[request.job_id] = worker

@@ -15,17 +15,18 @@ only once the structural check has passed, so a bad line is reported without the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sys
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
-from harli.dataset_records import DatasetError, DatasetLimits, file_size, scan_jsonl
+from harli.dataset_records import DatasetError, DatasetLimits, Progress, file_size, scan_jsonl
 from harli.ipc.validation import (
     CheckFile,
     ValidateJob,
@@ -36,9 +37,10 @@ from harli.ipc.validation import (
 
 logger = logging.getLogger(__name__)
 
-# At most this many progress messages a second: a fast check sends its blocks' progress
-# without flooding the daemon's loop.
+# At most this many progress messages a second within a stage (its start is always sent): a
+# fast check sends its blocks' progress without flooding the daemon's loop.
 PROGRESS_EVERY_S = 0.2
+Stage = Literal["checking", "tokenizing"]
 _PURPOSE = {"dataset": "to learn from", "validation_file": "to score"}
 
 
@@ -50,7 +52,12 @@ class _Reporter:
     def send(self, msg: ValidationProgress | ValidationDone | ValidationFailed) -> None:
         self.conn.send_bytes(msgspec.msgpack.encode(msg))
 
-    def progress(self, f: CheckFile, stage: Any, total: int) -> Any:
+    def stage(self, f: CheckFile, stage: Stage, total: int) -> Progress:
+        """Report that ``stage`` of ``f`` begins; the callable reports its progress."""
+        self.send(ValidationProgress(key=f.key, stage=stage, bytes_done=0, bytes_total=total,
+                                     records=0))
+        self._last = time.monotonic()
+
         def report(done: int, records: int) -> None:
             now = time.monotonic()
             if now - self._last >= PROGRESS_EVERY_S:
@@ -120,14 +127,15 @@ def validate(job: ValidateJob, out: _Reporter) -> dict[str, int | str]:
         total = file_size(path)
         prefix = "" if f.key == "dataset" else f"{f.key}: "
         try:
-            out.send(ValidationProgress(key=f.key, stage="checking", bytes_done=0,
-                                        bytes_total=total, records=0))
-            scan_jsonl(path, limits, progress=out.progress(f, "checking", total))
+            # The check's hash of the bytes finds a cache entry without reading them again.
+            digest = hashlib.sha256()
+            scan_jsonl(path, limits, digest=digest, progress=out.stage(f, "checking", total))
             if tokenizer is None:
                 tokenizer = _tokenizer(job.model_dir)
             got = tokenize_to_cache(path, tokenizer, job.max_seq_len,
                                     TokenizedCache(Path(job.cache_dir)), limits,
-                                    progress=out.progress(f, "tokenizing", total))
+                                    progress=out.stage(f, "tokenizing", total),
+                                    file_sha256=digest.hexdigest())
         except DatasetError as e:
             raise DatasetError(f"{prefix}{e}") from None
         if got.loss_tokens == 0:
