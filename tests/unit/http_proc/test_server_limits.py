@@ -4,11 +4,8 @@ ASGI app: slow-header connections are closed by the server, a head too large is 
 normal requests are answered while 200 slow connections are open, below and above the cap.
 
 Bounds are one-sided and generous: a connection is asserted closed *by the server* within
-30 s (the head timeout is 0.5 s), never before its timeout could have fired.
-
-Run as a script, it measures a running front instead (see ``measure``)::
-
-    .venv/bin/python tests/unit/http_proc/test_server_limits.py http://127.0.0.1:8000
+30 s (the head timeout is 0.5 s), never before its timeout could have fired. The same
+against a real daemon's front is measured by ``python -m harli.bench.slow_headers URL``.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import asyncio
 import http.client
 import json
 import logging
-import math
 import resource
 import socket
 import threading
@@ -29,6 +25,7 @@ from typing import Any
 import pytest
 import uvicorn
 
+from harli.bench.slow_headers import HALF_HEAD
 from harli.config import ConfigError, HttpConfig, load
 from harli.http_proc.server_limits import (
     FD_HEADROOM,
@@ -39,7 +36,6 @@ from harli.http_proc.server_limits import (
 
 PARSERS = ["httptools", "h11"]
 BOUND_S = 30.0  # generous: how long the server may take to close a connection it should
-HALF_HEAD = b"GET /health HTTP/1.1\r\nHost: t\r\nX-Slow: "
 
 
 class App:
@@ -258,67 +254,3 @@ def test_config_keys_default_validate_and_match_the_deploy_file() -> None:
                 "keep_alive_timeout_s=1.5"):
         with pytest.raises(ConfigError, match=f"http.{bad.split('=')[0]}"):
             load(None, [f"http.{bad}"])
-
-
-# -- measurement against a running front (not a test) --------------------------------------
-
-def measure(base: str, n_slow: int = 200, n_health: int = 20, n_completions: int = 5,
-            watch_s: float = 30.0) -> dict[str, Any]:
-    """Open ``n_slow`` half-head connections to the front at ``base``, then time GET /health
-    and small /v1/completions on fresh connections; watch the slow ones for ``watch_s``."""
-    import httpx
-
-    host, port = base.split("//")[1].rsplit(":", 1)
-    t0 = time.monotonic()
-    slow = [socket.create_connection((host, int(port))) for _ in range(n_slow)]
-    for s in slow:
-        s.sendall(HALF_HEAD)
-        s.setblocking(False)
-    opened_s = time.monotonic() - t0
-    lat: dict[str, list[float]] = {"health": [], "completions": []}
-    codes: list[int] = []
-    with httpx.Client(base_url=base, timeout=60) as c:
-        model = c.get("/v1/models").json()["data"][0]["id"]
-        for kind, n in (("health", n_health), ("completions", n_completions)):
-            for _ in range(n):
-                t = time.monotonic()
-                with httpx.Client(base_url=base, timeout=60) as fresh:  # a new connection
-                    r = (fresh.get("/health") if kind == "health" else fresh.post(
-                        "/v1/completions", json={"model": model, "prompt": "The river",
-                                                 "max_tokens": 4, "temperature": 0}))
-                lat[kind].append(time.monotonic() - t)
-                codes.append(r.status_code)
-    closed_at: dict[int, float] = {}
-    while len(closed_at) < n_slow and time.monotonic() - t0 < watch_s:
-        for i, s in enumerate(slow):
-            if i in closed_at:
-                continue
-            try:
-                data = s.recv(4096)
-            except BlockingIOError:
-                continue
-            except ConnectionResetError:
-                data = b""
-            if not data:
-                closed_at[i] = time.monotonic() - t0
-        time.sleep(0.05)
-    for s in slow:
-        s.close()
-
-    def pct(xs: list[float], q: float) -> float:
-        xs = sorted(xs)
-        return round(1000 * xs[min(len(xs) - 1, math.ceil(q * len(xs)) - 1)], 1)
-
-    open_s = sorted(closed_at.values())
-    return {"slow": n_slow, "opened_in_s": round(opened_s, 2), "statuses": sorted(set(codes)),
-            **{f"{k}_ms_p50": pct(v, 0.5) for k, v in lat.items()},
-            **{f"{k}_ms_p95": pct(v, 0.95) for k, v in lat.items()},
-            "slow_closed_by_server": len(open_s), "watched_s": watch_s,
-            "slow_open_s_min": round(open_s[0], 1) if open_s else None,
-            "slow_open_s_max": round(open_s[-1], 1) if open_s else None}
-
-
-if __name__ == "__main__":
-    import sys
-
-    print(json.dumps(measure(sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8000")))
