@@ -178,9 +178,7 @@ class JobManager:
             job_id=job_id, files=files, max_seq_len=spec.max_seq_len,
             model_dir=str(self.cfg.model_path), cache_dir=str(self.cfg.dataset_cache_dir),
             max_bytes=limits.max_dataset_bytes, max_line_bytes=limits.max_line_bytes,
-            max_records=limits.max_dataset_records,
-            cpu_scheduling_policy=limits.cpu_scheduling_policy,  # type: ignore[arg-type]
-            nice=limits.nice))
+            max_records=limits.max_dataset_records))
 
     def poll_validations(self) -> None:
         """On the daemon's loop: the validations' stages (an event when one begins, and one

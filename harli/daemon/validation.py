@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import msgspec
 
@@ -52,6 +54,9 @@ _REAP_S = 2.0
 # Workers held for decode continue only after this long without a reason to hold them: the
 # scheduler's level may flip at every decode iteration.
 RELEASE_S = 0.25
+# A running worker (not held) that has sent nothing for this long is logged once with its
+# kernel state: what it waits on is the one clue a stuck check leaves.
+STALL_S = 30.0
 
 Outcome = ValidationDone | ValidationFailed
 
@@ -72,6 +77,8 @@ class _Worker:
     conn: Connection
     progress: ValidationProgress | None = None
     stage_began_s: float = 0.0
+    heard_s: float = 0.0  # when it last sent anything (or started)
+    stall_logged: bool = False
 
 
 # What ``poll`` reports of a job: a stage that began (its first progress) or the outcome, and
@@ -129,8 +136,11 @@ class DatasetValidations:
         that began, and the outcome; progress within a stage is only kept (``progress``). A
         worker that ended without an outcome (killed, crashed) is reported as failed."""
         reports: list[Report] = []
+        now = self.clock()
         for job_id, worker in list(self._running.items()):
             outcome = self._read(worker, reports)
+            if outcome is None:
+                self._check_stall(worker, now)
             if outcome is None and worker.proc.poll() is not None:
                 outcome = self._read(worker, reports) or ValidationFailed(
                     error=f"the validation worker ended without a verdict "
@@ -158,6 +168,17 @@ class DatasetValidations:
             worker.conn.close()
         self._running.clear()
 
+    def _check_stall(self, worker: _Worker, now: float) -> None:
+        if self.held:
+            worker.heard_s = now  # stopped on purpose: its silence is ours
+            return
+        if worker.stall_logged or now - worker.heard_s < STALL_S:
+            return
+        worker.stall_logged = True
+        logger.warning("[validation] job %d: its worker (pid %d) has sent nothing for %.0f s "
+                       "(last: %s); kernel state: %s", worker.request.job_id, worker.proc.pid,
+                       now - worker.heard_s, worker.progress, process_state(worker.proc.pid))
+
     def _stage_ended(self, worker: _Worker) -> StageEnded | None:
         if worker.progress is None:
             return None
@@ -176,6 +197,8 @@ class DatasetValidations:
                 logger.error("[validation] job %d: undecodable message from its worker: %s",
                              job_id, e)
                 continue
+            worker.heard_s = self.clock()
+            worker.stall_logged = False
             if isinstance(msg, ValidationProgress):
                 before = worker.progress
                 if before is None or (before.key, before.stage) != (msg.key, msg.stage):
@@ -199,10 +222,23 @@ class DatasetValidations:
                 theirs.close()  # the worker's end: EOF here once it exits
             conn = Connection(ours.detach())
             conn.send_bytes(msgspec.msgpack.encode(request))
-            worker = _Worker(request, proc, conn)
+            worker = _Worker(request, proc, conn, heard_s=self.clock())
             if self.held:
                 _signal(worker, signal.SIGSTOP)
             self._running[request.job_id] = worker
+
+
+def process_state(pid: int) -> str:
+    """A process's run state, CPU seconds, scheduling policy and wait channel, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip() or "-"
+    except (OSError, IndexError):
+        return "unreadable (the process is gone?)"
+    # After the command's ")": state is field 3 of stat, utime 14, stime 15, policy 41.
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu_s = (int(fields[11]) + int(fields[12])) / tick
+    return f"state {fields[0]}, {cpu_s:.2f} s of CPU, policy {fields[38]}, waiting in {wchan}"
 
 
 def _signal(worker: _Worker, sig: int) -> None:

@@ -5,10 +5,10 @@ its end of a socket pair: the job comes in, progress and the outcome go out).
 For each file it runs the structural check first (``scan_jsonl``: JSON, format, fields and
 limits, at disk speed), so a bad line anywhere is reported within seconds, then tokenizes the
 file into the ``TokenizedCache`` an example at a time. It reports progress after every block it
-reads and ends with ``ValidationDone`` or ``ValidationFailed``. It runs in the finetune's CPU
-scheduling class (``idle`` by default: on CPU time nothing else wants, so decode, the daemon and
-their clients preempt it at once) and dies with the daemon; a worker that is no longer wanted is
-killed, which is how a validation is cancelled. It imports the tokenizer's libraries (seconds)
+reads and ends with ``ValidationDone`` or ``ValidationFailed``. It runs as background work
+(``SCHED_BATCH`` at nice 19: decode, the daemon and their clients preempt it at once, a
+training finetune in ``idle`` does not starve it) and dies with the daemon; a worker that is no
+longer wanted is killed, which is how a validation is cancelled. It imports the tokenizer's libraries (seconds)
 only once the structural check has passed, so a bad line is reported without them.
 """
 

@@ -28,10 +28,12 @@ class ValidateJob(_Msg, frozen=True):
     max_bytes: int
     max_line_bytes: int
     max_records: int
-    # The finetune's CPU scheduling (finetune.cpu_scheduling_policy, finetune.nice): a
-    # validation is background work like training, and must never delay decode or the daemon.
-    cpu_scheduling_policy: Literal["other", "batch", "idle"] = "idle"
-    nice: int = 0
+    # The worker's CPU scheduling: background work that must not delay decode or the daemon
+    # (``batch`` at nice 19 yields to them at once), yet ahead of a training finetune
+    # (``idle``, which may run on every core at a high level): a check is short, and the
+    # jobs it unblocks wait for it. Decode is also protected by the hold (SIGSTOP).
+    cpu_scheduling_policy: Literal["other", "batch", "idle"] = "batch"
+    nice: int = 19
 
 
 class ValidationProgress(_Msg, frozen=True):

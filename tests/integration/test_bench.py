@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harli.bench.bench import plot, run_bench, verdict
+from harli.bench.bench import JOB_MICRO_BATCH, JOB_SEQ_LEN, plot, run_bench, verdict
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
@@ -36,7 +36,11 @@ def test_bench_runs_the_policies_in_blocks_over_one_workload(tmp_path: Path) -> 
     assert all(a["end_s"] <= b["start_s"] for a, b in itertools.pairwise(blocks))
     assert all(0 <= b["tokens_ok"] <= b["tokens"] for b in blocks)
     assert sum(b["tokens"] for b in blocks) > 0
-    assert all(b["trained_tokens"] == 0 for b in blocks if b["policy"] == "decode-only")
+    # A micro-step admitted just before a switch to decode-only ends inside its block (a
+    # micro-step is never cut); when the sampler saw no level above 0 since the previous
+    # step, its tokens count there. No more than that one micro-step's may.
+    one_step = JOB_MICRO_BATCH * JOB_SEQ_LEN
+    assert all(b["trained_tokens"] <= one_step for b in blocks if b["policy"] == "decode-only")
     assert sum(b["trained_tokens"] for b in blocks if b["policy"] == "static:4") > 0
     v = res["verdict"]
     for p in pols:

@@ -223,6 +223,38 @@ def test_checks_yield_while_decode_needs_the_machine(jm: JobManager, tmp_path: P
     assert isinstance(cancelled, JobInfo) and cancelled.status == "cancelled"
 
 
+def test_a_check_runs_as_batch_work_and_a_silent_worker_is_logged_with_its_state(
+        jm: JobManager, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import signal
+
+    from harli.daemon.validation import STALL_S
+
+    big = _big_file(tmp_path / "big.jsonl", 40)
+    job = jm.attach(AttachJob(spec=JobSpec(name="quiet", dataset=str(big))))
+    assert isinstance(job, JobInfo)
+    pid = jm.validations._running[job.job_id].proc.pid
+    deadline = time.monotonic() + 30
+    # SCHED_BATCH (3) at nice 19: behind decode and the daemon, ahead of an idle finetune.
+    while (_stat(pid)[38], _stat(pid)[16]) != ("3", "19"):
+        assert time.monotonic() < deadline, "the worker never set its scheduling"
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGSTOP)  # stuck, as a worker the kernel never runs would be
+    time.sleep(0.1)
+    jm.poll_validations()  # what it sent before
+    jm.validations.clock = lambda: time.monotonic() + STALL_S + 1
+    with caplog.at_level(logging.WARNING, logger="harli.daemon.validation"):
+        jm.poll_validations()
+        jm.poll_validations()  # logged once
+    stalls = [r.getMessage() for r in caplog.records if "has sent nothing" in r.getMessage()]
+    assert len(stalls) == 1 and f"pid {pid}" in stalls[0] and "state T" in stalls[0]
+    cancelled = jm.cancel(CancelJob(job_id=job.job_id))
+    assert isinstance(cancelled, JobInfo) and cancelled.status == "cancelled"
+
+
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def test_a_check_cut_by_the_daemon_stopping_runs_again_when_it_starts(
         jm: JobManager, tmp_path: Path) -> None:
     big = _big_file(tmp_path / "big.jsonl", 40)
