@@ -8,8 +8,9 @@ file into the ``TokenizedCache`` an example at a time. It reports progress after
 reads and ends with ``ValidationDone`` or ``ValidationFailed``. It runs as background work
 (``SCHED_BATCH`` at nice 19: decode, the daemon and their clients preempt it at once, a
 training finetune in ``idle`` does not starve it) and dies with the daemon; a worker that is no
-longer wanted is killed, which is how a validation is cancelled. It imports the tokenizer's libraries (seconds)
-only once the structural check has passed, so a bad line is reported without them.
+longer wanted is killed, which is how a validation is cancelled. It imports the tokenizer's
+libraries (seconds) only once the structural check has passed, so a bad line is reported
+without them.
 """
 
 from __future__ import annotations
