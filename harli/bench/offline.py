@@ -46,24 +46,58 @@ class OfflineRunner:
                 self.proc.kill()
                 self.proc.wait()
 
+    def sample(self, prompt: list[int], sampling_params: dict[str, Any]) -> dict[str, Any]:
+        """One ``LLM.generate`` of ``prompt`` with ``SamplingParams(**sampling_params)``:
+        every completion (by index: ``token_ids``, ``text``, ``finish_reason``,
+        ``cumulative_logprob``, ``logprobs`` as per-position lists of ``[token_id, logprob,
+        rank, decoded_token]`` in vLLM's order) and ``prompt_logprobs`` in the same form."""
+        return self._ask({"sample": prompt, "sampling_params": sampling_params})
+
     def generate(self, prompts: list[list[int]] | list[str], max_tokens: int,
                  lora_path: str | None = None, logprobs: int = 0) -> dict[str, Any]:
         """Greedy, ``ignore_eos`` generation of all ``prompts`` (token ids or text) in one
         ``LLM.generate`` call, optionally through a LoRA adapter; returns ``token_ids``,
         ``text`` and ``elapsed_s``, and with ``logprobs`` > 0 also ``logprobs``: per prompt,
         per output position, the top ``logprobs`` as ``{token_id: logprob}``."""
+        result = self._ask({"prompts": prompts, "max_tokens": max_tokens,
+                            "lora_path": lora_path, "logprobs": logprobs})
+        if "logprobs" in result:  # JSON keys are strings
+            result["logprobs"] = [[{int(t): lp for t, lp in pos.items()} for pos in out]
+                                  for out in result["logprobs"]]
+        return result
+
+    def _ask(self, job: dict[str, Any]) -> dict[str, Any]:
         assert self.proc is not None and self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": max_tokens,
-                                          "lora_path": lora_path, "logprobs": logprobs}) + "\n")
+        self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"offline vLLM process died (exit {self.proc.wait()})")
         result: dict[str, Any] = json.loads(line)
-        if "logprobs" in result:  # JSON keys are strings
-            result["logprobs"] = [[{int(t): lp for t, lp in pos.items()} for pos in out]
-                                  for out in result["logprobs"]]
         return result
+
+
+def _positions(logprobs: Any) -> list[Any] | None:
+    """vLLM's per-position ``{token_id: Logprob}`` maps as lists, in their order."""
+    if logprobs is None:
+        return None
+    return [None if pos is None else [[t, lp.logprob, lp.rank, lp.decoded_token]
+                                      for t, lp in pos.items()] for pos in logprobs]
+
+
+def _sample(llm: Any, job: dict[str, Any]) -> dict[str, Any]:
+    from vllm import SamplingParams
+
+    params = dict(job["sampling_params"])
+    if params.get("logit_bias"):  # JSON keys are strings
+        params["logit_bias"] = {int(t): b for t, b in params["logit_bias"].items()}
+    (out,) = llm.generate([{"prompt_token_ids": job["sample"]}], SamplingParams(**params),
+                          use_tqdm=False)
+    return {"completions": [{"index": c.index, "token_ids": list(c.token_ids), "text": c.text,
+                             "finish_reason": c.finish_reason,
+                             "cumulative_logprob": c.cumulative_logprob,
+                             "logprobs": _positions(c.logprobs)} for c in out.outputs],
+            "prompt_logprobs": _positions(out.prompt_logprobs)}
 
 
 def _serve(cfg: HarliConfig, max_lora_rank: int) -> None:
@@ -85,6 +119,10 @@ def _serve(cfg: HarliConfig, max_lora_rank: int) -> None:
     adapters: dict[str, int] = {}
     for line in sys.stdin:
         job = json.loads(line)
+        if "sample" in job:
+            results.write(json.dumps(_sample(llm, job)) + "\n")
+            results.flush()
+            continue
         sp = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True,
                             logprobs=job.get("logprobs") or None)
         inputs: Any = [p if isinstance(p, str) else {"prompt_token_ids": p}

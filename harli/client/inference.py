@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -30,6 +31,7 @@ from harli.ipc.inference import (
     Generate,
     Hello,
     ServerMessage,
+    TokenLogprob,
     Welcome,
 )
 
@@ -66,8 +68,23 @@ class Completion:
     stop_reason: str | int | None = None
     num_prompt_tokens: int | None = None
     sent_s: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    cumulative_logprob: float | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    # A request of ``n`` completions: this one is index 0, the others by their index.
+    others: dict[int, Completion] = field(default_factory=dict)
 
     def add(self, chunk: Chunk, recv_s: float) -> None:
+        if chunk.index:
+            other = self.others.setdefault(chunk.index, Completion(self.request_id,
+                                                                   sent_s=self.sent_s))
+            other.add(msgspec.structs.replace(chunk, index=0), recv_s)
+            return
+        if chunk.prompt_logprobs is not None:
+            self.prompt_logprobs = chunk.prompt_logprobs
+        self.logprobs.extend(chunk.logprobs or ())
+        if chunk.cumulative_logprob is not None:
+            self.cumulative_logprob = chunk.cumulative_logprob
         self.token_ids.extend(chunk.token_ids)
         self.text += chunk.text
         self.token_times_s.extend(chunk.token_times_s)
@@ -97,14 +114,19 @@ def build_generate(prompt: str | list[int], *, request_id: str | None = None,
                    top_k: int = -1, seed: int | None = None, stop: list[str] | None = None,
                    stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
                    detokenize: bool = True, model: str | None = None,
-                   logprobs: int | None = None) -> Generate:
+                   logprobs: int | None = None,
+                   sampling_params: dict[str, Any] | None = None) -> Generate:
+    """A ``Generate``: the flat sampling fields, or vLLM's ``SamplingParams`` fields as a map
+    in ``sampling_params`` (then the flat ones must stay at their defaults)."""
     rid = request_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{next(_ids)}"
     text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
+    raw = msgspec.Raw(b"\xc0") if sampling_params is None else msgspec.Raw(
+        msgspec.msgpack.encode(sampling_params))
     return Generate(request_id=rid, prompt=text, prompt_token_ids=ids, max_tokens=max_tokens,
                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                     stop=list(stop or []), stop_token_ids=list(stop_token_ids or []),
                     ignore_eos=ignore_eos, detokenize=detokenize, model=model,
-                    logprobs=logprobs)
+                    logprobs=logprobs, sampling_params=raw)
 
 
 def _error(msg: Error) -> RequestError:
@@ -225,7 +247,7 @@ class InferenceClient:
                     raise _error(msg)
                 assert isinstance(msg, Chunk)
                 yield msg
-                if msg.finish_reason is not None:
+                if msg.finished:
                     return
         finally:
             self._router.inboxes.pop(request_id, None)
@@ -242,7 +264,7 @@ class InferenceClient:
                     raise _error(msg)
                 assert isinstance(msg, Chunk)
                 out.add(msg, recv_s)
-                if msg.finish_reason is not None:
+                if msg.finished:
                     return out
         finally:
             self._router.inboxes.pop(box_key, None)
@@ -348,7 +370,7 @@ class AsyncInferenceClient:
                     raise _error(msg)
                 assert isinstance(msg, Chunk)
                 yield msg
-                if msg.finish_reason is not None:
+                if msg.finished:
                     return
         finally:
             self._router.inboxes.pop(req.request_id, None)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import msgspec
 import zmq
 
 import harli
@@ -35,6 +36,7 @@ from harli.ipc.decode import (
     StepOutputs,
 )
 from harli.ipc.inference import (
+    FLAT_SAMPLING_FIELDS,
     PROTOCOL_VERSION,
     Abort,
     Chunk,
@@ -44,9 +46,47 @@ from harli.ipc.inference import (
     Generate,
     Hello,
     Welcome,
+    has_sampling_params,
 )
 
 logger = logging.getLogger(__name__)
+
+
+class SamplingView(msgspec.Struct, frozen=True):
+    """What the daemon reads of ``Generate.sampling_params`` to admit a request (vLLM checks
+    the rest): the tokens each completion may take (None: up to the model's length) and how
+    many completions."""
+
+    max_tokens: int | None = 16
+    n: int = 1
+
+
+_VIEW = msgspec.msgpack.Decoder(SamplingView)
+_FLAT_DEFAULTS = {f: getattr(Generate(request_id="x"), f) for f in FLAT_SAMPLING_FIELDS}
+
+
+def sampling_problem(g: Generate) -> str | None:
+    """Why ``g.sampling_params`` cannot be admitted, or None (vLLM checks its values)."""
+    flat = [f for f in FLAT_SAMPLING_FIELDS if getattr(g, f) != _FLAT_DEFAULTS[f]]
+    if flat:
+        return (f"`sampling_params` replaces the flat sampling fields; {', '.join(flat)} "
+                f"given beside it")
+    try:
+        view = _VIEW.decode(g.sampling_params)
+    except msgspec.DecodeError as e:
+        return f"`sampling_params`: {e}"
+    if view.n < 1:
+        return f"`sampling_params`: n must be at least 1, got {view.n}"
+    if view.max_tokens is not None and view.max_tokens < 1:
+        return f"`sampling_params`: max_tokens must be at least 1, got {view.max_tokens}"
+    return None
+
+
+def max_tokens_of(g: Generate) -> int | None:
+    """The tokens each completion of ``g`` may take (None: up to the model's length)."""
+    if not has_sampling_params(g):
+        return g.max_tokens
+    return _VIEW.decode(g.sampling_params).max_tokens
 
 
 class RequestObserver(Protocol):
@@ -168,26 +208,37 @@ class Frontend:
                 req.num_prompt_tokens = out.num_prompt_tokens
                 too_long = self._length_error(req.request, out.num_prompt_tokens)
                 if too_long is not None:
-                    if out.finish_reason is None:
+                    if not out.finished:
                         self.send_decode(AbortRequests(rids=[req.rid]))
                     self._fail(req, ErrorCode.INVALID, too_long)
                     continue
-            if out.token_ids:
-                self._on_tokens(req, len(out.token_ids), msg.end_wall_s, gaps_s)
-                generated += len(out.token_ids)
-            req.num_tokens += len(out.token_ids)
-            if out.finish_reason is not None:
+            new_tokens = sum(len(c.token_ids) for c in out.completions)
+            if new_tokens:
+                self._on_tokens(req, new_tokens, msg.end_wall_s, gaps_s)
+                generated += new_tokens
+            req.num_tokens += new_tokens
+            if out.finished:
                 self.requests.remove(req.rid)
-                self.metrics.requests.labels(out.finish_reason).inc()
-                self._finished(req, out.finish_reason, msg.end_wall_s)
+                # The request's reason: its first completion's (n == 1: its only one).
+                reason = next((c.finish_reason for c in out.completions if c.finish_reason),
+                              "stop")
+                self.metrics.requests.labels(reason).inc()
+                self._finished(req, reason, msg.end_wall_s)
                 if req.first_token_s is not None and req.last_token_s is not None:
                     self.observer.on_request_done(req.first_token_s, req.last_token_s,
                                                   req.num_tokens)
-            frames.setdefault(req.client, []).append(encode(Chunk(
-                request_id=req.request_id, token_ids=out.token_ids, text=out.text,
-                token_times_s=[msg.end_wall_s] * len(out.token_ids),
-                finish_reason=out.finish_reason, stop_reason=out.stop_reason,
-                num_prompt_tokens=req.num_prompt_tokens, logprobs=out.logprobs)))
+            parts = frames.setdefault(req.client, [])
+            last = len(out.completions) - 1
+            for k, c in enumerate(out.completions):
+                parts.append(encode(Chunk(
+                    request_id=req.request_id, token_ids=c.token_ids, text=c.text,
+                    token_times_s=[msg.end_wall_s] * len(c.token_ids),
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    num_prompt_tokens=req.num_prompt_tokens, logprobs=c.logprobs,
+                    index=c.index, finished=out.finished and k == last,
+                    cumulative_logprob=c.cumulative_logprob,
+                    prompt_logprobs=out.prompt_logprobs if k == 0 else None,
+                    num_cached_tokens=out.num_cached_tokens)))
         if generated:
             self.metrics.vllm.on_generated(generated)
         if gaps_s:
@@ -270,6 +321,11 @@ class Frontend:
         if msg.prompt_token_ids is not None and not msg.prompt_token_ids:
             refuse(ErrorCode.INVALID, "`prompt_token_ids` is empty")
             return
+        if has_sampling_params(msg):
+            problem = sampling_problem(msg)
+            if problem is not None:
+                refuse(ErrorCode.INVALID, problem)
+                return
         n_prompt = len(msg.prompt_token_ids) if msg.prompt_token_ids is not None else None
         too_long = self._length_error(msg, n_prompt)
         if too_long is not None:
@@ -333,19 +389,20 @@ class Frontend:
         no room for even a one-token prompt is known to be too many. A prompt longer than the
         model is left to the engine (``rejected``), which names its length."""
         limit = self._max_model_len()
-        if limit is None:
+        max_tokens = max_tokens_of(g)
+        if limit is None or max_tokens is None:  # None: up to the model's length
             return None
         if prompt_tokens is None:
-            if g.max_tokens < limit:
+            if max_tokens < limit:
                 return None
             return (f"This model's maximum context length is {limit} tokens. However, you "
-                    f"requested {g.max_tokens} tokens in the completion (max_tokens), which "
+                    f"requested {max_tokens} tokens in the completion (max_tokens), which "
                     f"leaves no room for the prompt. Please reduce max_tokens.")
-        if prompt_tokens >= limit or prompt_tokens + g.max_tokens <= limit:
+        if prompt_tokens >= limit or prompt_tokens + max_tokens <= limit:
             return None
         return (f"This model's maximum context length is {limit} tokens. However, you "
-                f"requested {prompt_tokens + g.max_tokens} tokens ({prompt_tokens} in the "
-                f"prompt, {g.max_tokens} in the completion). Please reduce max_tokens to at "
+                f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                f"prompt, {max_tokens} in the completion). Please reduce max_tokens to at "
                 f"most {limit - prompt_tokens}.")
 
     def _dispatch(self, req: Inflight) -> None:
@@ -384,7 +441,7 @@ class Frontend:
         self.requests.remove(req.rid)
         self._finished(req, reason, time.time())
         self._reply(req.client, Chunk(request_id=req.request_id, token_ids=[],
-                                      finish_reason=reason,
+                                      finish_reason=reason, finished=True,
                                       num_prompt_tokens=req.num_prompt_tokens))
 
     def _fail(self, req: Inflight, code: str, message: str) -> None:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from harli.arena.shm import ArenaError, consecutive_runs
 from harli.config import HarliConfig
 from harli.ipc.decode import (
+    CompletionDelta,
     IterationTelemetry,
     KVLayout,
     LoraTarget,
@@ -39,7 +40,7 @@ from harli.ipc.decode import (
     RequestRejected,
     RuntimeInfo,
 )
-from harli.ipc.inference import Generate, TokenLogprob
+from harli.ipc.inference import Generate, TokenLogprob, has_sampling_params
 from harli.ipc.weights import WeightsExported
 from harli.runtime import ConfigurationError
 
@@ -215,9 +216,17 @@ def vllm_model(llm: Any) -> nn.Module:
 
 
 def sampling_params(req: Generate) -> SamplingParams:
+    """vLLM's ``SamplingParams`` of ``req``: its ``sampling_params`` map decoded by vLLM's own
+    struct (whose checks run as it is built: a bad value raises ``ValueError`` naming the
+    field), else its flat fields. Outputs are always deltas: the daemon needs each
+    iteration's tokens, and a client that wants only the final output gathers them."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    if has_sampling_params(req):
+        params: SamplingParams = _sampling_decoder().decode(memoryview(req.sampling_params))
+        params.output_kind = RequestOutputKind.DELTA
+        return params
     return SamplingParams(
         max_tokens=req.max_tokens,
         temperature=req.temperature,
@@ -233,22 +242,45 @@ def sampling_params(req: Generate) -> SamplingParams:
     )
 
 
-def token_logprobs(token_ids: list[int], logprobs: Any,
-                   top_k: int | None) -> list[TokenLogprob] | None:
-    """vLLM's per-token ``{token_id: Logprob}`` maps (the sampled token, whatever its rank,
-    and the ``top_k`` most likely) as one ``TokenLogprob`` per token; None when the request
-    asked for none."""
-    if logprobs is None or top_k is None:
+_DECODER: Any = None
+
+
+def _sampling_decoder() -> Any:
+    """vLLM's msgpack decoder for ``SamplingParams`` (its extension types: arrays inline; a
+    pickled object is refused unless vLLM's insecure serialization is switched on)."""
+    global _DECODER
+    if _DECODER is None:
+        from vllm import SamplingParams
+        from vllm.v1.serial_utils import MsgpackDecoder
+
+        _DECODER = MsgpackDecoder(SamplingParams)
+    return _DECODER
+
+
+def token_logprob(token_id: int, by_id: Any) -> TokenLogprob:
+    """vLLM's ``{token_id: Logprob}`` map at one place, in its order, for ``token_id``."""
+    own = by_id.get(token_id)
+    top = [(i, lp) for i, lp in by_id.items()]
+    return TokenLogprob(
+        token_id=token_id, logprob=float(own.logprob) if own else float("nan"),
+        rank=own.rank if own else None, token=own.decoded_token if own else None,
+        top_ids=[i for i, _ in top], top_logprobs=[float(lp.logprob) for _, lp in top],
+        top_ranks=[lp.rank for _, lp in top], top_tokens=[lp.decoded_token for _, lp in top])
+
+
+def token_logprobs(token_ids: list[int], logprobs: Any) -> list[TokenLogprob] | None:
+    """One ``TokenLogprob`` per generated token; None when the request asked for none."""
+    if logprobs is None:
         return None
-    out = []
-    for tid, by_id in zip(token_ids, logprobs, strict=False):
-        top = sorted(((lp.rank, i, lp.logprob) for i, lp in by_id.items()
-                      if lp.rank is not None and lp.rank <= top_k), key=lambda x: x[0])
-        own = by_id.get(tid)
-        out.append(TokenLogprob(token_id=tid, logprob=float(own.logprob) if own else float("nan"),
-                                top_ids=[i for _, i, _ in top],
-                                top_logprobs=[float(x) for _, _, x in top]))
-    return out
+    return [token_logprob(tid, by_id) for tid, by_id in zip(token_ids, logprobs, strict=False)]
+
+
+def prompt_logprobs(prompt_ids: list[int], logprobs: Any) -> list[TokenLogprob | None] | None:
+    """One entry per prompt token (None where vLLM has none: the first)."""
+    if logprobs is None:
+        return None
+    return [None if by_id is None else token_logprob(tid, by_id)
+            for tid, by_id in zip(prompt_ids, logprobs, strict=False)]
 
 
 def _lora_names(requests: Any) -> list[str]:
@@ -261,6 +293,26 @@ def _first_line(e: BaseException) -> str:
     # pydantic puts a header line first ("1 validation error for ModelConfig") and the cause
     # after it: keep both, in one line.
     return "; ".join(lines[:3]) if lines else type(e).__name__
+
+
+def request_output(res: Any, scheduled_wall_s: float | None) -> RequestOutput:
+    """Our wire form of one vLLM ``RequestOutput`` (a generation model's, in DELTA form):
+    every completion it carries, and on the first the prompt's facts."""
+    prompt_ids = list(res.prompt_token_ids or ())
+    first = res.prompt_logprobs is not None or scheduled_wall_s is not None
+    return RequestOutput(
+        rid=res.request_id,
+        completions=[CompletionDelta(
+            index=c.index, token_ids=list(c.token_ids), text=c.text,
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            logprobs=token_logprobs(list(c.token_ids), c.logprobs),
+            cumulative_logprob=c.cumulative_logprob) for c in res.outputs],
+        finished=bool(res.finished),
+        num_prompt_tokens=len(prompt_ids),
+        scheduled_wall_s=scheduled_wall_s,
+        prompt_logprobs=prompt_logprobs(prompt_ids, res.prompt_logprobs),
+        num_cached_tokens=res.num_cached_tokens if first else None,
+    )
 
 
 class DecodeEngine:
@@ -276,8 +328,6 @@ class DecodeEngine:
         self.lend_seq = 0  # the last lend / return applied (echoed in telemetry)
         self._arena_base = arena_base
         self._live: set[str] = set()
-        # Per live request that asked for log-probabilities: how many alternatives.
-        self._top_logprobs: dict[str, int] = {}
         # group id -> the vLLM KVCacheBlocks withdrawn from the free queue for it
         self._lent: dict[int, list[Any]] = {}
         self.scrubbed_bytes = 0  # zeroed on return from the finetune (``_zero_blocks``)
@@ -403,8 +453,13 @@ class DecodeEngine:
 
     def _rid_of(self, req_id: str) -> str:
         """Our request id of vLLM's engine-core id: vLLM appends "-<8 random hex>" to the id
-        it is given (``InputProcessor.assign_request_id``), unless told not to."""
-        return req_id if req_id in self._live else req_id.rsplit("-", 1)[0]
+        it is given (``InputProcessor.assign_request_id``), unless told not to, and names the
+        completions of a request of ``n`` "<index>_<id>"."""
+        if req_id in self._live:
+            return req_id
+        base = req_id.rsplit("-", 1)[0]
+        index, _, rest = base.partition("_")
+        return rest if rest and index.isdigit() else base
 
     def _batch_stats(self, out: Any) -> BatchStats:
         sched = self._scheduler
@@ -449,9 +504,14 @@ class DecodeEngine:
             if error is not None:
                 return RequestRejected(rid=rid, message=error)
         try:
+            params = sampling_params(req)
+            if params.prompt_logprobs is not None and self._prompt_logprobs_break_lora():
+                return RequestRejected(rid=rid, message=(
+                    "prompt_logprobs is not served while LoRA serving is on (lora.enabled) on "
+                    "a CPU engine: vLLM's CPU LoRA logits path fails on prompt positions and "
+                    "would stop the engine for every request"))
             self.llm.add_request(rid, prompt,  # type: ignore[arg-type]  # a TokensPrompt dict
-                                 sampling_params(req), arrival_time=arrival_s,
-                                 lora_request=lora_request)
+                                 params, arrival_time=arrival_s, lora_request=lora_request)
         except Exception as e:
             # vLLM validates the request here (VLLMValidationError names the problem, e.g. the
             # prompt length); whatever it raises concerns this request only, never the loop.
@@ -459,9 +519,14 @@ class DecodeEngine:
                 logger.exception("[decode] unexpected error admitting request %s", rid)
             return RequestRejected(rid=rid, message=str(e))
         self._live.add(rid)
-        if req.logprobs is not None:
-            self._top_logprobs[rid] = req.logprobs
         return None
+
+    def _prompt_logprobs_break_lora(self) -> bool:
+        """vLLM 0.32 on CPU with LoRA on: the prompt's logits go through the punica CPU
+        wrapper with indices sized for the sampled tokens only (``bgmv_shrink``: "einsum():
+        subscript b has size 3 for operand 1 which does not broadcast with previously seen
+        size 19"), an exception out of the model's step that ends the engine."""
+        return self.cfg.lora.enabled and self.info.device == "cpu"
 
     def _lora(self, lora: LoraTarget) -> tuple[Any, str | None]:
         """vLLM's ``LoRARequest`` for ``lora``, loaded now if vLLM does not hold it: an
@@ -508,7 +573,6 @@ class DecodeEngine:
             for r in live:
                 self._live.discard(r)
                 self._scheduled_wall_s.pop(r, None)
-                self._top_logprobs.pop(r, None)
             self._aborted.extend(live)
 
     def abort_all(self) -> None:
@@ -600,11 +664,7 @@ class DecodeEngine:
 
     def step(self) -> StepResult:
         """Run one engine iteration and return its outputs and telemetry."""
-        outputs = [
-            RequestOutput(rid=r, token_ids=[], text="", finish_reason="abort", stop_reason=None,
-                          num_prompt_tokens=0)
-            for r in self._aborted
-        ]
+        outputs = [RequestOutput.ended(r, "abort") for r in self._aborted]
         self._aborted.clear()
         if not self.llm.has_unfinished_requests():
             return StepResult(outputs, None, time.time())
@@ -615,27 +675,14 @@ class DecodeEngine:
         end_s = time.monotonic()
         end_wall_s = time.time()
         for res in results:
-            # A generation model: always a RequestOutput, never a pooling output.
-            comp = res.outputs[0]  # type: ignore[index]
-            finish = comp.finish_reason if res.finished else None
-            scheduled = self._scheduled_wall_s.get(res.request_id)
-            top_k = self._top_logprobs.get(res.request_id)
+            rid = res.request_id
+            scheduled = self._scheduled_wall_s.get(rid)
             if res.finished:
-                self._live.discard(res.request_id)
-                self._scheduled_wall_s.pop(res.request_id, None)
-                self._top_logprobs.pop(res.request_id, None)
+                self._live.discard(rid)
+                self._scheduled_wall_s.pop(rid, None)
             elif scheduled is not None:
-                self._scheduled_wall_s[res.request_id] = None  # told once
-            outputs.append(RequestOutput(
-                rid=res.request_id,
-                token_ids=list(comp.token_ids),
-                text=comp.text,
-                finish_reason=finish,
-                stop_reason=comp.stop_reason if res.finished else None,
-                num_prompt_tokens=len(res.prompt_token_ids or ()),
-                scheduled_wall_s=scheduled,
-                logprobs=token_logprobs(list(comp.token_ids), comp.logprobs, top_k),
-            ))
+                self._scheduled_wall_s[rid] = None  # told once
+            outputs.append(request_output(res, scheduled))
         telemetry = None
         batch = self._batch
         if batch is not None:

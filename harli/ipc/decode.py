@@ -105,18 +105,38 @@ class Ready(_Internal, frozen=True):
     info: RuntimeInfo
 
 
-class RequestOutput(_Internal, frozen=True):
-    rid: str
+class CompletionDelta(_Internal, frozen=True):
+    """What one iteration added to one completion of a request (vLLM's ``CompletionOutput``
+    in its DELTA form)."""
+
+    index: int
     token_ids: list[int]
     text: str
-    finish_reason: str | None
-    stop_reason: str | int | None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
+    cumulative_logprob: float | None = None
+
+
+class RequestOutput(_Internal, frozen=True):
+    rid: str
+    completions: list[CompletionDelta]
+    finished: bool  # every completion has ended
     num_prompt_tokens: int
     # Unix time vLLM's scheduler first put the request into a batch (its SCHEDULED event),
     # carried by the request's first output only (None on the others): the end of its wait
     # in the queue, which the daemon cannot see.
     scheduled_wall_s: float | None = None
-    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
+    # First output only, when asked: one per prompt token (None for the first).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_cached_tokens: int | None = None  # first output only
+
+    @classmethod
+    def ended(cls, rid: str, reason: str) -> RequestOutput:
+        """The last output of a request that ended outside vLLM's step (aborted)."""
+        return cls(rid=rid, completions=[CompletionDelta(index=0, token_ids=[], text="",
+                                                         finish_reason=reason)],
+                   finished=True, num_prompt_tokens=0)
 
 
 class RequestRejected(_Internal, frozen=True):

@@ -59,6 +59,23 @@ class Generate(_Public, tag="generate", frozen=True):
     # Log-probabilities of each generated token and of its ``logprobs`` most likely
     # alternatives (0: the token's own only); None: none (vLLM computes them only when asked).
     logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    # vLLM's ``SamplingParams`` whole, as a map of its fields (``n``, ``presence_penalty``,
+    # ``min_p``, ``logit_bias``, ``prompt_logprobs``, ``structured_outputs``, ...): when given,
+    # it is the request's sampling, checked by vLLM itself, and the fields above from
+    # ``max_tokens`` to ``logprobs`` must stay at their defaults.
+    # (Raw: passed to decode as sent; absent or nil means none.)
+    sampling_params: msgspec.Raw = msgspec.Raw(b"\xc0")
+
+
+def has_sampling_params(g: Generate) -> bool:
+    """Whether ``g`` carries vLLM's ``SamplingParams`` (not absent, not nil)."""
+    raw = g.sampling_params
+    return len(raw) > 0 and bytes(raw) != b"\xc0"
+
+
+# The fields of ``Generate`` that ``sampling_params`` replaces.
+FLAT_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                        "stop_token_ids", "ignore_eos", "detokenize", "logprobs")
 
 
 class Abort(_Public, tag="abort", frozen=True):
@@ -85,31 +102,49 @@ class Welcome(_Public, tag="welcome", frozen=True):
 
 
 class TokenLogprob(msgspec.Struct, kw_only=True, frozen=True):
-    """One generated token's log-probability and the most likely alternatives at its place
-    (``Generate.logprobs`` of them, most likely first; they may include the token itself)."""
+    """One token's log-probability and the most likely alternatives at its place (as many as
+    asked, most likely first; they may include the token itself): vLLM's map of ``Logprob``
+    at that place, in its order. ``rank`` is vLLM's (1: the most likely) and ``token`` the
+    text vLLM decoded for it; the ``top_`` lists hold the same for each alternative."""
 
     token_id: int
     logprob: float
     top_ids: list[int] = []
     top_logprobs: list[float] = []
+    rank: int | None = None
+    token: str | None = None
+    top_ranks: list[int | None] = []
+    top_tokens: list[str | None] = []
 
 
 class Chunk(_Public, tag="chunk", frozen=True):
-    """New tokens of one request from one decode iteration (or the final, empty one)."""
+    """New tokens of one completion of a request from one decode iteration (or the final,
+    empty one). A request of ``n`` completions streams chunks of each ``index``."""
 
     request_id: str
     token_ids: list[int]
     text: str = ""
     # Wall-clock (Unix) time at which each token in ``token_ids`` was produced.
     token_times_s: list[float] = []
-    # None while streaming; "length", "stop", "abort", "error", "shutdown" or "adapter_removed"
-    # (``harli adapter rm --force`` of the request's adapter) on the last chunk.
+    # None while the completion streams; "length", "stop", "abort", "error", "shutdown" or
+    # "adapter_removed" (``harli adapter rm --force`` of the request's adapter) on its last
+    # chunk.
     finish_reason: str | None = None
-    # The stop string or token id that ended the request, when finish_reason == "stop".
+    # The stop string or token id that ended the completion, when finish_reason == "stop".
     stop_reason: str | int | None = None
     num_prompt_tokens: int | None = None
     # One per token of ``token_ids`` when the request asked for ``logprobs``; else None.
     logprobs: list[TokenLogprob] | None = None
+    index: int = 0  # which of the request's ``n`` completions
+    # True on the request's last chunk: every completion has ended.
+    finished: bool = False
+    # The sum of the completion's token log-probabilities so far, when logprobs were asked.
+    cumulative_logprob: float | None = None
+    # On the request's first chunk, when it asked for ``prompt_logprobs``: one per prompt
+    # token (None for the first, which has no context).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Prompt tokens whose KV vLLM found in its prefix cache (first chunk).
+    num_cached_tokens: int | None = None
 
 
 class Error(_Public, tag="error", frozen=True):

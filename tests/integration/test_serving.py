@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import msgspec
 import pytest
@@ -11,9 +12,10 @@ import zmq
 
 from harli.bench.local_daemon import LocalDaemon
 from harli.bench.offline import OfflineRunner
-from harli.client.inference import AsyncInferenceClient, Completion
+from harli.client.inference import AsyncInferenceClient, Completion, RequestError
 from harli.ipc.codec import Decoder
 from harli.ipc.decode import IterationTelemetry
+from harli.ipc.inference import TokenLogprob
 
 pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
@@ -58,6 +60,69 @@ def test_greedy_output_equals_vllm_offline_generate(daemon: LocalDaemon) -> None
     with OfflineRunner(daemon.cfg) as offline:
         ref = offline.generate(prompts, max_tokens=24)
     assert [o.token_ids for o in ours] == ref["token_ids"]
+
+
+# vLLM sampling features the flat fields lack, in one request: vLLM's SamplingParams whole.
+SAMPLING = {"n": 3, "max_tokens": 10, "temperature": 0.8, "seed": 7, "top_k": 50,
+            "presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.2,
+            "min_p": 0.02, "min_tokens": 4, "logprobs": 2, "logit_bias": {17: 2.0},
+            "ignore_eos": True}
+
+
+def _rows(logprobs: list[TokenLogprob | None] | None) -> list[list[list[Any]] | None] | None:
+    """Our per-token log-probabilities in the offline runner's form (vLLM's map as rows)."""
+    if logprobs is None:
+        return None
+    return [None if t is None else [list(r) for r in zip(t.top_ids, t.top_logprobs,
+                                                          t.top_ranks, t.top_tokens,
+                                                          strict=True)]
+            for t in logprobs]
+
+
+def test_sampling_params_are_served_as_vllm_serves_them(daemon: LocalDaemon) -> None:
+    prompt = _prompts(1, seed=5)[0]
+    with daemon.client() as c:
+        stream = list(c.generate(prompt, sampling_params=SAMPLING))
+        got = c.complete(prompt, sampling_params=SAMPLING)
+    assert stream[-1].finished and sum(ch.finished for ch in stream) == 1
+    assert {ch.index for ch in stream} == {0, 1, 2}
+    with OfflineRunner(daemon.cfg) as offline:
+        ref = offline.sample(prompt, SAMPLING)
+    ours = [got, *(got.others[i] for i in sorted(got.others))]
+    for mine, theirs in zip(ours, ref["completions"], strict=True):
+        assert mine.token_ids == theirs["token_ids"] and mine.text == theirs["text"]
+        assert mine.finish_reason == theirs["finish_reason"]
+        assert mine.cumulative_logprob == pytest.approx(theirs["cumulative_logprob"], abs=1e-4)
+        for a, b in zip(_rows(mine.logprobs) or [], theirs["logprobs"], strict=True):
+            assert [r[0] for r in a] == [r[0] for r in b]  # the same tokens, in vLLM's order
+            assert [r[2:] for r in a] == [r[2:] for r in b]  # ranks and texts
+            assert [r[1] for r in a] == pytest.approx([r[1] for r in b], abs=1e-4)
+    # The daemon serves adapters (LoRA on): vLLM's CPU LoRA logits path fails on prompt
+    # positions and would end the engine, so prompt log-probabilities are refused, and the
+    # engine serves on.
+    with daemon.client() as c, pytest.raises(RequestError) as e:
+        c.complete(prompt, sampling_params={"prompt_logprobs": 1})
+    assert e.value.code == "rejected" and "prompt_logprobs" in e.value.message
+    with daemon.client() as c:
+        assert c.complete(prompt, max_tokens=2).token_ids
+
+
+def test_bad_sampling_params_get_vllms_words_and_the_flat_fields_may_not_mix(
+        daemon: LocalDaemon) -> None:
+    with daemon.client() as c:
+        with pytest.raises(RequestError) as e:
+            c.complete([5, 6, 7], sampling_params={"top_p": 2.0})
+        assert e.value.code == "rejected" and "top_p" in e.value.message
+        with pytest.raises(RequestError) as e:
+            c.complete([5, 6, 7], sampling_params={"n": "two"})  # the daemon reads n
+        assert e.value.code == "invalid" and "`$.n`" in e.value.message
+        with pytest.raises(RequestError) as e:
+            c.complete([5, 6, 7], max_tokens=4, sampling_params={"n": 2})
+        assert e.value.code == "invalid" and "max_tokens" in e.value.message
+        with pytest.raises(RequestError) as e:
+            c.complete([5, 6, 7], sampling_params={"n": 0})
+        assert e.value.code == "invalid" and "n must be at least 1" in e.value.message
+        assert c.complete([5, 6, 7], max_tokens=3, ignore_eos=True).token_ids  # serves on
 
 
 def test_text_prompt_streams_text_and_stops_on_stop_string(daemon: LocalDaemon) -> None:
