@@ -106,7 +106,7 @@ def _serve(cfg: HarliConfig, max_lora_rank: int) -> None:
     os.dup2(2, 1)
     from vllm import LLM, SamplingParams
 
-    from harli.decode_proc.engine import engine_args
+    from harli.vllm_args import engine_args
 
     args = engine_args(cfg, str(cfg.model_path))
     from vllm.lora.request import LoRARequest

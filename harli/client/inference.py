@@ -115,13 +115,15 @@ def build_generate(prompt: str | list[int], *, request_id: str | None = None,
                    stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
                    detokenize: bool = True, model: str | None = None,
                    logprobs: int | None = None,
-                   sampling_params: dict[str, Any] | None = None) -> Generate:
+                   sampling_params: dict[str, Any] | msgspec.Raw | None = None) -> Generate:
     """A ``Generate``: the flat sampling fields, or vLLM's ``SamplingParams`` fields as a map
     in ``sampling_params`` (then the flat ones must stay at their defaults)."""
     rid = request_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{next(_ids)}"
     text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
-    raw = msgspec.Raw(b"\xc0") if sampling_params is None else msgspec.Raw(
-        msgspec.msgpack.encode(sampling_params))
+    if isinstance(sampling_params, msgspec.Raw):  # encoded already (vLLM's encoder)
+        raw = sampling_params
+    else:
+        raw = msgspec.Raw(msgspec.msgpack.encode(sampling_params))
     return Generate(request_id=rid, prompt=text, prompt_token_ids=ids, max_tokens=max_tokens,
                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                     stop=list(stop or []), stop_token_ids=list(stop_token_ids or []),
@@ -382,6 +384,11 @@ class AsyncInferenceClient:
         async for chunk in self.generate(prompt, **kw):
             out.add(chunk, time.time())
         return out
+
+    async def cancel(self, request_id: str) -> None:
+        """Abort a request whose stream this client no longer reads: the abort is sent, and
+        the daemon's last chunk for it is dropped on arrival."""
+        await self._sock.send(encode(Abort(request_id=request_id)))
 
     async def abort(self, request_id: str) -> None:
         self._ensure_reader()

@@ -43,6 +43,7 @@ from harli.ipc.decode import (
 from harli.ipc.inference import Generate, TokenLogprob, has_sampling_params
 from harli.ipc.weights import WeightsExported
 from harli.runtime import ConfigurationError
+from harli.vllm_args import engine_args
 
 if TYPE_CHECKING:
     import torch
@@ -75,32 +76,6 @@ class StepResult:
     outputs: list[RequestOutput]
     telemetry: IterationTelemetry | None  # None when no model iteration ran
     end_wall_s: float
-
-
-def engine_args(cfg: HarliConfig, model_path: str, kv_cache_bytes: int | None = None) -> Any:
-    """The ``EngineArgs`` for our config; also used by the offline baseline and the tests.
-    ``kv_cache_bytes``: a fixed KV cache size on GPU (the CUDA arena's), instead of what
-    ``gpu_memory_utilization`` leaves."""
-    from vllm import EngineArgs
-
-    kw: dict[str, Any] = {
-        "model": model_path,
-        "dtype": cfg.model.dtype,
-        "max_num_seqs": cfg.decode.max_num_seqs,
-        "enforce_eager": cfg.decode.enforce_eager,
-        "gpu_memory_utilization": cfg.decode.gpu_memory_utilization,
-        "disable_log_stats": True,
-    }
-    if cfg.model.max_model_len:
-        kw["max_model_len"] = cfg.model.max_model_len
-    if cfg.decode.max_num_batched_tokens:
-        kw["max_num_batched_tokens"] = cfg.decode.max_num_batched_tokens
-    if kv_cache_bytes is not None:
-        kw["kv_cache_memory_bytes"] = kv_cache_bytes
-    if cfg.lora.enabled:
-        kw.update(enable_lora=True, max_loras=cfg.lora.max_loras,
-                  max_lora_rank=cfg.lora.max_lora_rank, max_cpu_loras=cfg.lora.max_cpu_loras)
-    return EngineArgs(**kw)
 
 
 # The process-group store vLLM's single-process executor rendezvouses through (a FileStore).

@@ -36,8 +36,8 @@ from harli.datasets import (
 )
 from harli.http_proc.errors import ApiError, bad_field
 from harli.http_proc.fine_tuning_objects import public_job_id
+from harli.http_proc.json_text import TextJsonRoute
 from harli.http_proc.pages import check_limit, page
-from harli.http_proc.protocol import TextJsonRoute
 from harli.ipc.control import FileInfo
 from harli.ipc.inference import ErrorCode
 

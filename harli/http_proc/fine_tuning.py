@@ -29,8 +29,8 @@ from harli.http_proc.fine_tuning_objects import (
     job_object,
     public_job_id,
 )
+from harli.http_proc.json_text import TextJsonRoute
 from harli.http_proc.pages import check_limit, page
-from harli.http_proc.protocol import TextJsonRoute
 from harli.ipc.control import CheckpointInfo, FileInfo, JobDetail, JobInfo
 
 if TYPE_CHECKING:

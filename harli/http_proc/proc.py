@@ -6,6 +6,7 @@ reached the daemon, ``HttpFatal`` when it cannot serve).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import traceback
@@ -38,25 +39,7 @@ class HttpProc:
 
     def run(self) -> int:
         try:
-            import uvicorn
-            from transformers import AutoTokenizer
-
-            from harli.http_proc.app import Limits, build_app
-            from harli.http_proc.server_limits import ServerLimits, fit_open_files, server_config
-
-            keys = ApiKeys.from_file(self.cfg.http.api_keys_file)
-            tokenizer = AutoTokenizer.from_pretrained(self.cfg.model_path)
-            app: Any = build_app(self.cfg, tokenizer, keys, on_ready=self._ready)
-            limits = ServerLimits.from_config(self.cfg.http)
-            fit_open_files(limits.max_connections)
-            # Connection limits (head timeout and size, open connections) are the protocol's
-            # (server_limits.py); uvicorn's limit_concurrency stays unset, as it counts
-            # connections still sending their head.
-            server = uvicorn.Server(server_config(
-                Limits(app, keys, self.cfg.http.max_body_bytes), limits, fd=self.listen_fd,
-                log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                lifespan="on"))
-            server.run()
+            asyncio.run(self._serve())
             return 0
         except Exception as e:
             logger.exception("[http] cannot serve")
@@ -66,6 +49,40 @@ class HttpProc:
         finally:
             self._out.close()
             self._ctx.term()
+
+    async def _serve(self) -> None:
+        import uvicorn
+
+        from harli.http_proc.app import Limits, build_front
+        from harli.http_proc.daemon_link import DaemonLink
+        from harli.http_proc.server_limits import ServerLimits, fit_open_files, server_config
+
+        keys = ApiKeys.from_file(self.cfg.http.api_keys_file)
+        link = DaemonLink(self.cfg)
+        try:
+            await link.start()
+            app: Any = await build_front(self.cfg, link)
+            limits = ServerLimits.from_config(self.cfg.http)
+            fit_open_files(limits.max_connections)
+            # Connection limits (head timeout and size, open connections) are the protocol's
+            # (server_limits.py); uvicorn's limit_concurrency stays unset, as it counts
+            # connections still sending their head.
+            server = uvicorn.Server(server_config(
+                Limits(app, keys, self.cfg.http.max_body_bytes,
+                       self.cfg.http.max_concurrent_requests),
+                limits, fd=self.listen_fd, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=5, lifespan="on"))
+            app.state.server = server  # vLLM's engine-error handler reads it
+            ready = asyncio.create_task(self._ready_when_started(server))
+            await server.serve()
+            ready.cancel()
+        finally:
+            await link.close()
+
+    async def _ready_when_started(self, server: Any) -> None:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        self._ready()
 
     def _ready(self) -> None:
         logger.info("[http] OpenAI-compatible API on %s", self.url)
