@@ -18,8 +18,11 @@ import os
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler as fastapi_http_error
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from harli.config import HarliConfig
@@ -44,12 +47,16 @@ class Limits:
     cut off when it passes it)."""
 
     def __init__(self, app: ASGIApp, keys: ApiKeys, max_body_bytes: int,
-                 max_in_flight: int = 1 << 30) -> None:
+                 max_in_flight: int = 1 << 30,
+                 body_models: dict[str, type[BaseModel]] | None = None) -> None:
         self.app = app
         self.keys = keys
         self.max_body_bytes = max_body_bytes
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        # Route -> the request model its JSON body must fit: a value its own validators
+        # fail on with anything but a validation error (vLLM's would answer 500) is a 400.
+        self.body_models = body_models or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -104,11 +111,9 @@ class Limits:
                 await _send_error(send, self._too_large())
                 return
         if json_body:
-            where = _lone_surrogate_in(b"".join(body))
-            if where is not None:
-                await _send_error(send, ApiError(
-                    400, f"the body is not valid JSON: {where} holds a lone UTF-16 surrogate "
-                         f"(\\ud800 to \\udfff), which is not text", code="invalid_json"))
+            refused = self._check_json(scope["path"], b"".join(body))
+            if refused is not None:
+                await _send_error(send, refused)
                 return
         replayed = False
 
@@ -120,6 +125,31 @@ class Limits:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    def _check_json(self, path: str, body: bytes) -> ApiError | None:
+        try:
+            value = json.loads(body)
+        except ValueError:
+            return None  # not JSON: the route says so in its own words
+        except RecursionError:
+            return ApiError(400, "the body is not valid JSON: it nests deeper than this server "
+                                 "reads", code="invalid_json")
+        where = lone_surrogate(value)
+        if where is not None:
+            return ApiError(400, f"the body is not valid JSON: {where} holds a lone UTF-16 "
+                                 f"surrogate (\\ud800 to \\udfff), which is not text",
+                            code="invalid_json")
+        model = self.body_models.get(path)
+        if model is None:
+            return None
+        try:
+            model.model_validate(value)
+        except ValidationError:
+            return None  # the route answers it, in vLLM's words
+        except Exception as e:
+            return ApiError(400, f"the request does not validate: {type(e).__name__}: {e}",
+                            code=400, err_type="BadRequestError")
+        return None
 
     def _too_large(self) -> ApiError:
         return ApiError(413, f"request body over {self.max_body_bytes} bytes "
@@ -136,21 +166,10 @@ async def _send_error(send: Send, e: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _lone_surrogate_in(body: bytes) -> str | None:
-    """Where a JSON body holds a lone surrogate; None when it holds none or is no JSON (the
-    route says so in its own words)."""
-    if b"\\u" not in body:
-        return None
-    try:
-        return lone_surrogate(json.loads(body))
-    except ValueError:
-        return None
-
-
 class HttpState:
     """What Harli's routes share: the configuration and the daemon link."""
 
-    def __init__(self, cfg: HarliConfig, link: DaemonLink) -> None:
+    def __init__(self, cfg: HarliConfig, link: DaemonLink | Any) -> None:
         self.cfg = cfg
         self.link = link
 
@@ -189,12 +208,31 @@ async def build_front(cfg: HarliConfig, link: DaemonLink) -> FastAPI:
     app = build_app(args, ("generate",), client.model_config)
     await init_app_state(client, app.state, args, ("generate",))
     DaemonModels.adopt(app.state.openai_serving_models, link)
-    app.state.harli = HttpState(cfg, link)
     _daemon_metrics(app, link)
+    add_harli_routes(app, cfg, link)
+    return app
+
+
+def add_harli_routes(app: FastAPI, cfg: HarliConfig, link: Any) -> None:
+    """Harli's files and fine-tuning routes, with OpenAI's error shapes, on ``app`` (vLLM's,
+    or a bare one in tests)."""
+    app.state.harli = HttpState(cfg, link)
     app.include_router(files_router)
     app.include_router(fine_tuning_router)
     _harli_errors(app)
-    return app
+    # Starlette captures the handlers when it builds the middleware stack, which vLLM's
+    # set-up may have done already: build it again with ours.
+    app.middleware_stack = None
+
+
+def vllm_body_models() -> dict[str, type[BaseModel]]:
+    """vLLM's request models of the generation routes, for ``Limits``."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    return {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+            "/v1/responses": ResponsesRequest}
 
 
 def _daemon_metrics(app: FastAPI, link: DaemonLink) -> None:
@@ -211,15 +249,24 @@ def _daemon_metrics(app: FastAPI, link: DaemonLink) -> None:
 
 def _harli_errors(app: FastAPI) -> None:
     """OpenAI's error shapes on Harli's routes; vLLM's handlers everywhere else."""
-    vllm_invalid = app.exception_handlers[RequestValidationError]
+    vllm_invalid = app.exception_handlers.get(RequestValidationError)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Any:
+        # A path no route has, a body that is not even text: FastAPI's {"detail"} on vLLM's
+        # routes (as vllm serve answers), OpenAI's error object on Harli's.
+        if not request.url.path.startswith(HARLI_PREFIXES):
+            return await fastapi_http_error(request, e)
+        return JSONResponse(error_body(str(e.detail), "NotFoundError" if e.status_code == 404
+                                       else "BadRequestError"), status_code=e.status_code)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> Any:
-        if not request.url.path.startswith(HARLI_PREFIXES):
+        if vllm_invalid is not None and not request.url.path.startswith(HARLI_PREFIXES):
             return await vllm_invalid(request, e)  # type: ignore[misc]
         errs = e.errors()
         first = errs[0] if errs else {}

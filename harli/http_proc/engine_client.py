@@ -193,7 +193,7 @@ class DaemonEngineClient(EngineClient):
         except Exception:
             logger.exception("[http] abort of %s failed", wire_id)
 
-    def check_admission(self, n: int, request_id: str | None = None) -> None:
+    def check_admission(self, n: int = 1, request_id: str | None = None) -> None:
         """``http.max_n``: the most completions one request may ask for."""
         if n > self.max_n:
             raise VLLMValidationError(

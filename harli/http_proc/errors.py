@@ -37,7 +37,7 @@ class ApiError(Exception):
     """A request that fails with this status and message (``param``: the field at fault)."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, err_type: str | None = None) -> None:
+                 code: str | int | None = None, err_type: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message

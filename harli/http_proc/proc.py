@@ -53,7 +53,7 @@ class HttpProc:
     async def _serve(self) -> None:
         import uvicorn
 
-        from harli.http_proc.app import Limits, build_front
+        from harli.http_proc.app import Limits, build_front, vllm_body_models
         from harli.http_proc.daemon_link import DaemonLink
         from harli.http_proc.server_limits import ServerLimits, fit_open_files, server_config
 
@@ -69,7 +69,7 @@ class HttpProc:
             # connections still sending their head.
             server = uvicorn.Server(server_config(
                 Limits(app, keys, self.cfg.http.max_body_bytes,
-                       self.cfg.http.max_concurrent_requests),
+                       self.cfg.http.max_concurrent_requests, vllm_body_models()),
                 limits, fd=self.listen_fd, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5, lifespan="on"))
             app.state.server = server  # vLLM's engine-error handler reads it

@@ -44,18 +44,20 @@ import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.serve.lora.protocol import (
+    LoadLoRAAdapterRequest as LoadLoraAdapterRequest,
+)
+from vllm.entrypoints.serve.lora.protocol import (
+    UnloadLoRAAdapterRequest as UnloadLoraAdapterRequest,
+)
 
 from harli.bench.local_daemon import LocalDaemon
 from harli.client.control import ControlClient
 from harli.datasets import SAMPLE_DATASET
 from harli.http_proc.fine_tuning_objects import _SET_BY as SET_BY_OPENAI
 from harli.http_proc.fine_tuning_objects import FineTuningJobRequest
-from harli.http_proc.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    LoadLoraAdapterRequest,
-    UnloadLoraAdapterRequest,
-)
 from harli.ipc import control as ctl
 from harli.ipc.control import ControlReply, ControlRequest
 from harli.ipc.inference import Chunk, ClientMessage, Error, ErrorCode, ServerMessage
@@ -912,10 +914,17 @@ def http_base(h: Harness, route: str) -> dict[str, Any]:
 
 
 def openai_error(r: httpx.Response, what: str) -> dict[str, Any]:
-    """A 4xx with OpenAI's error object: the answer to every refused request."""
+    """A 4xx with OpenAI's error object: the answer to every refused request. On vLLM's
+    routes a refusal before any route runs (no such path, a body that is not even text) is
+    FastAPI's ``{"detail"}``, as ``vllm serve`` answers it."""
     assert 400 <= r.status_code < 500, f"{what}: {r.status_code} {r.text[:500]}"
+    harli_route = r.request.url.path.startswith(("/v1/files", "/v1/fine_tuning"))
     try:
-        err = r.json()["error"]
+        body = r.json()
+        if not harli_route and isinstance(body, dict) and isinstance(body.get("detail"), str):
+            return {"message": body["detail"], "type": None, "param": None,
+                    "code": r.status_code}
+        err = body["error"]
     except (ValueError, KeyError, TypeError):
         raise AssertionError(f"{what}: {r.status_code} without an error object: "
                              f"{r.text[:300]!r}") from None
@@ -1117,7 +1126,7 @@ def test_every_message_type_and_route_is_covered() -> None:
                  "Generate.prompt_token_ids.0", "AddAdapter.path"):
         assert must in {str(f) for f in CONTROL_FIELDS + INFERENCE_FIELDS}, must
     for must in ("fine_tuning_jobs.harli.output_dir", "fine_tuning_jobs.harli.lora.r",
-                 "fine_tuning_jobs.hyperparameters.n_epochs", "chat.messages.0.content.0.text",
+                 "fine_tuning_jobs.hyperparameters.n_epochs", "chat.<message>",
                  "completions.stream_options.include_usage", "load_lora_adapter.lora_path"):
         assert must in paths, must
     assert set(REPLY) == set(CONTROL_TYPES), "a control request without its reply type here"

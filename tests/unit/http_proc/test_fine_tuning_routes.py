@@ -12,13 +12,14 @@ from typing import Any
 
 import msgspec
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from harli.config import load
-from harli.http_proc.app import Limits, build_app
+from harli.http_proc.app import Limits, add_harli_routes
 from harli.http_proc.auth import ApiKeys
 from harli.http_proc.errors import ApiError
-from harli.http_proc.protocol import lone_surrogate
+from harli.http_proc.json_text import lone_surrogate
 from harli.ipc.control import FileInfo, JobDetail, JobInfo, ModelInfo
 from harli.ipc.jobs import JobSpec
 
@@ -106,9 +107,9 @@ class Api:
                           f'daemon.state_dir="{tmp_path / "state"}"'])
         self.files_dir = cfg.files_dir
         keys = ApiKeys([KEY_A, KEY_B])
-        app = build_app(cfg, None, keys)
         self.link = FakeLink(cfg.files_dir)
-        app.state.harli.link = self.link
+        app = FastAPI()
+        add_harli_routes(app, cfg, self.link)
         self.client = TestClient(Limits(app, keys, 4 << 20))
 
     def call(self, method: str, path: str, key: str = KEY_A, **kw: Any) -> Any:
@@ -156,7 +157,7 @@ def test_an_upload_is_checked_kept_and_shown_only_to_its_key(api: Api) -> None:
         "id": f["id"], "object": "file", "deleted": True}
     assert api.left() == []
     error(api.call("GET", "/v1/files/file-nope"), 404)
-    error(api.call("GET", "/v1/files/../../etc"), 404)
+    assert api.call("GET", "/v1/files/../../etc").status_code == 404  # no such route
 
 
 @pytest.mark.parametrize(("body", "purpose", "param", "words"), [
@@ -277,17 +278,6 @@ def test_a_lone_surrogate_in_a_json_body_is_a_400_naming_where(
     assert api.link.jobs == {}
     # A surrogate pair is one character, as any JSON reader takes it.
     assert lone_surrogate(json.loads('{"a": ["\\ud83d\\ude00"]}')) is None
-
-
-@pytest.mark.parametrize(("field", "value"), [
-    ("seed", 2**70), ("seed", -(2**63) - 1), ("top_k", 2**64), ("stop_token_ids", [2**70]),
-    ("stop_token_ids", [-1])])
-def test_integers_beyond_64_bits_are_a_400_naming_the_field(
-        api: Api, field: str, value: object) -> None:
-    # msgspec cannot encode them for the daemon: once a 500.
-    err = error(api.call("POST", "/v1/completions",
-                         json={"model": "tiny", "prompt": "hi", field: value}), 400)
-    assert err["param"] is not None and err["param"].startswith(field)
 
 
 @pytest.mark.parametrize("public_id", ["ftjob-²", "ftjob-١", "ftjob-01", "ftjob-1%0A"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -18,8 +17,6 @@ from harli.config import ConfigError, load
 from harli.http_proc.app import Limits
 from harli.http_proc.auth import NO_KEYS_OWNER, ApiKeys
 from harli.http_proc.errors import ApiError
-from harli.http_proc.protocol import ChatCompletionRequest, CompletionRequest
-from harli.http_proc.serving import check_supported, max_tokens_for
 from harli.ipc.inference import ErrorCode
 
 
@@ -53,41 +50,19 @@ def test_daemon_errors_map_to_openai_statuses(code: str, status: int) -> None:
                                   "code": code}}
 
 
-def test_request_models_refuse_unknown_fields_and_name_unserved_features() -> None:
-    with pytest.raises(ValidationError, match="bogus"):
-        CompletionRequest.model_validate({"model": "m", "prompt": "x", "bogus": 1})
-    ok = CompletionRequest.model_validate({"model": "m", "prompt": "x", "ignore_eos": True,
-                                           "top_k": 5, "stream_options": {"include_usage": True}})
-    check_supported(ok, max_n=4)
-    for body, field in (({"min_p": 0.1}, "min_p"), ({"presence_penalty": 0.5},
-                        "presence_penalty"), ({"best_of": 3}, "best_of"), ({"n": 5}, "n")):
-        req = CompletionRequest.model_validate({"model": "m", "prompt": "x", **body})
-        with pytest.raises(ApiError) as e:
-            check_supported(req, max_n=4)
-        assert e.value.status == 400 and e.value.param == field
-    chat = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}],
-         "tools": [{"type": "function"}]})
-    with pytest.raises(ApiError, match="tool calling"):
-        check_supported(chat, max_n=4)
-    top_alone = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
-    with pytest.raises(ApiError, match="needs logprobs: true"):
-        check_supported(top_alone, max_n=4)
-    with pytest.raises(ValidationError, match="logprobs"):
-        CompletionRequest.model_validate({"model": "m", "prompt": "x", "logprobs": 21})
-    with pytest.raises(ValidationError):
-        ChatCompletionRequest.model_validate({"model": "m", "messages": []})
-
-
-def test_output_budget_against_the_models_length() -> None:
-    assert max_tokens_for(None, [10, 30], 100, "max_tokens") == 70  # all that is left
-    assert max_tokens_for(20, [10], 100, "max_tokens") == 20
-    with pytest.raises(ApiError, match="you requested 121 tokens") as e:
-        max_tokens_for(91, [30], 100, "max_tokens")
-    assert e.value.param == "max_tokens"
-    with pytest.raises(ApiError, match="your request has 100 input tokens"):
-        max_tokens_for(1, [100], 100, "max_tokens")
+def test_limits_refuse_a_lone_surrogate_in_json_and_count_requests_in_flight() -> None:
+    c = _limited(max_body_bytes=1000, keys=["k"])
+    auth = {"Authorization": "Bearer k", "Content-Type": "application/json"}
+    r = c.post("/v1/x", content=b'{"prompt": "a\\ud800"}', headers=auth)
+    assert r.status_code == 400 and "`prompt` holds a lone UTF-16 surrogate" in \
+        r.json()["error"]["message"]
+    pair = c.post("/v1/x", content=b'{"prompt": "\\ud83d\\ude00"}', headers=auth)
+    assert pair.status_code == 200  # a surrogate pair is one character
+    full = TestClient(Limits(Starlette(routes=[Route("/v1/x", lambda r: None)]),
+                             ApiKeys(["k"]), 100, max_in_flight=0))
+    r = full.get("/v1/x", headers={"Authorization": "Bearer k"})
+    assert r.status_code == 429 and "http.max_concurrent_requests" in \
+        r.json()["error"]["message"]
 
 
 def _limited(max_body_bytes: int = 100, keys: list[str] | None = None) -> TestClient:
