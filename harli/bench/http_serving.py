@@ -66,7 +66,7 @@ def vllm_cli(*args: str) -> list[str]:
     return [sys.executable, "-c", _SHIM, *args]
 
 
-def _wait_http(base: str, proc: Any, log: Path, timeout_s: float = 300.0) -> None:
+def wait_http(base: str, proc: Any, log: Path, timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -81,8 +81,9 @@ def _wait_http(base: str, proc: Any, log: Path, timeout_s: float = 300.0) -> Non
     raise TimeoutError(f"{base} not ready after {timeout_s:.0f} s; log: {log}")
 
 
-def _start_vllm(cfg: Any, port: int, log: Path) -> subprocess.Popen[bytes]:
-    """``vllm serve`` with the engine settings decode_proc gives vLLM."""
+def start_vllm(cfg: Any, port: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """``vllm serve`` with the engine settings decode_proc gives vLLM (``extra``: more of its
+    arguments)."""
     from harli.config import child_environ
     from harli.runtime import decode_cores, format_cpu_list
 
@@ -96,6 +97,7 @@ def _start_vllm(cfg: Any, port: int, log: Path) -> subprocess.Popen[bytes]:
     if cfg.lora.enabled:
         args += ["--enable-lora", "--max-loras", str(cfg.lora.max_loras), "--max-lora-rank",
                  str(cfg.lora.max_lora_rank), "--max-cpu-loras", str(cfg.lora.max_cpu_loras)]
+    args += list(extra)
     env = child_environ(cfg, "decode")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # vllm serve's engine core is its own process
     allowed = os.sched_getaffinity(0)
@@ -162,11 +164,11 @@ def run_bench(base_dir: Path, rounds: int, num_prompts: int, rate: float, input_
                            "model": model, "runs": []}
     vllm_log = base_dir / "vllm-serve.log"
     with daemon:
-        _wait_http(urls["harli"], None, daemon.log_path)
+        wait_http(urls["harli"], None, daemon.log_path)
         say(f"harli ready on {urls['harli']}; starting vllm serve on {urls['vllm']}")
-        vllm = _start_vllm(cfg, vport, vllm_log)
+        vllm = start_vllm(cfg, vport, vllm_log)
         try:
-            _wait_http(urls["vllm"], vllm, vllm_log)
+            wait_http(urls["vllm"], vllm, vllm_log)
             for name in SERVERS:  # warm-up, not kept
                 _bench(urls[name], model, tokenizer, base_dir / f"warm-{name}.json",
                        max(4, num_prompts // 8), rate, input_len, output_len, seed)
