@@ -31,7 +31,7 @@ for i in range(4):
 out = {}
 while eng.has_work():
     for o in eng.step().outputs:
-        out.setdefault(o.rid, []).extend(o.token_ids)
+        out.setdefault(o.rid, []).extend(t for c in o.completions for t in c.token_ids)
 res = {"out": out}
 if use_arena:
     runner = eng.llm.engine_core.engine_core.model_executor.driver_worker.worker.model_runner

@@ -60,7 +60,7 @@ while eng.has_work():
         except ValueError as e:
             res["bad_return"] = str(e)
     for o in eng.step().outputs:
-        out.setdefault(o.rid, []).extend(o.token_ids)
+        out.setdefault(o.rid, []).extend(t for c in o.completions for t in c.token_ids)
     it += 1
     if lend:
         used |= blocks_in_use()
