@@ -132,11 +132,19 @@ class RequestOutput(_Internal, frozen=True):
     num_cached_tokens: int | None = None  # first output only
 
     @classmethod
+    def single(cls, rid: str, token_ids: list[int], text: str, finish_reason: str | None,
+               stop_reason: str | int | None, num_prompt_tokens: int,
+               scheduled_wall_s: float | None = None) -> RequestOutput:
+        """The output of a request of one completion (finished when it has a reason)."""
+        return cls(rid=rid, completions=[CompletionDelta(
+            index=0, token_ids=token_ids, text=text, finish_reason=finish_reason,
+            stop_reason=stop_reason)], finished=finish_reason is not None,
+            num_prompt_tokens=num_prompt_tokens, scheduled_wall_s=scheduled_wall_s)
+
+    @classmethod
     def ended(cls, rid: str, reason: str) -> RequestOutput:
         """The last output of a request that ended outside vLLM's step (aborted)."""
-        return cls(rid=rid, completions=[CompletionDelta(index=0, token_ids=[], text="",
-                                                         finish_reason=reason)],
-                   finished=True, num_prompt_tokens=0)
+        return cls.single(rid, [], "", reason, None, 0)
 
 
 class RequestRejected(_Internal, frozen=True):

@@ -17,7 +17,6 @@ from harli.ipc.codec import encode
 from harli.ipc.decode import (
     AbortRequests,
     AddRequest,
-    CompletionDelta,
     RequestOutput,
     RequestRejected,
     RuntimeInfo,
@@ -37,15 +36,6 @@ from harli.ipc.inference import (
 
 from .fake_sockets import FakeRouter
 
-
-def one(rid: str, token_ids: list[int], text: str, finish_reason: str | None,
-        stop_reason: str | int | None, num_prompt_tokens: int,
-        scheduled_wall_s: float | None = None) -> RequestOutput:
-    """Decode's output of a request of one completion."""
-    return RequestOutput(rid=rid, completions=[CompletionDelta(
-        index=0, token_ids=token_ids, text=text, finish_reason=finish_reason,
-        stop_reason=stop_reason)], finished=finish_reason is not None,
-        num_prompt_tokens=num_prompt_tokens, scheduled_wall_s=scheduled_wall_s)
 CFG = load(None, ['model.path="/models/m"', "endpoints.max_message_bytes=1024"])
 NOW = 5.0
 
@@ -111,8 +101,8 @@ def error_of(replies: list[Any]) -> Error:
 
 
 def out(rid: str, tokens: list[int], finish: str | None = None) -> RequestOutput:
-    return one(rid=rid, token_ids=tokens, text="t" * len(tokens),
-                         finish_reason=finish, stop_reason=None, num_prompt_tokens=3)
+    return RequestOutput.single(rid=rid, token_ids=tokens, text="t" * len(tokens),
+                                finish_reason=finish, stop_reason=None, num_prompt_tokens=3)
 
 
 # -- client messages ---------------------------------------------------------------------------
@@ -374,8 +364,8 @@ def test_a_text_prompts_max_tokens_is_checked_before_and_after_tokenization() ->
     add = h.generate(b"c1", "b", prompt="hi", prompt_token_ids=None, max_tokens=2000)
     assert add is not None
     h.fe.on_step_outputs(StepOutputs(incarnation=1, iteration=1, end_wall_s=1.0, outputs=[
-        one(rid=add.rid, token_ids=[5], text="x", finish_reason=None,
-                      stop_reason=None, num_prompt_tokens=60)]))
+        RequestOutput.single(rid=add.rid, token_ids=[5], text="x", finish_reason=None,
+                             stop_reason=None, num_prompt_tokens=60)]))
     e = error_of(h.sock.replies(b"c1")[1:])  # instead of the first chunk
     assert (e.code, e.request_id) == (ErrorCode.INVALID, "b")
     assert "2060 tokens (60 in the prompt, 2000 in the completion)" in e.message
@@ -404,12 +394,12 @@ def test_the_last_chunk_after_an_abort_has_the_prompts_token_count() -> None:
     b = h.generate(b"c1", "b", prompt_token_ids=[1, 2, 3, 4])
     assert a is not None and b is not None
     h.fe.on_step_outputs(StepOutputs(incarnation=1, iteration=1, end_wall_s=1.0, outputs=[
-        one(rid=a.rid, token_ids=[5], text="x", finish_reason=None,
-                      stop_reason=None, num_prompt_tokens=2)]))
+        RequestOutput.single(rid=a.rid, token_ids=[5], text="x", finish_reason=None,
+                             stop_reason=None, num_prompt_tokens=2)]))
     # decode's own abort output does not know the prompt: it says 0
     h.fe.on_step_outputs(StepOutputs(incarnation=1, iteration=2, end_wall_s=2.0, outputs=[
-        one(rid=r, token_ids=[], text="", finish_reason="abort", stop_reason=None,
-                      num_prompt_tokens=0) for r in (a.rid, b.rid)]))
+        RequestOutput.single(rid=r, token_ids=[], text="", finish_reason="abort", stop_reason=None,
+                             num_prompt_tokens=0) for r in (a.rid, b.rid)]))
     last = h.sock.replies(b"c1")[-2:]
     assert [(c.request_id, c.finish_reason, c.num_prompt_tokens) for c in last] == \
         [("a", "abort", 2), ("b", "abort", 4)]
@@ -437,8 +427,9 @@ def test_a_finished_request_feeds_vllms_request_metrics() -> None:
     a = h.generate(b"c1", "a")
     assert a is not None
     arrival = h.fe.requests.get(a.rid).arrival_s  # type: ignore[union-attr]
-    first = one(rid=a.rid, token_ids=[7], text="t", finish_reason=None,
-                          stop_reason=None, num_prompt_tokens=3, scheduled_wall_s=arrival + 0.25)
+    first = RequestOutput.single(rid=a.rid, token_ids=[7], text="t", finish_reason=None,
+                                 stop_reason=None, num_prompt_tokens=3,
+                                 scheduled_wall_s=arrival + 0.25)
     h.fe.on_step_outputs(StepOutputs(incarnation=1, iteration=1, end_wall_s=arrival + 0.5,
                                      outputs=[first]))
     h.fe.on_step_outputs(StepOutputs(incarnation=1, iteration=2, end_wall_s=arrival + 0.7,

@@ -22,7 +22,6 @@ from harli.ipc.control import (
 from harli.ipc.decode import (
     AbortRequests,
     AddRequest,
-    CompletionDelta,
     DaemonToDecode,
     DecodeToDaemon,
     Fatal,
@@ -48,15 +47,6 @@ from harli.ipc.inference import (
 )
 from harli.ipc.jobs import JobSpec
 
-
-def one(rid: str, token_ids: list[int], text: str, finish_reason: str | None,
-        stop_reason: str | int | None, num_prompt_tokens: int,
-        scheduled_wall_s: float | None = None) -> RequestOutput:
-    """Decode's output of a request of one completion."""
-    return RequestOutput(rid=rid, completions=[CompletionDelta(
-        index=0, token_ids=token_ids, text=text, finish_reason=finish_reason,
-        stop_reason=stop_reason)], finished=finish_reason is not None,
-        num_prompt_tokens=num_prompt_tokens, scheduled_wall_s=scheduled_wall_s)
 JOB = JobInfo(job_id=1, name="j", status="running", priority=0, created_s=1.0, started_s=2.0,
               finished_s=None, step=1, total_steps=4, epoch=0, micro_steps=1, tokens=64,
               loss=2.0, first_loss=2.0, level=1, paused_s=0.0, tokens_per_s=99.5,
@@ -85,8 +75,8 @@ CASES: list[tuple[object, msgspec.Struct]] = [
     (DaemonToDecode, Shutdown(reason="bye")),
     (DecodeToDaemon, Ready(incarnation=2, pid=3, info=INFO)),
     (DecodeToDaemon, StepOutputs(incarnation=1, iteration=4, end_wall_s=2.0, outputs=[
-        one(rid="r1", token_ids=[5], text="t", finish_reason=None, stop_reason=None,
-                      num_prompt_tokens=2, scheduled_wall_s=1.75)],
+        RequestOutput.single(rid="r1", token_ids=[5], text="t", finish_reason=None,
+                             stop_reason=None, num_prompt_tokens=2, scheduled_wall_s=1.75)],
         rejected=[RequestRejected(rid="r2", message="no")])),
     (DecodeToDaemon, Fatal(incarnation=1, error="e", traceback="tb")),
     (IterationTelemetry, IterationTelemetry(
