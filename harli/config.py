@@ -407,9 +407,15 @@ class HttpConfig:
         "api_keys_file: an API open beyond this host would let anyone generate and train.",
         default="127.0.0.1")
     api_keys_file: str = _help(
-        "File of API keys, one per line (blank lines and # comments ignored). When set, every "
-        "endpoint but /health needs `Authorization: Bearer KEY`, as `vllm serve --api-key` "
-        "does; files and fine-tuning jobs belong to the key that made them.", default="")
+        "File of API keys, one per line (blank lines and # comments ignored). When set, the "
+        "API needs `Authorization: Bearer KEY`, as `vllm serve --api-key` does (the probes "
+        "stay open: see open_probes); files and fine-tuning jobs belong to the key that made "
+        "them.", default="")
+    open_probes: bool = _help(
+        "With api_keys_file: /health, /ping, /version, /load and /metrics answer without a "
+        "key, as vllm serve's do (a router's health checks and scrapes send none); /metrics "
+        "then leaves out the series that name fine-tuning jobs unless a key is sent. False: "
+        "they need a key too.", default=True)
     max_body_bytes: int = _help("Largest request body; a larger one gets 413.",
                                 default=32 << 20)
     max_n: int = _help("Most choices one request may ask for (`n`).", default=16)
@@ -580,6 +586,12 @@ class HarliConfig:
         """Where job outputs may go: finetune.output_root (default STATE_DIR/jobs) first."""
         root = Path(self.finetune.output_root or self.state_dir / "jobs")
         return [root, *(Path(r) for r in self.finetune.extra_output_roots)]
+
+    @property
+    def vllm_metrics_dir(self) -> Path:
+        """vLLM's Prometheus values as decode's engine records them (prometheus-client's
+        multiprocess files): written by decode, read by the daemon's metrics page."""
+        return self.runtime_dir / "vllm-metrics"
 
     @property
     def inference_endpoint(self) -> str:

@@ -210,10 +210,11 @@ class ControlClient:
         assert isinstance(reply, DaemonStatus)
         return reply
 
-    def metrics_page(self) -> MetricsPage:
+    def metrics_page(self, tenant_series: bool = True) -> MetricsPage:
         """The daemon's Prometheus page (what its metrics port serves on ``/metrics``), with
-        the ``Content-Type`` to serve it with."""
-        reply = self.request(GetMetrics())
+        the ``Content-Type`` to serve it with; without the tenants' job series unless
+        ``tenant_series``."""
+        reply = self.request(GetMetrics(tenant_series=tenant_series))
         assert isinstance(reply, MetricsPage)
         return reply
 

@@ -132,4 +132,9 @@ class ChildSpecs:
         # this daemon: one that died before that would otherwise leave it running, holding the
         # arena's descriptor, with nobody to end it.
         env[DAEMON_PID_ENV] = str(os.getpid())
+        # vLLM's statistics as decode's engine records them, in files the daemon's metrics
+        # page reads (``DecodeVllmMetrics``); any other process keeps its own registry.
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if role == "decode":
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.cfg.vllm_metrics_dir)
         return self._mps.client_env(env, role) if self._mps is not None else env

@@ -50,11 +50,12 @@ ControlHandler = Callable[[Any], Reply | Future[Reply]]
 
 def control_handlers(jobs: JobManager, status: Callable[[], DaemonStatus],
                      set_policy: Callable[[str, float | None], None],
-                     metrics_page: Callable[[], MetricsPage],
+                     metrics_page: Callable[[bool], MetricsPage],
                      models: Mapping[type[Any], ControlHandler] | None = None,
                      ) -> dict[type[Any], ControlHandler]:
     """The control API's table. ``set_policy(spec, tpot_slo_ms)`` raises ``ValueError`` for a
-    policy or SLO it refuses; ``metrics_page``: the Prometheus page (``Metrics.page``);
+    policy or SLO it refuses; ``metrics_page(tenant_series)``: the Prometheus page
+    (``Metrics.page``);
     ``models``: the handlers of ``ListModels``, ``AddAdapter`` and ``RemoveAdapter`` (the
     daemon's ``ModelCatalog``)."""
 
@@ -67,7 +68,7 @@ def control_handlers(jobs: JobManager, status: Callable[[], DaemonStatus],
         set_policy(f"static:{msg.level}", None)
         return status()
 
-    return {GetStatus: lambda _: status(), GetMetrics: lambda _: metrics_page(),
+    return {GetStatus: lambda _: status(), GetMetrics: lambda m: metrics_page(m.tenant_series),
             SetPolicy: policy, SetLevel: level,
             AttachJob: jobs.attach, ListJobs: jobs.list_jobs, ShowJob: jobs.show,
             JobLogs: jobs.logs, CancelJob: jobs.cancel, PauseJob: jobs.pause,

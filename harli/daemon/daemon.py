@@ -115,10 +115,7 @@ class Daemon:
         cfg, res = self.cfg, self.resources
         self.cores = CorePlan.for_host(cfg, self.cuda_host)
         self.cores.pin_daemon()
-        # vLLM's model_name label: the base model's name, as requests and `harli models` name
-        # it (ModelCatalog.base_name).
-        self.metrics = Metrics(model_name=cfg.model_path.name,
-                               max_loras=cfg.lora.max_loras if cfg.lora.enabled else None)
+        self.metrics = Metrics(cfg.vllm_metrics_dir)
         self.latency = _load_latency(cfg, self.metrics)
         # MPS (CUDA hosts, gpu.mps != off): both children become clients of one server; the
         # control daemon starts in run(), before them.
@@ -285,11 +282,10 @@ class Daemon:
         in_flight = len(self.frontend.requests)
         if not in_flight:
             self.scheduler.on_idle(now)
+        # Requests that wait for a decode starting or restarting do not run either (those of
+        # a dead incarnation failed at its exit).
+        if not in_flight or self.decode.state is not ChildState.RUNNING:
             self.metrics.on_idle()
-        elif self.decode.state is not ChildState.RUNNING:
-            # Requests wait for a decode that is starting or restarting: none runs (those of
-            # a dead incarnation failed at its exit), all of them wait.
-            self.metrics.on_idle(waiting=in_flight)
 
     def _tick_validations(self, now: float) -> None:
         # Checking files is finetune-class work: it yields while decode serves at level 0.
@@ -365,6 +361,7 @@ class Daemon:
         self._check_gpu_fault(msg, "decode")
 
     def _on_decode_exit(self, ev: ChildExited) -> None:
+        self.metrics.on_decode_exit()
         self.memory.on_decode_exit(self.clock())
         self.models.on_decode_exit()
         self.frontend.on_decode_exit(ev)

@@ -196,13 +196,10 @@ class Frontend:
         # 32 requests wakes once per iteration, not 32 times.
         frames: dict[bytes, list[bytes]] = {}
         gaps_s: list[float] = []  # this iteration's inter-token gaps, for the SLO
-        generated = 0
         for out in msg.outputs:
             req = self.requests.get(out.rid)
             if req is None or req.incarnation != msg.incarnation:
                 continue  # finished, aborted or failed already; or from a dead incarnation
-            if out.scheduled_wall_s is not None:
-                req.scheduled_s = out.scheduled_wall_s
             if out.num_prompt_tokens > 0 and req.num_prompt_tokens is None:
                 # A text prompt's first output: its length is known only now.
                 req.num_prompt_tokens = out.num_prompt_tokens
@@ -215,7 +212,6 @@ class Frontend:
             new_tokens = sum(len(c.token_ids) for c in out.completions)
             if new_tokens:
                 self._on_tokens(req, new_tokens, msg.end_wall_s, gaps_s)
-                generated += new_tokens
             req.num_tokens += new_tokens
             if out.finished:
                 self.requests.remove(req.rid)
@@ -223,7 +219,6 @@ class Frontend:
                 reason = next((c.finish_reason for c in out.completions if c.finish_reason),
                               "stop")
                 self.metrics.requests.labels(reason).inc()
-                self._finished(req, reason, msg.end_wall_s)
                 if req.first_token_s is not None and req.last_token_s is not None:
                     self.observer.on_request_done(req.first_token_s, req.last_token_s,
                                                   req.num_tokens)
@@ -239,8 +234,6 @@ class Frontend:
                     cumulative_logprob=c.cumulative_logprob,
                     prompt_logprobs=out.prompt_logprobs if k == 0 else None,
                     num_cached_tokens=out.num_cached_tokens)))
-        if generated:
-            self.metrics.vllm.on_generated(generated)
         if gaps_s:
             self.observer.on_tokens(gaps_s)  # once per iteration: the policy's budget too
         for client, parts in frames.items():
@@ -364,10 +357,8 @@ class Frontend:
         if gone:
             logger.info("[frontend] client went away; aborting its %d requests", len(gone))
             self.send_decode(AbortRequests(rids=[r.rid for r in gone if r.incarnation]))
-            now = time.time()
             for r in gone:
-                self.requests.remove(r.rid)
-                self._finished(r, "abort", now)  # decode's abort output finds it gone
+                self.requests.remove(r.rid)  # decode's abort output finds it gone
 
     # -- request lifecycle -------------------------------------------------------------------
 
@@ -419,27 +410,16 @@ class Frontend:
     def _on_tokens(self, req: Inflight, n: int, end_wall_s: float,
                    gaps_s: list[float]) -> None:
         """Token times for the SLO: the engine's iteration end, one gap per new token (added
-        to ``gaps_s``); and for vLLM's metrics, the time to the first token, then one gap per
-        output."""
+        to ``gaps_s``)."""
         if req.first_token_s is None:
             req.first_token_s = end_wall_s
-            self.metrics.vllm.on_first_token(max(0.0, end_wall_s - req.arrival_s),
-                                             req.num_prompt_tokens or 0)
         elif req.last_token_s is not None:
-            gap_s = end_wall_s - req.last_token_s
-            gaps_s.append(gap_s)
+            gaps_s.append(end_wall_s - req.last_token_s)
             gaps_s.extend([0.0] * (n - 1))
-            self.metrics.vllm.on_token_gap(gap_s)
         req.last_token_s = end_wall_s
-
-    def _finished(self, req: Inflight, reason: str, end_wall_s: float) -> None:
-        """vLLM's metrics of a request that ended (not of one that failed with an error)."""
-        queue_s = None if req.scheduled_s is None else max(0.0, req.scheduled_s - req.arrival_s)
-        self.metrics.vllm.on_finished(reason, max(0.0, end_wall_s - req.arrival_s), queue_s)
 
     def _finish(self, req: Inflight, reason: str) -> None:
         self.requests.remove(req.rid)
-        self._finished(req, reason, time.time())
         self._reply(req.client, Chunk(request_id=req.request_id, token_ids=[],
                                       finish_reason=reason, finished=True,
                                       num_prompt_tokens=req.num_prompt_tokens))

@@ -1,9 +1,10 @@
-"""Prometheus metrics of the daemon: vLLM's metric contract (``VllmMetrics``) beside Harli's
-own (decode iterations, requests, children, finetune jobs, the co-location), in one registry.
-It is served over HTTP on ``metrics.addr``:``metrics.port`` (default 127.0.0.1:9464; port 0:
-none; ``MetricsServer``) and over the control API (``GetMetrics``, ``page()``).
+"""Prometheus metrics of the daemon: vLLM's own families as decode's engine records them
+(``DecodeVllmMetrics``) beside Harli's own (decode iterations, requests, children, finetune
+jobs, the co-location). It is served over HTTP on ``metrics.addr``:``metrics.port`` (default
+127.0.0.1:9464; port 0: none; ``MetricsServer``) and over the control API (``GetMetrics``,
+``page()``), which the HTTP API's ``/metrics`` serves.
 
-The registry is the daemon's own, so it holds no ``process_*``, ``python_*`` or platform
+The registries are the daemon's own, so they hold no ``process_*``, ``python_*`` or platform
 collectors (prometheus-client puts those in its global registry only): on a co-location host
 they would describe the daemon alone, not the processes that use the machine.
 
@@ -11,8 +12,10 @@ Counts are counters and times and sizes are in seconds and bytes, so that a rate
 can be taken over any window; a job's series are removed a while after it ends
 (``JOB_SERIES_KEEP_S``), so a daemon that runs many jobs does not accumulate them.
 
-The page has no authentication and names job ids, token counts and losses, so it binds loopback
-by default and ``serve`` warns when told to bind anything else."""
+A job's series name its id, token counts and losses: they are the tenants' (``tenants``), and
+a page asked for without them (the HTTP API's ``/metrics`` without an API key) leaves them
+out. The operator's endpoint has no authentication and serves all, so it binds loopback by
+default and ``serve`` warns when told to bind anything else."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import ipaddress
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Protocol
 
 from prometheus_client import (
@@ -34,7 +38,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from harli.daemon.metrics_server import MetricsServer
-from harli.daemon.vllm_metrics import VllmMetrics
+from harli.daemon.vllm_metrics import DecodeVllmMetrics
 from harli.ipc.control import MetricsPage
 from harli.ipc.decode import IterationTelemetry
 from harli.ipc.finetune import MicroStepReport, ValidationScore
@@ -82,16 +86,41 @@ class ReadCounter:
         yield family
 
 
+class RegistryView:
+    """Another registry's metrics, collected as part of this one."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        return self.registry.collect()
+
+
 class Metrics:
-    def __init__(self, model_name: str = "model", max_loras: int | None = None) -> None:
-        """``model_name``: the served base model's name (vLLM's ``model_name`` label);
-        ``max_loras``: vLLM's ``max_loras`` when LoRA serving is on, else None."""
+    def __init__(self, vllm_metrics_dir: Path | None = None) -> None:
+        """``vllm_metrics_dir``: where decode's engine records vLLM's metrics (None: a
+        daemon without decode metrics, in tests)."""
+        # The service's series (``service``: vLLM's and the co-location's) and the tenants'
+        # (``tenants``: a job's id, tokens and losses), which an open /metrics leaves out;
+        # ``registry`` holds both, for the operator's endpoint.
+        self.service = CollectorRegistry()
+        self.tenants = CollectorRegistry()
         r = self.registry = CollectorRegistry()
-        self.vllm = VllmMetrics(r, model_name, max_loras)
+        r.register(RegistryView(self.service))
+        r.register(RegistryView(self.tenants))
+        self.vllm: DecodeVllmMetrics | None = None
+        if vllm_metrics_dir is not None:
+            self.vllm = DecodeVllmMetrics(vllm_metrics_dir)
+            self.vllm.reset()
+            self.service.register(self.vllm)
         self._server: MetricsServer | None = None
+        r = self.service
         self._init_decode(r)
         self._init_colocation(r)
-        self._init_jobs(r)
+        self._init_jobs(r, self.tenants)
         self._init_memory(r)
         self.requests = Counter("harli_requests_total",
                                 "Finished inference requests, by finish reason or error code.",
@@ -190,10 +219,11 @@ class Metrics:
                                      "times the finetune narrowed its thread pool mid-chunk "
                                      "to such a fence (CPU hosts)", registry=r)
 
-    def _init_jobs(self, r: CollectorRegistry) -> None:
+    def _init_jobs(self, r: CollectorRegistry, tenants: CollectorRegistry) -> None:
         self.finetune_tokens = Counter("harli_finetune_tokens_total",
                                        "Tokens trained (all jobs, redone steps included).",
                                        registry=r)
+        r = tenants
         self.job_tokens = Gauge("harli_job_tokens_trained", "Tokens trained by a job.",
                                 ["job"], registry=r)
         self.job_micro_steps = Gauge("harli_job_micro_steps", "Micro-steps done by a job.",
@@ -265,11 +295,17 @@ class Metrics:
             self._server.close()
             self._server = None
 
-    def page(self) -> MetricsPage:
+    def page(self, tenant_series: bool = True) -> MetricsPage:
         """The page ``/metrics`` serves, in Prometheus' text format (the control API's
-        ``GetMetrics``)."""
-        return MetricsPage(text=generate_latest(self.registry).decode(),
+        ``GetMetrics``); without the series that name tenants' jobs unless
+        ``tenant_series``."""
+        registry = self.registry if tenant_series else self.service
+        return MetricsPage(text=generate_latest(registry).decode(),
                            content_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+    def on_decode_exit(self) -> None:
+        if self.vllm is not None:
+            self.vllm.on_decode_exit()
 
     # -- feeding -----------------------------------------------------------------------------
 
@@ -284,7 +320,6 @@ class Metrics:
         self.decode_iteration_s.observe(t.end_s - t.start_s)
         self.kv_blocks_free.set(t.kv_blocks_free)
         self.kv_blocks_lent.set(t.kv_blocks_lent)
-        self.vllm.on_iteration(t)
 
     def on_token_latency(self, measured_s: float, predicted_s: float | None,
                          slo_s: float | None) -> None:
@@ -295,11 +330,9 @@ class Metrics:
         self.tpot_predicted_s.set(math.nan if predicted_s is None else predicted_s)
         self.tpot_headroom_s.set(math.nan if slo_s is None else slo_s - measured_s)
 
-    def on_idle(self, waiting: int = 0) -> None:
-        """No request runs in decode (``waiting`` wait in the daemon for a decode that is not
-        running): no iteration will update the gauges that describe the last one, so they
-        say so now instead of holding its values."""
-        self.vllm.on_idle(waiting)
+    def on_idle(self) -> None:
+        """No request runs in decode: no iteration will update the gauges that describe the
+        last one, so they say so now instead of holding its values."""
         if not self._tpot_idle:
             self._tpot_idle = True
             for g in (self.tpot_predicted_s, self.tpot_measured_s, self.tpot_headroom_s):

@@ -33,7 +33,6 @@ class Inflight:
     num_prompt_tokens: int | None = None
     first_token_s: float | None = None  # engine wall time of the first / latest token
     last_token_s: float | None = None
-    scheduled_s: float | None = None  # wall time vLLM first scheduled it (decode's report)
     lora: LoraTarget | None = None  # the adapter serving it (None: the base model)
 
     @property

@@ -270,11 +270,10 @@ def _first_line(e: BaseException) -> str:
     return "; ".join(lines[:3]) if lines else type(e).__name__
 
 
-def request_output(res: Any, scheduled_wall_s: float | None) -> RequestOutput:
+def request_output(res: Any) -> RequestOutput:
     """Our wire form of one vLLM ``RequestOutput`` (a generation model's, in DELTA form):
-    every completion it carries, and on the first the prompt's facts."""
+    every completion it carries, and the prompt's facts."""
     prompt_ids = list(res.prompt_token_ids or ())
-    first = res.prompt_logprobs is not None or scheduled_wall_s is not None
     return RequestOutput(
         rid=res.request_id,
         completions=[CompletionDelta(
@@ -284,9 +283,8 @@ def request_output(res: Any, scheduled_wall_s: float | None) -> RequestOutput:
             cumulative_logprob=c.cumulative_logprob) for c in res.outputs],
         finished=bool(res.finished),
         num_prompt_tokens=len(prompt_ids),
-        scheduled_wall_s=scheduled_wall_s,
         prompt_logprobs=prompt_logprobs(prompt_ids, res.prompt_logprobs),
-        num_cached_tokens=res.num_cached_tokens if first else None,
+        num_cached_tokens=res.num_cached_tokens,
     )
 
 
@@ -308,8 +306,6 @@ class DecodeEngine:
         self.scrubbed_bytes = 0  # zeroed on return from the finetune (``_zero_blocks``)
         self._aborted: list[str] = []
         self._batch: BatchStats | None = None
-        # rid -> unix time vLLM first scheduled it; None once its first output carried it.
-        self._scheduled_wall_s: dict[str, float | None] = {}
         self.loras_changed = False  # vLLM's set of loaded adapters changed since last asked
         self._init_engine()
         self._init_batch_capture()
@@ -319,14 +315,17 @@ class DecodeEngine:
         from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        from harli.decode_proc.stat_logger import LendingStatLogger
+
         self._validation_error = VLLMValidationError
         model_path = str(self.cfg.model_path)
         t0 = time.monotonic()
         _pin_gloo_to_loopback()
         with _private_rendezvous(self.cfg.runtime_dir):
             try:
-                self.llm = LLMEngine.from_engine_args(engine_args(self.cfg, model_path,
-                                                                  self._kv_cache_bytes))
+                self.llm = LLMEngine.from_engine_args(
+                    engine_args(self.cfg, model_path, self._kv_cache_bytes, log_stats=True),
+                    stat_loggers=[LendingStatLogger])
             except ValueError as e:
                 # vLLM validates its config (pydantic's ValidationError is a ValueError) and
                 # sizes the KV cache with ValueErrors: a setting no restart can fix.
@@ -340,6 +339,10 @@ class DecodeEngine:
                 "(set VLLM_ENABLE_V1_MULTIPROCESSING=0 before importing vllm)")
         self._scheduler = core.engine_core.scheduler
         self._block_pool = self._scheduler.kv_cache_manager.block_pool
+        for stat_logger in getattr(self.llm.logger_manager, "stat_loggers", ()):
+            if isinstance(stat_logger, LendingStatLogger):
+                stat_logger.count_lent(lambda: self.kv_blocks_lent,
+                                       int(self._block_pool.num_gpu_blocks) - 1)
         model_config = self.llm.model_config
         self.info = RuntimeInfo(
             model=model_path,
@@ -415,12 +418,6 @@ class DecodeEngine:
 
         def schedule(*args: Any, **kwargs: Any) -> Any:
             out = inner(*args, **kwargs)
-            if out.scheduled_new_reqs:
-                now = time.time()
-                for new in out.scheduled_new_reqs:
-                    # The first time only: a preempted request scheduled again has waited
-                    # already (vLLM's queue time ignores preemptions too).
-                    self._scheduled_wall_s.setdefault(self._rid_of(new.req_id), now)
             self._batch = self._batch_stats(out)
             return out
 
@@ -547,7 +544,6 @@ class DecodeEngine:
             self.llm.abort_request(live)
             for r in live:
                 self._live.discard(r)
-                self._scheduled_wall_s.pop(r, None)
             self._aborted.extend(live)
 
     def abort_all(self) -> None:
@@ -650,14 +646,9 @@ class DecodeEngine:
         end_s = time.monotonic()
         end_wall_s = time.time()
         for res in results:
-            rid = res.request_id
-            scheduled = self._scheduled_wall_s.get(rid)
             if res.finished:
-                self._live.discard(rid)
-                self._scheduled_wall_s.pop(rid, None)
-            elif scheduled is not None:
-                self._scheduled_wall_s[rid] = None  # told once
-            outputs.append(request_output(res, scheduled))
+                self._live.discard(res.request_id)
+            outputs.append(request_output(res))
         telemetry = None
         batch = self._batch
         if batch is not None:

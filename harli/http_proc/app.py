@@ -35,8 +35,9 @@ from harli.http_proc.json_text import lone_surrogate
 
 logger = logging.getLogger(__name__)
 
-# Answered without a key, as vllm serve answers them (a router probing health sends none).
-OPEN_PATHS = ("/health", "/ping", "/version", "/load")
+# Answered without a key, as vllm serve answers them (a router probing health or scraping
+# metrics sends none), unless http.open_probes is off.
+OPEN_PATHS = ("/health", "/ping", "/version", "/load", "/metrics")
 # Harli's own routes: OpenAI's error shapes (vLLM's elsewhere).
 HARLI_PREFIXES = ("/v1/files", "/v1/fine_tuning")
 
@@ -48,9 +49,11 @@ class Limits:
 
     def __init__(self, app: ASGIApp, keys: ApiKeys, max_body_bytes: int,
                  max_in_flight: int = 1 << 30,
-                 body_models: dict[str, type[BaseModel]] | None = None) -> None:
+                 body_models: dict[str, type[BaseModel]] | None = None,
+                 open_probes: bool = True) -> None:
         self.app = app
         self.keys = keys
+        self.open_paths = OPEN_PATHS if open_probes else ()
         self.max_body_bytes = max_body_bytes
         self.max_in_flight = max_in_flight
         self.in_flight = 0
@@ -64,16 +67,17 @@ class Limits:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
-        if scope["path"] in OPEN_PATHS:
+        owner = self.keys.owner(headers.get("authorization"))
+        if owner is not None:
+            scope.setdefault("state", {})["owner"] = owner
+        if scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
-        owner = self.keys.owner(headers.get("authorization"))
         if owner is None:
             await _send_error(send, ApiError(401, "invalid or missing API key: send "
                                              "`Authorization: Bearer KEY`",
                                              code="invalid_api_key"))
             return
-        scope.setdefault("state", {})["owner"] = owner
         if self.in_flight >= self.max_in_flight:
             await _send_error(send, ApiError(
                 429, f"{self.in_flight} requests in flight, the most this server takes "
@@ -236,14 +240,16 @@ def vllm_body_models() -> dict[str, type[BaseModel]]:
 
 
 def _daemon_metrics(app: FastAPI, link: DaemonLink) -> None:
-    """``/metrics`` is the daemon's page (vLLM's metric families as the engine's process
-    counts them, and Harli's), in place of this process's registry, which sees no engine."""
+    """``/metrics`` is the daemon's page (vLLM's metric families as decode's engine records
+    them, and Harli's), in place of this process's registry, which sees no engine. The
+    series that name tenants' jobs need a key (or no keys configured)."""
     app.router.routes[:] = [r for r in app.router.routes
                             if getattr(r, "path", None) != "/metrics"]
 
     @app.get("/metrics")
-    async def metrics() -> Any:
-        page = await link.control("metrics_page")
+    async def metrics(request: Request) -> Any:
+        keyed = "owner" in request.scope.get("state", {})
+        page = await link.control("metrics_page", tenant_series=keyed)
         return PlainTextResponse(page.text, media_type=page.content_type)
 
 

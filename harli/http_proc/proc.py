@@ -69,7 +69,8 @@ class HttpProc:
             # connections still sending their head.
             server = uvicorn.Server(server_config(
                 Limits(app, keys, self.cfg.http.max_body_bytes,
-                       self.cfg.http.max_concurrent_requests, vllm_body_models()),
+                       self.cfg.http.max_concurrent_requests, vllm_body_models(),
+                       self.cfg.http.open_probes),
                 limits, fd=self.listen_fd, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5, lifespan="on"))
             app.state.server = server  # vLLM's engine-error handler reads it

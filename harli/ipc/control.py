@@ -161,7 +161,10 @@ class ListModels(_Ctl, tag="list_models", frozen=True):
 
 class GetMetrics(_Ctl, tag="get_metrics", frozen=True):
     """The daemon's Prometheus page, the one its metrics port serves on ``/metrics``; for a
-    process that serves it on its own HTTP endpoint."""
+    process that serves it on its own HTTP endpoint. Without ``tenant_series``, the series
+    that name tenants' jobs (ids, tokens, losses) are left out: a page for whoever asks."""
+
+    tenant_series: bool = True
 
 
 ControlRequest = (AttachJob | ListJobs | ShowJob | CancelJob | PauseJob | ResumeJob | JobLogs

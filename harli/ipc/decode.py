@@ -123,23 +123,18 @@ class RequestOutput(_Internal, frozen=True):
     completions: list[CompletionDelta]
     finished: bool  # every completion has ended
     num_prompt_tokens: int
-    # Unix time vLLM's scheduler first put the request into a batch (its SCHEDULED event),
-    # carried by the request's first output only (None on the others): the end of its wait
-    # in the queue, which the daemon cannot see.
-    scheduled_wall_s: float | None = None
     # First output only, when asked: one per prompt token (None for the first).
     prompt_logprobs: list[TokenLogprob | None] | None = None
-    num_cached_tokens: int | None = None  # first output only
+    num_cached_tokens: int | None = None
 
     @classmethod
     def single(cls, rid: str, token_ids: list[int], text: str, finish_reason: str | None,
-               stop_reason: str | int | None, num_prompt_tokens: int,
-               scheduled_wall_s: float | None = None) -> RequestOutput:
+               stop_reason: str | int | None, num_prompt_tokens: int) -> RequestOutput:
         """The output of a request of one completion (finished when it has a reason)."""
         return cls(rid=rid, completions=[CompletionDelta(
             index=0, token_ids=token_ids, text=text, finish_reason=finish_reason,
             stop_reason=stop_reason)], finished=finish_reason is not None,
-            num_prompt_tokens=num_prompt_tokens, scheduled_wall_s=scheduled_wall_s)
+            num_prompt_tokens=num_prompt_tokens)
 
     @classmethod
     def ended(cls, rid: str, reason: str) -> RequestOutput:

@@ -144,7 +144,7 @@ def test_prometheus_metrics_for_decode_and_jobs(ft: LocalDaemon, ctl: ControlCli
     values = _scrape(url)
     deadline = time.monotonic() + 10
     m = 'engine="0",model_name="tiny"'  # the base model's directory name
-    while values[f"vllm:num_requests_running{{{m}}}"] != 0:  # the next loop turn resets it
+    while values[f"vllm:num_requests_running{{{m}}}"] != 0:  # vLLM's last step records 0
         assert time.monotonic() < deadline, "running requests never went back to 0"
         time.sleep(0.1)
         values = _scrape(url)
@@ -170,8 +170,13 @@ def test_prometheus_metrics_for_decode_and_jobs(ft: LocalDaemon, ctl: ControlCli
     for hist in ("time_to_first_token", "e2e_request_latency", "request_queue_time"):
         assert values[f"vllm:{hist}_seconds_count{{{m}}}"] >= 2, hist
     assert values[f"vllm:inter_token_latency_seconds_count{{{m}}}"] >= 6
-    (lora,) = [k for k in values if k.startswith("vllm:lora_requests_info{")]
-    assert 'max_lora="4"' in lora and values[lora] > 1e9
+    # vLLM keeps a series per combination of adapters seen, stamped with the time it was
+    # last true: a router reads the newest. The adapter ran; nothing runs now.
+    infos = [k for k in values if k.startswith("vllm:lora_requests_info{")]
+    assert any('running_lora_adapters="metrics"' in k for k in infos), infos
+    newest = max(infos, key=lambda k: values[k])
+    assert 'max_lora="4"' in newest and 'running_lora_adapters=""' in newest
+    assert values[newest] > 1e9
     assert not [k for k in values if k.startswith(("process_", "python_"))]
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(url.replace("/metrics", "/"), timeout=10)

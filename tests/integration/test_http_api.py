@@ -77,7 +77,11 @@ def test_models_list_and_the_daemon_status_name_the_url(api: Api) -> None:
                  "vllm:kv_cache_usage_perc", "vllm:lora_requests_info",
                  "vllm:time_to_first_token_seconds", "harli_finetune_quota_level"):
         assert f"\n{name}" in page.text or page.text.startswith(name), name
-    assert httpx.get(f"{api.base}/metrics").status_code == 401  # behind the key
+    # Open, as vllm serve's is (a router scrapes with no key), without the tenants' series.
+    open_page = httpx.get(f"{api.base}/metrics")
+    assert open_page.status_code == 200 and "vllm:num_requests_running" in open_page.text
+    assert "harli_job_" not in open_page.text and "harli_job_" in page.text
+    assert httpx.get(f"{api.base}/v1/models").status_code == 401  # the API is behind the key
 
 
 def test_completions_equal_the_native_protocol_greedy_output(api: Api) -> None:

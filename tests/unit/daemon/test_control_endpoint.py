@@ -110,14 +110,19 @@ class Harness:
         self.jobs = FakeJobs()
         self.policies: list[tuple[str, float | None]] = []
         self.refuse: str | None = None  # set_policy raises ValueError with this
+        self.pages: list[bool] = []  # tenant_series of each page asked for
         handlers = control_handlers(self.jobs, lambda: STATUS,  # type: ignore[arg-type]
-                                    self._set_policy, lambda: PAGE, models={
+                                    self._set_policy, self._page, models={
                                         ListModels: lambda m: ModelList(models=[]),
                                         AddAdapter: lambda m: Error(
                                             request_id=None, code="invalid", message=m.name),
                                         RemoveAdapter: lambda m: Error(
                                             request_id=None, code="not_found", message=m.name)})
         self.endpoint = ControlEndpoint(self.sock, LIMIT, handlers)
+
+    def _page(self, tenant_series: bool) -> MetricsPage:
+        self.pages.append(tenant_series)
+        return PAGE
 
     def _set_policy(self, spec: str, tpot_slo_ms: float | None) -> None:
         if self.refuse is not None:
@@ -146,7 +151,10 @@ def test_status_is_answered_with_the_daemon_status() -> None:
 
 
 def test_the_metrics_page_is_answered_with_the_page() -> None:
-    assert Harness().ask(GetMetrics()) == [PAGE]
+    h = Harness()
+    assert h.ask(GetMetrics()) == [PAGE]
+    assert h.ask(GetMetrics(tenant_series=False)) == [PAGE]
+    assert h.pages == [True, False]  # asked with the tenants' series, then without
 
 
 def test_a_policy_switch_is_applied_and_answered_with_the_status() -> None:
@@ -284,7 +292,7 @@ def test_the_metrics_page_round_trips_from_the_client_over_zmq(tmp_path: Any) ->
     from harli.client.control import ControlClient
     from harli.daemon.metrics import Metrics
 
-    metrics = Metrics("tiny")
+    metrics = Metrics()
     endpoint_url = f"ipc://{tmp_path}/control.sock"
     router = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -308,4 +316,4 @@ def test_the_metrics_page_round_trips_from_the_client_over_zmq(tmp_path: Any) ->
         router.close(0)
     (page,) = got
     assert page.content_type == "text/plain; version=0.0.4; charset=utf-8"
-    assert 'vllm:num_requests_running{engine="0",model_name="tiny"} 0.0' in page.text
+    assert "harli_decode_iterations_total 0.0" in page.text

@@ -1,14 +1,19 @@
-"""``Metrics`` and ``VllmMetrics``: vLLM's metric contract (names, types, labels, buckets), the
+"""``Metrics`` and ``DecodeVllmMetrics``: vLLM's families as decode's engine records them, the
 co-location gauges, and what an operator relies on: gauges that follow an idle decode, counters
-for counts, job series that go, no process metrics, and one HTTP path. No daemon, no process."""
+for counts across decode restarts, job series that go and stay off an open page, no process
+metrics, and one HTTP path. No daemon; a child process records as decode's vLLM does."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,34 +21,33 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harli.daemon.metrics import JOB_SERIES_KEEP_S, Metrics
 from harli.daemon.metrics_server import MetricsServer
-from harli.daemon.vllm_metrics import (
-    INTER_TOKEN_LATENCY_BUCKETS_S,
-    REQUEST_LATENCY_BUCKETS_S,
-    TIME_TO_FIRST_TOKEN_BUCKETS_S,
-    finished_reason,
-)
-from harli.ipc.decode import IterationTelemetry
 from harli.ipc.finetune import MicroStepReport, ValidationScore
 
 MODEL = {"model_name": "tiny", "engine": "0"}
 
-# vLLM 0.32's PrometheusStatLogger: family name (as prometheus-client reports it, without
-# _total) -> (type, label names).
-VLLM_CONTRACT = {
-    "vllm:num_requests_running": ("gauge", {"model_name", "engine"}),
-    "vllm:num_requests_waiting": ("gauge", {"model_name", "engine"}),
-    "vllm:kv_cache_usage_perc": ("gauge", {"model_name", "engine"}),
-    "vllm:lora_requests_info": ("gauge", {"max_lora", "waiting_lora_adapters",
-                                          "running_lora_adapters"}),
-    "vllm:num_preemptions": ("counter", {"model_name", "engine"}),
-    "vllm:prompt_tokens": ("counter", {"model_name", "engine"}),
-    "vllm:generation_tokens": ("counter", {"model_name", "engine"}),
-    "vllm:request_success": ("counter", {"model_name", "engine", "finished_reason"}),
-    "vllm:time_to_first_token_seconds": ("histogram", {"model_name", "engine"}),
-    "vllm:inter_token_latency_seconds": ("histogram", {"model_name", "engine"}),
-    "vllm:e2e_request_latency_seconds": ("histogram", {"model_name", "engine"}),
-    "vllm:request_queue_time_seconds": ("histogram", {"model_name", "engine"}),
-}
+# What decode's vLLM stat logger does in its process: prometheus-client in multiprocess mode,
+# a gauge in vLLM's "mostrecent" mode, a counter and a histogram with vLLM's label names.
+_DECODE = """
+import os, sys
+from prometheus_client import Counter, Gauge, Histogram
+labels = ["model_name", "engine"]
+Gauge("vllm:num_requests_running", "Running.", labels,
+      multiprocess_mode="mostrecent").labels("tiny", "0").set(float(sys.argv[1]))
+Counter("vllm:prompt_tokens", "Prompt tokens.", labels).labels("tiny", "0").inc(
+    float(sys.argv[2]))
+Histogram("vllm:time_to_first_token_seconds", "TTFT.", labels,
+          buckets=[0.1, 1.0]).labels("tiny", "0").observe(0.5)
+Counter("not_vllm_thing", "Another library's.").inc()
+print(os.getpid())
+"""
+
+
+def decode_records(path: Path, running: int, prompt_tokens: int) -> int:
+    """A process that records as decode's engine does, into ``path``; its pid."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(path)}
+    out = subprocess.run([sys.executable, "-c", _DECODE, str(running), str(prompt_tokens)],
+                         env=env, check=True, capture_output=True, text=True)
+    return int(out.stdout)
 
 
 @dataclass
@@ -51,15 +55,6 @@ class FakeChild:
     name: str
     restarts: int = 0
     forced_restarts: int = 0
-
-
-def telemetry(**kw: Any) -> IterationTelemetry:
-    fields: dict[str, Any] = {
-        "incarnation": 1, "iteration": 1, "start_s": 10.0, "end_s": 10.01, "num_running": 3,
-        "num_waiting": 2, "decode_tokens": 3, "prefill_tokens": 0, "context_tokens": 30,
-        "kv_blocks_total": 101, "kv_blocks_free": 60, "kv_blocks_lent": 20}
-    fields.update(kw)
-    return IterationTelemetry(**fields)
 
 
 def families(m: Metrics) -> dict[str, Any]:
@@ -70,124 +65,67 @@ def value(m: Metrics, name: str, **labels: str) -> float | None:
     return m.registry.get_sample_value(name, labels)
 
 
-def test_the_vllm_contract_is_there_with_vllms_types_and_label_names() -> None:
-    fams = families(Metrics("tiny", max_loras=4))
-    for name, (kind, labels) in VLLM_CONTRACT.items():
-        assert name in fams, name
-        assert fams[name].type == kind, name
-        sample_labels = {k for s in fams[name].samples for k in s.labels} - {"le"}
-        assert sample_labels == labels, name
+def test_decodes_vllm_families_are_on_the_page_as_recorded(tmp_path: Path) -> None:
+    decode_records(tmp_path, running=9, prompt_tokens=100)  # a previous daemon's decode
+    m = Metrics(tmp_path)
+    assert not list(tmp_path.glob("*.db"))  # a daemon starts on an empty directory
+    assert "vllm:prompt_tokens" not in families(m)
+    decode_records(tmp_path, running=3, prompt_tokens=7)
+    fams = families(m)
+    assert fams["vllm:num_requests_running"].type == "gauge"
+    assert fams["vllm:prompt_tokens"].type == "counter"
+    assert fams["vllm:time_to_first_token_seconds"].type == "histogram"
+    assert value(m, "vllm:num_requests_running", **MODEL) == 3
+    assert value(m, "vllm:prompt_tokens_total", **MODEL) == 7
+    assert value(m, "vllm:time_to_first_token_seconds_bucket", le="1.0", **MODEL) == 1
+    assert "not_vllm_thing" not in fams  # decode's process may hold others: not ours to serve
+    names = {f.name for f in text_string_to_metric_families(m.page().text)}
+    assert {"vllm:num_requests_running", "vllm:prompt_tokens"} <= names
 
 
-def test_the_histograms_have_vllms_buckets() -> None:
-    fams = families(Metrics("tiny"))
-
-    def bounds(name: str) -> tuple[float, ...]:
-        return tuple(float(s.labels["le"]) for s in fams[name].samples
-                     if s.name.endswith("_bucket") and s.labels["le"] != "+Inf")
-
-    assert bounds("vllm:time_to_first_token_seconds") == TIME_TO_FIRST_TOKEN_BUCKETS_S
-    assert bounds("vllm:inter_token_latency_seconds") == INTER_TOKEN_LATENCY_BUCKETS_S
-    assert bounds("vllm:e2e_request_latency_seconds") == REQUEST_LATENCY_BUCKETS_S
-    assert bounds("vllm:request_queue_time_seconds") == REQUEST_LATENCY_BUCKETS_S
+def test_across_decode_restarts_counts_add_up_and_gauges_go_with_their_decode(
+        tmp_path: Path) -> None:
+    m = Metrics(tmp_path)
+    decode_records(tmp_path, running=3, prompt_tokens=7)
+    m.on_decode_exit()
+    assert value(m, "vllm:num_requests_running", **MODEL) is None  # no engine runs now
+    assert value(m, "vllm:prompt_tokens_total", **MODEL) == 7  # a counter never goes back
+    decode_records(tmp_path, running=1, prompt_tokens=5)
+    assert value(m, "vllm:num_requests_running", **MODEL) == 1
+    assert value(m, "vllm:prompt_tokens_total", **MODEL) == 12
+    assert value(m, "vllm:time_to_first_token_seconds_count", **MODEL) == 2
 
 
 def test_the_page_parses_and_names_the_counters_with_total() -> None:
-    m = Metrics("tiny", max_loras=4)
+    m = Metrics()
     m.watch_children([FakeChild("decode")])
     m.predictor_drift.read((), lambda: 0.0)
     m.on_slo_tokens(1, 1)
     page = m.page()
     assert page.content_type == "text/plain; version=0.0.4; charset=utf-8"
     names = {s.name for f in text_string_to_metric_families(page.text) for s in f.samples}
-    assert {"vllm:num_preemptions_total", "vllm:prompt_tokens_total",
-            "vllm:generation_tokens_total", "vllm:request_success_total",
-            "harli_child_restarts_total", "harli_child_forced_restarts_total",
+    assert {"harli_child_restarts_total", "harli_child_forced_restarts_total",
             "harli_predictor_drift_events_total", "harli_slo_tokens_total",
             "harli_slo_tokens_within_total"} <= names
 
 
-def test_no_lora_info_with_lora_off() -> None:
-    assert "vllm:lora_requests_info" not in families(Metrics("tiny", max_loras=None))
+def test_a_page_without_tenant_series_names_no_job() -> None:
+    m = Metrics()
+    m.on_micro_step(micro_step(41, 1))
+    full = m.page().text
+    open_page = m.page(tenant_series=False).text
+    assert 'job="41"' in full and "harli_job_loss" in full
+    assert 'job="41"' not in open_page and "harli_job_" not in open_page
+    assert "harli_finetune_tokens_total" in open_page  # the service's own counts stay
 
 
 def test_no_process_or_platform_metrics() -> None:
-    names = [f.name for f in Metrics("tiny", max_loras=4).registry.collect()]
+    names = [f.name for f in Metrics().registry.collect()]
     assert not [n for n in names if n.startswith(("process_", "python_", "platform_"))]
 
 
-def test_an_iteration_sets_the_engine_gauges_and_idle_resets_them() -> None:
-    m = Metrics("tiny", max_loras=4)
-    m.on_iteration(telemetry(preempted=2))
-    assert value(m, "vllm:num_requests_running", **MODEL) == 3
-    assert value(m, "vllm:num_requests_waiting", **MODEL) == 2
-    # 100 usable blocks (vLLM's null block apart), 60 free, 20 lent: 20 held by requests.
-    assert value(m, "vllm:kv_cache_usage_perc", **MODEL) == pytest.approx(0.2)
-    assert value(m, "vllm:num_preemptions_total", **MODEL) == 2
-    m.on_idle()
-    assert value(m, "vllm:num_requests_running", **MODEL) == 0
-    assert value(m, "vllm:num_requests_waiting", **MODEL) == 0
-    assert value(m, "vllm:kv_cache_usage_perc", **MODEL) == 0
-    assert value(m, "vllm:num_preemptions_total", **MODEL) == 2  # a counter stays
-
-
-def test_requests_waiting_for_a_restarting_decode_count_as_waiting() -> None:
-    m = Metrics("tiny")
-    m.on_iteration(telemetry())
-    m.on_idle(waiting=5)
-    assert value(m, "vllm:num_requests_running", **MODEL) == 0
-    assert value(m, "vllm:num_requests_waiting", **MODEL) == 5
-    m.on_iteration(telemetry(num_running=1, num_waiting=0))
-    assert value(m, "vllm:num_requests_running", **MODEL) == 1
-
-
-def lora_series(m: Metrics) -> list[tuple[dict[str, str], float]]:
-    return [(s.labels, s.value) for s in families(m)["vllm:lora_requests_info"].samples]
-
-
-def test_lora_info_names_the_adapters_running_and_waiting_in_one_series() -> None:
-    m = Metrics("tiny", max_loras=4)
-    m.on_iteration(telemetry(running_lora_adapters=["a", "b"], waiting_lora_adapters=["c"]))
-    ((labels, stamp),) = lora_series(m)
-    assert labels == {"max_lora": "4", "running_lora_adapters": "a,b",
-                      "waiting_lora_adapters": "c"}
-    assert stamp > 1e9  # a unix time, as vLLM sets it: the router takes the latest series
-    m.on_iteration(telemetry(running_lora_adapters=["c"]))
-    ((labels, _),) = lora_series(m)  # the old combination is gone
-    assert labels["running_lora_adapters"] == "c" and labels["waiting_lora_adapters"] == ""
-    m.on_idle()
-    ((labels, _),) = lora_series(m)
-    assert labels["running_lora_adapters"] == labels["waiting_lora_adapters"] == ""
-
-
-def test_vllm_request_metrics() -> None:
-    m = Metrics("tiny")
-    v = m.vllm
-    v.on_first_token(0.05, prompt_tokens=7)
-    v.on_token_gap(0.02)
-    v.on_generated(3)
-    v.on_finished("length", e2e_s=0.4, queue_s=0.01)
-    v.on_finished("shutdown", e2e_s=0.5, queue_s=None)  # the daemon's own end: an abort
-    assert value(m, "vllm:prompt_tokens_total", **MODEL) == 7
-    assert value(m, "vllm:generation_tokens_total", **MODEL) == 3
-    assert value(m, "vllm:time_to_first_token_seconds_count", **MODEL) == 1
-    assert value(m, "vllm:inter_token_latency_seconds_sum", **MODEL) == pytest.approx(0.02)
-    assert value(m, "vllm:request_success_total", finished_reason="length", **MODEL) == 1
-    assert value(m, "vllm:request_success_total", finished_reason="abort", **MODEL) == 1
-    assert value(m, "vllm:request_success_total", finished_reason="stop", **MODEL) == 0
-    assert value(m, "vllm:e2e_request_latency_seconds_count", **MODEL) == 2
-    assert value(m, "vllm:request_queue_time_seconds_count", **MODEL) == 1  # never scheduled
-
-
-@pytest.mark.parametrize(("reason", "vllm"), [
-    ("stop", "stop"), ("length", "length"), ("abort", "abort"), ("error", "error"),
-    ("shutdown", "abort"), ("adapter_removed", "abort")])
-def test_finished_reasons_are_vllms(reason: str, vllm: str) -> None:
-    assert finished_reason(reason) == vllm
-
-
 def test_token_latency_gauges_and_headroom_then_nan_when_idle() -> None:
-    m = Metrics("tiny")
+    m = Metrics()
     assert math.isnan(value(m, "harli_tpot_measured_seconds") or 0.0)
     m.on_token_latency(0.012, predicted_s=0.015, slo_s=0.02)
     assert value(m, "harli_tpot_measured_seconds") == 0.012
@@ -203,7 +141,7 @@ def test_token_latency_gauges_and_headroom_then_nan_when_idle() -> None:
 
 
 def test_slo_attainment_is_two_counters_of_each_kind() -> None:
-    m = Metrics("tiny")
+    m = Metrics()
     m.on_slo_tokens(10, 9)
     m.on_slo_tokens(5, 5)
     m.on_slo_request(within=True)
@@ -216,7 +154,7 @@ def test_slo_attainment_is_two_counters_of_each_kind() -> None:
 
 
 def test_restarts_are_counters_read_at_scrape_time() -> None:
-    m = Metrics("tiny")
+    m = Metrics()
     child = FakeChild("decode")
     m.watch_children([child])
     assert families(m)["harli_child_restarts"].type == "counter"
@@ -226,7 +164,7 @@ def test_restarts_are_counters_read_at_scrape_time() -> None:
 
 
 def test_drift_events_are_a_counter() -> None:
-    m = Metrics("tiny")
+    m = Metrics()
     events = [0]
     m.predictor_drift.read((), lambda: float(events[0]))
     events[0] = 2
@@ -246,7 +184,7 @@ def job_series(m: Metrics, job: str) -> list[str]:
 
 
 def test_a_jobs_series_go_a_while_after_it_ends() -> None:
-    m = Metrics("tiny")
+    m = Metrics()
     m.on_micro_step(micro_step(1, 5))
     m.on_validation(1, ValidationScore(loss=1.2, accuracy=0.5, examples=3, tokens=30,
                                        duration_s=0.1))
@@ -267,7 +205,7 @@ def test_a_jobs_series_go_a_while_after_it_ends() -> None:
 
 @pytest.fixture
 def server() -> Iterator[str]:
-    m = Metrics("tiny")
+    m = Metrics()
     s = MetricsServer(m.registry, "127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{s.port}"
@@ -286,7 +224,7 @@ def fetch(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
 
 def test_metrics_are_on_metrics_only(server: str) -> None:
     status, headers, body = fetch(server + "/metrics")
-    assert status == 200 and b"vllm:num_requests_running" in body
+    assert status == 200 and b"harli_decode_iterations_total" in body
     assert headers["Content-Type"].startswith("text/plain")
     for path in ("/", "/health", "/metrics/x", "/v1/models"):
         status, _, body = fetch(server + path)

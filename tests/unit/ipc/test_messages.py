@@ -76,7 +76,7 @@ CASES: list[tuple[object, msgspec.Struct]] = [
     (DecodeToDaemon, Ready(incarnation=2, pid=3, info=INFO)),
     (DecodeToDaemon, StepOutputs(incarnation=1, iteration=4, end_wall_s=2.0, outputs=[
         RequestOutput.single(rid="r1", token_ids=[5], text="t", finish_reason=None,
-                             stop_reason=None, num_prompt_tokens=2, scheduled_wall_s=1.75)],
+                             stop_reason=None, num_prompt_tokens=2)],
         rejected=[RequestRejected(rid="r2", message="no")])),
     (DecodeToDaemon, Fatal(incarnation=1, error="e", traceback="tb")),
     (IterationTelemetry, IterationTelemetry(
