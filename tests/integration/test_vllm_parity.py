@@ -4,8 +4,9 @@ configuration fingerprint aside).
 
 Every field of vLLM's completion and chat requests that changes an answer on this model is
 sent at a non-default value, one at a time, plus errors, streams, ``n`` > 1, logprobs,
-structured outputs, tools, the adapter, and tokenize / detokenize. Accepted differences, each
-with its reason, are in ``DIFFERENCES``.
+structured outputs, tools, the adapter, and tokenize / detokenize; and the Responses API
+(``/v1/responses``: its inputs, sampling, text formats, the adapter, its event stream, errors
+and retrieval). Accepted differences, each with its reason, are in ``DIFFERENCES``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.multiproc, pytest.mark.slow]
 
 ADAPTER = "digits"
 # Keys whose values are per response (ids, clocks) or per server configuration.
-VOLATILE = {"id", "created", "system_fingerprint", "created_at"}
+# ``item_id``: a Responses stream's events name their output item (msg_...) by it.
+VOLATILE = {"id", "created", "system_fingerprint", "created_at", "item_id"}
 
 # Where Harli answers differently on purpose; the reason is the value.
 DIFFERENCES = {
@@ -60,6 +62,45 @@ class Servers:
             assert events[-1] == "[DONE]", (name, events[-3:])
             out[name] = [normalize(json.loads(e)) for e in events[:-1]]
         return out
+
+    def events(self, path: str, body: dict[str, Any]) -> dict[str, list[Any]]:
+        """A Responses stream's events (``event: TYPE`` then ``data: JSON``; no ``[DONE]``),
+        each its type and its data normalized."""
+        out = {}
+        for name, base in self.base.items():
+            with self.http.stream("POST", base + path, json=body) as r:
+                assert r.status_code == 200, (name, r.read())
+                lines = [line for line in r.iter_lines() if line]
+            events = []
+            for kind, data in zip(lines[::2], lines[1::2], strict=True):
+                assert kind.startswith("event: ") and data.startswith("data: "), (kind, data)
+                event = json.loads(data[6:])
+                assert event["type"] == kind[7:], (name, kind, event)
+                events.append(normalize(event))
+            out[name] = _merge_deltas(events)
+        return out
+
+
+def _merge_deltas(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A Responses stream with each run of ``*.delta`` events of one content part as one
+    event, numbered again. How a completion's tokens split into deltas is timing in vllm
+    serve: its ``AsyncLLM`` merges the engine's outputs that reach the front while its serving
+    layer is still busy with an earlier one (``RequestOutputCollector``), which the event
+    builder of the Responses API, slower than chat's, makes likely on a loaded machine; the
+    text, the logprobs and every other event must be the same."""
+    out: list[dict[str, Any]] = []
+    for event in events:
+        last = out[-1] if out else None
+        if (last is not None and event["type"].endswith(".delta")
+                and event["type"] == last["type"]
+                and all(event.get(k) == last.get(k) for k in ("output_index", "content_index"))):
+            merged = {**last, "delta": last["delta"] + event["delta"]}
+            if "logprobs" in event:
+                merged["logprobs"] = (last.get("logprobs") or []) + (event["logprobs"] or [])
+            out[-1] = merged
+        else:
+            out.append(event)
+    return [{**e, "sequence_number": i} for i, e in enumerate(out)]
 
 
 def normalize(value: Any) -> Any:
@@ -196,6 +237,50 @@ ERROR_CASES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+INPUT = [{"role": "user", "content": "one two three"}]
+JSON_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+RESPONSES_CASES: list[dict[str, Any]] = [
+    {},
+    {"input": INPUT, "instructions": "You count."},
+    {"input": [{"role": "developer", "content": "You count."},
+               {"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "one two"}]}]},
+    {"max_output_tokens": 4},
+    {"temperature": 0.9, "seed": 7},
+    {"top_p": 0.5, "temperature": 1.0, "seed": 7},
+    {"include": ["message.output_text.logprobs"], "top_logprobs": 2},
+    {"text": {"format": {"type": "json_schema", "name": "n", "schema": JSON_SCHEMA}},
+     "max_output_tokens": 24},
+    {"text": {"format": {"type": "json_object"}}, "max_output_tokens": 24},
+    {"top_k": 5, "temperature": 1.0, "seed": 2},
+    {"repetition_penalty": 1.4},
+    {"stop": ["e"]},
+    {"structured_outputs": {"choice": ["yes", "no"]}},
+    {"input": [{"type": "message", "role": "user", "content": "one"},
+               {"type": "message", "role": "assistant",
+                "content": [{"type": "output_text", "text": "two", "annotations": []}]},
+               {"role": "user", "content": "three"}]},
+    {"tools": [{"type": "function", "name": "f", "parameters": {
+        "type": "object", "properties": {}}}], "tool_choice": "none"},
+    {"reasoning": {"effort": "low"}, "enable_response_messages": True},
+    {"model": ADAPTER},
+    {"model": ADAPTER, "include": ["message.output_text.logprobs"], "top_logprobs": 2},
+    {"store": False, "metadata": {"k": "v"}, "user": "someone"},
+]
+
+RESPONSES_ERROR_CASES: list[dict[str, Any]] = [
+    {"model": "nope"},
+    {"max_output_tokens": "many"},
+    {"temperature": -1},
+    {"max_output_tokens": 100000},
+    {"include": ["message.output_text.logprobs"], "top_logprobs": 50},
+    {"input": []},
+    {"previous_response_id": "resp_nothing"},
+    {"store": True, "background": True},
+]
+
+
 def _ids(name: str, i: int, case: dict[str, Any]) -> str:
     return f"{name}-{i}-" + ",".join(sorted(case)) if case else f"{name}-{i}-plain"
 
@@ -283,3 +368,59 @@ def test_prompt_logprobs_are_refused_where_vllm_serve_would_die(servers: Servers
     assert r.status_code == 400 and "prompt_logprobs" in r.json()["error"]["message"]
     assert servers.both("POST", "/v1/completions", {"model": servers.model, "prompt": "hi",
                                                     "max_tokens": 2})["harli"].status_code == 200
+
+
+@pytest.mark.parametrize("case", RESPONSES_CASES,
+                         ids=[_ids("resp", i, c) for i, c in enumerate(RESPONSES_CASES)])
+def test_responses_equal(servers: Servers, case: dict[str, Any]) -> None:
+    body = {"model": servers.model, "input": PROMPT, "max_output_tokens": 10,
+            "temperature": 0.0, **case}
+    got = servers.both("POST", "/v1/responses", body)
+    assert got["harli"].status_code == got["vllm"].status_code == 200, \
+        {k: r.text[:400] for k, r in got.items()}
+    assert_same(got["harli"].json(), got["vllm"].json())
+
+
+@pytest.mark.parametrize("case", RESPONSES_ERROR_CASES,
+                         ids=[_ids("resp-error", i, c)
+                              for i, c in enumerate(RESPONSES_ERROR_CASES)])
+def test_responses_errors_equal(servers: Servers, case: dict[str, Any]) -> None:
+    body = {"model": servers.model, "input": PROMPT, "max_output_tokens": 4, **case}
+    got = servers.both("POST", "/v1/responses", body)
+    assert got["harli"].status_code == got["vllm"].status_code != 200, \
+        {k: r.text[:400] for k, r in got.items()}
+    assert_same(got["harli"].json(), got["vllm"].json())
+
+
+def test_responses_streams_equal_event_for_event(servers: Servers) -> None:
+    for body in ({"input": MESSAGES[1:], "instructions": "You count.", "max_output_tokens": 8,
+                  "temperature": 0.0},
+                 {"input": PROMPT, "max_output_tokens": 6, "temperature": 1.0, "seed": 3,
+                  "model": ADAPTER, "include": ["message.output_text.logprobs"],
+                  "top_logprobs": 1}):
+        got = servers.events("/v1/responses", {"model": servers.model, "stream": True, **body})
+        assert got["harli"][-1]["type"] == "response.completed", got["harli"][-1]
+        assert_same(got["harli"], got["vllm"])
+
+
+def test_responses_retrieve_equal(servers: Servers) -> None:
+    """vLLM stores no response unless VLLM_ENABLE_RESPONSES_API_STORE is set (neither server
+    sets it): ``store`` (true by default) is ignored, and retrieving the response it made is
+    the same 404 in both."""
+    made = servers.both("POST", "/v1/responses", {"model": servers.model, "input": PROMPT,
+                                                  "max_output_tokens": 2})
+    got = {}
+    for name, r in made.items():
+        assert r.status_code == 200, (name, r.text)
+        rid = r.json()["id"]
+        assert rid.startswith("resp_"), rid
+        again = servers.http.get(f"{servers.base[name]}/v1/responses/{rid}")
+        got[name] = (again.status_code, json.loads(again.text.replace(rid, "RID")))
+    assert got["harli"][0] == got["vllm"][0] == 404, got
+    assert_same(got["harli"][1], got["vllm"][1])
+    for path in ("/v1/responses/resp_nothing", "/v1/responses/resp_nothing/cancel"):
+        method = "POST" if path.endswith("cancel") else "GET"
+        pair = servers.both(method, path)
+        assert pair["harli"].status_code == pair["vllm"].status_code, \
+            {k: r.text[:400] for k, r in pair.items()}
+        assert_same(pair["harli"].json(), pair["vllm"].json())
