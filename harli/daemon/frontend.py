@@ -233,7 +233,8 @@ class Frontend:
                     index=c.index, finished=out.finished and k == last,
                     cumulative_logprob=c.cumulative_logprob,
                     prompt_logprobs=out.prompt_logprobs if k == 0 else None,
-                    num_cached_tokens=out.num_cached_tokens)))
+                    num_cached_tokens=out.num_cached_tokens,
+                    num_cache_creation_tokens=out.num_cache_creation_tokens)))
         if gaps_s:
             self.observer.on_tokens(gaps_s)  # once per iteration: the policy's budget too
         for client, parts in frames.items():

@@ -285,6 +285,7 @@ def request_output(res: Any) -> RequestOutput:
         num_prompt_tokens=len(prompt_ids),
         prompt_logprobs=prompt_logprobs(prompt_ids, res.prompt_logprobs),
         num_cached_tokens=res.num_cached_tokens,
+        num_cache_creation_tokens=res.num_cache_creation_tokens,
     )
 
 

@@ -155,6 +155,7 @@ class DaemonEngineClient(EngineClient):
         gathered: dict[int, _Gathered] = {}
         prompt_logprobs: Any = None
         num_cached: int | None = None
+        num_created: int | None = None
         # Unique on the daemon's link: vLLM's ids come from the client (X-Request-Id).
         wire_id = f"{self._prefix}-{next(self._ids)}"
         ended = False
@@ -166,16 +167,19 @@ class DaemonEngineClient(EngineClient):
                     prompt_logprobs = _prompt_logprobs(chunk.prompt_logprobs)
                 if chunk.num_cached_tokens is not None:
                     num_cached = chunk.num_cached_tokens
+                if chunk.num_cache_creation_tokens is not None:
+                    num_created = chunk.num_cache_creation_tokens
                 ended = chunk.finished
                 if final_only:
                     gathered.setdefault(chunk.index, _Gathered(chunk.index)).add(chunk)
                     if chunk.finished:
                         yield self._output(request_id, text, prompt_ids, prompt_logprobs,
                                            [g.out for _, g in sorted(gathered.items())],
-                                           True, num_cached, lora_request)
+                                           True, num_cached, num_created, lora_request)
                     continue
                 yield self._output(request_id, text, prompt_ids, prompt_logprobs,
-                                   [_delta(chunk)], chunk.finished, num_cached, lora_request)
+                                   [_delta(chunk)], chunk.finished, num_cached, num_created,
+                                   lora_request)
                 prompt_logprobs = None  # with the first output only, as vLLM sends it
         except RequestError as e:
             ended = True  # the daemon ended it
@@ -203,11 +207,13 @@ class DaemonEngineClient(EngineClient):
     @staticmethod
     def _output(request_id: str, prompt: str | None, prompt_ids: list[int],
                 prompt_logprobs: Any, outputs: list[CompletionOutput], finished: bool,
-                num_cached: int | None, lora_request: LoRARequest | None) -> RequestOutput:
+                num_cached: int | None, num_created: int | None,
+                lora_request: LoRARequest | None) -> RequestOutput:
         return RequestOutput(request_id=request_id, prompt=prompt, prompt_token_ids=prompt_ids,
                              prompt_logprobs=prompt_logprobs, outputs=outputs,
                              finished=finished, lora_request=lora_request,
-                             num_cached_tokens=num_cached)
+                             num_cached_tokens=num_cached,
+                             num_cache_creation_tokens=num_created)
 
     def encode(self, *args: Any, **kwargs: Any) -> Any:
         raise VLLMValidationError("this server runs a generation model: no pooling requests")

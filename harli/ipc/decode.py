@@ -126,6 +126,8 @@ class RequestOutput(_Internal, frozen=True):
     # First output only, when asked: one per prompt token (None for the first).
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int | None = None
+    # Prompt tokens computed and written to the prefix cache (vLLM's count).
+    num_cache_creation_tokens: int | None = None
 
     @classmethod
     def single(cls, rid: str, token_ids: list[int], text: str, finish_reason: str | None,

@@ -145,6 +145,8 @@ class Chunk(_Public, tag="chunk", frozen=True):
     prompt_logprobs: list[TokenLogprob | None] | None = None
     # Prompt tokens whose KV vLLM found in its prefix cache (first chunk).
     num_cached_tokens: int | None = None
+    # Prompt tokens vLLM computed and wrote to its prefix cache (first chunk).
+    num_cache_creation_tokens: int | None = None
 
 
 class Error(_Public, tag="error", frozen=True):

@@ -424,3 +424,20 @@ def test_responses_retrieve_equal(servers: Servers) -> None:
         assert pair["harli"].status_code == pair["vllm"].status_code, \
             {k: r.text[:400] for k, r in pair.items()}
         assert_same(pair["harli"].json(), pair["vllm"].json())
+
+
+def test_responses_cached_tokens_equal(servers: Servers) -> None:
+    """The Responses API reports the prompt's prefix cache use (``usage.input_tokens_details``:
+    ``cache_write_tokens``, the prompt's whole KV blocks computed and written, 128 tokens each
+    on CPU; ``cached_tokens``, those found): a prompt past one block, sent twice, writes its
+    blocks then reads them, in both alike."""
+    body = {"model": servers.model, "input": " ".join([PROMPT] * 24), "max_output_tokens": 2,
+            "temperature": 0.0}
+    for _ in range(2):
+        got = servers.both("POST", "/v1/responses", body)
+        assert got["harli"].status_code == got["vllm"].status_code == 200, \
+            {k: r.text[:400] for k, r in got.items()}
+        assert_same(got["harli"].json(), got["vllm"].json())
+        details = got["vllm"].json()["usage"]["input_tokens_details"]
+        assert details["cache_write_tokens"] + details["cached_tokens"] > 0, details
+    assert details["cached_tokens"] > 0, details
