@@ -7,6 +7,11 @@ status and quota requests to the daemon) and replies. A request answered later (
 validation runs on a worker thread) is kept as a future and replied to from the daemon's loop
 once it is done. Malformed, unknown or oversized messages get a typed ``Error``; nothing a
 client sends stops the loop.
+
+A request's frames before its payload (after the client's identity) are its envelope, echoed
+on its reply: a client that sends a request id there (``ControlClient``,
+``AsyncControlClient``) matches replies to requests with it, so many may be in flight on one
+connection and a late reply is never taken for another's.
 """
 
 from __future__ import annotations
@@ -84,31 +89,33 @@ class ControlEndpoint:
         self.max_message_bytes = max_message_bytes
         self.handlers = dict(handlers)
         self._decoder: Decoder[ControlRequest] = Decoder(ControlRequest)
-        self._pending: list[tuple[bytes, Future[Reply]]] = []
+        # (identity and envelope, the answer to come)
+        self._pending: list[tuple[list[bytes], Future[Reply]]] = []
 
     def drain(self) -> None:
-        for client, _, payload in router_batch(self.sock):
+        for _, frames, payload in router_batch(self.sock):
+            route = frames[:-1]
             reply = self._answer(payload)
             if isinstance(reply, Future):
-                self._pending.append((client, reply))
+                self._pending.append((route, reply))
             else:
-                self._reply(client, reply)
+                self._reply(route, reply)
 
     def reply_done(self) -> None:
         """Reply to deferred requests whose work has finished."""
         if not self._pending:
             return
         still = []
-        for client, fut in self._pending:
+        for route, fut in self._pending:
             if not fut.done():
-                still.append((client, fut))
+                still.append((route, fut))
                 continue
             try:
                 reply = fut.result()
             except Exception as e:
                 logger.exception("[control] attach failed")
                 reply = Error(request_id=None, code=ErrorCode.INTERNAL, message=repr(e))
-            self._reply(client, reply)
+            self._reply(route, reply)
         self._pending = still
 
     def _answer(self, payload: bytes) -> Reply | Future[Reply]:
@@ -134,8 +141,8 @@ class ControlEndpoint:
             return Error(request_id=None, code=ErrorCode.INTERNAL,
                          message="internal error; see the daemon log")
 
-    def _reply(self, client: bytes, reply: Reply) -> None:
+    def _reply(self, route: list[bytes], reply: Reply) -> None:
         try:
-            self.sock.send_multipart([client, encode(reply)], zmq.NOBLOCK)
+            self.sock.send_multipart([*route, encode(reply)], zmq.NOBLOCK)
         except zmq.ZMQError as e:
             logger.warning("[control] could not reply: %s", e)

@@ -28,10 +28,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from harli.config import HarliConfig
 from harli.http_proc.auth import ApiKeys
 from harli.http_proc.daemon_link import DaemonLink
+from harli.http_proc.deps import HttpState
 from harli.http_proc.errors import ApiError, error_body
 from harli.http_proc.files import router as files_router
 from harli.http_proc.fine_tuning import router as fine_tuning_router
 from harli.http_proc.json_text import lone_surrogate
+from harli.ipc.control import GetMetrics, MetricsPage
 
 logger = logging.getLogger(__name__)
 
@@ -170,14 +172,6 @@ async def _send_error(send: Send, e: ApiError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class HttpState:
-    """What Harli's routes share: the configuration and the daemon link."""
-
-    def __init__(self, cfg: HarliConfig, link: DaemonLink | Any) -> None:
-        self.cfg = cfg
-        self.link = link
-
-
 def serve_args(cfg: HarliConfig, served_name: str) -> Any:
     """``vllm serve``'s arguments for the application: the model and its served name (the
     engine settings are the decode process's, ``harli.vllm_args``)."""
@@ -249,7 +243,7 @@ def _daemon_metrics(app: FastAPI, link: DaemonLink) -> None:
     @app.get("/metrics")
     async def metrics(request: Request) -> Any:
         keyed = "owner" in request.scope.get("state", {})
-        page = await link.control("metrics_page", tenant_series=keyed)
+        page = await link.call(GetMetrics(tenant_series=keyed), MetricsPage)
         return PlainTextResponse(page.text, media_type=page.content_type)
 
 

@@ -1,30 +1,27 @@
 """The HTTP front's link to the daemon: its public inference and control endpoints.
 
 The front is a client of the native protocol like any other, so everything it serves goes
-through the daemon's own validation, scheduling and accounting. Control requests are
-blocking ZeroMQ request/replies: they run on a worker thread, one at a time, so the event
-loop serving streams never waits on one.
+through the daemon's own validation, scheduling and accounting. Control requests are typed
+(``call(ShowJob(job_id=1), JobDetail)``) and asynchronous, many in flight on one connection,
+matched to their replies by request id: a slow one (an attach) delays no other route.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from typing import Any
 
-from harli.client.control import ControlClient
+from harli.client.control import AsyncControlClient, R
 from harli.client.inference import AsyncInferenceClient, RequestError
 from harli.config import HarliConfig
 from harli.http_proc.errors import ApiError
-from harli.ipc.control import ModelInfo
+from harli.ipc.control import ControlRequest, ListModels, ModelInfo, ModelList
 
 
 class DaemonLink:
     def __init__(self, cfg: HarliConfig) -> None:
         self.cfg = cfg
         self.inference = AsyncInferenceClient(cfg.inference_endpoint, timeout_s=600.0)
-        self._control = ControlClient(cfg.control_endpoint, timeout_s=60.0)
-        self._lock = threading.Lock()
+        self.control = AsyncControlClient(cfg.control_endpoint, timeout_s=60.0)
         self.base_model = ""
         self.max_model_len = cfg.model.max_model_len
 
@@ -37,23 +34,17 @@ class DaemonLink:
 
     async def close(self) -> None:
         await self.inference.close()
-        self._control.close()
+        await self.control.close()
 
-    async def control(self, method: str, *args: Any, **kw: Any) -> Any:
-        """``ControlClient.method(*args)`` on the worker thread; the daemon's refusal as an
-        ``ApiError`` with its status."""
-        def call() -> Any:
-            with self._lock:
-                return getattr(self._control, method)(*args, **kw)
-
+    async def call(self, msg: ControlRequest, expect: type[R]) -> R:
+        """The daemon's reply to ``msg``; its refusal as an ``ApiError`` with its status."""
         try:
-            return await asyncio.to_thread(call)
+            return await self.control.call(msg, expect)
         except RequestError as e:
             raise ApiError.from_daemon(e.code, e.message) from None
 
     async def models(self) -> list[ModelInfo]:
-        models: list[ModelInfo] = await self.control("models")
-        return models
+        return (await self.call(ListModels(), ModelList)).models
 
     async def ready(self) -> bool:
         """Whether decode serves now (the daemon's answer to Hello)."""

@@ -20,7 +20,7 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
@@ -34,15 +34,22 @@ from harli.datasets import (
     check_jsonl,
     upload_path,
 )
+from harli.http_proc.deps import HttpState, Owner, State
 from harli.http_proc.errors import ApiError, bad_field
 from harli.http_proc.fine_tuning_objects import public_job_id
 from harli.http_proc.json_text import TextJsonRoute
 from harli.http_proc.pages import check_limit, page
-from harli.ipc.control import FileInfo
+from harli.ipc.control import (
+    AddFile,
+    DeleteFile,
+    FileInfo,
+    FileList,
+    JobList,
+    ListFiles,
+    ListJobs,
+    ShowFile,
+)
 from harli.ipc.inference import ErrorCode
-
-if TYPE_CHECKING:
-    from harli.http_proc.app import HttpState
 
 router = APIRouter(route_class=TextJsonRoute)
 
@@ -50,17 +57,6 @@ PURPOSE = "fine-tune"  # the only purpose this server keeps files for
 MAX_FILES_LIMIT = 10_000  # OpenAI's default and most for GET /v1/files
 _FILE_ID = re.compile(r"file-[A-Za-z0-9]{1,64}")  # fullmatch: no trailing newline
 _COPY_CHUNK_BYTES = 1 << 20
-
-
-def state_of(request: Request) -> HttpState:
-    state: HttpState = request.app.state.harli
-    return state
-
-
-def owner_of(request: Request) -> str:
-    """The owner id the key check gave the request ("" when no keys are configured)."""
-    owner: str = request.scope.get("state", {}).get("owner", "")
-    return owner
 
 
 def file_object(f: FileInfo) -> dict[str, Any]:
@@ -80,7 +76,7 @@ async def owned_file(state: HttpState, owner: str, file_id: str,
     if not _FILE_ID.fullmatch(file_id):
         raise no_such_file(file_id, param)
     try:
-        found: FileInfo = await state.link.control("file", file_id)
+        found = await state.link.call(ShowFile(file_id=file_id), FileInfo)
     except ApiError as e:
         if e.status == 404:
             raise no_such_file(file_id, param) from None
@@ -131,8 +127,7 @@ def keep_upload(src: IO[bytes], filename: str, files_dir: Path,
 
 
 @router.post("/v1/files")
-async def create_file(request: Request) -> Any:
-    state, owner = state_of(request), owner_of(request)
+async def create_file(request: Request, state: State, owner: Owner) -> Any:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(400, "expected a multipart/form-data body with the fields `file` "
                             "and `purpose`", code="invalid_request")
@@ -164,8 +159,9 @@ async def create_file(request: Request) -> Any:
     finally:
         await form.close()  # the parser's spooled copy
     try:
-        info: FileInfo = await state.link.control("add_file", file_id, filename, purpose,
-                                                  owner, summary.records, summary.format)
+        info = await state.link.call(AddFile(
+            file_id=file_id, filename=filename, purpose=purpose, owner=owner,
+            records=summary.records, format=summary.format), FileInfo)
     except ApiError as e:
         # After a timeout the daemon may have recorded it: the file stays (a daemon that did
         # not record it deletes it at its next start). Otherwise it is no one's.
@@ -176,15 +172,14 @@ async def create_file(request: Request) -> Any:
 
 
 @router.get("/v1/files")
-async def list_files(request: Request, purpose: str | None = None,
+async def list_files(state: State, owner: Owner, purpose: str | None = None,
                      limit: int = MAX_FILES_LIMIT, order: str = "desc",
                      after: str | None = None) -> Any:
-    state, owner = state_of(request), owner_of(request)
     check_limit(limit, MAX_FILES_LIMIT)
     if order not in ("asc", "desc"):
         raise bad_field("order", f"Invalid value for 'order': {order!r}; expected 'asc' or "
                                  f"'desc'")
-    files: list[FileInfo] = await state.link.control("files", owner)
+    files = (await state.link.call(ListFiles(owner=owner), FileList)).files
     if purpose is not None:
         files = [f for f in files if f.purpose == purpose]
     if order == "desc":
@@ -193,13 +188,13 @@ async def list_files(request: Request, purpose: str | None = None,
 
 
 @router.get("/v1/files/{file_id}")
-async def retrieve_file(request: Request, file_id: str) -> Any:
-    return file_object(await owned_file(state_of(request), owner_of(request), file_id))
+async def retrieve_file(state: State, owner: Owner, file_id: str) -> Any:
+    return file_object(await owned_file(state, owner, file_id))
 
 
 @router.get("/v1/files/{file_id}/content")
-async def file_content(request: Request, file_id: str) -> Any:
-    found = await owned_file(state_of(request), owner_of(request), file_id)
+async def file_content(state: State, owner: Owner, file_id: str) -> Any:
+    found = await owned_file(state, owner, file_id)
     if not Path(found.path).is_file():
         raise no_such_file(file_id)
     return FileResponse(found.path, media_type="application/octet-stream",
@@ -207,11 +202,10 @@ async def file_content(request: Request, file_id: str) -> Any:
 
 
 @router.delete("/v1/files/{file_id}")
-async def delete_file(request: Request, file_id: str) -> Any:
-    state, owner = state_of(request), owner_of(request)
+async def delete_file(state: State, owner: Owner, file_id: str) -> Any:
     found = await owned_file(state, owner, file_id)
     try:
-        await state.link.control("delete_file", file_id)
+        await state.link.call(DeleteFile(file_id=file_id), FileInfo)
     except ApiError as e:
         if e.status == 409:
             raise ApiError(409, f"{file_id} is used by a fine-tuning job that has not ended "
@@ -225,7 +219,7 @@ async def delete_file(request: Request, file_id: str) -> Any:
 async def _users(state: HttpState, owner: str, path: str) -> str:
     """The owner's jobs that have not ended and use ``path``, for the 409's message."""
     with contextlib.suppress(ApiError):
-        jobs = await state.link.control("jobs", owner)
+        jobs = (await state.link.call(ListJobs(owner=owner), JobList)).jobs
         ids = [public_job_id(j.job_id) for j in jobs
                if path in (j.spec.dataset, j.spec.validation_file)
                and j.status not in ("succeeded", "failed", "cancelled")]

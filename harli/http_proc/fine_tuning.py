@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
+from harli.http_proc.deps import HttpState, Owner, State
 from harli.http_proc.errors import ApiError, bad_field
-from harli.http_proc.files import owned_file, owner_of, state_of
+from harli.http_proc.files import owned_file
 from harli.http_proc.fine_tuning_objects import (
     FineTuningJobRequest,
     build_spec,
@@ -31,10 +32,22 @@ from harli.http_proc.fine_tuning_objects import (
 )
 from harli.http_proc.json_text import TextJsonRoute
 from harli.http_proc.pages import check_limit, page
-from harli.ipc.control import CheckpointInfo, FileInfo, JobDetail, JobInfo
-
-if TYPE_CHECKING:
-    from harli.http_proc.app import HttpState
+from harli.ipc.control import (
+    AttachJob,
+    CancelJob,
+    CheckpointList,
+    FileInfo,
+    JobCheckpoints,
+    JobDetail,
+    JobEvent,
+    JobInfo,
+    JobList,
+    JobLogs,
+    JobMetric,
+    ListJobs,
+    PauseJob,
+    ResumeJob,
+)
 
 router = APIRouter(route_class=TextJsonRoute)
 
@@ -55,7 +68,8 @@ async def owned_job(state: HttpState, owner: str, public_id: str) -> JobInfo:
         raise no_such_job(public_id)
     try:
         # A page of its log after the last possible ids: the job alone, no events.
-        detail: JobDetail = await state.link.control("logs", job_id, _LAST_ID, _LAST_ID, 1)
+        detail = await state.link.call(JobLogs(job_id=job_id, after_event=_LAST_ID,
+                                               after_metric=_LAST_ID, limit=1), JobDetail)
     except ApiError as e:
         if e.status == 404:
             raise no_such_job(public_id) from None
@@ -63,6 +77,20 @@ async def owned_job(state: HttpState, owner: str, public_id: str) -> JobInfo:
     if detail.job.owner != owner:
         raise no_such_job(public_id)
     return detail.job
+
+
+async def _all_logs(state: HttpState, job_id: int) -> JobDetail:
+    """Every event and metric event of a job, page by page (its ``job`` as of the last)."""
+    events: list[JobEvent] = []
+    metrics: list[JobMetric] = []
+    while True:
+        page = await state.link.call(JobLogs(
+            job_id=job_id, after_event=events[-1].event_id if events else 0,
+            after_metric=metrics[-1].metric_id if metrics else 0), JobDetail)
+        events += page.events
+        metrics += page.metrics
+        if not page.truncated:
+            return JobDetail(job=page.job, events=events, metrics=metrics)
 
 
 def _object(state: HttpState, job: JobInfo) -> dict[str, Any]:
@@ -90,8 +118,7 @@ async def _dataset(state: HttpState, owner: str, file_id: str, param: str) -> Fi
 
 
 @router.post("/v1/fine_tuning/jobs")
-async def create_job(req: FineTuningJobRequest, request: Request) -> Any:
-    state, owner = state_of(request), owner_of(request)
+async def create_job(req: FineTuningJobRequest, state: State, owner: Owner) -> Any:
     unsupported = req.unsupported()
     if unsupported:
         raise bad_field(*unsupported[0])
@@ -102,7 +129,7 @@ async def create_job(req: FineTuningJobRequest, request: Request) -> Any:
     spec = build_spec(req, job_name(req.suffix, state.link.base_model, secrets.token_hex(4)),
                       training.path, validation.path if validation else "")
     try:
-        job: JobInfo = await state.link.control("attach", spec, owner)
+        job = await state.link.call(AttachJob(spec=spec, owner=owner), JobInfo)
     except ApiError as e:
         # The daemon's check names the files by path: the client knows them by id.
         e.message = e.message.replace(training.path, req.training_file)
@@ -116,10 +143,10 @@ async def create_job(req: FineTuningJobRequest, request: Request) -> Any:
 
 
 @router.get("/v1/fine_tuning/jobs")
-async def list_jobs(request: Request, after: str | None = None, limit: int = 20) -> Any:
-    state, owner = state_of(request), owner_of(request)
+async def list_jobs(state: State, owner: Owner, after: str | None = None,
+                    limit: int = 20) -> Any:
     check_limit(limit, MAX_LIMIT)
-    jobs: list[JobInfo] = await state.link.control("jobs", owner)
+    jobs = (await state.link.call(ListJobs(owner=owner), JobList)).jobs
     jobs.reverse()  # newest first
     if after is not None:
         before = job_id_of(after)
@@ -132,54 +159,52 @@ async def list_jobs(request: Request, after: str | None = None, limit: int = 20)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
-async def retrieve_job(request: Request, job_id: str) -> Any:
-    state = state_of(request)
-    return _object(state, await owned_job(state, owner_of(request), job_id))
+async def retrieve_job(state: State, owner: Owner, job_id: str) -> Any:
+    return _object(state, await owned_job(state, owner, job_id))
 
 
-async def _steer(request: Request, job_id: str, method: str) -> Any:
-    state = state_of(request)
-    job = await owned_job(state, owner_of(request), job_id)
-    return _object(state, await state.link.control(method, job.job_id))
+async def _steer(state: HttpState, owner: str, job_id: str,
+                 steer: type[CancelJob | PauseJob | ResumeJob]) -> Any:
+    job = await owned_job(state, owner, job_id)
+    return _object(state, await state.link.call(steer(job_id=job.job_id), JobInfo))
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
-async def cancel_job(request: Request, job_id: str) -> Any:
+async def cancel_job(state: State, owner: Owner, job_id: str) -> Any:
     """A queued or held job is cancelled at once; a running one stops at its next
     micro-step boundary (its status says ``running`` until then)."""
-    return await _steer(request, job_id, "cancel")
+    return await _steer(state, owner, job_id, CancelJob)
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/pause")
-async def pause_job(request: Request, job_id: str) -> Any:
+async def pause_job(state: State, owner: Owner, job_id: str) -> Any:
     """A queued job is paused at once; a running one stops after a checkpoint at its next
     step boundary (its status says ``running`` until then)."""
-    return await _steer(request, job_id, "pause")
+    return await _steer(state, owner, job_id, PauseJob)
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/resume")
-async def resume_job(request: Request, job_id: str) -> Any:
-    return await _steer(request, job_id, "resume")
+async def resume_job(state: State, owner: Owner, job_id: str) -> Any:
+    return await _steer(state, owner, job_id, ResumeJob)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")
-async def job_events(request: Request, job_id: str, after: str | None = None,
+async def job_events(state: State, owner: Owner, job_id: str, after: str | None = None,
                      limit: int = 20) -> Any:
-    state = state_of(request)
     check_limit(limit, MAX_LIMIT)
-    job = await owned_job(state, owner_of(request), job_id)
-    log: JobDetail = await state.link.control("all_logs", job.job_id)
+    job = await owned_job(state, owner, job_id)
+    log = await _all_logs(state, job.job_id)
     events = event_objects(log.events, log.metrics, log.job.total_steps)
     return page(events, lambda e: str(e["id"]), after, limit, lambda e: e)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-async def job_checkpoints(request: Request, job_id: str, after: str | None = None,
+async def job_checkpoints(state: State, owner: Owner, job_id: str, after: str | None = None,
                           limit: int = 10) -> Any:
-    state = state_of(request)
     check_limit(limit, MAX_LIMIT)
-    job = await owned_job(state, owner_of(request), job_id)
-    found: list[CheckpointInfo] = await state.link.control("checkpoints", job.job_id)
+    job = await owned_job(state, owner, job_id)
+    found = (await state.link.call(JobCheckpoints(job_id=job.job_id),
+                                   CheckpointList)).checkpoints
     found.reverse()  # newest first
     return page(found, lambda c: f"ftckpt-{job.job_id}-{c.step}", after, limit,
                 lambda c: checkpoint_object(job.job_id, c))

@@ -22,6 +22,7 @@ from vllm.lora.request import LoRARequest
 
 from harli.http_proc.daemon_link import DaemonLink
 from harli.http_proc.errors import ApiError
+from harli.ipc.control import AddAdapter, ModelInfo, RemoveAdapter
 
 
 class DaemonModels(OpenAIServingModels):
@@ -73,7 +74,8 @@ class DaemonModels(OpenAIServingModels):
                 message="load_inplace is not supported: register the new weights under a new "
                         "name", err_type="InvalidUserInput", status_code=HTTPStatus.BAD_REQUEST)
         try:
-            await self.link.control("add_adapter", request.lora_name, request.lora_path)
+            await self.link.call(AddAdapter(name=request.lora_name, path=request.lora_path),
+                                 ModelInfo)
         except ApiError as e:
             return _error_response(e)
         await self.sync()
@@ -85,7 +87,7 @@ class DaemonModels(OpenAIServingModels):
         if refused is not None:
             return refused
         try:
-            await self.link.control("remove_adapter", request.lora_name)
+            await self.link.call(RemoveAdapter(name=request.lora_name), ModelInfo)
         except ApiError as e:
             return _error_response(e)
         self.lora_requests.pop(request.lora_name, None)

@@ -7,7 +7,7 @@ Map-encoded and tagged by ``type`` like the inference channel; errors are
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -29,6 +29,11 @@ Owner = Annotated[str, Meta(max_length=64)]
 # (Patterns end in ``\Z``: Python's ``$``, which msgspec uses, also matches before a trailing
 # newline.)
 FileId = Annotated[str, Meta(min_length=6, max_length=69, pattern=r"^file-[A-Za-z0-9]+\Z")]
+
+# A job's status: validating_files (its files being checked), queued, running, paused (running
+# at quota level 0), held (paused by a user until resumed), succeeded, failed, cancelled.
+JobStatus = Literal["validating_files", "queued", "running", "paused", "held", "succeeded",
+                    "failed", "cancelled"]
 
 # -- clients (the harli CLI, ControlClient) -> daemon ----------------------------------------
 
@@ -192,9 +197,7 @@ class JobInfo(_Ctl, tag="job", frozen=True):
 
     job_id: int
     name: str
-    # validating_files (its files being checked), queued, running, paused (running at quota
-    # level 0), held (paused by a user until resumed), succeeded, failed, cancelled
-    status: str
+    status: JobStatus
     priority: int
     created_s: float
     started_s: float | None

@@ -295,12 +295,18 @@ def _inference_answer(*frames: bytes) -> Any:
 
 def _control_answer(*frames: bytes) -> Any:
     """The real ``ControlEndpoint``'s one reply; it serves ``list_jobs`` and nothing else."""
-    sock = FakeRouter(ControlReply | Error)
+    return _control_reply(*frames)[1]
+
+
+def _control_reply(*frames: bytes) -> tuple[list[bytes], Any]:
+    """The envelope and the reply of the real ``ControlEndpoint`` to ``frames``."""
+    sock = FakeRouter(ControlReply | Error, envelope_frames=True)
     endpoint = ControlEndpoint(sock, _LIMIT, {ListJobs: lambda _: JobList(jobs=[])})
     sock.feed(b"c", *frames)
     endpoint.drain()
     (reply,) = sock.replies(b"c")
-    return reply
+    (envelope,) = sock.envelopes
+    return envelope, reply
 
 
 _GENERATE = {"type": "generate", "request_id": "1", "prompt_token_ids": [1]}
@@ -356,9 +362,13 @@ def test_the_control_error_table_says_what_the_control_endpoint_answers(
     assert says in table[code], f"the `{code}` row should say {says!r}: {table[code]!r}"
 
 
-def test_a_control_request_of_several_frames_is_read_by_its_last_as_documented() -> None:
-    assert "of several frames is not refused: only its last frame is read" in " ".join(DOC.split())
-    assert _control_answer(b"junk", encode(ListJobs())) == JobList(jobs=[])
+def test_a_control_requests_envelope_comes_back_on_its_reply_as_documented() -> None:
+    words = " ".join(DOC.split())
+    assert "its last frame is the request, and the frames before it are its **envelope**, " \
+           "sent back in front of its reply as they came" in words
+    assert _control_reply(b"id-7", encode(ListJobs())) == ([b"id-7"], JobList(jobs=[]))
+    assert _control_reply(b"a", b"b", encode(ListJobs())) == ([b"a", b"b"], JobList(jobs=[]))
+    assert _control_reply(encode(ListJobs())) == ([], JobList(jobs=[]))
 
 
 def test_both_error_tables_have_a_row_for_every_code_a_bad_message_gets() -> None:

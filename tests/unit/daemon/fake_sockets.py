@@ -11,9 +11,13 @@ import zmq
 
 
 class FakeRouter:
-    def __init__(self, reply_type: Any) -> None:
+    def __init__(self, reply_type: Any, envelope_frames: bool = False) -> None:
+        """``envelope_frames``: a reply is its envelope (kept raw, in ``envelopes``) and one
+        payload, as the control endpoint sends them; else every frame is a payload."""
         self.inbox: deque[list[bytes]] = deque()
         self.sent: list[tuple[bytes, list[Any]]] = []  # (client, decoded frames) per message
+        self.envelope_frames = envelope_frames
+        self.envelopes: list[list[bytes]] = []  # per message sent
         self.gone: set[bytes] = set()  # clients whose replies fail with EHOSTUNREACH
         self._decoder = msgspec.msgpack.Decoder(reply_type)
 
@@ -30,7 +34,9 @@ class FakeRouter:
         client = frames[0]
         if client in self.gone:
             raise zmq.ZMQError(zmq.EHOSTUNREACH)
-        self.sent.append((client, [self._decoder.decode(f) for f in frames[1:]]))
+        self.envelopes.append(frames[1:-1] if self.envelope_frames else [])
+        body = frames[1 + len(self.envelopes[-1]):]
+        self.sent.append((client, [self._decoder.decode(f) for f in body]))
 
     def replies(self, client: bytes) -> list[Any]:
         """Every frame sent to ``client``, in order."""

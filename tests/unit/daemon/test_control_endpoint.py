@@ -106,7 +106,7 @@ class FakeJobs:
 
 class Harness:
     def __init__(self) -> None:
-        self.sock = FakeRouter(ControlReply | Error)
+        self.sock = FakeRouter(ControlReply | Error, envelope_frames=True)
         self.jobs = FakeJobs()
         self.policies: list[tuple[str, float | None]] = []
         self.refuse: str | None = None  # set_policy raises ValueError with this
@@ -317,3 +317,88 @@ def test_the_metrics_page_round_trips_from_the_client_over_zmq(tmp_path: Any) ->
     (page,) = got
     assert page.content_type == "text/plain; version=0.0.4; charset=utf-8"
     assert "harli_decode_iterations_total 0.0" in page.text
+
+
+class LiveEndpoint:
+    """The endpoint on a real ROUTER, drained by a thread as the daemon's loop drains it."""
+
+    def __init__(self, tmp_path: Any) -> None:
+        import threading
+
+        import zmq
+
+        self.url = f"ipc://{tmp_path}/control.sock"
+        self.router = zmq.Context.instance().socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(self.url)
+        self.jobs = FakeJobs()
+        self.endpoint = ControlEndpoint(self.router, LIMIT, control_handlers(
+            self.jobs, lambda: STATUS, lambda spec, slo: None,  # type: ignore[arg-type]
+            lambda tenant_series: PAGE))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            if self.router.poll(10):
+                self.endpoint.drain()
+            self.endpoint.reply_done()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.router.close(0)
+
+
+SPEC = JobSpec(name="j", dataset="d.jsonl", output_dir="/out")
+
+
+def test_the_async_client_is_not_held_up_by_a_request_answered_later(tmp_path: Any) -> None:
+    """An attach whose answer comes later (the daemon checks its files) and a status on one
+    connection: the status is answered first, the attach when its answer is ready, each
+    to its own caller (replies carry the request id)."""
+    import asyncio
+
+    from harli.client.control import AsyncControlClient
+    from harli.client.inference import RequestError
+    from harli.ipc.control import DaemonStatus, JobInfo
+
+    live = LiveEndpoint(tmp_path)
+
+    async def main() -> None:
+        client = AsyncControlClient(live.url, timeout_s=10)
+        try:
+            attach = asyncio.create_task(client.call(AttachJob(spec=SPEC), JobInfo))
+            assert await client.call(GetStatus(), DaemonStatus) == STATUS
+            assert await client.call(GetMetrics(), MetricsPage) == PAGE
+            assert not attach.done()
+            live.jobs.attached.set_result(Error(request_id=None, code=ErrorCode.INVALID,
+                                                message="d.jsonl:3: not JSON"))
+            with pytest.raises(RequestError, match=r"d\.jsonl:3"):
+                await attach
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        live.close()
+
+
+def test_a_late_reply_is_never_read_as_the_next_requests(tmp_path: Any) -> None:
+    from harli.client.control import ControlClient
+    from harli.client.inference import RequestError
+    from harli.ipc.control import DaemonStatus, JobInfo
+
+    live = LiveEndpoint(tmp_path)
+    try:
+        with ControlClient(live.url, timeout_s=0.3) as c:
+            with pytest.raises(RequestError, match="no reply"):
+                c.call(AttachJob(spec=SPEC), JobInfo)
+            live.jobs.attached.set_result(Error(request_id=None, code=ErrorCode.INVALID,
+                                                message="late"))
+            c.timeout_s = 10
+            assert c.call(GetStatus(), DaemonStatus) == STATUS  # not the late attach's
+    finally:
+        live.close()

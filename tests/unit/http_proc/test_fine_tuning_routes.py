@@ -20,15 +20,32 @@ from harli.http_proc.app import Limits, add_harli_routes
 from harli.http_proc.auth import ApiKeys
 from harli.http_proc.errors import ApiError
 from harli.http_proc.json_text import lone_surrogate
-from harli.ipc.control import FileInfo, JobDetail, JobInfo, ModelInfo
-from harli.ipc.jobs import JobSpec
+from harli.ipc.control import (
+    AddFile,
+    AttachJob,
+    CancelJob,
+    DeleteFile,
+    FileInfo,
+    FileList,
+    JobDetail,
+    JobInfo,
+    JobList,
+    JobLogs,
+    ListFiles,
+    ListJobs,
+    ModelInfo,
+    PauseJob,
+    ResumeJob,
+    ShowFile,
+)
 
 KEY_A, KEY_B = "sk-a", "sk-b"
 GOOD = b'{"prompt": "one", "completion": "1"}\n{"prompt": "two", "completion": "2"}\n'
 
 
 class FakeLink:
-    """The daemon's side of ``DaemonLink.control``, in memory."""
+    """The daemon's side of ``DaemonLink.call``, in memory: each request type to its
+    handler, as the daemon's control table routes them."""
 
     base_model = "tiny"
 
@@ -36,69 +53,70 @@ class FakeLink:
         self.files_dir = files_dir
         self.files: dict[str, FileInfo] = {}
         self.jobs: dict[int, JobInfo] = {}
+        self.handlers: dict[type[Any], Any] = {
+            AddFile: self._add_file, ShowFile: lambda m: self._file(m.file_id),
+            ListFiles: self._files, DeleteFile: self._delete_file, AttachJob: self._attach,
+            JobLogs: self._logs, ListJobs: self._jobs,
+            PauseJob: lambda m: self._set(m.job_id, "held"),
+            ResumeJob: lambda m: self._set(m.job_id, "queued"),
+            CancelJob: lambda m: self._set(m.job_id, "cancelled")}
 
     async def models(self) -> list[ModelInfo]:
         return [ModelInfo(name="tiny", kind="base", path="/m", source="model"),
                 ModelInfo(name="old-job", kind="adapter", path="/o", source="job")]
 
-    async def control(self, method: str, *args: Any) -> Any:
-        return getattr(self, f"_{method}")(*args)
+    async def call(self, msg: Any, expect: type[Any]) -> Any:
+        reply = self.handlers[type(msg)](msg)
+        assert isinstance(reply, expect), (msg, reply)
+        return reply
 
-    def _add_file(self, file_id: str, filename: str, purpose: str, owner: str, records: int,
-                  fmt: str) -> FileInfo:
-        path = self.files_dir / f"{file_id}.jsonl"
+    def _add_file(self, m: AddFile) -> FileInfo:
+        path = self.files_dir / f"{m.file_id}.jsonl"
         assert path.is_file()
-        self.files[file_id] = FileInfo(file_id=file_id, filename=filename, purpose=purpose,
-                                       owner=owner, size_bytes=path.stat().st_size,
-                                       created_s=time.time(), path=str(path), records=records,
-                                       format=fmt)
-        return self.files[file_id]
+        self.files[m.file_id] = FileInfo(
+            file_id=m.file_id, filename=m.filename, purpose=m.purpose, owner=m.owner,
+            size_bytes=path.stat().st_size, created_s=time.time(), path=str(path),
+            records=m.records, format=m.format)
+        return self.files[m.file_id]
 
     def _file(self, file_id: str) -> FileInfo:
         if file_id not in self.files:
             raise ApiError.from_daemon("not_found", f"no file with id {file_id}")
         return self.files[file_id]
 
-    def _files(self, owner: str | None) -> list[FileInfo]:
-        return [f for f in self.files.values() if owner is None or f.owner == owner]
+    def _files(self, m: ListFiles) -> FileList:
+        return FileList(files=[f for f in self.files.values()
+                               if m.owner is None or f.owner == m.owner])
 
-    def _delete_file(self, file_id: str) -> FileInfo:
-        f = self._file(file_id)
+    def _delete_file(self, m: DeleteFile) -> FileInfo:
+        f = self._file(m.file_id)
         if any(j.spec.dataset == f.path and j.status == "queued" for j in self.jobs.values()):
             raise ApiError.from_daemon("conflict", "in use")
         Path(f.path).unlink()
-        return self.files.pop(file_id)
+        return self.files.pop(m.file_id)
 
-    def _attach(self, spec: JobSpec, owner: str) -> JobInfo:
+    def _attach(self, m: AttachJob) -> JobInfo:
         job_id = len(self.jobs) + 1
         self.jobs[job_id] = JobInfo(
-            job_id=job_id, name=spec.name, status="queued", priority=0, created_s=time.time(),
-            started_s=None, finished_s=None, step=0, total_steps=None, epoch=0, micro_steps=0,
-            tokens=0, loss=None, first_loss=None, level=None, paused_s=0.0, tokens_per_s=None,
-            checkpoint_step=None, restarts=0, error=None, adapter_path=None,
-            dataset_report=None, spec=spec, owner=owner)
+            job_id=job_id, name=m.spec.name, status="queued", priority=0,
+            created_s=time.time(), started_s=None, finished_s=None, step=0, total_steps=None,
+            epoch=0, micro_steps=0, tokens=0, loss=None, first_loss=None, level=None,
+            paused_s=0.0, tokens_per_s=None, checkpoint_step=None, restarts=0, error=None,
+            adapter_path=None, dataset_report=None, spec=m.spec, owner=m.owner)
         return self.jobs[job_id]
 
-    def _logs(self, job_id: int, after_event: int, after_metric: int, limit: int) -> JobDetail:
-        if job_id not in self.jobs:
-            raise ApiError.from_daemon("unknown_request", f"no job with id {job_id}")
-        return JobDetail(job=self.jobs[job_id], events=[])
+    def _logs(self, m: JobLogs) -> JobDetail:
+        if m.job_id not in self.jobs:
+            raise ApiError.from_daemon("unknown_request", f"no job with id {m.job_id}")
+        return JobDetail(job=self.jobs[m.job_id], events=[])
 
-    def _jobs(self, owner: str | None) -> list[JobInfo]:
-        return [j for j in self.jobs.values() if owner is None or j.owner == owner]
+    def _jobs(self, m: ListJobs) -> JobList:
+        return JobList(jobs=[j for j in self.jobs.values()
+                             if m.owner is None or j.owner == m.owner])
 
     def _set(self, job_id: int, status: str) -> JobInfo:
         self.jobs[job_id] = msgspec.structs.replace(self.jobs[job_id], status=status)
         return self.jobs[job_id]
-
-    def _pause(self, job_id: int) -> JobInfo:
-        return self._set(job_id, "held")
-
-    def _resume(self, job_id: int) -> JobInfo:
-        return self._set(job_id, "queued")
-
-    def _cancel(self, job_id: int) -> JobInfo:
-        return self._set(job_id, "cancelled")
 
 
 class Api:
