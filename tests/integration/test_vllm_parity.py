@@ -441,3 +441,35 @@ def test_responses_cached_tokens_equal(servers: Servers) -> None:
         details = got["vllm"].json()["usage"]["input_tokens_details"]
         assert details["cache_write_tokens"] + details["cached_tokens"] > 0, details
     assert details["cached_tokens"] > 0, details
+
+
+def _metric_families(text: str) -> dict[str, Any]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(text)
+            if f.name.startswith("vllm:") and not f.name.endswith("_created")}
+
+
+def test_every_vllm_metric_family_is_on_both_with_vllms_shape(servers: Servers) -> None:
+    """Every ``vllm:`` family vllm serve exports is on Harli's ``/metrics`` with the same
+    type, help, label names and bucket bounds, and the counters of requests served moved on
+    both. (``*_created`` samples are prometheus-client's creation times, absent in its
+    multiprocess mode, which Harli's decode records in; Prometheus ignores them by
+    default.)"""
+    served = servers.both("POST", "/v1/completions", {"model": ADAPTER, "prompt": PROMPT,
+                                                      "max_tokens": 3})
+    assert [r.status_code for r in served.values()] == [200, 200]
+    pages = {k: _metric_families(r.text) for k, r in servers.both("GET", "/metrics").items()}
+    ours, theirs = pages["harli"], pages["vllm"]
+    assert len(theirs) >= 30, sorted(theirs)
+    assert sorted(ours) == sorted(theirs)
+    for name, family in theirs.items():
+        mine = ours[name]
+        assert (mine.type, mine.documentation) == (family.type, family.documentation), name
+        assert ({k for s in mine.samples for k in s.labels}
+                == {k for s in family.samples for k in s.labels}), name
+        assert ({s.labels.get("le") for s in mine.samples}
+                == {s.labels.get("le") for s in family.samples}), name
+    for name in ("vllm:request_success", "vllm:prompt_tokens", "vllm:generation_tokens"):
+        for side in (ours, theirs):
+            assert sum(s.value for s in side[name].samples) > 0, name
