@@ -39,6 +39,7 @@ from vllm.lora.request import LoRARequest
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.engine.output_processor import RequestOutputCollector
 from vllm.v1.serial_utils import MsgpackEncoder
 
 from harli.client.inference import AsyncInferenceClient, RequestError
@@ -102,6 +103,15 @@ def _delta(c: Chunk) -> CompletionOutput:
         finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
 
+async def _pump(outputs: AsyncGenerator[RequestOutput, None],
+                collector: RequestOutputCollector) -> None:
+    try:
+        async for out in outputs:
+            collector.put(out)
+    except Exception as e:  # the consumer raises it (vLLM's error, or the daemon's)
+        collector.put(e)
+
+
 def _prompt_logprobs(rows: list[TokenLogprob | None] | None) -> Any:
     return None if rows is None else [None if t is None else logprob_map(t) for t in rows]
 
@@ -152,6 +162,31 @@ class DaemonEngineClient(EngineClient):
         text = prompt_text if prompt_text is not None else (
             prompt.get("prompt") if isinstance(prompt, dict) else None)
         final_only = sampling_params.output_kind == RequestOutputKind.FINAL_ONLY
+        outputs = self._outputs(raw, request_id, text, prompt_ids, final_only, lora_request)
+        if final_only:
+            async for out in outputs:
+                yield out
+            return
+        # As AsyncLLM hands them over: a task puts the outputs into vLLM's collector, which
+        # merges the deltas this stream has not taken yet (a stream that falls behind gets
+        # fewer, larger chunks, as from vllm serve).
+        collector = RequestOutputCollector(RequestOutputKind.DELTA, request_id)
+        pump = asyncio.get_running_loop().create_task(_pump(outputs, collector))
+        try:
+            while True:
+                merged = collector.get_nowait() or await collector.get()
+                assert isinstance(merged, RequestOutput)  # a generation model's
+                yield merged
+                if merged.finished:
+                    break
+        finally:
+            pump.cancel()  # the client went away: the daemon's stream is cancelled
+
+    async def _outputs(self, raw: msgspec.Raw, request_id: str, text: str | None,
+                       prompt_ids: list[int], final_only: bool,
+                       lora_request: LoRARequest | None) -> AsyncGenerator[RequestOutput, None]:
+        """The daemon's stream of this request as vLLM ``RequestOutput``s: a delta per chunk,
+        or the gathered final output (``final_only``)."""
         gathered: dict[int, _Gathered] = {}
         prompt_logprobs: Any = None
         num_cached: int | None = None
