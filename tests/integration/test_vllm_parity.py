@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from harli.bench.http_serving import start_vllm, wait_http
+from harli.bench.http_serving import vllm_serving, wait_http
 from harli.bench.local_daemon import LocalDaemon
 from harli.bench.lora import make_adapter
 
@@ -140,25 +139,17 @@ def servers(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
     port, vport = free_port(), free_port()
     daemon: LocalDaemon = make_daemon(base / "d", tiny_model, f"http.port={port}",
                                       'scheduler.policy="decode-only"')
-    with daemon:
-        harli = f"http://127.0.0.1:{port}"
+    log = base / "vllm.log"
+    # Both start at once: vllm serve's start is the longer.
+    with vllm_serving(daemon.cfg, vport, log, "--lora-modules",
+                      f"{ADAPTER}={adapter}") as vllm, daemon:
+        harli, vbase = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{vport}"
         wait_http(harli, None, daemon.log_path)
-        log = base / "vllm.log"
-        vllm = start_vllm(daemon.cfg, vport, log, "--lora-modules",
-                          f"{ADAPTER}={adapter}")
-        try:
-            vbase = f"http://127.0.0.1:{vport}"
-            wait_http(vbase, vllm, log)
-            ok = httpx.post(f"{harli}/v1/load_lora_adapter",
-                            json={"lora_name": ADAPTER, "lora_path": str(adapter)})
-            assert ok.status_code == 200, ok.text
-            yield Servers(harli, vbase, tiny_model.name)
-        finally:
-            vllm.terminate()
-            try:
-                vllm.wait(30)
-            except subprocess.TimeoutExpired:
-                vllm.kill()
+        wait_http(vbase, vllm, log)
+        ok = httpx.post(f"{harli}/v1/load_lora_adapter",
+                        json={"lora_name": ADAPTER, "lora_path": str(adapter)})
+        assert ok.status_code == 200, ok.text
+        yield Servers(harli, vbase, tiny_model.name)
 
 
 PROMPT = "The river ran past the old mill and"
