@@ -108,9 +108,9 @@ class Metrics:
         # ``registry`` holds both, for the operator's endpoint.
         self.service = CollectorRegistry()
         self.tenants = CollectorRegistry()
-        r = self.registry = CollectorRegistry()
-        r.register(RegistryView(self.service))
-        r.register(RegistryView(self.tenants))
+        self.registry = CollectorRegistry()
+        self.registry.register(RegistryView(self.service))
+        self.registry.register(RegistryView(self.tenants))
         self.vllm: DecodeVllmMetrics | None = None
         if vllm_metrics_dir is not None:
             self.vllm = DecodeVllmMetrics(vllm_metrics_dir)
@@ -219,29 +219,30 @@ class Metrics:
                                      "times the finetune narrowed its thread pool mid-chunk "
                                      "to such a fence (CPU hosts)", registry=r)
 
-    def _init_jobs(self, r: CollectorRegistry, tenants: CollectorRegistry) -> None:
+    def _init_jobs(self, service: CollectorRegistry, tenants: CollectorRegistry) -> None:
+        """The finetune's total on the service's registry; each job's series on the
+        tenants'."""
         self.finetune_tokens = Counter("harli_finetune_tokens_total",
                                        "Tokens trained (all jobs, redone steps included).",
-                                       registry=r)
-        r = tenants
+                                       registry=service)
         self.job_tokens = Gauge("harli_job_tokens_trained", "Tokens trained by a job.",
-                                ["job"], registry=r)
+                                ["job"], registry=tenants)
         self.job_micro_steps = Gauge("harli_job_micro_steps", "Micro-steps done by a job.",
-                                     ["job"], registry=r)
+                                     ["job"], registry=tenants)
         self.job_steps = Gauge("harli_job_steps", "Optimizer steps done by a job.", ["job"],
-                               registry=r)
+                               registry=tenants)
         self.job_loss = Gauge("harli_job_loss", "Last training loss of a job.", ["job"],
-                              registry=r)
+                              registry=tenants)
         self.job_valid_loss = Gauge("harli_job_valid_loss",
                                     "A job's last checkpoint's loss on its validation file.",
-                                    ["job"], registry=r)
+                                    ["job"], registry=tenants)
         self.job_valid_accuracy = Gauge(
             "harli_job_valid_accuracy",
             "A job's last checkpoint's next-token accuracy on its validation file (0-1).",
-            ["job"], registry=r)
+            ["job"], registry=tenants)
         self.job_paused_s = Counter("harli_job_paused_seconds_total",
                                     "Time a job spent paused by the quota decision.", ["job"],
-                                    registry=r)
+                                    registry=tenants)
         self._job_series: tuple[Gauge | Counter, ...] = (
             self.job_tokens, self.job_micro_steps, self.job_steps, self.job_loss,
             self.job_valid_loss, self.job_valid_accuracy, self.job_paused_s)
